@@ -1,0 +1,51 @@
+"""Fine-tune a chat LLM on conversations: full, LoRA or Q-LoRA.
+
+    # LoRA on one GPU
+    python finetune.py --model_name_or_path /models/Qwen2.5-7B-Instruct --data_path data.json \
+        --output_dir out --use_lora True --bf16 True --num_train_epochs 3 --learning_rate 3e-4
+    # Q-LoRA (4-bit NF4 base)
+    python finetune.py ... --use_lora True --q_lora True --gradient_checkpointing True --optim paged_adamw_8bit
+    # full fine-tuning, settings from a file, one flag overridden
+    python finetune.py config.yaml --learning_rate 1e-5
+
+Every flag of transformers.TrainingArguments is accepted; `python finetune.py --help` lists them all. Launchers for
+several GPUs and nodes are in finetune/.
+"""
+
+import logging
+
+from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+from llmft.args import parse_args, resume_checkpoint
+from llmft.data.dataset import build_datasets
+from llmft.data.render import IGNORE_INDEX
+from llmft.errors import exit_on_user_error
+from llmft.model import build_model, build_tokenizer
+from llmft.saving import save_for_inference
+
+
+@exit_on_user_error
+def main(argv=None):
+    model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    set_seed(training_args.seed)
+
+    tokenizer = build_tokenizer(model_args, data_args)
+    train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
+
+    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer)
+    if training_args.should_log and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8,
+                                      label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=collator, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+
+    save_for_inference(trainer, tokenizer, training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

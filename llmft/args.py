@@ -1,0 +1,236 @@
+"""Settings of a training run: one dataclass per concern, parsed from flags and an optional YAML/JSON config file.
+
+`parse_args(argv)` reads `finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]`: the config file's keys are the
+flag names, flags given on the command line override it. Unknown flags or keys, and settings that contradict each
+other, are all reported together in one `ConfigError` before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from llmft.errors import ConfigError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Local directory or Hub id of the model to fine-tune."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint. Off unless you trust it."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (default: transformers' choice)."}
+    )
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: the tokenizer's own chat template, ChatML when it has none; chatml: always ChatML; "
+            "tokenizer: the tokenizer's own or fail; or a path to a .jinja file."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "Training conversations: a JSON list or JSONL file (see README, Data)."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation conversations, same formats."})
+    lazy_preprocess: bool = field(
+        default=False,
+        metadata={"help": "Tokenize each sample when the trainer asks for it, keeping memory flat on large files."},
+    )
+    model_max_length: int = field(default=8192, metadata={"help": "Longest sample in tokens; see overlong_samples."})
+    overlong_samples: Literal["truncate", "drop"] = field(
+        default="truncate",
+        metadata={
+            "help": "What to do with samples over model_max_length: truncate keeps the whole turns that fit; drop "
+            "leaves them out. Either way the count is logged."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt for conversations that have none of their own."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (eager mode)."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Modules to adapt: names (q_proj v_proj ...), all-linear (every linear layer but the output "
+            "head), or default (PEFT's choice for the architecture)."
+        },
+    )
+    lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter (added automatically for new tokens)."},
+    )
+
+
+@dataclass
+class QuantizationArguments:
+    q_lora: bool = field(
+        default=False, metadata={"help": "Q-LoRA: quantize the base with bitsandbytes on load and train LoRA on it."}
+    )
+    quant_bits: Literal[4, 8] = field(default=4, metadata={"help": "bitsandbytes bits for Q-LoRA: 4 or 8."})
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit quantization constants too."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    """(model, data, lora, quant, training) arguments from a config file and flags, validated."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_file_flags(argv[0]) + argv[1:]
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # TrainingArguments.__post_init__ rejects some combinations itself
+        raise ConfigError([str(e)]) from None
+    problems = [f"unknown flag or key: {u}" for u in unknown if u.startswith("--")]
+    problems += [f"unexpected argument: {u}" for u in unknown if not u.startswith("--")][:1]
+    problems += validate(*parsed)
+    if problems:
+        raise ConfigError(problems)
+    return tuple(parsed)
+
+
+def config_file_flags(path: str) -> list[str]:
+    """A YAML/JSON config as the flags it stands for; lists become repeated values, booleans True/False."""
+    if not os.path.isfile(path):
+        raise ConfigError([f"config file {path}: no such file"])
+    with open(path, encoding="utf-8") as f:
+        try:
+            if path.endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f) or {}
+        except Exception as e:  # yaml and json errors both say where in the file
+            raise ConfigError([f"config file {path}: cannot parse: {e}"]) from None
+    if not isinstance(values, dict):
+        raise ConfigError([f"config file {path}: expected a mapping of flag names to values"])
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        if isinstance(value, list):
+            flags.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            flags.append(json.dumps(value))
+        else:
+            flags.append(str(value))
+    return flags
+
+
+def validate(model_args, data_args, lora_args, quant_args, training_args) -> list[str]:
+    """Every problem with these settings, as messages naming the flags; empty when the run can start."""
+    problems = []
+    if not os.path.exists(model_args.model_name_or_path) and not _looks_like_hub_id(model_args.model_name_or_path):
+        problems.append(f"--model_name_or_path {model_args.model_name_or_path}: no such directory")
+    for flag in ("data_path", "eval_data_path"):
+        path = getattr(data_args, flag)
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"--{flag} {path}: no such file")
+    if data_args.model_max_length < 16:
+        problems.append("--model_max_length must be at least 16")
+    if data_args.lazy_preprocess and data_args.overlong_samples == "drop":
+        problems.append("--lazy_preprocess tokenizes samples as they are used, so it cannot drop over-long ones: "
+                        "use --overlong_samples truncate, or eager preprocessing")
+
+    if quant_args.q_lora and not lora_args.use_lora:
+        problems.append("--q_lora True trains LoRA adapters on a quantized base: add --use_lora True")
+    if quant_args.quant_bits == 8 and quant_args.quant_type != "nf4":
+        problems.append("--quant_type applies to 4-bit quantization only; leave it out with --quant_bits 8")
+    if lora_args.use_lora:
+        if lora_args.lora_r <= 0 or lora_args.lora_alpha <= 0:
+            problems.append("--lora_r and --lora_alpha must be positive")
+        if not 0 <= lora_args.lora_dropout < 1:
+            problems.append("--lora_dropout must be in [0, 1)")
+
+    if training_args.bf16 and training_args.fp16:
+        problems.append("--bf16 and --fp16 exclude each other")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        problems.append("set --num_train_epochs or --max_steps to a positive value")
+    if str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") and data_args.eval_data_path is None:
+        problems.append(f"--eval_strategy {training_args.eval_strategy} needs --eval_data_path")
+
+    quant_method = base_quant_method(model_args)
+    if quant_method == "gptq":
+        if not lora_args.use_lora:
+            problems.append("the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; add --use_lora True")
+        if quant_args.q_lora:
+            problems.append("the base model is already GPTQ-quantized: --q_lora would quantize it again; drop --q_lora")
+        if uses_zero3(training_args) or training_args.fsdp:
+            problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP (packed int4 weights cannot be "
+                            "partitioned); use ZeRO-2 (ds_configs/zero2.json) or plain DDP")
+    elif quant_method is not None and (quant_args.q_lora or not lora_args.use_lora):
+        problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it")
+    if quant_args.q_lora and training_args.fsdp:
+        problems.append("--q_lora with FSDP is not supported by llmft; use DeepSpeed ZeRO-2/3 (ds_configs/)")
+
+    problems += _output_problems(training_args)
+    return problems
+
+
+def _output_problems(training_args) -> list[str]:
+    out, resume = training_args.output_dir, training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() == "true":
+        if not (os.path.isdir(out) and get_last_checkpoint(out)):
+            return [f"--resume_from_checkpoint True: no checkpoint-* directory in --output_dir {out}"]
+    elif resume is not None and resume.lower() != "false" and not os.path.isdir(resume):
+        return [f"--resume_from_checkpoint {resume}: no such checkpoint directory"]
+    elif os.path.isdir(out) and os.listdir(out) and not training_args.overwrite_output_dir:
+        return [f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
+                "--overwrite_output_dir True to train over it, or choose another directory"]
+    return []
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def base_quant_method(model_args) -> str | None:
+    """`quant_method` of a checkpoint that is quantized already (gptq, awq, ...), read from its config only."""
+    path = os.path.join(model_args.model_name_or_path, "config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            quantization = json.load(f).get("quantization_config") or {}
+        return quantization.get("quant_method")
+    return None
+
+
+def uses_zero3(training_args) -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
+
+
+def resume_checkpoint(training_args) -> str | bool | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` takes: True for the latest checkpoint, a path, or None."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None or resume.lower() == "false":
+        return None
+    return True if resume.lower() == "true" else resume
+

@@ -1,0 +1,198 @@
+"""Training and evaluation datasets: conversations rendered to `input_ids`/`labels`, eagerly or lazily.
+
+Eager (default): records are read once into an Arrow dataset and rendered with `datasets.map`; both steps are cached
+under the Hugging Face datasets cache, keyed by the file's size and modification time, the tokenizer and the render
+settings, so a second run with the same inputs tokenizes nothing. Samples dropped as over-long leave the dataset.
+
+Lazy (`--lazy_preprocess True`): one streaming pass validates every record and spools it as a line of JSONL whose
+byte offset is kept; a sample is read back and rendered only when the trainer asks for it, so memory stays flat
+however large the file (a JSON list is parsed once for that pass; JSONL is streamed line by line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from array import array
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from llmft.data.formats import iter_conversations, parse_record
+from llmft.data.render import IGNORE_INDEX, render_conversation
+from llmft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+RENDER_VERSION = "1"  # bump when rendering changes, so cached tokenizations are not reused
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    default_system: str | None
+    max_length: int
+    overlong: str
+
+    @classmethod
+    def from_args(cls, data_args) -> "RenderSettings":
+        return cls(data_args.system_prompt, data_args.model_max_length, data_args.overlong_samples)
+
+
+@dataclass
+class DataStats:
+    samples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def summary(self, name: str) -> str:
+        share = self.trained_tokens / self.tokens if self.tokens else 0.0
+        return (f"{name}: {self.samples} samples, {self.tokens} tokens ({share:.1%} trained), "
+                f"{self.truncated} truncated, {self.dropped} dropped as over-long")
+
+
+def build_datasets(data_args, tokenizer, training_args):
+    """(train, eval or None). Rank 0 prepares and caches; the other ranks then read its cache."""
+    settings = RenderSettings.from_args(data_args)
+    build = lazy_dataset if data_args.lazy_preprocess else eager_dataset
+    result = []
+    for path, name in ((data_args.data_path, "train"), (data_args.eval_data_path, "eval")):
+        if path is None:
+            result.append(None)
+            continue
+        with training_args.main_process_first(desc=f"preparing {name} data"):
+            dataset, stats = build(path, tokenizer, settings, num_proc=data_args.preprocessing_num_workers)
+        logger.warning(stats.summary(f"{name} data {path}"))
+        if len(dataset) == 0:
+            raise DataError(f"{path}: no sample left to train on ({stats.dropped} dropped as over-long)")
+        result.append(dataset)
+    return tuple(result)
+
+
+def data_fingerprint(path: str, tokenizer, settings: RenderSettings) -> str:
+    """Identifies a rendering of one file: its size and mtime, the tokenizer's vocabulary and template, settings."""
+    stat = os.stat(path)
+    h = hashlib.sha256()
+    for part in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, RENDER_VERSION, repr(settings),
+                 tokenizer.chat_template, tokenizer.eos_token, len(tokenizer),
+                 json.dumps(tokenizer.get_vocab(), sort_keys=True)):
+        h.update(str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _records(path: str, stamp: str):
+    """Arrow rows of a file's conversations (`stamp` is only there to key the cache to the file's contents)."""
+    for conversation in iter_conversations(path):
+        yield {"record": json.dumps(conversation.to_record(), ensure_ascii=False)}
+
+
+def _render_batch(batch, tokenizer, settings: RenderSettings):
+    out = {"input_ids": [], "labels": [], "truncated": [], "dropped": []}
+    for raw in batch["record"]:
+        record = json.loads(raw)
+        sample = render_conversation(parse_record(record, default_id=record["id"]), tokenizer,
+                                     default_system=settings.default_system, max_length=settings.max_length,
+                                     overlong=settings.overlong)
+        out["input_ids"].append(sample.input_ids if sample else [])
+        out["labels"].append(sample.labels if sample else [])
+        out["truncated"].append(bool(sample and sample.truncated))
+        out["dropped"].append(sample is None)
+    return out
+
+
+def eager_dataset(path: str, tokenizer, settings: RenderSettings, num_proc: int | None = None):
+    fingerprint = data_fingerprint(path, tokenizer, settings)
+    stat = os.stat(path)
+    try:
+        records = datasets.Dataset.from_generator(
+            _records, gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"}
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise _data_error_inside(e) from None
+    try:
+        rendered = records.map(
+            _render_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+            remove_columns=["record"], new_fingerprint=fingerprint, num_proc=num_proc, desc="rendering",
+        )
+    except DataError:
+        raise
+    except Exception as e:
+        raise _data_error_inside(e) from None
+    stats = DataStats(samples=len(rendered), truncated=sum(rendered["truncated"]), dropped=sum(rendered["dropped"]))
+    if stats.dropped:
+        rendered = rendered.filter(lambda dropped: not dropped, input_columns="dropped",
+                                   new_fingerprint=fingerprint + "-kept")
+    stats.samples = len(rendered)
+    rendered = rendered.remove_columns(["truncated", "dropped"])
+    for labels in rendered.with_format("numpy")["labels"]:
+        stats.tokens += len(labels)
+        stats.trained_tokens += int((labels != IGNORE_INDEX).sum())
+    return rendered, stats
+
+
+def _data_error_inside(error: BaseException) -> BaseException:
+    """The DataError that datasets wrapped in its own exception, or the exception itself."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, DataError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
+class LazyConversationDataset(torch.utils.data.Dataset):
+    """Samples rendered on access from a spooled JSONL copy of the validated records; see the module docstring."""
+
+    def __init__(self, path: str, tokenizer, settings: RenderSettings):
+        self.tokenizer, self.settings = tokenizer, settings
+        spool_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "llmft-lazy")
+        os.makedirs(spool_dir, exist_ok=True)
+        self.spool = os.path.join(spool_dir, data_fingerprint(path, tokenizer, settings) + ".jsonl")
+        self.offsets = array("q")
+        if not os.path.isfile(self.spool):
+            self._write_spool(path)
+        with open(self.spool, "rb") as f:
+            offset = 0
+            for line in f:
+                self.offsets.append(offset)
+                offset += len(line)
+        self.stats = DataStats(samples=len(self.offsets))
+
+    def _write_spool(self, path: str) -> None:
+        partial = f"{self.spool}.{os.getpid()}.partial"
+        with open(partial, "w", encoding="utf-8") as out:
+            for conversation in iter_conversations(path):
+                out.write(json.dumps(conversation.to_record(), ensure_ascii=False) + "\n")
+        os.replace(partial, self.spool)  # a crash mid-way leaves no spool that looks complete
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> dict:
+        with open(self.spool, "rb") as f:
+            f.seek(self.offsets[index])
+            record = json.loads(f.readline())
+        conversation = parse_record(record, default_id=record["id"])
+        settings = self.settings
+        sample = render_conversation(conversation, self.tokenizer, default_system=settings.default_system,
+                                     max_length=settings.max_length, overlong=settings.overlong)
+        if sample is None:
+            # The prompt alone is longer than max_length. Eager mode drops such a sample; here the trainer already
+            # counts on it, so it stays, cut to length and carrying no loss.
+            logger.warning("sample %s: its prompt alone exceeds %d tokens; it trains nothing",
+                           conversation.id, settings.max_length)
+            sample = render_conversation(conversation, self.tokenizer, default_system=settings.default_system)
+            sample.input_ids = sample.input_ids[: settings.max_length]
+            sample.labels = [IGNORE_INDEX] * len(sample.input_ids)
+        return {"input_ids": sample.input_ids, "labels": sample.labels}
+
+
+def lazy_dataset(path: str, tokenizer, settings: RenderSettings, num_proc: int | None = None):
+    """(dataset, stats); lazy samples are rendered later, so only the sample count is known now."""
+    dataset = LazyConversationDataset(path, tokenizer, settings)
+    return dataset, dataset.stats

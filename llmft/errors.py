@@ -1,0 +1,42 @@
+"""Errors meant for the person running a command, and the one place that turns them into a clean exit.
+
+Anything a user can fix (a flag, a path, a record in their data) raises an `LlmftError` subclass whose message names
+the flag or the record. `exit_on_user_error` prints it without a traceback and exits with status 2; every other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class LlmftError(Exception):
+    """A problem the user can fix; the message says what and where."""
+
+
+class ConfigError(LlmftError):
+    """One or more settings are invalid or contradict each other; all of them are listed at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid settings ({len(self.problems)}):\n{lines}")
+
+
+class DataError(LlmftError):
+    """A data file or one of its records cannot be used; the message names the file and the record."""
+
+
+def exit_on_user_error(main):
+    """Decorator for a CLI entry: user errors become one `error: ...` line set on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except LlmftError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

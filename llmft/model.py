@@ -1,0 +1,182 @@
+"""Building the tokenizer and the model a run trains: precision, quantization, ChatML tokens and LoRA.
+
+Modes, chosen by the arguments alone:
+- full: every weight trains, loaded in the compute dtype (bf16 / fp16 / fp32 from the precision flags);
+- LoRA: adapters on a frozen base in the compute dtype;
+- Q-LoRA: adapters on a base that bitsandbytes quantizes on load (NF4/FP4 4-bit, or 8-bit);
+- LoRA on a GPTQ checkpoint (quantized offline; loaded through transformers' GPTQModel integration).
+A base tokenizer without the ChatML tokens gets them added, the embeddings are resized, and the input embeddings and
+output head train with the adapter (PEFT modules_to_save), since the new rows start untrained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from llmft.args import base_quant_method, uses_zero3
+from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_turn_token, uses_chatml
+from llmft.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def build_tokenizer(model_args, data_args):
+    """The run's tokenizer: right padding, a pad token, the chosen chat template, ChatML tokens where needed, and
+    the end-of-turn token as EOS so that anything generating from the saved tokenizer stops after one answer."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+        model_max_length=data_args.model_max_length,
+        padding_side="right",
+    )
+    template = choose_chat_template(tokenizer, model_args.chat_template)
+    tokenizer.chat_template = template
+    if uses_chatml(template):
+        missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
+            logger.warning("the tokenizer had no %s: added them; embeddings and lm_head will be resized and trained",
+                           " ".join(missing))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer.eos_token = end_of_turn_token(tokenizer)
+    return tokenizer
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for Q-LoRA, or None. Under ZeRO-3 the packed 4-bit weights are stored in the compute
+    dtype, so DeepSpeed can partition them like any other parameter."""
+    if not quant_args.q_lora:
+        return None
+    if quant_args.quant_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = compute_dtype(training_args)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_args.quant_type,
+        bnb_4bit_use_double_quant=quant_args.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype if uses_zero3(training_args) else torch.uint8,
+    )
+
+
+def build_model(model_args, lora_args, quant_args, training_args, tokenizer):
+    """The model ready for the Trainer: loaded, resized for added tokens, prepared for k-bit training and wrapped in
+    LoRA as the arguments ask."""
+    quantized = quant_args.q_lora or base_quant_method(model_args) is not None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=compute_dtype(training_args),
+        quantization_config=quantization_config(quant_args, training_args),
+        device_map=_device_map(training_args) if quantized else None,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
+    model.config.use_cache = False  # the KV cache is useless while training and costs memory
+    new_tokens = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if new_tokens:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    _stop_at_end_of_turn(model, tokenizer)
+
+    gc_kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    training_args.gradient_checkpointing_kwargs = gc_kwargs
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args, train_embeddings=new_tokens)
+        if training_args.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return model
+
+
+def _device_map(training_args):
+    """Quantized weights are placed at load time: one whole copy per process, on that process's device."""
+    if training_args.deepspeed and uses_zero3(training_args):
+        return None
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def _stop_at_end_of_turn(model, tokenizer) -> None:
+    """Generation config: stop at the end-of-turn token and at EOS, pad with the pad token."""
+    stop = [tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
+    for eos in _as_list(model.generation_config.eos_token_id) + _as_list(model.config.eos_token_id):
+        if eos is not None and eos not in stop and eos < len(tokenizer):
+            stop.append(eos)
+    model.generation_config.eos_token_id = stop
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def lora_config(lora_args, model=None, train_embeddings: bool = False):
+    """The PEFT LoraConfig for these arguments; new tokens add the embeddings and the output head to modules_to_save."""
+    from peft import LoraConfig
+
+    targets = lora_args.lora_target_modules
+    if targets == ["default"]:
+        targets = None  # PEFT's per-architecture default
+    elif targets == ["all-linear"]:
+        targets = "all-linear"
+    modules_to_save = list(lora_args.lora_modules_to_save or [])
+    if train_embeddings:
+        for module in _embedding_module_names(model):
+            if module not in modules_to_save:
+                modules_to_save.append(module)
+    return LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=targets,
+        bias=lora_args.lora_bias,
+        modules_to_save=modules_to_save or None,
+        ensure_weight_tying=bool(train_embeddings and model is not None and _ties_embeddings(model)),
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model, lora_args, train_embeddings: bool = False):
+    from peft import get_peft_model
+
+    try:
+        model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
+    except ValueError as e:  # e.g. a target module name the model does not have
+        raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
+    if train_embeddings:
+        logger.warning("training the input embeddings and output head in full (modules_to_save) for the new tokens")
+    return model
+
+
+def _embedding_module_names(model) -> list[str]:
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    found = [names[model.get_input_embeddings()]]
+    output = model.get_output_embeddings()
+    if output is not None and names.get(output) not in found:
+        found.append(names[output])
+    return found
+
+
+def _ties_embeddings(model) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
