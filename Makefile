@@ -1,0 +1,42 @@
+# Set-up, tests and the offline demo. Everything installs into .venv from the repo's own pins.
+#   make demo   tiny model -> fine-tune -> merge -> quantize -> chat, offline, on CPU
+#   make test   the test suite (CPU; slow tests included)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch stays a range in requirements.txt; on these CPU machines pin the build that also has a torchvision
+# (GPTQModel imports it).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DEMO ?= build/demo
+PYTEST_ARGS ?=
+
+# Nothing is downloaded at run time; GPTQModel uses two CPU workers on small machines.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export GPTQMODEL_CPU_WORKERS ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: install
+	rm -rf $(DEMO)
+	$(PY) tools/make_tiny_model.py $(DEMO)/tiny-model
+	$(PY) finetune.py examples/demo_lora.yaml --model_name_or_path $(DEMO)/tiny-model --output_dir $(DEMO)/lora
+	$(PY) tools/chat.py --model $(DEMO)/lora --temperature 0 --max_new_tokens 32 --prompt "Who are you?"
+
+clean:
+	rm -rf build

