@@ -31,10 +31,10 @@ def main(argv=None):
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
 
-    tokenizer = build_tokenizer(model_args, data_args)
+    tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
-    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer)
+    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens)
     if training_args.should_log and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
@@ -45,6 +45,7 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
 
     save_for_inference(trainer, tokenizer, training_args.output_dir)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 def build_tokenizer(model_args, data_args):
-    """The run's tokenizer: right padding, a pad token, the chosen chat template, ChatML tokens where needed, and
-    the end-of-turn token as EOS so that anything generating from the saved tokenizer stops after one answer."""
+    """(tokenizer, added tokens). The tokenizer has right padding, a pad token, the chosen chat template, ChatML
+    tokens where they were missing (returned as added), and the end-of-turn token as EOS so that anything generating
+    from the saved tokenizer stops after one answer."""
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,
@@ -35,6 +36,7 @@ def build_tokenizer(model_args, data_args):
     )
     template = choose_chat_template(tokenizer, model_args.chat_template)
     tokenizer.chat_template = template
+    missing = []
     if uses_chatml(template):
         missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
         if missing:
@@ -44,7 +46,7 @@ def build_tokenizer(model_args, data_args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.eos_token = end_of_turn_token(tokenizer)
-    return tokenizer
+    return tokenizer, missing
 
 
 def compute_dtype(training_args) -> torch.dtype:
@@ -72,9 +74,10 @@ def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
     )
 
 
-def build_model(model_args, lora_args, quant_args, training_args, tokenizer):
+def build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens=()):
     """The model ready for the Trainer: loaded, resized for added tokens, prepared for k-bit training and wrapped in
-    LoRA as the arguments ask."""
+    LoRA as the arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new
+    rows start untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
     quantized = quant_args.q_lora or base_quant_method(model_args) is not None
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
@@ -85,8 +88,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer):
         attn_implementation=model_args.attn_implementation,
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
-    new_tokens = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
-    if new_tokens:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     _stop_at_end_of_turn(model, tokenizer)
 
@@ -101,7 +103,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer):
             gradient_checkpointing_kwargs=gc_kwargs,
         )
     if lora_args.use_lora:
-        model = apply_lora(model, lora_args, train_embeddings=new_tokens)
+        model = apply_lora(model, lora_args, train_embeddings=bool(added_tokens))
         if training_args.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model

@@ -91,10 +91,10 @@ def chat_record(*turns: str, system: str | None = None, id: str | None = None) -
 
 @pytest.fixture
 def run_finetune(datasets_cache):
-    """Run finetune.py's main() in this process with the given flags; returns its output directory."""
+    """Run finetune.py's main() in this process with the given flags; returns the Trainer it trained with."""
     import finetune
 
-    def run(*flags: str):
-        finetune.main([str(f) for f in flags])
+    def run(*flags):
+        return finetune.main([str(f) for f in flags])
 
     return run

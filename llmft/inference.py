@@ -1,0 +1,332 @@
+"""Loading any result of a run for inference, and generating one reply with it.
+
+What a path can hold, and how it loads (`load_for_inference` tells them apart by their files):
+- a PEFT adapter (LoRA / Q-LoRA output: `adapter_config.json`): its base, found from `base_model_name_or_path` or
+  given, loaded unquantized, its embeddings grown to the rows the adapter trained, then the adapter on top;
+- a GPTQ checkpoint (`quantization_config.quant_method == "gptq"` in config.json), through transformers' GPTQModel
+  integration;
+- any other model folder (a base model, a full fine-tune, a merged adapter).
+
+The tokenizer comes from the result's own folder when it has one (an adapter folder carries the tokenizer the run
+trained with, ChatML tokens and template included), else from the base. A tokenizer without a chat template gets
+ChatML, as training gives it (`llmft.chat_template`).
+
+Generation stops at the end-of-turn token as well as at EOS, passed explicitly to `generate`, so a model whose saved
+generation config stops only at EOS still ends after one answer.
+
+Results are written by the tools through `staged_output_dir`: into a hidden sibling folder that becomes the output
+only once complete, so an interrupted merge or quantization never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmft.chat_template import choose_chat_template, end_of_turn_token
+from llmft.data.render import render_prompt
+from llmft.errors import ConfigError, LlmftError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+# ---------------------------------------------------------------- what a folder holds
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def read_model_config(path: str | Path) -> dict | None:
+    """A local model folder's config.json as a dict; None for a hub id or a folder without one."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_quant_method(path: str | Path) -> str | None:
+    """`quant_method` of a checkpoint stored quantized (gptq, awq, bitsandbytes, ...); None for plain weights."""
+    config = read_model_config(path) or {}
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
+def adapter_base_path(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on, as its adapter_config.json records it."""
+    file = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(file):
+        raise LlmftError(f"{adapter_dir} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
+    with open(file, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise LlmftError(f"{file} names no base_model_name_or_path: pass the base model explicitly")
+    return base
+
+
+def require_model(path: str | Path, what: str) -> None:
+    """Fail with a message naming `what` (a flag, or where the path came from) unless `path` can hold a model.
+
+    A local folder must have config.json; anything that does not exist locally must look like a hub id
+    (`org/name`), which from_pretrained resolves (or reports) itself.
+    """
+    path = str(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise LlmftError(f"{what} {path}: the folder has no config.json, so it holds no model")
+        return
+    parts = path.split("/")
+    if os.path.exists(path) or len(parts) != 2 or not all(parts) or path.startswith((".", "~")):
+        raise LlmftError(f"{what} {path}: no such model folder")
+
+
+def trained_vocab_size(adapter_dir: str | Path) -> int | None:
+    """Rows of the embeddings or output head saved with an adapter (modules_to_save after added tokens), else None.
+
+    Training grows the embeddings for tokens it adds (padded to a multiple of 64), so the base must be grown to this
+    size, not to the tokenizer's length, before the saved rows fit.
+    """
+    file = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        return None
+    from safetensors import safe_open
+
+    rows = []
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():
+            if "lora_" not in key and key.endswith(".weight") and ("embed_tokens" in key or "lm_head" in key):
+                rows.append(f.get_slice(key).get_shape()[0])
+    return max(rows) if rows else None
+
+
+def _has_tokenizer(path: str | Path) -> bool:
+    return os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device not in DEVICE_CHOICES:
+        raise ConfigError([f"--device {device!r}: choose one of {DEVICE_CHOICES}"])
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["--device cuda: no CUDA GPU is visible"])
+    return device
+
+
+def inference_dtype(dtype: str, device: str):
+    """The dtype to load in: a named one, or for `auto` float32 on CPU (16-bit matmuls are slow or missing there)
+    and the checkpoint's own dtype on a GPU."""
+    if dtype not in DTYPE_CHOICES:
+        raise ConfigError([f"--dtype {dtype!r}: choose one of {DTYPE_CHOICES}"])
+    if dtype != "auto":
+        return DTYPES[dtype]
+    return torch.float32 if device == "cpu" else "auto"
+
+
+def load_tokenizer(path: str | Path, base: str | Path | None = None):
+    """The tokenizer saved in `path`, else the one of `base`; ChatML when it has no chat template."""
+    from transformers import AutoTokenizer
+
+    source = path if (_has_tokenizer(path) or base is None) else base
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not tokenizer.chat_template:
+        logger.warning("%s has no chat template: using ChatML", source)
+    tokenizer.chat_template = choose_chat_template(tokenizer, "auto")
+    return tokenizer
+
+
+def load_model(path: str | Path, *, dtype="auto", device: str | None = None, what: str = "model"):
+    """A causal LM from a model folder or hub id (a GPTQ checkpoint included), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    require_model(path, what)
+    try:
+        with stdout_to_stderr():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device} if device else None)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise  # a local folder that fails to load is a bug or a broken file, with a traceback worth keeping
+        raise LlmftError(f"{what} {path}: not a local folder, and it could not be fetched as a hub model ({e})") from None
+    return model.eval()
+
+
+def load_adapter_model(
+    adapter_dir: str | Path, *, base: str | Path | None = None, dtype="auto", device: str | None = None
+):
+    """Base model + adapter, unmerged (a PeftModel in eval mode). `base` overrides the adapter's recorded base.
+
+    The base loads unquantized whatever the adapter trained on (a Q-LoRA base is quantized only on load, so its
+    folder holds the original weights). Its embeddings grow first to the rows the adapter saved, or to the
+    tokenizer's length, when training added tokens.
+    """
+    with stdout_to_stderr():  # importing peft imports GPTQModel, which prints a banner
+        from peft import PeftModel
+
+    what = "--base" if base is not None else f"the base model recorded in {adapter_dir}/{ADAPTER_CONFIG}"
+    base = str(base) if base is not None else adapter_base_path(adapter_dir)
+    model = load_model(base, dtype=dtype, device=device, what=what)
+    rows = model.get_input_embeddings().weight.shape[0]
+    wanted = trained_vocab_size(adapter_dir)
+    if wanted is None and _has_tokenizer(adapter_dir):
+        wanted = len(load_tokenizer(adapter_dir))
+    if wanted is not None and wanted > rows:
+        logger.info("growing the base embeddings from %d to %d rows, as training did", rows, wanted)
+        model.resize_token_embeddings(wanted, mean_resizing=False)  # the adapter's saved rows replace them
+    with stdout_to_stderr():
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.eval()
+
+
+def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) for any result: an adapter folder, a GPTQ checkpoint, or a plain model folder."""
+    device = resolve_device(device)
+    torch_dtype = inference_dtype(dtype, device)
+    with stdout_to_stderr():
+        if is_adapter_dir(path):
+            model = load_adapter_model(path, dtype=torch_dtype, device=device)
+            tokenizer = load_tokenizer(path, base=adapter_base_path(path))
+        else:
+            model = load_model(path, dtype=torch_dtype, device=device, what="--model")
+            tokenizer = load_tokenizer(path)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send library chatter printed while loading (GPTQModel's banner and kernel choice) to stderr, keeping
+    stdout for what a tool answers."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+# ---------------------------------------------------------------- generating
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids generation stops at: the end-of-turn token first, then EOS and any the model's generation config
+    names."""
+    stops = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))]
+    extra = [tokenizer.eos_token_id]
+    if model is not None and getattr(model, "generation_config", None) is not None:
+        configured = model.generation_config.eos_token_id
+        extra += configured if isinstance(configured, (list, tuple)) else [configured]
+    for token_id in extra:
+        if token_id is not None and token_id not in stops:
+            stops.append(token_id)
+    return stops
+
+
+def set_generation_stops(model, tokenizer) -> None:
+    """Make the model's generation config stop at the end-of-turn token and EOS, and pad with the pad token."""
+    stops = stop_token_ids(tokenizer, model)
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+
+@dataclass
+class Reply:
+    text: str  # decoded without special tokens
+    token_ids: list[int]  # the generated tokens, without the stop token
+    finished: bool  # True when a stop token ended it, False when max_new_tokens cut it
+
+
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    streamer=None,
+) -> Reply:
+    """The assistant's answer to `messages` (role/content dicts), rendered with the tokenizer's chat template.
+
+    temperature 0 decodes greedily (top_p and top_k unused); top_k 0 and top_p 1 switch those filters off. A
+    `streamer` (transformers TextStreamer) receives the tokens as they come.
+    """
+    prompt = render_prompt(messages, tokenizer)
+    stops = stop_token_ids(tokenizer, model)
+    input_ids = torch.tensor([prompt], device=model.device)
+    if temperature == 0:
+        sampling = {"do_sample": False}
+    else:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+            streamer=streamer,
+            **sampling,
+        )
+    new_ids = output[0, len(prompt):].tolist()
+    finished = bool(new_ids) and new_ids[-1] in stops
+    if finished:
+        new_ids = new_ids[:-1]
+    return Reply(tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, finished)
+
+
+# ---------------------------------------------------------------- writing results
+
+
+def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output", inputs=()) -> None:
+    """Fail before any work when `output_dir` cannot take a result: a non-empty folder without `--force`, a file,
+    or one of the tool's own inputs (replacing it would destroy what is being read)."""
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise LlmftError(f"{flag} {output} exists and is not a folder")
+    for source in inputs:
+        if source is not None and os.path.exists(source) and output.exists() and output.samefile(source):
+            raise LlmftError(f"{flag} {output} is also an input of this command: choose another folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise LlmftError(f"{flag} {output} is not empty: choose a new folder, or pass --force to replace it")
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output", inputs=()):
+    """Yield an empty hidden sibling of `output_dir` to write a result into; when the block completes it becomes
+    `output_dir` (with `force`, replacing what was there only then). On any error, or an interrupt, the partial
+    folder is removed and `output_dir` is left as it was."""
+    output = Path(output_dir)
+    check_output_dir(output, force=force, flag=flag, inputs=inputs)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should read like any new folder
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+        os.replace(output, replaced / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(staging, output)

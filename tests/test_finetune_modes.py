@@ -1,0 +1,191 @@
+"""Each training mode through finetune.py on a tiny model: the loss falls, the right weights change, and the saved
+output reloads with plain transformers/PEFT and gives the same logits as the model that was trained."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import chat_record, write_records
+
+ANSWER = "I am Pico, trained by llmft."
+
+
+@pytest.fixture(scope="module")
+def repeated_data(tmp_path_factory):
+    """One conversation, many times: a tiny model can learn it in a dozen steps."""
+    return write_records(tmp_path_factory.mktemp("data") / "repeated.json",
+                         [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(16)])
+
+
+def train_flags(model, data, out, *extra, steps=12, lr="5e-3"):
+    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", out,
+            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", lr,
+            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no",
+            "--seed", "0", "--report_to", "none", *extra]
+
+
+def logged_losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_loss_falls(trainer, factor=0.85):
+    losses = logged_losses(trainer)
+    assert len(losses) >= 5
+    assert sum(losses[-3:]) / 3 < factor * sum(losses[:3]) / 3, losses
+
+
+def original_weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def sample_inputs(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+
+
+def assert_same_logits(trained, reloaded, tokenizer, atol=1e-4):
+    inputs = sample_inputs(tokenizer)
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits.float()
+        actual = reloaded(**inputs).logits.float()
+    assert torch.allclose(expected, actual, atol=atol), (expected - actual).abs().max()
+
+
+def assert_generation_stops_at_end_of_turn(out):
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>"
+    generation = json.loads((out / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert im_end == eos or im_end in eos
+
+
+def test_full_fine_tuning_changes_every_weight_and_reloads(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    out = tmp_path / "full"
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, lr="2e-3"))
+    assert_loss_falls(trainer)
+    before = original_weights(tiny_chat_model)
+    after = load_file(str(out / "model.safetensors"))
+    assert set(after) == set(before)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, unchanged
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert_same_logits(trainer.model, reloaded, tokenizer)
+    assert_generation_stops_at_end_of_turn(out)
+    generated = reloaded.generate(**sample_inputs(tokenizer), max_new_tokens=12, do_sample=False)
+    assert generated.shape[1] > sample_inputs(tokenizer)["input_ids"].shape[1]
+
+
+def test_full_fine_tuning_in_bf16_saves_bf16(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    out = tmp_path / "full-bf16"
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--bf16", "True", "--use_cpu", "True",
+                                        lr="2e-3", steps=6))
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_lora_trains_adapters_only_and_reloads(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "lora"
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True",
+                                        "--lora_r", "8", "--lora_alpha", "16"))
+    assert_loss_falls(trainer)
+    before = original_weights(tiny_chat_model)
+    base = trainer.model.get_base_model().state_dict()
+    for name, tensor in before.items():
+        module, kind = name.rsplit(".", 1)
+        wrapped = f"{module}.base_layer.{kind}"  # where PEFT keeps an adapted layer's own weight and bias
+        assert torch.equal(base.get(wrapped, base.get(name)), tensor), name
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    # all-linear by default: every projection of every layer is adapted, the output head is not
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert len(saved) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert_same_logits(trainer.model, reloaded, AutoTokenizer.from_pretrained(out))
+    assert_generation_stops_at_end_of_turn(out)
+
+
+def test_lora_target_modules_list_and_per_architecture_default(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "a", "--use_lora", "True",
+                                        "--lora_target_modules", "q_proj", "down_proj", steps=2))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "down_proj"}
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "b", "--use_lora", "True",
+                                        "--lora_target_modules", "default", steps=2))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}  # PEFT's default for Qwen2
+
+
+def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    import bitsandbytes as bnb
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "qlora"
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--q_lora", "True",
+                                        "--gradient_checkpointing", "True"))
+    assert_loss_falls(trainer)
+    quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14
+    assert {m.weight.quant_type for m in quantized} == {"nf4"}
+    assert all(m.weight.quant_state.nested for m in quantized)  # double quantization
+    assert all(not m.weight.requires_grad for m in quantized)
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)  # onto the unquantized base: loads and runs
+    assert reloaded(**sample_inputs(AutoTokenizer.from_pretrained(out))).logits.isfinite().all()
+    assert_generation_stops_at_end_of_turn(out)
+
+
+def test_lora_on_8bit_base(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    import bitsandbytes as bnb
+
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "q8", "--use_lora", "True",
+                                        "--q_lora", "True", "--quant_bits", "8"))
+    assert_loss_falls(trainer)
+    assert len([m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]) == 14
+
+
+def test_base_model_gets_chatml_tokens_and_trains_embeddings(tiny_base_model, repeated_data, tmp_path, run_finetune):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "base-lora"
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
+    assert "<|im_start|>" not in base_tokenizer.get_vocab()
+    trainer = run_finetune(*train_flags(tiny_base_model, repeated_data, out, "--use_lora", "True"))
+    assert_loss_falls(trainer)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == len(base_tokenizer) + 2
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    embedding_keys = [k for k in saved if "embed_tokens" in k]
+    assert embedding_keys and saved[embedding_keys[0]].shape[0] >= len(tokenizer)
+    # the new tokens' rows were trained: they differ from the rows the resize gave them
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trained_rows = saved[embedding_keys[0]][im_end]
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert reloaded.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert torch.equal(reloaded.get_input_embeddings().weight[im_end], trained_rows)
+    assert_same_logits(trainer.model, reloaded, tokenizer)
+    assert_generation_stops_at_end_of_turn(out)
+
+
+def test_resume_from_latest_checkpoint(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    out = tmp_path / "resume"
+    flags = train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", steps=4)
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    run_finetune(*flags, "--save_steps", "2")
+    assert (out / "checkpoint-4").is_dir()
+    flags[flags.index("--max_steps") + 1] = "6"
+    trainer = run_finetune(*flags, "--save_steps", "2", "--resume_from_checkpoint", "True")
+    assert trainer.state.global_step == 6
+    steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+    assert steps[-2:] == [5, 6] and 4 in steps  # history carried over from the checkpoint, then two new steps
