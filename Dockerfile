@@ -2,7 +2,7 @@
 #   docker build -t llmft .
 #   docker run --gpus all --ipc=host -v /models:/models -v $PWD/data:/data llmft \
 #       bash finetune/finetune_lora_single_gpu.sh -m /models/Qwen2.5-7B-Instruct -d /data/train.json
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
+FROM nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update \
@@ -12,10 +12,10 @@ RUN apt-get update \
 
 WORKDIR /opt/llmft
 COPY requirements.txt requirements-dev.txt ./
-# torch first, as the Makefile does (TORCH_PINS), here the CUDA 12.8 build; then the pinned set.
+# torch first, as the Makefile does (TORCH_PINS; on Linux that wheel is the CUDA 13 build); then the pinned set.
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128 \
+ && /opt/venv/bin/pip install torch==2.14.1 torchvision==0.29.1 \
  && /opt/venv/bin/pip install -r requirements.txt
 ENV PATH=/opt/venv/bin:$PATH
 
