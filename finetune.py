@@ -25,7 +25,8 @@ from llmft.saving import save_for_inference
 
 
 @exit_on_user_error
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -41,7 +42,7 @@ def main(argv=None):
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8,
                                       label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, processing_class=tokenizer)
+                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
 
     save_for_inference(trainer, tokenizer, training_args.output_dir)

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transformers import HfArgumentParser, TrainingArguments
+import transformers
+from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
 from llmft.errors import ConfigError
@@ -90,6 +91,16 @@ class QuantizationArguments:
     double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit quantization constants too."})
 
 
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """All of transformers' TrainingArguments, plus the output-directory guard they no longer carry."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output_dir, replacing what a previous run saved there."},
+    )
+
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments)
 
 
@@ -101,6 +112,7 @@ def parse_args(argv: list[str] | None = None):
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_file_flags(argv[0]) + argv[1:]
     parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.error = _raise_config_error  # one clear line, not argparse's usage text of several hundred flags
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # TrainingArguments.__post_init__ rejects some combinations itself
@@ -111,6 +123,10 @@ def parse_args(argv: list[str] | None = None):
     if problems:
         raise ConfigError(problems)
     return tuple(parsed)
+
+
+def _raise_config_error(message: str):
+    raise ConfigError([message])
 
 
 def config_file_flags(path: str) -> list[str]:
