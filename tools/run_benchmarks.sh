@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU measurements behind the README's figures. On a GPU machine, from the repo root:
+#   bash tools/run_benchmarks.sh single [RESULTS.jsonl]   # one GPU: LoRA, Q-LoRA, full, Liger, on a 1.5B shape
+#   bash tools/run_benchmarks.sh scaling [RESULTS.jsonl]  # 1 vs 2 GPUs: ZeRO-2 LoRA, ZeRO-3 full
+# Each line of RESULTS is one tools/benchmark.py result (tokens/s per GPU, peak memory).
+set -uo pipefail
+suite=${1:?usage: run_benchmarks.sh single|scaling [RESULTS.jsonl]}
+results=${2:-bench-results.jsonl}
+work=${BENCH_WORKDIR:-/tmp/llmft-bench}
+common=(--shape "${BENCH_SHAPE:-1.5b}" --workdir "$work" --results "$results" --steps "${BENCH_STEPS:-30}")
+train=(--per_device_train_batch_size 4 --bf16 True --gradient_checkpointing True)
+bench() { local label=$1; shift; echo "== $label"; python3 tools/benchmark.py "${common[@]}" --label "$label" -- "$@" 2>&1 \
+  | grep -E "BENCH|Error|error|Traceback" ; }
+bench2() { local label=$1; shift; echo "== $label"; torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29511}" \
+  tools/benchmark.py "${common[@]}" --label "$label" -- "$@" 2>&1 | grep -E "BENCH|Error|error|Traceback" ; }
+
+case $suite in
+  single)
+    bench lora "${train[@]}" --use_lora True --learning_rate 3e-4
+    bench lora-liger "${train[@]}" --use_lora True --learning_rate 3e-4 --use_liger_kernel True
+    bench qlora-nf4 "${train[@]}" --use_lora True --q_lora True --optim paged_adamw_8bit --learning_rate 2e-4
+    bench full "${train[@]}" --learning_rate 1e-5
+    bench full-liger "${train[@]}" --learning_rate 1e-5 --use_liger_kernel True
+    ;;
+  scaling)
+    bench lora-zero2-1gpu "${train[@]}" --use_lora True --deepspeed ds_configs/zero2.json
+    bench2 lora-zero2-2gpu "${train[@]}" --use_lora True --deepspeed ds_configs/zero2.json
+    bench full-zero3-1gpu "${train[@]}" --deepspeed ds_configs/zero3.json
+    bench2 full-zero3-2gpu "${train[@]}" --deepspeed ds_configs/zero3.json
+    ;;
+  *) echo "unknown suite $suite" >&2; exit 2 ;;
+esac
+cat "$results"
