@@ -7,8 +7,10 @@ other, are all reported together in one `ConfigError` before anything heavy is l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -106,23 +108,37 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, QuantizationAr
 
 def parse_args(argv: list[str] | None = None):
     """(model, data, lora, quant, training) arguments from a config file and flags, validated."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_file_flags(argv[0]) + argv[1:]
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # allow_abbrev=False: a misspelt `--learning_rat` must be reported, not taken for --learning_rate
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     parser.error = _raise_config_error  # one clear line, not argparse's usage text of several hundred flags
-    try:
-        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as e:  # TrainingArguments.__post_init__ rejects some combinations itself
-        raise ConfigError([str(e)]) from None
-    problems = [f"unknown flag or key: {u}" for u in unknown if u.startswith("--")]
-    problems += [f"unexpected argument: {u}" for u in unknown if not u.startswith("--")][:1]
+    namespace, unknown = parser.parse_known_args(argv)
+    problems = _unknown_argument_problems(unknown)
+    parsed = []
+    for cls in ARGUMENT_CLASSES:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        try:
+            parsed.append(cls(**{k: v for k, v in vars(namespace).items() if k in names}))
+        except ValueError as e:  # TrainingArguments.__post_init__ rejects some combinations itself
+            problems.append(str(e))
+            parsed.append(None)
     problems += validate(*parsed)
     if problems:
         raise ConfigError(problems)
     return tuple(parsed)
+
+
+def _unknown_argument_problems(unknown: list[str]) -> list[str]:
+    problems, after_flag = [], False
+    for token in unknown:
+        if token.startswith("-"):
+            problems.append(f"unknown flag or key: {token.split('=', 1)[0]}")
+            after_flag = "=" not in token
+        elif not after_flag:
+            problems.append(f"unexpected argument: {token}")
+    return problems
 
 
 def _raise_config_error(message: str):
@@ -160,10 +176,9 @@ def config_file_flags(path: str) -> list[str]:
 
 
 def validate(model_args, data_args, lora_args, quant_args, training_args) -> list[str]:
-    """Every problem with these settings, as messages naming the flags; empty when the run can start."""
-    problems = []
-    if not os.path.exists(model_args.model_name_or_path) and not _looks_like_hub_id(model_args.model_name_or_path):
-        problems.append(f"--model_name_or_path {model_args.model_name_or_path}: no such directory")
+    """Every problem with these settings, as messages naming the flags; empty when the run can start.
+    `training_args` may be None (they failed their own checks): the other settings are still checked."""
+    problems = _model_path_problems(model_args.model_name_or_path)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
         if path is not None and not os.path.isfile(path):
@@ -184,29 +199,49 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
         if not 0 <= lora_args.lora_dropout < 1:
             problems.append("--lora_dropout must be in [0, 1)")
 
-    if training_args.bf16 and training_args.fp16:
-        problems.append("--bf16 and --fp16 exclude each other")
-    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        problems.append("set --num_train_epochs or --max_steps to a positive value")
-    if str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") and data_args.eval_data_path is None:
-        problems.append(f"--eval_strategy {training_args.eval_strategy} needs --eval_data_path")
-
     quant_method = base_quant_method(model_args)
     if quant_method == "gptq":
         if not lora_args.use_lora:
             problems.append("the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; add --use_lora True")
         if quant_args.q_lora:
             problems.append("the base model is already GPTQ-quantized: --q_lora would quantize it again; drop --q_lora")
-        if uses_zero3(training_args) or training_args.fsdp:
-            problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP (packed int4 weights cannot be "
-                            "partitioned); use ZeRO-2 (ds_configs/zero2.json) or plain DDP")
     elif quant_method is not None and (quant_args.q_lora or not lora_args.use_lora):
         problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it")
+    if training_args is not None:
+        problems += _training_problems(data_args, quant_args, training_args, quant_method)
+    return problems
+
+
+def _training_problems(data_args, quant_args, training_args, quant_method) -> list[str]:
+    problems = []
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        problems.append("set --num_train_epochs or --max_steps to a positive value")
+    if training_args.eval_strategy != "no" and data_args.eval_data_path is None:
+        problems.append(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data_path")
+    if quant_method == "gptq" and (uses_zero3(training_args) or training_args.fsdp):
+        problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP (packed int4 weights cannot be "
+                        "partitioned); use ZeRO-2 (ds_configs/zero2.json) or plain DDP")
     if quant_args.q_lora and training_args.fsdp:
         problems.append("--q_lora with FSDP is not supported by llmft; use DeepSpeed ZeRO-2/3 (ds_configs/)")
+    return problems + _output_problems(training_args)
 
-    problems += _output_problems(training_args)
-    return problems
+
+def _model_path_problems(name: str) -> list[str]:
+    """A local model directory must hold a config.json; anything else must be a Hub id that can be had: with
+    HF_HUB_OFFLINE set, one already in the local Hugging Face cache."""
+    flag = f"--model_name_or_path {name}"
+    if os.path.isdir(name):
+        return [] if os.path.isfile(os.path.join(name, "config.json")) else [f"{flag}: the directory holds no model (no config.json)"]
+    if os.path.exists(name):
+        return [f"{flag}: not a directory"]
+    parts = name.split("/")
+    if len(parts) > 2 or not all(parts) or name.startswith((".", "~")):
+        return [f"{flag}: no such directory"]
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return [f"{flag}: no such directory, and no Hub model of that name in the local cache (HF_HUB_OFFLINE is set)"]
+    return []
 
 
 def _output_problems(training_args) -> list[str]:
@@ -220,11 +255,6 @@ def _output_problems(training_args) -> list[str]:
         return [f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
                 "--overwrite_output_dir True to train over it, or choose another directory"]
     return []
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
 def base_quant_method(model_args) -> str | None:

@@ -86,30 +86,31 @@ def iter_records(path: str) -> Iterator[tuple[int, str, object]]:
     """(index, where, raw record) triples; `where` names the file, the record's position and line for error messages."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            first = _first_non_space(f)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(BOM).lstrip()
         f.seek(0)
-        if first == "":
+        if not head:
             raise DataError(f"{path}: the file is empty")
-        if first == "[":
+        if head.startswith(b"["):
             yield from _iter_json_list(f, path)
         else:
             yield from _iter_jsonl(f, path)
 
 
-def _first_non_space(f) -> str:
-    while True:
-        c = f.read(1)
-        if c == "" or not c.isspace():
-            return c
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write: not part of the first record
+
+
+def _decode(raw: bytes, path: str, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _iter_jsonl(f, path: str) -> Iterator[tuple[int, str, object]]:
     index = 0
-    for line_no, line in enumerate(f, start=1):
+    for line_no, raw in enumerate(f, start=1):
+        line = _decode(raw.removeprefix(BOM) if line_no == 1 else raw, path, f"line {line_no}")
         if not line.strip():
             continue
         try:
@@ -123,8 +124,9 @@ def _iter_jsonl(f, path: str) -> Iterator[tuple[int, str, object]]:
 def _iter_json_list(f, path: str) -> Iterator[tuple[int, str, object]]:
     # The whole list is parsed at once: a JSON list cannot be split without parsing it. Use JSONL for files too
     # large for memory.
+    text = _decode(f.read().removeprefix(BOM), path, "file")
     try:
-        records = json.load(f)
+        records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(records, list):
@@ -195,7 +197,7 @@ def _parse_alpaca(record: dict, where: str) -> tuple[Message, ...]:
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: '{key}' must be a string")
     prompt = "\n\n".join(part for part in (fields["instruction"], fields["input"]) if part)
-    if not prompt.strip() or not fields["output"].strip():
+    if not prompt.strip() or not (fields["output"] or "").strip():
         raise DataError(f"{where}: Alpaca record needs a non-empty 'instruction' and 'output'")
     messages = [Message(USER, prompt), Message(ASSISTANT, fields["output"])]
     if fields["system"]:
