@@ -21,7 +21,7 @@ from llmft.data.dataset import build_datasets
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, build_tokenizer
-from llmft.saving import save_for_inference
+from llmft.saving import describe_run, save_for_inference
 
 
 @exit_on_user_error
@@ -45,7 +45,8 @@ def main(argv=None, callbacks=()):
                       data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
 
-    save_for_inference(trainer, tokenizer, training_args.output_dir)
+    run = describe_run(model_args, lora_args, quant_args, added_tokens)
+    save_for_inference(trainer, tokenizer, training_args.output_dir, run)
     return trainer
 
 

@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None = None):
     problems += validate(*parsed)
     if problems:
         raise ConfigError(problems)
+    model_args = parsed[0]
+    if os.path.isdir(model_args.model_name_or_path):  # recorded in adapter_config.json: must resolve from anywhere
+        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
     return tuple(parsed)
 
 

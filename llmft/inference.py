@@ -2,7 +2,8 @@
 
 What a path can hold, and how it loads (`load_for_inference` tells them apart by their files):
 - a PEFT adapter (LoRA / Q-LoRA output: `adapter_config.json`): its base, found from `base_model_name_or_path` or
-  given, loaded unquantized, its embeddings grown to the rows the adapter trained, then the adapter on top;
+  given, loaded as stored (a Q-LoRA base is the original unquantized model), its embeddings grown to the rows the
+  adapter trained, then the adapter on top;
 - a GPTQ checkpoint (`quantization_config.quant_method == "gptq"` in config.json), through transformers' GPTQModel
   integration;
 - any other model folder (a base model, a full fine-tune, a merged adapter).
@@ -164,7 +165,8 @@ def load_model(path: str | Path, *, dtype="auto", device: str | None = None, wha
     except OSError as e:
         if os.path.isdir(path):
             raise  # a local folder that fails to load is a bug or a broken file, with a traceback worth keeping
-        raise LlmftError(f"{what} {path}: not a local folder, and it could not be fetched as a hub model ({e})") from None
+        raise LlmftError(f"{what} {path}: not a local folder, and it could not be fetched as a hub model ({e})") \
+            from None
     return model.eval()
 
 
@@ -173,8 +175,8 @@ def load_adapter_model(
 ):
     """Base model + adapter, unmerged (a PeftModel in eval mode). `base` overrides the adapter's recorded base.
 
-    The base loads unquantized whatever the adapter trained on (a Q-LoRA base is quantized only on load, so its
-    folder holds the original weights). Its embeddings grow first to the rows the adapter saved, or to the
+    The base loads as its folder stores it: a Q-LoRA base unquantized (bitsandbytes quantized it only while
+    training), a GPTQ checkpoint as GPTQ. Its embeddings grow first to the rows the adapter saved, or to the
     tokenizer's length, when training added tokens.
     """
     with stdout_to_stderr():  # importing peft imports GPTQModel, which prints a banner

@@ -79,13 +79,16 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
     LoRA as the arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new
     rows start untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
     quantized = quant_args.q_lora or base_quant_method(model_args) is not None
+    load_options = {}
+    if quant_args.q_lora:  # passing quantization_config=None would override a GPTQ checkpoint's own config
+        load_options["quantization_config"] = quantization_config(quant_args, training_args)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=compute_dtype(training_args),
-        quantization_config=quantization_config(quant_args, training_args),
         device_map=_device_map(training_args) if quantized else None,
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
+        **load_options,
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -140,7 +143,8 @@ def lora_config(lora_args, model=None, train_embeddings: bool = False):
     if targets == ["default"]:
         targets = None  # PEFT's per-architecture default
     elif targets == ["all-linear"]:
-        targets = "all-linear"
+        # PEFT's "all-linear" only recognises torch/bitsandbytes linear layers; GPTQ's packed layers are named here
+        targets = _quantized_linear_names(model) if model is not None and _is_gptq(model) else "all-linear"
     modules_to_save = list(lora_args.lora_modules_to_save or [])
     if train_embeddings:
         for module in _embedding_module_names(model):
@@ -168,6 +172,19 @@ def apply_lora(model, lora_args, train_embeddings: bool = False):
     if train_embeddings:
         logger.warning("training the input embeddings and output head in full (modules_to_save) for the new tokens")
     return model
+
+
+def _is_gptq(model) -> bool:
+    quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gptq"
+
+
+def _quantized_linear_names(model) -> list[str]:
+    """Names (last component) of the GPTQ-packed linear layers, the output head excepted."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if hasattr(module, "qweight") and module is not head})
 
 
 def _embedding_module_names(model) -> list[str]:

@@ -11,6 +11,7 @@ save never leaves an output directory that looks finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,10 +21,27 @@ from llmft.errors import LlmftError
 logger = logging.getLogger(__name__)
 
 STAGING = ".llmft-saving"
+RUN_FILE = "llmft_run.json"
 
 
-def save_for_inference(trainer, tokenizer, output_dir: str) -> None:
-    """Save the trained model (or adapter) with its tokenizer and generation config into output_dir."""
+def describe_run(model_args, lora_args, quant_args, added_tokens) -> dict:
+    """What tools after training need to know and cannot read from the adapter: how the base was loaded."""
+    from llmft.args import base_quant_method
+
+    quantization = None
+    if quant_args.q_lora:
+        quantization = {"method": "bitsandbytes", "bits": quant_args.quant_bits,
+                        "type": quant_args.quant_type if quant_args.quant_bits == 4 else "int8"}
+    elif base_quant_method(model_args):
+        quantization = {"method": base_quant_method(model_args)}
+    mode = "full" if not lora_args.use_lora else ("qlora" if quant_args.q_lora else "lora")
+    return {"mode": mode, "base_model": model_args.model_name_or_path, "base_quantization": quantization,
+            "added_tokens": list(added_tokens)}
+
+
+def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = None) -> None:
+    """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
+    `describe_run` record) into output_dir."""
     staging = os.path.join(output_dir, STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
@@ -31,6 +49,9 @@ def save_for_inference(trainer, tokenizer, output_dir: str) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
+        if run is not None:
+            with open(os.path.join(staging, RUN_FILE), "w", encoding="utf-8") as f:
+                json.dump(run, f, indent=2)
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
         for name in os.listdir(staging):

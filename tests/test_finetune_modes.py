@@ -140,6 +140,9 @@ def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data,
     assert {m.weight.quant_type for m in quantized} == {"nf4"}
     assert all(m.weight.quant_state.nested for m in quantized)  # double quantization
     assert all(not m.weight.requires_grad for m in quantized)
+    run = json.loads((out / "llmft_run.json").read_text())
+    assert run["mode"] == "qlora" and run["base_quantization"] == {"method": "bitsandbytes", "bits": 4, "type": "nf4"}
+    assert run["base_model"] == str(tiny_chat_model.resolve())
     reloaded = AutoPeftModelForCausalLM.from_pretrained(out)  # onto the unquantized base: loads and runs
     assert reloaded(**sample_inputs(AutoTokenizer.from_pretrained(out))).logits.isfinite().all()
     assert_generation_stops_at_end_of_turn(out)
@@ -189,3 +192,38 @@ def test_resume_from_latest_checkpoint(tiny_chat_model, repeated_data, tmp_path,
     assert trainer.state.global_step == 6
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     assert steps[-2:] == [5, 6] and 4 in steps  # history carried over from the checkpoint, then two new steps
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq_model(tiny_chat_model, tmp_path_factory):
+    """The tiny chat model quantized to 4-bit GPTQ (group size 128) by tools/run_gptq.py."""
+    from tools.run_gptq import run_gptq
+
+    out = tmp_path_factory.mktemp("models") / "tiny-gptq"
+    run_gptq(str(tiny_chat_model), "examples/conversations.json", out, bits=4, num_samples=16, eval_samples=4)
+    return out
+
+
+@pytest.mark.slow
+def test_lora_on_gptq_base(tiny_gptq_model, repeated_data, tmp_path, run_finetune):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "gptq-lora"
+    before = load_file(str(tiny_gptq_model / "model.safetensors"))
+    assert any(name.endswith(".qweight") for name in before)
+    trainer = run_finetune(*train_flags(tiny_gptq_model, repeated_data, out, "--use_lora", "True"))
+    assert_loss_falls(trainer)
+    assert json.loads((out / "llmft_run.json").read_text())["base_quantization"] == {"method": "gptq"}
+    quantized = {name: p for name, p in trainer.model.named_buffers() if name.endswith(".qweight")}
+    assert len(quantized) == 14
+    for name, packed in quantized.items():  # the packed int4 weights are exactly what was loaded
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(packed, before[original]), name
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # GPTQ loads as bf16 otherwise
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # GPTQ keeps 16-bit scales, so two loads agree to about 1e-2; the adapter itself moves the logits far more
+    assert_same_logits(trainer.model, reloaded, tokenizer, atol=2e-2)
+    with reloaded.disable_adapter(), torch.no_grad():
+        base_logits = reloaded(**sample_inputs(tokenizer)).logits
+        trained_logits = trainer.model(**sample_inputs(tokenizer)).logits
+    assert (base_logits - trained_logits).abs().max() > 0.2
