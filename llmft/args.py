@@ -133,10 +133,18 @@ def parse_args(argv: list[str] | None = None):
     return tuple(parsed)
 
 
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
 def _unknown_argument_problems(unknown: list[str]) -> list[str]:
     problems, after_flag = [], False
     for token in unknown:
-        if token.startswith("-"):
+        if token.startswith("-") and not _is_number(token):
             problems.append(f"unknown flag or key: {token.split('=', 1)[0]}")
             after_flag = "=" not in token
         elif not after_flag:
@@ -234,16 +242,31 @@ def _model_path_problems(name: str) -> list[str]:
     HF_HUB_OFFLINE set, one already in the local Hugging Face cache."""
     flag = f"--model_name_or_path {name}"
     if os.path.isdir(name):
-        return [] if os.path.isfile(os.path.join(name, "config.json")) else [f"{flag}: the directory holds no model (no config.json)"]
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            return [f"{flag}: the directory holds no model (no config.json)"]
+        try:
+            _model_config(name)
+        except ConfigError as e:
+            return e.problems
+        return []
     if os.path.exists(name):
         return [f"{flag}: not a directory"]
     parts = name.split("/")
     if len(parts) > 2 or not all(parts) or name.startswith((".", "~")):
         return [f"{flag}: no such directory"]
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return [f"{flag}: no such directory, and not a valid Hub model id"]
+    if constants.HF_HUB_OFFLINE and _cached_hub_file(name, "config.json") is None:
         return [f"{flag}: no such directory, and no Hub model of that name in the local cache (HF_HUB_OFFLINE is set)"]
+    try:
+        _model_config(name)
+    except ConfigError as e:
+        return e.problems
     return []
 
 
@@ -262,12 +285,36 @@ def _output_problems(training_args) -> list[str]:
 
 def base_quant_method(model_args) -> str | None:
     """`quant_method` of a checkpoint that is quantized already (gptq, awq, ...), read from its config only."""
-    path = os.path.join(model_args.model_name_or_path, "config.json")
-    if os.path.isfile(path):
+    config = _model_config(model_args.model_name_or_path)
+    quantization = (config or {}).get("quantization_config") or {}
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+
+
+def _model_config(name: str) -> dict | None:
+    """config.json of a local model directory or of a Hub model in the local cache; None when there is none.
+    Raises ConfigError when the file is there but unreadable (an interrupted download, say)."""
+    path = os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        path = _cached_hub_file(name, "config.json")
+    if path is None:
+        return None
+    try:
         with open(path, encoding="utf-8") as f:
-            quantization = json.load(f).get("quantization_config") or {}
-        return quantization.get("quant_method")
-    return None
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"--model_name_or_path {name}: cannot read {path}: {e}"]) from None
+    return config if isinstance(config, dict) else None
+
+
+def _cached_hub_file(name: str, filename: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        path = try_to_load_from_cache(name, filename)
+    except HFValidationError:
+        return None
+    return path if isinstance(path, str) else None
 
 
 def uses_zero3(training_args) -> bool:

@@ -78,6 +78,12 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
     """The model ready for the Trainer: loaded, resized for added tokens, prepared for k-bit training and wrapped in
     LoRA as the arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new
     rows start untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
+    if training_args.deepspeed and training_args.use_cpu:
+        # CPU ranks: accelerate has started the gloo process group, but ZeRO-3's partitioned loading inside
+        # from_pretrained needs DeepSpeed's own communication layer on top of it (a no-op on GPUs).
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     quantized = quant_args.q_lora or base_quant_method(model_args) is not None
     load_options = {}
     if quant_args.q_lora:  # passing quantization_config=None would override a GPTQ checkpoint's own config

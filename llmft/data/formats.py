@@ -101,16 +101,18 @@ BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write: not par
 
 
 def _decode(raw: bytes, path: str, where: str) -> str:
+    """UTF-8 text of `raw` without a leading byte-order mark; byte offsets in errors count the mark."""
+    skipped = len(BOM) if raw.startswith(BOM) else 0
     try:
-        return raw.decode("utf-8")
+        return raw[skipped:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start + skipped})") from None
 
 
 def _iter_jsonl(f, path: str) -> Iterator[tuple[int, str, object]]:
     index = 0
     for line_no, raw in enumerate(f, start=1):
-        line = _decode(raw.removeprefix(BOM) if line_no == 1 else raw, path, f"line {line_no}")
+        line = _decode(raw, path, f"line {line_no}")
         if not line.strip():
             continue
         try:
@@ -124,7 +126,7 @@ def _iter_jsonl(f, path: str) -> Iterator[tuple[int, str, object]]:
 def _iter_json_list(f, path: str) -> Iterator[tuple[int, str, object]]:
     # The whole list is parsed at once: a JSON list cannot be split without parsing it. Use JSONL for files too
     # large for memory.
-    text = _decode(f.read().removeprefix(BOM), path, "file")
+    text = _decode(f.read(), path, "file")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:

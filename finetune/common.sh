@@ -1,0 +1,269 @@
+# Shared code of the finetune/*.sh launchers; sourced, never run.
+#
+# A launcher sets, then calls `launcher_main "$@"`:
+#   USAGE         its usage line, what it trains, and an example (the rest of --help is generated here)
+#   DISTRIBUTED   1: torchrun over GPUS_PER_NODE ranks on each of NNODES nodes; 0: one process
+#   DS_CONFIG     default --deepspeed value (a name in ds_configs/ or a path); empty: no DeepSpeed
+#   OUTPUT_DIR    default --output
+#   RECIPE        array of finetune.py arguments that make its recipe, on top of SHARED_RECIPE
+# --help prints these values themselves, so the help cannot drift from what the launcher runs.
+
+# Schedule, regularisation, checkpointing and logging shared by every recipe. The last occurrence of an argument
+# wins (argparse), so RECIPE overrides these and the user's arguments after '--' override both.
+SHARED_RECIPE=(
+    --num_train_epochs 3
+    --lr_scheduler_type cosine
+    --warmup_steps 0.01
+    --weight_decay 0.1
+    --adam_beta2 0.95
+    --activation_checkpointing True
+    --save_strategy steps
+    --save_steps 500
+    --logging_steps 10
+    --report_to none
+)
+
+LLMFT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# One launcher runs per node. Under mpirun, srun or by hand, the node's place in the job comes from the environment:
+# explicit NNODES/NODE_RANK first, then Open MPI's, then PMI's (MPICH, Intel MPI, srun --mpi=pmi2).
+NNODES=${NNODES:-${OMPI_COMM_WORLD_SIZE:-${PMI_SIZE:-1}}}
+NODE_RANK=${NODE_RANK:-${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-0}}}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6001}
+PYTHON=${PYTHON:-python}
+LLMFT_ENTRY=${LLMFT_ENTRY:-$LLMFT_ROOT/finetune.py}
+
+die_usage() {
+    echo "$(basename "$0"): error: $*" >&2
+    echo "Try '$(basename "$0") --help'." >&2
+    exit 2
+}
+
+# Number of GPUs this process may use: CUDA_VISIBLE_DEVICES when set (empty means none), else nvidia-smi's count.
+visible_gpu_count() {
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+        local ids=${CUDA_VISIBLE_DEVICES//[[:space:]]/}
+        if [[ -z $ids || $ids == -1 ]]; then
+            echo 0
+        else
+            local -a list
+            IFS=, read -r -a list <<< "$ids"
+            echo "${#list[@]}"
+        fi
+    elif command -v nvidia-smi > /dev/null 2>&1; then
+        nvidia-smi --list-gpus 2> /dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+# bf16 needs compute capability 8.0 (Ampere) or newer; older GPUs train in fp16.
+gpu_supports_bf16() {
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -n1)
+    [[ $cap =~ ^[0-9]+ ]] && (( ${cap%%.*} >= 8 ))
+}
+
+# Sets USE_CPU (0/1), GPUS_PER_NODE and PRECISION_ARGS for this machine.
+detect_devices() {
+    local gpus
+    gpus=$(visible_gpu_count)
+    USE_CPU=${USE_CPU:-$(( gpus == 0 ? 1 : 0 ))}
+    if (( USE_CPU )); then
+        # transformers + accelerate count the ranks of a DeepSpeed run wrongly unless told it is a CPU run
+        # (--use_cpu); DeepSpeed then runs on its CPU accelerator, with gloo collectives.
+        GPUS_PER_NODE=${GPUS_PER_NODE:-${NPROC_PER_NODE:-1}}
+        export CUDA_VISIBLE_DEVICES=""
+        export DS_ACCELERATOR=cpu
+        PRECISION_ARGS=(--use_cpu True --bf16 False --fp16 False)
+    else
+        GPUS_PER_NODE=${GPUS_PER_NODE:-${NPROC_PER_NODE:-$gpus}}
+        if gpu_supports_bf16; then
+            PRECISION_ARGS=(--bf16 True)
+        else
+            PRECISION_ARGS=(--fp16 True)
+        fi
+    fi
+    [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] \
+        || die_usage "GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE' (USE_CPU=1 trains on CPU)"
+}
+
+# A short name (zero2, zero3_offload, ...) or a path -> the path of an existing DeepSpeed JSON.
+resolve_ds_config() {
+    local value=$1
+    if [[ -f $value ]]; then
+        echo "$value"
+    elif [[ $value != */* && -f $LLMFT_ROOT/ds_configs/${value%.json}.json ]]; then
+        echo "$LLMFT_ROOT/ds_configs/${value%.json}.json"
+    else
+        local names=() file
+        for file in "$LLMFT_ROOT"/ds_configs/*.json; do
+            names+=("$(basename "$file" .json)")
+        done
+        die_usage "DeepSpeed config '$value' not found (a path, or one of: ${names[*]})"
+    fi
+}
+
+# Prints '--flag value' pairs, indented, several to a line.
+wrap_flag_pairs() {
+    local line="" pair
+    while (( $# >= 2 )); do
+        pair="$1 $2"
+        shift 2
+        if (( ${#line} + ${#pair} > 108 )); then
+            echo "  $line"
+            line=""
+        fi
+        line+="${line:+ }$pair"
+    done
+    [[ -z $line ]] || echo "  $line"
+}
+
+print_usage() {
+    printf '%s\n' "$USAGE"
+    cat << USAGE_END
+Options:
+  -m, --model MODEL        base model: a local folder or a Hugging Face hub id (env MODEL)
+  -d, --data PATH          training data, JSON or JSONL conversations (env DATA)
+  -o, --output DIR         where checkpoints and the final model go (default: $OUTPUT_DIR)
+      --deepspeed CONFIG   DeepSpeed JSON: a path, or a name in ds_configs/ (default: ${DS_CONFIG:-none})
+  -n, --dry-run            print the command that would run, and exit
+  -h, --help               show this text
+Everything after '--' goes to finetune.py unchanged and overrides the recipe below, e.g.
+  -- --num_train_epochs 1 --model_max_length 512 --eval_data_path dev.json
+
+Recipe (finetune.py arguments this launcher passes):
+$(wrap_flag_pairs "${SHARED_RECIPE[@]}" "${RECIPE[@]}")
+  --bf16 True on GPUs of compute capability 8.0 or newer, else --fp16 True; on CPU --use_cpu True in fp32
+
+Environment (current value after '='):
+USAGE_END
+    if (( DISTRIBUTED )); then
+        cat << USAGE_END
+  GPUS_PER_NODE=${GPUS_PER_NODE:-}  ranks per node; default: the visible GPUs, or on CPU NPROC_PER_NODE (else 1)
+  NNODES=$NNODES NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT
+      run this launcher once per node; NNODES and NODE_RANK default to mpirun's OMPI_COMM_WORLD_SIZE/RANK or
+      PMI_SIZE/RANK when present (mpirun -npernode 1 ...); for Slurm see finetune/slurm_finetune.sbatch
+  HOSTFILE=${HOSTFILE:-}  set: start all nodes from this one with 'deepspeed --hostfile HOSTFILE' (pdsh over
+      passwordless ssh; lines like 'node1 slots=8'); MASTER_ADDR should then name the first host
+USAGE_END
+    fi
+    cat << USAGE_END
+  USE_CPU=${USE_CPU:-}  1: train on CPU ranks over gloo in fp32 with DeepSpeed's CPU accelerator; the default
+      when no GPU is visible (nvidia-smi finds none, or CUDA_VISIBLE_DEVICES is empty)
+  PYTHON=$PYTHON  the interpreter with llmft's requirements
+USAGE_END
+}
+
+# Parses the launcher's own options into MODEL, DATA, OUTPUT_DIR, DS_CONFIG, DRY_RUN and PASSTHROUGH_ARGS.
+parse_launcher_args() {
+    MODEL=${MODEL:-}
+    DATA=${DATA:-}
+    DRY_RUN=0
+    PASSTHROUGH_ARGS=()
+    while (( $# )); do
+        case $1 in
+            -h | --help)
+                print_usage
+                exit 0 ;;
+            -m | --model | -d | --data | -o | --output | --deepspeed)
+                (( $# >= 2 )) || die_usage "option '$1' needs a value"
+                case $1 in
+                    -m | --model) MODEL=$2 ;;
+                    -d | --data) DATA=$2 ;;
+                    -o | --output) OUTPUT_DIR=$2 ;;
+                    --deepspeed) DS_CONFIG=$2 ;;
+                esac
+                shift 2 ;;
+            --model=* | --data=* | --output=* | --deepspeed=*)
+                set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+            -n | --dry-run)
+                DRY_RUN=1
+                shift ;;
+            --)
+                shift
+                PASSTHROUGH_ARGS=("$@")
+                break ;;
+            -*) die_usage "unknown option '$1' (finetune.py arguments go after '--')" ;;
+            *) die_usage "unexpected argument '$1' (finetune.py arguments go after '--')" ;;
+        esac
+    done
+    [[ -n $MODEL ]] || die_usage "no model given: pass -m MODEL (a local folder or a hub id)"
+    [[ -n $DATA ]] || die_usage "no training data given: pass -d DATA"
+    [[ -e $DATA ]] || die_usage "training data '$DATA' does not exist"
+    # A hub id also contains '/', so only a model written as a path ('/x', './x', '../x') must exist here.
+    if [[ $MODEL == /* || $MODEL == ./* || $MODEL == ../* ]] && [[ ! -e $MODEL ]]; then
+        die_usage "model folder '$MODEL' does not exist"
+    fi
+    if [[ -n $DS_CONFIG ]]; then
+        DS_CONFIG=$(resolve_ds_config "$DS_CONFIG")
+    fi
+}
+
+# Fills LAUNCH_CMD with the command this node runs.
+build_command() {
+    local -a finetune_args=(
+        --model_name_or_path "$MODEL"
+        --data_path "$DATA"
+        --output_dir "$OUTPUT_DIR"
+        "${SHARED_RECIPE[@]}"
+        "${RECIPE[@]}"
+        "${PRECISION_ARGS[@]}"
+    )
+    if [[ -n $DS_CONFIG ]]; then
+        finetune_args+=(--deepspeed "$DS_CONFIG")
+    fi
+    finetune_args+=("${PASSTHROUGH_ARGS[@]}")
+
+    if (( ! DISTRIBUTED )) && [[ -z $DS_CONFIG ]]; then
+        LAUNCH_CMD=("$PYTHON" "$LLMFT_ENTRY" "${finetune_args[@]}")
+    elif (( ! DISTRIBUTED )); then
+        # DeepSpeed wants a process group, even of one rank.
+        LAUNCH_CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1
+            "$LLMFT_ENTRY" "${finetune_args[@]}")
+    elif [[ -n ${HOSTFILE:-} ]]; then
+        [[ -f $HOSTFILE ]] || die_usage "HOSTFILE '$HOSTFILE' does not exist"
+        # pdsh: its ranks start with RANK/LOCAL_RANK/WORLD_SIZE set (so no --local_rank argument is needed).
+        # DeepSpeed's MPI and Slurm launchers set only MPI's variables, which transformers does not read: under MPI
+        # or Slurm, run one launcher per node instead (mpirun -npernode 1 ..., slurm_finetune.sbatch).
+        LAUNCH_CMD=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher pdsh --no_local_rank
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$LLMFT_ENTRY" "${finetune_args[@]}")
+    else
+        LAUNCH_CMD=("$PYTHON" -m torch.distributed.run
+            --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+            "$LLMFT_ENTRY" "${finetune_args[@]}")
+    fi
+}
+
+launcher_main() {
+    parse_launcher_args "$@"
+    detect_devices
+    if (( ! DISTRIBUTED )); then
+        GPUS_PER_NODE=1
+        if (( ! USE_CPU )); then
+            # Trainer wraps the model in nn.DataParallel when one process sees several GPUs: show it only the first.
+            local first=${CUDA_VISIBLE_DEVICES:-0}
+            export CUDA_VISIBLE_DEVICES=${first%%,*}
+        fi
+    fi
+    build_command
+    # The node's MPI rank is not a training rank: keep it from the ranks torchrun starts, which get their own.
+    unset OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_SIZE OMPI_COMM_WORLD_LOCAL_RANK OMPI_COMM_WORLD_LOCAL_SIZE PMI_RANK PMI_SIZE
+    local where="node $NODE_RANK of $NNODES, $GPUS_PER_NODE rank(s) per node"
+    if (( DISTRIBUTED )) && [[ -n ${HOSTFILE:-} ]]; then
+        where="nodes and ranks from $HOSTFILE"
+    fi
+    if (( USE_CPU )); then
+        where+=", on CPU in fp32 (gloo between ranks)"
+    fi
+    echo "[llmft] $where" >&2
+    printf '+' >&2
+    printf ' %q' "${LAUNCH_CMD[@]}" >&2
+    echo >&2
+    if (( DRY_RUN )); then
+        exit 0
+    fi
+    exec "${LAUNCH_CMD[@]}"
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+USAGE="\
+Usage: finetune/finetune_lora_ds.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
+LoRA fine-tuning on one or more nodes with DeepSpeed ZeRO: the base model stays frozen and only the adapter
+trains, with its gradients and optimizer state sharded over all ranks.
+
+Example:
+  finetune/finetune_lora_ds.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json -- --lora_r 16
+  finetune/finetune_lora_ds.sh -m Qwen/Qwen2.5-72B-Instruct -d examples/conversations.json --deepspeed zero3
+"
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+DISTRIBUTED=1
+DS_CONFIG=zero2
+OUTPUT_DIR=output_lora
+# finetune.py arguments of this recipe, on top of SHARED_RECIPE in common.sh (these win where both set one).
+RECIPE=(
+    --use_lora True
+    --model_max_length 2048
+    --per_device_train_batch_size 2
+    --gradient_accumulation_steps 8
+    --learning_rate 3e-4
+    --save_total_limit 3
+)
+launcher_main "$@"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+USAGE="\
+Usage: finetune/finetune_qlora_single_gpu.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
+Q-LoRA fine-tuning in one process on one GPU (the first in CUDA_VISIBLE_DEVICES): a LoRA adapter trains on a frozen
+base loaded in 4-bit NF4. No DeepSpeed unless --deepspeed is given.
+
+Example:
+  finetune/finetune_qlora_single_gpu.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json -o output_qlora
+"
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+DISTRIBUTED=0
+DS_CONFIG=""
+OUTPUT_DIR=output_qlora
+# finetune.py arguments of this recipe, on top of SHARED_RECIPE in common.sh (these win where both set one).
+RECIPE=(
+    --use_lora True
+    --q_lora True
+    --model_max_length 2048
+    --per_device_train_batch_size 2
+    --gradient_accumulation_steps 8
+    --learning_rate 3e-4
+    --save_total_limit 3
+)
+launcher_main "$@"

@@ -1,0 +1,206 @@
+"""tools/chat.py and llmft.inference: any result loads, replies stop at the end-of-turn token, the CLI works one-shot
+and interactively.
+
+A tiny model is fine-tuned here until it answers every prompt with ANSWER, so replies can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmft.chat_template import ENDOFTEXT, IM_END
+from llmft.data.formats import parse_record
+from llmft.data.render import render_conversation
+from llmft.inference import Reply, generate_reply, load_for_inference
+from tools.merge_lora import merge_lora
+
+REPO = Path(__file__).resolve().parent.parent
+ANSWER = "Hello world."
+PROMPTS = ["hi", "What is the capital of France?", "Please write a short poem about the sea.", "Yes. No. Maybe."]
+
+
+def answer_samples(tokenizer):
+    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ANSWER}]}
+               for p in PROMPTS]
+    return [render_conversation(parse_record(r), tokenizer) for r in records]
+
+
+def train(model, tokenizer, steps: int, lr: float) -> None:
+    """Full-batch AdamW on the answer samples, right-padded into one batch."""
+    samples = answer_samples(tokenizer)
+    width = max(len(s.input_ids) for s in samples)
+    pad = [width - len(s.input_ids) for s in samples]
+    input_ids = torch.tensor([s.input_ids + [tokenizer.pad_token_id] * n for s, n in zip(samples, pad)])
+    labels = torch.tensor([s.labels + [-100] * n for s, n in zip(samples, pad)])
+    attention_mask = torch.tensor([[1] * len(s.input_ids) + [0] * n for s, n in zip(samples, pad)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def answering_model(tiny_chat_model, tmp_path_factory) -> Path:
+    """A full fine-tune that answers ANSWER to anything. Its saved generation config stops only at <|endoftext|>,
+    so stopping at <|im_end|> must come from generate_reply itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    train(model, tokenizer, steps=30, lr=3e-3)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    path = tmp_path_factory.mktemp("chat") / "answering"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def answering_adapter(answering_model, tmp_path_factory) -> Path:
+    """A LoRA adapter (trained a little further on the same data) over the answering model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(answering_model)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(answering_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    train(model, tokenizer, steps=2, lr=1e-3)
+    path = tmp_path_factory.mktemp("chat") / "adapter"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def answering_merged(answering_adapter, tmp_path_factory) -> Path:
+    return merge_lora(answering_adapter, tmp_path_factory.mktemp("chat") / "merged").output_dir
+
+
+def run_chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/chat.py", *args], cwd=REPO, input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_reply_stops_at_end_of_turn(answering_model):
+    model, tokenizer = load_for_inference(answering_model)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+
+    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "tell me a joke"}], temperature=0,
+                           max_new_tokens=20)
+    assert reply == Reply(ANSWER, tokenizer(ANSWER, add_special_tokens=False)["input_ids"], finished=True)
+    assert im_end not in reply.token_ids and IM_END not in reply.text
+
+    # Without the explicit stop the saved config lets generation run on past <|im_end|>.
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "tell me a joke"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    raw = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    assert im_end in raw and raw.index(im_end) < len(raw) - 1
+
+
+def test_reply_cut_by_max_new_tokens(answering_model):
+    model, tokenizer = load_for_inference(answering_model)
+    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=2)
+    assert not reply.finished
+    assert reply.token_ids == tokenizer(ANSWER, add_special_tokens=False)["input_ids"][:2]
+
+
+def test_greedy_replies_are_identical(tiny_chat_model):
+    model, tokenizer = load_for_inference(tiny_chat_model)  # untrained: any sampling would show
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    replies = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        replies.append(generate_reply(model, tokenizer, messages, temperature=0, max_new_tokens=12))
+    assert replies[0] == replies[1] and len(replies[0].token_ids) > 0
+
+
+def test_loads_adapter_and_merged_folders(answering_adapter, answering_merged):
+    from peft import PeftModel
+
+    for path, kind in ((answering_adapter, PeftModel), (answering_merged, torch.nn.Module)):
+        model, tokenizer = load_for_inference(path)
+        assert isinstance(model, kind) and not model.training
+        assert tokenizer.chat_template
+        for prompt in ("hi", "How are you?"):
+            reply = generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], temperature=0,
+                                   max_new_tokens=20)
+            assert reply.text == ANSWER and reply.finished
+
+
+def test_one_shot_prompt_prints_only_the_reply(answering_adapter):
+    proc = run_chat("--model", str(answering_adapter), "--prompt", "Who are you?", "--temperature", "0",
+                    "--max_new_tokens", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ANSWER + "\n"
+
+
+def test_interactive_session_over_stdin(answering_merged):
+    proc = run_chat("--model", str(answering_merged), "--temperature", "0", "--max_new_tokens", "20",
+                    "--system", "You are terse.", stdin="hi\n/reset\nWhat is the capital of France?\n/exit\nnot read\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [ANSWER, ANSWER]
+    assert "conversation cleared" in proc.stderr
+
+
+def test_end_of_input_ends_the_session(answering_merged, monkeypatch, capsys):
+    from tools.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\n"))
+    main(["--model", str(answering_merged), "--temperature", "0", "--max_new_tokens", "20"])
+    assert capsys.readouterr().out == ANSWER + "\n"
+
+
+def test_history_and_reset(answering_model, monkeypatch):
+    import tools.chat as chat
+    from transformers import AutoTokenizer
+
+    seen = []
+
+    def fake_reply(model, tokenizer, messages, **sampling):
+        seen.append([m["content"] for m in messages])
+        return Reply(f"answer {len(seen)}", [], True)
+
+    monkeypatch.setattr(chat, "generate_reply", fake_reply)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n/reset\nthird\n/exit\nnever\n"))
+    chat.chat_loop(None, AutoTokenizer.from_pretrained(answering_model), system="sys", max_new_tokens=5)
+    assert seen == [
+        ["sys", "first"],
+        ["sys", "first", "answer 1", "second"],
+        ["sys", "third"],
+    ]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature -1.0"),
+    (["--top_p", "0"], "--top_p 0.0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0"),
+])
+def test_bad_sampling_flags_exit_2(flags, message, tmp_path, capsys):
+    from tools.chat import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_exits_2(tmp_path, capsys):
+    from tools.chat import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"])
+    assert exit_info.value.code == 2
+    assert "no such model folder" in capsys.readouterr().err

@@ -1,0 +1,469 @@
+"""The shell launchers in finetune/ and the DeepSpeed configs in ds_configs/.
+
+Fast tests check flags, errors and the command each launcher builds (`--dry-run`), the configs' keys, and that the
+launch itself hands ranks the right environment (a stub stands in for finetune.py). Slow tests train a tiny model
+through each launcher with 2 CPU ranks over gloo, as a GPU run would, and check what it saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import chat_record, write_records
+
+REPO = Path(__file__).resolve().parent.parent
+FINETUNE = REPO / "finetune"
+DS_CONFIGS = REPO / "ds_configs"
+LAUNCHERS = sorted(p.name for p in FINETUNE.glob("*.sh") if p.name != "common.sh")
+DISTRIBUTED_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_ds.sh")]
+SINGLE_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_single_gpu.sh")]
+CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
+
+# Settings that transformers' DeepSpeed integration fills from TrainingArguments; a number here instead of "auto"
+# would have to be kept equal to the flags by hand.
+AUTO_KEYS = [
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16.enabled",
+    "fp16.enabled",
+]
+OPTIMIZER_AUTO_KEYS = ["lr", "betas", "eps", "weight_decay"]
+
+# Where the stub entry point writes what each rank saw.
+STUB = """
+import json, os, sys
+keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES",
+        "OMPI_COMM_WORLD_RANK"]
+path = os.path.join(os.environ["STUB_OUT"], "rank%s.json" % os.environ.get("RANK", "none"))
+with open(path, "w") as f:
+    json.dump({"env": {k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:]}, f)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(**overrides) -> dict:
+    """The environment of a CPU run: no GPU visible, this interpreter, no multi-node variables leaking in."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NNODES", "NODE_RANK", "GPUS_PER_NODE", "NPROC_PER_NODE", "HOSTFILE",
+                        "MODEL", "DATA", "USE_CPU", "MASTER_ADDR", "LLMFT_ENTRY")
+           and not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, MASTER_PORT=str(free_port()),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_launcher(name, *args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FINETUNE / name), *map(str, args)], env=env or launcher_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def dry_run(name, *args, **env) -> list[str]:
+    """The command the launcher would run, as an argv list."""
+    result = run_launcher(name, "--dry-run", *args, env=launcher_env(**env))
+    assert result.returncode == 0, result.stderr
+    command = [line for line in result.stderr.splitlines() if line.startswith("+ ")]
+    assert len(command) == 1, result.stderr
+    return shlex.split(command[0][2:])
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    """The value argparse would keep for `flag`: its last occurrence."""
+    positions = [i for i, a in enumerate(argv) if a == flag]
+    assert positions, f"{flag} not in {argv}"
+    return argv[positions[-1] + 1]
+
+
+def entry_args(argv: list[str]) -> list[str]:
+    """The arguments after the entry script (finetune.py or a stand-in)."""
+    entry = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    return argv[entry + 1:]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_records(tmp_path / "train.json", [chat_record("Who are you?", "I am Pico.", id=f"r{i}")
+                                                   for i in range(16)])
+
+
+# --- flags and errors -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_usage_with_example_and_exits_0(name, flag):
+    result = run_launcher(name, flag)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: finetune/{name} ")
+    assert "Example:" in result.stdout and f"finetune/{name} -m " in result.stdout
+    for option in ("--model", "--data", "--output", "--deepspeed", "--dry-run", "USE_CPU"):
+        assert option in result.stdout, option
+
+
+def test_help_shows_the_recipe_it_runs(data_file):
+    """The recipe in --help is printed from the same arrays the command is built from."""
+    usage = run_launcher("finetune_lora_ds.sh", "--help").stdout
+    argv = entry_args(dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file))
+    for flag in ("--learning_rate", "--lr_scheduler_type", "--model_max_length", "--use_lora"):
+        assert f"{flag} {flag_value(argv, flag)}" in usage
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_unknown_option_fails_with_message(name, data_file):
+    result = run_launcher(name, "-m", "org/model", "-d", data_file, "--learning-rate", "1e-4")
+    assert result.returncode == 2
+    assert "unknown option '--learning-rate'" in result.stderr
+    assert "after '--'" in result.stderr
+
+
+def test_stray_argument_fails(data_file):
+    result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "extra")
+    assert result.returncode == 2
+    assert "unexpected argument 'extra'" in result.stderr
+
+
+def test_option_without_value_fails(data_file):
+    result = run_launcher("finetune_lora_ds.sh", "-d", data_file, "-m")
+    assert result.returncode == 2
+    assert "option '-m' needs a value" in result.stderr
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_missing_data_fails_before_launching(name, tmp_path):
+    """Neither an absent -d nor a path that does not exist gets as far as starting Python."""
+    marker = tmp_path / "launched"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake_python.chmod(0o755)
+    env = launcher_env(PYTHON=fake_python)
+
+    result = run_launcher(name, "-m", "org/model", env=env)
+    assert result.returncode == 2
+    assert "no training data given: pass -d DATA" in result.stderr
+
+    result = run_launcher(name, "-m", "org/model", "-d", tmp_path / "nope.json", env=env)
+    assert result.returncode == 2
+    assert f"training data '{tmp_path / 'nope.json'}' does not exist" in result.stderr
+    assert not marker.exists()
+
+
+def test_missing_model_fails(data_file, tmp_path):
+    result = run_launcher("finetune_ds.sh", "-d", data_file)
+    assert result.returncode == 2 and "no model given" in result.stderr
+    result = run_launcher("finetune_ds.sh", "-d", data_file, "-m", tmp_path / "no-such-model")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_unknown_deepspeed_config_lists_the_shipped_ones(data_file):
+    result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "--deepspeed", "zero9")
+    assert result.returncode == 2
+    assert "DeepSpeed config 'zero9' not found" in result.stderr
+    for config in CONFIGS:
+        assert config.removesuffix(".json") in result.stderr
+
+
+def test_model_and_data_from_environment(data_file):
+    argv = entry_args(dry_run("finetune_lora_single_gpu.sh", MODEL="org/model", DATA=data_file))
+    assert flag_value(argv, "--model_name_or_path") == "org/model"
+    assert flag_value(argv, "--data_path") == str(data_file)
+
+
+# --- the command built ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, stage", [("finetune_ds.sh", 3), ("finetune_lora_ds.sh", 2), ("finetune_qlora_ds.sh", 2)])
+def test_distributed_launchers_default_to_their_zero_stage(name, stage, data_file):
+    argv = dry_run(name, "-m", "org/model", "-d", data_file)
+    config = json.loads(Path(flag_value(argv, "--deepspeed")).read_text())
+    assert config["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("name", SINGLE_LAUNCHERS)
+def test_single_gpu_launchers_run_one_plain_process(name, data_file):
+    argv = dry_run(name, "-m", "org/model", "-d", data_file)
+    assert argv[0] == sys.executable and argv[1].endswith("finetune.py")
+    assert "--deepspeed" not in argv
+    # asked for DeepSpeed, one rank still needs a process group
+    argv = dry_run(name, "-m", "org/model", "-d", data_file, "--deepspeed", "zero2_offload")
+    assert argv[1:3] == ["-m", "torch.distributed.run"] and flag_value(argv, "--nproc_per_node") == "1"
+    assert flag_value(argv, "--deepspeed") == str(DS_CONFIGS / "zero2_offload.json")
+
+
+@pytest.mark.parametrize("name, lr, lora, q_lora", [
+    ("finetune_ds.sh", "1e-5", False, False),
+    ("finetune_lora_ds.sh", "3e-4", True, False),
+    ("finetune_lora_single_gpu.sh", "3e-4", True, False),
+    ("finetune_qlora_ds.sh", "3e-4", True, True),
+    ("finetune_qlora_single_gpu.sh", "3e-4", True, True),
+])
+def test_recipe_per_mode(name, lr, lora, q_lora, data_file):
+    argv = entry_args(dry_run(name, "-m", "org/model", "-d", data_file))
+    assert flag_value(argv, "--learning_rate") == lr
+    assert ("--use_lora" in argv) == lora and ("--q_lora" in argv) == q_lora
+    assert flag_value(argv, "--lr_scheduler_type") == "cosine"
+    assert flag_value(argv, "--warmup_steps") == "0.01"
+    assert flag_value(argv, "--weight_decay") == "0.1"
+    assert flag_value(argv, "--adam_beta2") == "0.95"
+    assert flag_value(argv, "--activation_checkpointing") == "True"
+    assert flag_value(argv, "--save_strategy") == "steps"
+
+
+def test_arguments_after_double_dash_pass_through_last_and_verbatim(data_file, tmp_path):
+    argv = entry_args(dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", tmp_path / "out",
+                              "--deepspeed", "zero3", "--", "--learning_rate", "1e-4", "--run_name", "a b",
+                              "--unknown_to_the_launcher", "x"))
+    assert argv[-6:] == ["--learning_rate", "1e-4", "--run_name", "a b", "--unknown_to_the_launcher", "x"]
+    assert flag_value(argv, "--learning_rate") == "1e-4"  # the recipe's 3e-4 comes earlier: argparse keeps the last
+    assert flag_value(argv, "--output_dir") == str(tmp_path / "out")
+    assert flag_value(argv, "--deepspeed") == str(DS_CONFIGS / "zero3.json")
+
+
+def test_deepspeed_config_by_path_and_equals_form(data_file):
+    path = DS_CONFIGS / "zero3_offload.json"
+    argv = dry_run("finetune_ds.sh", "--model=org/model", f"--data={data_file}", f"--deepspeed={path}")
+    assert flag_value(argv, "--deepspeed") == str(path)
+
+
+def test_cpu_mode_without_gpu(data_file):
+    argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, GPUS_PER_NODE=2)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert flag_value(argv, "--nproc_per_node") == "2"
+    assert flag_value(argv, "--use_cpu") == "True"
+    assert flag_value(argv, "--bf16") == "False" and flag_value(argv, "--fp16") == "False"
+    # one CPU rank unless asked; NPROC_PER_NODE is the other name for the count
+    assert flag_value(dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file), "--nproc_per_node") == "1"
+    argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, NPROC_PER_NODE=3)
+    assert flag_value(argv, "--nproc_per_node") == "3"
+
+
+def test_multi_node_settings_from_environment(data_file):
+    argv = dry_run("finetune_ds.sh", "-m", "org/model", "-d", data_file,
+                   GPUS_PER_NODE=4, NNODES=3, NODE_RANK=2, MASTER_ADDR="node7", MASTER_PORT=6123)
+    assert [flag_value(argv, f) for f in ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",
+                                          "--master_port")] == ["4", "3", "2", "node7", "6123"]
+
+
+@pytest.mark.parametrize("size_var, rank_var", [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                                                ("PMI_SIZE", "PMI_RANK")])
+def test_node_rank_from_mpi_environment(size_var, rank_var, data_file):
+    argv = dry_run("finetune_ds.sh", "-m", "org/model", "-d", data_file, **{size_var: 4, rank_var: 3})
+    assert flag_value(argv, "--nnodes") == "4" and flag_value(argv, "--node_rank") == "3"
+
+
+def test_hostfile_uses_deepspeed_launcher(data_file, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, HOSTFILE=hostfile, MASTER_ADDR="node1")
+    assert argv[1:3] == ["-m", "deepspeed.launcher.runner"]
+    # pdsh: its ranks get RANK/LOCAL_RANK/WORLD_SIZE, which transformers needs (DeepSpeed's MPI launchers don't set them)
+    assert flag_value(argv, "--hostfile") == str(hostfile) and flag_value(argv, "--launcher") == "pdsh"
+    assert flag_value(argv, "--master_addr") == "node1"
+    assert "--no_local_rank" in argv
+
+
+def test_bad_gpus_per_node_fails(data_file):
+    result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "-n",
+                          env=launcher_env(GPUS_PER_NODE="two"))
+    assert result.returncode == 2 and "GPUS_PER_NODE must be a positive integer" in result.stderr
+
+
+# --- the launch: ranks and their environment (a stub stands in for finetune.py) ----------------------------------
+
+@pytest.fixture
+def stub_entry(tmp_path) -> Path:
+    path = tmp_path / "stub_entry.py"
+    path.write_text(STUB)
+    (tmp_path / "ranks").mkdir()
+    return path
+
+
+def read_ranks(folder: Path) -> dict[int, dict]:
+    return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
+
+
+def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
+    env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=2)
+    result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "--", "--seed", "7", env=env)
+    assert result.returncode == 0, result.stderr
+    ranks = read_ranks(stub_entry.parent / "ranks")
+    assert sorted(ranks) == [0, 1]
+    for rank, seen in ranks.items():
+        assert seen["env"]["WORLD_SIZE"] == "2" and seen["env"]["LOCAL_RANK"] == str(rank)
+        assert seen["env"]["DS_ACCELERATOR"] == "cpu" and seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
+        assert seen["argv"][-2:] == ["--seed", "7"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
+def test_mpirun_starts_one_launcher_per_node(stub_entry, data_file):
+    """Two 'nodes' on this machine under mpirun: each launcher takes its node rank from Open MPI."""
+    env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=1)
+    exports = [arg for name in ("LLMFT_ENTRY", "STUB_OUT", "GPUS_PER_NODE", "MASTER_PORT", "PYTHON",
+                                "CUDA_VISIBLE_DEVICES") for arg in ("-x", name)]
+    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *exports,
+               str(FINETUNE / "finetune_lora_ds.sh"), "-m", "org/model", "-d", str(data_file)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = read_ranks(stub_entry.parent / "ranks")
+    assert sorted(ranks) == [0, 1]
+    assert all(seen["env"]["WORLD_SIZE"] == "2" and seen["env"]["LOCAL_RANK"] == "0" for seen in ranks.values())
+    assert all(seen["env"]["OMPI_COMM_WORLD_RANK"] is None for seen in ranks.values())
+
+
+def slurm_nodes() -> int:
+    """Idle nodes of a reachable Slurm cluster; 0 without one."""
+    if shutil.which("sbatch") is None:
+        return 0
+    result = subprocess.run(["sinfo", "-h", "-t", "idle", "-o", "%D"], capture_output=True, text=True)
+    return sum(int(n) for n in result.stdout.split()) if result.returncode == 0 else 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(slurm_nodes() == 0, reason="needs a Slurm cluster with an idle node")
+def test_slurm_batch_script_starts_one_launcher_per_node(stub_entry, data_file, tmp_path):
+    nodes = min(2, slurm_nodes())
+    # MASTER_ADDR is given because test clusters may run several slurmd on one host under names DNS doesn't know
+    env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=1,
+                       MASTER_ADDR="127.0.0.1")
+    command = ["sbatch", "--wait", "--nodes", str(nodes), "--gpus-per-node=0", "--cpus-per-task=1",
+               "--output", str(tmp_path / "slurm-%j.out"), str(FINETUNE / "slurm_finetune.sbatch"),
+               str(FINETUNE / "finetune_lora_ds.sh"), "-m", "org/model", "-d", str(data_file)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert result.returncode == 0, result.stderr + log
+    ranks = read_ranks(stub_entry.parent / "ranks")
+    assert sorted(ranks) == list(range(nodes))
+    assert all(seen["env"]["WORLD_SIZE"] == str(nodes) for seen in ranks.values())
+    assert sorted(f"node {r} of {nodes}" in log for r in range(nodes)) == [True] * nodes
+
+
+# --- DeepSpeed configs ------------------------------------------------------------------------------------------
+
+def get_key(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_leaves_trainer_settings_to_training_arguments(name):
+    config = json.loads((DS_CONFIGS / name).read_text())
+    for key in AUTO_KEYS:
+        assert get_key(config, key) == "auto", key
+    if "optimizer" in config:
+        assert all(config["optimizer"]["params"][k] == "auto" for k in OPTIMIZER_AUTO_KEYS)
+    # a "scheduler" block would silently replace --lr_scheduler_type and the warmup flags
+    assert "scheduler" not in config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_stage_and_offload(name):
+    zero = json.loads((DS_CONFIGS / name).read_text())["zero_optimization"]
+    stage = int(name[len("zero")])
+    assert zero["stage"] == stage
+    if stage == 3:
+        # otherwise save_model writes empty, still-partitioned tensors
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    offloaded = {key: zero[key] for key in ("offload_optimizer", "offload_param") if key in zero}
+    if "offload" not in name:
+        assert offloaded == {}
+    else:
+        expected = ["offload_optimizer", "offload_param"] if stage == 3 else ["offload_optimizer"]
+        assert sorted(offloaded) == expected
+        assert all(o == {"device": "cpu", "pin_memory": True} for o in offloaded.values())
+        # ZeRO-Offload needs DeepSpeed's own CPU Adam: a Trainer-made optimizer is refused with offload
+        assert json.loads((DS_CONFIGS / name).read_text())["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_complete_once_trainer_fills_it(name):
+    """transformers fills every "auto" from TrainingArguments and the model, and DeepSpeed accepts the result."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    hf_config = HfTrainerDeepSpeedConfig(str(DS_CONFIGS / name))
+    args = types.SimpleNamespace(
+        world_size=2, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=1.0,
+        learning_rate=3e-4, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.1,
+        save_on_each_node=False, fp16=False, fp16_full_eval=False, bf16=True, bf16_full_eval=False,
+        get_warmup_steps=lambda total: 1)
+    hf_config.trainer_config_process(args)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64))
+    hf_config.trainer_config_finalize(args, model, num_training_steps=10)
+    config = hf_config.config
+    assert '"auto"' not in json.dumps(config)
+    assert config["train_batch_size"] == 2 * 2 * 4 and config["bf16"]["enabled"] is True
+    DeepSpeedZeroConfig(**config["zero_optimization"])  # rejects misspelled or unknown keys
+
+
+# --- end to end: a tiny model trained through each launcher on 2 CPU ranks ---------------------------------------
+
+E2E_CASES = [
+    # launcher, --deepspeed, what it saves
+    ("finetune_ds.sh", "zero3", "full"),
+    ("finetune_ds.sh", "zero2", "full"),
+    ("finetune_lora_ds.sh", "zero2", "lora"),
+    ("finetune_lora_ds.sh", "zero3", "lora"),
+    ("finetune_lora_ds.sh", "zero3_offload", "lora"),
+    ("finetune_qlora_ds.sh", "zero2", "lora"),
+    ("finetune_lora_single_gpu.sh", None, "lora"),
+    ("finetune_qlora_single_gpu.sh", None, "lora"),
+]
+
+TINY_RUN = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--model_max_length", "128", "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1",
+            "--save_strategy", "no", "--seed", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, config, saves", E2E_CASES)
+def test_launcher_trains_tiny_model_on_cpu_ranks(name, config, saves, tiny_chat_model, data_file, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    args = ["-m", tiny_chat_model, "-d", data_file, "-o", out]
+    if config:
+        args += ["--deepspeed", config]
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache")
+    result = run_launcher(name, *args, "--", *TINY_RUN, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+
+    base = load_file(str(tiny_chat_model / "model.safetensors"))
+    if saves == "full":
+        from transformers import AutoModelForCausalLM
+
+        trained = load_file(str(out / "model.safetensors"))
+        # ZeRO-2's save may also write a tied output head, as a copy of the embeddings
+        extra = set(trained) - set(base)
+        assert extra <= {"lm_head.weight"}, extra
+        if extra:
+            assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])
+        assert all(trained[k].shape == v.shape for k, v in base.items())
+        unchanged = [k for k in base if torch.equal(base[k].float(), trained[k].float())]
+        assert not unchanged, unchanged
+        AutoModelForCausalLM.from_pretrained(out)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        adapter = load_file(str(out / "adapter_model.safetensors"))
+        layers = sum(1 for k in base if k.endswith("self_attn.q_proj.weight"))
+        assert len(adapter) == 2 * 7 * layers  # lora_A and lora_B on 7 projections per layer
+        assert all(t.numel() > 0 for t in adapter.values())  # ZeRO-3 gathered them
+        assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # and they trained
+        AutoPeftModelForCausalLM.from_pretrained(out)

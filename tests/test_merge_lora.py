@@ -1,0 +1,288 @@
+"""tools/merge_lora.py: adapters (LoRA, added tokens with modules_to_save, Q-LoRA, GPTQ base) merge into a standalone
+model whose logits match the unmerged adapter, written safely.
+
+Adapters are made here with PEFT directly (a few optimizer steps on rendered conversations), not with finetune.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from llmft.chat_template import CHATML_TEMPLATE, IM_END, IM_START
+from llmft.data.formats import parse_record
+from llmft.data.render import render_conversation
+from llmft.errors import LlmftError
+from tools.make_tiny_model import make_tiny_model
+from tools.merge_lora import merge_lora
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONVERSATIONS = [
+    [("What is the capital of France?", "The capital of France is Paris.")],
+    [("Please write a short poem about the sea.", "The waves rise, the wind sings, and the gulls fly home."),
+     ("Thank you!", "You're welcome!")],
+]
+
+
+def rendered(tokenizer):
+    records = [{"messages": [m for user, answer in turns for m in (
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer})]} for turns in CONVERSATIONS]
+    return [render_conversation(parse_record(r), tokenizer) for r in records]
+
+
+def train_steps(model, tokenizer, steps: int = 4, lr: float = 1e-2) -> None:
+    """A few AdamW steps on the rendered conversations: enough to move every trainable tensor away from its init."""
+    samples = rendered(tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        for s in samples:
+            model(input_ids=torch.tensor([s.input_ids]), labels=torch.tensor([s.labels])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def save_adapter(peft_model, tokenizer, path: Path) -> Path:
+    peft_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def lora_config(**kwargs):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **kwargs)
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tiny_chat_model, tmp_path_factory) -> Path:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model), lora_config())
+    train_steps(model, tokenizer)
+    return save_adapter(model, tokenizer, tmp_path_factory.mktemp("adapters") / "lora")
+
+
+@pytest.fixture(scope="session")
+def merged(lora_adapter, tmp_path_factory):
+    return merge_lora(lora_adapter, tmp_path_factory.mktemp("merged") / "model", max_shard_size="500KB")
+
+
+@pytest.fixture(scope="session")
+def added_tokens_adapter(tmp_path_factory) -> Path:
+    """As training does for a base model without ChatML: tokens added past the embedding rows, rows grown to a
+    multiple of 64, embeddings (tied to the head) trained in full as modules_to_save next to the LoRA."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # 1023 BPE tokens + <|endoftext|> fill exactly 1024 rows, so the two ChatML tokens need new ones.
+    base = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-base-1024", chat=False, bpe_vocab_size=1023)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([IM_START, IM_END], special_tokens=True)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = IM_END
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.get_input_embeddings().weight.shape[0] < len(tokenizer)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    config = lora_config(modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=True)
+    model = get_peft_model(model, config)
+    train_steps(model, tokenizer)
+    return save_adapter(model, tokenizer, tmp_path_factory.mktemp("adapters") / "added-tokens")
+
+
+def logits_of(model, ids) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def unmerged(adapter: Path, base: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+
+
+def test_adapter_fixture_is_trained(lora_adapter):
+    with safe_open(lora_adapter / "adapter_model.safetensors", framework="pt") as f:
+        lora_b = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
+    assert lora_b and all(t.abs().max() > 0 for t in lora_b)
+
+
+def test_merged_logits_match_unmerged_adapter(merged, lora_adapter, tiny_chat_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert merged.max_abs_diff < 1e-4
+    assert merged.argmax_agreement == 1.0
+    assert merged.num_tokens > 20
+    assert merged.base == str(tiny_chat_model)
+
+    # Checked again here with plain transformers + PEFT, on a conversation the tool did not use.
+    tokenizer = AutoTokenizer.from_pretrained(merged.output_dir)
+    ids = rendered(tokenizer)[1].input_ids
+    merged_model = AutoModelForCausalLM.from_pretrained(merged.output_dir).eval()
+    reference = unmerged(lora_adapter, tiny_chat_model)
+    assert (logits_of(merged_model, ids) - logits_of(reference, ids)).abs().max() < 1e-4
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
+    assert (logits_of(merged_model, ids) - logits_of(base, ids)).abs().max() > 1e-3  # the delta is in there
+
+
+def test_merged_folder_is_a_standalone_model(merged, lora_adapter):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out = merged.output_dir
+    assert not (out / "adapter_config.json").exists()
+    assert (out / "model.safetensors.index.json").is_file()  # 500KB shards of a 1.7 MB model
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert (out / "chat_template.jinja").read_text() == (lora_adapter / "chat_template.jinja").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    assert GenerationConfig.from_pretrained(out).eos_token_id[0] == im_end
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not list(out.parent.glob(".*"))  # no staging folder left beside it
+
+
+def test_added_tokens_and_modules_to_save_merge(added_tokens_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = merge_lora(added_tokens_adapter, tmp_path / "merged")
+    assert result.max_abs_diff < 1e-4 and result.argmax_agreement == 1.0
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert len(tokenizer) == 1026
+    assert model.config.vocab_size == model.get_input_embeddings().weight.shape[0] == 1088
+    # The ChatML rows are the trained ones from the adapter, not the base's (which had no such rows).
+    with safe_open(added_tokens_adapter / "adapter_model.safetensors", framework="pt") as f:
+        key = next(k for k in f.keys() if "embed_tokens" in k and "modules_to_save" in k)
+        trained = f.get_tensor(key)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    assert torch.equal(model.get_input_embeddings().weight[im_end], trained[im_end])
+    assert torch.equal(model.get_output_embeddings().weight[im_end], trained[im_end])
+
+
+def test_refuses_non_empty_output_without_force(lora_adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LlmftError, match="not empty.*--force"):
+        merge_lora(lora_adapter, out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+    merge_lora(lora_adapter, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatch):
+    import tools.merge_lora as tool
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "compare_logits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_lora(lora_adapter, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a partial folder
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        merge_lora(lora_adapter, tmp_path / "old", force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (tmp_path / "old" / "config.json").read_text() == "{}"
+
+
+def test_cli_without_adapter_config_exits_2(tmp_path):
+    (tmp_path / "not-an-adapter").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "tools/merge_lora.py", "--adapter", str(tmp_path / "not-an-adapter"),
+         "--output", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "adapter_config.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def copy_adapter_with_base(adapter: Path, base: str, dest: Path) -> Path:
+    shutil.copytree(adapter, dest)
+    config = json.loads((dest / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_missing_base_is_reported(lora_adapter, tmp_path):
+    adapter = copy_adapter_with_base(lora_adapter, str(tmp_path / "gone"), tmp_path / "adapter")
+    with pytest.raises(LlmftError, match="base model recorded in .*no such model folder"):
+        merge_lora(adapter, tmp_path / "out")
+    with pytest.raises(LlmftError, match="--base .*no such model folder"):
+        merge_lora(lora_adapter, tmp_path / "out", base=str(tmp_path / "gone"))
+
+
+def fake_gptq_checkpoint(model: Path, dest: Path, **config_changes) -> Path:
+    """A folder whose config.json says GPTQ: all merge_lora reads before refusing it."""
+    dest.mkdir()
+    config = json.loads((model / "config.json").read_text())
+    config.update(config_changes, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_adapter_on_gptq_base_needs_unquantized_base(lora_adapter, tiny_chat_model, tmp_path):
+    gptq = fake_gptq_checkpoint(tiny_chat_model, tmp_path / "gptq")
+    adapter = copy_adapter_with_base(lora_adapter, str(gptq), tmp_path / "adapter")
+    with pytest.raises(LlmftError, match="GPTQ-quantized checkpoint.*--base"):
+        merge_lora(adapter, tmp_path / "out")
+    with pytest.raises(LlmftError, match="is itself quantized"):
+        merge_lora(adapter, tmp_path / "out", base=str(gptq))
+    other = fake_gptq_checkpoint(tiny_chat_model, tmp_path / "other", hidden_size=256)
+    (other / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()),
+                                                   "quantization_config": None}))
+    with pytest.raises(LlmftError, match="not the architecture.*hidden_size"):
+        merge_lora(adapter, tmp_path / "out", base=str(other))
+
+    result = merge_lora(adapter, tmp_path / "out", base=str(tiny_chat_model))
+    assert result.base == str(tiny_chat_model) and result.max_abs_diff < 1e-4
+
+
+def test_qlora_adapter_merges_into_the_unquantized_base(tiny_chat_model, tmp_path):
+    """Q-LoRA on CPU (bitsandbytes NF4), then the merge into the float32 weights the adapter records."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, quantization_config=quantization,
+                                                 device_map={"": "cpu"})
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), lora_config())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    train_steps(model, tokenizer)
+    adapter = save_adapter(model, tokenizer, tmp_path / "qlora")
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_chat_model)
+
+    result = merge_lora(adapter, tmp_path / "merged")
+    assert result.max_abs_diff < 1e-4 and result.argmax_agreement == 1.0
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged_model.dtype == torch.float32
+    assert not hasattr(merged_model.config, "quantization_config")
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(merged_model.state_dict()[up], base.state_dict()[up])
