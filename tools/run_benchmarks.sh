@@ -27,6 +27,19 @@ case $suite in
     bench2 lora-zero2-2gpu "${train[@]}" --use_lora True --deepspeed ds_configs/zero2.json
     bench full-zero3-1gpu "${train[@]}" --deepspeed ds_configs/zero3.json
     bench2 full-zero3-2gpu "${train[@]}" --deepspeed ds_configs/zero3.json
+    # the outputs of the 2-GPU runs load with plain transformers / PEFT and generate
+    python3 - "$work" <<'PY' 2>&1 | grep -E "^LOAD|Error"
+import sys, torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+for name, cls in (("out-lora-zero2-2gpu", AutoPeftModelForCausalLM), ("out-full-zero3-2gpu", AutoModelForCausalLM)):
+    path = f"{sys.argv[1]}/{name}"
+    model = cls.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")["input_ids"].cuda()
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    print("LOAD", name, type(model).__name__, "params", sum(p.numel() for p in model.parameters()), "generated", out.shape[1] - ids.shape[1])
+PY
     ;;
   *) echo "unknown suite $suite" >&2; exit 2 ;;
 esac
