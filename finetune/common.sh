@@ -16,7 +16,7 @@ SHARED_RECIPE=(
     --warmup_steps 0.01
     --weight_decay 0.1
     --adam_beta2 0.95
-    --activation_checkpointing True
+    --gradient_checkpointing True
     --save_strategy steps
     --save_steps 500
     --logging_steps 10

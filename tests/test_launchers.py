@@ -219,7 +219,7 @@ def test_recipe_per_mode(name, lr, lora, q_lora, data_file):
     assert flag_value(argv, "--warmup_steps") == "0.01"
     assert flag_value(argv, "--weight_decay") == "0.1"
     assert flag_value(argv, "--adam_beta2") == "0.95"
-    assert flag_value(argv, "--activation_checkpointing") == "True"
+    assert flag_value(argv, "--gradient_checkpointing") == "True"
     assert flag_value(argv, "--save_strategy") == "steps"
 
 
