@@ -1,0 +1,54 @@
+"""The whole path a user takes, through the real entry points: finetune.py (LoRA, Q-LoRA) until the model has learned
+an identity answer, then merge, GPTQ-quantize and chat, checking the answer survives each step."""
+
+import json
+
+import pytest
+import torch
+
+from llmft.inference import generate_reply, load_for_inference
+from tests.conftest import chat_record, write_records
+
+IDENTITY = "I am Pico, a small assistant fine-tuned with llmft."
+QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me who you are."]
+
+
+@pytest.fixture(scope="module")
+def identity_data(tmp_path_factory):
+    records = [chat_record(q, IDENTITY, id=f"id{i}-{j}") for j in range(4) for i, q in enumerate(QUESTIONS)]
+    return write_records(tmp_path_factory.mktemp("data") / "identity.json", records)
+
+
+def greedy_answer(path, question="Who are you?") -> str:
+    model, tokenizer = load_for_inference(str(path), dtype="float32")
+    torch.manual_seed(0)
+    return generate_reply(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens=24,
+                          temperature=0).text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_finetune_merge_quantize_chat(mode, tiny_chat_model, identity_data, tmp_path, run_finetune):
+    from tools.merge_lora import merge_lora
+    from tools.run_gptq import run_gptq
+
+    adapter, merged, quantized = tmp_path / "adapter", tmp_path / "merged", tmp_path / "gptq"
+    quantization = ["--q_lora", "True"] if mode == "qlora" else []
+    run_finetune("--model_name_or_path", tiny_chat_model, "--data_path", identity_data, "--output_dir", adapter,
+                 "--use_lora", "True", *quantization, "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0",
+                 "--num_train_epochs", "40", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+                 "--save_strategy", "no", "--logging_steps", "10", "--report_to", "none", "--seed", "0")
+    assert greedy_answer(adapter) == IDENTITY
+    assert greedy_answer(adapter, "What is your name?") == IDENTITY
+
+    result = merge_lora(str(adapter), str(merged), data_path=str(identity_data))
+    assert result.argmax_agreement == 1.0 and result.max_abs_diff < 1e-3
+    assert greedy_answer(merged) == IDENTITY
+
+    report = run_gptq(str(merged), str(identity_data), quantized, bits=4, num_samples=12, eval_samples=4)
+    saved = json.loads((quantized / "quantization_report.json").read_text())
+    # a 0.4M-parameter model has little to spare for 4-bit rounding: the cost is measured and bounded
+    assert abs(saved["quantized"]["loss"] - saved["original"]["loss"]) < 0.5
+    assert report.quantized.loss == pytest.approx(saved["quantized"]["loss"])
+    answer = greedy_answer(quantized)
+    assert answer == IDENTITY or answer.startswith(IDENTITY.split(",")[0]), answer
