@@ -227,3 +227,12 @@ def test_lora_on_gptq_base(tiny_gptq_model, repeated_data, tmp_path, run_finetun
         base_logits = reloaded(**sample_inputs(tokenizer)).logits
         trained_logits = trainer.model(**sample_inputs(tokenizer)).logits
     assert (base_logits - trained_logits).abs().max() > 0.2
+
+
+def test_evaluation_on_eval_data(tiny_chat_model, repeated_data, tmp_path, run_finetune):
+    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "eval", "--use_lora", "True",
+                                        "--eval_data_path", "examples/conversations.json", "--eval_strategy", "steps",
+                                        "--eval_steps", "2", "--per_device_eval_batch_size", "4", steps=4))
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert all(entry["eval_loss"] > 0 for entry in evaluations)
