@@ -33,6 +33,9 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6001}
 PYTHON=${PYTHON:-python}
 LLMFT_ENTRY=${LLMFT_ENTRY:-$LLMFT_ROOT/finetune.py}
+# Ranks start through llmft.launch: torchrun, but a user error on the ranks ends in their message and exit status 2,
+# not in torchrun's traceback.
+export PYTHONPATH="$LLMFT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 die_usage() {
     echo "$(basename "$0"): error: $*" >&2
@@ -220,7 +223,7 @@ build_command() {
         LAUNCH_CMD=("$PYTHON" "$LLMFT_ENTRY" "${finetune_args[@]}")
     elif (( ! DISTRIBUTED )); then
         # DeepSpeed wants a process group, even of one rank.
-        LAUNCH_CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1
+        LAUNCH_CMD=("$PYTHON" -m llmft.launch --standalone --nproc_per_node 1
             "$LLMFT_ENTRY" "${finetune_args[@]}")
     elif [[ -n ${HOSTFILE:-} ]]; then
         [[ -f $HOSTFILE ]] || die_usage "HOSTFILE '$HOSTFILE' does not exist"
@@ -230,7 +233,7 @@ build_command() {
         LAUNCH_CMD=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher pdsh --no_local_rank
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$LLMFT_ENTRY" "${finetune_args[@]}")
     else
-        LAUNCH_CMD=("$PYTHON" -m torch.distributed.run
+        LAUNCH_CMD=("$PYTHON" -m llmft.launch
             --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
             "$LLMFT_ENTRY" "${finetune_args[@]}")

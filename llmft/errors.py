@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import sys
 
+EXIT_USER_ERROR = 2  # the exit status of a run stopped by a user error (argparse's, too)
+
 
 class LlmftError(Exception):
     """A problem the user can fix; the message says what and where."""
@@ -37,6 +39,6 @@ def exit_on_user_error(main):
             return main(*args, **kwargs)
         except LlmftError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USER_ERROR)
 
     return wrapper

@@ -200,7 +200,7 @@ def test_single_gpu_launchers_run_one_plain_process(name, data_file):
     assert "--deepspeed" not in argv
     # asked for DeepSpeed, one rank still needs a process group
     argv = dry_run(name, "-m", "org/model", "-d", data_file, "--deepspeed", "zero2_offload")
-    assert argv[1:3] == ["-m", "torch.distributed.run"] and flag_value(argv, "--nproc_per_node") == "1"
+    assert argv[1:3] == ["-m", "llmft.launch"] and flag_value(argv, "--nproc_per_node") == "1"
     assert flag_value(argv, "--deepspeed") == str(DS_CONFIGS / "zero2_offload.json")
 
 
@@ -241,7 +241,7 @@ def test_deepspeed_config_by_path_and_equals_form(data_file):
 
 def test_cpu_mode_without_gpu(data_file):
     argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, GPUS_PER_NODE=2)
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[:3] == [sys.executable, "-m", "llmft.launch"]
     assert flag_value(argv, "--nproc_per_node") == "2"
     assert flag_value(argv, "--use_cpu") == "True"
     assert flag_value(argv, "--bf16") == "False" and flag_value(argv, "--fp16") == "False"
@@ -306,6 +306,21 @@ def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
         assert seen["env"]["WORLD_SIZE"] == "2" and seen["env"]["LOCAL_RANK"] == str(rank)
         assert seen["env"]["DS_ACCELERATOR"] == "cpu" and seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
         assert seen["argv"][-2:] == ["--seed", "7"]
+
+
+@pytest.mark.parametrize("failure, status, traceback", [
+    ("raise SystemExit(2)", 2, False),  # finetune.py's exit on a user error: its message is all the user needs
+    ("raise RuntimeError('a bug')", 1, True),  # anything else keeps torchrun's report and the rank's traceback
+])
+def test_rank_failures_user_error_is_quiet_bug_is_reported(failure, status, traceback, tmp_path, data_file):
+    entry = tmp_path / "failing_entry.py"
+    entry.write_text(f"import sys\nprint('error: the message', file=sys.stderr)\n{failure}\n")
+    env = launcher_env(LLMFT_ENTRY=entry, GPUS_PER_NODE=2)
+    result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, env=env)
+    assert result.returncode == status, result.stderr
+    assert result.stderr.count("error: the message") == 2
+    assert ("Traceback" in result.stderr) == traceback
+    assert ("llmft: stopped, rank" in result.stderr) != traceback
 
 
 @pytest.mark.slow

@@ -1,0 +1,214 @@
+"""Distributed runs through the launchers, on CPU ranks over gloo: what a user gets on several GPUs or nodes.
+
+- Equivalence: 2 ranks with per-device batch 1 follow the same loss and gradient-norm trajectory as 1 rank with
+  batch 2 on the same data and seed, and end with the same weights (ZeRO-2 LoRA and ZeRO-3 full). So do two nodes
+  simulated on this machine (two launcher processes, NNODES=2, NODE_RANK=0/1) and two nodes started by mpirun.
+- The combinations of the "Distributed training" table in the README that test_launchers.py does not run: Q-LoRA
+  with ZeRO-3 (4-bit weights stored in the compute dtype), full fine-tuning with ZeRO-2 + CPU offload, a base model
+  whose ChatML tokens are added and trained (modules_to_save) under ZeRO-3, and LoRA on a GPTQ base with ZeRO-3,
+  which is refused with a clear message before anything is loaded.
+Each saved result reloads with plain transformers/PEFT and generates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_launchers import FINETUNE, REPO, launcher_env, run_launcher
+
+pytestmark = pytest.mark.slow
+
+DATA = REPO / "examples" / "conversations.json"  # conversations of different lengths: token averaging matters
+STEPS = 4
+GLOBAL_BATCH = 2
+
+
+def run_flags(per_device_batch: int) -> list[str]:
+    """finetune.py flags of a short, deterministic run that saves its trainer state at the last step."""
+    return ["--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device_batch),
+            "--gradient_accumulation_steps", "1", "--model_max_length", "128", "--learning_rate", "1e-3",
+            "--warmup_steps", "0", "--weight_decay", "0", "--lora_dropout", "0", "--gradient_checkpointing", "False",
+            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(STEPS), "--seed", "0"]
+
+
+def train(launcher: str, model: Path, out: Path, config: str | None, ranks_per_node: int, *extra: str,
+          nodes: int = 1, data: Path = DATA) -> subprocess.CompletedProcess:
+    """Run `launcher` on this machine as `nodes` nodes of `ranks_per_node` CPU ranks (one launcher process per
+    node, as on a cluster); returns node 0's process, after every node has finished."""
+    args = ["-m", model, "-d", data, "-o", out, *(["--deepspeed", config] if config else []), "--", *extra]
+    env = launcher_env(GPUS_PER_NODE=ranks_per_node, HF_DATASETS_CACHE=out.parent / f"{out.name}-datasets")
+    if nodes == 1:
+        return run_launcher(launcher, *args, env=env, timeout=1200)
+    env.update(NNODES=str(nodes), MASTER_ADDR="127.0.0.1")
+    processes = [subprocess.Popen([str(FINETUNE / launcher), *map(str, args)], cwd=REPO, text=True,
+                                  env={**env, "NODE_RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for rank in range(nodes)]
+    results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=1200)) for p in processes]
+    for process, result in zip(processes, results):
+        result.returncode = process.returncode
+    assert all(r.returncode == 0 for r in results), "\n".join(r.stderr[-4000:] for r in results)
+    return results[0]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+
+
+def trajectory(out: Path) -> list[float]:
+    """Loss and gradient norm of every step, in order, from the trainer state saved with the last checkpoint."""
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    steps = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(steps) == STEPS
+    return [value for entry in steps for value in (entry["loss"], entry["grad_norm"])]
+
+
+def trained_tensors(out: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (out / "adapter_config.json").exists() else "model.safetensors"
+    return load_file(str(out / name))
+
+
+def assert_same_run(reference: Path, other: Path) -> None:
+    expected, actual = trajectory(reference), trajectory(other)
+    assert actual == pytest.approx(expected, rel=1e-4), (expected, actual)
+    ref_tensors, tensors = trained_tensors(reference), trained_tensors(other)
+    assert sorted(tensors) == sorted(ref_tensors)
+    for key, tensor in ref_tensors.items():
+        assert torch.allclose(tensors[key], tensor, atol=1e-5), key
+
+
+def assert_reloads_and_generates(out: Path) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loader = AutoPeftModelForCausalLM if (out / "adapter_config.json").exists() else AutoModelForCausalLM
+    model = loader.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+# --- equivalence: the same training, however it is spread ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_zero2_reference(tiny_chat_model, tmp_path_factory) -> Path:
+    """1 rank, per-device batch 2: the run every LoRA + ZeRO-2 layout below must reproduce."""
+    out = tmp_path_factory.mktemp("lora-zero2") / "one-rank"
+    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 1, *run_flags(GLOBAL_BATCH)))
+    return out
+
+
+def test_two_ranks_match_one_rank_with_twice_the_batch(lora_zero2_reference, tiny_chat_model, tmp_path):
+    out = tmp_path / "two-ranks"
+    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 2, *run_flags(GLOBAL_BATCH // 2)))
+    assert_same_run(lora_zero2_reference, out)
+    assert_reloads_and_generates(out)
+
+
+def test_full_zero3_two_ranks_match_one_rank(tiny_chat_model, tmp_path):
+    one, two = tmp_path / "one-rank", tmp_path / "two-ranks"
+    assert_ok(train("finetune_ds.sh", tiny_chat_model, one, "zero3", 1, *run_flags(GLOBAL_BATCH)))
+    assert_ok(train("finetune_ds.sh", tiny_chat_model, two, "zero3", 2, *run_flags(GLOBAL_BATCH // 2)))
+    assert_same_run(one, two)
+    assert_reloads_and_generates(two)
+
+
+def test_two_nodes_simulated_on_one_machine(lora_zero2_reference, tiny_chat_model, tmp_path):
+    """Two launcher processes, as two nodes would run them: NNODES=2, NODE_RANK=0/1, the master on 127.0.0.1."""
+    out = tmp_path / "two-nodes"
+    result = train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 1, *run_flags(GLOBAL_BATCH // 2), nodes=2)
+    assert "[llmft] node 0 of 2, 1 rank(s) per node" in result.stderr
+    assert_same_run(lora_zero2_reference, out)
+    assert_reloads_and_generates(out)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun (tools/install_system_deps.sh)")
+def test_two_nodes_started_by_mpirun(lora_zero2_reference, tiny_chat_model, tmp_path):
+    """mpirun starts one launcher per 'node'; each takes its node rank from Open MPI's environment."""
+    out = tmp_path / "mpirun"
+    env = launcher_env(GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1", HF_DATASETS_CACHE=tmp_path / "datasets")
+    exports = [arg for name in ("GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "PYTHON", "CUDA_VISIBLE_DEVICES",
+                                "HF_DATASETS_CACHE") for arg in ("-x", name)]
+    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *exports,
+               str(FINETUNE / "finetune_lora_ds.sh"), "-m", str(tiny_chat_model), "-d", str(DATA), "-o", str(out),
+               "--", *run_flags(GLOBAL_BATCH // 2)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert_ok(result)
+    assert "[llmft] node 1 of 2" in result.stdout + result.stderr
+    assert_same_run(lora_zero2_reference, out)
+
+
+# --- combinations of the README's table not run by test_launchers.py ---------------------------------------------
+
+def test_qlora_with_zero3_saves_a_complete_adapter(tiny_chat_model, tmp_path):
+    out = tmp_path / "qlora-zero3"
+    assert_ok(train("finetune_qlora_ds.sh", tiny_chat_model, out, "zero3", 2, *run_flags(1)))
+    adapter = trained_tensors(out)
+    base = load_file(str(tiny_chat_model / "model.safetensors"))
+    layers = sum(1 for k in base if k.endswith("self_attn.q_proj.weight"))
+    assert len(adapter) == 2 * 7 * layers
+    assert all(t.numel() > 0 for t in adapter.values())
+    assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    run = json.loads((out / "llmft_run.json").read_text())
+    assert run["mode"] == "qlora" and run["base_quantization"]["method"] == "bitsandbytes"
+    assert_reloads_and_generates(out)
+
+
+def test_full_with_zero2_cpu_offload(tiny_chat_model, tmp_path):
+    out = tmp_path / "full-zero2-offload"
+    assert_ok(train("finetune_ds.sh", tiny_chat_model, out, "zero2_offload", 2, *run_flags(1)))
+    base = load_file(str(tiny_chat_model / "model.safetensors"))
+    trained = trained_tensors(out)
+    assert set(base) <= set(trained)
+    unchanged = [k for k in base if torch.equal(base[k], trained[k])]
+    assert not unchanged, unchanged
+    assert_reloads_and_generates(out)
+
+
+def test_base_model_with_added_chatml_tokens_under_zero3(tiny_base_model, tmp_path):
+    """The ChatML tokens are added, and the embeddings and output head train in full (modules_to_save) while
+    ZeRO-3 partitions them: the adapter must hold them whole, with the new tokens' rows trained."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "base-zero3"
+    result = train("finetune_lora_ds.sh", tiny_base_model, out, "zero3", 2, *run_flags(1))
+    assert_ok(result)
+    assert "added them; embeddings and lm_head will be resized and trained" in result.stderr
+    base = load_file(str(tiny_base_model / "model.safetensors"))["model.embed_tokens.weight"]
+    adapter = trained_tensors(out)
+    embed = adapter["base_model.model.model.embed_tokens.weight"]
+    assert embed.shape == base.shape and adapter["base_model.model.lm_head.weight"].shape == base.shape
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    for token in ("<|im_start|>", "<|im_end|>"):
+        row = tokenizer.convert_tokens_to_ids(token)
+        assert not torch.equal(embed[row], base[row]), token  # in every sample: trained
+    # the tiny model ties its output head to the embeddings; the trained copies stay one matrix
+    assert torch.equal(adapter["base_model.model.lm_head.weight"], embed)
+    assert_reloads_and_generates(out)
+
+
+def test_lora_on_gptq_base_with_zero3_is_refused(tiny_chat_model, tmp_path):
+    """Refused by the settings check on every rank, before the model loads: one message, exit status 2, no
+    torchrun traceback, no output folder."""
+    model = tmp_path / "gptq-model"
+    shutil.copytree(tiny_chat_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+
+    result = train("finetune_lora_ds.sh", model, out, "zero3", 2, "--max_steps", "1")
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "llmft: stopped, rank" in result.stderr
+    assert not out.exists()
