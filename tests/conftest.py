@@ -98,3 +98,17 @@ def run_finetune(datasets_cache):
         return finetune.main([str(f) for f in flags])
 
     return run
+
+
+def assert_reloads_and_generates(out: Path) -> None:
+    """Load a saved run (adapter or full model) with plain PEFT/transformers and generate a few tokens."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loader = AutoPeftModelForCausalLM if (out / "adapter_config.json").exists() else AutoModelForCausalLM
+    model = loader.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]

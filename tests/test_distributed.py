@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import assert_reloads_and_generates
 from tests.test_launchers import FINETUNE, REPO, launcher_env, run_launcher
 
 pytestmark = pytest.mark.slow
@@ -82,19 +83,6 @@ def assert_same_run(reference: Path, other: Path) -> None:
     assert sorted(tensors) == sorted(ref_tensors)
     for key, tensor in ref_tensors.items():
         assert torch.allclose(tensors[key], tensor, atol=1e-5), key
-
-
-def assert_reloads_and_generates(out: Path) -> None:
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loader = AutoPeftModelForCausalLM if (out / "adapter_config.json").exists() else AutoModelForCausalLM
-    model = loader.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
 # --- equivalence: the same training, however it is spread ------------------------------------------------------
