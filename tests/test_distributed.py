@@ -5,8 +5,8 @@
   simulated on this machine (two launcher processes, NNODES=2, NODE_RANK=0/1) and two nodes started by mpirun.
 - The combinations of the "Distributed training" table in the README that test_launchers.py does not run: Q-LoRA
   with ZeRO-3 (4-bit weights stored in the compute dtype), full fine-tuning with ZeRO-2 + CPU offload, a base model
-  whose ChatML tokens are added and trained (modules_to_save) under ZeRO-3, and LoRA on a GPTQ base with ZeRO-3,
-  which is refused with a clear message before anything is loaded.
+  whose ChatML tokens are added and trained (modules_to_save) under ZeRO-3, LoRA on a GPTQ base with ZeRO-2, and
+  with ZeRO-3, which is refused with a clear message before anything is loaded.
 Each saved result reloads with plain transformers/PEFT and generates.
 """
 
@@ -181,6 +181,20 @@ def test_base_model_with_added_chatml_tokens_under_zero3(tiny_base_model, tmp_pa
         assert not torch.equal(embed[row], base[row]), token  # in every sample: trained
     # the tiny model ties its output head to the embeddings; the trained copies stay one matrix
     assert torch.equal(adapter["base_model.model.lm_head.weight"], embed)
+    assert_reloads_and_generates(out)
+
+
+def test_lora_on_gptq_base_with_zero2(tiny_chat_model, tmp_path):
+    """The way the ZeRO-3 refusal below points to: ZeRO-2 leaves the packed weights whole on every rank."""
+    from tools.run_gptq import run_gptq
+
+    model = tmp_path / "gptq-model"
+    run_gptq(str(tiny_chat_model), str(DATA), model, bits=4, num_samples=16, eval_samples=4)
+    out = tmp_path / "lora-on-gptq"
+    assert_ok(train("finetune_lora_ds.sh", model, out, "zero2", 2, *run_flags(1)))
+    adapter = trained_tensors(out)
+    assert adapter and all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    assert json.loads((out / "llmft_run.json").read_text())["base_quantization"] == {"method": "gptq"}
     assert_reloads_and_generates(out)
 
 
