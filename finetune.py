@@ -7,6 +7,8 @@
     python finetune.py ... --use_lora True --q_lora True --gradient_checkpointing True --optim paged_adamw_8bit
     # full fine-tuning, settings from a file, one flag overridden
     python finetune.py config.yaml --learning_rate 1e-5
+    # full fine-tuning sharded with FSDP over 8 GPUs (finetune/finetune_ds.sh --fsdp fsdp does the same)
+    torchrun --nproc_per_node 8 finetune.py ... --fsdp True --fsdp_config ds_configs/fsdp.json
 
 Every flag of transformers.TrainingArguments is accepted; `python finetune.py --help` lists them all. Launchers for
 several GPUs and nodes are in finetune/.
@@ -14,7 +16,7 @@ several GPUs and nodes are in finetune/.
 
 import logging
 
-from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+from transformers import DataCollatorForSeq2Seq, set_seed
 
 from llmft.args import parse_args, resume_checkpoint
 from llmft.data.dataset import build_datasets
@@ -22,6 +24,7 @@ from llmft.data.render import IGNORE_INDEX
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, build_tokenizer
 from llmft.saving import describe_run, save_for_inference
+from llmft.trainer import Trainer
 
 
 @exit_on_user_error

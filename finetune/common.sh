@@ -4,6 +4,7 @@
 #   USAGE         its usage line, what it trains, and an example (the rest of --help is generated here)
 #   DISTRIBUTED   1: torchrun over GPUS_PER_NODE ranks on each of NNODES nodes; 0: one process
 #   DS_CONFIG     default --deepspeed value (a name in ds_configs/ or a path); empty: no DeepSpeed
+#   NO_FSDP       optional, on a distributed launcher: why its recipe cannot run under --fsdp (the option is refused)
 #   OUTPUT_DIR    default --output
 #   RECIPE        array of finetune.py arguments that make its recipe, on top of SHARED_RECIPE
 # --help prints these values themselves, so the help cannot drift from what the launcher runs.
@@ -22,6 +23,18 @@ SHARED_RECIPE=(
     --logging_steps 10
     --report_to none
 )
+
+# Why ds_configs/fsdp.json says what it says (JSON has no comments); --help prints this on the launchers with --fsdp.
+FSDP_NOTES="\
+FSDP (--fsdp CONFIG): PyTorch FSDP through accelerate, in place of the launcher's DeepSpeed config; the CONFIG goes to
+finetune.py as --fsdp True --fsdp_config CONFIG. ds_configs/fsdp.json asks for FSDP2 (fully_shard, each parameter
+sharded on its own, so frozen base and trainable LoRA weights mix without FSDP1's use_orig_params; transformers 5
+deprecates FSDP1), one shard unit per transformer layer (TRANSFORMER_BASED_WRAP: the model's _no_split_modules), and
+a FULL_STATE_DICT gathered onto rank 0 for the final save, so the output is an ordinary checkpoint or adapter (with a
+sharded state dict transformers would save no weights). Activation checkpointing stays --gradient_checkpointing True:
+FSDP's own (activation_checkpointing in the JSON) puts each layer in a checkpoint wrapper, inside which PEFT no longer
+finds the LoRA layers, and the saved adapter would be empty. On CPU ranks llmft turns FSDP on itself (accelerate only
+does on GPUs and other accelerators): see llmft/trainer.py."
 
 LLMFT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -92,20 +105,39 @@ detect_devices() {
         || die_usage "GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE' (USE_CPU=1 trains on CPU)"
 }
 
-# A short name (zero2, zero3_offload, ...) or a path -> the path of an existing DeepSpeed JSON.
-resolve_ds_config() {
-    local value=$1
+# ds_configs/ holds both kinds of config, told apart by name: DeepSpeed's zero*.json, FSDP's fsdp*.json.
+DS_CONFIG_PREFIX=zero
+FSDP_CONFIG_PREFIX=fsdp
+
+# Names (without .json) of the shipped configs whose name starts with $1.
+shipped_configs() {
+    local file names=()
+    for file in "$LLMFT_ROOT"/ds_configs/"$1"*.json; do
+        [[ -f $file ]] && names+=("$(basename "$file" .json)")
+    done
+    echo "${names[*]}"
+}
+
+# $1: prefix of the kind's shipped names, $2: its name in messages, $3: a short name or a path -> an existing file.
+resolve_config() {
+    local prefix=$1 kind=$2 value=$3
     if [[ -f $value ]]; then
         echo "$value"
-    elif [[ $value != */* && -f $LLMFT_ROOT/ds_configs/${value%.json}.json ]]; then
+    elif [[ $value != */* && $value == "$prefix"* && -f $LLMFT_ROOT/ds_configs/${value%.json}.json ]]; then
         echo "$LLMFT_ROOT/ds_configs/${value%.json}.json"
     else
-        local names=() file
-        for file in "$LLMFT_ROOT"/ds_configs/*.json; do
-            names+=("$(basename "$file" .json)")
-        done
-        die_usage "DeepSpeed config '$value' not found (a path, or one of: ${names[*]})"
+        die_usage "$kind config '$value' not found (a path, or one of: $(shipped_configs "$prefix"))"
     fi
+}
+
+# A short name (zero2, zero3_offload, ...) or a path -> the path of an existing DeepSpeed JSON.
+resolve_ds_config() {
+    resolve_config "$DS_CONFIG_PREFIX" DeepSpeed "$1"
+}
+
+# A short name (fsdp) or a path -> the path of an existing --fsdp_config JSON.
+resolve_fsdp_config() {
+    resolve_config "$FSDP_CONFIG_PREFIX" FSDP "$1"
 }
 
 # Prints '--flag value' pairs, indented, several to a line.
@@ -123,6 +155,18 @@ wrap_flag_pairs() {
     [[ -z $line ]] || echo "  $line"
 }
 
+# The --fsdp line(s) of --help: on distributed launchers only (FSDP shards over ranks).
+fsdp_usage() {
+    (( DISTRIBUTED )) || return 0
+    if [[ -n ${NO_FSDP:-} ]]; then
+        echo "      --fsdp CONFIG        not with this launcher:"
+        echo "                           $NO_FSDP"
+    else
+        echo "      --fsdp CONFIG        FSDP instead of DeepSpeed (see FSDP below): a JSON for --fsdp_config,"
+        echo "                           a path or a name in ds_configs/ ($(shipped_configs "$FSDP_CONFIG_PREFIX"))"
+    fi
+}
+
 print_usage() {
     printf '%s\n' "$USAGE"
     cat << USAGE_END
@@ -131,6 +175,7 @@ Options:
   -d, --data PATH          training data, JSON or JSONL conversations (env DATA)
   -o, --output DIR         where checkpoints and the final model go (default: $OUTPUT_DIR)
       --deepspeed CONFIG   DeepSpeed JSON: a path, or a name in ds_configs/ (default: ${DS_CONFIG:-none})
+$(fsdp_usage)
   -n, --dry-run            print the command that would run, and exit
   -h, --help               show this text
 Everything after '--' goes to finetune.py unchanged and overrides the recipe below, e.g.
@@ -153,33 +198,40 @@ USAGE_END
 USAGE_END
     fi
     cat << USAGE_END
-  USE_CPU=${USE_CPU:-}  1: train on CPU ranks over gloo in fp32 with DeepSpeed's CPU accelerator; the default
+  USE_CPU=${USE_CPU:-}  1: train on CPU ranks over gloo in fp32 (DeepSpeed's CPU accelerator, or FSDP2); the default
       when no GPU is visible (nvidia-smi finds none, or CUDA_VISIBLE_DEVICES is empty)
   PYTHON=$PYTHON  the interpreter with llmft's requirements
 USAGE_END
+    if (( DISTRIBUTED )) && [[ -z ${NO_FSDP:-} ]]; then
+        printf '\n%s\n' "$FSDP_NOTES"
+    fi
 }
 
-# Parses the launcher's own options into MODEL, DATA, OUTPUT_DIR, DS_CONFIG, DRY_RUN and PASSTHROUGH_ARGS.
+# Parses the launcher's own options into MODEL, DATA, OUTPUT_DIR, DS_CONFIG, FSDP_CONFIG, DRY_RUN and
+# PASSTHROUGH_ARGS. With --fsdp, DS_CONFIG is emptied: FSDP replaces the launcher's DeepSpeed config.
 parse_launcher_args() {
     MODEL=${MODEL:-}
     DATA=${DATA:-}
     DRY_RUN=0
     PASSTHROUGH_ARGS=()
+    FSDP_CONFIG=""
+    local deepspeed_given=0
     while (( $# )); do
         case $1 in
             -h | --help)
                 print_usage
                 exit 0 ;;
-            -m | --model | -d | --data | -o | --output | --deepspeed)
+            -m | --model | -d | --data | -o | --output | --deepspeed | --fsdp)
                 (( $# >= 2 )) || die_usage "option '$1' needs a value"
                 case $1 in
                     -m | --model) MODEL=$2 ;;
                     -d | --data) DATA=$2 ;;
                     -o | --output) OUTPUT_DIR=$2 ;;
-                    --deepspeed) DS_CONFIG=$2 ;;
+                    --deepspeed) DS_CONFIG=$2 deepspeed_given=1 ;;
+                    --fsdp) FSDP_CONFIG=$2 ;;
                 esac
                 shift 2 ;;
-            --model=* | --data=* | --output=* | --deepspeed=*)
+            --model=* | --data=* | --output=* | --deepspeed=* | --fsdp=*)
                 set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
             -n | --dry-run)
                 DRY_RUN=1
@@ -199,7 +251,15 @@ parse_launcher_args() {
     if [[ $MODEL == /* || $MODEL == ./* || $MODEL == ../* ]] && [[ ! -e $MODEL ]]; then
         die_usage "model folder '$MODEL' does not exist"
     fi
-    if [[ -n $DS_CONFIG ]]; then
+    if [[ -n $FSDP_CONFIG ]]; then
+        (( ! deepspeed_given )) \
+            || die_usage "--deepspeed and --fsdp both given: each shards the model its own way; choose one"
+        (( DISTRIBUTED )) || die_usage "--fsdp shards the model over several ranks, and this launcher runs one" \
+            "process: use finetune/finetune_ds.sh or finetune/finetune_lora_ds.sh"
+        [[ -z ${NO_FSDP:-} ]] || die_usage "--fsdp is not available with this launcher: $NO_FSDP"
+        FSDP_CONFIG=$(resolve_fsdp_config "$FSDP_CONFIG")
+        DS_CONFIG=""
+    elif [[ -n $DS_CONFIG ]]; then
         DS_CONFIG=$(resolve_ds_config "$DS_CONFIG")
     fi
 }
@@ -214,7 +274,9 @@ build_command() {
         "${RECIPE[@]}"
         "${PRECISION_ARGS[@]}"
     )
-    if [[ -n $DS_CONFIG ]]; then
+    if [[ -n $FSDP_CONFIG ]]; then
+        finetune_args+=(--fsdp True --fsdp_config "$FSDP_CONFIG")
+    elif [[ -n $DS_CONFIG ]]; then
         finetune_args+=(--deepspeed "$DS_CONFIG")
     fi
     finetune_args+=("${PASSTHROUGH_ARGS[@]}")

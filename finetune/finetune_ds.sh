@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 USAGE="\
 Usage: finetune/finetune_ds.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
-Full-parameter fine-tuning on one or more nodes with DeepSpeed ZeRO: weights, gradients and optimizer state are
-sharded over all ranks (ZeRO-3), and the saved model is gathered back into one safetensors checkpoint.
+Full-parameter fine-tuning on one or more nodes with DeepSpeed ZeRO, or PyTorch FSDP (--fsdp fsdp): weights,
+gradients and optimizer state are sharded over all ranks, and the saved model is gathered back into one safetensors
+checkpoint.
 
 Example:
   finetune/finetune_ds.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json -o output_full
+  finetune/finetune_ds.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json --fsdp fsdp
   NNODES=2 NODE_RANK=0 MASTER_ADDR=node1 finetune/finetune_ds.sh -m ... -d ...   # on node1; NODE_RANK=1 on node2
 "
 set -euo pipefail

@@ -13,6 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DISTRIBUTED=1
 DS_CONFIG=zero2
+NO_FSDP="the 4-bit base is placed whole on each rank, which FSDP cannot shard (--deepspeed zero3 shards it)"
 OUTPUT_DIR=output_qlora
 # finetune.py arguments of this recipe, on top of SHARED_RECIPE in common.sh (these win where both set one).
 RECIPE=(

@@ -111,6 +111,7 @@ def parse_args(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_file_flags(argv[0]) + argv[1:]
+    argv = _fsdp_as_switch(argv)
     # allow_abbrev=False: a misspelt `--learning_rat` must be reported, not taken for --learning_rate
     parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     parser.error = _raise_config_error  # one clear line, not argparse's usage text of several hundred flags
@@ -150,6 +151,27 @@ def _unknown_argument_problems(unknown: list[str]) -> list[str]:
         elif not after_flag:
             problems.append(f"unexpected argument: {token}")
     return problems
+
+
+def _fsdp_as_switch(argv: list[str]) -> list[str]:
+    """`--fsdp True` / `--fsdp False` (and a config file's `fsdp: true`) as transformers 5 reads them: the bare
+    switch `--fsdp`, or nothing. transformers takes any word after --fsdp for a legacy sharding option and rejects
+    `True` ("Unknown `fsdp` option: True"); every other boolean flag of finetune.py is written `--flag True`."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        value = None
+        if token == "--fsdp" and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
+            value, i = argv[i + 1].lower(), i + 2
+        elif token.lower() in ("--fsdp=true", "--fsdp=false"):
+            value, i = token.split("=", 1)[1].lower(), i + 1
+        else:
+            out.append(token)
+            i += 1
+            continue
+        if value == "true":
+            out.append("--fsdp")
+    return out
 
 
 def _raise_config_error(message: str):
@@ -220,6 +242,8 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
         problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it")
     if training_args is not None:
         problems += _training_problems(data_args, quant_args, training_args, quant_method)
+        if training_args.fsdp:
+            problems += _fsdp_problems(lora_args, quant_args, training_args)
     return problems
 
 
@@ -229,12 +253,46 @@ def _training_problems(data_args, quant_args, training_args, quant_method) -> li
         problems.append("set --num_train_epochs or --max_steps to a positive value")
     if training_args.eval_strategy != "no" and data_args.eval_data_path is None:
         problems.append(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data_path")
+    if training_args.fsdp_config is not None and not training_args.fsdp:
+        problems.append("--fsdp_config is read only with --fsdp True")
     if quant_method == "gptq" and (uses_zero3(training_args) or training_args.fsdp):
-        problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP (packed int4 weights cannot be "
-                        "partitioned); use ZeRO-2 (ds_configs/zero2.json) or plain DDP")
-    if quant_args.q_lora and training_args.fsdp:
-        problems.append("--q_lora with FSDP is not supported by llmft; use DeepSpeed ZeRO-2/3 (ds_configs/)")
+        problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
+                        "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
+                        "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP")
     return problems + _output_problems(training_args)
+
+
+def _fsdp_problems(lora_args, quant_args, training_args) -> list[str]:
+    """Settings that contradict --fsdp, or that would leave a final save that is not a complete checkpoint."""
+    from transformers.training_args import ParallelMode
+
+    problems = []
+    config = training_args.fsdp_config or {}
+    if training_args.deepspeed:
+        problems.append("--fsdp and --deepspeed are both set: each shards the model its own way; choose one")
+    elif config.get("xla"):
+        pass  # XLA FSDP runs in one process per host
+    elif training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        problems.append("--fsdp shards the model over several processes: start them with torchrun, or with "
+                        "finetune/finetune_ds.sh or finetune_lora_ds.sh --fsdp fsdp")
+    if quant_args.q_lora:
+        problems.append("--q_lora cannot be combined with --fsdp: llmft quantizes the base with bitsandbytes on load, "
+                        "packed in uint8 and placed whole on each rank, which FSDP cannot shard; use DeepSpeed "
+                        "(finetune/finetune_qlora_ds.sh; --deepspeed zero3 shards the 4-bit weights)")
+    state_dict_type = (training_args.fsdp_plugin_args or {}).get("state_dict_type", "FULL_STATE_DICT")
+    if state_dict_type != "FULL_STATE_DICT":
+        problems.append(f"--fsdp_config state_dict_type {state_dict_type}: the final save would write no weights "
+                        "(transformers saves a model under FSDP only from a FULL_STATE_DICT); use FULL_STATE_DICT, "
+                        "as ds_configs/fsdp.json does")
+    if str(config.get("activation_checkpointing", False)).lower() == "true":
+        if training_args.gradient_checkpointing:
+            problems.append("--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both "
+                            "checkpoint activations: keep one (--gradient_checkpointing False to keep FSDP's)")
+        if lora_args.use_lora:
+            problems.append("--use_lora True with the --fsdp_config's activation_checkpointing would save an empty "
+                            "adapter (PEFT does not find LoRA layers inside FSDP's checkpoint wrappers): set it to "
+                            "false and use --gradient_checkpointing True")
+    return problems
 
 
 def _model_path_problems(name: str) -> list[str]:

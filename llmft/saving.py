@@ -4,9 +4,10 @@
   generation config; `AutoPeftModelForCausalLM.from_pretrained(output_dir)` loads it.
 - Full: a standalone model directory; `AutoModelForCausalLM.from_pretrained(output_dir)` loads it.
 
-`Trainer.save_model` does the ZeRO-aware part (ZeRO-3 gathers the 16-bit weights on every rank). It writes into a
-staging folder inside output_dir, which rank 0 completes and then moves into place file by file, so an interrupted
-save never leaves an output directory that looks finished.
+`Trainer.save_model` does the sharding-aware part: ZeRO-3 gathers the 16-bit weights on every rank, FSDP gathers a
+FULL_STATE_DICT onto rank 0. It writes into a staging folder inside output_dir, which rank 0 checks, completes and
+then moves into place file by file, so an interrupted or incomplete save never leaves an output directory that looks
+finished.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
     staging = os.path.join(output_dir, STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
-    trainer.save_model(staging)  # every rank takes part: ZeRO-3 gathers the partitioned weights here
+    trainer.save_model(staging)  # every rank takes part: ZeRO-3 and FSDP gather the sharded weights here
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
@@ -54,6 +55,8 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
                 json.dump(run, f, indent=2)
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
+        else:
+            check_model_written(staging)
         for name in os.listdir(staging):
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):
@@ -65,19 +68,53 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
 
 
 def check_adapter_complete(path: str, model) -> None:
-    """Fail loudly when a saved adapter lacks weights: DeepSpeed ZeRO-3 can otherwise write an adapter of empty
-    (partitioned) tensors, a file of a few hundred KB that loads and silently does nothing."""
+    """Fail loudly when a saved adapter lacks LoRA weights or holds only one rank's shard of them. Sharded training
+    can otherwise write an adapter that loads and silently does nothing: DeepSpeed ZeRO-3 one of empty (partitioned)
+    tensors, FSDP one without the LoRA layers it could not find (inside activation-checkpoint wrappers)."""
     from safetensors import safe_open
 
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = _lora_shapes(model)
     file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(file):
         raise LlmftError(f"the adapter was not written: {file} is missing")
     with safe_open(file, framework="pt") as f:
-        saved = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     empty = [key for key, shape in saved.items() if not shape or 0 in shape]
-    if empty or len(saved) < len([n for n in expected if "lora_" in n]):
+    missing = sorted(set(expected) - set(saved))
+    partial = sorted(key for key in set(expected) & set(saved)
+                     if expected[key] is not None and saved[key] != expected[key])
+    if empty or missing or partial:
+        example = (missing or partial or empty)[0]
         raise LlmftError(
-            f"the saved adapter {file} is incomplete ({len(saved)} tensors, {len(empty)} empty, "
-            f"{len(expected)} trainable parameters): under ZeRO-3 set stage3_gather_16bit_weights_on_model_save"
+            f"the saved adapter {file} is incomplete: of {len(expected)} LoRA tensors {len(missing)} missing, "
+            f"{len(partial)} of the wrong shape, {len(empty)} empty (e.g. {example}); under ZeRO-3 set "
+            "stage3_gather_16bit_weights_on_model_save, under FSDP use state_dict_type FULL_STATE_DICT and no "
+            "activation_checkpointing in --fsdp_config"
+        )
+
+
+def _lora_shapes(model) -> dict[str, tuple[int, ...] | None]:
+    """The adapter file's key for each trainable lora_A and lora_B weight, with the whole weight's shape (None where
+    the model cannot tell it: FSDP1's flattened shards). ZeRO-3 keeps the shape of a partitioned weight in `ds_shape`;
+    an FSDP2 weight is a DTensor, whose shape is the whole one."""
+    adapter = getattr(model, "active_adapter", "default")
+    shapes = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad or not (".lora_A." in name or ".lora_B." in name):
+            continue
+        shape = None if "_fsdp_wrapped_module." in name else tuple(getattr(param, "ds_shape", param.shape))
+        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+            name = name.replace(wrapper, "")
+        shapes[name.replace(f".{adapter}.", ".")] = shape
+    return shapes
+
+
+def check_model_written(path: str) -> None:
+    """Fail loudly when a full fine-tune saved no weights: transformers writes none under FSDP with a sharded state
+    dict, nor under ZeRO-3 without stage3_gather_16bit_weights_on_model_save (only a DeepSpeed checkpoint then)."""
+    names = os.listdir(path)
+    if not any(n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
+        raise LlmftError(
+            f"the model weights were not written to {path} (files: {', '.join(sorted(names))}); under ZeRO-3 set "
+            "stage3_gather_16bit_weights_on_model_save, under FSDP use state_dict_type FULL_STATE_DICT"
         )

@@ -27,7 +27,7 @@ DS_CONFIGS = REPO / "ds_configs"
 LAUNCHERS = sorted(p.name for p in FINETUNE.glob("*.sh") if p.name != "common.sh")
 DISTRIBUTED_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_ds.sh")]
 SINGLE_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_single_gpu.sh")]
-CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
+CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("zero*.json"))  # DeepSpeed's; FSDP's fsdp*.json: tests/test_fsdp.py
 
 # Settings that transformers' DeepSpeed integration fills from TrainingArguments; a number here instead of "auto"
 # would have to be kept equal to the flags by hand.

@@ -1,0 +1,290 @@
+"""FSDP as the alternative to DeepSpeed: the configs in ds_configs/fsdp*.json, the launchers' --fsdp option, the
+settings FSDP cannot run with, and full and LoRA fine-tuning through the launchers on 2 CPU ranks over gloo.
+
+The slow runs check what a GPU run must give too: FSDP really shards (not a silent fall-back to DDP), and the final
+save is an ordinary model or adapter that plain transformers/PEFT load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmft.args import parse_args
+from llmft.errors import ConfigError, LlmftError
+from llmft.saving import check_adapter_complete, check_model_written
+from tests.conftest import assert_reloads_and_generates
+from tests.test_launchers import (  # noqa: F401  (data_file is a fixture)
+    DISTRIBUTED_LAUNCHERS, DS_CONFIGS, SINGLE_LAUNCHERS, TINY_RUN, data_file, dry_run, entry_args, flag_value,
+    launcher_env, run_launcher,
+)
+
+FSDP_CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("fsdp*.json"))
+FSDP_LAUNCHERS = ["finetune_ds.sh", "finetune_lora_ds.sh"]
+# What transformers 5 reads from an FSDP2 --fsdp_config; it ignores any other key without a word.
+FSDP2_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
+              "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
+              "min_num_params"}
+
+
+# --- the configs -------------------------------------------------------------------------------------------------
+
+def test_fsdp_configs_are_shipped():
+    assert "fsdp.json" in FSDP_CONFIGS
+
+
+@pytest.mark.parametrize("name", FSDP_CONFIGS)
+def test_fsdp_config_makes_a_full_shard_fsdp2_plugin_that_saves_whole(name, tmp_path):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    config = json.loads((DS_CONFIGS / name).read_text())
+    assert set(config) <= FSDP2_KEYS, set(config) - FSDP2_KEYS
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=str(DS_CONFIGS / name), use_cpu=True)
+    plugin_args = args.fsdp_plugin_args
+    assert plugin_args["fsdp_version"] == 2
+    assert plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin_args["reshard_after_forward"] is True  # full shard
+    assert plugin_args["state_dict_type"] == "FULL_STATE_DICT"  # the final save is an ordinary checkpoint
+    assert plugin_args.get("activation_checkpointing", False) is False  # would hide LoRA layers from PEFT's save
+    FullyShardedDataParallelPlugin(**plugin_args)  # accelerate takes every key
+
+
+# --- the launchers ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FSDP_LAUNCHERS)
+def test_fsdp_replaces_the_launchers_deepspeed_config(name, data_file):
+    argv = entry_args(dry_run(name, "-m", "org/model", "-d", data_file, "--fsdp", "fsdp", GPUS_PER_NODE=2))
+    assert "--deepspeed" not in argv
+    assert flag_value(argv, "--fsdp") == "True"
+    assert flag_value(argv, "--fsdp_config") == str(DS_CONFIGS / "fsdp.json")
+    assert flag_value(argv, "--gradient_checkpointing") == "True"  # transformers' checkpointing, not FSDP's
+
+
+def test_fsdp_config_by_path_and_equals_form(data_file, tmp_path):
+    config = tmp_path / "my_fsdp.json"
+    config.write_text((DS_CONFIGS / "fsdp.json").read_text())
+    argv = dry_run("finetune_ds.sh", "-m", "org/model", "-d", data_file, f"--fsdp={config}")
+    assert flag_value(argv, "--fsdp_config") == str(config) and "--deepspeed" not in argv
+
+
+@pytest.mark.parametrize("order", [["--deepspeed", "zero3", "--fsdp", "fsdp"],
+                                   ["--fsdp", "fsdp", "--deepspeed", "zero3"]])
+def test_deepspeed_and_fsdp_together_is_a_usage_error(order, data_file):
+    result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "-n", *order)
+    assert result.returncode == 2
+    assert "--deepspeed and --fsdp both given" in result.stderr
+
+
+def test_fsdp_is_refused_by_the_q_lora_launcher(data_file):
+    result = run_launcher("finetune_qlora_ds.sh", "-m", "org/model", "-d", data_file, "-n", "--fsdp", "fsdp")
+    assert result.returncode == 2
+    assert "--fsdp is not available with this launcher" in result.stderr and "--deepspeed zero3" in result.stderr
+    assert "not with this launcher" in run_launcher("finetune_qlora_ds.sh", "--help").stdout
+
+
+@pytest.mark.parametrize("name", SINGLE_LAUNCHERS)
+def test_fsdp_is_refused_by_one_process_launchers(name, data_file):
+    result = run_launcher(name, "-m", "org/model", "-d", data_file, "-n", "--fsdp", "fsdp")
+    assert result.returncode == 2
+    assert "this launcher runs one process" in result.stderr and "finetune_lora_ds.sh" in result.stderr
+
+
+def test_fsdp_and_deepspeed_configs_are_offered_each_for_its_own_option(data_file):
+    result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "--fsdp", "zero3")
+    assert result.returncode == 2
+    assert "FSDP config 'zero3' not found (a path, or one of: fsdp)" in result.stderr
+    result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "--deepspeed", "fsdp")
+    assert result.returncode == 2
+    assert "DeepSpeed config 'fsdp' not found" in result.stderr
+    offered = result.stderr.split("one of:", 1)[1]
+    assert "zero3" in offered and not any(c.removesuffix(".json") in offered for c in FSDP_CONFIGS)
+
+
+@pytest.mark.parametrize("name", DISTRIBUTED_LAUNCHERS)
+def test_help_shows_fsdp_on_distributed_launchers(name):
+    usage = run_launcher(name, "--help").stdout
+    assert "--fsdp CONFIG" in usage
+    if name in FSDP_LAUNCHERS:
+        assert "FULL_STATE_DICT" in usage and "FSDP2" in usage  # the notes on why fsdp.json says what it says
+
+
+# --- the settings check -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def settings(tmp_path):
+    """finetune.py flags up to the settings check: a model folder (config.json only), a data file, an output dir."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", tmp_path / "out", "--use_cpu", "True"]
+
+
+def problems_of(*argv) -> list[str]:
+    try:
+        parse_args([str(a) for a in argv])
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+NOT_LAUNCHED = "--fsdp shards the model over several processes: start them with torchrun"
+FSDP = ["--fsdp", "True", "--fsdp_config", DS_CONFIGS / "fsdp.json"]
+
+
+def test_fsdp_without_a_distributed_launch_is_refused(settings):
+    assert problems_of(*settings, *FSDP) == [
+        NOT_LAUNCHED + ", or with finetune/finetune_ds.sh or finetune_lora_ds.sh --fsdp fsdp"]
+
+
+@pytest.mark.parametrize("switch", [["--fsdp", "True"], ["--fsdp"], ["--fsdp=true"]])
+def test_fsdp_true_is_transformers_switch(switch, settings):
+    """transformers 5 would read `--fsdp True` as a legacy sharding option and reject it."""
+    problems = problems_of(*settings, *switch)
+    assert len(problems) == 1 and problems[0].startswith(NOT_LAUNCHED)
+    assert problems_of(*settings, "--fsdp", "False") == []
+
+
+def test_fsdp_from_a_config_file(settings, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"fsdp: true\nfsdp_config: {DS_CONFIGS / 'fsdp.json'}\n")
+    problems = problems_of(config, *settings)
+    assert len(problems) == 1 and problems[0].startswith(NOT_LAUNCHED)
+
+
+def test_fsdp_with_deepspeed_is_refused(settings):
+    problems = problems_of(*settings, *FSDP, "--deepspeed", DS_CONFIGS / "zero2.json")
+    assert problems == ["--fsdp and --deepspeed are both set: each shards the model its own way; choose one"]
+
+
+def test_lora_on_a_gptq_base_with_fsdp_is_refused_with_the_reason(settings):
+    model = settings[1]
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2",
+                                                   "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    problems = problems_of(*settings, *FSDP, "--use_lora", "True")
+    gptq = [p for p in problems if "GPTQ" in p]
+    assert len(gptq) == 1
+    assert gptq[0].startswith("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 "
+                              "weights are buffers, not parameters")
+    assert "ds_configs/zero2.json" in gptq[0]
+
+
+def test_q_lora_with_fsdp_is_refused_with_the_reason(settings):
+    problems = problems_of(*settings, *FSDP, "--use_lora", "True", "--q_lora", "True")
+    q_lora = [p for p in problems if "--q_lora" in p]
+    assert len(q_lora) == 1
+    assert q_lora[0].startswith("--q_lora cannot be combined with --fsdp: llmft quantizes the base with bitsandbytes")
+    assert "finetune/finetune_qlora_ds.sh" in q_lora[0]
+
+
+def test_fsdp_settings_that_would_save_nothing_or_an_empty_adapter(settings, tmp_path):
+    sharded = tmp_path / "sharded.json"
+    sharded.write_text(json.dumps({"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}))
+    problems = problems_of(*settings, "--fsdp", "True", "--fsdp_config", sharded)
+    assert any(p.startswith("--fsdp_config state_dict_type SHARDED_STATE_DICT: the final save would write no weights")
+               for p in problems)
+
+    checkpointed = tmp_path / "checkpointed.json"
+    checkpointed.write_text(json.dumps({"version": 2, "activation_checkpointing": True}))
+    problems = problems_of(*settings, "--fsdp", "True", "--fsdp_config", checkpointed, "--use_lora", "True",
+                           "--gradient_checkpointing", "True")
+    assert any(p.startswith("--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both")
+               for p in problems)
+    assert any(p.startswith("--use_lora True with the --fsdp_config's activation_checkpointing would save an empty "
+                            "adapter") for p in problems)
+
+
+def test_fsdp_config_without_fsdp_is_refused(settings):
+    assert problems_of(*settings, "--fsdp_config", DS_CONFIGS / "fsdp.json") == [
+        "--fsdp_config is read only with --fsdp True"]
+
+
+# --- the checks of the final save ---------------------------------------------------------------------------------
+
+def test_adapter_check_refuses_a_rank_shard_and_a_missing_layer(tiny_chat_model, tmp_path):
+    """What a wrong FSDP save looks like: one rank's rows of a weight, or LoRA layers PEFT did not find."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    check_adapter_complete(str(tmp_path), model)
+    file = tmp_path / "adapter_model.safetensors"
+    whole = load_file(str(file))
+    key = next(k for k in whole if "lora_B" in k)
+
+    save_file({**whole, key: whole[key][: whole[key].shape[0] // 2].contiguous()}, str(file))
+    with pytest.raises(LlmftError, match="0 missing, 1 of the wrong shape, 0 empty"):
+        check_adapter_complete(str(tmp_path), model)
+    save_file({k: v for k, v in whole.items() if k != key}, str(file))
+    with pytest.raises(LlmftError, match="1 missing, 0 of the wrong shape, 0 empty"):
+        check_adapter_complete(str(tmp_path), model)
+
+
+def test_model_check_refuses_a_save_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(LlmftError, match="the model weights were not written"):
+        check_model_written(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    check_model_written(str(tmp_path))
+
+
+# --- end to end: 2 CPU ranks over gloo, through the launchers ----------------------------------------------------
+
+def train_with_fsdp(name, model, data, out, tmp_path):
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache")
+    result = run_launcher(name, "-m", model, "-d", data, "-o", out, "--fsdp", "fsdp", "--", *TINY_RUN,
+                          env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    # FSDP, not the plain DDP accelerate would fall back to on CPU ranks without llmft/trainer.py
+    assert "FSDP2 on 2 CPU ranks over gloo" in result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_with_fsdp_saves_a_whole_trained_model(tiny_chat_model, data_file, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    train_with_fsdp("finetune_ds.sh", tiny_chat_model, data_file, out, tmp_path)
+
+    base = load_file(str(tiny_chat_model / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    assert set(trained) - set(base) <= {"lm_head.weight"}  # the gathered state dict writes the tied head as a copy
+    if "lm_head.weight" in trained:
+        assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])  # still one matrix
+    assert set(base) <= set(trained)
+    assert all(trained[k].shape == v.shape for k, v in base.items())  # gathered whole, not rank 0's shard
+    unchanged = [k for k in base if torch.equal(base[k], trained[k])]
+    assert not unchanged, unchanged
+    assert not (out / ".llmft-saving").exists()
+    assert_reloads_and_generates(out)
+
+
+@pytest.mark.slow
+def test_lora_with_fsdp_saves_a_whole_trained_adapter(tiny_chat_model, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    train_with_fsdp("finetune_lora_ds.sh", tiny_chat_model, data_file, out, tmp_path)
+
+    base = load_file(str(tiny_chat_model / "model.safetensors"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    r = json.loads((out / "adapter_config.json").read_text())["r"]
+    targets = [k.removesuffix(".weight") for k, v in base.items()
+               if k.startswith("model.layers.") and k.endswith("_proj.weight")]
+    assert len(targets) == 7 * sum(1 for k in base if k.endswith("self_attn.q_proj.weight"))
+    assert len(adapter) == 2 * len(targets)
+    for target in targets:
+        out_features, in_features = base[target + ".weight"].shape
+        lora_a = adapter[f"base_model.model.{target}.lora_A.weight"]
+        lora_b = adapter[f"base_model.model.{target}.lora_B.weight"]
+        assert lora_a.shape == (r, in_features) and lora_b.shape == (out_features, r)  # whole, not one rank's shard
+        assert lora_b.abs().sum() > 0  # trained: lora_B starts at zero
+    assert_reloads_and_generates(out)
