@@ -24,6 +24,16 @@ SHARED_RECIPE=(
     --report_to none
 )
 
+# The adapter recipe of the LoRA and Q-LoRA launchers (one GPU or many; Q-LoRA adds --q_lora True to it).
+ADAPTER_RECIPE=(
+    --use_lora True
+    --model_max_length 2048
+    --per_device_train_batch_size 2
+    --gradient_accumulation_steps 8
+    --learning_rate 3e-4
+    --save_total_limit 3
+)
+
 # Why ds_configs/fsdp.json says what it says (JSON has no comments); --help prints this on the launchers with --fsdp.
 FSDP_NOTES="\
 FSDP (--fsdp CONFIG): PyTorch FSDP through accelerate, in place of the launcher's DeepSpeed config; the CONFIG goes to

@@ -16,13 +16,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DISTRIBUTED=1
 DS_CONFIG=zero2
 OUTPUT_DIR=output_lora
-# finetune.py arguments of this recipe, on top of SHARED_RECIPE in common.sh (these win where both set one).
-RECIPE=(
-    --use_lora True
-    --model_max_length 2048
-    --per_device_train_batch_size 2
-    --gradient_accumulation_steps 8
-    --learning_rate 3e-4
-    --save_total_limit 3
-)
+# finetune.py arguments of this recipe: common.sh's adapter recipe, on top of its SHARED_RECIPE.
+RECIPE=("${ADAPTER_RECIPE[@]}")
 launcher_main "$@"

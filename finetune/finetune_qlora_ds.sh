@@ -15,14 +15,6 @@ DISTRIBUTED=1
 DS_CONFIG=zero2
 NO_FSDP="the 4-bit base is placed whole on each rank, which FSDP cannot shard (--deepspeed zero3 shards it)"
 OUTPUT_DIR=output_qlora
-# finetune.py arguments of this recipe, on top of SHARED_RECIPE in common.sh (these win where both set one).
-RECIPE=(
-    --use_lora True
-    --q_lora True
-    --model_max_length 2048
-    --per_device_train_batch_size 2
-    --gradient_accumulation_steps 8
-    --learning_rate 3e-4
-    --save_total_limit 3
-)
+# finetune.py arguments of this recipe: common.sh's adapter recipe, on top of its SHARED_RECIPE.
+RECIPE=("${ADAPTER_RECIPE[@]}" --q_lora True)
 launcher_main "$@"
