@@ -56,6 +56,16 @@ def tiny_base_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gptq_model(tiny_chat_model, tmp_path_factory) -> Path:
+    """The tiny chat model quantized to 4-bit GPTQ (group size 128) by tools/run_gptq.py."""
+    from tools.run_gptq import run_gptq
+
+    out = tmp_path_factory.mktemp("models") / "tiny-gptq"
+    run_gptq(str(tiny_chat_model), str(EXAMPLES), out, bits=4, num_samples=16, eval_samples=4)
+    return out
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer():
     """A HF tokenizer over Qwen's real vocabulary, with the ChatML template."""
     from tools.make_tiny_model import build_tokenizer
@@ -112,3 +122,41 @@ def assert_reloads_and_generates(out: Path) -> None:
                                            return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def assert_full_model_trained(base_dir: Path, out: Path) -> None:
+    """A full fine-tune's save: every weight of the base, whole (not one rank's shard) and changed; an output head
+    written beside tied embeddings (ZeRO-2's and FSDP's gathered saves do) is still the same matrix."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    extra = set(trained) - set(base)
+    assert extra <= {"lm_head.weight"}, extra
+    if extra:
+        assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])
+    assert set(base) <= set(trained)
+    assert all(trained[k].shape == v.shape for k, v in base.items())
+    unchanged = [k for k in base if torch.equal(base[k].float(), trained[k].float())]
+    assert not unchanged, unchanged
+
+
+def assert_adapter_trained(base_dir: Path, out: Path) -> None:
+    """A LoRA save over the (unquantized) base in base_dir: lora_A and lora_B for each of the 7 projections of every
+    layer, whole — (r, in) and (out, r), not empty (ZeRO-3) nor one rank's shard (FSDP) — and trained (lora_B starts
+    at zero)."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    r = json.loads((out / "adapter_config.json").read_text())["r"]
+    targets = [k.removesuffix(".weight") for k in base if k.startswith("model.layers.") and k.endswith("_proj.weight")]
+    assert len(targets) == 7 * sum(1 for k in base if k.endswith("self_attn.q_proj.weight"))
+    assert len(adapter) == 2 * len(targets)
+    for target in targets:
+        out_features, in_features = base[target + ".weight"].shape
+        lora_a = adapter[f"base_model.model.{target}.lora_A.weight"]
+        lora_b = adapter[f"base_model.model.{target}.lora_B.weight"]
+        assert lora_a.shape == (r, in_features) and lora_b.shape == (out_features, r), target
+        assert lora_b.abs().sum() > 0, target

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_reloads_and_generates
+from tests.conftest import assert_adapter_trained, assert_full_model_trained, assert_reloads_and_generates
 from tests.test_launchers import FINETUNE, REPO, launcher_env, run_launcher
 
 pytestmark = pytest.mark.slow
@@ -140,12 +140,7 @@ def test_two_nodes_started_by_mpirun(lora_zero2_reference, tiny_chat_model, tmp_
 def test_qlora_with_zero3_saves_a_complete_adapter(tiny_chat_model, tmp_path):
     out = tmp_path / "qlora-zero3"
     assert_ok(train("finetune_qlora_ds.sh", tiny_chat_model, out, "zero3", 2, *run_flags(1)))
-    adapter = trained_tensors(out)
-    base = load_file(str(tiny_chat_model / "model.safetensors"))
-    layers = sum(1 for k in base if k.endswith("self_attn.q_proj.weight"))
-    assert len(adapter) == 2 * 7 * layers
-    assert all(t.numel() > 0 for t in adapter.values())
-    assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    assert_adapter_trained(tiny_chat_model, out)
     run = json.loads((out / "llmft_run.json").read_text())
     assert run["mode"] == "qlora" and run["base_quantization"]["method"] == "bitsandbytes"
     assert_reloads_and_generates(out)
@@ -154,11 +149,7 @@ def test_qlora_with_zero3_saves_a_complete_adapter(tiny_chat_model, tmp_path):
 def test_full_with_zero2_cpu_offload(tiny_chat_model, tmp_path):
     out = tmp_path / "full-zero2-offload"
     assert_ok(train("finetune_ds.sh", tiny_chat_model, out, "zero2_offload", 2, *run_flags(1)))
-    base = load_file(str(tiny_chat_model / "model.safetensors"))
-    trained = trained_tensors(out)
-    assert set(base) <= set(trained)
-    unchanged = [k for k in base if torch.equal(base[k], trained[k])]
-    assert not unchanged, unchanged
+    assert_full_model_trained(tiny_chat_model, out)
     assert_reloads_and_generates(out)
 
 
@@ -184,14 +175,10 @@ def test_base_model_with_added_chatml_tokens_under_zero3(tiny_base_model, tmp_pa
     assert_reloads_and_generates(out)
 
 
-def test_lora_on_gptq_base_with_zero2(tiny_chat_model, tmp_path):
+def test_lora_on_gptq_base_with_zero2(tiny_gptq_model, tmp_path):
     """The way the ZeRO-3 refusal below points to: ZeRO-2 leaves the packed weights whole on every rank."""
-    from tools.run_gptq import run_gptq
-
-    model = tmp_path / "gptq-model"
-    run_gptq(str(tiny_chat_model), str(DATA), model, bits=4, num_samples=16, eval_samples=4)
     out = tmp_path / "lora-on-gptq"
-    assert_ok(train("finetune_lora_ds.sh", model, out, "zero2", 2, *run_flags(1)))
+    assert_ok(train("finetune_lora_ds.sh", tiny_gptq_model, out, "zero2", 2, *run_flags(1)))
     adapter = trained_tensors(out)
     assert adapter and all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
     assert json.loads((out / "llmft_run.json").read_text())["base_quantization"] == {"method": "gptq"}

@@ -194,16 +194,6 @@ def test_resume_from_latest_checkpoint(tiny_chat_model, repeated_data, tmp_path,
     assert steps[-2:] == [5, 6] and 4 in steps  # history carried over from the checkpoint, then two new steps
 
 
-@pytest.fixture(scope="module")
-def tiny_gptq_model(tiny_chat_model, tmp_path_factory):
-    """The tiny chat model quantized to 4-bit GPTQ (group size 128) by tools/run_gptq.py."""
-    from tools.run_gptq import run_gptq
-
-    out = tmp_path_factory.mktemp("models") / "tiny-gptq"
-    run_gptq(str(tiny_chat_model), "examples/conversations.json", out, bits=4, num_samples=16, eval_samples=4)
-    return out
-
-
 @pytest.mark.slow
 def test_lora_on_gptq_base(tiny_gptq_model, repeated_data, tmp_path, run_finetune):
     from peft import AutoPeftModelForCausalLM

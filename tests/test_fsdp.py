@@ -14,7 +14,7 @@ import pytest
 from llmft.args import parse_args
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import check_adapter_complete, check_model_written
-from tests.conftest import assert_reloads_and_generates
+from tests.conftest import assert_adapter_trained, assert_full_model_trained, assert_reloads_and_generates
 from tests.test_launchers import (  # noqa: F401  (data_file is a fixture)
     DISTRIBUTED_LAUNCHERS, DS_CONFIGS, SINGLE_LAUNCHERS, TINY_RUN, data_file, dry_run, entry_args, flag_value,
     launcher_env, run_launcher,
@@ -248,43 +248,18 @@ def train_with_fsdp(name, model, data, out, tmp_path):
 
 @pytest.mark.slow
 def test_full_fine_tuning_with_fsdp_saves_a_whole_trained_model(tiny_chat_model, data_file, tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
     out = tmp_path / "out"
     train_with_fsdp("finetune_ds.sh", tiny_chat_model, data_file, out, tmp_path)
 
-    base = load_file(str(tiny_chat_model / "model.safetensors"))
-    trained = load_file(str(out / "model.safetensors"))
-    assert set(trained) - set(base) <= {"lm_head.weight"}  # the gathered state dict writes the tied head as a copy
-    if "lm_head.weight" in trained:
-        assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])  # still one matrix
-    assert set(base) <= set(trained)
-    assert all(trained[k].shape == v.shape for k, v in base.items())  # gathered whole, not rank 0's shard
-    unchanged = [k for k in base if torch.equal(base[k], trained[k])]
-    assert not unchanged, unchanged
+    assert_full_model_trained(tiny_chat_model, out)  # gathered whole, not rank 0's shard
     assert not (out / ".llmft-saving").exists()
     assert_reloads_and_generates(out)
 
 
 @pytest.mark.slow
 def test_lora_with_fsdp_saves_a_whole_trained_adapter(tiny_chat_model, data_file, tmp_path):
-    from safetensors.torch import load_file
-
     out = tmp_path / "out"
     train_with_fsdp("finetune_lora_ds.sh", tiny_chat_model, data_file, out, tmp_path)
 
-    base = load_file(str(tiny_chat_model / "model.safetensors"))
-    adapter = load_file(str(out / "adapter_model.safetensors"))
-    r = json.loads((out / "adapter_config.json").read_text())["r"]
-    targets = [k.removesuffix(".weight") for k, v in base.items()
-               if k.startswith("model.layers.") and k.endswith("_proj.weight")]
-    assert len(targets) == 7 * sum(1 for k in base if k.endswith("self_attn.q_proj.weight"))
-    assert len(adapter) == 2 * len(targets)
-    for target in targets:
-        out_features, in_features = base[target + ".weight"].shape
-        lora_a = adapter[f"base_model.model.{target}.lora_A.weight"]
-        lora_b = adapter[f"base_model.model.{target}.lora_B.weight"]
-        assert lora_a.shape == (r, in_features) and lora_b.shape == (out_features, r)  # whole, not one rank's shard
-        assert lora_b.abs().sum() > 0  # trained: lora_B starts at zero
+    assert_adapter_trained(tiny_chat_model, out)  # whole, not one rank's shard
     assert_reloads_and_generates(out)
