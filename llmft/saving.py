@@ -33,8 +33,8 @@ def describe_run(model_args, lora_args, quant_args, added_tokens) -> dict:
     if quant_args.q_lora:
         quantization = {"method": "bitsandbytes", "bits": quant_args.quant_bits,
                         "type": quant_args.quant_type if quant_args.quant_bits == 4 else "int8"}
-    elif base_quant_method(model_args):
-        quantization = {"method": base_quant_method(model_args)}
+    elif (method := base_quant_method(model_args)) is not None:
+        quantization = {"method": method}
     mode = "full" if not lora_args.use_lora else ("qlora" if quant_args.q_lora else "lora")
     return {"mode": mode, "base_model": model_args.model_name_or_path, "base_quantization": quantization,
             "added_tokens": list(added_tokens)}
