@@ -21,7 +21,9 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 from llmft.args import parse_args, resume_checkpoint
 from llmft.data.dataset import build_datasets
 from llmft.data.render import IGNORE_INDEX
+from llmft.data.packing import Packing
 from llmft.errors import exit_on_user_error
+from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
 from llmft.saving import describe_run, save_for_inference
 from llmft.trainer import Trainer
@@ -34,18 +36,20 @@ def main(argv=None, callbacks=()):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
+    kernels = choose_kernels(model_args, data_args, training_args)
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
-    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens)
+    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens, kernels.attention)
     if training_args.should_log and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8,
-                                      label_pad_token_id=IGNORE_INDEX)
+    # evaluation pads; training packs when --packing True (llmft/data/packing.py)
+    padding = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+                      data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
+                      processing_class=tokenizer, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
 
     run = describe_run(model_args, lora_args, quant_args, added_tokens)

@@ -74,10 +74,11 @@ def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
     )
 
 
-def build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens=()):
-    """The model ready for the Trainer: loaded, resized for added tokens, prepared for k-bit training and wrapped in
-    LoRA as the arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new
-    rows start untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
+def build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens=(), attention=None):
+    """The model ready for the Trainer: loaded with the `attention` kernel (llmft.kernels; None: the flag, else
+    transformers' default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
+    arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new rows start
+    untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
     if training_args.deepspeed and training_args.use_cpu:
         # CPU ranks: accelerate has started the gloo process group, but ZeRO-3's partitioned loading inside
         # from_pretrained needs DeepSpeed's own communication layer on top of it (a no-op on GPUs).
@@ -93,7 +94,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
         dtype=compute_dtype(training_args),
         device_map=_device_map(training_args) if quantized else None,
         trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=attention or model_args.attn_implementation,
         **load_options,
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
@@ -104,17 +105,30 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
     gc_kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     training_args.gradient_checkpointing_kwargs = gc_kwargs
     if quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training_args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
+        model = _prepare_quantized_base(model, training_args, gc_kwargs)
     if lora_args.use_lora:
         model = apply_lora(model, lora_args, train_embeddings=bool(added_tokens))
         if training_args.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return model
+
+
+def _prepare_quantized_base(model, training_args, gc_kwargs):
+    """A quantized base made ready for adapter training: frozen, with gradient checkpointing as asked.
+
+    PEFT's prepare_model_for_kbit_training also casts every weight that is not quantized (norms, embeddings, output
+    head) to fp32. fp16 training needs that for stability, and gets it. Under bf16 it only turns the hidden states
+    fp32 from the embeddings on, so every elementwise op and every quantized matmul's input runs in fp32; bf16 runs
+    keep the weights in bf16, as bf16 LoRA does."""
+    if compute_dtype(training_args) != torch.bfloat16:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=gc_kwargs)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if training_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     return model
 
 

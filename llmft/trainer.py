@@ -1,4 +1,11 @@
-"""The Trainer finetune.py trains with: transformers' own, plus FSDP on CPU ranks.
+"""The Trainer finetune.py trains with: transformers' own, plus packed micro-batches and FSDP on CPU ranks.
+
+Packing (see llmft/data/packing.py): training micro-batches go through `PackedCollator`; with a token budget their
+samples are chosen by `TokenBudgetBatchSampler` instead of a sample count. Evaluation keeps the padding collator the
+Trainer is given, so eval losses are averaged as transformers always has. Under several ranks the sampler's
+micro-batches are dealt out by accelerate (rank r takes every r-th), and every epoch has the same number of them, a
+multiple of the rank count. Loss normalisation needs nothing of its own: transformers counts the trained targets of
+all micro-batches of an optimizer step (over all ranks) and divides each micro-batch's summed loss by that count.
 
 FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see finetune/common.sh for the choices in that
 file). transformers hands the config to accelerate, which wraps the model with PyTorch's FSDP2 (`fully_shard`) on GPU
@@ -12,13 +19,60 @@ saving as GPU runs.
 from __future__ import annotations
 
 import logging
+import math
+from functools import partial
 
+import torch
 import transformers
+
+from llmft.data.packing import Packing, TokenBudgetBatchSampler, sample_lengths
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer(transformers.Trainer):
+    def __init__(self, *args, packing: Packing | None = None, **kwargs):
+        self.packing = packing
+        super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        if self.packing is None:
+            return super().get_train_dataloader()
+        if self.packing.max_tokens is None:  # the Trainer's own sampler, with the packing collator
+            padding_collator, self.data_collator = self.data_collator, self.packing.collator
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = padding_collator
+        return self._token_budget_dataloader()
+
+    def _token_budget_dataloader(self):
+        # every epoch a whole number of optimizer steps, each of the same micro-batches however many ranks share them
+        args, world = self.args, self.args.world_size
+        lengths = sample_lengths(self.train_dataset)
+        batches_needed = None
+        if args.max_steps > 0:
+            batches_needed = args.max_steps * args.gradient_accumulation_steps * world
+        sampler = TokenBudgetBatchSampler(
+            lengths, self.packing.max_tokens, window=self.packing.window, seed=args.data_seed or args.seed,
+            num_epochs=None if batches_needed else math.ceil(args.num_train_epochs), max_batches=batches_needed,
+            batches_multiple_of=world * args.gradient_accumulation_steps,
+        )
+        if args.should_log:
+            logger.warning("packing: %d samples, %d tokens into %d micro-batches of at most %d tokens an epoch "
+                           "(%d per rank), %.1f%% of the token budget unused", len(lengths), sum(lengths),
+                           len(sampler), sampler.max_tokens, len(sampler) // world, 100 * sampler.unused_share())
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=sampler, collate_fn=self.packing.collator,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context, in_order=args.dataloader_in_order,
+            worker_init_fn=partial(transformers.trainer_utils.seed_worker, num_workers=args.dataloader_num_workers,
+                                   rank=args.process_index),
+        )
+        return self.accelerator.prepare(loader)
+
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if enable_fsdp_on_cpu_ranks(self.accelerator, self.args):
