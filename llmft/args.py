@@ -86,6 +86,13 @@ class DataArguments:
             "budget, smaller ones keep each micro-batch's samples closer to a uniform shuffle."
         },
     )
+    train_turns: Literal["all", "last"] = field(
+        default="all",
+        metadata={
+            "help": "Which assistant turns carry loss when a message does not say (its own \"train\": true/false or "
+            "\"loss_weight\": 1/0 decides otherwise): all of them, or only the last of each conversation."
+        },
+    )
 
 
 @dataclass

@@ -13,14 +13,72 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 
-# ChatML as Qwen2.5-Instruct writes it, without tool calls and without a default system prompt: a system turn
-# appears only when the conversation has one.
+# ChatML as Qwen2.5-Instruct writes it, without a default system prompt: a system turn appears only when the
+# conversation has one, or when tools are given (they are listed in it). Written here from Qwen2.5's format, and
+# tested against Qwen2.5's own template (tests/test_tools_data.py), which renders the same messages alike:
+# - tools: after the system prompt (and a blank line), a "# Tools" section listing each function schema as JSON
+#   inside <tools></tools> and saying how to call them;
+# - an assistant's tool calls: each a <tool_call> block holding {"name": ..., "arguments": ...} as JSON, after its
+#   content if it has any; arguments given as a string are taken to be JSON already;
+# - tool results: consecutive ones in one user turn, each inside <tool_response></tool_response>.
+# Beyond Qwen2.5 (which has no reasoning): an assistant's reasoning_content opens its turn as a <think> block, as
+# Qwen3 writes it, and is kept in every turn, so earlier turns are never rewritten.
 CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] or '' %}"
+    "{%- if message['reasoning_content'] is string %}"
+    "{%- set content = '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' + content %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message['tool_calls'] %}"
+    "{%- if content %}{{- '\\n' + content }}{%- endif %}"
+    "{%- for tool_call in message['tool_calls'] %}"
+    "{%- if tool_call['function'] is defined %}{%- set tool_call = tool_call['function'] %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call['name'] + '\", \"arguments\": ' }}"
+    "{%- if tool_call['arguments'] is string %}{{- tool_call['arguments'] }}"
+    "{%- else %}{{- tool_call['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- else %}{{- '\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# Tokens that end a plain-text document in the vocabularies of common model families (Qwen, GPT-2 and Phi; Llama 3;
+# Gemma; Llama 2 and Mistral), in that order of preference.
+DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<eos>", "</s>")
+
+
+def document_end_token(tokenizer) -> str | None:
+    """The token a plain-text (pre-training style) sample ends with: the first of DOCUMENT_END_TOKENS the tokenizer
+    has, else its EOS. Looked up by name rather than read from `eos_token`, because a chat tokenizer's EOS is the
+    end-of-turn token (Qwen2.5-Instruct ships `<|im_end|>`, and `llmft.model.build_tokenizer` sets it so)."""
+    for token in DOCUMENT_END_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return token
+    return tokenizer.eos_token
+
 
 TEMPLATE_CHOICES = ("auto", "chatml", "tokenizer")
 

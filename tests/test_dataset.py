@@ -99,7 +99,7 @@ RECORDS = [chat_record("Hi", "Hello!", id="a"), chat_record("What is 2 + 3?", "5
 
 
 class RenderSpy:
-    """Counts render_conversation calls and passes them on."""
+    """Counts render_samples calls (one per conversation) and passes them on."""
 
     def __init__(self, render):
         self.render, self.calls = render, 0
@@ -111,8 +111,8 @@ class RenderSpy:
 
 @pytest.fixture
 def render_spy(monkeypatch):
-    spy = RenderSpy(dataset_module.render_conversation)
-    monkeypatch.setattr(dataset_module, "render_conversation", spy)
+    spy = RenderSpy(dataset_module.render_samples)
+    monkeypatch.setattr(dataset_module, "render_samples", spy)
     return spy
 
 
@@ -127,7 +127,7 @@ def test_second_eager_build_renders_nothing_and_returns_identical_rows(bpe_token
     settings = RenderSettings(None, 48, overlong)
     first, first_stats = eager_dataset(path, bpe_tokenizer, settings)
 
-    monkeypatch.setattr(dataset_module, "render_conversation", refuse)
+    monkeypatch.setattr(dataset_module, "render_samples", refuse)
     monkeypatch.setattr(dataset_module, "iter_conversations", refuse)  # nor is the file read again
     second, second_stats = eager_dataset(path, bpe_tokenizer, settings)
 
@@ -303,7 +303,7 @@ def test_no_overlong_sample_counts_nothing(bpe_tokenizer, datasets_cache, tmp_pa
 
 def data_args(**overrides):
     values = dict(data_path=None, eval_data_path=None, lazy_preprocess=False, model_max_length=48,
-                  overlong_samples="truncate", system_prompt=None, preprocessing_num_workers=None)
+                  overlong_samples="truncate", system_prompt=None, preprocessing_num_workers=None, train_turns="all")
     return SimpleNamespace(**{**values, **overrides})
 
 

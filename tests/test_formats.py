@@ -6,19 +6,27 @@ import json
 
 import pytest
 
-from llmft.data.formats import ASSISTANT, SYSTEM, USER, Conversation, Message, load_conversations, parse_record
+from llmft.data.formats import (ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, ToolCall, load_conversations,
+                                parse_record)
 from llmft.errors import DataError
 from tests.conftest import chat_record, write_records
 
-S, U, A = SYSTEM, USER, ASSISTANT
+S, U, A, T = SYSTEM, USER, ASSISTANT, TOOL
 
 # Every test file starts with this record, so the record under test is #1 and its default id is "1", not "0".
 FILLER = chat_record("Hi", "Hello!", id="filler")
 FILLER_CONVERSATION = Conversation("filler", (Message(U, "Hi"), Message(A, "Hello!")))
 
 
-def conversation(id, *messages, text=None):
-    return Conversation(id, tuple(Message(role, content) for role, content in messages), text)
+def conversation(id, *messages, text=None, tools=()):
+    """A Conversation from (role, content) pairs or whole Messages."""
+    return Conversation(id, tuple(m if isinstance(m, Message) else Message(*m) for m in messages), text, tools)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
 FORMATS = {
@@ -67,6 +75,79 @@ FORMATS = {
     "plain-text": (
         {"id": "doc-1", "text": "Once upon a time, a little robot lived in a quiet village."},
         conversation("doc-1", text="Once upon a time, a little robot lived in a quiet village."),
+    ),
+    "openai-content-as-text-parts": (
+        {"messages": [
+            {"role": "user", "content": [{"type": "text", "text": "First part."}, {"type": "text", "value": "Second."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Answer."}]},
+        ]},
+        conversation("1", (U, "First part.\nSecond."), (A, "Answer.")),
+    ),
+    "openai-tools-single-and-parallel-calls": (
+        {"id": "tc", "tools": [WEATHER, TIME], "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny"},
+            {"role": "assistant", "content": "18C and sunny."},
+            {"role": "user", "content": "And Rome, and the time?"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+                {"type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+            {"role": "tool", "name": "get_weather", "content": "22C"},
+            {"role": "tool", "content": "12:00"},
+            {"role": "assistant", "content": "22C in Rome; it is noon."},
+        ]},
+        conversation("tc", (U, "Weather in Paris?"),
+                     Message(A, "", tool_calls=(ToolCall("get_weather", {"city": "Paris"}, "c1"),)),
+                     Message(T, "18C, sunny", tool_call_id="c1"), (A, "18C and sunny."),
+                     (U, "And Rome, and the time?"),
+                     Message(A, "Checking.", tool_calls=(ToolCall("get_weather", {"city": "Rome"}),
+                                                         ToolCall("get_time", {}))),
+                     Message(T, "22C", name="get_weather"), (T, "12:00"), (A, "22C in Rome; it is noon."),
+                     tools=(WEATHER, TIME)),
+    ),
+    "sharegpt-llamafactory-function-call-and-observation": (
+        {"tools": json.dumps([WEATHER["function"]]), "conversations": [
+            {"from": "human", "value": "Weather in Oslo and Bergen?"},
+            {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Oslo"}},
+                                                           {"name": "get_weather", "arguments": "{\"city\": \"Bergen\"}"}])},
+            {"from": "observation", "value": "[\"-2C\", \"3C\"]"},
+            {"from": "gpt", "value": "Oslo -2C, Bergen 3C."},
+            {"from": "human", "value": "Thanks. Again for Oslo?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+            {"from": "observation", "value": "-1C"},
+            {"from": "gpt", "value": "Now -1C."},
+        ]},
+        conversation("1", (U, "Weather in Oslo and Bergen?"),
+                     Message(A, "", tool_calls=(ToolCall("get_weather", {"city": "Oslo"}),
+                                                ToolCall("get_weather", {"city": "Bergen"}))),
+                     (T, '["-2C", "3C"]'), (A, "Oslo -2C, Bergen 3C."), (U, "Thanks. Again for Oslo?"),
+                     Message(A, "", tool_calls=(ToolCall("get_weather", {"city": "Oslo"}),)), (T, "-1C"),
+                     (A, "Now -1C."), tools=(WEATHER,)),
+    ),
+    "tool-call-as-the-last-turn-without-tools": (
+        {"messages": [{"role": "user", "content": "Time?"},
+                      {"role": "assistant", "tool_calls": [{"function": {"name": "get_time", "arguments": "{}"}}]}]},
+        conversation("1", (U, "Time?"), Message(A, "", tool_calls=(ToolCall("get_time", {}),))),
+    ),
+    "openai-reasoning-content": (
+        {"messages": [{"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"}]},
+        conversation("1", (U, "2+2?"), Message(A, "4", reasoning="Two and two.")),
+    ),
+    "think-block-in-content": (
+        {"conversations": [{"from": "user", "value": "2+3?"},
+                           {"from": "assistant", "value": "<think>\nTwo and three.\n</think>\n\n5"}]},
+        conversation("1", (U, "2+3?"), Message(A, "5", reasoning="Two and three.")),
+    ),
+    "per-message-train-and-loss-weight": (
+        {"messages": [{"role": "user", "content": "a", "train": False}, {"role": "assistant", "content": "b",
+                                                                         "train": False},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "loss_weight": 1.0},
+                      {"role": "user", "content": "e"}, {"role": "assistant", "content": "f", "loss_weight": 0}]},
+        conversation("1", (U, "a"), Message(A, "b", train=False), (U, "c"), Message(A, "d", train=True), (U, "e"),
+                     Message(A, "f", train=False)),
     ),
     "plain-text-without-id": (
         {"text": "Water boils at 100 degrees."},
@@ -123,6 +204,24 @@ def turns(*pairs):
     return [{"from": role, "value": value} for role, value in pairs]
 
 
+def call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_record(tool_call, tools=None, results=1, result_id=None, result_name=None):
+    """user -> assistant calling `tool_call` -> `results` tool results -> assistant."""
+    result = {"role": "tool", "content": "r"}
+    if result_id:
+        result["tool_call_id"] = result_id
+    if result_name:
+        result["name"] = result_name
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [tool_call]},
+                           *[result] * results, {"role": "assistant", "content": "b"}]}
+    if tools is not None:
+        record["tools"] = tools
+    return record
+
+
 # (bad record, a fragment the message must contain); each bad record is written as record #2 of its file.
 BAD_RECORDS = {
     "not-an-object-list": (["user", "hi"], "expected a JSON object, got list"),
@@ -156,10 +255,78 @@ BAD_RECORDS = {
     "non-string-system-field": ({"system": 3, "conversations": turns(("user", "a"), ("assistant", "b"))},
                                 "'system' must be a string"),
     "non-string-content": ({"conversations": turns(("user", 42), ("assistant", "b"))},
-                           "turn 0: content must be a string, got int"),
-    "content-parts-list": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                           "turn 0: content must be a string or a list of text parts, got int"),
+    "content-not-text": ({"conversations": turns(("user", {"text": "a"}), ("assistant", "b"))},
+                         "turn 0: content must be a string or a list of text parts, got dict"),
+    "content-image-part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
                                          {"role": "assistant", "content": "b"}]},
-                           "turn 0: content must be a string, got list"),
+                           "turn 0: content part 0 (type 'image_url') is not a text part"),
+    **{f"tool-{name}": value for name, value in {
+        "arguments-not-json": (tool_record(call("get_weather", '{"city": Paris}')),
+                               "turn 1: tool call 0 ('get_weather'): arguments are not valid JSON (Expecting value "
+                               "at column 10): '{\"city\": Paris}'"),
+        "arguments-not-an-object": (tool_record(call("get_weather", '["Paris"]')),
+                                    "turn 1: tool call 0 ('get_weather'): arguments must be a JSON object, got list"),
+        "call-without-arguments": (tool_record({"type": "function", "function": {"name": "get_weather"}}),
+                                   "turn 1: tool call 0 ('get_weather') has no 'arguments'"),
+        "call-without-name": (tool_record({"function": {"arguments": "{}"}}), "turn 1: tool call 0 needs a function 'name'"),
+        "unknown-tool": (tool_record(call("get_wether", "{}"), tools=[WEATHER]),
+                         "turn 1 calls 'get_wether', which the record's tools do not define (they define "
+                         "'get_weather')"),
+        "result-without-call": ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r"},
+                                              {"role": "assistant", "content": "b"}]},
+                                "turn 1: a tool result with no tool call before it"),
+        "result-after-a-plain-answer": ({"messages": [{"role": "user", "content": "a"},
+                                                      {"role": "assistant", "content": "b"},
+                                                      {"role": "tool", "content": "r"}]},
+                                        "turn 2: a tool result with no tool call before it"),
+        "more-results-than-calls": (tool_record(call("get_weather", "{}"), results=2),
+                                    "turn 3: 2 tool results answer turn 1's 1 tool call"),
+        "call-without-result": ({"messages": [{"role": "user", "content": "a"},
+                                              {"role": "assistant", "tool_calls": [call("get_weather", "{}")]},
+                                              {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+                                "turn 2: the tool calls of turn 1 have no result (expected a tool turn, got user)"),
+        "result-id-matches-no-call": (tool_record({**call("get_weather", "{}"), "id": "c1"}, result_id="c2"),
+                                      "turn 2: tool_call_id 'c2' matches no call of turn 1 (its ids: 'c1')"),
+        "result-names-another-function": (tool_record(call("get_weather", "{}"), result_name="get_time"),
+                                          "turn 2: a result of 'get_time', which turn 1 does not call"),
+        "function-call-value-not-json": ({"conversations": [{"from": "human", "value": "a"},
+                                                            {"from": "function_call", "value": "get_weather(Paris)"},
+                                                            {"from": "observation", "value": "r"},
+                                                            {"from": "gpt", "value": "b"}]},
+                                         "turn 1: a function_call value must be JSON"),
+        "tools-string-not-json": ({**tool_record(call("get_weather", "{}")), "tools": "[{name: x}]"},
+                                  "'tools' is a string but not valid JSON"),
+        "tool-schema-without-name": ({**tool_record(call("get_weather", "{}")), "tools": [{"type": "function"}]},
+                                     "tool 0 must be a function schema with a name"),
+        "tool-calls-on-a-user-turn": ({"messages": [{"role": "user", "content": "a", "tool_calls": [call("x", "{}")]},
+                                                    {"role": "assistant", "content": "b"}]},
+                                      "turn 0: only assistant turns may have 'tool_calls'"),
+    }.items()},
+    "reasoning-twice": ({"messages": [{"role": "user", "content": "a"},
+                                      {"role": "assistant", "reasoning_content": "r", "content": "<think>r</think>b"}]},
+                        "turn 1: has both 'reasoning_content' and a <think> block in its content"),
+    "think-not-closed": ({"conversations": turns(("user", "a"), ("assistant", "<think>hmm"))},
+                         "turn 1: <think> without </think>"),
+    "text-before-think": ({"conversations": turns(("user", "a"), ("assistant", "So <think>r</think> b"))},
+                          "turn 1: text before <think>"),
+    "loss-weight-not-0-or-1": ({"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b", "loss_weight": 0.5}]},
+                               "turn 1: loss_weight 0.5 is not supported: use 1 (trained) or 0 (not trained); "
+                               "weighted loss is not implemented"),
+    "train-not-a-bool": ({"messages": [{"role": "user", "content": "a"},
+                                       {"role": "assistant", "content": "b", "train": "yes"}]},
+                         "turn 1: 'train' must be true or false, got 'yes'"),
+    "train-contradicts-loss-weight": ({"messages": [{"role": "user", "content": "a"},
+                                                    {"role": "assistant", "content": "b", "train": True,
+                                                     "loss_weight": 0}]},
+                                      "turn 1: 'train' true contradicts loss_weight 0"),
+    "user-turn-trained": ({"messages": [{"role": "user", "content": "a", "train": True},
+                                        {"role": "assistant", "content": "b"}]},
+                          "turn 0: only assistant turns can be trained, not a user turn"),
+    "nothing-trained": ({"messages": [{"role": "user", "content": "a"},
+                                      {"role": "assistant", "content": "b", "train": False}]},
+                        "every assistant turn says train false (or loss_weight 0), so nothing to train on"),
     "empty-text": ({"text": "   "}, "'text' must be a non-empty string"),
     "unknown-record-format": ({"prompt": "a", "completion": "b"}, "unknown record format (keys ["),
 }

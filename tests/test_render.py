@@ -9,8 +9,7 @@ import os
 import pytest
 
 from llmft.data.formats import Conversation, Message, parse_record
-from llmft.data.render import IGNORE_INDEX, render_conversation, render_prompt
-from llmft.errors import DataError
+from llmft.data.render import IGNORE_INDEX, render_conversation, render_prompt, render_samples
 from tests.conftest import chat_record
 
 IGNORE = IGNORE_INDEX
@@ -140,24 +139,85 @@ def test_truncation_inside_the_first_answer_and_drop(bpe_tokenizer):
     assert render_conversation(conversation, bpe_tokenizer, max_length=prompt_length) is None
 
 
-def test_plain_text_trains_every_token_and_ends_with_eos(bpe_tokenizer):
+def test_plain_text_trains_every_token_and_ends_with_the_document_end_token(bpe_tokenizer):
+    # The chat tokenizer's EOS is <|im_end|> (the end of a turn); a document ends with <|endoftext|>.
     sample = render_conversation(Conversation(id="p", text="Plain text for pre-training."), bpe_tokenizer)
     assert sample.labels == sample.input_ids
-    assert sample.input_ids[-1] == bpe_tokenizer.eos_token_id
+    assert bpe_tokenizer.eos_token == "<|im_end|>"
+    assert sample.input_ids[-1] == bpe_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert bpe_tokenizer.decode(sample.input_ids[:-1]) == "Plain text for pre-training."
 
 
-def test_template_that_rewrites_history_is_refused(bpe_tokenizer):
+def test_plain_text_on_qwen_vocab_ends_with_endoftext(qwen_tokenizer, reference_qwen):
+    sample = render_conversation(Conversation(id="p", text="Once upon a time."), qwen_tokenizer)
+    assert sample.input_ids == reference_qwen("Once upon a time.<|endoftext|>")
+    assert sample.input_ids[-1] == 151643 and sample.labels == sample.input_ids
+
+
+REWRITING_TEMPLATE = (  # like Qwen3's: earlier assistant turns are rendered differently from the last one
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and not loop.last %}[old]{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_template_that_rewrites_history_gives_one_sample_per_trained_turn(bpe_tokenizer):
     import copy
 
     rewriting = copy.deepcopy(bpe_tokenizer)
-    # like Qwen3's template: earlier assistant turns are rendered differently from the last one
-    rewriting.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-        "{% if m.role == 'assistant' and not loop.last %}[old]{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    rewriting.chat_template = REWRITING_TEMPLATE
     conversation = Conversation(id="r", messages=(Message("user", "a"), Message("assistant", "b"),
                                                   Message("user", "c"), Message("assistant", "d")))
-    with pytest.raises(DataError, match="sample r: the chat template"):
-        render_conversation(conversation, rewriting)
+    first, second = render_samples(conversation, rewriting)
+    pieces = [(chatml("user", "a") + "<|im_start|>assistant\n", False), ("b<|im_end|>", True), ("\n", False)]
+    assert (first.input_ids, first.labels) == expected_from_pieces(bpe_encode(bpe_tokenizer), pieces)
+    # the second sample shows turn 1 as the template renders it at turn 3 ("[old]"), untrained
+    pieces = [(chatml("user", "a") + chatml("assistant", "[old]") + chatml("user", "c") + "<|im_start|>assistant\n",
+               False), ("d<|im_end|>", True), ("\n", False)]
+    assert (second.input_ids, second.labels) == expected_from_pieces(bpe_encode(bpe_tokenizer), pieces)
+    assert (first.trained_turns, second.trained_turns) == (1, 1)
+    # render_conversation keeps the last: the whole conversation as inference renders it at its last turn
+    assert render_conversation(conversation, rewriting) == second
+    # with --train_turns last only that sample is left
+    assert render_samples(conversation, rewriting, train_turns="last") == [second]
+
+
+def bpe_encode(tokenizer):
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_train_turns_last_and_per_message_train(bpe_tokenizer):
+    record = {"messages": [{"role": "user", "content": "one?"}, {"role": "assistant", "content": "One."},
+                           {"role": "user", "content": "two?"}, {"role": "assistant", "content": "Two."},
+                           {"role": "user", "content": "three?"}, {"role": "assistant", "content": "Three."}]}
+
+    def trained(record, **options):
+        sample, = render_samples(parse_record(record), bpe_tokenizer, **options)
+        return trained_spans(bpe_tokenizer, sample)
+
+    assert trained(record) == ["One.<|im_end|>", "Two.<|im_end|>", "Three.<|im_end|>"]
+    assert trained(record, train_turns="last") == ["Three.<|im_end|>"]
+    record["messages"][1]["train"] = False
+    record["messages"][3]["loss_weight"] = 1
+    assert trained(record) == ["Two.<|im_end|>", "Three.<|im_end|>"]
+    assert trained(record, train_turns="last") == ["Two.<|im_end|>", "Three.<|im_end|>"]
+    record["messages"][5]["loss_weight"] = 0.0
+    assert trained(record, train_turns="last") == ["Two.<|im_end|>"]
+    # untrained turns stay in the sample as context, whole
+    sample, = render_samples(parse_record(record), bpe_tokenizer)
+    assert bpe_tokenizer.decode(sample.input_ids) == "".join(
+        chatml(m["role"], m["content"]) for m in record["messages"])
+
+
+def trained_spans(tokenizer, sample) -> list[str]:
+    spans, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    if current:
+        spans.append(tokenizer.decode(current))
+    return spans

@@ -22,12 +22,12 @@ import datasets
 import torch
 
 from llmft.data.formats import iter_conversations, parse_record
-from llmft.data.render import IGNORE_INDEX, render_conversation
+from llmft.data.render import IGNORE_INDEX, render_samples, sample_texts
 from llmft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-RENDER_VERSION = "1"  # bump when rendering changes, so cached tokenizations are not reused
+RENDER_VERSION = "2"  # bump when rendering changes, so cached tokenizations are not reused
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,18 @@ class RenderSettings:
     default_system: str | None
     max_length: int
     overlong: str
+    train_turns: str = "all"
 
     @classmethod
     def from_args(cls, data_args) -> "RenderSettings":
-        return cls(data_args.system_prompt, data_args.model_max_length, data_args.overlong_samples)
+        return cls(data_args.system_prompt, data_args.model_max_length, data_args.overlong_samples,
+                   data_args.train_turns)
+
+    def render(self, conversation, tokenizer, *, cut: bool = True):
+        """The conversation's samples under these settings (`cut=False`: at full length)."""
+        return render_samples(conversation, tokenizer, default_system=self.default_system,
+                              train_turns=self.train_turns, max_length=self.max_length if cut else None,
+                              overlong=self.overlong)
 
 
 @dataclass
@@ -48,10 +56,16 @@ class DataStats:
     dropped: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    split_conversations: int = 0  # conversations that became several samples (the template rewrites history)
+    split_samples: int = 0  # the samples those conversations became
 
     def summary(self, name: str) -> str:
         share = self.trained_tokens / self.tokens if self.tokens else 0.0
-        return (f"{name}: {self.samples} samples, {self.tokens} tokens ({share:.1%} trained), "
+        split = ""
+        if self.split_conversations:
+            split = (f" ({self.split_conversations} conversations became {self.split_samples} samples, one per "
+                     "trained turn, because the chat template renders earlier turns differently later)")
+        return (f"{name}: {self.samples} samples{split}, {self.tokens} tokens ({share:.1%} trained), "
                 f"{self.truncated} truncated, {self.dropped} dropped as over-long")
 
 
@@ -92,16 +106,17 @@ def _records(path: str, stamp: str):
 
 
 def _render_batch(batch, tokenizer, settings: RenderSettings):
-    out = {"input_ids": [], "labels": [], "truncated": [], "dropped": []}
+    """One row per sample; `parts` is the number of samples a conversation became, on its first row (0 after)."""
+    out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "parts": []}
     for raw in batch["record"]:
         record = json.loads(raw)
-        sample = render_conversation(parse_record(record, default_id=record["id"]), tokenizer,
-                                     default_system=settings.default_system, max_length=settings.max_length,
-                                     overlong=settings.overlong)
-        out["input_ids"].append(sample.input_ids if sample else [])
-        out["labels"].append(sample.labels if sample else [])
-        out["truncated"].append(bool(sample and sample.truncated))
-        out["dropped"].append(sample is None)
+        samples = settings.render(parse_record(record, default_id=record["id"]), tokenizer)
+        for part, sample in enumerate(samples):
+            out["input_ids"].append(sample.input_ids if sample else [])
+            out["labels"].append(sample.labels if sample else [])
+            out["truncated"].append(bool(sample and sample.truncated))
+            out["dropped"].append(sample is None)
+            out["parts"].append(0 if part else len(samples))
     return out
 
 
@@ -123,12 +138,14 @@ def eager_dataset(path: str, tokenizer, settings: RenderSettings, num_proc: int 
         raise
     except Exception as e:
         raise _data_error_inside(e) from None
-    stats = DataStats(samples=len(rendered), truncated=sum(rendered["truncated"]), dropped=sum(rendered["dropped"]))
+    split = [parts for parts in rendered["parts"] if parts > 1]
+    stats = DataStats(samples=len(rendered), truncated=sum(rendered["truncated"]), dropped=sum(rendered["dropped"]),
+                      split_conversations=len(split), split_samples=sum(split))
     if stats.dropped:
         rendered = rendered.filter(lambda dropped: not dropped, input_columns="dropped",
                                    new_fingerprint=fingerprint + "-kept")
     stats.samples = len(rendered)
-    rendered = rendered.remove_columns(["truncated", "dropped"])
+    rendered = rendered.remove_columns(["truncated", "dropped", "parts"])
     for labels in rendered.with_format("numpy")["labels"]:
         stats.tokens += len(labels)
         stats.trained_tokens += int((labels != IGNORE_INDEX).sum())
@@ -164,11 +181,25 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         self.stats = DataStats(samples=len(self.offsets))
 
     def _write_spool(self, path: str) -> None:
+        """One line per sample: {"part": j, "record": ...}; a conversation the template splits (see
+        llmft.data.render) has a line for each of its samples, counted by rendering its text (not tokenizing it)."""
         partial = f"{self.spool}.{os.getpid()}.partial"
+        settings, split = self.settings, []
         with open(partial, "w", encoding="utf-8") as out:
             for conversation in iter_conversations(path):
-                out.write(json.dumps(conversation.to_record(), ensure_ascii=False) + "\n")
+                parts = 1
+                if not conversation.is_plain_text:
+                    parts = max(1, len(sample_texts(conversation, self.tokenizer, default_system=settings.default_system,
+                                                    train_turns=settings.train_turns)))
+                record = conversation.to_record()
+                for part in range(parts):
+                    out.write(json.dumps({"part": part, "record": record}, ensure_ascii=False) + "\n")
+                if parts > 1:
+                    split.append(parts)
         os.replace(partial, self.spool)  # a crash mid-way leaves no spool that looks complete
+        if split:
+            logger.warning("%s: %d conversations became %d samples, one per trained turn, because the chat template "
+                           "renders earlier turns differently later", path, len(split), sum(split))
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -176,17 +207,16 @@ class LazyConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         with open(self.spool, "rb") as f:
             f.seek(self.offsets[index])
-            record = json.loads(f.readline())
-        conversation = parse_record(record, default_id=record["id"])
-        settings = self.settings
-        sample = render_conversation(conversation, self.tokenizer, default_system=settings.default_system,
-                                     max_length=settings.max_length, overlong=settings.overlong)
+            entry = json.loads(f.readline())
+        conversation = parse_record(entry["record"], default_id=entry["record"]["id"])
+        settings, part = self.settings, entry["part"]
+        sample = settings.render(conversation, self.tokenizer)[part]
         if sample is None:
             # The prompt alone is longer than max_length. Eager mode drops such a sample; here the trainer already
             # counts on it, so it stays, cut to length and carrying no loss.
             logger.warning("sample %s: its prompt alone exceeds %d tokens; it trains nothing",
                            conversation.id, settings.max_length)
-            sample = render_conversation(conversation, self.tokenizer, default_system=settings.default_system)
+            sample = settings.render(conversation, self.tokenizer, cut=False)[part]
             sample.input_ids = sample.input_ids[: settings.max_length]
             sample.labels = [IGNORE_INDEX] * len(sample.input_ids)
         return {"input_ids": sample.input_ids, "labels": sample.labels}

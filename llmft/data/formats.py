@@ -1,12 +1,26 @@
 """Reading conversation files into one internal type, `Conversation`.
 
-Accepted files: a JSON list of records, or JSONL (one record a line). Accepted records:
+Accepted files: a JSON list of records, or JSONL (one record a line); formats may be mixed in one file. Records:
 
 - Qwen / ShareGPT: `{"id", "conversations": [{"from": "user"|"assistant"|"system", "value": ...}]}`, with the
-  ShareGPT aliases `human`/`gpt`, and an optional record-level `"system"`.
-- OpenAI: `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}`.
+  ShareGPT aliases `human`/`gpt`, and an optional record-level `"system"`. LLaMA-Factory's tool turns are read too:
+  `function_call` (the value is a JSON call `{"name", "arguments"}` or a list of them) and `observation` (a tool
+  result), with the tool schemas in a record-level `"tools"` (a list, or a JSON string of one).
+- OpenAI: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}], "tools"?: [...]}`; an
+  assistant message may carry `tool_calls` (`{"type": "function", "function": {"name", "arguments"}}`, arguments an
+  object or a JSON string of one, several per message) and `reasoning_content`; `content` may be a list of text
+  parts (`{"type": "text", "text": ...}`, or `"value"` for `"text"`), which are joined with newlines as vLLM does.
 - Alpaca: `{"instruction", "input"?, "output", "system"?}`.
 - Plain text for continued pre-training: `{"text": ...}` (every token carries loss).
+
+Reasoning given as a `<think>...</think>` block at the start of an assistant's content is read as its
+`reasoning_content`, so every template sees it the one way it understands. A message may say whether it is trained:
+`"train": true|false` or `"loss_weight": 1|0` (other weights are refused: weighted loss is not implemented); without
+either, `--train_turns` decides (see `llmft.data.render`).
+
+Tool data is checked: a call's arguments must be a JSON object, a tool result must answer a call of the assistant
+turn before it (and its `tool_call_id` / `name`, when given, must match one), and when the record lists `tools`, a
+call to a function not among them is an error (it would teach the model to call tools it was never shown).
 
 Every problem is reported as a `DataError` that names the file and the record (its `id` when it has one, its
 position and line otherwise), so a bad record in a million is found in seconds.
@@ -16,12 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from llmft.errors import DataError
 
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
+FUNCTION_CALL = "function_call"  # LLaMA-Factory's ShareGPT role for an assistant turn that calls tools
 
 ROLE_ALIASES = {
     "system": SYSTEM,
@@ -32,26 +47,67 @@ ROLE_ALIASES = {
     "chatgpt": ASSISTANT,
     "bot": ASSISTANT,
     "model": ASSISTANT,
+    "tool": TOOL,
+    "observation": TOOL,  # LLaMA-Factory
+    "function": TOOL,  # OpenAI's legacy role for a function's result
+    FUNCTION_CALL: FUNCTION_CALL,
 }
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict = field(default_factory=dict)  # the parsed JSON object
+    id: str | None = None
+
+    def as_dict(self) -> dict:
+        """OpenAI's shape, arguments as an object (Qwen2.5's and Llama 3's templates serialise it themselves)."""
+        call = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        if self.id is not None:
+            call["id"] = self.id
+        return call
 
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # one of SYSTEM, USER, ASSISTANT
+    role: str  # one of SYSTEM, USER, ASSISTANT, TOOL
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant only
+    reasoning: str | None = None  # assistant only: its reasoning_content
+    train: bool | None = None  # assistant only: the message's own say; None leaves it to --train_turns
+    name: str | None = None  # tool results: the function that produced it, when the data says
+    tool_call_id: str | None = None  # tool results: the call it answers, when the data says
+
+    def as_dict(self) -> dict:
+        """The message as chat templates read it (OpenAI's keys); `train` is llmft's business, not the template's."""
+        message = {"role": self.role, "content": self.content}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_dict() for call in self.tool_calls]
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass(frozen=True)
 class Conversation:
-    """One training sample.
+    """One record.
 
-    A chat sample has `messages`: an optional system message, then user and assistant messages alternating, starting
-    with the user and holding at least one assistant message. A plain-text sample has `text` and no messages.
+    A chat record has `messages`: an optional system message, then user turns each answered by the assistant, where
+    an assistant turn that calls tools is followed by the tools' results and then the assistant again; it holds at
+    least one assistant message. `tools` are the function schemas the model is shown, in OpenAI's shape
+    (`{"type": "function", "function": {...}}`), empty when none are given. A plain-text record has `text` only.
     """
 
     id: str
     messages: tuple[Message, ...] = ()
     text: str | None = None
+    tools: tuple[dict, ...] = ()
 
     @property
     def is_plain_text(self) -> bool:
@@ -59,7 +115,7 @@ class Conversation:
 
     def as_dicts(self, default_system: str | None = None) -> list[dict]:
         """Messages as `apply_chat_template` takes them; `default_system` fills in a missing system message."""
-        dicts = [{"role": m.role, "content": m.content} for m in self.messages]
+        dicts = [m.as_dict() for m in self.messages]
         if default_system and (not dicts or dicts[0]["role"] != SYSTEM):
             dicts.insert(0, {"role": SYSTEM, "content": default_system})
         return dicts
@@ -68,7 +124,16 @@ class Conversation:
         """The canonical OpenAI-style record; `parse_record` reads it back to an equal Conversation."""
         if self.is_plain_text:
             return {"id": self.id, "text": self.text}
-        return {"id": self.id, "messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        messages = []
+        for m in self.messages:
+            message = m.as_dict()
+            if m.train is not None:
+                message["train"] = m.train
+            messages.append(message)
+        record = {"id": self.id, "messages": messages}
+        if self.tools:
+            record["tools"] = list(self.tools)
+        return record
 
 
 def load_conversations(path: str) -> list[Conversation]:
@@ -148,6 +213,7 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
 
     if "conversations" in record or "messages" in record:
         key = "conversations" if "conversations" in record else "messages"
+        tools = _parse_tools(record.get("tools"), where)
         messages = _parse_turns(record[key], key, where)
         system = record.get("system")
         if system is not None:
@@ -157,8 +223,8 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
                 raise DataError(f"{where}: has both a 'system' field and a system turn")
             if system:
                 messages = (Message(SYSTEM, system),) + messages
-        _check_order(messages, where)
-        return Conversation(id=record_id, messages=messages)
+        _check_order(messages, tools, where)
+        return Conversation(id=record_id, messages=messages, tools=tools)
     if "instruction" in record and "output" in record:
         return Conversation(id=record_id, messages=_parse_alpaca(record, where))
     if "text" in record:
@@ -172,25 +238,196 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
     )
 
 
+def _parse_tools(tools: object, where: str) -> tuple[dict, ...]:
+    """The record's function schemas in OpenAI's shape; LLaMA-Factory's bare `{"name", ...}` functions are wrapped."""
+    if tools is None or tools == "":
+        return ()
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of function schemas, got {type(tools).__name__}")
+    schemas = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and "function" not in tool and "name" in tool:
+            tool = {"type": "function", "function": tool}
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(f"{where}: tool {i} must be a function schema with a name "
+                            "({\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}})")
+        schemas.append(tool)
+    return tuple(schemas)
+
+
+def tool_names(tools: tuple[dict, ...]) -> list[str]:
+    return [tool["function"]["name"] for tool in tools]
+
+
 def _parse_turns(turns: object, key: str, where: str) -> tuple[Message, ...]:
     if not isinstance(turns, list):
         raise DataError(f"{where}: '{key}' must be a list of turns")
     if not turns:
         raise DataError(f"{where}: empty conversation")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: turn {i} must be an object")
-        role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
-        if role is None or content is None:
-            raise DataError(f"{where}: turn {i} needs 'from' and 'value' (or 'role' and 'content'); has {sorted(turn)}")
-        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
-            raise DataError(f"{where}: turn {i}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: turn {i}: content must be a string, got {type(content).__name__}")
-        messages.append(Message(ROLE_ALIASES[role.lower()], content))
-    return tuple(messages)
+    return tuple(_parse_turn(turn, i, f"{where}: turn {i}") for i, turn in enumerate(turns))
+
+
+def _parse_turn(turn: object, i: int, where: str) -> Message:
+    if not isinstance(turn, dict):
+        raise DataError(f"{where} must be an object")
+    role = turn.get("from", turn.get("role"))
+    content = turn.get("value", turn.get("content"))
+    tool_calls = turn.get("tool_calls")
+    if content is None and tool_calls:
+        content = ""  # OpenAI: an assistant message that only calls tools has null content
+    if role is None or content is None:
+        raise DataError(f"{where} needs 'from' and 'value' (or 'role' and 'content'); has {sorted(turn)}")
+    if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+        raise DataError(f"{where}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
+    role = ROLE_ALIASES[role.lower()]
+    content = _text_of(content, where)
+    train = _train_flag(turn, where)
+
+    if role == FUNCTION_CALL:
+        if tool_calls:
+            raise DataError(f"{where}: a function_call turn holds its calls in its value, not in 'tool_calls'")
+        calls = _parse_function_call_value(content, where)
+        return Message(ASSISTANT, "", tool_calls=calls, train=train)
+    if role != ASSISTANT:
+        for name in ("tool_calls", "reasoning_content"):
+            if turn.get(name):
+                raise DataError(f"{where}: only assistant turns may have '{name}'")
+        if train:
+            raise DataError(f"{where}: only assistant turns can be trained, not a {role} turn")
+    if role == TOOL:
+        name, call_id = turn.get("name"), turn.get("tool_call_id")
+        for label, value in (("name", name), ("tool_call_id", call_id)):
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{where}: '{label}' must be a string")
+        return Message(TOOL, content, name=name, tool_call_id=call_id)
+    if role != ASSISTANT:
+        return Message(role, content)
+
+    calls = ()
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list):
+            raise DataError(f"{where}: 'tool_calls' must be a list")
+        calls = tuple(_parse_tool_call(call, j, where) for j, call in enumerate(tool_calls))
+    reasoning = turn.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise DataError(f"{where}: 'reasoning_content' must be a string")
+    content, inline = _split_think(content, where)
+    if inline is not None:
+        if reasoning is not None:
+            raise DataError(f"{where}: has both 'reasoning_content' and a {THINK_OPEN} block in its content")
+        reasoning = inline
+    return Message(ASSISTANT, content, tool_calls=calls, reasoning=reasoning, train=train)
+
+
+def _text_of(content: object, where: str) -> str:
+    """A message's text: a string as is, a list of text parts joined with newlines (as vLLM joins them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(text, str):
+            what = f"type {kind!r}" if kind is not None else type(part).__name__
+            raise DataError(f"{where}: content part {j} ({what}) is not a text part: only text parts "
+                            "({\"type\": \"text\", \"text\": ...}) are supported")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _train_flag(turn: dict, where: str) -> bool | None:
+    """The message's own training switch: `train` (true/false) or `loss_weight` (1/0); None when it has neither."""
+    train = turn.get("train")
+    if train is not None and not isinstance(train, bool):
+        raise DataError(f"{where}: 'train' must be true or false, got {train!r}")
+    weight = turn.get("loss_weight")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise DataError(f"{where}: loss_weight {weight!r} is not supported: use 1 (trained) or 0 (not trained); "
+                            "weighted loss is not implemented")
+        if train is not None and train != bool(weight):
+            raise DataError(f"{where}: 'train' {str(train).lower()} contradicts loss_weight {weight}")
+        train = bool(weight)
+    return train
+
+
+def _parse_tool_call(call: object, j: int, where: str) -> ToolCall:
+    if not isinstance(call, dict):
+        raise DataError(f"{where}: tool call {j} must be an object")
+    function = call.get("function", call)  # OpenAI nests it under "function"; some datasets do not
+    if call.get("type", "function") != "function" or not isinstance(function, dict):
+        raise DataError(f"{where}: tool call {j} must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                        "\"arguments\"}}}}")
+    call_id = call.get("id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise DataError(f"{where}: tool call {j}: 'id' must be a string")
+    return _tool_call(function, f"{where}: tool call {j}", call_id)
+
+
+def _tool_call(function: dict, where: str, call_id: str | None = None) -> ToolCall:
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where} needs a function 'name'")
+    if "arguments" not in function:
+        raise DataError(f"{where} ({name!r}) has no 'arguments' (give {{}} for a call without any)")
+    arguments = function["arguments"]
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} ({name!r}): arguments are not valid JSON ({e.msg} at column {e.colno}): "
+                            f"{_clip(function['arguments'])}") from None
+    if not isinstance(arguments, dict):
+        raise DataError(f"{where} ({name!r}): arguments must be a JSON object, got {type(arguments).__name__}")
+    return ToolCall(name, arguments, call_id)
+
+
+def _parse_function_call_value(value: str, where: str) -> tuple[ToolCall, ...]:
+    """LLaMA-Factory's function_call turn: its value is a JSON call, or a JSON list of calls for parallel ones."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: a function_call value must be JSON {{\"name\", \"arguments\"}} (or a list of "
+                        f"them); not valid JSON ({e.msg} at column {e.colno}): {_clip(value)}") from None
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    if not calls or not all(isinstance(c, dict) for c in calls):
+        raise DataError(f"{where}: a function_call value must be a JSON object {{\"name\", \"arguments\"}} or a "
+                        "non-empty list of them")
+    return tuple(_tool_call(c, f"{where}: call {j}" if len(calls) > 1 else where) for j, c in enumerate(calls))
+
+
+def _split_think(content: str, where: str) -> tuple[str, str | None]:
+    """(content, reasoning) of an assistant's content that may open with a <think>...</think> block, split as Qwen3's
+    template splits it; reasoning is None when there is no block."""
+    if THINK_CLOSE not in content:
+        if THINK_OPEN in content:
+            raise DataError(f"{where}: {THINK_OPEN} without {THINK_CLOSE}")
+        return content, None
+    if content.count(THINK_CLOSE) > 1 or content.count(THINK_OPEN) > 1:
+        raise DataError(f"{where}: more than one {THINK_OPEN}...{THINK_CLOSE} block")
+    before, after = content.split(THINK_CLOSE)
+    if THINK_OPEN in before:
+        lead, before = before.split(THINK_OPEN)
+        if lead.strip():
+            raise DataError(f"{where}: text before {THINK_OPEN}: the reasoning block must open the answer")
+    elif THINK_OPEN in after:
+        raise DataError(f"{where}: {THINK_CLOSE} before {THINK_OPEN}")
+    return after.lstrip("\n"), before.strip("\n")
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _parse_alpaca(record: dict, where: str) -> tuple[Message, ...]:
@@ -207,16 +444,56 @@ def _parse_alpaca(record: dict, where: str) -> tuple[Message, ...]:
     return tuple(messages)
 
 
-def _check_order(messages: tuple[Message, ...], where: str) -> None:
-    turns = messages[1:] if messages and messages[0].role == SYSTEM else messages
+def _check_order(messages: tuple[Message, ...], tools: tuple[dict, ...], where: str) -> None:
+    """Turns go user -> assistant -> user ..., except that an assistant turn with tool calls is followed by their
+    results (one tool turn per call at most) and then by the assistant again."""
+    offset = 1 if messages and messages[0].role == SYSTEM else 0
+    turns = messages[offset:]
     if not turns:
         raise DataError(f"{where}: empty conversation (no user or assistant turn)")
+    known = tool_names(tools)
+    previous = None  # the last user or assistant message
+    calls, call_turn, results = (), 0, 0  # the open tool calls, the turn that made them, results seen so far
     for i, message in enumerate(turns):
-        expected = USER if i % 2 == 0 else ASSISTANT
+        position = i + offset
+        if message.role == SYSTEM:
+            raise DataError(f"{where}: turn {position}: a system turn may only come first")
+        if message.role == TOOL:
+            if not calls:
+                raise DataError(f"{where}: turn {position}: a tool result with no tool call before it (the tool "
+                                "results must follow the assistant turn that calls the tools)")
+            results += 1
+            if results > len(calls):
+                raise DataError(f"{where}: turn {position}: {results} tool results answer turn {call_turn}'s "
+                                f"{len(calls)} tool call{'s' if len(calls) > 1 else ''}")
+            _check_result_matches(message, calls, call_turn, f"{where}: turn {position}")
+            continue
+        if calls and results == 0:
+            raise DataError(f"{where}: turn {position}: the tool calls of turn {call_turn} have no result (expected "
+                            f"a tool turn, got {message.role})")
+        expected = ASSISTANT if calls or (previous is not None and previous.role == USER) else USER
         if message.role != expected:
-            position = i + (len(messages) - len(turns))
-            if message.role == SYSTEM:
-                raise DataError(f"{where}: turn {position}: a system turn may only come first")
-            raise DataError(f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must alternate, starting with the user)")
+            raise DataError(f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must "
+                            "alternate, starting with the user)")
+        calls, results = (), 0
+        if message.tool_calls:
+            calls, call_turn = message.tool_calls, position
+            unknown = [c.name for c in message.tool_calls if known and c.name not in known]
+            if unknown:
+                raise DataError(f"{where}: turn {position} calls {', '.join(map(repr, unknown))}, which the record's "
+                                f"tools do not define (they define {', '.join(map(repr, known))})")
+        previous = message
     if not any(m.role == ASSISTANT for m in turns):
         raise DataError(f"{where}: no assistant turn, so nothing to train on")
+    if all(m.train is False for m in turns if m.role == ASSISTANT):
+        raise DataError(f"{where}: every assistant turn says train false (or loss_weight 0), so nothing to train on")
+
+
+def _check_result_matches(result: Message, calls: tuple[ToolCall, ...], call_turn: int, where: str) -> None:
+    if result.tool_call_id is not None and any(c.id is not None for c in calls):
+        if result.tool_call_id not in [c.id for c in calls]:
+            raise DataError(f"{where}: tool_call_id {result.tool_call_id!r} matches no call of turn {call_turn} "
+                            f"(its ids: {', '.join(repr(c.id) for c in calls)})")
+    if result.name is not None and result.name not in [c.name for c in calls]:
+        raise DataError(f"{where}: a result of {result.name!r}, which turn {call_turn} does not call (it calls "
+                        f"{', '.join(repr(c.name) for c in calls)})")

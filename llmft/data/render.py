@@ -1,29 +1,50 @@
 """Rendering a Conversation to token ids and labels: the data contract of training.
 
-`render_conversation(conversation, tokenizer)` returns `input_ids` and `labels` of equal length. The text is exactly
-what `tokenizer.apply_chat_template` produces, so training and inference (`tools/chat.py`) see the same tokens.
+`render_samples(conversation, tokenizer)` returns the conversation's training samples, each with `input_ids` and
+`labels` of equal length. The text is exactly what `tokenizer.apply_chat_template(messages, tools=...)` produces, so
+training and inference (`tools/chat.py`, a serving stack parsing tool calls) see the same tokens.
 
-Masking strategy, "assistant turns": labels are IGNORE_INDEX (-100) everywhere except the content of every assistant
-turn and the special token that closes it (`<|im_end|>` for ChatML); whatever the template puts after that token
-(ChatML's newline) is not trained, and nothing of system or user turns is. Plain-text samples train every token.
+Masking strategy, "trained assistant turns": labels are IGNORE_INDEX (-100) everywhere except what the model
+generates in a trained assistant turn (its reasoning where the template keeps it, its content, its tool calls) and
+the special token that closes it (`<|im_end|>` for ChatML); whatever the template puts after that token (ChatML's
+newline) is not trained, and nothing of system, user or tool-result turns ever is. Which assistant turns are
+trained: a message's own `train` / `loss_weight` when it has one, else `train_turns` ("all": every assistant turn;
+"last": only the conversation's last). Plain-text samples train every token and end with the tokenizer's
+end-of-document token (`<|endoftext|>` for Qwen), not the chat end-of-turn token (`document_end_token`).
 
-How the spans are found: for each assistant turn i the template renders the conversation up to turn i with the
+How the spans are found: for each trained turn i the template renders the conversation up to turn i with the
 generation prompt (the prompt the model sees at inference) and up to and including turn i; the difference is the
 answer. Each prompt and answer segment is tokenized on its own, which is also how inference tokenizes: the prompt is
-encoded, the answer is generated token by token after it. A template that rewrites earlier turns (Qwen3 drops past
-reasoning, for example) fails that check and is reported, rather than silently trained on text it never produces.
+encoded, the answer is generated token by token after it.
+
+Templates that rewrite earlier turns (Qwen3 drops the reasoning of turns before the last user message): when the
+whole conversation's rendering does not contain every trained turn exactly as it was rendered at that turn, the
+conversation becomes several samples. Each holds the conversation up to one trained turn (the latest not yet
+covered) as the template renders it then, and trains every turn that rendering shows exactly as inference did;
+so the tokens trained are always the tokens inference would have seen and produced, and Qwen3 conversations become
+one sample per user message. The dataset's log says how many samples the conversations became.
+
+A template that drops what the data holds is an error, not a silent loss: tool calls or tool results missing from
+the rendering (a template without tool support), tools given that the prompt does not show. Reasoning a template
+does not render (Qwen2.5's) is not trained; that is logged once, and `tools/check_data.py` counts such turns.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from llmft.data.formats import ASSISTANT, Conversation
+from llmft.chat_template import document_end_token
+from llmft.data.formats import ASSISTANT, TOOL, Conversation, tool_names
 from llmft.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 OverlongPolicy = Literal["truncate", "drop"]
+TrainTurns = Literal["all", "last"]
+TRAIN_TURNS = ("all", "last")
 
 
 @dataclass
@@ -31,17 +52,40 @@ class RenderedSample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    trained_turns: int = 0  # assistant turns whose tokens carry loss in this sample (before truncation)
+    reasoning_not_rendered: int = 0  # of those, turns whose reasoning_content the template left out
 
 
-def render_conversation(
+@dataclass
+class SampleText:
+    """One sample as text: consecutive (text, trained) segments whose concatenation is a template rendering."""
+
+    segments: list[tuple[str, bool]]
+    trained_turns: int = 0
+    reasoning_not_rendered: int = 0
+
+
+def trained_turn_indices(conversation: Conversation, train_turns: TrainTurns = "all") -> list[int]:
+    """Positions in `conversation.messages` of the assistant turns that carry loss (see the module docstring)."""
+    if train_turns not in TRAIN_TURNS:
+        raise ValueError(f"train_turns {train_turns!r}: choose one of {TRAIN_TURNS}")
+    assistant = [i for i, m in enumerate(conversation.messages) if m.role == ASSISTANT]
+    default = set(assistant) if train_turns == "all" else set(assistant[-1:])
+    return [i for i in assistant
+            if conversation.messages[i].train or (conversation.messages[i].train is None and i in default)]
+
+
+def render_samples(
     conversation: Conversation,
     tokenizer,
     *,
     default_system: str | None = None,
+    train_turns: TrainTurns = "all",
     max_length: int | None = None,
     overlong: OverlongPolicy = "truncate",
-) -> RenderedSample | None:
-    """Token ids and labels of one sample (see the module docstring), or None when it is dropped as over-long.
+) -> list[RenderedSample | None]:
+    """The samples of one conversation (see the module docstring), in turn order; one that is dropped as over-long
+    is None in its place.
 
     Over `max_length` tokens: "drop" drops it; "truncate" keeps the leading whole turns that fit, cutting after an
     assistant turn's end-of-turn token, and cuts inside the first answer only when not even that fits. A sample whose
@@ -49,57 +93,160 @@ def render_conversation(
     """
     if conversation.is_plain_text:
         ids = tokenizer(conversation.text, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        segments = [(ids, True)]
-    else:
-        texts = assistant_segments(conversation.as_dicts(default_system), tokenizer, conversation.id)
-        token_lists = tokenizer([text for text, _ in texts], add_special_tokens=False)["input_ids"]
-        segments = [(ids, trained) for ids, (_, trained) in zip(token_lists, texts)]
+        end = document_end_token(tokenizer)
+        if end is not None:
+            ids = ids + [tokenizer.convert_tokens_to_ids(end)]
+        return [_fit(RenderedSample(ids, list(ids)), [len(ids)], max_length, overlong, plain_text=True)]
+    texts = sample_texts(conversation, tokenizer, default_system=default_system, train_turns=train_turns)
+    samples = []
+    for text in texts:
+        token_lists = tokenizer([piece for piece, _ in text.segments], add_special_tokens=False)["input_ids"]
+        input_ids, labels, ends = [], [], []
+        for ids, (_, trained) in zip(token_lists, text.segments):
+            input_ids.extend(ids)
+            labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+            if trained:
+                ends.append(len(input_ids))
+        sample = RenderedSample(input_ids, labels, trained_turns=text.trained_turns,
+                                reasoning_not_rendered=text.reasoning_not_rendered)
+        samples.append(_fit(sample, ends, max_length, overlong))
+    return samples
 
-    input_ids, labels, ends = [], [], []
-    for ids, trained in segments:
-        input_ids.extend(ids)
-        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-        if trained:
-            ends.append(len(input_ids))
-    if max_length is None or len(input_ids) <= max_length:
-        return RenderedSample(input_ids, labels)
+
+def render_conversation(conversation: Conversation, tokenizer, **options) -> RenderedSample | None:
+    """One sample of a conversation: its only one, or, when the template makes it several, the last, which holds the
+    whole conversation as inference renders it at its last trained turn (for calibration and parity checks; training
+    uses `render_samples`). Takes `render_samples`' options."""
+    return render_samples(conversation, tokenizer, **options)[-1]
+
+
+def _fit(sample: RenderedSample, ends: list[int], max_length: int | None, overlong: OverlongPolicy,
+         plain_text: bool = False) -> RenderedSample | None:
+    """The sample within `max_length` tokens per the overlong policy; `ends` are where its trained segments end."""
+    if max_length is None or len(sample.input_ids) <= max_length:
+        return sample
     if overlong == "drop":
         return None
     fitting = [end for end in ends if end <= max_length]
-    cut = fitting[-1] if fitting and not conversation.is_plain_text else max_length
-    if all(label == IGNORE_INDEX for label in labels[:cut]):
+    cut = fitting[-1] if fitting and not plain_text else max_length
+    if all(label == IGNORE_INDEX for label in sample.labels[:cut]):
         return None
-    return RenderedSample(input_ids[:cut], labels[:cut], truncated=True)
+    sample.input_ids, sample.labels, sample.truncated = sample.input_ids[:cut], sample.labels[:cut], True
+    return sample
 
 
-def assistant_segments(messages: list[dict], tokenizer, sample_id: str = "?") -> list[tuple[str, bool]]:
-    """The rendered conversation as consecutive (text, trained) pieces; joined, they are the full template output."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    segments, done = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != ASSISTANT:
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (through.startswith(prompt) and full.startswith(through) and len(prompt) >= done):
-            raise DataError(
-                f"sample {sample_id}: the chat template does not render turn {i} as a prefix of the whole "
-                "conversation (it rewrites earlier turns), so trained tokens could not match inference; "
-                "use --chat_template chatml or a template without that behaviour"
-            )
+def sample_texts(conversation: Conversation, tokenizer, *, default_system: str | None = None,
+                 train_turns: TrainTurns = "all") -> list[SampleText]:
+    """The conversation's samples as text segments, before tokenization (see the module docstring)."""
+    messages = conversation.as_dicts(default_system)
+    shift = len(messages) - len(conversation.messages)  # a default system message inserted in front
+    tools = [dict(tool) for tool in conversation.tools] or None
+
+    def render(upto: int, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    answers = {}  # turn -> (inference prompt, answer)
+    for turn in trained_turn_indices(conversation, train_turns):
+        i = turn + shift
+        prompt, through = render(i, generation_prompt=True), render(i + 1)
+        if not through.startswith(prompt):
+            raise DataError(f"sample {conversation.id}: the chat template does not render turn {turn} after the "
+                            "generation prompt it gives at that point, so no trained tokens could match inference; "
+                            "use --chat_template chatml or a template without that behaviour")
         answer = through[len(prompt):].rstrip()  # what follows the end-of-turn token is the next turn's business
-        if not answer:
-            continue
-        segments.append((full[done: len(prompt)], False))
-        segments.append((answer, True))
-        done = len(prompt) + len(answer)
-    segments.append((full[done:], False))
-    return [(text, trained) for text, trained in segments if text]
+        if answer:
+            _check_rendered(conversation, turn, prompt, answer)
+            answers[i] = (prompt, answer)
+    if not answers:
+        raise DataError(f"sample {conversation.id}: the chat template renders nothing for its trained turns")
+    _check_tools_shown(conversation, answers)
+
+    pending = sorted(answers)
+    full = render(len(messages))
+    covered = _exact_turns(full, pending, answers)
+    if covered == pending:
+        groups = [(full, covered)]
+    else:  # the template rewrites earlier turns: one rendering per latest uncovered trained turn
+        groups = []
+        while pending:
+            last = pending[-1]
+            full = render(last + 1)
+            covered = _exact_turns(full, pending, answers)
+            if last not in covered:
+                covered = [last]
+            groups.append((full, covered))
+            pending = [i for i in pending if i not in covered]
+        groups.reverse()
+
+    texts = []
+    for full, turns in groups:
+        segments, done, dropped_reasoning = [], 0, 0
+        for i in turns:
+            prompt, answer = answers[i]
+            segments.append((full[done:len(prompt)], False))
+            segments.append((answer, True))
+            done = len(prompt) + len(answer)
+            reasoning = messages[i].get("reasoning_content")
+            if reasoning and reasoning.strip() not in answer:
+                dropped_reasoning += 1
+        segments.append((full[done:], False))
+        texts.append(SampleText([(t, trained) for t, trained in segments if t], len(turns), dropped_reasoning))
+    if any(t.reasoning_not_rendered for t in texts):
+        _warn_once("reasoning", "the chat template does not render reasoning_content (Qwen2.5's, for one, does "
+                   "not), so reasoning in the data is not trained; tools/check_data.py counts the turns")
+    return texts
 
 
-def render_prompt(messages: list[dict], tokenizer) -> list[int]:
+def _exact_turns(full: str, turns: list[int], answers: dict) -> list[int]:
+    """The turns (in order, not overlapping) whose inference prompt and answer `full` begins with exactly."""
+    exact, done = [], 0
+    for i in turns:
+        prompt, answer = answers[i]
+        if len(prompt) >= done and full.startswith(prompt + answer):
+            exact.append(i)
+            done = len(prompt) + len(answer)
+    return exact
+
+
+def _check_rendered(conversation: Conversation, turn: int, prompt: str, answer: str) -> None:
+    """Refuse a rendering that lost the turn's tool calls or the tool results it answers."""
+    message = conversation.messages[turn]
+    missing = [call.name for call in message.tool_calls if call.name not in answer]
+    if missing:
+        raise DataError(f"sample {conversation.id}: the chat template does not render turn {turn}'s tool call "
+                        f"{', '.join(map(repr, missing))}: it has no tool-call support, and the calls would be "
+                        "silently left out; use a template that renders tool_calls (--chat_template chatml renders "
+                        "Qwen2.5's <tool_call> format)")
+    for j in range(turn):
+        result = conversation.messages[j]
+        if result.role == TOOL and result.content.strip() and result.content not in prompt:
+            raise DataError(f"sample {conversation.id}: the chat template does not render the tool result of turn "
+                            f"{j}: it has no tool support; use a template that renders tool messages "
+                            "(--chat_template chatml renders Qwen2.5's <tool_response> format)")
+
+
+def _check_tools_shown(conversation: Conversation, answers: dict) -> None:
+    if not conversation.tools:
+        return
+    prompt = answers[min(answers)][0]
+    hidden = [name for name in tool_names(conversation.tools) if name not in prompt]
+    if hidden:
+        raise DataError(f"sample {conversation.id}: the chat template does not show the record's tools "
+                        f"({', '.join(map(repr, hidden))}) in the prompt: it ignores tools=; use a template that "
+                        "renders them (--chat_template chatml renders Qwen2.5's <tools> format)")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def render_prompt(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation followed by the generation prompt: what a model answers at inference."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
