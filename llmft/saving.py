@@ -8,14 +8,26 @@
 FULL_STATE_DICT onto rank 0. It writes into a staging folder inside output_dir, which rank 0 checks, completes and
 then moves into place file by file, so an interrupted or incomplete save never leaves an output directory that looks
 finished.
+
+Every file a save writes follows the umask (0644 under the usual 022), so a team on shared storage can read each
+other's results: safetensors (0.8) writes through a temporary file that it creates 0600 and renames into place,
+which would leave the weights, and only the weights, private (`follow_umask`).
+
+`llmft_run.json` records a fingerprint of the base the run trained on (`base_fingerprint`), which tools/merge_lora.py
+compares with the base it is asked to merge into.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
 
 from llmft.errors import LlmftError
 
@@ -37,7 +49,93 @@ def describe_run(model_args, lora_args, quant_args, added_tokens) -> dict:
         quantization = {"method": method}
     mode = "full" if not lora_args.use_lora else ("qlora" if quant_args.q_lora else "lora")
     return {"mode": mode, "base_model": model_args.model_name_or_path, "base_quantization": quantization,
-            "added_tokens": list(added_tokens)}
+            "base_fingerprint": base_fingerprint(model_args.model_name_or_path), "added_tokens": list(added_tokens)}
+
+
+# config.json keys that differ between copies of the same weights (where it was loaded from, which transformers
+# wrote it, the dtype it was stored in), left out of the fingerprint.
+FINGERPRINT_IGNORED_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+FINGERPRINT_TENSORS = 4  # tensors sampled, spread over the sorted tensor names
+FINGERPRINT_VALUES = 4096  # leading values read from each sampled tensor
+
+
+def base_fingerprint(model: str | os.PathLike) -> str | None:
+    """A short hash that tells a model's weights apart from another model of the same shape, cheaply: its
+    config.json (less FINGERPRINT_IGNORED_KEYS) and the first FINGERPRINT_VALUES values, as float32, of
+    FINGERPRINT_TENSORS tensors spread over its safetensors files (a few KB read, whatever the model's size). The
+    same weights stored in another float dtype that holds them exactly give the same fingerprint. None when the model
+    is neither a local folder nor in the local hub cache, or has no safetensors weights."""
+    folder = _local_model_folder(model)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    from safetensors import safe_open
+
+    with open(folder / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    for key in FINGERPRINT_IGNORED_KEYS:
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    files = sorted(folder.glob("*.safetensors"))
+    names = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names += [(name, file) for name in f.keys()]
+    if not names:
+        return None
+    names.sort()
+    count = min(FINGERPRINT_TENSORS, len(names))
+    picked = sorted({round(i * (len(names) - 1) / max(count - 1, 1)) for i in range(count)})
+    for index in picked:
+        name, file = names[index]
+        with safe_open(str(file), framework="pt") as f:
+            tensor_slice = f.get_slice(name)
+            shape = list(tensor_slice.get_shape())
+            row = math.prod(shape[1:]) if len(shape) > 1 else 1
+            sample = tensor_slice[: max(1, FINGERPRINT_VALUES // max(row, 1))] if shape else f.get_tensor(name)
+        values = sample.reshape(-1)[:FINGERPRINT_VALUES].float().contiguous()
+        digest.update(f"{name}{shape}".encode())
+        digest.update(values.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def _local_model_folder(model: str | os.PathLike) -> Path | None:
+    """A local model folder as is; a hub id as its snapshot in the local cache; None when neither."""
+    if os.path.isdir(model):
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception:  # not a hub id, or not cached: nothing to fingerprint
+        return None
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a folder, recursively, or a file) the modes a plain open() or mkdir() would: 0666 / 0777 less
+    the umask. Used on what llmft itself just wrote: safetensors creates its files 0600 and tempfile.mkdtemp its
+    folders 0700, which would keep a result from the rest of a team on shared storage."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    path = Path(path)
+    entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        mode = dir_mode if entry.is_dir() else file_mode
+        if entry.stat().st_mode & 0o777 != mode:
+            os.chmod(entry, mode)
+
+
+class FollowUmaskCallback(TrainerCallback):
+    """Make each checkpoint's files follow the umask as soon as it is saved (see `follow_umask`); the Trainer writes
+    the weights of a checkpoint through safetensors, 0600 otherwise."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_local_process_zero:
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(checkpoint):
+                follow_umask(checkpoint)
 
 
 def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = None) -> None:
@@ -57,6 +155,9 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
             check_adapter_complete(staging, model)
         else:
             check_model_written(staging)
+        follow_umask(staging)
+        for checkpoint in Path(output_dir).glob("checkpoint-*"):  # in case no FollowUmaskCallback saw them saved
+            follow_umask(checkpoint)
         for name in os.listdir(staging):
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):
