@@ -269,6 +269,12 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
     """Every problem with these settings, as messages naming the flags; empty when the run can start.
     `training_args` may be None (they failed their own checks): the other settings are still checked."""
     problems = _model_path_problems(model_args.model_name_or_path)
+    from llmft.inference import remote_code_problem
+
+    remote_code = remote_code_problem(model_args.model_name_or_path, "--model_name_or_path",
+                                      trust_remote_code=model_args.trust_remote_code)
+    if remote_code:
+        problems.append(remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
         if path is not None and not os.path.isfile(path):
@@ -344,7 +350,31 @@ def _training_problems(data_args, quant_args, training_args, quant_method) -> li
         problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
                         "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
                         "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP")
-    return problems + _output_problems(training_args)
+    return problems + _number_problems(data_args, training_args) + _output_problems(training_args)
+
+
+def _number_problems(data_args, training_args) -> list[str]:
+    """Values transformers accepts and fails on only later (a ZeroDivisionError, numpy's seed range) or trains
+    nonsense with (a negative or NaN learning rate)."""
+    import math
+
+    problems = []
+    lr = training_args.learning_rate
+    if not (math.isfinite(lr) and lr >= 0):
+        problems.append(f"--learning_rate {lr}: must be a finite number, 0 or more")
+    if not data_args.max_tokens_per_batch and training_args.per_device_train_batch_size < 1:
+        problems.append(f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: must be at "
+                        "least 1")
+    if data_args.eval_data_path is not None and training_args.per_device_eval_batch_size < 1:
+        problems.append(f"--per_device_eval_batch_size {training_args.per_device_eval_batch_size}: must be at least 1")
+    if training_args.gradient_accumulation_steps < 1:
+        problems.append(f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps}: must be at "
+                        "least 1")
+    for flag in ("seed", "data_seed"):
+        value = getattr(training_args, flag)
+        if value is not None and not 0 <= value < 2**32:
+            problems.append(f"--{flag} {value}: must be in [0, 2**32 - 1]")
+    return problems
 
 
 def _fsdp_problems(lora_args, quant_args, training_args) -> list[str]:
@@ -391,7 +421,9 @@ def _model_path_problems(name: str) -> list[str]:
             _model_config(name)
         except ConfigError as e:
             return e.problems
-        return []
+        from llmft.inference import safetensors_problems
+
+        return [f"{flag}: {problem}" for problem in safetensors_problems(name)]
     if os.path.exists(name):
         return [f"{flag}: not a directory"]
     parts = name.split("/")
@@ -415,6 +447,15 @@ def _model_path_problems(name: str) -> list[str]:
 
 def _output_problems(training_args) -> list[str]:
     out, resume = training_args.output_dir, training_args.resume_from_checkpoint
+    if os.path.exists(out) and not os.path.isdir(out):
+        return [f"--output_dir {out} is a file, not a directory"]
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest part of the path that exists is where it will be created
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [f"--output_dir {out} cannot be created: {existing} is a file"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--output_dir {out} cannot be written: no write permission on {existing}"]
     if resume is not None and resume.lower() == "true":
         if not (os.path.isdir(out) and get_last_checkpoint(out)):
             return [f"--resume_from_checkpoint True: no checkpoint-* directory in --output_dir {out}"]

@@ -15,8 +15,15 @@ ChatML, as training gives it (`llmft.chat_template`).
 Generation stops at the end-of-turn token as well as at EOS, passed explicitly to `generate`, so a model whose saved
 generation config stops only at EOS still ends after one answer.
 
+Code shipped with a model (`auto_map` in its config.json or tokenizer_config.json, pointing at the folder's own .py
+files) is never run unless the user passes `--trust_remote_code True`: every loader here refuses such a folder first,
+since GPTQModel imports those files whatever trust_remote_code says. Weight files are checked cheaply (the safetensors
+header against the file's size) before loading, so a truncated or garbage file is named instead of failing deep
+inside a load.
+
 Results are written by the tools through `staged_output_dir`: into a hidden sibling folder that becomes the output
-only once complete, so an interrupted merge or quantization never leaves a folder that looks finished.
+only once complete, so an interrupted merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a
+folder that looks finished, nor a partial one behind. Its files follow the umask, as any file the user writes does.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import struct
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +46,7 @@ import torch
 from llmft.chat_template import choose_chat_template, end_of_turn_token
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
+from llmft.saving import follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -80,20 +91,127 @@ def adapter_base_path(adapter_dir: str | Path) -> str:
     return base
 
 
-def require_model(path: str | Path, what: str) -> None:
-    """Fail with a message naming `what` (a flag, or where the path came from) unless `path` can hold a model.
+def require_model(path: str | Path, what: str, *, trust_remote_code: bool = False) -> None:
+    """Fail with a message naming `what` (a flag, or where the path came from) unless `path` can hold a model that
+    loads without running its own code (or `trust_remote_code` allows that).
 
-    A local folder must have config.json; anything that does not exist locally must look like a hub id
-    (`org/name`), which from_pretrained resolves (or reports) itself.
+    A local folder must have config.json and readable safetensors headers; anything that does not exist locally must
+    look like a hub id (`org/name`), which from_pretrained resolves (or reports) itself.
     """
     path = str(path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise LlmftError(f"{what} {path}: the folder has no config.json, so it holds no model")
-        return
-    parts = path.split("/")
-    if os.path.exists(path) or len(parts) != 2 or not all(parts) or path.startswith((".", "~")):
-        raise LlmftError(f"{what} {path}: no such model folder")
+    else:
+        parts = path.split("/")
+        if os.path.exists(path) or len(parts) != 2 or not all(parts) or path.startswith((".", "~")):
+            raise LlmftError(f"{what} {path}: no such model folder")
+    require_no_remote_code(path, what, trust_remote_code=trust_remote_code)
+    problems = safetensors_problems(path)
+    if problems:
+        raise LlmftError(f"{what} {path}: " + "; ".join(problems))
+
+
+# Configs whose `auto_map` names classes in the model's own Python files (AutoConfig, AutoModelForCausalLM, ...).
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+TRUST_REMOTE_CODE_FLAG = "--trust_remote_code True"
+
+
+def _config_file(path: str | Path, name: str) -> str | None:
+    """`name` in a local model folder, or in the local Hugging Face cache for a hub id; None when neither has it."""
+    local = os.path.join(path, name)
+    if os.path.isdir(path):
+        return local if os.path.isfile(local) else None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(str(path), name)
+    except HFValidationError:
+        return None
+    return cached if isinstance(cached, str) else None
+
+
+def remote_code_references(path: str | Path) -> list[str]:
+    """What a model folder (or a cached hub model) maps to its own Python code, as `file: Auto class -> module.Class`
+    entries of `auto_map`; empty when everything loads with transformers' own classes."""
+    references = []
+    for name in REMOTE_CODE_CONFIGS:
+        file = _config_file(path, name)
+        if file is None:
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                auto_map = (json.load(f) or {}).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable configs are reported by whoever reads them
+        if not isinstance(auto_map, dict):
+            auto_map = {"auto_map": auto_map}
+        for auto_class, targets in auto_map.items():
+            for target in targets if isinstance(targets, (list, tuple)) else [targets]:
+                if target:
+                    references.append(f"{name}: {auto_class} -> {target}")
+    return references
+
+
+def remote_code_problem(path: str | Path, what: str, *, trust_remote_code: bool) -> str | None:
+    """Why `path` may not load without `--trust_remote_code True`, or None when it may."""
+    references = [] if trust_remote_code else remote_code_references(path)
+    if not references:
+        return None
+    shown = ", ".join(references[:3]) + (f" and {len(references) - 3} more" if len(references) > 3 else "")
+    return (f"{what} {path} ships its own Python code ({shown}), which would run when the model loads: llmft runs "
+            f"it only with {TRUST_REMOTE_CODE_FLAG}; pass that if you trust this model's code")
+
+
+def require_no_remote_code(path: str | Path, what: str, *, trust_remote_code: bool = False) -> None:
+    problem = remote_code_problem(path, what, trust_remote_code=trust_remote_code)
+    if problem:
+        raise LlmftError(problem)
+
+
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+def safetensors_header_problem(file: str | Path) -> str | None:
+    """Why `file` is not a whole safetensors file, or None. Reads only the header (an 8-byte little-endian length,
+    then that much JSON) and checks that every tensor it lists lies within the file, which catches a truncated
+    download or copy and a file that is not safetensors at all, without reading the weights."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return f"{file} is not a safetensors file (only {size} bytes)"
+            (length,) = struct.unpack("<Q", prefix)
+            if length > SAFETENSORS_MAX_HEADER or 8 + length > size:
+                return f"{file} is not a readable safetensors file (its header claims {length} bytes of {size})"
+            header = json.loads(f.read(length))
+    except OSError as e:
+        return f"cannot read {file}: {e.strerror or e}"
+    except (UnicodeDecodeError, ValueError):
+        return f"{file} is not a readable safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{file} is not a readable safetensors file (its header is not a JSON object)"
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"{file} is not a readable safetensors file (tensor {name} has no data offsets)"
+        if offsets[1] > data:
+            return (f"{file} is truncated: tensor {name} ends at byte {offsets[1]} of the data, the file holds "
+                    f"{data}; copy or download it again")
+    return None
+
+
+def safetensors_problems(path: str | Path) -> list[str]:
+    """`safetensors_header_problem` of every *.safetensors file in a local folder (none for a hub id)."""
+    if not os.path.isdir(path):
+        return []
+    files = sorted(p for p in Path(path).glob("*.safetensors") if p.is_file())
+    return [problem for file in files if (problem := safetensors_header_problem(file))]
 
 
 def trained_vocab_size(adapter_dir: str | Path) -> int | None:
@@ -142,26 +260,29 @@ def inference_dtype(dtype: str, device: str):
     return torch.float32 if device == "cpu" else "auto"
 
 
-def load_tokenizer(path: str | Path, base: str | Path | None = None):
+def load_tokenizer(path: str | Path, base: str | Path | None = None, *, trust_remote_code: bool = False):
     """The tokenizer saved in `path`, else the one of `base`; ChatML when it has no chat template."""
     from transformers import AutoTokenizer
 
     source = path if (_has_tokenizer(path) or base is None) else base
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    require_no_remote_code(source, "the tokenizer in", trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         logger.warning("%s has no chat template: using ChatML", source)
     tokenizer.chat_template = choose_chat_template(tokenizer, "auto")
     return tokenizer
 
 
-def load_model(path: str | Path, *, dtype="auto", device: str | None = None, what: str = "model"):
+def load_model(path: str | Path, *, dtype="auto", device: str | None = None, what: str = "model",
+               trust_remote_code: bool = False):
     """A causal LM from a model folder or hub id (a GPTQ checkpoint included), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    require_model(path, what)
+    require_model(path, what, trust_remote_code=trust_remote_code)
     try:
         with stdout_to_stderr():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device} if device else None)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device} if device else None,
+                                                         trust_remote_code=trust_remote_code)
     except OSError as e:
         if os.path.isdir(path):
             raise  # a local folder that fails to load is a bug or a broken file, with a traceback worth keeping
@@ -171,7 +292,8 @@ def load_model(path: str | Path, *, dtype="auto", device: str | None = None, wha
 
 
 def load_adapter_model(
-    adapter_dir: str | Path, *, base: str | Path | None = None, dtype="auto", device: str | None = None
+    adapter_dir: str | Path, *, base: str | Path | None = None, dtype="auto", device: str | None = None,
+    trust_remote_code: bool = False,
 ):
     """Base model + adapter, unmerged (a PeftModel in eval mode). `base` overrides the adapter's recorded base.
 
@@ -184,11 +306,14 @@ def load_adapter_model(
 
     what = "--base" if base is not None else f"the base model recorded in {adapter_dir}/{ADAPTER_CONFIG}"
     base = str(base) if base is not None else adapter_base_path(adapter_dir)
-    model = load_model(base, dtype=dtype, device=device, what=what)
+    problems = safetensors_problems(adapter_dir)
+    if problems:
+        raise LlmftError(f"the adapter {adapter_dir}: " + "; ".join(problems))
+    model = load_model(base, dtype=dtype, device=device, what=what, trust_remote_code=trust_remote_code)
     rows = model.get_input_embeddings().weight.shape[0]
     wanted = trained_vocab_size(adapter_dir)
     if wanted is None and _has_tokenizer(adapter_dir):
-        wanted = len(load_tokenizer(adapter_dir))
+        wanted = len(load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code))
     if wanted is not None and wanted > rows:
         logger.info("growing the base embeddings from %d to %d rows, as training did", rows, wanted)
         model.resize_token_embeddings(wanted, mean_resizing=False)  # the adapter's saved rows replace them
@@ -197,18 +322,44 @@ def load_adapter_model(
     return model.eval()
 
 
-def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) for any result: an adapter folder, a GPTQ checkpoint, or a plain model folder."""
+def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto", what: str = "--model",
+                       trust_remote_code: bool = False):
+    """(model, tokenizer) for any result: an adapter folder, a GPTQ checkpoint, or a plain model folder. `what`
+    names the path in errors (the flag it came from)."""
     device = resolve_device(device)
     torch_dtype = inference_dtype(dtype, device)
+    trust = {"trust_remote_code": trust_remote_code}
     with stdout_to_stderr():
         if is_adapter_dir(path):
-            model = load_adapter_model(path, dtype=torch_dtype, device=device)
-            tokenizer = load_tokenizer(path, base=adapter_base_path(path))
+            base = adapter_base_path(path)
+            require_no_remote_code(path, what, **trust)  # before the base loads, so nothing runs half-way
+            require_model(base, f"the base model recorded in {path}/{ADAPTER_CONFIG}", **trust)
+            model = load_adapter_model(path, dtype=torch_dtype, device=device, **trust)
+            tokenizer = load_tokenizer(path, base=base, **trust)
         else:
-            model = load_model(path, dtype=torch_dtype, device=device, what="--model")
-            tokenizer = load_tokenizer(path)
+            require_model(path, what, **trust)
+            model = load_model(path, dtype=torch_dtype, device=device, what=what, **trust)
+            tokenizer = load_tokenizer(path, **trust)
     return model, tokenizer
+
+
+def parse_flag_bool(value: str) -> bool:
+    """argparse type for `--flag True` / `--flag False`, as finetune.py's flags are written."""
+    lowered = str(value).lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def add_trust_remote_code_flag(parser) -> None:
+    """The tools' `--trust_remote_code [True|False]`, off unless given, worded like finetune.py's."""
+    parser.add_argument("--trust_remote_code", type=parse_flag_bool, nargs="?", const=True, default=False,
+                        metavar="True|False",
+                        help="run Python code shipped with the model (auto_map in its config); off unless you trust it")
 
 
 @contextlib.contextmanager
@@ -308,27 +459,58 @@ def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--outp
         raise LlmftError(f"{flag} {output} is not empty: choose a new folder, or pass --force to replace it")
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread when a SIGTERM arrives while a result is being written, so that the partial
+    folder is removed on the way out; exits with the status a shell gives a process killed by SIGTERM."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_as(action):
+    """Call `action(signum, frame)` on SIGTERM inside the block (main thread only: elsewhere signals cannot be
+    handled, and the block runs unprotected), restoring the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, action)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 @contextlib.contextmanager
 def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output", inputs=()):
     """Yield an empty hidden sibling of `output_dir` to write a result into; when the block completes it becomes
-    `output_dir` (with `force`, replacing what was there only then). On any error, or an interrupt, the partial
-    folder is removed and `output_dir` is left as it was."""
+    `output_dir` (with `force`, replacing what was there only then), its files readable as the umask allows. On any
+    error, an interrupt or a SIGTERM, the partial folder is removed and `output_dir` is left as it was; a SIGTERM
+    during the final swap waits for the swap to finish."""
     output = Path(output_dir)
     check_output_dir(output, force=force, flag=flag, inputs=inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should read like any new folder
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-        os.replace(output, replaced / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(replaced)
-    else:
-        os.replace(staging, output)
+    with _sigterm_as(_raise_terminated):
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        try:
+            follow_umask(staging)  # mkdtemp makes it private; the result should read like any new folder
+            yield staging
+            follow_umask(staging)  # safetensors writes its files 0600 (see llmft.saving.follow_umask)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    deferred = []
+    with _sigterm_as(lambda signum, frame: deferred.append(signum)):
+        if output.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+            os.replace(output, replaced / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(staging, output)
+    if deferred:
+        raise Terminated()

@@ -204,3 +204,35 @@ def test_missing_model_exits_2(tmp_path, capsys):
         main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"])
     assert exit_info.value.code == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cut", [100_000, 7], ids=["truncated", "shorter-than-its-header-length"])
+def test_truncated_weights_are_named(tiny_chat_model, tmp_path, capsys, cut):
+    """Before, a cut-off model.safetensors failed inside from_pretrained with a traceback naming no file."""
+    import shutil
+
+    from tools.chat import main
+
+    model = shutil.copytree(tiny_chat_model, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:cut])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"error: --model {model}: {weights} " in err
+
+
+def test_truncated_adapter_weights_are_named(answering_adapter, tmp_path, capsys):
+    import shutil
+
+    from tools.chat import main
+
+    adapter = shutil.copytree(answering_adapter, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(adapter), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"error: the adapter {adapter}: {weights} is not a readable safetensors file" in err

@@ -389,6 +389,82 @@ def test_resume_true_with_a_checkpoint_is_accepted(data, model_dir, tmp_path):
     assert training_args.resume_from_checkpoint == "True"
 
 
+def test_numbers_that_fail_late_are_reported_up_front_together(fails, data, model_dir, tmp_path):
+    """Before, each of these got past the settings and failed after the model was loaded and the data tokenized
+    (gradient accumulation 0 with a ZeroDivisionError), or trained with a negative learning rate."""
+    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
+                  "--learning_rate", "-0.001", "--per_device_train_batch_size", "0",
+                  "--gradient_accumulation_steps", "0", "--seed", "-1")
+    assert block == ("error: invalid settings (4):\n"
+                     "  - --learning_rate -0.001: must be a finite number, 0 or more\n"
+                     "  - --per_device_train_batch_size 0: must be at least 1\n"
+                     "  - --gradient_accumulation_steps 0: must be at least 1\n"
+                     "  - --seed -1: must be in [0, 2**32 - 1]")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_learning_rate_that_is_not_a_number(data, model_dir, tmp_path, value):
+    assert problems_of(["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
+                        "--learning_rate", value]) == [f"--learning_rate {float(value)}: must be a finite number, 0 or more"]
+
+
+def test_eval_batch_size_zero_with_eval_data(data, model_dir, tmp_path):
+    assert problems_of(["--model_name_or_path", model_dir, "--data_path", data, "--eval_data_path", data,
+                        "--output_dir", tmp_path / "out", "--per_device_eval_batch_size", "0"]) == [
+        "--per_device_eval_batch_size 0: must be at least 1"]
+
+
+def test_output_dir_that_is_a_file(fails, data, model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out)
+    assert block == f"error: invalid settings (1):\n  - --output_dir {out} is a file, not a directory"
+    assert out.read_text() == "not a folder"
+
+
+def test_output_dir_that_cannot_be_created(fails, data, model_dir, tmp_path):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where a folder would be")
+    out = blocker / "lora" / "out"
+    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out)
+    assert block == f"error: invalid settings (1):\n  - --output_dir {out} cannot be created: {blocker} is a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_output_dir_without_write_permission(fails, data, model_dir, tmp_path):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", parent / "out")
+    finally:
+        parent.chmod(0o755)
+    assert block == (f"error: invalid settings (1):\n  - --output_dir {parent / 'out'} cannot be written: no write "
+                     f"permission on {parent}")
+
+
+def broken_weights_copy(model, dest, content: bytes | None = None):
+    """A copy of `model` whose model.safetensors is cut short (or replaced by `content`)."""
+    import shutil
+
+    shutil.copytree(model, dest)
+    weights = dest / "model.safetensors"
+    weights.write_bytes(content if content is not None else weights.read_bytes()[:100_000])
+    return weights
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "is truncated: tensor model.embed_tokens.weight ends at byte"),
+    (b"<html>Bad gateway</html>" * 40, "is not a readable safetensors file (its header claims"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "is not a readable safetensors file (its header is not JSON)"),
+], ids=["truncated", "garbage", "bad-header"])
+def test_broken_weights_file_is_named_before_loading(fails, tiny_chat_model, data, tmp_path, content, reason):
+    weights = broken_weights_copy(tiny_chat_model, tmp_path / "model", content)
+    block = fails("--model_name_or_path", tmp_path / "model", "--data_path", data, "--output_dir", tmp_path / "out")
+    assert block.startswith(f"error: invalid settings (1):\n  - --model_name_or_path {tmp_path / 'model'}: "
+                            f"{weights} {reason}"), block
+
+
 # --- config files ------------------------------------------------------------------------------------------------
 
 def test_yaml_config_with_unknown_key(fails, data, model_dir, tmp_path):

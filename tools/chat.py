@@ -3,12 +3,14 @@
     python tools/chat.py --model output/lora                          # interactive; /reset, /exit or Ctrl-D
     python tools/chat.py --model output/merged-gptq --system "You are a pirate." --temperature 0.9
     python tools/chat.py --model output/merged --prompt "What is LoRA?" --temperature 0   # one reply, for scripts
+    python tools/chat.py --model /models/custom --trust_remote_code True   # a model that ships its own code
 
 Interactive mode streams the reply as it is generated and keeps the conversation: each turn is answered with the
 whole history, rendered by the model's chat template (ChatML when it has none). `/reset` starts over (the system
 prompt stays), `/exit` or end of input quits. With `--prompt` only the reply is printed on stdout; loading messages
 go to stderr. Generation stops at the end-of-turn token (`<|im_end|>` for ChatML) or EOS. `--temperature 0` decodes
-greedily, so the same prompt always gets the same reply.
+greedily, so the same prompt always gets the same reply. A model that ships its own Python code (`auto_map` in its
+config) is refused unless `--trust_remote_code True`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ if __package__ in (None, ""):  # run as `python tools/chat.py`: make the repo's 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmft.errors import ConfigError, exit_on_user_error
-from llmft.inference import DEVICE_CHOICES, DTYPE_CHOICES, generate_reply, load_for_inference
+from llmft.inference import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    add_trust_remote_code_flag,
+    generate_reply,
+    load_for_inference,
+)
 
 RESET, EXIT = "/reset", "/exit"
 
@@ -99,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="auto: float32 on CPU, the checkpoint's own on a GPU")
     parser.add_argument("--seed", type=int, help="seed for sampling, to repeat a sampled reply")
+    add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     args = parse_args(argv)
     sampling = sampling_settings(args)
-    model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype,
+                                          trust_remote_code=args.trust_remote_code)
     if args.seed is not None:
         from transformers import set_seed
 

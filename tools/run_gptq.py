@@ -4,6 +4,7 @@
     python tools/run_gptq.py --model_name_or_path output/merged --data_path data.json --out_path output/merged-int8 \
         --bits 8 --group_size 128 --max_len 1024 --num_samples 256 --desc_act --eval_samples 32 --force
     python tools/run_gptq.py ... --eval_data_path held_out.json     # evaluate on a separate file instead
+    python tools/run_gptq.py ... --trust_remote_code True          # a model that ships its own modelling code
 
 Calibration: the conversations of `--data_path` rendered with the model's own chat template, exactly as training
 renders them (`render_conversation`), cut to `--max_len` tokens. The last `--eval_samples` records are held out from
@@ -15,6 +16,9 @@ GPTQModel's own default cannot quantize). The output loads with plain
 `AutoModelForCausalLM.from_pretrained(out_path)` (transformers' GPTQ integration, backed by GPTQModel's kernels)
 and carries the tokenizer, its chat template and a generation config that stops at the end-of-turn token. It is
 written into a hidden sibling folder that takes the output's name only when complete.
+
+A model folder whose config maps classes to its own Python files (`auto_map`) is refused unless
+`--trust_remote_code True`: GPTQModel's loader imports those files whatever trust_remote_code it is given.
 
 Quality report: mean loss on the assistant tokens (the tokens training puts loss on) and perplexity of the original
 and of the quantized model reloaded from the output, printed and written to `out_path/quantization_report.json`.
@@ -42,9 +46,11 @@ from llmft.data.formats import load_conversations
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.inference import (
+    add_trust_remote_code_flag,
     checkpoint_quant_method,
     load_for_inference,
     load_tokenizer,
+    remote_code_problem,
     require_model,
     set_generation_stops,
     staged_output_dir,
@@ -103,9 +109,13 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-def validate(model_name_or_path, data_path, eval_data_path, settings: GptqSettings, eval_samples: int) -> None:
+def validate(model_name_or_path, data_path, eval_data_path, settings: GptqSettings, eval_samples: int,
+             trust_remote_code: bool = False) -> None:
     """Raise one ConfigError listing every problem with the arguments."""
     problems = []
+    remote_code = remote_code_problem(model_name_or_path, "--model_name_or_path", trust_remote_code=trust_remote_code)
+    if remote_code:
+        problems.append(remote_code)
     if settings.bits not in BITS_CHOICES:
         problems.append(f"--bits {settings.bits}: GPTQ here writes {' or '.join(map(str, BITS_CHOICES))} bits")
     if settings.group_size != -1 and settings.group_size < 1:
@@ -164,8 +174,11 @@ def evaluate(model, samples: list[RenderedSample]) -> Evaluation:
     return Evaluation(loss, math.exp(min(loss, 700.0)), tokens)  # exp overflows a float past ~709
 
 
-def quantize_with_gptqmodel(model_path: str, calibration: list[RenderedSample], settings: GptqSettings, out_dir):
-    """Quantize with GPTQModel and save into out_dir. GPTQModel prints its progress on stdout: sent to stderr."""
+def quantize_with_gptqmodel(model_path: str, calibration: list[RenderedSample], settings: GptqSettings, out_dir,
+                            trust_remote_code: bool = False):
+    """Quantize with GPTQModel and save into out_dir. GPTQModel prints its progress on stdout: sent to stderr.
+    GPTQModel imports a model's own code (`auto_map`) even with trust_remote_code=False: callers check first
+    (`require_model`)."""
     # GPTQModel gives its CPU pool (cores + 1) // 2 workers, but its model loader asks that pool for 2: with 2 cores
     # or fewer, quantizing fails ("requests 2 workers but parent 'cpu' only has 1") unless this is at least 2.
     # Read when the pool is first built, which is at quantization, not import.
@@ -175,7 +188,7 @@ def quantize_with_gptqmodel(model_path: str, calibration: list[RenderedSample], 
         from gptqmodel import GPTQModel, QuantizeConfig
 
         config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
-        model = GPTQModel.load(model_path, config)
+        model = GPTQModel.load(model_path, config, trust_remote_code=trust_remote_code)
         model.quantize(
             [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids)} for s in calibration],
             batch_size=1,
@@ -198,32 +211,34 @@ def run_gptq(
     eval_samples: int = 16,
     eval_data_path: str | None = None,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> QuantizationReport:
     """Quantize `model_name_or_path` to `out_path` and return the quality report (see the module docstring)."""
     settings = GptqSettings(bits, group_size, desc_act, max_len, num_samples)
-    validate(model_name_or_path, data_path, eval_data_path, settings, eval_samples)
-    require_model(model_name_or_path, "--model_name_or_path")
+    validate(model_name_or_path, data_path, eval_data_path, settings, eval_samples, trust_remote_code)
+    trust = {"trust_remote_code": trust_remote_code}
+    require_model(model_name_or_path, "--model_name_or_path", **trust)
 
     with staged_output_dir(out_path, force=force, flag="--out_path", inputs=(model_name_or_path,)) as staging:
-        tokenizer = load_tokenizer(model_name_or_path)
+        tokenizer = load_tokenizer(model_name_or_path, **trust)
         calibration_data, eval_data = split_data(data_path, eval_data_path, settings, eval_samples)
         calibration = render_samples(calibration_data, tokenizer, max_len)
         held_out = render_samples(eval_data, tokenizer, max_len)
         if not calibration:
             raise LlmftError(f"--data_path {data_path}: no conversation leaves any tokens within --max_len {max_len}")
 
-        model, _ = load_for_inference(model_name_or_path)
+        model, _ = load_for_inference(model_name_or_path, what="--model_name_or_path", **trust)
         original = evaluate(model, held_out)
         del model
         gc.collect()
 
         logger.info("quantizing to %d bits (group size %d) on %d conversations", bits, group_size, len(calibration))
         started = time.perf_counter()
-        quantize_with_gptqmodel(model_name_or_path, calibration, settings, staging)
+        quantize_with_gptqmodel(model_name_or_path, calibration, settings, staging, **trust)
         seconds = time.perf_counter() - started
 
         # Reloading the way users will (plain transformers) both checks the output and scores what they get.
-        quantized_model, _ = load_for_inference(staging)
+        quantized_model, _ = load_for_inference(staging, what="the quantized model", **trust)
         quantized = evaluate(quantized_model, held_out)
         set_generation_stops(quantized_model, tokenizer)
         quantized_model.generation_config.save_pretrained(staging)
@@ -265,6 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_data_path", help="conversations for the quality report (default: --data_path's last)")
     parser.add_argument("--force", action="store_true",
                         help="replace a non-empty --out_path once quantization succeeds")
+    add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 
 
