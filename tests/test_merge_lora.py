@@ -286,3 +286,125 @@ def test_qlora_adapter_merges_into_the_unquantized_base(tiny_chat_model, tmp_pat
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
     up = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(merged_model.state_dict()[up], base.state_dict()[up])
+
+
+# --- the base the adapter was trained on ------------------------------------------------------------------------
+
+def adapter_recording_base(adapter: Path, base: Path, dest: Path) -> Path:
+    """A copy of `adapter` with the llmft_run.json finetune.py writes for a LoRA run on `base`."""
+    from llmft.saving import RUN_FILE, base_fingerprint
+
+    shutil.copytree(adapter, dest)
+    run = {"mode": "lora", "base_model": str(base), "base_quantization": None,
+           "base_fingerprint": base_fingerprint(base), "added_tokens": []}
+    (dest / RUN_FILE).write_text(json.dumps(run))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def same_shape_model(tmp_path_factory) -> Path:
+    """Another tiny chat model with exactly the tiny chat model's shapes and tokenizer, other random weights."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat-seed-1", seed=1)
+
+
+def test_base_fingerprint_tells_same_shape_models_apart(tiny_chat_model, same_shape_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmft.saving import base_fingerprint
+
+    assert (same_shape_model / "config.json").read_text() == (tiny_chat_model / "config.json").read_text()
+    assert base_fingerprint(tiny_chat_model) != base_fingerprint(same_shape_model)
+    copy = shutil.copytree(tiny_chat_model, tmp_path / "copy")
+    assert base_fingerprint(copy) == base_fingerprint(tiny_chat_model)
+    # re-saved by transformers in shards: other files, the same weights, the same fingerprint
+    AutoModelForCausalLM.from_pretrained(tiny_chat_model).save_pretrained(tmp_path / "resaved", max_shard_size="300KB")
+    assert len(list((tmp_path / "resaved").glob("*.safetensors"))) > 1
+    assert base_fingerprint(tmp_path / "resaved") == base_fingerprint(tiny_chat_model)
+    assert base_fingerprint(tmp_path / "nowhere") is None
+
+
+def test_merge_refuses_another_base_of_the_same_shape(lora_adapter, tiny_chat_model, same_shape_model, tmp_path,
+                                                      capsys):
+    """Before, this merged and its parity check passed: it compares the adapter on the wrong base with itself."""
+    from tools.merge_lora import main
+
+    adapter = adapter_recording_base(lora_adapter, tiny_chat_model, tmp_path / "adapter")
+    with pytest.raises(SystemExit) as info:
+        main(["--adapter", str(adapter), "--base", str(same_shape_model), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"the base {same_shape_model} is not the model the adapter {adapter} was trained on" in err
+    assert "--allow_base_mismatch" in err and "llmft_run.json" in err
+    assert not (tmp_path / "out").exists()
+
+    result = merge_lora(adapter, tmp_path / "out", base=str(same_shape_model), allow_base_mismatch=True)
+    assert result.base == str(same_shape_model)
+    assert merge_lora(adapter, tmp_path / "right", base=str(tiny_chat_model)).max_abs_diff < 1e-4
+
+
+def test_merge_refuses_a_recorded_base_replaced_since_training(lora_adapter, tiny_chat_model, same_shape_model,
+                                                               tmp_path):
+    base = shutil.copytree(tiny_chat_model, tmp_path / "base")
+    adapter = copy_adapter_with_base(lora_adapter, str(base), tmp_path / "plain")
+    adapter = adapter_recording_base(adapter, base, tmp_path / "adapter")
+    shutil.copy(same_shape_model / "model.safetensors", base / "model.safetensors")  # overwritten in place
+    with pytest.raises(LlmftError, match="not the model the adapter .* was trained on"):
+        merge_lora(adapter, tmp_path / "out")
+
+
+# --- interrupted and shared results -----------------------------------------------------------------------------
+
+SIGTERM_CHILD = """
+import sys, time
+from pathlib import Path
+import tools.merge_lora as tool
+ready = Path(sys.argv[3])
+real = tool.compare_logits
+def slow(*args):
+    ready.write_text("merging")
+    time.sleep(120)
+tool.compare_logits = slow
+tool.main(["--adapter", sys.argv[1], "--output", sys.argv[2]])
+"""
+
+
+def test_sigterm_during_merge_leaves_no_partial_folder(lora_adapter, tmp_path):
+    """Before, a SIGTERM (what schedulers send) killed the merge without cleanup: a hidden .out.partial-* stayed."""
+    import os
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(lora_adapter), str(work / "out"), str(ready)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), child.communicate(timeout=10)
+        assert [p.name.startswith(".out.partial-") for p in work.iterdir()] == [True]  # the merge was under way
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert list(work.iterdir()) == []
+    assert os.path.exists(lora_adapter / "adapter_config.json")
+
+
+def test_merged_files_follow_the_umask(lora_adapter, tmp_path):
+    """safetensors writes its files 0600; every file of the result must read like the rest (0644 under 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        merge_lora(lora_adapter, tmp_path / "out", max_shard_size="500KB")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()}
+    assert sum(name.endswith(".safetensors") for name in modes) > 1
+    assert set(modes.values()) == {"0o644"}, modes
+    assert oct((tmp_path / "out").stat().st_mode & 0o777) == "0o755"

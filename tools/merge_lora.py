@@ -4,15 +4,23 @@
     python tools/merge_lora.py --adapter output/lora --output output/merged --dtype bfloat16 --max_shard_size 2GB
     python tools/merge_lora.py --adapter output/lora --output output/merged --data_path data.json --force
     python tools/merge_lora.py --adapter output/lora-on-gptq --base /models/Qwen2-7B-Instruct --output merged
+    python tools/merge_lora.py --adapter output/lora --base /copies/Qwen2-7B --output merged --allow_base_mismatch
 
 The base is the one the adapter records (`base_model_name_or_path` in adapter_config.json) unless `--base` names
 another. It is loaded unquantized: a Q-LoRA adapter merges into the original model that training quantized on load.
 An adapter trained on a GPTQ checkpoint needs `--base` with the unquantized model of the same architecture (see
 `merge_base`). Embeddings are grown first when training added tokens.
 
+The base must be the model the adapter was trained on: finetune.py records a fingerprint of it in the adapter's
+llmft_run.json (`llmft.saving.base_fingerprint`: its config and a sample of its weights), and a base whose
+fingerprint differs (another model of the same shape, or the recorded folder since overwritten) is refused unless
+`--allow_base_mismatch`. The parity check below cannot catch this: it compares the adapter on that same base. A base
+that ships its own Python code (`auto_map`) is refused unless `--trust_remote_code True`.
+
 The output holds sharded safetensors, the adapter folder's tokenizer with its chat template, and a generation config
 that stops at the end-of-turn token; `AutoModelForCausalLM.from_pretrained(output)` loads it. It is written into a
 hidden sibling folder that takes the output's name only when complete; `--force` replaces an existing output then.
+An interrupt or a SIGTERM removes the partial folder.
 
 Parity check, printed at the end: logits of the base with the adapter unmerged against the merged model reloaded from
 the output, on a few conversations (the first of `--data_path`, or two built in) rendered with the chat template.
@@ -41,15 +49,18 @@ from llmft.inference import (
     DTYPE_CHOICES,
     DTYPES,
     adapter_base_path,
+    add_trust_remote_code_flag,
     checkpoint_quant_method,
     load_adapter_model,
     load_model,
     load_tokenizer,
     read_model_config,
     require_model,
+    require_no_remote_code,
     set_generation_stops,
     staged_output_dir,
 )
+from llmft.saving import RUN_FILE, base_fingerprint
 
 logger = logging.getLogger("merge_lora")
 
@@ -81,22 +92,29 @@ class MergeResult:
     num_tokens: int  # positions compared
 
 
-def _quantized_note(adapter: str) -> str:
-    """Says so when training quantized the base on load (finetune.py records it in llmft_run.json)."""
-    from llmft.saving import RUN_FILE
-
+def recorded_run(adapter: str | Path) -> dict:
+    """The adapter's llmft_run.json (finetune.py's `describe_run`), or {} for an adapter trained elsewhere."""
     path = os.path.join(adapter, RUN_FILE)
     if not os.path.isfile(path):
-        return ""
-    with open(path, encoding="utf-8") as f:
-        quantization = json.load(f).get("base_quantization") or {}
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LlmftError(f"cannot read {path}: {e}") from None
+    return run if isinstance(run, dict) else {}
+
+
+def _quantized_note(adapter: str) -> str:
+    """Says so when training quantized the base on load (finetune.py records it in llmft_run.json)."""
+    quantization = recorded_run(adapter).get("base_quantization") or {}
     if quantization.get("method") != "bitsandbytes":
         return ""
     return (f" (a Q-LoRA adapter, trained on a {quantization.get('type')} copy of these weights: it merges into "
             "the original weights, never into the quantized ones)")
 
 
-def merge_base(adapter_dir: str | Path, base: str | None = None) -> str:
+def merge_base(adapter_dir: str | Path, base: str | None = None, *, trust_remote_code: bool = False) -> str:
     """The unquantized model to merge into: `base` if given, else the one the adapter records.
 
     A recorded base stored quantized (GPTQ) is refused: its weights are a rounded copy of the original, and rounded
@@ -113,9 +131,10 @@ def merge_base(adapter_dir: str | Path, base: str | None = None) -> str:
                 "and a poor start for quantizing again. Pass --base with the unquantized model that checkpoint was "
                 "made from (same architecture); quantize the merged model afterwards with tools/run_gptq.py"
             )
-        require_model(recorded, f"the base model recorded in {adapter_dir}/adapter_config.json")
+        require_model(recorded, f"the base model recorded in {adapter_dir}/adapter_config.json",
+                      trust_remote_code=trust_remote_code)
         return recorded
-    require_model(base, "--base")
+    require_model(base, "--base", trust_remote_code=trust_remote_code)
     method = checkpoint_quant_method(base)
     if method:
         raise LlmftError(f"--base {base} is itself quantized ({method}): merging needs the unquantized weights")
@@ -125,6 +144,34 @@ def merge_base(adapter_dir: str | Path, base: str | None = None) -> str:
             raise LlmftError(f"--base {base} is not the architecture of the adapter's base {recorded}: "
                              + "; ".join(problems))
     return base
+
+
+def check_base_fingerprint(adapter_dir: str | Path, base_path: str, *, allow_mismatch: bool = False) -> None:
+    """Refuse `base_path` unless it is the model the adapter was trained on, by the fingerprint training recorded.
+
+    Not checked for an adapter without one (trained outside llmft), nor for one trained on a GPTQ checkpoint: that
+    fingerprint is of the quantized weights, which the unquantized base to merge into never matches (its architecture
+    is checked instead, `merge_base`)."""
+    run = recorded_run(adapter_dir)
+    recorded = run.get("base_fingerprint")
+    if not recorded:
+        logger.info("%s records no fingerprint of its base (trained outside llmft?): %s is taken on trust",
+                    adapter_dir, base_path)
+        return
+    if (run.get("base_quantization") or {}).get("method") not in (None, "bitsandbytes"):
+        return
+    actual = base_fingerprint(base_path)
+    if actual == recorded:
+        return
+    trained_on = run.get("base_model") or adapter_base_path(adapter_dir)
+    message = (f"the base {base_path} is not the model the adapter {adapter_dir} was trained on ({trained_on}): "
+               f"its fingerprint (config and a sample of weights) is {actual or 'unreadable'}, training recorded "
+               f"{recorded} in {RUN_FILE}")
+    if allow_mismatch:
+        logger.warning("%s; merging anyway (--allow_base_mismatch)", message)
+        return
+    raise LlmftError(f"{message}. Merging into other weights gives a model that was never trained: pass the "
+                     "original with --base, or --allow_base_mismatch if these are the same weights re-saved")
 
 
 def _architecture_mismatch(recorded: dict, given: dict) -> list[str]:
@@ -176,6 +223,8 @@ def merge_lora(
     data_path: str | None = None,
     parity_samples: int = 4,
     force: bool = False,
+    allow_base_mismatch: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Merge `adapter` into its base and write the result to `output` (see the module docstring)."""
     problems = []
@@ -187,14 +236,17 @@ def merge_lora(
         problems.append(f"--data_path {data_path}: no such file")
     if problems:
         raise ConfigError(problems)
-    base_path = merge_base(adapter, base)
+    trust = {"trust_remote_code": trust_remote_code}
+    require_no_remote_code(adapter, "--adapter", **trust)
+    base_path = merge_base(adapter, base, **trust)
+    check_base_fingerprint(adapter, base_path, allow_mismatch=allow_base_mismatch)
     torch_dtype = DTYPES.get(dtype, "auto")
 
     with staged_output_dir(output, force=force, flag="--output", inputs=(adapter, base_path)) as staging:
-        tokenizer = load_tokenizer(adapter, base=base_path)
+        tokenizer = load_tokenizer(adapter, base=base_path, **trust)
         inputs = parity_inputs(tokenizer, data_path, parity_samples)
         logger.info("merging %s into the unquantized weights of %s%s", adapter, base_path, _quantized_note(adapter))
-        model = load_adapter_model(adapter, base=base_path, dtype=torch_dtype)
+        model = load_adapter_model(adapter, base=base_path, dtype=torch_dtype, **trust)
         expected = all_logits(model, inputs)
 
         merged = model.merge_and_unload()
@@ -210,7 +262,7 @@ def merge_lora(
         del model, merged
         gc.collect()
 
-        reloaded = load_model(staging, dtype=torch_dtype, what="the merged model")
+        reloaded = load_model(staging, dtype=torch_dtype, what="the merged model", **trust)
         if reloaded.get_input_embeddings().weight.shape[0] != vocab_rows:
             raise RuntimeError(f"the merged model reloads with {reloaded.get_input_embeddings().weight.shape[0]} "
                                f"embedding rows, not the {vocab_rows} it was saved with")
@@ -234,6 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_path", help="conversations for the parity check (default: two built-in ones)")
     parser.add_argument("--parity_samples", type=int, default=4, help="conversations the parity check runs")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output once the merge succeeds")
+    parser.add_argument("--allow_base_mismatch", action="store_true",
+                        help="merge into a base whose fingerprint differs from the one the adapter was trained on")
+    add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 
 
