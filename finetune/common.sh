@@ -25,11 +25,13 @@ SHARED_RECIPE=(
 )
 
 # The adapter recipe of the LoRA and Q-LoRA launchers (one GPU or many; Q-LoRA adds --q_lora True to it).
+# Micro-batches of up to 16,384 packed tokens (about 40 chat samples of a few hundred tokens) keep the GPU busy where
+# a count of 2 samples left it idle; --max_tokens_per_batch 0 goes back to --per_device_train_batch_size samples.
 ADAPTER_RECIPE=(
     --use_lora True
     --model_max_length 2048
-    --per_device_train_batch_size 2
-    --gradient_accumulation_steps 8
+    --max_tokens_per_batch 16384
+    --gradient_accumulation_steps 1
     --learning_rate 3e-4
     --save_total_limit 3
 )

@@ -20,8 +20,8 @@ OUTPUT_DIR=output_full
 # finetune.py arguments of this recipe, on top of SHARED_RECIPE in common.sh (these win where both set one).
 RECIPE=(
     --model_max_length 2048
-    --per_device_train_batch_size 1
-    --gradient_accumulation_steps 16
+    --max_tokens_per_batch 8192
+    --gradient_accumulation_steps 2
     --learning_rate 1e-5
     --save_total_limit 2
 )

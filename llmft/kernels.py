@@ -49,6 +49,9 @@ def choose_kernels(model_args, data_args, training_args) -> Kernels:
         attention = _packing_attention(cuda)
     if data_args.packing:
         _check_packing_isolates(model_args)
+    if attention == "flex_attention" and not cuda:
+        raise ConfigError(["--attn_implementation flex_attention trains on CUDA only (PyTorch's flex attention has "
+                           "no backward pass on CPU): use sdpa or eager"])
     pad_to = (data_args.max_tokens_per_batch or None) if attention == "flex_attention" else None
 
     liger, config = training_args.use_liger_kernel, training_args.liger_kernel_config

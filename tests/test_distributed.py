@@ -31,10 +31,12 @@ STEPS = 4
 GLOBAL_BATCH = 2
 
 
-def run_flags(per_device_batch: int) -> list[str]:
-    """finetune.py flags of a short, deterministic run that saves its trainer state at the last step."""
+def run_flags(per_device_batch: int, accumulation: int = 1, max_tokens: int = 0) -> list[str]:
+    """finetune.py flags of a short, deterministic run that saves its trainer state at the last step: micro-batches
+    of `per_device_batch` samples, or with `max_tokens` of up to that many packed tokens (the launchers' recipe)."""
     return ["--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device_batch),
-            "--gradient_accumulation_steps", "1", "--model_max_length", "128", "--learning_rate", "1e-3",
+            "--max_tokens_per_batch", str(max_tokens), "--gradient_accumulation_steps", str(accumulation),
+            "--model_max_length", "128", "--learning_rate", "1e-3",
             "--warmup_steps", "0", "--weight_decay", "0", "--lora_dropout", "0", "--gradient_checkpointing", "False",
             "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(STEPS), "--seed", "0"]
 
@@ -100,6 +102,16 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(lora_zero2_reference, tin
     assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 2, *run_flags(GLOBAL_BATCH // 2)))
     assert_same_run(lora_zero2_reference, out)
     assert_reloads_and_generates(out)
+
+
+def test_two_ranks_packed_by_token_budget_match_one_rank(tiny_chat_model, tmp_path):
+    """Token-budget micro-batches (packed rows): one rank accumulating two of them per step trains the same steps as
+    two ranks taking one each: the same samples per optimizer step, the loss averaged over all their targets."""
+    one, two = tmp_path / "one-rank", tmp_path / "two-ranks"
+    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, one, "zero2", 1, *run_flags(1, 2, max_tokens=256)))
+    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, two, "zero2", 2, *run_flags(1, 1, max_tokens=256)))
+    assert_same_run(one, two)
+    assert_reloads_and_generates(two)
 
 
 def test_full_zero3_two_ranks_match_one_rank(tiny_chat_model, tmp_path):

@@ -1,67 +1,38 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's figures. On a GPU machine, from the repo root:
-#   bash tools/run_benchmarks.sh single [RESULTS.jsonl]   # one GPU: LoRA, Q-LoRA, full, Liger, on a 1.5B shape
-#   bash tools/run_benchmarks.sh scaling [RESULTS.jsonl]  # 1 vs 2 GPUs: ZeRO-2 LoRA, ZeRO-3 full
-#   bash tools/run_benchmarks.sh launchers               # finetune/*.sh end to end on a 0.5B shape, outputs reload
-# Each line of RESULTS is one tools/benchmark.py result (tokens/s per GPU, peak memory).
+#   bash tools/run_benchmarks.sh speed RESULTS.jsonl     # the speed table: full 1.5B, Q-LoRA 7B, LoRA 7B vs the plain recipe
+#   bash tools/run_benchmarks.sh variants RESULTS.jsonl  # what each default costs or saves (attention, Liger, checkpointing, dropout)
+#   bash tools/run_benchmarks.sh launchers RESULTS.jsonl # the launchers' own recipes on one GPU against finetune.py
+# Every line of RESULTS is one tools/benchmark.py result; each invocation also prints its table.
+# Data: log-normal chat lengths (median 400 tokens, sigma 0.8, capped at 2,048), real (non-padding) tokens counted.
 set -uo pipefail
-suite=${1:?usage: run_benchmarks.sh single|scaling [RESULTS.jsonl]}
+suite=${1:?usage: run_benchmarks.sh speed|variants|launchers RESULTS.jsonl}
 results=${2:-bench-results.jsonl}
 work=${BENCH_WORKDIR:-/tmp/llmft-bench}
-common=(--shape "${BENCH_SHAPE:-1.5b}" --workdir "$work" --results "$results" --steps "${BENCH_STEPS:-30}")
-train=(--per_device_train_batch_size 4 --bf16 True --gradient_checkpointing True)
-bench() { local label=$1; shift; echo "== $label"; python3 tools/benchmark.py "${common[@]}" --label "$label" -- "$@" 2>&1 \
-  | grep -E "BENCH|Error|error|Traceback" ; }
-bench2() { local label=$1; shift; echo "== $label"; torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29511}" \
-  tools/benchmark.py "${common[@]}" --label "$label" -- "$@" 2>&1 | grep -E "BENCH|Error|error|Traceback" ; }
+steps=(--steps "${BENCH_STEPS:-15}" --warmup "${BENCH_WARMUP:-4}")
+bench() { python3 tools/benchmark.py --workdir "$work" --results "$results" "${steps[@]}" "$@" 2>&1 \
+  | grep -E "^BENCH|^PROFILE|^[a-z]+ +[0-9,]+ |^arm |^(tiny|0.5b|1.5b|7b) |Error|error:|Traceback|out of memory" ; }
+full=(--bf16 True --learning_rate 1e-5)
+lora=(--bf16 True --use_lora True --learning_rate 2e-4)
+qlora=(--bf16 True --use_lora True --q_lora True --learning_rate 2e-4 --optim paged_adamw_8bit)
+budget=(--max_tokens_per_batch "${BENCH_BUDGET:-16384}")
 
 case $suite in
-  single)
-    bench lora "${train[@]}" --use_lora True --learning_rate 3e-4
-    bench lora-liger "${train[@]}" --use_lora True --learning_rate 3e-4 --use_liger_kernel True
-    bench qlora-nf4 "${train[@]}" --use_lora True --q_lora True --optim paged_adamw_8bit --learning_rate 2e-4
-    bench full "${train[@]}" --learning_rate 1e-5
-    bench full-liger "${train[@]}" --learning_rate 1e-5 --use_liger_kernel True
+  speed)
+    bench --shape 1.5b --label full-1.5b --compare -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label qlora-7b --compare -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label lora-7b --compare -- "${lora[@]}" "${budget[@]}" --gradient_checkpointing True
     ;;
-  scaling)
-    bench lora-zero2-1gpu "${train[@]}" --use_lora True --deepspeed ds_configs/zero2.json
-    bench2 lora-zero2-2gpu "${train[@]}" --use_lora True --deepspeed ds_configs/zero2.json
-    bench full-zero3-1gpu "${train[@]}" --deepspeed ds_configs/zero3.json
-    bench2 full-zero3-2gpu "${train[@]}" --deepspeed ds_configs/zero3.json
-    # the outputs of the 2-GPU runs load with plain transformers / PEFT and generate
-    python3 - "$work" <<'PY' 2>&1 | grep -E "^LOAD|Error"
-import sys, torch
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoTokenizer
-for name, cls in (("out-lora-zero2-2gpu", AutoPeftModelForCausalLM), ("out-full-zero3-2gpu", AutoModelForCausalLM)):
-    path = f"{sys.argv[1]}/{name}"
-    model = cls.from_pretrained(path, dtype=torch.bfloat16).cuda()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")["input_ids"].cuda()
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    print("LOAD", name, type(model).__name__, "params", sum(p.numel() for p in model.parameters()), "generated", out.shape[1] - ids.shape[1])
-PY
+  variants)
+    bench --shape 1.5b --label full-1.5b-no-checkpointing -- "${full[@]}" --max_tokens_per_batch 8192 --gradient_checkpointing False
+    bench --shape 1.5b --label full-1.5b-sdpa -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --attn_implementation sdpa
+    bench --shape 1.5b --label full-1.5b-no-liger -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --use_liger_kernel False
+    bench --shape 7b --label qlora-7b-dropout -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True --lora_dropout 0.05
     ;;
-  launchers)  # the shipped launchers end to end on this machine's GPUs, then the outputs reload
-    BENCH_SHAPE=0.5b python3 -c "from tools.benchmark import prepare; from pathlib import Path; prepare(Path('$work'), '0.5b', 200, 300)"
-    for launcher in finetune_lora_ds.sh finetune_ds.sh finetune_qlora_single_gpu.sh; do
-      echo "== $launcher"
-      PYTHON=python3 bash finetune/$launcher -m "$work/model-0.5b" -d "$work/data-200x300.jsonl" -o "$work/launch-${launcher%.sh}" \
-        -- --max_steps 10 --save_steps 5 --logging_steps 5 --overwrite_output_dir True 2>&1 | grep -E "'loss'|saved|Error|error:" | tail -4
+  launchers)
+    for launcher in finetune_qlora_single_gpu.sh finetune_lora_single_gpu.sh finetune_qlora_ds.sh; do
+      bench --shape 0.5b --label "launcher-${launcher%.sh}" --launcher "$launcher" -- --num_train_epochs 1
     done
-    python3 - "$work" <<'PY' 2>&1 | grep -E "^LOAD|Error"
-import sys, torch
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoTokenizer
-for name in ("launch-finetune_lora_ds", "launch-finetune_ds", "launch-finetune_qlora_single_gpu"):
-    path = f"{sys.argv[1]}/{name}"
-    cls = AutoModelForCausalLM if name == "launch-finetune_ds" else AutoPeftModelForCausalLM
-    model = cls.from_pretrained(path, dtype=torch.bfloat16).cuda()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")["input_ids"].cuda()
-    print("LOAD", name, type(model).__name__, "generated", model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] - ids.shape[1])
-PY
     ;;
   *) echo "unknown suite $suite" >&2; exit 2 ;;
 esac
-cat "$results"
