@@ -82,6 +82,8 @@ def build_model(path: Path, shape: str) -> None:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(path)
+    del model
+    torch.cuda.empty_cache()  # the arms run in processes of their own: leave them the whole GPU
 
 
 def lognormal_lengths(count: int, median: int, sigma: float, cap: int, seed: int = 0) -> list[int]:
