@@ -67,7 +67,8 @@ class Trainer(transformers.Trainer):
             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
             prefetch_factor=args.dataloader_prefetch_factor,
-            multiprocessing_context=args.dataloader_multiprocessing_context, in_order=args.dataloader_in_order,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            **({"in_order": args.dataloader_in_order} if hasattr(args, "dataloader_in_order") else {}),  # 5.18+
             worker_init_fn=partial(transformers.trainer_utils.seed_worker, num_workers=args.dataloader_num_workers,
                                    rank=args.process_index),
         )
