@@ -149,6 +149,14 @@ def iter_conversations(path: str) -> Iterator[Conversation]:
 
 def iter_records(path: str) -> Iterator[tuple[int, str, object]]:
     """(index, where, raw record) triples; `where` names the file, the record's position and line for error messages."""
+    for index, _, where, record in iter_raw_records(path):
+        yield index, where, record
+
+
+def iter_raw_records(path: str, on_bad_line=None) -> Iterator[tuple[int, int | None, str, object]]:
+    """(index, line or None, where, raw record) for every record. A JSONL line that is not UTF-8 or not JSON raises
+    a DataError, unless `on_bad_line(error, index, line)` is given: then it is told and reading goes on (the line
+    still takes its record index). A JSON list is parsed whole, so a malformed one always raises."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -159,7 +167,7 @@ def iter_records(path: str) -> Iterator[tuple[int, str, object]]:
         if head.startswith(b"["):
             yield from _iter_json_list(f, path)
         else:
-            yield from _iter_jsonl(f, path)
+            yield from _iter_jsonl(f, path, on_bad_line)
 
 
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write: not part of the first record
@@ -174,21 +182,29 @@ def _decode(raw: bytes, path: str, where: str) -> str:
         raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start + skipped})") from None
 
 
-def _iter_jsonl(f, path: str) -> Iterator[tuple[int, str, object]]:
+def _iter_jsonl(f, path: str, on_bad_line=None) -> Iterator[tuple[int, int, str, object]]:
     index = 0
     for line_no, raw in enumerate(f, start=1):
-        line = _decode(raw, path, f"line {line_no}")
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {line_no} (record #{index}): malformed JSON: {e.msg} at column {e.colno}") from None
-        yield index, f"{path}: record #{index} (line {line_no})", record
+            line = _decode(raw, path, f"line {line_no}")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))  # so a record cut short is at its line's end, not the next
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} (record #{index}): malformed JSON: {e.msg} at column "
+                                f"{e.colno}") from None
+        except DataError as e:
+            if on_bad_line is None:
+                raise
+            on_bad_line(e, index, line_no)
+            index += 1
+            continue
+        yield index, line_no, f"{path}: record #{index} (line {line_no})", record
         index += 1
 
 
-def _iter_json_list(f, path: str) -> Iterator[tuple[int, str, object]]:
+def _iter_json_list(f, path: str) -> Iterator[tuple[int, None, str, object]]:
     # The whole list is parsed at once: a JSON list cannot be split without parsing it. Use JSONL for files too
     # large for memory.
     text = _decode(f.read(), path, "file")
@@ -199,7 +215,7 @@ def _iter_json_list(f, path: str) -> Iterator[tuple[int, str, object]]:
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records")
     for index, record in enumerate(records):
-        yield index, f"{path}: record #{index}", record
+        yield index, None, f"{path}: record #{index}", record
 
 
 def parse_record(record: object, where: str = "record", default_id: str = "0") -> Conversation:

@@ -31,6 +31,7 @@ does not render (Qwen2.5's) is not trained; that is logged once, and `tools/chec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -96,20 +97,18 @@ def render_samples(
         end = document_end_token(tokenizer)
         if end is not None:
             ids = ids + [tokenizer.convert_tokens_to_ids(end)]
-        return [_fit(RenderedSample(ids, list(ids)), [len(ids)], max_length, overlong, plain_text=True)]
+        return [fit_to_length(RenderedSample(ids, list(ids)), max_length, overlong, plain_text=True)]
     texts = sample_texts(conversation, tokenizer, default_system=default_system, train_turns=train_turns)
     samples = []
     for text in texts:
         token_lists = tokenizer([piece for piece, _ in text.segments], add_special_tokens=False)["input_ids"]
-        input_ids, labels, ends = [], [], []
+        input_ids, labels = [], []
         for ids, (_, trained) in zip(token_lists, text.segments):
             input_ids.extend(ids)
             labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-            if trained:
-                ends.append(len(input_ids))
         sample = RenderedSample(input_ids, labels, trained_turns=text.trained_turns,
                                 reasoning_not_rendered=text.reasoning_not_rendered)
-        samples.append(_fit(sample, ends, max_length, overlong))
+        samples.append(fit_to_length(sample, max_length, overlong))
     return samples
 
 
@@ -120,19 +119,22 @@ def render_conversation(conversation: Conversation, tokenizer, **options) -> Ren
     return render_samples(conversation, tokenizer, **options)[-1]
 
 
-def _fit(sample: RenderedSample, ends: list[int], max_length: int | None, overlong: OverlongPolicy,
-         plain_text: bool = False) -> RenderedSample | None:
-    """The sample within `max_length` tokens per the overlong policy; `ends` are where its trained segments end."""
+def fit_to_length(sample: RenderedSample, max_length: int | None, overlong: OverlongPolicy = "truncate",
+                  plain_text: bool = False) -> RenderedSample | None:
+    """The sample within `max_length` tokens per the overlong policy (see `render_samples`): itself when it fits, a
+    truncated copy, or None when dropped. A plain-text sample is cut at `max_length` exactly."""
     if max_length is None or len(sample.input_ids) <= max_length:
         return sample
     if overlong == "drop":
         return None
+    labels = sample.labels
+    ends = [i + 1 for i in range(len(labels)) if labels[i] != IGNORE_INDEX
+            and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]  # where each trained span ends
     fitting = [end for end in ends if end <= max_length]
     cut = fitting[-1] if fitting and not plain_text else max_length
-    if all(label == IGNORE_INDEX for label in sample.labels[:cut]):
+    if all(label == IGNORE_INDEX for label in labels[:cut]):
         return None
-    sample.input_ids, sample.labels, sample.truncated = sample.input_ids[:cut], sample.labels[:cut], True
-    return sample
+    return dataclasses.replace(sample, input_ids=sample.input_ids[:cut], labels=labels[:cut], truncated=True)
 
 
 def sample_texts(conversation: Conversation, tokenizer, *, default_system: str | None = None,

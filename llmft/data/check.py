@@ -1,0 +1,298 @@
+"""What a training file holds and what the loss will cover, before any GPU time is spent (`tools/check_data.py`).
+
+`check_data(path, tokenizer, settings)` reads every record with the code training uses (`llmft.data.formats` to
+parse, `RenderSettings.render` to render and mask, the same over-long policy) but does not stop at the first bad
+record: every problem is listed with its record index, line (JSONL) and id. It counts records, samples (a template
+that rewrites history splits a conversation into several), assistant and trained turns, tool calls, tokens and
+trained tokens, samples with no trained token, samples truncated or dropped at `max_length`, duplicate records, and
+the steps one epoch takes at the given batch settings; and it gives the sample-length percentiles of the untruncated
+samples. The report is written as JSON (`CheckReport.to_json`) and the lengths as a histogram PNG; `show_samples`
+prints rendered samples with their trained tokens highlighted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+from llmft.data.dataset import RenderSettings
+from llmft.data.formats import ASSISTANT, TOOL, iter_raw_records, parse_record
+from llmft.data.render import IGNORE_INDEX, RenderedSample, fit_to_length, trained_turn_indices
+from llmft.errors import DataError
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class Problem:
+    index: int  # the record's position in the file, from 0
+    line: int | None  # its line, in JSONL
+    id: str | None  # its own id, when it has one
+    message: str  # the error training would stop with
+
+
+@dataclass
+class BatchSettings:
+    """What one optimizer step consumes: micro-batches of `per_device_train_batch_size` samples (or of at most
+    `max_tokens_per_batch` tokens, packed as training packs them, in windows of `packing_window` samples shuffled
+    by `seed`) on each of `world_size` ranks, accumulated `gradient_accumulation_steps` times."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int = 1
+    world_size: int = 1
+    max_tokens_per_batch: int | None = None
+    packing_window: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class ShownSample:
+    index: int
+    id: str
+    part: int
+    parts: int
+    sample: RenderedSample
+
+
+@dataclass
+class CheckReport:
+    path: str
+    max_length: int
+    overlong: str
+    records: int = 0
+    chat_records: int = 0
+    text_records: int = 0
+    bad_records: int = 0
+    samples: int = 0  # kept for training (after dropping over-long ones)
+    split_conversations: int = 0
+    split_samples: int = 0
+    assistant_turns: int = 0
+    trained_turns: int = 0
+    tool_calls: int = 0
+    tool_results: int = 0
+    reasoning_turns: int = 0
+    reasoning_not_rendered: int = 0
+    tokens: int = 0  # in the kept samples, as trained (truncated)
+    trained_tokens: int = 0
+    zero_trained_samples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    duplicate_records: int = 0
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (index, index of its first copy), the first 100
+    length_percentiles: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
+    longest: int = 0
+    mean_length: float = 0.0
+    batch: dict = field(default_factory=dict)
+    micro_batches_per_epoch: int = 0
+    steps_per_epoch: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list, repr=False)  # untruncated, for the histogram; not in the JSON
+    shown: list[ShownSample] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        report = asdict(self)
+        del report["lengths"], report["shown"]
+        report["duplicates"] = [list(pair) for pair in self.duplicates]
+        return report
+
+    def summary(self) -> str:
+        """The report as lines a person reads."""
+        share = self.trained_tokens / self.tokens if self.tokens else 0.0
+        lines = [
+            f"{self.path}: {self.records} records ({self.chat_records} chat, {self.text_records} plain text, "
+            f"{self.bad_records} with problems)",
+            f"samples: {self.samples}" + (f" ({self.split_conversations} conversations became {self.split_samples} "
+                                          "samples, one per trained turn, because the chat template renders "
+                                          "earlier turns differently later)" if self.split_conversations else ""),
+            f"assistant turns: {self.assistant_turns}, trained: {self.trained_turns}; tool calls: {self.tool_calls}, "
+            f"tool results: {self.tool_results}; turns with reasoning: {self.reasoning_turns}"
+            + (f" ({self.reasoning_not_rendered} not rendered by the chat template, so not trained)"
+               if self.reasoning_not_rendered else ""),
+            f"tokens: {self.tokens}, trained: {self.trained_tokens} ({share:.1%}); samples with no trained token: "
+            f"{self.zero_trained_samples}",
+            f"at --model_max_length {self.max_length} (--overlong_samples {self.overlong}): {self.truncated} truncated, "
+            f"{self.dropped} dropped",
+            "sample length (tokens, untruncated): " + ", ".join(f"p{k[1:]} {v}" for k, v in
+                                                                self.length_percentiles.items())
+            + f", max {self.longest}, mean {self.mean_length:.1f}",
+            f"duplicate records: {self.duplicate_records}"
+            + ("" if not self.duplicates else " (e.g. " + ", ".join(f"#{a} = #{b}" for a, b in self.duplicates[:5])
+               + ")"),
+            f"one epoch: {self.micro_batches_per_epoch} micro-batches, {self.steps_per_epoch} optimizer steps at "
+            + ", ".join(f"{k} {v}" for k, v in self.batch.items() if v is not None),
+        ]
+        if self.problems:
+            lines.append(f"problems ({len(self.problems)}):")
+            lines += [f"  - {p.message}" for p in self.problems]
+        else:
+            lines.append("problems: none")
+        return "\n".join(lines)
+
+
+def check_data(path: str, tokenizer, settings: RenderSettings, batch: BatchSettings, show: int = 0) -> CheckReport:
+    """The report on one file (see the module docstring); `show` keeps that many rendered samples for display."""
+    report = CheckReport(path=path, max_length=settings.max_length, overlong=settings.overlong)
+    first_copy: dict[str, int] = {}
+    kept_lengths = []
+
+    def bad_line(error: DataError, index: int, line: int) -> None:
+        report.records += 1
+        report.problems.append(Problem(index, line, None, str(error)))
+
+    for index, line, where, raw in iter_raw_records(path, on_bad_line=bad_line):
+        record_id = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else None
+        try:
+            conversation = parse_record(raw, where, default_id=str(index))
+            samples = settings.render(conversation, tokenizer, cut=False)
+        except DataError as e:
+            message = str(e) if str(e).startswith(path) else f"{where}: {e}"
+            report.problems.append(Problem(index, line, record_id, message))
+            continue
+        finally:
+            report.records += 1
+        _count_turns(report, conversation, settings)
+        key = hashlib.sha1(json.dumps({**conversation.to_record(), "id": None}, sort_keys=True).encode()).hexdigest()
+        if key in first_copy:
+            report.duplicate_records += 1
+            if len(report.duplicates) < 100:
+                report.duplicates.append((index, first_copy[key]))
+        else:
+            first_copy[key] = index
+        if len(samples) > 1:
+            report.split_conversations += 1
+            report.split_samples += len(samples)
+        for part, full in enumerate(samples):
+            report.lengths.append(len(full.input_ids))
+            report.reasoning_not_rendered += full.reasoning_not_rendered
+            sample = fit_to_length(full, settings.max_length, settings.overlong,
+                                   plain_text=conversation.is_plain_text)
+            if sample is None:
+                report.dropped += 1
+                continue
+            report.samples += 1
+            report.truncated += sample.truncated
+            trained = sum(label != IGNORE_INDEX for label in sample.labels)
+            report.tokens += len(sample.input_ids)
+            report.trained_tokens += trained
+            report.zero_trained_samples += trained == 0
+            kept_lengths.append(len(sample.input_ids))
+            if len(report.shown) < show:
+                report.shown.append(ShownSample(index, conversation.id, part, len(samples), sample))
+    report.bad_records = len({p.index for p in report.problems})
+    _length_figures(report)
+    _epoch_figures(report, kept_lengths, batch)
+    return report
+
+
+def _count_turns(report: CheckReport, conversation, settings: RenderSettings) -> None:
+    if conversation.is_plain_text:
+        report.text_records += 1
+        return
+    report.chat_records += 1
+    messages = conversation.messages
+    report.assistant_turns += sum(m.role == ASSISTANT for m in messages)
+    report.trained_turns += len(trained_turn_indices(conversation, settings.train_turns))
+    report.tool_calls += sum(len(m.tool_calls) for m in messages)
+    report.tool_results += sum(m.role == TOOL for m in messages)
+    report.reasoning_turns += sum(bool(m.reasoning) for m in messages)
+
+
+def _length_figures(report: CheckReport) -> None:
+    lengths = sorted(report.lengths)
+    if not lengths:
+        return
+    for p in PERCENTILES:  # nearest rank
+        report.length_percentiles[f"p{p}"] = lengths[max(0, math.ceil(p / 100 * len(lengths)) - 1)]
+    report.longest = lengths[-1]
+    report.mean_length = round(sum(lengths) / len(lengths), 1)
+
+
+def _epoch_figures(report: CheckReport, lengths: list[int], batch: BatchSettings) -> None:
+    ranks_times_accumulation = batch.world_size * batch.gradient_accumulation_steps
+    if batch.max_tokens_per_batch:
+        report.batch = {"max_tokens_per_batch": batch.max_tokens_per_batch, "packing_window": batch.packing_window,
+                        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                        "world_size": batch.world_size}
+    else:
+        report.batch = {"per_device_train_batch_size": batch.per_device_train_batch_size,
+                        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                        "world_size": batch.world_size}
+    if not lengths:
+        return
+    if batch.max_tokens_per_batch:
+        from llmft.data.packing import TokenBudgetBatchSampler
+
+        try:
+            sampler = TokenBudgetBatchSampler(lengths, batch.max_tokens_per_batch, window=batch.packing_window,
+                                              seed=batch.seed, num_epochs=1,
+                                              batches_multiple_of=ranks_times_accumulation)
+        except Exception as e:  # the sampler's own ConfigError / DataError says why
+            report.problems.append(Problem(-1, None, None, f"--max_tokens_per_batch: {e}"))
+            return
+        per_rank = sampler.num_batches // batch.world_size
+    else:
+        per_rank = math.ceil(len(lengths) / (batch.per_device_train_batch_size * batch.world_size))
+    report.micro_batches_per_epoch = per_rank * batch.world_size
+    # as transformers' Trainer counts them: a last partial accumulation still makes a step
+    report.steps_per_epoch = max(math.ceil(per_rank / batch.gradient_accumulation_steps), 1)
+
+
+def write_histogram(report: CheckReport, path: str, bins: int = 50) -> None:
+    """A PNG histogram of the untruncated sample lengths, with --model_max_length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if report.lengths:
+        axes.hist(report.lengths, bins=bins, color="#4878a8")
+    axes.axvline(report.max_length, color="#c03030", linestyle="--", label=f"--model_max_length {report.max_length}")
+    axes.set_xlabel("tokens per sample (untruncated)")
+    axes.set_ylabel("samples")
+    axes.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes.set_title(f"{len(report.lengths)} samples; {report.truncated} truncated, {report.dropped} dropped")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+TRAINED_COLOUR, RESET = "\033[1;32m", "\033[0m"  # bold green
+TRAINED_MARKERS = ("[[", "]]")
+
+
+def show_samples(report: CheckReport, tokenizer, out=None, colour: bool | None = None) -> None:
+    """Print the kept samples with their trained tokens highlighted: bold green on a terminal, else between [[ ]]."""
+    out = out or sys.stdout
+    if colour is None:
+        colour = out.isatty()
+    start, end = (TRAINED_COLOUR, RESET) if colour else TRAINED_MARKERS
+    legend = "trained tokens in bold green" if colour else f"trained tokens between {start} and {end}"
+    print(f"--- {len(report.shown)} samples as training renders them ({legend})", file=out)
+    for shown in report.shown:
+        sample = shown.sample
+        trained = sum(label != IGNORE_INDEX for label in sample.labels)
+        part = f", sample {shown.part + 1} of {shown.parts}" if shown.parts > 1 else ""
+        print(f"\n=== record #{shown.index} (id {shown.id!r}{part}): {len(sample.input_ids)} tokens, {trained} trained"
+              + (", truncated" if sample.truncated else ""), file=out)
+        text, run, is_trained = [], [], None
+        for token, label in zip(sample.input_ids, sample.labels):
+            trained_token = label != IGNORE_INDEX
+            if is_trained is not None and trained_token != is_trained:
+                text.append(_run_text(tokenizer, run, is_trained, start, end))
+                run = []
+            run.append(token)
+            is_trained = trained_token
+        if run:
+            text.append(_run_text(tokenizer, run, is_trained, start, end))
+        print("".join(text), file=out)
+
+
+def _run_text(tokenizer, ids: list[int], trained: bool, start: str, end: str) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return f"{start}{text}{end}" if trained else text
