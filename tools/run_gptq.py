@@ -52,6 +52,7 @@ from llmft.inference import (
     load_tokenizer,
     remote_code_problem,
     require_model,
+    require_no_remote_code,
     set_generation_stops,
     staged_output_dir,
     stdout_to_stderr,
@@ -234,6 +235,9 @@ def run_gptq(
 
         logger.info("quantizing to %d bits (group size %d) on %d conversations", bits, group_size, len(calibration))
         started = time.perf_counter()
+        # A hub id's config.json is in the local cache only now that it has loaded: check it again right before
+        # GPTQModel, which imports a model's own code whatever trust_remote_code says.
+        require_no_remote_code(model_name_or_path, "--model_name_or_path", **trust)
         quantize_with_gptqmodel(model_name_or_path, calibration, settings, staging, **trust)
         seconds = time.perf_counter() - started
 
