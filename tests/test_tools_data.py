@@ -399,3 +399,30 @@ def test_template_without_tool_support_is_an_error_naming_the_sample(qwen25):
                                         r"\('get_weather'\)"):
         render({"tools": [WEATHER], "messages": [{"role": "user", "content": "a"},
                                                  {"role": "assistant", "content": "b"}]}, tokenizer)
+
+
+# --- the datasets training reads -------------------------------------------------------------------------------
+
+def test_eager_and_lazy_datasets_hold_one_row_per_sample(qwen3, datasets_cache, tmp_path, caplog):
+    from llmft.data.dataset import RenderSettings, eager_dataset, lazy_dataset
+    from tests.conftest import chat_record, write_records
+
+    records = [{"id": "think", **THINKING_TOOLS}, chat_record("Hi", "Hello.", id="one-turn"),
+               {"id": "doc", "text": "A document."}]
+    path = str(write_records(tmp_path / "qwen3.jsonl", records, jsonl=True))
+    settings = RenderSettings(None, 4096, "truncate")
+    expected = [(s.input_ids, s.labels) for r in records for s in render_samples(parse_record(r), qwen3)]
+    assert len(expected) == 4  # THINKING_TOOLS became two samples
+
+    eager, stats = eager_dataset(path, qwen3, settings)
+    assert [(list(r["input_ids"]), list(r["labels"])) for r in eager] == expected
+    assert (stats.samples, stats.split_conversations, stats.split_samples) == (4, 1, 2)
+    assert "(1 conversations became 2 samples, one per trained turn" in stats.summary("train")
+    with caplog.at_level("WARNING"):
+        lazy, lazy_stats = lazy_dataset(path, qwen3, settings)
+    assert [(lazy[i]["input_ids"], lazy[i]["labels"]) for i in range(len(lazy))] == expected
+    assert lazy_stats.samples == 4
+    assert "1 conversations became 2 samples" in caplog.text
+    # --train_turns last: the thinking conversation's last turn only
+    last, _ = eager_dataset(path, qwen3, RenderSettings(None, 4096, "truncate", "last"))
+    assert [list(r["input_ids"]) for r in last] == [expected[1][0], expected[2][0], expected[3][0]]
