@@ -426,3 +426,17 @@ def test_eager_and_lazy_datasets_hold_one_row_per_sample(qwen3, datasets_cache, 
     # --train_turns last: the thinking conversation's last turn only
     last, _ = eager_dataset(path, qwen3, RenderSettings(None, 4096, "truncate", "last"))
     assert [list(r["input_ids"]) for r in last] == [expected[1][0], expected[2][0], expected[3][0]]
+
+
+def test_train_turns_flag(tiny_chat_model, tmp_path):
+    from llmft.args import parse_args
+    from llmft.errors import ConfigError
+    from tests.conftest import chat_record, write_records
+
+    data = write_records(tmp_path / "d.json", [chat_record("a", "b")])
+    flags = ["--model_name_or_path", str(tiny_chat_model), "--data_path", str(data), "--output_dir",
+             str(tmp_path / "out"), "--report_to", "none"]
+    assert parse_args(flags)[1].train_turns == "all"
+    assert parse_args(flags + ["--train_turns", "last"])[1].train_turns == "last"
+    with pytest.raises(ConfigError, match="train_turns"):
+        parse_args(flags + ["--train_turns", "first"])
