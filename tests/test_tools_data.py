@@ -440,3 +440,25 @@ def test_train_turns_flag(tiny_chat_model, tmp_path):
     assert parse_args(flags + ["--train_turns", "last"])[1].train_turns == "last"
     with pytest.raises(ConfigError, match="train_turns"):
         parse_args(flags + ["--train_turns", "first"])
+
+
+def test_a_template_that_raises_is_a_data_error_naming_the_sample(qwen25):
+    tokenizer = copy.deepcopy(qwen25)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}"
+                               "{% endif %}{{ m.content }}{% endfor %}")
+    with pytest.raises(DataError, match=r"sample t: the chat template cannot render this conversation "
+                                        r"\(TemplateError: no tool role\)"):
+        render({"messages": SEVERAL_ROUNDS["messages"][1:5]}, tokenizer)
+
+
+def test_show_in_colour_on_a_terminal(bpe_tokenizer):
+    import io
+
+    from llmft.data.check import CheckReport, ShownSample, show_samples
+
+    sample, = render_samples(parse_record({"messages": [{"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": "Hello!"}]}), bpe_tokenizer)
+    report = CheckReport(path="d", max_length=64, overlong="truncate", shown=[ShownSample(0, "x", 0, 1, sample)])
+    out = io.StringIO()
+    show_samples(report, bpe_tokenizer, out=out, colour=True)
+    assert "<|im_start|>assistant\n\033[1;32mHello!<|im_end|>\033[0m\n" in out.getvalue()

@@ -145,8 +145,14 @@ def sample_texts(conversation: Conversation, tokenizer, *, default_system: str |
     tools = [dict(tool) for tool in conversation.tools] or None
 
     def render(upto: int, generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(messages[:upto], tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tools=tools, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except (TemplateError, TypeError) as e:  # raise_exception() in the template, or e.g. None + a string
+            raise DataError(f"sample {conversation.id}: the chat template cannot render this conversation "
+                            f"({type(e).__name__}: {e})") from None
 
     answers = {}  # turn -> (inference prompt, answer)
     for turn in trained_turn_indices(conversation, train_turns):
