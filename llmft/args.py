@@ -76,7 +76,7 @@ class DataArguments:
             "help": "Micro-batches by tokens instead of samples: every epoch the samples are shuffled and bin-packed "
             "(best-fit decreasing, in windows of --packing_window samples) into micro-batches of at most this many "
             "tokens, so short samples no longer leave the GPU idle; --per_device_train_batch_size is then unused. "
-            "Needs --packing True and at least --model_max_length."
+            "Needs --packing True and at least --model_max_length. 0: off (overrides a launcher's recipe)."
         },
     )
     packing_window: int = field(
@@ -322,7 +322,10 @@ def _batching_problems(model_args, data_args) -> list[str]:
                         f"--attn_implementation {attention} does not use: choose one of {', '.join(PACKING_ATTENTION)}, "
                         "or --packing False")
     budget = data_args.max_tokens_per_batch
-    if budget is not None:
+    if budget is not None and budget < 0:
+        problems.append("--max_tokens_per_batch must be positive (or 0: micro-batches of "
+                        "--per_device_train_batch_size samples)")
+    elif budget:
         if not data_args.packing:
             problems.append("--max_tokens_per_batch needs --packing True: padded micro-batches would cost far more "
                             "than their token budget")

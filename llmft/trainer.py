@@ -1,4 +1,5 @@
-"""The Trainer finetune.py trains with: transformers' own, plus packed micro-batches and FSDP on CPU ranks.
+"""The Trainer finetune.py trains with: transformers' own, plus packed micro-batches, checkpoints whose files follow
+the umask as soon as they are written (llmft.saving.FollowUmaskCallback), and FSDP on CPU ranks.
 
 Packing (see llmft/data/packing.py): training micro-batches go through `PackedCollator`; with a token budget their
 samples are chosen by `TokenBudgetBatchSampler` instead of a sample count. Evaluation keeps the padding collator the
@@ -26,6 +27,7 @@ import torch
 import transformers
 
 from llmft.data.packing import Packing, TokenBudgetBatchSampler, sample_lengths
+from llmft.saving import FollowUmaskCallback
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 class Trainer(transformers.Trainer):
     def __init__(self, *args, packing: Packing | None = None, **kwargs):
         self.packing = packing
+        # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
+        kwargs["callbacks"] = [FollowUmaskCallback(), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
 
     def get_train_dataloader(self):

@@ -90,8 +90,6 @@ def test_follow_umask_callback_fixes_each_checkpoint_as_it_is_saved(tiny_chat_mo
         assert set(files.values()) == {"0o644"}, (checkpoint, files)
 
 
-@pytest.mark.xfail(strict=True, reason="llmft/trainer.py does not register llmft.saving.FollowUmaskCallback yet: "
-                                       "checkpoints are fixed only by the final save, not while the run goes on")
 def test_checkpoints_are_readable_while_the_run_goes_on(tiny_chat_model, data, tmp_path, datasets_cache, umask_022):
     probe = CheckpointModes()
     train_with([probe], *lora_flags(tiny_chat_model, data, tmp_path / "out"))
