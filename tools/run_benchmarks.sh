@@ -3,10 +3,11 @@
 #   bash tools/run_benchmarks.sh speed RESULTS.jsonl     # the speed table: full 1.5B, Q-LoRA 7B, LoRA 7B vs the plain recipe
 #   bash tools/run_benchmarks.sh variants RESULTS.jsonl  # what each default costs or saves (attention, Liger, checkpointing, dropout)
 #   bash tools/run_benchmarks.sh launchers RESULTS.jsonl # the launchers' own recipes on one GPU against finetune.py
+#   bash tools/run_benchmarks.sh scaling RESULTS.jsonl   # tokens/s per GPU through the launchers on 1 and 2 GPUs
 # Every line of RESULTS is one tools/benchmark.py result; each invocation also prints its table.
 # Data: log-normal chat lengths (median 400 tokens, sigma 0.8, capped at 2,048), real (non-padding) tokens counted.
 set -uo pipefail
-suite=${1:?usage: run_benchmarks.sh speed|variants|launchers RESULTS.jsonl}
+suite=${1:?usage: run_benchmarks.sh speed|variants|launchers|scaling RESULTS.jsonl}
 results=${2:-bench-results.jsonl}
 work=${BENCH_WORKDIR:-/tmp/llmft-bench}
 steps=(--steps "${BENCH_STEPS:-15}" --warmup "${BENCH_WARMUP:-4}")
@@ -20,18 +21,28 @@ budget=(--max_tokens_per_batch "${BENCH_BUDGET:-16384}")
 case $suite in
   speed)
     bench --shape 1.5b --label full-1.5b --compare -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True
-    bench --shape 7b --label qlora-7b --compare -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label qlora-7b --compare --profile 2 -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
     bench --shape 7b --label lora-7b --compare -- "${lora[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label lora-7b-no-checkpointing -- "${lora[@]}" --max_tokens_per_batch 8192 --gradient_checkpointing False
+    bench --shape 1.5b --label full-1.5b-no-checkpointing -- "${full[@]}" "${budget[@]}" --gradient_checkpointing False
     ;;
   variants)
-    bench --shape 1.5b --label full-1.5b-no-checkpointing -- "${full[@]}" --max_tokens_per_batch 8192 --gradient_checkpointing False
+    bench --shape 1.5b --label full-1.5b-no-checkpointing-8k -- "${full[@]}" --max_tokens_per_batch 8192 --gradient_checkpointing False
     bench --shape 1.5b --label full-1.5b-sdpa -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --attn_implementation sdpa
     bench --shape 1.5b --label full-1.5b-no-liger -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --use_liger_kernel False
     bench --shape 7b --label qlora-7b-dropout -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True --lora_dropout 0.05
     ;;
   launchers)
-    for launcher in finetune_qlora_single_gpu.sh finetune_lora_single_gpu.sh finetune_qlora_ds.sh; do
-      bench --shape 0.5b --label "launcher-${launcher%.sh}" --launcher "$launcher" -- --num_train_epochs 1
+    for launcher in finetune_qlora_ds.sh finetune_qlora_single_gpu.sh finetune_lora_single_gpu.sh finetune_lora_ds.sh; do
+      bench --shape 0.5b --samples 3000 --label "launcher-${launcher%.sh}" --launcher "$launcher" -- --num_train_epochs 1
+    done
+    ;;
+  scaling)  # the same launcher on one GPU, then on two: compare tokens/s per GPU
+    for gpus in 1 2; do
+      GPUS_PER_NODE=$gpus bench --shape 1.5b --no_llmft --label "lora-zero2-${gpus}gpu" --launcher finetune_lora_ds.sh \
+        -- --num_train_epochs 1
+      GPUS_PER_NODE=$gpus bench --shape 1.5b --no_llmft --label "full-zero3-${gpus}gpu" --launcher finetune_ds.sh \
+        -- --num_train_epochs 1
     done
     ;;
   *) echo "unknown suite $suite" >&2; exit 2 ;;
