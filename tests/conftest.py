@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny models built once per test session, data files, and an in-process finetune.py runner."""
+"""Shared fixtures and helpers: tiny models built once per test session, data files, an in-process finetune.py runner,
+the checks of a saved run, and running the launchers in finetune/ on CPU ranks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +165,67 @@ def assert_adapter_trained(base_dir: Path, out: Path) -> None:
         lora_b = adapter[f"base_model.model.{target}.lora_B.weight"]
         assert lora_a.shape == (r, in_features) and lora_b.shape == (out_features, r), target
         assert lora_b.abs().sum() > 0, target
+
+
+# --- the launchers in finetune/, run as a user runs them -------------------------------------------------------
+
+FINETUNE = REPO / "finetune"
+DS_CONFIGS = REPO / "ds_configs"
+LAUNCHERS = sorted(p.name for p in FINETUNE.glob("*.sh") if p.name != "common.sh")
+DISTRIBUTED_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_ds.sh")]
+SINGLE_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_single_gpu.sh")]
+# A short run of the tiny model: 4 optimizer steps of 2 samples a rank, logged every step, nothing checkpointed.
+TINY_RUN = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--model_max_length", "128", "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1",
+            "--save_strategy", "no", "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(**overrides) -> dict:
+    """The environment of a CPU run: no GPU visible, this interpreter, no multi-node variables leaking in."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NNODES", "NODE_RANK", "GPUS_PER_NODE", "NPROC_PER_NODE", "HOSTFILE",
+                        "MODEL", "DATA", "USE_CPU", "MASTER_ADDR", "LLMFT_ENTRY")
+           and not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, MASTER_PORT=str(free_port()),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_launcher(name, *args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FINETUNE / name), *map(str, args)], env=env or launcher_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def dry_run(name, *args, **env) -> list[str]:
+    """The command the launcher would run, as an argv list."""
+    result = run_launcher(name, "--dry-run", *args, env=launcher_env(**env))
+    assert result.returncode == 0, result.stderr
+    command = [line for line in result.stderr.splitlines() if line.startswith("+ ")]
+    assert len(command) == 1, result.stderr
+    return shlex.split(command[0][2:])
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    """The value argparse would keep for `flag`: its last occurrence."""
+    positions = [i for i, a in enumerate(argv) if a == flag]
+    assert positions, f"{flag} not in {argv}"
+    return argv[positions[-1] + 1]
+
+
+def entry_args(argv: list[str]) -> list[str]:
+    """The arguments after the entry script (finetune.py or a stand-in)."""
+    entry = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    return argv[entry + 1:]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_records(tmp_path / "train.json", [chat_record("Who are you?", "I am Pico.", id=f"r{i}")
+                                                   for i in range(16)])

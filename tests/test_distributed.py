@@ -21,8 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_adapter_trained, assert_full_model_trained, assert_reloads_and_generates
-from tests.test_launchers import FINETUNE, REPO, launcher_env, run_launcher
+from tests.conftest import (
+    FINETUNE, REPO, assert_adapter_trained, assert_full_model_trained, assert_reloads_and_generates, launcher_env,
+    run_launcher,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,9 @@ import pytest
 from llmft.args import parse_args
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import check_adapter_complete, check_model_written
-from tests.conftest import assert_adapter_trained, assert_full_model_trained, assert_reloads_and_generates
-from tests.test_launchers import (  # noqa: F401  (data_file is a fixture)
-    DISTRIBUTED_LAUNCHERS, DS_CONFIGS, SINGLE_LAUNCHERS, TINY_RUN, data_file, dry_run, entry_args, flag_value,
-    launcher_env, run_launcher,
+from tests.conftest import (
+    DISTRIBUTED_LAUNCHERS, DS_CONFIGS, SINGLE_LAUNCHERS, TINY_RUN, assert_adapter_trained, assert_full_model_trained,
+    assert_reloads_and_generates, dry_run, entry_args, flag_value, launcher_env, run_launcher,
 )
 
 FSDP_CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("fsdp*.json"))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import types
@@ -20,15 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    assert_adapter_trained, assert_full_model_trained, assert_reloads_and_generates, chat_record, write_records,
+    DS_CONFIGS, FINETUNE, LAUNCHERS, REPO, SINGLE_LAUNCHERS, TINY_RUN, assert_adapter_trained, assert_full_model_trained,
+    assert_reloads_and_generates, dry_run, entry_args, flag_value, launcher_env, run_launcher,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-FINETUNE = REPO / "finetune"
-DS_CONFIGS = REPO / "ds_configs"
-LAUNCHERS = sorted(p.name for p in FINETUNE.glob("*.sh") if p.name != "common.sh")
-DISTRIBUTED_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_ds.sh")]
-SINGLE_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_single_gpu.sh")]
 CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("zero*.json"))  # DeepSpeed's; FSDP's fsdp*.json: tests/test_fsdp.py
 
 # Settings that transformers' DeepSpeed integration fills from TrainingArguments; a number here instead of "auto"
@@ -52,57 +45,6 @@ path = os.path.join(os.environ["STUB_OUT"], "rank%s.json" % os.environ.get("RANK
 with open(path, "w") as f:
     json.dump({"env": {k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:]}, f)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env(**overrides) -> dict:
-    """The environment of a CPU run: no GPU visible, this interpreter, no multi-node variables leaking in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NNODES", "NODE_RANK", "GPUS_PER_NODE", "NPROC_PER_NODE", "HOSTFILE",
-                        "MODEL", "DATA", "USE_CPU", "MASTER_ADDR", "LLMFT_ENTRY")
-           and not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
-    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, MASTER_PORT=str(free_port()),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
-
-
-def run_launcher(name, *args, env=None, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FINETUNE / name), *map(str, args)], env=env or launcher_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def dry_run(name, *args, **env) -> list[str]:
-    """The command the launcher would run, as an argv list."""
-    result = run_launcher(name, "--dry-run", *args, env=launcher_env(**env))
-    assert result.returncode == 0, result.stderr
-    command = [line for line in result.stderr.splitlines() if line.startswith("+ ")]
-    assert len(command) == 1, result.stderr
-    return shlex.split(command[0][2:])
-
-
-def flag_value(argv: list[str], flag: str) -> str:
-    """The value argparse would keep for `flag`: its last occurrence."""
-    positions = [i for i, a in enumerate(argv) if a == flag]
-    assert positions, f"{flag} not in {argv}"
-    return argv[positions[-1] + 1]
-
-
-def entry_args(argv: list[str]) -> list[str]:
-    """The arguments after the entry script (finetune.py or a stand-in)."""
-    entry = next(i for i, a in enumerate(argv) if a.endswith(".py"))
-    return argv[entry + 1:]
-
-
-@pytest.fixture
-def data_file(tmp_path) -> Path:
-    return write_records(tmp_path / "train.json", [chat_record("Who are you?", "I am Pico.", id=f"r{i}")
-                                                   for i in range(16)])
 
 
 # --- flags and errors -------------------------------------------------------------------------------------------
@@ -441,11 +383,6 @@ E2E_CASES = [
     ("finetune_lora_single_gpu.sh", None, "lora"),
     ("finetune_qlora_single_gpu.sh", None, "lora"),
 ]
-
-TINY_RUN = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--model_max_length", "128", "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1",
-            "--save_strategy", "no", "--seed", "0"]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, config, saves", E2E_CASES)
