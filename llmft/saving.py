@@ -211,11 +211,37 @@ def _lora_shapes(model) -> dict[str, tuple[int, ...] | None]:
 
 
 def check_model_written(path: str) -> None:
-    """Fail loudly when a full fine-tune saved no weights: transformers writes none under FSDP with a sharded state
-    dict, nor under ZeRO-3 without stage3_gather_16bit_weights_on_model_save (only a DeepSpeed checkpoint then)."""
-    names = os.listdir(path)
-    if not any(n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
+    """Fail loudly when a full fine-tune saved no usable weights: transformers writes none under FSDP with a sharded
+    state dict, nor under ZeRO-3 without stage3_gather_16bit_weights_on_model_save (only a DeepSpeed checkpoint then),
+    and a rank that died mid-save leaves an empty or truncated file. Reads each weight file's safetensors header (not
+    the weights): every file must be whole (`safetensors_header_problem`) and the files together hold a tensor."""
+    from llmft.inference import safetensors_header_problem  # llmft.inference imports this module
+
+    names = sorted(os.listdir(path))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set((json.load(f).get("weight_map") or {}).values()))
+    else:
+        files = [n for n in names if n.startswith("model") and n.endswith(".safetensors")]
+    if not files:
         raise LlmftError(
-            f"the model weights were not written to {path} (files: {', '.join(sorted(names))}); under ZeRO-3 set "
+            f"the model weights were not written to {path} (files: {', '.join(names)}); under ZeRO-3 set "
             "stage3_gather_16bit_weights_on_model_save, under FSDP use state_dict_type FULL_STATE_DICT"
         )
+    from safetensors import safe_open
+
+    problems, tensors = [], 0
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{file} is missing (the index names it)")
+        elif problem := safetensors_header_problem(file):
+            problems.append(problem)
+        else:
+            with safe_open(file, framework="pt") as f:
+                tensors += len(list(f.keys()))
+    if not problems and not tensors:
+        problems.append(f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} no tensor")
+    if problems:
+        raise LlmftError(f"the model weights written to {path} are not usable: {'; '.join(problems)}")

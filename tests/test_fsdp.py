@@ -229,7 +229,44 @@ def test_model_check_refuses_a_save_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(LlmftError, match="the model weights were not written"):
         check_model_written(str(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+
+
+def test_model_check_reads_the_weight_file(tmp_path):
+    """A name is not a model: an empty file (a rank that died before writing), a cut one, or one with no tensor is
+    refused; a whole file with a tensor passes."""
+    import torch
+    from safetensors.torch import save_file
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(LlmftError, match=r"not usable: .*model.safetensors is not a safetensors file \(only 0 bytes"):
+        check_model_written(str(tmp_path))
+
+    save_file({"model.norm.weight": torch.ones(64)}, str(file))
+    whole = file.read_bytes()
+    file.write_bytes(whole[:-1])
+    with pytest.raises(LlmftError, match="is truncated: tensor model.norm.weight ends at byte 256"):
+        check_model_written(str(tmp_path))
+
+    save_file({}, str(file))
+    with pytest.raises(LlmftError, match="model.safetensors holds no tensor"):
+        check_model_written(str(tmp_path))
+
+    file.write_bytes(whole)
+    check_model_written(str(tmp_path))
+
+
+def test_model_check_reads_every_shard_the_index_names(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": shards[0], "lm_head.weight": shards[1]}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"model.norm.weight": torch.ones(4)}, str(tmp_path / shards[0]))
+    with pytest.raises(LlmftError, match="model-00002-of-00002.safetensors is missing"):
+        check_model_written(str(tmp_path))
+    save_file({"lm_head.weight": torch.ones(4, 4)}, str(tmp_path / shards[1]))
     check_model_written(str(tmp_path))
 
 
