@@ -25,7 +25,7 @@ from llmft.data.packing import Packing
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
-from llmft.saving import describe_run, save_for_inference
+from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import Trainer
 
 
@@ -37,6 +37,8 @@ def main(argv=None, callbacks=()):
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
     kernels = choose_kernels(model_args, data_args, training_args)
+    if training_args.overwrite_output_dir:
+        replace_previous_run(training_args)
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)

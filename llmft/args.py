@@ -16,7 +16,6 @@ from typing import Literal
 
 import transformers
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from llmft.errors import ConfigError
 
@@ -459,10 +458,18 @@ def _output_problems(training_args) -> list[str]:
         return [f"--output_dir {out} cannot be created: {existing} is a file"]
     if not os.access(existing, os.W_OK | os.X_OK):
         return [f"--output_dir {out} cannot be written: no write permission on {existing}"]
-    if resume is not None and resume.lower() == "true":
-        if not (os.path.isdir(out) and get_last_checkpoint(out)):
-            return [f"--resume_from_checkpoint True: no checkpoint-* directory in --output_dir {out}"]
-    elif resume is not None and resume.lower() != "false" and not os.path.isdir(resume):
+    resuming = resume is not None and resume.lower() != "false"
+    if resuming and training_args.overwrite_output_dir:
+        return ["--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
+                "choose one"]
+    if resuming and resume.lower() == "true":
+        from llmft.saving import checkpoints
+
+        complete, incomplete = checkpoints(out)
+        if not complete:
+            skipped = "".join(f"; {os.path.basename(p)} is incomplete: {why}" for p, why in incomplete)
+            return [f"--resume_from_checkpoint True: no complete checkpoint-* directory in --output_dir {out}{skipped}"]
+    elif resuming and not os.path.isdir(resume):
         return [f"--resume_from_checkpoint {resume}: no such checkpoint directory"]
     elif os.path.isdir(out) and os.listdir(out) and not training_args.overwrite_output_dir:
         return [f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
@@ -510,10 +517,28 @@ def uses_zero3(training_args) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def resume_checkpoint(training_args) -> str | bool | None:
-    """What `Trainer.train(resume_from_checkpoint=...)` takes: True for the latest checkpoint, a path, or None."""
+def resume_checkpoint(training_args) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` takes: the checkpoint folder to resume from, or None.
+    `--resume_from_checkpoint True` means the newest complete checkpoint of --output_dir; incomplete ones (a save cut
+    short by kill -9) are skipped, and the log says which and why."""
+    import logging
+
+    from llmft.saving import checkpoints
+
     resume = training_args.resume_from_checkpoint
     if resume is None or resume.lower() == "false":
         return None
-    return True if resume.lower() == "true" else resume
+    if resume.lower() != "true":
+        return resume
+    complete, incomplete = checkpoints(training_args.output_dir)
+    log = logging.getLogger(__name__)
+    for path, why in incomplete:
+        log.warning("not resuming from %s: %s", path, why)
+    log.warning("resuming from %s", complete[-1])
+    return complete[-1]
 
+    elif resuming:
+        from llmft.saving import checkpoint_problem
+
+        if (problem := checkpoint_problem(resume)) is not None:
+            return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]

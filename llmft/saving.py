@@ -245,3 +245,97 @@ def check_model_written(path: str) -> None:
         problems.append(f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} no tensor")
     if problems:
         raise LlmftError(f"the model weights written to {path} are not usable: {'; '.join(problems)}")
+
+
+# --- the run folder: what a previous run left, and which checkpoints are complete -----------------------------------
+
+PREFIX_CHECKPOINT = "checkpoint-"
+# What a run writes at the top of its output_dir (the final save, the Trainer's summaries, PEFT's model card); with
+# checkpoint-*, runs/ (TensorBoard) and the staging folder, this is what --overwrite_output_dir replaces.
+RUN_OUTPUTS = {
+    "config.json", "generation_config.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.jinja", "chat_template.json", RUN_FILE, "training_args.bin", "trainer_state.json",
+    "all_results.json", "train_results.json", "eval_results.json", "training_report.json", "training_report.png",
+}
+
+
+def previous_run_outputs(output_dir: str) -> list[str]:
+    """Names in output_dir that a previous run wrote (see RUN_OUTPUTS); anything else is left alone."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if (name in RUN_OUTPUTS or name.startswith((PREFIX_CHECKPOINT, STAGING))
+                or (name == "runs" and os.path.isdir(path))
+                or (name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".json")))
+                or (name == "README.md" and "library_name: peft" in Path(path).read_text(errors="replace"))):
+            found.append(name)
+    return found
+
+
+def replace_previous_run(training_args) -> None:
+    """--overwrite_output_dir: rank 0 removes what a previous run left in output_dir before this run writes there,
+    so that neither resume nor a reload can mix the two runs; the log lists what went."""
+    with training_args.main_process_first(local=False, desc="replacing the previous run"):
+        if training_args.process_index == 0:
+            removed = clear_previous_run(training_args.output_dir)
+            if removed:
+                logger.warning("--overwrite_output_dir: replacing the previous run in %s (removed %s)",
+                               training_args.output_dir, ", ".join(removed))
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Remove what a previous run left in output_dir (checkpoints, weights, configs, logs); returns the names."""
+    removed = previous_run_outputs(output_dir)
+    for name in removed:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from, or None when it is complete. The Trainer writes
+    trainer_state.json last, after the weights, optimizer, scheduler and RNG states, so a checkpoint is complete once
+    that file parses and the weights it holds are whole (a kill -9 mid-save leaves neither)."""
+    from llmft.inference import safetensors_header_problem
+
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json (its save was interrupted)"
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is cut short (its save was interrupted)"
+    names = os.listdir(path)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights and not any(n.endswith(".bin") or n.startswith("global_step") for n in names):
+        return "no weights"
+    for name in weights:
+        if (problem := safetensors_header_problem(os.path.join(path, name))) is not None:
+            return problem
+    return None
+
+
+def checkpoints(output_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(complete checkpoint folders, oldest first; [(incomplete folder, why)]) in output_dir."""
+    if not os.path.isdir(output_dir):
+        return [], []
+    found = []
+    for name in os.listdir(output_dir):
+        step = name[len(PREFIX_CHECKPOINT):]
+        if name.startswith(PREFIX_CHECKPOINT) and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(step), os.path.join(output_dir, name)))
+    complete, incomplete = [], []
+    for _, path in sorted(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append(path)
+        else:
+            incomplete.append((path, problem))
+    return complete, incomplete

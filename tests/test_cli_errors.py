@@ -369,7 +369,7 @@ def test_resume_true_without_checkpoint(fails, data, model_dir, tmp_path, existi
         (out / "logs" / "events").write_bytes(b"\x00\x01")
     block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out,
                   "--resume_from_checkpoint", "True")
-    assert block == (f"error: invalid settings (1):\n  - --resume_from_checkpoint True: no checkpoint-* directory "
+    assert block == (f"error: invalid settings (1):\n  - --resume_from_checkpoint True: no complete checkpoint-* directory "
                      f"in --output_dir {out}")
     assert out.exists() == existing
 
