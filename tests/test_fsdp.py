@@ -1,8 +1,9 @@
 """FSDP as the alternative to DeepSpeed: the configs in ds_configs/fsdp*.json, the launchers' --fsdp option, the
 settings FSDP cannot run with, and full and LoRA fine-tuning through the launchers on 2 CPU ranks over gloo.
 
-The slow runs check what a GPU run must give too: FSDP really shards (not a silent fall-back to DDP), and the final
-save is an ordinary model or adapter that plain transformers/PEFT load.
+The slow runs check what a GPU run must give too: FSDP really shards (each rank holds half the rows of every weight
+while it trains, not the whole model as under a silent fall-back to DDP), and the final save is an ordinary model or
+adapter that plain transformers/PEFT load.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from llmft.args import parse_args
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import check_adapter_complete, check_model_written
 from tests.conftest import (
-    DISTRIBUTED_LAUNCHERS, DS_CONFIGS, SINGLE_LAUNCHERS, TINY_RUN, assert_adapter_trained, assert_full_model_trained,
-    assert_reloads_and_generates, dry_run, entry_args, flag_value, launcher_env, run_launcher,
+    DISTRIBUTED_LAUNCHERS, DS_CONFIGS, REPO, SINGLE_LAUNCHERS, TINY_RUN, assert_adapter_trained,
+    assert_full_model_trained, assert_reloads_and_generates, dry_run, entry_args, flag_value, launcher_env,
+    run_launcher,
 )
 
 FSDP_CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("fsdp*.json"))
@@ -272,20 +274,67 @@ def test_model_check_reads_every_shard_the_index_names(tmp_path):
 
 # --- end to end: 2 CPU ranks over gloo, through the launchers ----------------------------------------------------
 
-def train_with_fsdp(name, model, data, out, tmp_path):
-    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache")
+# finetune.py as the launchers run it, plus a callback that writes, on each rank after the first optimizer step, how
+# every parameter of the model in training lies on that rank: a DTensor's placements and local shard, or a whole tensor.
+LAYOUT_ENTRY = """
+import json, os
+from transformers import TrainerCallback
+import finetune
+
+def placement(p):
+    return "%s(%s)" % (type(p).__name__, getattr(p, "dim", ""))
+
+class RecordLayout(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step != 1:
+            return
+        from torch.distributed.tensor import DTensor
+        layout = {}
+        for name, param in model.named_parameters():
+            sharded = isinstance(param, DTensor)
+            layout[name] = {"placements": [placement(p) for p in param.placements] if sharded else None,
+                            "shape": list(param.shape),
+                            "local_shape": list((param.to_local() if sharded else param).shape)}
+        with open(os.path.join(os.environ["LAYOUT_OUT"], "rank%s.json" % os.environ["RANK"]), "w") as f:
+            json.dump(layout, f)
+
+finetune.main(callbacks=[RecordLayout()])
+"""
+
+
+def train_with_fsdp(name, model, data, out, tmp_path) -> dict[int, dict]:
+    """Train through the launcher with --fsdp fsdp on 2 CPU ranks; returns each rank's parameter layout."""
+    entry, layouts = tmp_path / "finetune_recording_layout.py", tmp_path / "layouts"
+    entry.write_text(LAYOUT_ENTRY)
+    layouts.mkdir()
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache", LLMFT_ENTRY=entry,
+                       LAYOUT_OUT=layouts, PYTHONPATH=REPO)
     result = run_launcher(name, "-m", model, "-d", data, "-o", out, "--fsdp", "fsdp", "--", *TINY_RUN,
                           env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    # FSDP, not the plain DDP accelerate would fall back to on CPU ranks without llmft/trainer.py
-    assert "FSDP2 on 2 CPU ranks over gloo" in result.stderr
-    return result
+    return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in layouts.glob("rank*.json")}
+
+
+def assert_sharded_over_two_ranks(layouts: dict[int, dict], trainable: str) -> None:
+    """Every parameter a DTensor split by rows between the 2 ranks (FSDP2's full shard), not the whole tensor each
+    rank holds under the plain DDP accelerate falls back to on CPU ranks without llmft/trainer.py."""
+    assert sorted(layouts) == [0, 1]
+    assert layouts[0].keys() == layouts[1].keys() and any(trainable in name for name in layouts[0])
+    for name, first in layouts[0].items():
+        second = layouts[1][name]
+        assert first["placements"] == second["placements"] == ["Shard(0)"], name
+        assert first["shape"] == second["shape"], name
+        rows = first["shape"][0]
+        assert first["local_shape"] == [(rows + 1) // 2, *first["shape"][1:]], name  # rank 0 takes the larger half
+        assert second["local_shape"] == [rows // 2, *first["shape"][1:]], name
 
 
 @pytest.mark.slow
 def test_full_fine_tuning_with_fsdp_saves_a_whole_trained_model(tiny_chat_model, data_file, tmp_path):
     out = tmp_path / "out"
-    train_with_fsdp("finetune_ds.sh", tiny_chat_model, data_file, out, tmp_path)
+    layouts = train_with_fsdp("finetune_ds.sh", tiny_chat_model, data_file, out, tmp_path)
+
+    assert_sharded_over_two_ranks(layouts, "model.embed_tokens.weight")
 
     assert_full_model_trained(tiny_chat_model, out)  # gathered whole, not rank 0's shard
     assert not (out / ".llmft-saving").exists()
@@ -295,7 +344,9 @@ def test_full_fine_tuning_with_fsdp_saves_a_whole_trained_model(tiny_chat_model,
 @pytest.mark.slow
 def test_lora_with_fsdp_saves_a_whole_trained_adapter(tiny_chat_model, data_file, tmp_path):
     out = tmp_path / "out"
-    train_with_fsdp("finetune_lora_ds.sh", tiny_chat_model, data_file, out, tmp_path)
+    layouts = train_with_fsdp("finetune_lora_ds.sh", tiny_chat_model, data_file, out, tmp_path)
+
+    assert_sharded_over_two_ranks(layouts, ".lora_B.")
 
     assert_adapter_trained(tiny_chat_model, out)  # whole, not one rank's shard
     assert_reloads_and_generates(out)
