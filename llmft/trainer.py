@@ -5,7 +5,7 @@ Packing (see llmft/data/packing.py): training micro-batches go through `PackedCo
 samples are chosen by `TokenBudgetBatchSampler` instead of a sample count. Evaluation keeps the padding collator the
 Trainer is given, so eval losses are averaged as transformers always has. Under several ranks the sampler's
 micro-batches are dealt out by accelerate (rank r takes every r-th), and every epoch has the same number of them, a
-multiple of the rank count. Loss normalisation needs nothing of its own: transformers counts the trained targets of
+multiple of ranks x accumulation steps. Loss normalisation needs nothing of its own: transformers counts the trained targets of
 all micro-batches of an optimizer step (over all ranks) and divides each micro-batch's summed loss by that count.
 
 FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see finetune/common.sh for the choices in that
@@ -58,13 +58,14 @@ class Trainer(transformers.Trainer):
         if args.max_steps > 0:
             batches_needed = args.max_steps * args.gradient_accumulation_steps * world
         sampler = TokenBudgetBatchSampler(
-            lengths, self.packing.max_tokens, window=self.packing.window, seed=args.data_seed or args.seed,
+            lengths, self.packing.max_tokens, window=self.packing.window, seed=args.seed if args.data_seed is None else args.data_seed,
             num_epochs=None if batches_needed else math.ceil(args.num_train_epochs), max_batches=batches_needed,
             batches_multiple_of=world * args.gradient_accumulation_steps,
         )
         if args.should_log:
             logger.warning("packing: %d samples, %d tokens into %d micro-batches of at most %d tokens an epoch "
-                           "(%d per rank), %.1f%% of the token budget unused", len(lengths), sum(lengths),
+                           "(%d per rank; --per_device_train_batch_size unused), %.1f%% of the token budget unused",
+                           len(lengths), sum(lengths),
                            len(sampler), sampler.max_tokens, len(sampler) // world, 100 * sampler.unused_share())
         loader = torch.utils.data.DataLoader(
             self.train_dataset, batch_sampler=sampler, collate_fn=self.packing.collator,
