@@ -85,7 +85,8 @@ def test_collator_pads_to_longest_in_batch_rounded_up_to_8(finetune_trainer_kwar
         assert batch["attention_mask"][row, n:].tolist() == [0] * (width - n)
 
 
-def test_finetune_trains_on_the_eager_example_dataset(finetune_trainer_kwargs, bpe_tokenizer, datasets_cache):
+def test_finetune_hands_the_trainer_the_eager_example_dataset(finetune_trainer_kwargs):
+    """What finetune.main gives the Trainer (stubbed: nothing trains here; tests/test_finetune_modes.py trains)."""
     train = finetune_trainer_kwargs["train_dataset"]
     assert finetune_trainer_kwargs["eval_dataset"] is None
     assert set(train.column_names) == {"input_ids", "labels"}
@@ -294,9 +295,13 @@ def test_overlong_counts(bpe_tokenizer, datasets_cache, tmp_path, overlong, samp
 def test_no_overlong_sample_counts_nothing(bpe_tokenizer, datasets_cache, tmp_path):
     path = str(write_records(tmp_path / "train.json", OVERLONG_RECORDS[:2]))
     _, stats = eager_dataset(path, bpe_tokenizer, RenderSettings(None, 48, "drop"))
-    assert stats == DataStats(samples=2, truncated=0, dropped=0, tokens=stats.tokens,
-                              trained_tokens=stats.trained_tokens)
-    assert 0 < stats.trained_tokens < stats.tokens
+    # the whole ChatML text of each sample, as the chat template renders it
+    rendered = [bpe_tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                                  tokenize=True, return_dict=True)["input_ids"]
+                for q, a in [("Hi", "Hello!"), ("What is 2 + 3?", "5.")]]
+    assert [len(ids) for ids in rendered] == [16, 22]
+    # trained: "Hello" "!" <|im_end|> and "5" "." <|im_end|>
+    assert stats == DataStats(samples=2, truncated=0, dropped=0, tokens=16 + 22, trained_tokens=3 + 3)
 
 
 # --- build_datasets ----------------------------------------------------------------------------------------------
