@@ -85,6 +85,45 @@ def test_collator_pads_to_longest_in_batch_rounded_up_to_8(finetune_trainer_kwar
         assert batch["attention_mask"][row, n:].tolist() == [0] * (width - n)
 
 
+PAD = 1024  # the tiny chat model's <|endoftext|>, its pad token
+X = IGNORE_INDEX
+
+
+@pytest.mark.parametrize("samples, expected", [
+    pytest.param(
+        [{"input_ids": [11, 12, 13], "labels": [X, 12, 13]},
+         {"input_ids": [21, 22, 23, 24, 25], "labels": [X, X, 23, 24, 25]}],
+        {"input_ids": [[11, 12, 13, PAD, PAD, PAD, PAD, PAD], [21, 22, 23, 24, 25, PAD, PAD, PAD]],
+         "labels": [[X, 12, 13, X, X, X, X, X], [X, X, 23, 24, 25, X, X, X]],
+         "attention_mask": [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]},
+        id="3-and-5-to-8"),
+    pytest.param(
+        [{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [X, X, X, X, 5, 6, 7, 8]}],
+        {"input_ids": [[1, 2, 3, 4, 5, 6, 7, 8]], "labels": [[X, X, X, X, 5, 6, 7, 8]],
+         "attention_mask": [[1, 1, 1, 1, 1, 1, 1, 1]]},
+        id="8-stays-8"),
+    pytest.param(
+        [{"input_ids": [31, 32], "labels": [X, 32]},
+         {"input_ids": [41, 42, 43, 44, 45, 46, 47, 48, 49], "labels": [X, X, X, 44, 45, 46, 47, 48, 49]}],
+        {"input_ids": [[31, 32] + [PAD] * 14, [41, 42, 43, 44, 45, 46, 47, 48, 49] + [PAD] * 7],
+         "labels": [[X, 32] + [X] * 14, [X, X, X, 44, 45, 46, 47, 48, 49] + [X] * 7],
+         "attention_mask": [[1, 1] + [0] * 14, [1] * 9 + [0] * 7]},
+        id="2-and-9-to-16"),
+])
+def test_padding_collator_on_literal_batches(finetune_trainer_kwargs, samples, expected):
+    """The collator finetune.py gives the Trainer (evaluation and unpacked training use it): right padding to the
+    longest sample rounded up to a multiple of 8, pad token in the ids, -100 in the labels, 0 in the mask."""
+    collator = finetune_trainer_kwargs["data_collator"]
+    assert collator.tokenizer.pad_token_id == PAD
+
+    batch = collator([{k: list(v) for k, v in s.items()} for s in samples])
+
+    assert set(batch) == set(expected)
+    for key, rows in expected.items():
+        assert batch[key].dtype == torch.long, key
+        assert batch[key].tolist() == rows, key
+
+
 def test_finetune_hands_the_trainer_the_eager_example_dataset(finetune_trainer_kwargs):
     """What finetune.main gives the Trainer (stubbed: nothing trains here; tests/test_finetune_modes.py trains)."""
     train = finetune_trainer_kwargs["train_dataset"]
