@@ -51,7 +51,8 @@ def main(argv=None, callbacks=()):
     padding = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
-                      processing_class=tokenizer, callbacks=list(callbacks))
+                      processing_class=tokenizer, callbacks=list(callbacks),
+                      loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
 
     run = describe_run(model_args, lora_args, quant_args, added_tokens)

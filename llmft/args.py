@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -115,6 +116,29 @@ class LoraArguments:
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules trained in full and saved with the adapter (added automatically for new tokens)."},
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: each adapted weight is split into a magnitude (a trained vector) and a direction (LoRA "
+                  "on top of the base). Costs some speed while training; merge_lora folds it into plain weights."},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rsLoRA: scale the adapter by lora_alpha / sqrt(lora_r) instead of / lora_r."}
+    )
+    lora_init: str = field(
+        default="default",
+        metadata={
+            "help": "How the adapter starts: default (B = 0, A random), gaussian (A Gaussian), pissa (A and B from the "
+            "base weights' top singular vectors, the base keeps the residual), pissa_niter_N (PiSSA through N "
+            "iterations of a fast randomized SVD, e.g. pissa_niter_4: seconds instead of minutes on a 7B model), or "
+            "olora (A and B from a QR decomposition of the base weights). PiSSA and OLoRA change the base while "
+            "training; the saved adapter is converted to one of twice the rank that applies to the original base."
+        },
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+: train the B matrices at this multiple of --learning_rate (the paper suggests 16); "
+                  "the optimizer is still the one --optim names."},
     )
 
 
@@ -303,10 +327,73 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
             problems.append("the base model is already GPTQ-quantized: --q_lora would quantize it again; drop --q_lora")
     elif quant_method is not None and (quant_args.q_lora or not lora_args.use_lora):
         problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it")
+    problems += _lora_variant_problems(lora_args, quant_args, training_args, quant_method)
     if training_args is not None:
         problems += _training_problems(data_args, quant_args, training_args, quant_method)
         if training_args.fsdp:
             problems += _fsdp_problems(lora_args, quant_args, training_args)
+    return problems
+
+
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")
+# transformers optimizers that build their own parameter groups (GaLore, APOLLO: projected ones; LOMO: the whole model)
+LORAPLUS_INCOMPATIBLE_OPTIM = ("galore", "apollo", "lomo")
+
+
+def changes_base_weights(lora_args) -> bool:
+    """PiSSA and OLoRA start the adapter from a decomposition of the base weights and train on the residual."""
+    return lora_args.lora_init.startswith("pissa") or lora_args.lora_init == "olora"
+
+
+def _lora_variant_problems(lora_args, quant_args, training_args, quant_method) -> list[str]:
+    """DoRA, rsLoRA, PiSSA/OLoRA initialisation and LoRA+ against each other and against the base and sharding,
+    as PEFT 0.21 supports them."""
+    problems = []
+    init = lora_args.lora_init
+    niter = init.removeprefix("pissa_niter_")
+    if init not in LORA_INITS and not (init.startswith("pissa_niter_") and niter.isdigit()):
+        problems.append(f"--lora_init {init}: choose one of {', '.join(LORA_INITS)} (N a whole number of iterations)")
+    ratio = lora_args.loraplus_lr_ratio
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+        problems.append(f"--loraplus_lr_ratio {ratio}: must be a positive number (the B matrices' learning rate "
+                        "over A's)")
+    variants = [flag for flag, on in (("--use_dora True", lora_args.use_dora), ("--use_rslora True",
+                                      lora_args.use_rslora), (f"--lora_init {init}", init != "default"),
+                                      (f"--loraplus_lr_ratio {ratio}", ratio is not None)) if on]
+    if variants and not lora_args.use_lora:
+        problems.append(f"{', '.join(variants)} configure LoRA adapters: add --use_lora True")
+        return problems
+    if lora_args.use_dora and quant_method == "gptq":
+        problems.append("--use_dora True on a GPTQ base: PEFT's LoRA layer for GPTQ weights does not implement DoRA "
+                        "(DoRA needs the dequantized weight's norms); train plain LoRA on it, or DoRA on the "
+                        "unquantized model (with --q_lora True if memory is short: PEFT supports DoRA on bitsandbytes)")
+    if changes_base_weights(lora_args):
+        name = "PiSSA" if init.startswith("pissa") else "OLoRA"
+        if quant_method is not None:
+            problems.append(f"--lora_init {init} on a {quant_method}-quantized base: {name} decomposes the base's "
+                            "float weights and stores the residual back into them, which packed quantized weights "
+                            "cannot take; start from the unquantized model")
+        elif quant_args.q_lora and init.startswith("pissa"):
+            problems.append(f"--lora_init {init} with --q_lora True: PEFT runs PiSSA's SVD only on float weights "
+                            "(bitsandbytes has already quantized them on load); train PiSSA on the bf16/fp16 base, "
+                            "or use --lora_init olora, which PEFT supports on a 4-/8-bit base")
+        if training_args is not None and (uses_zero3(training_args) or training_args.fsdp):
+            problems.append(f"--lora_init {init} cannot be sharded with ZeRO-3 or FSDP: {name} needs each whole base "
+                            "weight where the adapter is created, and the final save compares the whole adapter "
+                            "with its starting point to convert it for the original base; use --deepspeed "
+                            "ds_configs/zero2.json or plain DDP")
+    if ratio is not None and training_args is not None:
+        optim = str(getattr(training_args.optim, "value", training_args.optim))
+        if any(name in optim for name in LORAPLUS_INCOMPATIBLE_OPTIM):
+            problems.append(f"--loraplus_lr_ratio with --optim {optim}: that optimizer builds its own parameter "
+                            "groups, so LoRA+'s learning rate for the B matrices would be lost; choose an AdamW, "
+                            "Lion, SGD, ... optimizer")
+        ds_config = getattr(training_args, "hf_deepspeed_config", None)
+        if training_args.deepspeed and ds_config is not None and "optimizer" in ds_config.config:
+            problems.append(f"--loraplus_lr_ratio with --deepspeed {training_args.deepspeed}: that config defines "
+                            "its own optimizer, which DeepSpeed builds over one group of all trainable weights, so "
+                            "the B matrices would not get their learning rate; use a config without an \"optimizer\" "
+                            "section (ds_configs/zero2.json, zero3.json), whose optimizer comes from --optim")
     return problems
 
 

@@ -178,20 +178,72 @@ def lora_config(lora_args, model=None, train_embeddings: bool = False):
         bias=lora_args.lora_bias,
         modules_to_save=modules_to_save or None,
         ensure_weight_tying=bool(train_embeddings and model is not None and _ties_embeddings(model)),
+        use_dora=lora_args.use_dora,
+        use_rslora=lora_args.use_rslora,
+        init_lora_weights=True if lora_args.lora_init == "default" else lora_args.lora_init,
         task_type="CAUSAL_LM",
     )
 
 
 def apply_lora(model, lora_args, train_embeddings: bool = False):
+    """The model wrapped in a PEFT LoRA adapter. With PiSSA / OLoRA initialisation the base weights now hold the
+    residual of their decomposition, and the starting adapter is kept (`initial_adapter_state`) so that the final
+    save can be converted into an adapter for the original base (`save_adapter_for_original_base`)."""
     from peft import get_peft_model
+
+    from llmft.args import changes_base_weights
 
     try:
         model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
+    if changes_base_weights(lora_args):
+        model.initial_adapter_state = _lora_weights(model)
+        logger.warning("--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
+                       "adapter will be converted to rank %d so that it applies to the original base",
+                       lora_args.lora_init, 2 * lora_args.lora_r)
     if train_embeddings:
         logger.warning("training the input embeddings and output head in full (modules_to_save) for the new tokens")
     return model
+
+
+def _lora_weights(model) -> dict:
+    """The adapter's lora_A / lora_B tensors as the adapter file names them, copied to the CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in get_peft_model_state_dict(model).items()
+            if ".lora_A." in name or ".lora_B." in name}
+
+
+def save_adapter_for_original_base(model, folder: str) -> None:
+    """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
+    run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
+    the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
+    Needs the whole adapter in memory (no ZeRO-3 or FSDP: args.validate refuses those).
+
+    PEFT 0.21's conversion writes only the lora_A / lora_B tensors; the others are put back unchanged: modules_to_save
+    (whole copies, independent of the base) and DoRA's magnitudes (W_res + BA, which they scale, equals the converted
+    W + B'A' exactly)."""
+    import tempfile
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    kept = {name: tensor.detach().to("cpu", copy=True).contiguous()
+            for name, tensor in get_peft_model_state_dict(model).items()
+            if ".lora_A." not in name and ".lora_B." not in name}
+    with tempfile.TemporaryDirectory(prefix="llmft-initial-adapter-") as scratch:
+        initial = os.path.join(scratch, "initial")
+        os.makedirs(initial)
+        # PEFT loads this back as a second adapter and subtracts only its lora_A / lora_B; loading needs the other
+        # tensors to be there too, and the trained ones serve
+        save_file({**kept, **model.initial_adapter_state}, os.path.join(initial, "adapter_model.safetensors"))
+        # PEFT writes the initial adapter's config there itself
+        model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial)
+    if kept:
+        file = os.path.join(folder, "adapter_model.safetensors")
+        converted = load_file(file)
+        save_file({**converted, **kept}, file, metadata={"format": "pt"})
 
 
 def _is_gptq(model) -> bool:

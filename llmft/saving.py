@@ -153,6 +153,10 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
                 json.dump(run, f, indent=2)
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
+            if getattr(model, "initial_adapter_state", None) is not None:  # PiSSA / OLoRA trained on a residual base
+                from llmft.model import save_adapter_for_original_base
+
+                save_adapter_for_original_base(model, staging)
         else:
             check_model_written(staging)
         follow_umask(staging)

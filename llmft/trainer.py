@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(transformers.Trainer):
-    def __init__(self, *args, packing: Packing | None = None, **kwargs):
+    def __init__(self, *args, packing: Packing | None = None, loraplus_lr_ratio: float | None = None, **kwargs):
         self.packing = packing
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
         kwargs["callbacks"] = [FollowUmaskCallback(), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
@@ -78,6 +79,31 @@ class Trainer(transformers.Trainer):
                                    rank=args.process_index),
         )
         return self.accelerator.prepare(loader)
+
+    def create_optimizer(self, model=None):
+        """transformers' optimizer, or with `loraplus_lr_ratio` PEFT's LoRA+ one: the same optimizer class and
+        settings (--optim, --optim_args, --adam_*, --weight_decay), the B matrices (and other vectors, DoRA's
+        magnitudes included) at --learning_rate x the ratio. Under DeepSpeed transformers calls this too, as long as
+        the DeepSpeed config names no optimizer of its own (args.validate refuses one that does)."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        lr = optimizer_kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=lr,
+                                                   loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs)
+        if self.args.should_log:
+            groups = self.optimizer.param_groups  # PEFT's order: A side, LoRA embeddings, B side, B side no decay
+            logger.warning("LoRA+: %d tensors at learning rate %g, %d (B side) at %g", len(groups[0]["params"]), lr,
+                           len(groups[2]["params"]) + len(groups[3]["params"]), lr * self.loraplus_lr_ratio)
+        return self.optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
