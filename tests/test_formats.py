@@ -328,6 +328,25 @@ BAD_RECORDS = {
                                       {"role": "assistant", "content": "b", "train": False}]},
                         "every assistant turn says train false (or loss_weight 0), so nothing to train on"),
     "empty-text": ({"text": "   "}, "'text' must be a non-empty string"),
+    "null-content": ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "b"}]},
+                     "turn 0: 'content' is null; a turn needs a role and its text as a string"),
+    "null-value-and-role": ({"conversations": [{"from": None, "value": None}, {"from": "gpt", "value": "b"}]},
+                            "turn 0: 'from' and 'value' are null"),
+    "empty-user-turn": ({"conversations": turns(("user", ""), ("assistant", "b"))},
+                        "turn 0: the user turn is empty (or whitespace only)"),
+    "whitespace-user-turn": ({"messages": [{"role": "user", "content": [" ", "\n"]},
+                                           {"role": "assistant", "content": "b"}]},
+                             "turn 0: the user turn is empty (or whitespace only)"),
+    "empty-answer": ({"conversations": turns(("user", "a"), ("assistant", ""))},
+                     "turn 1: the assistant turn is empty (or whitespace only): it would train the model to reply "
+                     "with nothing"),
+    "whitespace-answer-not-trained": ({"messages": [{"role": "user", "content": "a"},
+                                                    {"role": "assistant", "content": " \t", "train": False},
+                                                    {"role": "user", "content": "c"},
+                                                    {"role": "assistant", "content": "d"}]},
+                                      "turn 1: the assistant turn is empty"),
+    "empty-answer-after-system": ({"system": "s", "conversations": turns(("user", "a"), ("assistant", "\n"))},
+                                  "turn 2: the assistant turn is empty"),
     "unknown-record-format": ({"prompt": "a", "completion": "b"}, "unknown record format (keys ["),
 }
 
@@ -369,6 +388,62 @@ def test_bad_record_with_id_is_named_by_its_id(tmp_path, name, jsonl):
     assert fragment in message
     if jsonl:
         assert "(line 3)" in message
+
+
+@pytest.mark.parametrize("bad_id, expected", [(["a"], "'id' must be a string or a number, got list"),
+                                               (True, "'id' must be a string or a number, got bool"),
+                                               (10 ** 4400, "'id' is a number too long to print")],
+                         ids=["list", "bool", "huge-int"])
+def test_id_that_is_no_name(bad_id, expected):
+    with pytest.raises(DataError) as info:
+        parse_record({"id": bad_id, "text": "x"}, "data.json: record #3")
+    assert str(info.value) == f"data.json: record #3: {expected}"
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
+@pytest.mark.parametrize("record, field", [
+    ({"conversations": [{"from": "user", "value": "a\ud800b"}, {"from": "gpt", "value": "c"}]},
+     "conversations[0].value"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text",
+                                                                                       "text": "\udfff"}]}]},
+     "messages[1].content[0].text"),
+    ({"text": "a", "meta": {"\ud83d": 1}}, "a key of meta"),
+    ({"id": "r\udc00", "text": "a"}, "id"),
+], ids=["value", "text-part", "key", "id"])
+def test_lone_surrogate_is_named_with_its_field(tmp_path, jsonl, record, field):
+    # json.dumps escapes the surrogate (ensure_ascii), as the file a user has would hold it: "\ud800" in the JSON
+    path = tmp_path / ("data.jsonl" if jsonl else "data.json")
+    if jsonl:
+        path.write_text(json.dumps(FILLER) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    else:
+        path.write_text(json.dumps([FILLER, record]), encoding="utf-8")
+    message = load_error(path)
+    assert message.startswith(f"{path}: record #1")
+    assert f": {field} holds a lone surrogate " in message
+    assert message.endswith("which is not valid Unicode text")
+
+
+def test_surrogate_pair_escapes_are_one_character_and_fine(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(chat_record("smile", "\U0001F600")) + "\n", encoding="utf-8")
+    assert '"\\ud83d\\ude00"' in path.read_text()  # the escape pair, as json.dumps writes it
+    assert load_conversations(str(path))[0].messages[1].content == "\U0001F600"
+
+
+def test_answer_may_be_empty_when_it_calls_tools_or_holds_reasoning():
+    with_calls = parse_record(tool_record(call("get_weather", "{}")))
+    assert with_calls.messages[1].content == "" and with_calls.messages[1].tool_calls
+    reasoning_only = parse_record({"messages": [{"role": "user", "content": "a"},
+                                                {"role": "assistant", "content": "<think>r</think>"}]})
+    assert reasoning_only.messages[1] == Message(A, "", reasoning="r")
+
+
+def test_empty_system_and_tool_turns_are_kept():
+    record = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "a"},
+                           {"role": "assistant", "tool_calls": [call("get_weather", "{}")]},
+                           {"role": "tool", "content": ""}, {"role": "assistant", "content": "b"}]}
+    messages = parse_record(record).messages
+    assert messages[0] == Message(S, "") and messages[3] == Message(T, "")
 
 
 def test_alpaca_null_output_is_a_data_error(tmp_path):
@@ -417,11 +492,47 @@ def test_malformed_jsonl_names_line_and_record(tmp_path):
 
 
 def test_pretty_printed_json_object_is_not_a_list(tmp_path):
-    # A file that does not start with "[" is JSONL; a pretty-printed object then fails on its first line, named.
+    # A file that does not start with "[" is read as JSONL; a pretty-printed object is named as what it is, not as
+    # "line 1: malformed JSON".
     path = tmp_path / "data.json"
-    path.write_text(json.dumps({"conversations": turns(("user", "a"), ("assistant", "b"))}, indent=1),
-                    encoding="utf-8")
-    assert load_error(path).startswith(f"{path}: line 1 (record #0): malformed JSON")
+    text = json.dumps({"conversations": turns(("user", "a"), ("assistant", "b"))}, indent=1)
+    path.write_text(text, encoding="utf-8")
+    assert load_error(path) == (
+        f"{path}: line 1 (record #0): the file is one whole JSON document spread over lines 1-{text.count(chr(10)) + 1} "
+        "(pretty-printed JSON), neither a JSON list of records nor JSONL: give a list ([{...}, {...}]), or JSONL with "
+        "each record on one line")
+
+
+def test_pretty_printed_records_in_jsonl_name_the_lines_they_spread_over(tmp_path):
+    path = tmp_path / "data.jsonl"
+    pretty = json.dumps(chat_record("a", "b", id="p"), indent=2)
+    path.write_text(json.dumps(FILLER) + "\n" + pretty + "\n" + pretty + "\n", encoding="utf-8")
+    last = 2 + pretty.count("\n")
+    assert load_error(path) == (f"{path}: line 2 (record #1): a JSON record spread over lines 2-{last} "
+                                "(pretty-printed JSON): in JSONL each record must be on one line")
+
+
+def test_line_cut_short_without_a_continuation_is_still_malformed_json(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(FILLER) + '\n{"text": "cut\n{"text": "x"}\n', encoding="utf-8")
+    assert load_error(path).startswith(f"{path}: line 2 (record #1): malformed JSON: Unterminated string")
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
+def test_json_beyond_pythons_limits_is_a_data_error(tmp_path, jsonl):
+    deep = "[" * 100_000 + "]" * 100_000
+    huge = "9" * 5000
+    records = [f'{{"text": "a", "x": {deep}}}', f'{{"text": "a", "x": {huge}}}']
+    for i, record in enumerate(records):
+        path = tmp_path / f"data{i}.{'jsonl' if jsonl else 'json'}"
+        path.write_text(record + "\n" if jsonl else f"[{record}]", encoding="utf-8")
+        assert "unreadable JSON: " in load_error(path)
+
+
+def test_json_list_with_no_records(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(" [ ]\n", encoding="utf-8")
+    assert load_error(path) == f"{path}: the file holds an empty JSON list: no records to train on"
 
 
 def test_missing_file(tmp_path):
@@ -430,7 +541,25 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_not_a_file(tmp_path):
-    assert load_error(tmp_path) == f"{tmp_path}: no such file"
+    assert load_error(tmp_path) == (f"{tmp_path}: is a directory, not a data file (give the path of a .json or .jsonl "
+                                    "file)")
+
+
+def test_file_that_cannot_be_opened(tmp_path, monkeypatch):
+    # Tests run as root, whom file modes do not stop: make open() itself fail, as it does for a user without read
+    # permission.
+    import builtins
+
+    path = write_records(tmp_path / "data.json", [FILLER])
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    assert load_error(path) == f"{path}: cannot be read: Permission denied"
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \t\n"], ids=["empty", "whitespace"])

@@ -22,6 +22,12 @@ Tool data is checked: a call's arguments must be a JSON object, a tool result mu
 turn before it (and its `tool_call_id` / `name`, when given, must match one), and when the record lists `tools`, a
 call to a function not among them is an error (it would teach the model to call tools it was never shown).
 
+Content is checked too: a user or assistant turn that is empty or whitespace only is an error, as an Alpaca record
+with an empty output is (an empty answer would train the model to reply with nothing: only its end-of-turn token
+carries loss). An assistant turn may have empty content when it calls tools or holds reasoning; system and tool turns
+may be empty. Text must be valid Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
+cannot encode, is an error naming the field that holds it.
+
 Every problem is reported as a `DataError` that names the file and the record (its `id` when it has one, its
 position and line otherwise), so a bad record in a million is found in seconds.
 """
@@ -157,17 +163,32 @@ def iter_raw_records(path: str, on_bad_line=None) -> Iterator[tuple[int, int | N
     """(index, line or None, where, raw record) for every record. A JSONL line that is not UTF-8 or not JSON raises
     a DataError, unless `on_bad_line(error, index, line)` is given: then it is told and reading goes on (the line
     still takes its record index). A JSON list is parsed whole, so a malformed one always raises."""
+    check_data_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(BOM).lstrip()
+            f.seek(0)
+            if not head:
+                raise DataError(f"{path}: the file is empty")
+            if head.startswith(b"["):
+                yield from _iter_json_list(f, path)
+            else:
+                yield from _iter_jsonl(f, path, on_bad_line)
+    except OSError as e:  # e.g. a read error on a network file system after the open succeeded
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
+
+
+def check_data_file(path: str) -> None:
+    """Raises a DataError unless `path` is a file this process can open for reading."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file (give the path of a .json or .jsonl file)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(BOM).lstrip()
-        f.seek(0)
-        if not head:
-            raise DataError(f"{path}: the file is empty")
-        if head.startswith(b"["):
-            yield from _iter_json_list(f, path)
-        else:
-            yield from _iter_jsonl(f, path, on_bad_line)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write: not part of the first record
@@ -192,8 +213,11 @@ def _iter_jsonl(f, path: str, on_bad_line=None) -> Iterator[tuple[int, int, str,
             try:
                 record = json.loads(line.rstrip("\r\n"))  # so a record cut short is at its line's end, not the next
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no} (record #{index}): malformed JSON: {e.msg} at column "
-                                f"{e.colno}") from None
+                spread = _spread_over_lines(f, line, line_no, e)
+                raise DataError(f"{path}: line {line_no} (record #{index}): "
+                                f"{spread or f'malformed JSON: {e.msg} at column {e.colno}'}") from None
+            except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's
+                raise DataError(f"{path}: line {line_no} (record #{index}): unreadable JSON: {_json_limit(e)}") from None
         except DataError as e:
             if on_bad_line is None:
                 raise
@@ -204,6 +228,37 @@ def _iter_jsonl(f, path: str, on_bad_line=None) -> Iterator[tuple[int, int, str,
         index += 1
 
 
+PRETTY_PRINT_SCAN = 16 << 20  # bytes read past a bad JSONL line to see whether a record continues on later lines
+
+
+def _spread_over_lines(f, line: str, line_no: int, error: json.JSONDecodeError) -> str | None:
+    """Why a JSONL line that is cut short does not parse, when the reason is that its record goes on over the lines
+    after it (pretty-printed JSON); None otherwise. Leaves `f` where it was."""
+    if error.pos < len(line.rstrip()):
+        return None  # the line is wrong before its end, not merely incomplete
+    position = f.tell()
+    rest = f.read(PRETTY_PRINT_SCAN).decode("utf-8", errors="replace")
+    f.seek(position)
+    text = line + rest
+    try:
+        _, end = json.JSONDecoder().raw_decode(text.lstrip(), 0)
+    except (ValueError, RecursionError):
+        return None
+    last = line_no + text.lstrip()[:end].count("\n")
+    whole = line_no == 1 and not text.lstrip()[end:].strip()
+    if whole:
+        return (f"the file is one whole JSON document spread over lines 1-{last} (pretty-printed JSON), neither a "
+                "JSON list of records nor JSONL: give a list ([{...}, {...}]), or JSONL with each record on one line")
+    return (f"a JSON record spread over lines {line_no}-{last} (pretty-printed JSON): in JSONL each record must be "
+            "on one line")
+
+
+def _json_limit(error: BaseException) -> str:
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)
+
+
 def _iter_json_list(f, path: str) -> Iterator[tuple[int, None, str, object]]:
     # The whole list is parsed at once: a JSON list cannot be split without parsing it. Use JSONL for files too
     # large for memory.
@@ -212,8 +267,12 @@ def _iter_json_list(f, path: str) -> Iterator[tuple[int, None, str, object]]:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable JSON: {_json_limit(e)}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records")
+    if not records:
+        raise DataError(f"{path}: the file holds an empty JSON list: no records to train on")
     for index, record in enumerate(records):
         yield index, None, f"{path}: record #{index}", record
 
@@ -224,8 +283,9 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     record_id = default_id
     if record.get("id") is not None:
-        record_id = str(record["id"])
+        record_id = _record_id(record["id"], where)
         where = f"{where} (id {record_id!r})"
+    _check_unicode(record, where)
 
     if "conversations" in record or "messages" in record:
         key = "conversations" if "conversations" in record else "messages"
@@ -252,6 +312,38 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
         f"{where}: unknown record format (keys {sorted(record)}); expected 'conversations', 'messages', "
         "'instruction'+'output' or 'text'"
     )
+
+
+def _record_id(value: object, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: 'id' must be a string or a number, got {type(value).__name__}")
+    try:
+        return str(value)
+    except ValueError:  # an integer longer than Python prints (4300 digits)
+        raise DataError(f"{where}: 'id' is a number too long to print") from None
+
+
+def _check_unicode(record: dict, where: str) -> None:
+    """Every string of the record, keys included, must be encodable as UTF-8: JSON's `\\ud800` escape gives a lone
+    surrogate, which the tokenizer, the Arrow cache and the lazy spool cannot take. The walk is iterative, so nesting
+    of any depth is checked without recursion."""
+    stack = [(record, "")]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise DataError(f"{where}: {at or 'a key'} holds a lone surrogate {value[e.start]!r} (half of a "
+                                    "UTF-16 pair, e.g. from the JSON escape \\ud800 alone), which is not valid "
+                                    "Unicode text") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, f"a key of {at or 'the record'}"))
+                stack.append((item, f"{at}.{key}" if at else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(value))
 
 
 def _parse_tools(tools: object, where: str) -> tuple[dict, ...]:
@@ -298,7 +390,11 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     if content is None and tool_calls:
         content = ""  # OpenAI: an assistant message that only calls tools has null content
     if role is None or content is None:
-        raise DataError(f"{where} needs 'from' and 'value' (or 'role' and 'content'); has {sorted(turn)}")
+        nulls = [key for key in ("from", "value", "role", "content") if key in turn and turn[key] is None]
+        if nulls:
+            raise DataError(f"{where}: {' and '.join(map(repr, nulls))} {'is' if len(nulls) == 1 else 'are'} null; "
+                            "a turn needs a role and its text as a string")
+        raise DataError(f"{where} needs 'from' and 'value' (or 'role' and 'content'); has {sorted(turn, key=str)}")
     if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
         raise DataError(f"{where}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
     role = ROLE_ALIASES[role.lower()]
@@ -491,6 +587,12 @@ def _check_order(messages: tuple[Message, ...], tools: tuple[dict, ...], where: 
         if message.role != expected:
             raise DataError(f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must "
                             "alternate, starting with the user)")
+        if message.role == USER and not message.content.strip():
+            raise DataError(f"{where}: turn {position}: the user turn is empty (or whitespace only)")
+        if message.role == ASSISTANT and not (message.content.strip() or message.tool_calls
+                                              or (message.reasoning or "").strip()):
+            raise DataError(f"{where}: turn {position}: the assistant turn is empty (or whitespace only): it would "
+                            "train the model to reply with nothing")
         calls, results = (), 0
         if message.tool_calls:
             calls, call_turn = message.tool_calls, position
