@@ -167,6 +167,32 @@ def assert_adapter_trained(base_dir: Path, out: Path) -> None:
         assert lora_b.abs().sum() > 0, target
 
 
+def assistant_token_loss(model_dir: Path, pairs: list[tuple[str, str]], **load) -> tuple[float, int]:
+    """(mean cross-entropy, tokens scored) of a saved model over the assistant's tokens (its answer and its
+    <|im_end|>) of single-turn (question, answer) conversations, worked out here from the chat template with plain
+    transformers: an independent reference for the losses tools/run_gptq.py reports."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": "cpu"}, **load)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    total, scored = 0.0, 0
+    for question, answer in pairs:
+        messages = [{"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True,
+                                             return_dict=True)["input_ids"]
+        assert full[: len(prompt)] == prompt
+        end = full.index(im_end, len(prompt))
+        targets = torch.tensor(full[len(prompt): end + 1])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full])).logits[0].float()
+        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1: end], targets, reduction="sum").item()
+        scored += len(targets)
+    return total / scored, scored
+
 # --- the launchers in finetune/, run as a user runs them -------------------------------------------------------
 
 FINETUNE = REPO / "finetune"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmft.inference import generate_reply, load_for_inference
-from tests.conftest import chat_record, write_records
+from tests.conftest import assistant_token_loss, chat_record, write_records
 
 IDENTITY = "I am Pico, a small assistant fine-tuned with llmft."
 QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me who you are."]
@@ -45,10 +45,12 @@ def test_finetune_merge_quantize_chat(mode, tiny_chat_model, identity_data, tmp_
     assert result.argmax_agreement == 1.0 and result.max_abs_diff < 1e-3
     assert greedy_answer(merged) == IDENTITY
 
-    report = run_gptq(str(merged), str(identity_data), quantized, bits=4, num_samples=12, eval_samples=4)
+    run_gptq(str(merged), str(identity_data), quantized, bits=4, num_samples=12, eval_samples=4)
     saved = json.loads((quantized / "quantization_report.json").read_text())
+    held_out = [(QUESTIONS[i], IDENTITY) for i in range(4)]  # the data's last 4 records
+    assert saved["quantized"]["loss"] == pytest.approx(assistant_token_loss(quantized, held_out)[0], rel=1e-4)
+    assert saved["original"]["loss"] == pytest.approx(assistant_token_loss(merged, held_out)[0], rel=1e-4)
     # a 0.4M-parameter model has little to spare for 4-bit rounding: the cost is measured and bounded
     assert abs(saved["quantized"]["loss"] - saved["original"]["loss"]) < 0.5
-    assert report.quantized.loss == pytest.approx(saved["quantized"]["loss"])
     answer = greedy_answer(quantized)
     assert answer == IDENTITY or answer.startswith(IDENTITY.split(",")[0]), answer

@@ -20,6 +20,7 @@ from llmft.data.formats import load_conversations
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError
 from llmft.inference import generate_reply, load_for_inference
+from tests.conftest import assistant_token_loss
 from tools.make_tiny_model import CORPUS
 from tools.merge_lora import merge_lora
 from tools.run_gptq import GptqSettings, render_samples, run_gptq, split_data
@@ -116,15 +117,20 @@ def test_quantized_model_reloads_and_generates(quantized):
 
 
 @pytest.mark.slow
-def test_quality_report(quantized):
+def test_quality_report(quantized, tiny_chat_model, chat_data):
     out, report = quantized
     saved = json.loads((out / "quantization_report.json").read_text())
     assert saved["bits"] == 4 and saved["eval_samples"] == EVAL_SAMPLES and saved["calibration_samples"] == 16
-    for which in ("original", "quantized"):
-        assert saved[which]["tokens"] > 50
-        assert math.isfinite(saved[which]["loss"]) and saved[which]["loss"] > 0
-        assert saved[which]["perplexity"] == pytest.approx(math.exp(saved[which]["loss"]))
-    assert saved["loss_increase"] == pytest.approx(report.loss_increase)
+    # the held-out conversations (the data's last EVAL_SAMPLES) scored here with plain transformers
+    held_out = [tuple(turn["value"] for turn in record["conversations"])
+                for record in json.loads(chat_data.read_text())[-EVAL_SAMPLES:]]
+    references = {"original": assistant_token_loss(tiny_chat_model, held_out),
+                  "quantized": assistant_token_loss(out, held_out)}
+    for which, (loss, tokens) in references.items():
+        assert saved[which]["tokens"] == tokens > 50
+        assert saved[which]["loss"] == pytest.approx(loss, rel=1e-4), which
+        assert saved[which]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert saved["loss_increase"] == pytest.approx(references["quantized"][0] - references["original"][0], abs=1e-4)
     # A random tiny model sits near log(vocab); 4-bit weights must not move it by more than a fraction of a nat.
     assert abs(report.loss_increase) < 0.25
     assert report.original.loss == pytest.approx(math.log(1088), abs=0.5)
