@@ -393,6 +393,8 @@ def main(argv=None):
                         help="profile the last STEPS warm-up steps of each arm and print the top GPU operators")
     parser.add_argument("--worker", choices=("llmft", "plain"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(ours)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: only the steps after warm-up are timed")
     if args.worker:
         return run_worker(args, flags)
 
