@@ -412,13 +412,15 @@ def generate_reply(
     top_k: int = 0,
     repetition_penalty: float = 1.0,
     streamer=None,
+    tools: list[dict] | None = None,
 ) -> Reply:
-    """The assistant's answer to `messages` (role/content dicts), rendered with the tokenizer's chat template.
+    """The assistant's answer to `messages` (role/content dicts), rendered with the tokenizer's chat template, with
+    `tools` (OpenAI function schemas, see `load_tools`) passed to it as training passes a record's tools.
 
     temperature 0 decodes greedily (top_p and top_k unused); top_k 0 and top_p 1 switch those filters off. A
     `streamer` (transformers TextStreamer) receives the tokens as they come.
     """
-    prompt = render_prompt(messages, tokenizer)
+    prompt = render_prompt(messages, tokenizer, tools)
     stops = stop_token_ids(tokenizer, model)
     input_ids = torch.tensor([prompt], device=model.device)
     if temperature == 0:
@@ -441,6 +443,39 @@ def generate_reply(
     if finished:
         new_ids = new_ids[:-1]
     return Reply(tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, finished)
+
+
+def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
+    """The function schemas in a JSON file, for the prompt: a list (or a JSON string of one) of OpenAI schemas,
+    `{"type": "function", "function": {"name", "description", "parameters"}}`, or bare `{"name", ...}` functions,
+    read exactly as training reads a record's `"tools"` (llmft.data.formats), so the model sees them as it was
+    trained to."""
+    from llmft.data.formats import _parse_tools
+
+    if not os.path.isfile(path):
+        raise ConfigError([f"{flag} {path}: no such file"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"{flag} {path}: not a readable JSON file ({e})"]) from None
+    tools = [dict(tool) for tool in _parse_tools(value, f"{flag} {path}")]
+    if not tools:
+        raise ConfigError([f"{flag} {path}: the file lists no function schemas"])
+    return tools
+
+
+def require_tools_shown(tokenizer, tools: list[dict], flag: str = "--tools") -> None:
+    """Fail when the chat template leaves the tools out of the prompt (one that ignores `tools=`): the model would
+    be asked to call functions it is never shown. Training refuses such data the same way."""
+    from llmft.data.formats import tool_names
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tools=tools, tokenize=False,
+                                         add_generation_prompt=True)
+    hidden = [name for name in tool_names(tools) if name not in text]
+    if hidden:
+        raise LlmftError(f"{flag}: the model's chat template does not show the tools ({', '.join(map(repr, hidden))})"
+                         " in the prompt: it ignores tools=, so this model was not trained to call them")
 
 
 # ---------------------------------------------------------------- writing results

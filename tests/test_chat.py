@@ -236,3 +236,121 @@ def test_truncated_adapter_weights_are_named(answering_adapter, tmp_path, capsys
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert f"error: the adapter {adapter}: {weights} is not a readable safetensors file" in err
+
+
+# --- --tools: function schemas in the prompt, as training shows them ----------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+TIME = {"name": "get_time", "description": "Time in a zone", "parameters": {"type": "object", "properties": {}}}
+NO_TOOL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_json(path: Path, value) -> Path:
+    import json
+
+    path.write_text(json.dumps(value))
+    return path
+
+
+def recording_generate(monkeypatch) -> list[list[int]]:
+    """The prompt ids of every generate call of a model tools/chat.py loads."""
+    import tools.chat as chat
+
+    prompts, load = [], chat.load_for_inference
+
+    def load_recording(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        generate = model.generate
+
+        def record(**kw):
+            prompts.append(kw["input_ids"][0].tolist())
+            return generate(**kw)
+
+        model.generate = record
+        return model, tokenizer
+
+    monkeypatch.setattr(chat, "load_for_inference", load_recording)
+    return prompts
+
+
+def test_tools_are_prompted_exactly_as_training_renders_them(answering_model, tmp_path, monkeypatch, capsys):
+    """The prompt chat.py generates from is, token for token, the prompt of a training record with the same tools
+    (an OpenAI schema and a bare LLaMA-Factory function, which training wraps), system prompt and user turn."""
+    from transformers import AutoTokenizer
+
+    from tools.chat import main
+
+    prompts = recording_generate(monkeypatch)
+    tools = write_json(tmp_path / "tools.json", [WEATHER, TIME])
+    flags = ["--model", str(answering_model), "--system", "Be brief.", "--prompt", "Weather in Paris?",
+             "--temperature", "0", "--max_new_tokens", "5"]
+    main([*flags, "--tools", str(tools)])
+    main(flags)
+    assert capsys.readouterr().out.count("\n") == 2
+
+    tokenizer = AutoTokenizer.from_pretrained(answering_model)
+    record = {"tools": [WEATHER, TIME], "messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "Weather in Paris?"},
+                                                     {"role": "assistant", "content": "It is sunny."}]}
+    sample = render_conversation(parse_record(record), tokenizer)
+    trained_from = next(i for i, label in enumerate(sample.labels) if label != -100)
+    assert prompts[0] == sample.input_ids[:trained_from]
+    shown = tokenizer.decode(prompts[0])
+    assert "<tools>" in shown and '"name": "get_weather"' in shown and '"name": "get_time"' in shown
+    assert "<tools>" not in tokenizer.decode(prompts[1])  # without --tools none are shown
+
+
+def test_interactive_turns_all_show_the_tools(answering_model, tmp_path, monkeypatch, capsys):
+    import tools.chat as chat
+
+    seen = []
+
+    def fake_reply(model, tokenizer, messages, tools=None, **sampling):
+        seen.append(tools)
+        return Reply("ok", [], True)
+
+    monkeypatch.setattr(chat, "generate_reply", fake_reply)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\n/reset\nsecond\n"))
+    chat.main(["--model", str(answering_model), "--tools", str(write_json(tmp_path / "t.json", [WEATHER]))])
+    assert seen == [[WEATHER], [WEATHER]]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("[{", "not a readable JSON file"),
+    ('{"name": "get_weather"}', "'tools' must be a list of function schemas, got dict"),
+    ('[{"type": "function", "function": {"description": "no name"}}]', "tool 0 must be a function schema"),
+    ("[]", "the file lists no function schemas"),
+])
+def test_bad_tools_file_exits_2_before_loading(content, message, tmp_path, capsys):
+    from tools.chat import main
+
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "no-model"), "--tools", str(path), "--prompt", "hi"])  # refused before it
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"--tools {path}" in err and message in err
+
+
+def test_template_that_ignores_tools_is_refused(answering_model, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tools.chat import main
+
+    model = shutil.copytree(answering_model, tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = NO_TOOL_TEMPLATE
+    tokenizer.save_pretrained(model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model), "--tools", str(write_json(tmp_path / "t.json", [WEATHER])), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "the model's chat template does not show the tools ('get_weather')" in err

@@ -4,6 +4,7 @@
     python tools/chat.py --model output/merged-gptq --system "You are a pirate." --temperature 0.9
     python tools/chat.py --model output/merged --prompt "What is LoRA?" --temperature 0   # one reply, for scripts
     python tools/chat.py --model /models/custom --trust_remote_code True   # a model that ships its own code
+    python tools/chat.py --model output/lora --tools tools.json --prompt "Weather in Paris?" --temperature 0
 
 Interactive mode streams the reply as it is generated and keeps the conversation: each turn is answered with the
 whole history, rendered by the model's chat template (ChatML when it has none). `/reset` starts over (the system
@@ -11,6 +12,12 @@ prompt stays), `/exit` or end of input quits. With `--prompt` only the reply is 
 go to stderr. Generation stops at the end-of-turn token (`<|im_end|>` for ChatML) or EOS. `--temperature 0` decodes
 greedily, so the same prompt always gets the same reply. A model that ships its own Python code (`auto_map` in its
 config) is refused unless `--trust_remote_code True`.
+
+`--tools FILE` shows the model function schemas: a JSON list of OpenAI ones (`{"type": "function", "function":
+{"name", "description", "parameters"}}`, the shape of a training record's `"tools"`), passed to the chat template as
+`tools=` exactly as training passed them, so a model fine-tuned on tool calls is prompted as it was trained. Its
+calls are printed as the template writes them (Qwen2.5 / ChatML: `<tool_call>{"name": ..., "arguments": ...}
+</tool_call>`); a template that ignores `tools=` is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from llmft.inference import (
     add_trust_remote_code_flag,
     generate_reply,
     load_for_inference,
+    load_tools,
+    require_tools_shown,
 )
 
 RESET, EXIT = "/reset", "/exit"
@@ -63,8 +72,9 @@ def start_messages(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def chat_loop(model, tokenizer, *, system: str | None = None, **sampling) -> None:
-    """Read user turns from stdin until /exit or end of input; stream each reply to stdout."""
+def chat_loop(model, tokenizer, *, system: str | None = None, tools: list[dict] | None = None, **sampling) -> None:
+    """Read user turns from stdin until /exit or end of input; stream each reply to stdout. `tools` are shown to
+    the model in every turn's prompt."""
     from transformers import TextStreamer
 
     interactive = sys.stdin.isatty()
@@ -87,7 +97,7 @@ def chat_loop(model, tokenizer, *, system: str | None = None, **sampling) -> Non
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        reply = generate_reply(model, tokenizer, messages, streamer=streamer, **sampling)
+        reply = generate_reply(model, tokenizer, messages, streamer=streamer, tools=tools, **sampling)
         if not reply.finished:
             print(f"(cut at --max_new_tokens {sampling['max_new_tokens']})", file=sys.stderr)
         messages.append({"role": "assistant", "content": reply.text})
@@ -98,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="model folder, adapter folder, GPTQ checkpoint or hub id")
     parser.add_argument("--prompt", help="answer this one message, print the reply and exit")
     parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--tools", metavar="FILE",
+                        help="JSON list of OpenAI function schemas shown to the model (as in training data's tools)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 decodes greedily")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 turns it off")
     parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens; 0 turns it off")
@@ -116,17 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     args = parse_args(argv)
     sampling = sampling_settings(args)
+    tools = load_tools(args.tools) if args.tools else None  # before the model loads: a bad file fails at once
     model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype,
                                           trust_remote_code=args.trust_remote_code)
     if args.seed is not None:
         from transformers import set_seed
 
         set_seed(args.seed)
+    if tools:
+        require_tools_shown(tokenizer, tools)
     if args.prompt is not None:
         messages = start_messages(args.system) + [{"role": "user", "content": args.prompt}]
-        print(generate_reply(model, tokenizer, messages, **sampling).text)
+        print(generate_reply(model, tokenizer, messages, tools=tools, **sampling).text)
         return
-    chat_loop(model, tokenizer, system=args.system, **sampling)
+    chat_loop(model, tokenizer, system=args.system, tools=tools, **sampling)
 
 
 if __name__ == "__main__":
