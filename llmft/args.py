@@ -329,6 +329,7 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
         problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it")
     problems += _lora_variant_problems(lora_args, quant_args, training_args, quant_method)
     if training_args is not None:
+        problems += _report_to_problems(training_args)
         problems += _training_problems(data_args, quant_args, training_args, quant_method)
         if training_args.fsdp:
             problems += _fsdp_problems(lora_args, quant_args, training_args)
@@ -394,6 +395,24 @@ def _lora_variant_problems(lora_args, quant_args, training_args, quant_method) -
                             "its own optimizer, which DeepSpeed builds over one group of all trainable weights, so "
                             "the B matrices would not get their learning rate; use a config without an \"optimizer\" "
                             "section (ds_configs/zero2.json, zero3.json), whose optimizer comes from --optim")
+    return problems
+
+
+# --report_to backends llmft documents (README, Logging), with the package each needs
+REPORT_TO_PACKAGES = {"tensorboard": ("tensorboard", "is_tensorboard_available"), "wandb": ("wandb",
+                                                                                         "is_wandb_available")}
+
+
+def _report_to_problems(training_args) -> list[str]:
+    """A logging backend whose package is missing fails only when the Trainer is built, after the model has loaded."""
+    import transformers.integrations as integrations
+
+    problems = []
+    for backend in training_args.report_to or []:
+        package, available = REPORT_TO_PACKAGES.get(backend, (None, None))
+        if package is not None and not getattr(integrations, available)():
+            problems.append(f"--report_to {backend}: the {package} package is not installed (pip install {package}; "
+                            "see README, Logging), or choose --report_to none")
     return problems
 
 
