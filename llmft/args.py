@@ -300,10 +300,31 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
         problems.append(remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
-        if path is not None and not os.path.isfile(path):
+        if path is not None and os.path.isdir(path):
+            problems.append(f"--{flag} {path}: is a directory, not a data file (give the path of a .json or .jsonl "
+                            "file)")
+        elif path is not None and not os.path.isfile(path):
             problems.append(f"--{flag} {path}: no such file")
     if data_args.model_max_length < 16:
         problems.append("--model_max_length must be at least 16")
+    # Above the model's context is warned, not refused: the default is above many models' context, and a run whose
+    # samples are all shorter than the context is fine. rope_scaling (YaRN, Llama 3's) extends the context.
+    try:
+        config = _model_config(model_args.model_name_or_path) or {}
+    except ConfigError:
+        config = {}  # _model_path_problems has reported it
+    context, rope = config.get("max_position_embeddings"), config.get("rope_scaling")
+    if isinstance(context, int) and isinstance(rope, dict) and isinstance(rope.get("factor"), (int, float)):
+        original = rope.get("original_max_position_embeddings")
+        context = max(context, int((original if isinstance(original, int) else context) * rope["factor"]))
+    if isinstance(context, int) and data_args.model_max_length > context:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "--model_max_length %d is above the model's context of %d tokens (max_position_embeddings in its "
+            "config.json): samples longer than %d tokens would train positions the model never learned; lower "
+            "--model_max_length to %d, or extend the context with rope_scaling in the model's config",
+            data_args.model_max_length, context, context, context)
     problems += _batching_problems(model_args, data_args)
     if data_args.lazy_preprocess and data_args.overlong_samples == "drop":
         problems.append("--lazy_preprocess tokenizes samples as they are used, so it cannot drop over-long ones: "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from llmft.data.formats import iter_conversations, parse_record
+from llmft.data.formats import check_data_file, iter_conversations, parse_record
 from llmft.data.render import IGNORE_INDEX, render_samples, sample_texts
 from llmft.errors import DataError
 
@@ -58,8 +58,12 @@ class DataStats:
     trained_tokens: int = 0
     split_conversations: int = 0  # conversations that became several samples (the template rewrites history)
     split_samples: int = 0  # the samples those conversations became
+    tokens_known: bool = True  # False for lazy datasets: samples are tokenized only when the trainer uses them
 
     def summary(self, name: str) -> str:
+        if not self.tokens_known:
+            return (f"{name}: {self.samples} samples; their token counts (and which are truncated) are known only as "
+                    "the samples are used (--lazy_preprocess)")
         share = self.trained_tokens / self.tokens if self.tokens else 0.0
         split = ""
         if self.split_conversations:
@@ -121,6 +125,7 @@ def _render_batch(batch, tokenizer, settings: RenderSettings):
 
 
 def eager_dataset(path: str, tokenizer, settings: RenderSettings, num_proc: int | None = None):
+    check_data_file(path)
     fingerprint = data_fingerprint(path, tokenizer, settings)
     stat = os.stat(path)
     try:
@@ -167,6 +172,7 @@ class LazyConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str, tokenizer, settings: RenderSettings):
         self.tokenizer, self.settings = tokenizer, settings
+        check_data_file(path)
         spool_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "llmft-lazy")
         os.makedirs(spool_dir, exist_ok=True)
         self.spool = os.path.join(spool_dir, data_fingerprint(path, tokenizer, settings) + ".jsonl")
@@ -178,24 +184,29 @@ class LazyConversationDataset(torch.utils.data.Dataset):
             for line in f:
                 self.offsets.append(offset)
                 offset += len(line)
-        self.stats = DataStats(samples=len(self.offsets))
+        self.stats = DataStats(samples=len(self.offsets), tokens_known=False)
 
     def _write_spool(self, path: str) -> None:
         """One line per sample: {"part": j, "record": ...}; a conversation the template splits (see
         llmft.data.render) has a line for each of its samples, counted by rendering its text (not tokenizing it)."""
         partial = f"{self.spool}.{os.getpid()}.partial"
         settings, split = self.settings, []
-        with open(partial, "w", encoding="utf-8") as out:
-            for conversation in iter_conversations(path):
-                parts = 1
-                if not conversation.is_plain_text:
-                    parts = max(1, len(sample_texts(conversation, self.tokenizer, default_system=settings.default_system,
-                                                    train_turns=settings.train_turns)))
-                record = conversation.to_record()
-                for part in range(parts):
-                    out.write(json.dumps({"part": part, "record": record}, ensure_ascii=False) + "\n")
-                if parts > 1:
-                    split.append(parts)
+        try:
+            with open(partial, "w", encoding="utf-8") as out:
+                for conversation in iter_conversations(path):
+                    parts = 1
+                    if not conversation.is_plain_text:
+                        parts = max(1, len(sample_texts(conversation, self.tokenizer,
+                                                        default_system=settings.default_system,
+                                                        train_turns=settings.train_turns)))
+                    record = conversation.to_record()
+                    for part in range(parts):
+                        out.write(json.dumps({"part": part, "record": record}, ensure_ascii=False) + "\n")
+                    if parts > 1:
+                        split.append(parts)
+        except BaseException:
+            os.remove(partial)  # a bad record stops the pass: leave no half-written spool behind
+            raise
         os.replace(partial, self.spool)  # a crash mid-way leaves no spool that looks complete
         if split:
             logger.warning("%s: %d conversations became %d samples, one per trained turn, because the chat template "
