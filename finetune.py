@@ -25,6 +25,7 @@ from llmft.data.packing import Packing
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
+from llmft.preemption import record_run_settings
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import Trainer
 
@@ -39,6 +40,7 @@ def main(argv=None, callbacks=()):
     kernels = choose_kernels(model_args, data_args, training_args)
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)
+    record_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # for resume auto
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)

@@ -575,6 +575,8 @@ def _model_path_problems(name: str) -> list[str]:
 
 
 def _output_problems(training_args) -> list[str]:
+    from llmft.preemption import RUN_SETTINGS_FILE
+
     out, resume = training_args.output_dir, training_args.resume_from_checkpoint
     if os.path.exists(out) and not os.path.isdir(out):
         return [f"--output_dir {out} is a file, not a directory"]
@@ -589,7 +591,9 @@ def _output_problems(training_args) -> list[str]:
     if resuming and training_args.overwrite_output_dir:
         return ["--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
                 "choose one"]
-    if resuming and resume.lower() == "true":
+    if resuming and resume.lower() == "auto":
+        pass  # checkpoints of this same run, or a fresh start: llmft.preemption.record_run_settings tells which
+    elif resuming and resume.lower() == "true":
         from llmft.saving import checkpoints
 
         complete, incomplete = checkpoints(out)
@@ -598,7 +602,13 @@ def _output_problems(training_args) -> list[str]:
             return [f"--resume_from_checkpoint True: no complete checkpoint-* directory in --output_dir {out}{skipped}"]
     elif resuming and not os.path.isdir(resume):
         return [f"--resume_from_checkpoint {resume}: no such checkpoint directory"]
-    elif os.path.isdir(out) and os.listdir(out) and not training_args.overwrite_output_dir:
+    elif resuming:
+        from llmft.saving import checkpoint_problem
+
+        if (problem := checkpoint_problem(resume)) is not None:
+            return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]
+    elif (os.path.isdir(out) and set(os.listdir(out)) - {RUN_SETTINGS_FILE}  # all a run cut short early leaves
+          and not training_args.overwrite_output_dir):
         return [f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
                 "--overwrite_output_dir True to train over it, or choose another directory"]
     return []
@@ -647,7 +657,9 @@ def uses_zero3(training_args) -> bool:
 def resume_checkpoint(training_args) -> str | None:
     """What `Trainer.train(resume_from_checkpoint=...)` takes: the checkpoint folder to resume from, or None.
     `--resume_from_checkpoint True` means the newest complete checkpoint of --output_dir; incomplete ones (a save cut
-    short by kill -9) are skipped, and the log says which and why."""
+    short by kill -9) are skipped, and the log says which and why. `auto` means the same when --output_dir holds a
+    complete checkpoint (llmft.preemption.record_run_settings has checked that they are of this same run), and a
+    fresh start when it holds none."""
     import logging
 
     from llmft.saving import checkpoints
@@ -655,17 +667,16 @@ def resume_checkpoint(training_args) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume is None or resume.lower() == "false":
         return None
-    if resume.lower() != "true":
+    if resume.lower() not in ("true", "auto"):
         return resume
     complete, incomplete = checkpoints(training_args.output_dir)
     log = logging.getLogger(__name__)
     for path, why in incomplete:
         log.warning("not resuming from %s: %s", path, why)
+    if not complete:  # only with auto: _output_problems refuses True without a complete checkpoint
+        log.warning("--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
+                    training_args.output_dir)
+        return None
     log.warning("resuming from %s", complete[-1])
     return complete[-1]
 
-    elif resuming:
-        from llmft.saving import checkpoint_problem
-
-        if (problem := checkpoint_problem(resume)) is not None:
-            return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]

@@ -8,9 +8,15 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 EXIT_USER_ERROR = 2  # the exit status of a run stopped by a user error (argparse's, too)
+# The exit status of a run that stopped on SIGTERM/SIGUSR1 after writing a checkpoint (llmft/preemption.py): resume it.
+# sysexits.h's EX_TEMPFAIL ("temporary failure, the user is invited to retry"), apart from 128 + N, which a shell
+# reports for a process killed by signal N, checkpoint or not.
+EXIT_PREEMPTED = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers send before a kill; llmft.launch passes them on
 
 
 class LlmftError(Exception):

@@ -1,26 +1,59 @@
 """torchrun for llmft's launchers: `python -m llmft.launch [torchrun options] finetune.py [arguments]`.
 
-It is torchrun (same options, same elastic agent), with one difference: when the ranks stop on a user error (a bad
-flag, a broken record: finetune.py has printed the message and exited with EXIT_USER_ERROR), it exits with that
-status after one line, instead of torchrun's traceback and failure report, which would bury the message. Any
-other failure (a crash, a killed rank) is reported by torchrun as usual.
+It is torchrun (same options, same elastic agent), with two differences:
+- When the ranks stop on a user error (a bad flag, a broken record: finetune.py has printed the message and exited
+  with EXIT_USER_ERROR), it exits with that status after one line, instead of torchrun's traceback and failure
+  report, which would bury the message. Any other failure (a crash, a killed rank) is reported by torchrun as usual.
+- SIGTERM and SIGUSR1 (a scheduler's warning before it kills the job) are passed on to the ranks, which stop after
+  their next optimizer step with a checkpoint and exit with EXIT_PREEMPTED (llmft/preemption.py); it then exits with
+  that status too, after one line. torchrun itself would answer SIGTERM by terminating the ranks (SIGKILL 30 s
+  later) and a traceback, and SIGUSR1 would kill it outright, leaving the ranks behind.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
-from llmft.errors import EXIT_USER_ERROR
+from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, PREEMPTION_SIGNALS
+
+# What torchrun's agent handles itself (its default list less the preemption signals, which are ours).
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+
+
+def forward_to_ranks(signum, frame) -> None:
+    """Pass a preemption signal on to this process's children: the ranks torchrun started (each in its own session,
+    so that they are out of reach of a signal sent to the launcher's process group)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+    print(f"llmft: {signal.Signals(signum).name}: asked the ranks to stop after their next optimizer step, with a "
+          "checkpoint", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, forward_to_ranks)
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
+        codes = [failure.exitcode for failure in e.failures.values()]
+        # Once the ranks have written the checkpoint, one that exits first may have the others torn down by signal
+        # (a negative exit code); any other status is a failure of its own.
+        if EXIT_PREEMPTED in codes and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
+            print(f"llmft: preempted: the ranks wrote a checkpoint and stopped (exit status {EXIT_PREEMPTED}); "
+                  "resume with --resume_from_checkpoint True or auto", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         if first.exitcode != EXIT_USER_ERROR:
             raise
         print(f"llmft: stopped, rank {rank} reported the error above (exit status {EXIT_USER_ERROR})",

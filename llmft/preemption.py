@@ -1,0 +1,200 @@
+"""Preemption: stop on SIGTERM or SIGUSR1 at the next optimizer step with one checkpoint, then exit EXIT_PREEMPTED;
+and the record of a run's settings, by which `--resume_from_checkpoint auto` knows an output folder holds this run.
+
+Schedulers ask a job to stop with a signal some time before they kill it: Slurm sends SIGTERM at a time limit or a
+preemption (and any signal `--signal` names ahead of it), Kubernetes and most cloud spot instances SIGTERM. A rank
+that gets one only sets a flag (`PreemptionCallback`): stopping in the middle of a step would leave the optimizer
+half-stepped, and stopping alone would leave the other ranks waiting in their next collective. At the end of every
+optimizer step the ranks take the MAX of their flags (one all-reduce of one element), so they all see a request that
+reached any of them, and all stop after that same step: the Trainer writes its checkpoint (weights, optimizer,
+scheduler, RNG states and the data position), the ranks wait until every rank's part is on disk, and each process
+exits with EXIT_PREEMPTED (75) instead of going on to the final save. `--resume_from_checkpoint True` (or `auto`)
+then continues from that checkpoint as if the run had never stopped.
+
+The handlers are installed while training runs (between on_train_begin and on_train_end); before and after it a
+signal ends the process as usual, and the staged final save (llmft/saving.py) never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+
+import torch
+from transformers import TrainerCallback
+
+from llmft.errors import EXIT_PREEMPTED, PREEMPTION_SIGNALS, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class Preempted(SystemExit):
+    """Raised on every rank once a preemption checkpoint is on disk: the process exits with EXIT_PREEMPTED, without a
+    traceback, and skips what would follow training (the final save of a run that has not finished)."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+
+
+class PreemptionCallback(TrainerCallback):
+    """Turn SIGTERM/SIGUSR1 into a checkpoint at the next optimizer-step boundary and an exit with EXIT_PREEMPTED,
+    on all ranks together (see the module's docstring)."""
+
+    def __init__(self):
+        self.requested: signal.Signals | None = None  # set by the signal handler, on this rank only
+        self.stopped_at: int | None = None  # the step after which all ranks agreed to stop
+        self._previous_handlers: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is None:
+            self.requested = signal.Signals(signum)
+            logger.warning("%s: stopping after this optimizer step, with a checkpoint", self.requested.name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.requested, self.stopped_at = None, None
+        try:
+            self._previous_handlers = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
+        except ValueError:  # not the main thread (a notebook's worker thread): signals keep their usual effect
+            self._previous_handlers = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._agreed(args):
+            return
+        self.stopped_at = state.global_step
+        control.should_save = True
+        control.should_training_stop = True
+        control.should_evaluate = False  # the grace time before the kill goes to the checkpoint
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # the checkpoint of this step is written already; leave the epoch as it is
+            control.should_save = False
+            control.should_evaluate = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's part of the checkpoint (ZeRO's optimizer shards) is on disk
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+        if self.stopped_at is None:
+            return
+        if state.is_world_process_zero:
+            logger.warning("preempted: stopped after step %d with %s; exiting with status %d (resume with "
+                           "--resume_from_checkpoint True or auto)", state.global_step,
+                           os.path.join(args.output_dir, f"checkpoint-{self.stopped_at}"), EXIT_PREEMPTED)
+        raise Preempted(self.stopped_at)
+
+    def _agreed(self, args) -> bool:
+        """Whether any rank has been asked to stop; the same answer on every rank."""
+        requested = self.requested is not None
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # on the process group's device: a CUDA tensor for NCCL, a CPU one for gloo
+            flag = torch.tensor([1.0 if requested else 0.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
+
+# --- which run an output folder holds ---------------------------------------------------------------------------
+
+RUN_SETTINGS_FILE = "llmft_run_settings.json"
+
+# TrainingArguments that change what is trained or in what order. Left out: where outputs go, logging, saving,
+# evaluation, speed-only switches (gradient checkpointing, dataloader workers) and the resume flags themselves.
+TRAINING_SETTINGS = (
+    "seed", "data_seed", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "world_size", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
+    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "optim", "optim_args", "bf16", "fp16", "deepspeed", "fsdp", "label_smoothing_factor", "neftune_noise_alpha",
+    "group_by_length",
+)
+# Fields of llmft's own settings that do not change the run.
+IGNORED_SETTINGS = ("trust_remote_code", "preprocessing_num_workers")
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    value = getattr(value, "value", value)  # transformers' string enums
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _data_file(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
+
+
+def run_settings(model_args, data_args, lora_args, quant_args, training_args) -> dict:
+    """The settings that define a run: model, data (each file's absolute path and size), LoRA, quantization, seed,
+    batch and schedule. Two runs with the same settings train the same weights in the same order."""
+    settings = {}
+    for args in (model_args, data_args, lora_args, quant_args):
+        for f in dataclasses.fields(args):
+            if f.name not in IGNORED_SETTINGS:
+                settings[f.name] = _plain(getattr(args, f.name))
+    settings["data_path"] = _data_file(data_args.data_path)
+    settings["eval_data_path"] = _data_file(data_args.eval_data_path)
+    for name in TRAINING_SETTINGS:
+        if hasattr(training_args, name):
+            settings[name] = _plain(getattr(training_args, name))
+    return settings
+
+
+def settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def read_run_settings(output_dir: str) -> dict | None:
+    """The settings recorded in output_dir ({"fingerprint", "settings"}), or None when it holds no readable record."""
+    try:
+        with open(os.path.join(output_dir, RUN_SETTINGS_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "fingerprint" in record else None
+
+
+def record_run_settings(model_args, data_args, lora_args, quant_args, training_args) -> None:
+    """At the start of a run: with `--resume_from_checkpoint auto`, refuse an output folder that holds another run
+    (ConfigError naming the settings that differ); then rank 0 records this run's settings in RUN_SETTINGS_FILE."""
+    out = training_args.output_dir
+    settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
+    fingerprint = settings_fingerprint(settings)
+    if str(training_args.resume_from_checkpoint).lower() == "auto":
+        _check_same_run(out, settings, fingerprint)
+    if training_args.process_index != 0:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, RUN_SETTINGS_FILE)
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump({"fingerprint": fingerprint, "settings": settings}, f, indent=2, sort_keys=True)
+    os.replace(partial, path)  # whole or not at all: other ranks may be reading it
+
+
+def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
+    flag = "--resume_from_checkpoint auto"
+    if not os.path.isdir(out) or not os.listdir(out):
+        return  # a fresh run
+    record = read_run_settings(out)
+    if record is None:
+        raise ConfigError([f"{flag}: --output_dir {out} holds files but no {RUN_SETTINGS_FILE}, so which run they "
+                           "belong to is unknown: pass --resume_from_checkpoint True to continue it anyway, "
+                           "--overwrite_output_dir True to replace it, or choose another directory"])
+    if record["fingerprint"] == fingerprint:
+        return
+    recorded = record.get("settings") or {}
+    differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    shown = ", ".join(f"{k} ({json.dumps(recorded.get(k))} there, {json.dumps(settings.get(k))} now)"
+                      for k in differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+    raise ConfigError([f"{flag}: --output_dir {out} holds a different run: {shown or 'its fingerprint differs'}; "
+                       "choose another directory, --overwrite_output_dir True to replace that run, or "
+                       "--resume_from_checkpoint True to continue it with these settings"])
