@@ -244,3 +244,33 @@ def test_accepted_variant_settings(tiny_chat_model, tmp_path):
                                    "--loraplus_lr_ratio", "16", "--deepspeed", "ds_configs/zero2.json"])
     assert (lora.use_dora, lora.use_rslora, lora.lora_init, lora.loraplus_lr_ratio) == (True, True,
                                                                                          "pissa_niter_16", 16.0)
+
+
+# --- LoRA+ under DeepSpeed ----------------------------------------------------------------------------------------
+
+def lora_b_norm(out) -> float:
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    return sum(v.norm().item() for k, v in saved.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_loraplus_under_deepspeed_two_ranks(config, tiny_chat_model, tmp_path):
+    """DeepSpeed configs without an optimizer of their own take the Trainer's, so LoRA+'s groups reach DeepSpeed:
+    with Adam (steps of about the learning rate whatever the gradient) the B matrices, which start at zero, end
+    about ratio times further out than in the same run without LoRA+."""
+    from tests.conftest import launcher_env, run_launcher
+
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "1", "--max_tokens_per_batch", "0",
+             "--model_max_length", "128", "--learning_rate", "1e-4", "--warmup_steps", "0", "--weight_decay", "0",
+             "--lr_scheduler_type", "constant", "--save_strategy", "no", "--seed", "0", "--report_to", "none"]
+    norms = {}
+    for name, extra in (("plain", []), ("loraplus", ["--loraplus_lr_ratio", "16"])):
+        out = tmp_path / name
+        env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / f"{name}-datasets")
+        result = run_launcher("finetune_lora_ds.sh", "-m", tiny_chat_model, "-d", EXAMPLES, "-o", out,
+                              "--deepspeed", config, "--", *flags, *extra, env=env, timeout=1200)
+        assert result.returncode == 0, result.stderr[-6000:]
+        norms[name] = lora_b_norm(out)
+    assert "LoRA+: 14 tensors at learning rate 0.0001, 14 (B side) at 0.0016" in result.stderr
+    assert 8 < norms["loraplus"] / norms["plain"] < 24, norms
