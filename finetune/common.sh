@@ -213,6 +213,10 @@ USAGE_END
   USE_CPU=${USE_CPU:-}  1: train on CPU ranks over gloo in fp32 (DeepSpeed's CPU accelerator, or FSDP2); the default
       when no GPU is visible (nvidia-smi finds none, or CUDA_VISIBLE_DEVICES is empty)
   PYTHON=$PYTHON  the interpreter with llmft's requirements
+  RESUME=${RESUME:-}  set: --resume_from_checkpoint RESUME; auto resumes the run in the output folder when it is
+      this same run (its recorded settings match), starts fresh in an empty one, refuses another run; the Slurm
+      script sets it, so a requeued job continues. SIGTERM or SIGUSR1 stops the run after its next optimizer step
+      with a checkpoint, exit status 75
 USAGE_END
     if (( DISTRIBUTED )) && [[ -z ${NO_FSDP:-} ]]; then
         printf '\n%s\n' "$FSDP_NOTES"
@@ -290,6 +294,9 @@ build_command() {
         finetune_args+=(--fsdp True --fsdp_config "$FSDP_CONFIG")
     elif [[ -n $DS_CONFIG ]]; then
         finetune_args+=(--deepspeed "$DS_CONFIG")
+    fi
+    if [[ -n ${RESUME:-} ]]; then  # before the user's arguments, which may override it
+        finetune_args+=(--resume_from_checkpoint "$RESUME")
     fi
     finetune_args+=("${PASSTHROUGH_ARGS[@]}")
 

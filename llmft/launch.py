@@ -40,11 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
+    config = parse_args(argv)
+    # newer torchrun takes the list as --signals_to_handle and writes it to the variable its agent reads (over ours);
+    # older ones read only the variable
+    config.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, forward_to_ranks)
     try:
-        run(parse_args(argv))
+        run(config)
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
         codes = [failure.exitcode for failure in e.failures.values()]

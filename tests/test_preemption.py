@@ -1,0 +1,280 @@
+"""Preemption and automatic resume (issue 8, Build): SIGTERM or SIGUSR1 stops a run after the next optimizer step with
+one complete checkpoint and exit status EXIT_PREEMPTED; resuming from it ends with the weights of a run that was
+never stopped; `--resume_from_checkpoint auto` resumes this same run and refuses a folder holding another.
+
+Exactness: LoRA dropout 0, fp32 on CPU, the same seed: the resumed adapter must equal the uninterrupted one within
+atol 1e-6 (one process) and 1e-5 (two ranks, whose gloo all-reduce may sum in another order), the tolerances of the
+equivalence tests in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from llmft.preemption import RUN_SETTINGS_FILE
+from llmft.saving import checkpoint_problem
+from tests.conftest import EXAMPLES, REPO, launcher_env, run_launcher
+
+STEPS = 6
+
+
+def flags(model, out, *extra):
+    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu", "True",
+            "--use_lora", "True", "--lora_dropout", "0", "--model_max_length", "128",
+            "--per_device_train_batch_size", "2", "--max_tokens_per_batch", "0", "--learning_rate", "1e-3",
+            "--warmup_steps", "0", "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "100",
+            "--report_to", "none", "--seed", "0", "--logging_steps", "1", *extra]
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process `sig` at the end of optimizer step `step`, as a scheduler would from outside."""
+
+    def __init__(self, step: int, sig=signal.SIGTERM):
+        self.step, self.sig = step, sig
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+def finetune(*args, callbacks=()):
+    import finetune as entry
+
+    return entry.main([str(a) for a in args], callbacks=list(callbacks))
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(expected: dict, actual: dict, atol: float) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.allclose(actual[key], tensor, atol=atol, rtol=0), (key, (actual[key] - tensor).abs().max())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_chat_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    os.environ.setdefault("HF_DATASETS_CACHE", str(out.parent / "datasets"))
+    finetune(*flags(tiny_chat_model, out))
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(sig, uninterrupted, tiny_chat_model,
+                                                                       tmp_path, datasets_cache):
+    out = tmp_path / "out"
+    handler_before = signal.getsignal(sig)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(*flags(tiny_chat_model, out), callbacks=[SignalAtStep(2, sig)])
+    assert exit_info.value.code == EXIT_PREEMPTED
+    # the signal came during step 2's callbacks: step 3 is the next boundary, and its checkpoint the only one
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert checkpoint_problem(str(out / "checkpoint-3")) is None
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert not (out / "adapter_model.safetensors").exists()  # no final save of a run that has not finished
+    assert signal.getsignal(sig) == handler_before  # given back once the checkpoint is written
+
+    trainer = finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "auto"))
+    assert trainer.state.global_step == STEPS
+    losses = [e["step"] for e in trainer.state.log_history if "loss" in e]
+    assert losses == list(range(1, STEPS + 1))  # steps 1-3 from the first run, 4-6 from this one: none twice
+    assert_same_adapter(adapter(uninterrupted), adapter(out), atol=1e-6)
+
+
+def test_uninterrupted_run_restores_the_signal_handlers(tiny_chat_model, tmp_path, datasets_cache):
+    before = signal.getsignal(signal.SIGUSR1)
+    finetune(*flags(tiny_chat_model, tmp_path / "out", "--max_steps", "1"))
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_auto_starts_fresh_in_an_empty_folder_and_records_the_settings(tiny_chat_model, tmp_path, datasets_cache):
+    out = tmp_path / "out"
+    out.mkdir()
+    trainer = finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "auto"))
+    assert trainer.state.global_step == 2
+    record = json.loads((out / RUN_SETTINGS_FILE).read_text())
+    assert record["settings"]["max_steps"] == 2 and record["settings"]["lora_r"] == 64
+    assert record["settings"]["data_path"]["path"] == str(EXAMPLES)
+    assert "output_dir" not in record["settings"] and "logging_steps" not in record["settings"]
+
+
+def test_auto_refuses_a_folder_holding_a_different_run(tiny_chat_model, tmp_path, datasets_cache, capsys):
+    out = tmp_path / "out"
+    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
+    recorded = (out / RUN_SETTINGS_FILE).read_text()
+    # what does not define the run may change: logging, saving
+    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1", "--logging_steps", "2",
+                    "--resume_from_checkpoint", "auto"))
+    for different in (["--learning_rate", "2e-3"], ["--lora_r", "8"], ["--seed", "1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "auto", *different))
+        assert exit_info.value.code == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        name = different[0].removeprefix("--")
+        assert "holds a different run" in err and name in err, err
+    assert (out / RUN_SETTINGS_FILE).read_text() == recorded  # refused runs record nothing
+
+
+def test_auto_refuses_a_folder_of_unknown_origin(tiny_chat_model, tmp_path, datasets_cache, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "auto"))
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert f"no {RUN_SETTINGS_FILE}" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tiny_chat_model, tmp_path, datasets_cache):
+    """All such a run leaves is its settings record: a plain relaunch is not refused as a non-empty folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUN_SETTINGS_FILE).write_text('{"fingerprint": "x", "settings": {}}')
+    assert finetune(*flags(tiny_chat_model, out, "--max_steps", "1")).state.global_step == 1
+
+
+# --- through llmft.launch: the signal reaches the ranks, the status comes back ------------------------------------
+
+SIGNAL_STUB = """\
+import json, os, signal, sys, time
+from pathlib import Path
+from llmft.errors import EXIT_PREEMPTED
+out = Path(os.environ["STUB_OUT"])
+rank = os.environ["RANK"]
+def stop(signum, frame):
+    (out / f"rank{rank}.signal").write_text(signal.Signals(signum).name)
+    sys.exit(EXIT_PREEMPTED)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGUSR1, stop)
+(out / f"rank{rank}.ready").write_text(json.dumps(sys.argv[1:]))
+time.sleep(120)
+"""
+
+
+def wait_for_ranks(process, folder: Path) -> None:
+    deadline = time.monotonic() + 90
+    while len(list(folder.glob("rank*.ready"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    time.sleep(0.5)  # the ready file is written before the stub sleeps; let torchrun's agent settle too
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_path, data_file):
+    entry = tmp_path / "signal_entry.py"
+    entry.write_text(SIGNAL_STUB)
+    env = launcher_env(LLMFT_ENTRY=entry, STUB_OUT=tmp_path, GPUS_PER_NODE=2)
+    process = subprocess.Popen([str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d",
+                                str(data_file)], env=env, cwd=REPO, text=True, stderr=subprocess.PIPE)
+    wait_for_ranks(process, tmp_path)
+    process.send_signal(sig)  # to the launcher only: it exec'd llmft.launch
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == EXIT_PREEMPTED, err
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.signal")) == [sig.name, sig.name]
+    assert "llmft: preempted" in err and "Traceback" not in err
+
+
+FAKE_SRUN = """\
+#!/usr/bin/env bash
+# srun of one node: drops its options and becomes the task, so that a signal sent to it reaches the task
+while [[ $1 == -* ]]; do case $1 in --nodes | --ntasks-per-node) shift 2 ;; *) shift ;; esac; done
+export SLURM_NODEID=0
+exec "$@"
+"""
+FAKE_SCONTROL = """\
+#!/usr/bin/env bash
+case $1 in
+    show) echo 127.0.0.1 ;;
+    *) echo "$*" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_path, data_file):
+    """The batch script under stand-ins for srun and scontrol: Slurm's SIGUSR1 to the batch shell reaches both
+    ranks, the job exits 75 and asks to be requeued, and the ranks were started with --resume_from_checkpoint auto."""
+    script = (REPO / "finetune" / "slurm_finetune.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@" in script and "#SBATCH --requeue" in script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    entry = tmp_path / "signal_entry.py"
+    entry.write_text(SIGNAL_STUB)
+    env = launcher_env(LLMFT_ENTRY=entry, STUB_OUT=tmp_path, GPUS_PER_NODE=2, SLURM_JOB_ID=1234, SLURM_NNODES=1,
+                       SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=REPO, SCONTROL_LOG=tmp_path / "scontrol.log",
+                       PATH=f"{bin_dir}:{os.environ['PATH']}")
+    process = subprocess.Popen(["bash", str(REPO / "finetune" / "slurm_finetune.sbatch"),
+                                str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d",
+                                str(data_file)], env=env, cwd=REPO, text=True, stderr=subprocess.PIPE)
+    wait_for_ranks(process, tmp_path)
+    process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does: the batch shell only
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == EXIT_PREEMPTED, err
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.signal")) == ["SIGUSR1", "SIGUSR1"]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 1234\n"
+    for ready in tmp_path.glob("rank*.ready"):
+        argv = json.loads(ready.read_text())
+        assert argv[argv.index("--resume_from_checkpoint") + 1] == "auto"
+
+
+# --- two ranks under ZeRO-2, through the launcher ---------------------------------------------------------------
+
+SIGNAL_ONE_RANK_ENTRY = """\
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from transformers import TrainerCallback
+import finetune
+
+class SignalRankOne(TrainerCallback):
+    # SIGTERM to rank 1's own process at the end of step 1, as a scheduler or a user's kill would send it
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1 and args.process_index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+finetune.main(sys.argv[1:], callbacks=[SignalRankOne()])
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly(tiny_chat_model, tmp_path):
+    from tests.test_distributed import run_flags, train
+
+    reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
+    result = train("finetune_lora_ds.sh", tiny_chat_model, reference, "zero2", 2, *run_flags(1))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    entry = tmp_path / "signal_one_rank.py"
+    entry.write_text(SIGNAL_ONE_RANK_ENTRY.format(repo=str(REPO)))
+    args = ["-m", tiny_chat_model, "-d", REPO / "examples" / "conversations.json", "-o", out, "--deepspeed",
+            "zero2", "--", *run_flags(1)]
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", LLMFT_ENTRY=entry)
+    result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-6000:]
+    assert "llmft: preempted" in result.stderr and "Traceback" not in result.stderr
+    # rank 1 was asked during step 1; both ranks stopped after step 2, with one complete checkpoint
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert checkpoint_problem(str(out / "checkpoint-2")) is None
+    assert len(list((out / "checkpoint-2").glob("global_step2/*optim_states.pt"))) == 2  # both ranks' ZeRO shards
+    assert not (out / "adapter_model.safetensors").exists()
+
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", RESUME="auto")
+    result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in result.stderr
+    assert_same_adapter(adapter(reference), adapter(out), atol=1e-5)
