@@ -12,6 +12,10 @@
 
 Every flag of transformers.TrainingArguments is accepted; `python finetune.py --help` lists them all. Launchers for
 several GPUs and nodes are in finetune/.
+
+Exit status: 0 when trained and saved; 2 on a settings or data error (one message, no traceback); 75 when SIGTERM or
+SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preemption.py): run it again with
+`--resume_from_checkpoint auto` (or True) to continue.
 """
 
 import logging
