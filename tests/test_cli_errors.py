@@ -383,7 +383,10 @@ def test_resume_from_missing_checkpoint_path(fails, data, model_dir, tmp_path):
 
 def test_resume_true_with_a_checkpoint_is_accepted(data, model_dir, tmp_path):
     out = tmp_path / "out"
-    (out / "checkpoint-3").mkdir(parents=True)
+    checkpoint = out / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')  # what makes a checkpoint complete
+    (checkpoint / "optimizer.bin").write_bytes(b"")
     *_, training_args = parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data),
                                     "--output_dir", str(out), "--resume_from_checkpoint", "True"])
     assert training_args.resume_from_checkpoint == "True"
