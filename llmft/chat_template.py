@@ -1,4 +1,4 @@
-"""Chat templates: which one a run uses, and which token ends an assistant turn.
+"""Chat templates: which one a run uses, which token ends an assistant turn, and the tokens generation stops at.
 
 Training renders conversations with the tokenizer's own chat template, so the text a model is trained on is the
 text `apply_chat_template` gives it at inference. A tokenizer without a template (a base model) gets ChatML, the
@@ -6,6 +6,8 @@ format of Qwen's chat models, and the ChatML special tokens are added to it (see
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from llmft.errors import ConfigError
 
@@ -128,3 +130,33 @@ def end_of_turn_token(tokenizer) -> str:
     if tokenizer.eos_token is None:
         raise ConfigError(["the chat template closes assistant turns with no special token and the tokenizer has no EOS token"])
     return tokenizer.eos_token
+
+
+@dataclass(frozen=True)
+class GenerationStops:
+    eos_token_ids: list[int]  # generation ends at any of these; the first is the end-of-turn token of a chat model
+    pad_token_id: int
+
+
+def generation_stops(tokenizer, *configured_eos) -> GenerationStops:
+    """The one stop-token policy, read by training's saved generation config (llmft.model), the tools' generation
+    (llmft.inference) and tools/make_tiny_model.py alike.
+
+    Stops, in this order and without repeats: the end-of-turn token (`end_of_turn_token`, when the tokenizer has a
+    chat template), the tokenizer's EOS, the document-end token plain-text samples are trained to end with
+    (`document_end_token`), then `configured_eos` (the model's own generation_config / config eos_token_id, each an
+    id, a list of ids or None) where they are ids of this tokenizer's vocabulary: a base model's config can name an
+    id its tokenizer lacks. Padding uses the pad token, else the first stop."""
+    tokens = [end_of_turn_token(tokenizer)] if getattr(tokenizer, "chat_template", None) else []
+    tokens += [tokenizer.eos_token, document_end_token(tokenizer)]
+    candidates = [tokenizer.convert_tokens_to_ids(token) for token in tokens if token is not None]
+    for value in configured_eos:
+        candidates += list(value) if isinstance(value, (list, tuple)) else [value]
+    stops = []
+    for token_id in candidates:
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer) and token_id not in stops:
+            stops.append(token_id)
+    if not stops:
+        raise ConfigError(["the tokenizer has no end-of-turn, EOS or end-of-document token to stop generation at"])
+    pad = tokenizer.pad_token_id
+    return GenerationStops(stops, stops[0] if pad is None else pad)

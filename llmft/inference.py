@@ -12,8 +12,9 @@ The tokenizer comes from the result's own folder when it has one (an adapter fol
 trained with, ChatML tokens and template included), else from the base. A tokenizer without a chat template gets
 ChatML, as training gives it (`llmft.chat_template`).
 
-Generation stops at the end-of-turn token as well as at EOS, passed explicitly to `generate`, so a model whose saved
-generation config stops only at EOS still ends after one answer.
+Generation stops where training's saved generation config does (`llmft.chat_template.generation_stops`: the
+end-of-turn token first, then EOS, the end-of-document token and the model's configured eos ids), passed explicitly
+to `generate`, so a model whose saved generation config stops only at EOS still ends after one answer.
 
 Code shipped with a model (`auto_map` in its config.json or tokenizer_config.json, pointing at the folder's own .py
 files) is never run unless the user passes `--trust_remote_code True`: every loader here refuses such a folder first,
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from llmft.chat_template import choose_chat_template, end_of_turn_token
+from llmft.chat_template import GenerationStops, choose_chat_template, generation_stops
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import follow_umask
@@ -373,25 +374,25 @@ def stdout_to_stderr():
 # ---------------------------------------------------------------- generating
 
 
+def model_generation_stops(tokenizer, model=None) -> GenerationStops:
+    """`generation_stops` for this tokenizer and the eos ids the model's generation config and config name."""
+    configured = []
+    if model is not None:
+        generation = getattr(model, "generation_config", None)
+        configured = [getattr(generation, "eos_token_id", None), getattr(model.config, "eos_token_id", None)]
+    return generation_stops(tokenizer, *configured)
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Token ids generation stops at: the end-of-turn token first, then EOS and any the model's generation config
-    names."""
-    stops = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))]
-    extra = [tokenizer.eos_token_id]
-    if model is not None and getattr(model, "generation_config", None) is not None:
-        configured = model.generation_config.eos_token_id
-        extra += configured if isinstance(configured, (list, tuple)) else [configured]
-    for token_id in extra:
-        if token_id is not None and token_id not in stops:
-            stops.append(token_id)
-    return stops
+    """Token ids generation stops at (`generation_stops`): the end-of-turn token first."""
+    return model_generation_stops(tokenizer, model).eos_token_ids
 
 
 def set_generation_stops(model, tokenizer) -> None:
-    """Make the model's generation config stop at the end-of-turn token and EOS, and pad with the pad token."""
-    stops = stop_token_ids(tokenizer, model)
-    model.generation_config.eos_token_id = stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    """Make the model's generation config stop where `generate_reply` does, and pad as it does."""
+    stops = model_generation_stops(tokenizer, model)
+    model.generation_config.eos_token_id = stops.eos_token_ids
+    model.generation_config.pad_token_id = stops.pad_token_id
 
 
 @dataclass
@@ -421,7 +422,7 @@ def generate_reply(
     `streamer` (transformers TextStreamer) receives the tokens as they come.
     """
     prompt = render_prompt(messages, tokenizer, tools)
-    stops = stop_token_ids(tokenizer, model)
+    stops = model_generation_stops(tokenizer, model)
     input_ids = torch.tensor([prompt], device=model.device)
     if temperature == 0:
         sampling = {"do_sample": False}
@@ -433,13 +434,13 @@ def generate_reply(
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             repetition_penalty=repetition_penalty,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+            eos_token_id=stops.eos_token_ids,
+            pad_token_id=stops.pad_token_id,
             streamer=streamer,
             **sampling,
         )
     new_ids = output[0, len(prompt):].tolist()
-    finished = bool(new_ids) and new_ids[-1] in stops
+    finished = bool(new_ids) and new_ids[-1] in stops.eos_token_ids
     if finished:
         new_ids = new_ids[:-1]
     return Reply(tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, finished)

@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from llmft.args import base_quant_method, uses_zero3
-from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_turn_token, uses_chatml
+from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
+                                 uses_chatml)
 from llmft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -142,17 +143,10 @@ def _device_map(training_args):
 
 
 def _stop_at_end_of_turn(model, tokenizer) -> None:
-    """Generation config: stop at the end-of-turn token and at EOS, pad with the pad token."""
-    stop = [tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
-    for eos in _as_list(model.generation_config.eos_token_id) + _as_list(model.config.eos_token_id):
-        if eos is not None and eos not in stop and eos < len(tokenizer):
-            stop.append(eos)
-    model.generation_config.eos_token_id = stop
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    """The generation config the run saves stops where the tools' generation does (`generation_stops`)."""
+    stops = generation_stops(tokenizer, model.generation_config.eos_token_id, model.config.eos_token_id)
+    model.generation_config.eos_token_id = stops.eos_token_ids
+    model.generation_config.pad_token_id = stops.pad_token_id
 
 
 def lora_config(lora_args, model=None, train_embeddings: bool = False):

@@ -44,7 +44,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from llmft.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+from llmft.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, generation_stops
 from llmft.errors import ConfigError, exit_on_user_error
 
 TOKENIZER_KINDS = ("bpe", "qwen")
@@ -298,10 +298,12 @@ def model_config(
 
 
 def generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
-    """Greedy decoding that stops at `<|im_end|>` or `<|endoftext|>` (chat), or at `<|endoftext|>` (base)."""
-    end_of_text = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    eos = [tokenizer.eos_token_id, end_of_text] if tokenizer.eos_token_id != end_of_text else end_of_text
-    return GenerationConfig(bos_token_id=end_of_text, eos_token_id=eos, pad_token_id=end_of_text)
+    """Greedy decoding with llmft's stop tokens (`generation_stops`): `<|im_end|>` then `<|endoftext|>` (chat), or
+    `<|endoftext|>` (base), as Qwen2.5's own generation configs name them; a single stop is written as one id."""
+    stops = generation_stops(tokenizer)
+    eos = stops.eos_token_ids if len(stops.eos_token_ids) > 1 else stops.eos_token_ids[0]
+    return GenerationConfig(bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), eos_token_id=eos,
+                            pad_token_id=stops.pad_token_id)
 
 
 def _prepare_output_dir(output_dir: Path) -> None:
