@@ -28,6 +28,7 @@ import transformers
 
 from llmft.data.packing import Packing, TokenBudgetBatchSampler, sample_lengths
 from llmft.preemption import PreemptionCallback
+from llmft.report import TrainingReportCallback
 from llmft.saving import FollowUmaskCallback
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class Trainer(transformers.Trainer):
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
-        kwargs["callbacks"] = [FollowUmaskCallback(), PreemptionCallback(), *(kwargs.get("callbacks") or [])]
+        kwargs["callbacks"] = [FollowUmaskCallback(), TrainingReportCallback(), PreemptionCallback(),
+                               *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
 
     def get_train_dataloader(self):

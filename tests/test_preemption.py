@@ -278,3 +278,7 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
     assert result.returncode == 0, result.stderr[-6000:]
     assert f"resuming from {out / 'checkpoint-2'}" in result.stderr
     assert_same_adapter(adapter(reference), adapter(out), atol=1e-5)
+    reports = [json.loads((d / "training_report.json").read_text()) for d in (reference, out)]
+    assert reports[0]["trained_tokens"] > 0 and reports[0]["world_size"] == 2
+    for key in ("tokens_seen", "trained_tokens", "tokens_at_step"):  # both ranks' counts, across the stop
+        assert reports[1][key] == reports[0][key], key

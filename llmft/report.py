@@ -1,0 +1,228 @@
+"""The run report: `training_report.json` and `training_report.png` in output_dir, written at every checkpoint (a copy
+of the JSON goes into the checkpoint, so a resumed run continues the counts) and when training ends.
+
+The JSON holds (all counts over every rank, for the whole run, resumed parts included):
+- `tokens_seen`: input tokens of the training micro-batches, padding left out; `tokens_processed`: with padding;
+  `trained_tokens`: the tokens that carry loss (labels other than -100). Counted from each micro-batch the model is
+  given while training, so a run of whole epochs sees each sample's tokens once an epoch.
+- `tokens_per_second`: tokens_seen over the wall time of training (evaluations included), both of this process's
+  session (a resumed run counts from where it resumed); `wall_time_s`: training time of all sessions; `peak_memory_bytes`: the largest of
+  the ranks' peaks (CUDA memory allocated on GPUs, the process's peak resident memory on CPU).
+- `final` and `best` train and eval losses (from the Trainer's log), the run's settings (llmft_run_settings.json)
+  and the versions of the libraries that trained it.
+The PNG plots train and eval loss, learning rate and gradient norm against tokens seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from importlib import metadata
+
+import torch
+from transformers import TrainerCallback
+
+from llmft.data.render import IGNORE_INDEX
+from llmft.preemption import read_run_settings
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "training_report.json"
+REPORT_PNG = "training_report.png"
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets", "llmft")
+COUNTS = ("tokens_seen", "tokens_processed", "trained_tokens")
+
+
+def batch_token_counts(inputs: dict, pad_token_id: int | None) -> tuple[int, int, int]:
+    """(tokens seen, tokens processed, trained tokens) of one training micro-batch. Padded batches say which tokens
+    are real in their attention mask; a packed row (position_ids, no mask) ends in one padding segment of pad tokens
+    that carry no loss (llmft.data.packing.PackedCollator)."""
+    ids, labels = inputs.get("input_ids"), inputs.get("labels")
+    if ids is None:
+        return 0, 0, 0
+    processed = ids.numel()
+    trained = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+    mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+    if mask is not None:
+        return int(mask.sum()), processed, trained
+    seen = processed
+    if positions is not None and pad_token_id is not None:
+        for row in range(ids.shape[0]):
+            starts = (positions[row] == 0).nonzero().flatten()
+            last = int(starts[-1]) if len(starts) else 0
+            tail_ids = ids[row, last:]
+            tail_labels = labels[row, last:] if labels is not None else None
+            if last > 0 and bool((tail_ids == pad_token_id).all()) and (
+                    tail_labels is None or bool((tail_labels == IGNORE_INDEX).all())):
+                seen -= tail_ids.numel()
+    return seen, processed, trained
+
+
+class TrainingReportCallback(TrainerCallback):
+    """Counts tokens from the training micro-batches (a forward pre-hook on the model) and writes the report."""
+
+    def __init__(self):
+        self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last finished step
+        self._step_counts = [0, 0, 0]  # this rank's, since the last finished step
+        self.tokens_at_step: dict[int, int] = {}  # global step -> tokens seen by its end: the plot's x axis
+        self._hook = None
+        self._pad_token_id = None
+        self._started = None
+        self._session_tokens = 0
+        self._earlier_wall_time = 0.0
+
+    # --- counting ---
+
+    def _count(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            for i, n in enumerate(batch_token_counts(kwargs, self._pad_token_id)):
+                self._step_counts[i] += n
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._pad_token_id = getattr(processing_class, "pad_token_id", None)
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.counts, self.tokens_at_step = dict.fromkeys(COUNTS, 0), {}
+        self._earlier_wall_time = 0.0
+        if state.global_step > 0:  # resumed: the counts so far are in the checkpoint's copy of the report
+            earlier = _read_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", REPORT_JSON))
+            if earlier:
+                self.counts.update({k: earlier.get(k, 0) for k in COUNTS})
+                self.tokens_at_step = {int(k): v for k, v in earlier.get("tokens_at_step", {}).items()}
+                self._earlier_wall_time = earlier.get("wall_time_s", 0.0)
+        self._step_counts = [0, 0, 0]
+        self._session_tokens = 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._started = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = torch.tensor(self._step_counts, dtype=torch.long, device=args.device)
+        if _distributed(args):
+            torch.distributed.all_reduce(step)
+        for name, n in zip(COUNTS, step.tolist()):
+            self.counts[name] += int(n)
+        self._session_tokens += int(step[0])
+        self._step_counts = [0, 0, 0]
+        self.tokens_at_step[state.global_step] = self.counts["tokens_seen"]
+
+    # --- writing ---
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self._write(args, state, also_into=checkpoint if os.path.isdir(checkpoint) else None)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args, state)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _write(self, args, state, also_into: str | None = None) -> None:
+        peak = _peak_memory(args)  # a collective: every rank takes part
+        if not state.is_world_process_zero:
+            return
+        report = self.report(args, state, peak)
+        for folder in (args.output_dir, also_into):
+            if folder is not None:
+                _write_json(os.path.join(folder, REPORT_JSON), report)
+        try:
+            plot_report(report, state.log_history, os.path.join(args.output_dir, REPORT_PNG))
+        except Exception as e:  # a report must never stop a run
+            logger.warning("training report: no plot (%s)", e)
+
+    def report(self, args, state, peak_memory: int | None) -> dict:
+        session = time.monotonic() - self._started if self._started is not None else 0.0
+        history = state.log_history
+        train = [e["loss"] for e in history if "loss" in e]
+        evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+        record = read_run_settings(args.output_dir) or {}
+        return {
+            "global_step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": state.epoch,
+            **self.counts,
+            "tokens_per_second": self._session_tokens / session if session > 0 else None,
+            "wall_time_s": self._earlier_wall_time + session,
+            "peak_memory_bytes": peak_memory,
+            "world_size": args.world_size,
+            "loss": {"final": train[-1] if train else None, "best": min(train) if train else None},
+            "eval_loss": {"final": evals[-1] if evals else None, "best": min(evals) if evals else None},
+            "settings": record.get("settings"),
+            "settings_fingerprint": record.get("fingerprint"),
+            "versions": library_versions(),
+            "tokens_at_step": {str(k): v for k, v in sorted(self.tokens_at_step.items())},
+        }
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def plot_report(report: dict, log_history: list[dict], path: str) -> None:
+    """Train and eval loss, learning rate and gradient norm against tokens seen, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = {int(k): v for k, v in report["tokens_at_step"].items()}
+    panels = (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4), constrained_layout=True)
+    for ax, keys in zip(axes, panels):
+        for key in keys:
+            points = [(tokens[e["step"]], e[key]) for e in log_history if key in e and e.get("step") in tokens]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key.replace("_", " "))
+        ax.set_xlabel("tokens seen")
+        ax.set_title(" / ".join(k.replace("_", " ") for k in keys))
+        if len(keys) > 1:
+            ax.legend()
+    fig.suptitle(f"step {report['global_step']} of {report['max_steps']}, {report['trained_tokens']:,} trained tokens")
+    partial = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(partial, dpi=100)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+def _distributed(args) -> bool:
+    return args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _peak_memory(args) -> int:
+    if torch.cuda.is_available() and args.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(args.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    if _distributed(args):
+        value = torch.tensor([peak], dtype=torch.long, device=args.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        peak = int(value.item())
+    return int(peak)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, value: dict) -> None:
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(partial, path)

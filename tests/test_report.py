@@ -1,0 +1,76 @@
+"""The run report (issue 8, Build): training_report.json and .png at every checkpoint and at the end of a run; its
+token counts are those of the data the run trained on, worked out here from the dataset's own rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmft.data.render import IGNORE_INDEX
+from llmft.errors import EXIT_PREEMPTED
+from llmft.preemption import RUN_SETTINGS_FILE
+from llmft.report import REPORT_JSON, REPORT_PNG
+from tests.conftest import EXAMPLES
+from tests.test_preemption import SignalAtStep, finetune
+
+EPOCHS = 2
+
+
+def flags(model, out, *extra):
+    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu", "True",
+            "--use_lora", "True", "--lora_dropout", "0", "--model_max_length", "128",
+            "--per_device_train_batch_size", "4", "--max_tokens_per_batch", "0", "--learning_rate", "1e-3",
+            "--warmup_steps", "0", "--report_to", "none", "--seed", "0", "--logging_steps", "1", *extra]
+
+
+def data_counts(dataset) -> tuple[int, int]:
+    """(tokens, trained tokens) of one pass over the training rows."""
+    tokens = trained = 0
+    for row in dataset:
+        labels = list(row["labels"])
+        assert labels[0] == IGNORE_INDEX  # a row starts with <|im_start|>: nothing predicts it
+        tokens += len(row["input_ids"])
+        trained += sum(label != IGNORE_INDEX for label in labels)
+    return tokens, trained
+
+
+@pytest.mark.parametrize("packing", ["True", "False"])
+def test_report_counts_what_the_data_holds(packing, tiny_chat_model, tmp_path, datasets_cache):
+    out = tmp_path / "out"
+    trainer = finetune(*flags(tiny_chat_model, out, "--num_train_epochs", str(EPOCHS), "--packing", packing,
+                              "--save_strategy", "epoch"))
+    tokens, trained = data_counts(trainer.train_dataset)
+    report = json.loads((out / REPORT_JSON).read_text())
+    assert report["trained_tokens"] == EPOCHS * trained
+    assert report["tokens_seen"] == EPOCHS * tokens
+    assert report["tokens_processed"] >= report["tokens_seen"]  # padding: to a multiple of 64 or of the longest
+    assert report["global_step"] == trainer.state.global_step == report["max_steps"]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert report["loss"] == {"final": losses[-1], "best": min(losses)}
+    assert report["eval_loss"] == {"final": None, "best": None}
+    assert report["tokens_per_second"] > 0 and report["wall_time_s"] > 0 and report["peak_memory_bytes"] > 2**20
+    assert report["settings_fingerprint"] == json.loads((out / RUN_SETTINGS_FILE).read_text())["fingerprint"]
+    assert report["settings"]["num_train_epochs"] == EPOCHS
+    assert {"torch", "transformers", "peft", "python"} <= set(report["versions"])
+    assert (out / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each epoch's checkpoint holds the report as it stood then: half the tokens after the first
+    steps_per_epoch = trainer.state.global_step // EPOCHS
+    first = json.loads((out / f"checkpoint-{steps_per_epoch}" / REPORT_JSON).read_text())
+    assert first["trained_tokens"] == trained and first["tokens_seen"] == tokens
+
+
+def test_resumed_run_continues_the_counts(tiny_chat_model, tmp_path, datasets_cache):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "100")
+    finetune(*flags(tiny_chat_model, whole, *run))
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(*flags(tiny_chat_model, resumed, *run), callbacks=[SignalAtStep(2)])
+    assert exit_info.value.code == EXIT_PREEMPTED
+    at_stop = json.loads((resumed / REPORT_JSON).read_text())
+    assert at_stop["global_step"] == 3 and 0 < at_stop["tokens_seen"]
+    finetune(*flags(tiny_chat_model, resumed, *run, "--resume_from_checkpoint", "auto"))
+    expected, actual = (json.loads((d / REPORT_JSON).read_text()) for d in (whole, resumed))
+    for key in ("tokens_seen", "tokens_processed", "trained_tokens", "tokens_at_step"):
+        assert actual[key] == expected[key], key
+    assert at_stop["tokens_seen"] == expected["tokens_at_step"]["3"]
