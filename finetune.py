@@ -29,7 +29,7 @@ from llmft.data.packing import Packing
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
-from llmft.preemption import record_run_settings
+from llmft.preemption import check_run_settings, record_run_settings
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import Trainer
 
@@ -42,9 +42,7 @@ def main(argv=None, callbacks=()):
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
     kernels = choose_kernels(model_args, data_args, training_args)
-    if training_args.overwrite_output_dir:
-        replace_previous_run(training_args)
-    record_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # for resume auto
+    run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
@@ -59,6 +57,10 @@ def main(argv=None, callbacks=()):
                       data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
                       processing_class=tokenizer, callbacks=list(callbacks),
                       loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
+    if training_args.overwrite_output_dir:
+        replace_previous_run(training_args)
+    record_run_settings(run_settings, training_args)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
 
     run = describe_run(model_args, lora_args, quant_args, added_tokens)

@@ -162,16 +162,23 @@ def read_run_settings(output_dir: str) -> dict | None:
     return record if isinstance(record, dict) and "fingerprint" in record else None
 
 
-def record_run_settings(model_args, data_args, lora_args, quant_args, training_args) -> None:
-    """At the start of a run: with `--resume_from_checkpoint auto`, refuse an output folder that holds another run
-    (ConfigError naming the settings that differ); then rank 0 records this run's settings in RUN_SETTINGS_FILE."""
-    out = training_args.output_dir
+def check_run_settings(model_args, data_args, lora_args, quant_args, training_args) -> dict:
+    """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
+    auto`, a ConfigError naming the settings that differ when the output folder holds another run."""
     settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
-    fingerprint = settings_fingerprint(settings)
+    record = {"fingerprint": settings_fingerprint(settings), "settings": settings}
     if str(training_args.resume_from_checkpoint).lower() == "auto":
-        _check_same_run(out, settings, fingerprint)
+        _check_same_run(training_args.output_dir, settings, record["fingerprint"])
+    return record
+
+
+def record_run_settings(record: dict, training_args) -> None:
+    """Rank 0 writes `check_run_settings`' record into RUN_SETTINGS_FILE once training is about to start, so a run
+    stopped earlier by a data or model error leaves the output folder as it was."""
+    out = training_args.output_dir
     if training_args.process_index != 0:
         return
+    fingerprint, settings = record["fingerprint"], record["settings"]
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, RUN_SETTINGS_FILE)
     partial = f"{path}.{os.getpid()}.tmp"

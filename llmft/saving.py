@@ -261,6 +261,7 @@ RUN_OUTPUTS = {
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "chat_template.jinja", "chat_template.json", RUN_FILE, "training_args.bin", "trainer_state.json",
     "all_results.json", "train_results.json", "eval_results.json", "training_report.json", "training_report.png",
+    "llmft_run_settings.json",
 }
 
 
