@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+from transformers import TrainerCallback  # noqa: E402  (after the settings above, which it reads on import)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "conversations.json"
@@ -255,3 +258,83 @@ def entry_args(argv: list[str]) -> list[str]:
 def data_file(tmp_path) -> Path:
     return write_records(tmp_path / "train.json", [chat_record("Who are you?", "I am Pico.", id=f"r{i}")
                                                    for i in range(16)])
+
+
+# --- helpers shared by several test modules -------------------------------------------------------------------------
+
+ANSWER = "I am Pico, trained by llmft."
+
+
+def train_flags(model, data, out, *extra, steps=12, lr="5e-3"):
+    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", out,
+            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", lr,
+            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no",
+            "--seed", "0", "--report_to", "none", *extra]
+
+
+def logged_losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_loss_falls(trainer, factor=0.85):
+    losses = logged_losses(trainer)
+    assert len(losses) >= 5
+    assert sum(losses[-3:]) / 3 < factor * sum(losses[:3]) / 3, losses
+
+
+def sample_inputs(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process `sig` at the end of optimizer step `step`, as a scheduler would from outside."""
+
+    def __init__(self, step: int, sig=signal.SIGTERM):
+        self.step, self.sig = step, sig
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+def finetune(*args, callbacks=()):
+    """finetune.py's main() in this process with these flags (any types), and extra Trainer callbacks."""
+    import finetune as entry
+
+    return entry.main([str(a) for a in args], callbacks=list(callbacks))
+
+
+EQUIVALENCE_DATA = REPO / "examples" / "conversations.json"  # conversations of different lengths: token averaging
+EQUIVALENCE_STEPS = 4
+
+
+def equivalence_run_flags(per_device_batch: int, accumulation: int = 1, max_tokens: int = 0) -> list[str]:
+    """finetune.py flags of a short, deterministic run that saves its trainer state at the last step: micro-batches
+    of `per_device_batch` samples, or with `max_tokens` of up to that many packed tokens (the launchers' recipe)."""
+    return ["--max_steps", str(EQUIVALENCE_STEPS), "--per_device_train_batch_size", str(per_device_batch),
+            "--max_tokens_per_batch", str(max_tokens), "--gradient_accumulation_steps", str(accumulation),
+            "--model_max_length", "128", "--learning_rate", "1e-3",
+            "--warmup_steps", "0", "--weight_decay", "0", "--lora_dropout", "0", "--gradient_checkpointing", "False",
+            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(EQUIVALENCE_STEPS), "--seed", "0"]
+
+
+def train_with_launcher(launcher: str, model: Path, out: Path, config: str | None, ranks_per_node: int, *extra: str,
+          nodes: int = 1, data: Path = EQUIVALENCE_DATA) -> subprocess.CompletedProcess:
+    """Run `launcher` on this machine as `nodes` nodes of `ranks_per_node` CPU ranks (one launcher process per
+    node, as on a cluster); returns node 0's process, after every node has finished."""
+    args = ["-m", model, "-d", data, "-o", out, *(["--deepspeed", config] if config else []), "--", *extra]
+    env = launcher_env(GPUS_PER_NODE=ranks_per_node, HF_DATASETS_CACHE=out.parent / f"{out.name}-datasets")
+    if nodes == 1:
+        return run_launcher(launcher, *args, env=env, timeout=1200)
+    env.update(NNODES=str(nodes), MASTER_ADDR="127.0.0.1")
+    processes = [subprocess.Popen([str(FINETUNE / launcher), *map(str, args)], cwd=REPO, text=True,
+                                  env={**env, "NODE_RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for rank in range(nodes)]
+    results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=1200)) for p in processes]
+    for process, result in zip(processes, results):
+        result.returncode = process.returncode
+    assert all(r.returncode == 0 for r in results), "\n".join(r.stderr[-4000:] for r in results)
+    return results[0]

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import chat_record, write_records
+from tests.conftest import (ANSWER, assert_loss_falls, chat_record, sample_inputs, train_flags,
+                            write_records)
 
-ANSWER = "I am Pico, trained by llmft."
 
 
 @pytest.fixture(scope="module")
@@ -20,31 +20,8 @@ def repeated_data(tmp_path_factory):
                          [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(16)])
 
 
-def train_flags(model, data, out, *extra, steps=12, lr="5e-3"):
-    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", out,
-            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", lr,
-            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no",
-            "--seed", "0", "--report_to", "none", *extra]
-
-
-def logged_losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def assert_loss_falls(trainer, factor=0.85):
-    losses = logged_losses(trainer)
-    assert len(losses) >= 5
-    assert sum(losses[-3:]) / 3 < factor * sum(losses[:3]) / 3, losses
-
-
 def original_weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
-
-
-def sample_inputs(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
 
 def assert_same_logits(trained, reloaded, tokenizer, atol=1e-4):

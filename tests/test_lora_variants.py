@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmft.args import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import EXAMPLES, chat_record, write_records
-from tests.test_finetune_modes import ANSWER, assert_loss_falls, sample_inputs, train_flags
+from tests.conftest import ANSWER, assert_loss_falls, sample_inputs, train_flags
 
 LORA_R, LORA_ALPHA = 8, 16
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

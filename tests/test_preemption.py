@@ -13,19 +13,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft.saving import checkpoint_problem
-from tests.conftest import EXAMPLES, REPO, launcher_env, run_launcher
+from tests.conftest import EXAMPLES, REPO, SignalAtStep, finetune, launcher_env, run_launcher
 
 STEPS = 6
 
@@ -36,23 +34,6 @@ def flags(model, out, *extra):
             "--per_device_train_batch_size", "2", "--max_tokens_per_batch", "0", "--learning_rate", "1e-3",
             "--warmup_steps", "0", "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "100",
             "--report_to", "none", "--seed", "0", "--logging_steps", "1", *extra]
-
-
-class SignalAtStep(TrainerCallback):
-    """Sends this process `sig` at the end of optimizer step `step`, as a scheduler would from outside."""
-
-    def __init__(self, step: int, sig=signal.SIGTERM):
-        self.step, self.sig = step, sig
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.sig)
-
-
-def finetune(*args, callbacks=()):
-    import finetune as entry
-
-    return entry.main([str(a) for a in args], callbacks=list(callbacks))
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -238,7 +219,6 @@ def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_p
 SIGNAL_ONE_RANK_ENTRY = """\
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from transformers import TrainerCallback
 import finetune
 
 class SignalRankOne(TrainerCallback):
@@ -253,7 +233,7 @@ finetune.main(sys.argv[1:], callbacks=[SignalRankOne()])
 
 @pytest.mark.slow
 def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly(tiny_chat_model, tmp_path):
-    from tests.test_distributed import run_flags, train
+    from tests.conftest import equivalence_run_flags as run_flags, train_with_launcher as train
 
     reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
     result = train("finetune_lora_ds.sh", tiny_chat_model, reference, "zero2", 2, *run_flags(1))

@@ -12,7 +12,7 @@ from llmft.errors import EXIT_PREEMPTED
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft.report import REPORT_JSON, REPORT_PNG
 from tests.conftest import EXAMPLES
-from tests.test_preemption import SignalAtStep, finetune
+from tests.conftest import SignalAtStep, finetune
 
 EPOCHS = 2
 

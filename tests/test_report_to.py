@@ -8,7 +8,7 @@ import pytest
 from llmft.args import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import EXAMPLES, chat_record, write_records
-from tests.test_finetune_modes import ANSWER, logged_losses, train_flags
+from tests.conftest import ANSWER, logged_losses, train_flags
 
 
 @pytest.fixture(scope="module")
