@@ -25,6 +25,23 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "conversations.json"
 
 
+# Skip reasons of the tests that need Open MPI or a Slurm cluster (tests/test_launchers.py, test_distributed.py)
+SYSTEM_SKIP_WORDS = ("mpirun", "Slurm")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under LLMFT_REQUIRE_SYSTEM_TESTS=1 (.ci/run, after `make system-deps`), a test skipped for want of mpirun or
+    Slurm fails instead: CI asked for them, so their absence is a broken set-up, not a reason to stay green."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("LLMFT_REQUIRE_SYSTEM_TESTS") == "1":
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(word in reason for word in SYSTEM_SKIP_WORDS):
+            report.outcome = "failed"
+            report.longrepr = f"LLMFT_REQUIRE_SYSTEM_TESTS=1 but this test was skipped: {reason}"
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
