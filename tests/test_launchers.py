@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,109 @@ def test_bad_gpus_per_node_fails(data_file):
     result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "-n",
                           env=launcher_env(GPUS_PER_NODE="two"))
     assert result.returncode == 2 and "GPUS_PER_NODE must be a positive integer" in result.stderr
+
+
+# --- the environment variables, checked before anything starts ---------------------------------------------------
+
+@pytest.mark.parametrize("value", ["true", "1", "True"])
+def test_use_cpu_accepts_true_and_1(value, data_file):
+    argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, USE_CPU=value, GPUS_PER_NODE=2)
+    assert flag_value(argv, "--use_cpu") == "True" and flag_value(argv, "--nproc_per_node") == "2"
+
+
+def test_use_cpu_is_not_evaluated_as_shell_code(data_file, tmp_path):
+    """The bash launchers did arithmetic on USE_CPU, which runs a command substitution inside an array index."""
+    marker = tmp_path / "ran"
+    result = run_launcher("finetune_lora_ds.sh", "-n", "-m", "org/model", "-d", data_file,
+                          env=launcher_env(USE_CPU=f"PATH[$(touch {marker})]"))
+    assert result.returncode == 2
+    assert "USE_CPU must be 1, 0, true or false" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NNODES": "abc"}, "NNODES must be a positive integer, got 'abc'"),
+    ({"NNODES": "0"}, "NNODES must be a positive integer, got '0'"),
+    ({"OMPI_COMM_WORLD_SIZE": "x"}, "OMPI_COMM_WORLD_SIZE must be a positive integer, got 'x'"),
+    ({"NODE_RANK": "-1"}, "NODE_RANK must be a non-negative integer, got '-1'"),
+    ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2 is not below NNODES=2"),
+    ({"NPROC_PER_NODE": "2.5"}, "NPROC_PER_NODE must be a positive integer, got '2.5'"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a positive integer up to 65535, got '70000'"),
+    ({"RESUME": "yes"}, "RESUME must be auto, True, False or a checkpoint folder, got 'yes'"),
+    ({"HOSTFILE": "/no/such/hostfile"}, "HOSTFILE '/no/such/hostfile' does not exist"),
+])
+def test_bad_environment_variable_fails_with_its_name(env, message, data_file):
+    result = run_launcher("finetune_ds.sh", "-n", "-m", "org/model", "-d", data_file, env=launcher_env(**env))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "+ " not in result.stderr  # no command built
+
+
+def test_every_bad_environment_variable_is_reported_at_once(data_file):
+    result = run_launcher("finetune_ds.sh", "-n", "-m", "org/model", "-d", data_file,
+                          env=launcher_env(NNODES="abc", MASTER_PORT="http", USE_CPU="maybe"))
+    assert result.returncode == 2
+    assert all(name in result.stderr for name in ("NNODES must", "MASTER_PORT must", "USE_CPU must"))
+
+
+@pytest.mark.parametrize("value", ["auto", "False", str(REPO / "ds_configs")])
+def test_resume_passes_its_value_on(value, data_file):
+    argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, RESUME=value)
+    assert flag_value(argv, "--resume_from_checkpoint") == value
+
+
+def test_hostfile_master_addr_defaults_to_its_first_host(data_file, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the nodes\n\nnode3 slots=8\nnode4 slots=8\n")
+    argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, HOSTFILE=hostfile)
+    assert flag_value(argv, "--master_addr") == "node3"
+
+
+def test_precision_needs_bf16_on_every_visible_gpu():
+    from llmft.launcher import precision_args
+
+    assert precision_args([(9, 0), (8, 0)]) == ["--bf16", "True"]
+    assert precision_args([(9, 0), (7, 0)]) == ["--fp16", "True"]
+    assert precision_args([]) == ["--use_cpu", "True", "--bf16", "False", "--fp16", "False"]
+
+
+# A stand-in for PYTHON's torch on a host whose GPU 0 is a V100 (no bf16) and GPU 1 an H100: it shows only the GPUs
+# CUDA_VISIBLE_DEVICES names, as torch.cuda does.
+FAKE_TORCH_PYTHON = """#!{python}
+import json, os
+host = [[7, 0], [9, 0]]
+visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+print(json.dumps(host if visible is None else [host[int(i)] for i in visible.split(",")]))
+"""
+
+
+@pytest.mark.parametrize("name, visible, precision, ranks", [
+    ("finetune_lora_ds.sh", "1", "--bf16", "1"),  # the host's first GPU would have said fp16
+    ("finetune_lora_ds.sh", "0,1", "--fp16", "2"),
+    ("finetune_lora_ds.sh", None, "--fp16", "2"),
+    ("finetune_lora_single_gpu.sh", "1,0", "--bf16", None),  # one process sees only the first: the H100
+])
+def test_bf16_decision_reads_the_gpus_cuda_visible_devices_shows(name, visible, precision, ranks, data_file, tmp_path):
+    from llmft.launcher import visible_gpu_capabilities
+
+    python = tmp_path / "python"
+    python.write_text(FAKE_TORCH_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    env = launcher_env(PYTHON=python)
+    if visible is None:
+        del env["CUDA_VISIBLE_DEVICES"]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    assert visible_gpu_capabilities(str(python), env) == ([(9, 0)] if visible == "1" else
+                                                          [(9, 0), (7, 0)] if visible == "1,0" else [(7, 0), (9, 0)])
+    result = run_launcher(name, "-n", "-m", "org/model", "-d", data_file, env=env)
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(next(line for line in result.stderr.splitlines() if line.startswith("+ "))[2:])
+    assert flag_value(argv, precision) == "True" and "--use_cpu" not in argv
+    if ranks:
+        assert flag_value(argv, "--nproc_per_node") == ranks
+    # a hidden GPU set never starts PYTHON to ask
+    assert visible_gpu_capabilities("/no/such/python", {"CUDA_VISIBLE_DEVICES": ""}) == []
 
 
 # --- the launch: ranks and their environment (a stub stands in for finetune.py) ----------------------------------
