@@ -281,7 +281,7 @@ def resolve_config(prefix: str, kind: str, value: str) -> str:
     """A path, or a short name in ds_configs/ (zero2, zero3_offload, fsdp, ...) -> the path of an existing file."""
     if os.path.isfile(value):
         return value
-    shipped = DS_CONFIGS / f"{value.removesuffix('.json')}.json"
+    shipped = DS_CONFIGS / f"{value[:-5] if value.endswith('.json') else value}.json"
     if "/" not in value and value.startswith(prefix) and shipped.is_file():
         return str(shipped)
     raise UsageError(f"{kind} config '{value}' not found (a path, or one of: {shipped_configs(prefix)})")
