@@ -23,11 +23,14 @@ export PYTHONUNBUFFERED := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
+# Last, llmft itself (editable): the package finetune.py and tools/*.py import. Its build backend, setuptools, is a
+# torch requirement, so it is built with what is installed.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Open MPI and a two-node Slurm cluster on this machine, for the launcher tests under mpirun and sbatch. It installs

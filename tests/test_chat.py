@@ -18,7 +18,7 @@ from llmft.chat_template import ENDOFTEXT, IM_END
 from llmft.data.formats import parse_record
 from llmft.data.render import render_conversation
 from llmft.inference import Reply, generate_reply, load_for_inference
-from tools.merge_lora import merge_lora
+from llmft.tools.merge import merge_lora
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER = "Hello world."
@@ -156,7 +156,7 @@ def test_interactive_session_over_stdin(answering_merged):
 
 
 def test_end_of_input_ends_the_session(answering_merged, monkeypatch, capsys):
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\n"))
     main(["--model", str(answering_merged), "--temperature", "0", "--max_new_tokens", "20"])
@@ -164,7 +164,7 @@ def test_end_of_input_ends_the_session(answering_merged, monkeypatch, capsys):
 
 
 def test_history_and_reset(answering_model, monkeypatch):
-    import tools.chat as chat
+    import llmft.tools.chat as chat
     from transformers import AutoTokenizer
 
     seen = []
@@ -189,7 +189,7 @@ def test_history_and_reset(answering_model, monkeypatch):
     (["--max_new_tokens", "0"], "--max_new_tokens 0"),
 ])
 def test_bad_sampling_flags_exit_2(flags, message, tmp_path, capsys):
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path), *flags])
@@ -198,7 +198,7 @@ def test_bad_sampling_flags_exit_2(flags, message, tmp_path, capsys):
 
 
 def test_missing_model_exits_2(tmp_path, capsys):
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"])
@@ -211,7 +211,7 @@ def test_truncated_weights_are_named(tiny_chat_model, tmp_path, capsys, cut):
     """Before, a cut-off model.safetensors failed inside from_pretrained with a traceback naming no file."""
     import shutil
 
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     model = shutil.copytree(tiny_chat_model, tmp_path / "model")
     weights = model / "model.safetensors"
@@ -226,7 +226,7 @@ def test_truncated_weights_are_named(tiny_chat_model, tmp_path, capsys, cut):
 def test_truncated_adapter_weights_are_named(answering_adapter, tmp_path, capsys):
     import shutil
 
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     adapter = shutil.copytree(answering_adapter, tmp_path / "adapter")
     weights = adapter / "adapter_model.safetensors"
@@ -257,7 +257,7 @@ def write_json(path: Path, value) -> Path:
 
 def recording_generate(monkeypatch) -> list[list[int]]:
     """The prompt ids of every generate call of a model tools/chat.py loads."""
-    import tools.chat as chat
+    import llmft.tools.chat as chat
 
     prompts, load = [], chat.load_for_inference
 
@@ -281,7 +281,7 @@ def test_tools_are_prompted_exactly_as_training_renders_them(answering_model, tm
     (an OpenAI schema and a bare LLaMA-Factory function, which training wraps), system prompt and user turn."""
     from transformers import AutoTokenizer
 
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     prompts = recording_generate(monkeypatch)
     tools = write_json(tmp_path / "tools.json", [WEATHER, TIME])
@@ -304,7 +304,7 @@ def test_tools_are_prompted_exactly_as_training_renders_them(answering_model, tm
 
 
 def test_interactive_turns_all_show_the_tools(answering_model, tmp_path, monkeypatch, capsys):
-    import tools.chat as chat
+    import llmft.tools.chat as chat
 
     seen = []
 
@@ -326,7 +326,7 @@ def test_interactive_turns_all_show_the_tools(answering_model, tmp_path, monkeyp
     ("[]", "the file lists no function schemas"),
 ])
 def test_bad_tools_file_exits_2_before_loading(content, message, tmp_path, capsys):
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     path = tmp_path / "tools.json"
     if content is not None:
@@ -343,7 +343,7 @@ def test_template_that_ignores_tools_is_refused(answering_model, tmp_path, capsy
 
     from transformers import AutoTokenizer
 
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     model = shutil.copytree(answering_model, tmp_path / "model")
     tokenizer = AutoTokenizer.from_pretrained(model)

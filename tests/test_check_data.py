@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import chat_record, write_records
-from tools.check_data import main
+from llmft.tools.check import main
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 STORY = " ".join(["The quick brown fox jumps over the lazy dog."] * 50)

@@ -53,7 +53,7 @@ def assert_reloads_and_merges(trainer, out, tmp_path, base):
     trained model's logits; merge_lora makes a standalone model with them too; and the adapter did something."""
     from peft import AutoPeftModelForCausalLM
 
-    from tools.merge_lora import merge_lora
+    from llmft.tools.merge import merge_lora
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     trained = logits(trainer.model, tokenizer)
@@ -170,7 +170,7 @@ def test_loraplus_trains_b_faster_with_the_optimizer_optim_names(tiny_chat_model
 
 @pytest.mark.slow
 def test_gptq_quantizes_a_merged_dora_pissa_model(tiny_chat_model, repeated_data, tmp_path, run_finetune):
-    from tools.run_gptq import run_gptq
+    from llmft.tools.quantize import run_gptq
 
     out = tmp_path / "pissa-dora"
     trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", "pissa_niter_4",

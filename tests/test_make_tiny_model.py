@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmft.errors import ConfigError
-from tools.make_tiny_model import build_tokenizer, main, make_tiny_model
+from llmft.tools.tiny_model import build_tokenizer, main, make_tiny_model
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 

@@ -20,8 +20,8 @@ from llmft.chat_template import CHATML_TEMPLATE, IM_END, IM_START
 from llmft.data.formats import parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import LlmftError
-from tools.make_tiny_model import make_tiny_model
-from tools.merge_lora import merge_lora
+from llmft.tools.merge import merge_lora
+from llmft.tools.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,7 +188,7 @@ def test_refuses_non_empty_output_without_force(lora_adapter, tmp_path):
 
 
 def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatch):
-    import tools.merge_lora as tool
+    import llmft.tools.merge as tool
 
     def interrupted(*args):
         raise KeyboardInterrupt
@@ -326,7 +326,7 @@ def test_base_fingerprint_tells_same_shape_models_apart(tiny_chat_model, same_sh
 def test_merge_refuses_another_base_of_the_same_shape(lora_adapter, tiny_chat_model, same_shape_model, tmp_path,
                                                       capsys):
     """Before, this merged and its parity check passed: it compares the adapter on the wrong base with itself."""
-    from tools.merge_lora import main
+    from llmft.tools.merge import main
 
     adapter = adapter_recording_base(lora_adapter, tiny_chat_model, tmp_path / "adapter")
     with pytest.raises(SystemExit) as info:
@@ -357,7 +357,7 @@ def test_merge_refuses_a_recorded_base_replaced_since_training(lora_adapter, tin
 SIGTERM_CHILD = """
 import sys, time
 from pathlib import Path
-import tools.merge_lora as tool
+import llmft.tools.merge as tool
 ready = Path(sys.argv[3])
 real = tool.compare_logits
 def slow(*args):

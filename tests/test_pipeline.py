@@ -29,8 +29,8 @@ def greedy_answer(path, question="Who are you?") -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_finetune_merge_quantize_chat(mode, tiny_chat_model, identity_data, tmp_path, run_finetune):
-    from tools.merge_lora import merge_lora
-    from tools.run_gptq import run_gptq
+    from llmft.tools.merge import merge_lora
+    from llmft.tools.quantize import run_gptq
 
     adapter, merged, quantized = tmp_path / "adapter", tmp_path / "merged", tmp_path / "gptq"
     quantization = ["--q_lora", "True"] if mode == "qlora" else []

@@ -20,10 +20,10 @@ from llmft.data.formats import load_conversations
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError
 from llmft.inference import generate_reply, load_for_inference
+from llmft.tools.merge import merge_lora
+from llmft.tools.quantize import GptqSettings, render_samples, run_gptq, split_data
+from llmft.tools.tiny_model import CORPUS
 from tests.conftest import assistant_token_loss
-from tools.make_tiny_model import CORPUS
-from tools.merge_lora import merge_lora
-from tools.run_gptq import GptqSettings, render_samples, run_gptq, split_data
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_RECORDS, EVAL_SAMPLES = 24, 4
@@ -76,7 +76,7 @@ def test_separate_eval_file_and_too_little_data(chat_data, tmp_path):
 
 
 def test_bad_settings_are_listed_at_once(tiny_chat_model, chat_data, tmp_path, capsys):
-    from tools.run_gptq import main
+    from llmft.tools.quantize import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(chat_data),

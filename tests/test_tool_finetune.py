@@ -63,7 +63,7 @@ def test_lora_learns_tool_calls_and_chat_answers_with_them(tiny_chat_model, tmp_
                {"role": "tool", "content": "18"}]
     assert generate(model, tokenizer, history, tools=[WEATHER]) == "It is 18 degrees."
 
-    from tools.chat import main as chat
+    from llmft.tools.chat import main as chat
 
     capsys.readouterr()
     chat(["--model", str(out), "--prompt", "What time is it?", "--temperature", "0", "--max_new_tokens", "100"])

@@ -78,7 +78,7 @@ def test_run_gptq_refuses_model_code_without_the_flag(evil, tmp_path):
 
 
 def test_chat_refuses_model_code_without_the_flag(evil, capsys):
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     model, marker = evil
     message = refused(capsys, main, ["--model", model, "--prompt", "hi", "--temperature", "0"])
@@ -88,7 +88,7 @@ def test_chat_refuses_model_code_without_the_flag(evil, capsys):
 
 def test_chat_runs_model_code_with_the_flag(evil, capsys):
     """The control: the same folder with the flag on does import evil.py, so the refusals above are real."""
-    from tools.chat import main
+    from llmft.tools.chat import main
 
     model, marker = evil
     main(["--model", str(model), "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "2",
@@ -97,7 +97,7 @@ def test_chat_runs_model_code_with_the_flag(evil, capsys):
 
 
 def test_merge_lora_refuses_a_base_with_code_without_the_flag(evil, tmp_path, capsys):
-    from tools.merge_lora import main
+    from llmft.tools.merge import main
 
     model, marker = evil
     adapter = tmp_path / "adapter"
@@ -125,7 +125,7 @@ def test_finetune_refuses_model_code_without_the_flag(evil, run_finetune, tmp_pa
 
 
 def test_tool_flag_takes_true_false_and_bare():
-    from tools.chat import parse_args
+    from llmft.tools.chat import parse_args
 
     assert parse_args(["--model", "m"]).trust_remote_code is False
     assert parse_args(["--model", "m", "--trust_remote_code"]).trust_remote_code is True

@@ -1,0 +1,425 @@
+"""Training throughput and memory on a GPU, on chat data of realistic, uneven lengths.
+
+    # Q-LoRA on a Qwen2.5-7B shape, next to the plain Hugging Face recipe in the same invocation
+    python tools/benchmark.py --shape 7b --compare -- --use_lora True --q_lora True --bf16 True \
+        --gradient_checkpointing True --max_tokens_per_batch 16384
+    # a launcher's own recipe (one GPU or several) against the same settings through finetune.py
+    python tools/benchmark.py --shape 0.5b --launcher finetune_qlora_ds.sh -- --max_tokens_per_batch 16384
+
+The main process builds, once per --workdir, a random-weight model of the asked Qwen2.5 shape with Qwen's real
+vocabulary (on the GPU, in bf16) and a JSONL of chat conversations whose token lengths follow a log-normal law
+(median --median, sigma --sigma, capped at --max_length: most SFT sets look like this). Then each measured arm runs
+in a process of its own, so that its peak memory is its own:
+- llmft: finetune.py's main() with the flags after `--` (the real data pipeline, model builder and Trainer);
+- plain (with --compare): the plain recipe people already have: transformers.Trainer, PEFT and bitsandbytes as
+  their documentation sets them up (prepare_model_for_kbit_training for Q-LoRA, LoRA dropout 0.05, paged 8-bit AdamW
+  for Q-LoRA), SDPA attention, each micro-batch of --plain_batch_size samples padded to its longest, no packing, no
+  fused kernels; the same rendered samples, LoRA rank and targets, checkpointing and precision as the llmft arm;
+- launcher (with --launcher NAME): finetune/NAME run as a user runs it, with the flags after `--` added to its
+  recipe, and this file as its entry point so it is measured the same way.
+
+Each arm times the optimizer steps after --warmup, counts the tokens every forward pass sees that are not padding
+(all ranks together), and prints one `BENCH {json}` line: real tokens/s per GPU, seconds per step, the share of
+computed tokens that were padding, peak allocated and reserved GPU memory, and MFU (model FLOPs per real token — 6N
+for full fine-tuning, 4N for adapters, N the parameters of the matmuls including the output head, attention
+excluded — times tokens/s, over the GPU's dense bf16 peak). The table at the end gives each arm's ratio to the plain
+recipe. Random weights train at the speed real ones do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+import torch
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = REPO / "tools" / "benchmark.py"  # what the launcher arm runs as its entry point, and each arm's process
+SHAPES = {  # Qwen2.5 shapes: hidden, intermediate, layers, heads, kv heads, tied embeddings
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, tied=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, tied=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2, tied=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, tied=False),
+}
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
+                   ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12), ("4090", 165e12))
+WORDS = ("the model reads every token of a long answer and learns to write it again with care while the user asks "
+         "about data sets kernels memory speed large machines training steps loss gradients and what comes next"
+         ).split()
+BENCH_ENV = "LLMFT_BENCHMARK"  # set: this file runs as finetune.py, measured (the launcher arm's entry point)
+
+
+# --- model and data ------------------------------------------------------------------------------------------------
+
+def build_model(path: Path, shape: str) -> None:
+    """A random-weight Qwen2 model of `shape` with Qwen's vocabulary, saved in bf16 (built on the GPU if any)."""
+    from transformers import Qwen2ForCausalLM
+
+    from tools.make_tiny_model import build_tokenizer, generation_config, model_config
+
+    sizes = dict(SHAPES[shape])
+    tied = sizes.pop("tied")
+    tokenizer = build_tokenizer("qwen", chat=True)
+    config = model_config(tokenizer, **sizes)
+    config.tie_word_embeddings = tied
+    config.max_position_embeddings = 32768
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = generation_config(tokenizer)
+    partial = path.with_name(path.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(path)
+    del model
+    torch.cuda.empty_cache()  # the arms run in processes of their own: leave them the whole GPU
+
+
+def lognormal_lengths(count: int, median: int, sigma: float, cap: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [min(cap, max(32, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(count)]
+
+
+def write_data(path: Path, samples: int, median: int, sigma: float, cap: int) -> None:
+    """Conversations of one question and one answer whose rendered length is about a log-normal draw: about a tenth
+    of it question, the rest answer (each word is one token of Qwen's vocabulary, with the template's ~12)."""
+    rng = random.Random(1)
+    with open(path.with_suffix(".partial"), "w") as f:
+        for i, length in enumerate(lognormal_lengths(samples, median, sigma, cap - 16)):
+            words = max(length - 12, 4)
+            question = " ".join(rng.choices(WORDS, k=max(words // 10, 2)))
+            answer = " ".join(rng.choices(WORDS, k=words - max(words // 10, 2)))
+            f.write(json.dumps({"id": i, "conversations": [{"from": "user", "value": question},
+                                                           {"from": "assistant", "value": answer}]}) + "\n")
+    path.with_suffix(".partial").rename(path)
+
+
+def prepare(workdir: Path, shape: str, samples: int, median: int, sigma: float, cap: int) -> tuple[Path, Path]:
+    model = workdir / f"model-{shape}"
+    data = workdir / f"chat-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (model / "config.json").exists():
+        build_model(model, shape)
+    if not data.exists():
+        write_data(data, samples, median, sigma, cap)
+    return model, data
+
+
+# --- measuring -----------------------------------------------------------------------------------------------------
+
+class Meter(TrainerCallback):
+    """Times the optimizer steps after `warmup` and counts what every forward pass computes: all tokens, and those
+    that are not padding. Counters stay on the GPU until the end, so counting adds no synchronisation."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start = self.real = self.computed = None
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        pad = processing_class.pad_token_id
+        self.real = torch.zeros((), dtype=torch.long, device=args.device)
+        self.computed = torch.zeros((), dtype=torch.long, device=args.device)
+
+        def count(module, positional, named):
+            ids = named.get("input_ids", positional[0] if positional else None)
+            if ids is not None and module.training:
+                self.real += (ids != pad).sum()
+                self.computed += ids.numel()
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            _synchronize()
+            self.start = time.perf_counter()
+            self.at_start = (self.real.item(), self.computed.item())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.steps = state.global_step - self.warmup
+        counts = torch.stack([self.real - self.at_start[0], self.computed - self.at_start[1]])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.real_tokens, self.computed_tokens = counts.tolist()
+
+
+class Profile(TrainerCallback):
+    """torch.profiler over the last `steps` warm-up steps (so the timed steps stay unprofiled); prints the operators
+    that took the most GPU time and the share of the wall time the GPU spent in kernels (the rest is launch and host
+    overhead: the GPU waits)."""
+
+    def __init__(self, warmup: int, steps: int):
+        if steps >= warmup:
+            raise SystemExit(f"--profile {steps}: profile fewer steps than --warmup {warmup} (the first compiles)")
+        self.warmup, self.steps, self.profiler = warmup - steps, steps, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup and self.profiler is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            _synchronize()
+            self.profiler.__enter__()
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.warmup + self.steps:
+            _synchronize()
+            wall = time.perf_counter() - self.start
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            print(events.table(sort_by=sort, row_limit=15), flush=True)
+            if torch.cuda.is_available():
+                busy = sum(e.self_device_time_total for e in events) / 1e6
+                print(f"PROFILE {self.steps} steps, {wall:.2f} s wall, GPU kernels {busy:.2f} s "
+                      f"({busy / wall:.0%} busy)", flush=True)
+            self.profiler = None
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_parameters(config) -> int:
+    """Parameters that multiply each token: every projection of every layer, and the output head."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    per_layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * config.intermediate_size
+    return layers * per_layer + config.vocab_size * hidden
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def report(meter: Meter, trainer, arm: str, label: str, adapters: bool) -> dict:
+    world = trainer.args.world_size
+    tokens_per_s = meter.real_tokens / meter.seconds
+    model_config = trainer.accelerator.unwrap_model(trainer.model).config
+    flops_per_token = (4 if adapters else 6) * matmul_parameters(model_config)
+    peak = peak_flops()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "arm": arm, "label": label, "gpus": world,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "tokens_per_s_per_gpu": round(tokens_per_s / world),
+        "step_s": round(meter.seconds / meter.steps, 3),
+        "tokens_per_step": round(meter.real_tokens / meter.steps),
+        "padding_share": round(1 - meter.real_tokens / meter.computed_tokens, 4),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
+        "mfu": round(flops_per_token * tokens_per_s / world / peak, 4) if peak else None,
+        "steps": meter.steps, "last_loss": losses[-1] if losses else None,
+    }
+
+
+def emit(result: dict, results: Path | None) -> None:
+    print("BENCH " + json.dumps(result), flush=True)
+    if results:
+        with open(results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+def flag_value(flags: list[str], name: str, default: str | None = None) -> str | None:
+    """The last value given to --name in finetune.py flags."""
+    value = default
+    for i, token in enumerate(flags):
+        if token == f"--{name}" and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def is_true(value: str | None) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+# --- the arms ------------------------------------------------------------------------------------------------------
+
+def run_llmft(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], profile: int = 0):
+    from llmft.train import main as train
+
+    meter = Meter(warmup)
+    callbacks = [meter] + ([Profile(warmup, profile)] if profile else [])
+    base = ["--model_name_or_path", model, "--data_path", data, "--output_dir", out, "--overwrite_output_dir", "True",
+            "--max_steps", steps, "--save_strategy", "no", "--logging_steps", "5", "--report_to", "none",
+            "--model_max_length", "2048", "--dataloader_num_workers", "2"]
+    trainer = train([str(f) for f in [*base, *flags]], callbacks=callbacks)
+    return meter, trainer
+
+
+def run_plain(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], batch_size: int,
+              profile: int = 0):
+    """The plain Hugging Face recipe on the same samples (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq
+    from transformers import Trainer, TrainingArguments
+
+    from llmft.args import DataArguments, ModelArguments
+    from llmft.data.dataset import build_datasets
+    from llmft.data.render import IGNORE_INDEX
+    from llmft.model import build_tokenizer
+
+    lora, qlora = is_true(flag_value(flags, "use_lora")), is_true(flag_value(flags, "q_lora"))
+    checkpointing = is_true(flag_value(flags, "gradient_checkpointing", "True"))
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
+        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim="paged_adamw_8bit" if qlora else "adamw_torch", learning_rate=2e-4 if lora else 1e-5,
+        logging_steps=5, save_strategy="no", report_to="none", dataloader_num_workers=2,
+    )
+    tokenizer, _ = build_tokenizer(ModelArguments(str(model)), DataArguments(str(data), model_max_length=2048))
+    train_set, _ = build_datasets(DataArguments(str(data), model_max_length=2048), tokenizer, args)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16) if qlora else None
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                               quantization_config=quantization,
+                                               device_map={"": 0} if qlora else None)
+    net.config.use_cache = False
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=checkpointing,
+                                              gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(net, LoraConfig(r=int(flag_value(flags, "lora_r", "64")),
+                                             lora_alpha=int(flag_value(flags, "lora_alpha", "16")),
+                                             lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    meter = Meter(warmup)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(model=net, args=args, train_dataset=train_set, data_collator=collator,
+                      processing_class=tokenizer, callbacks=[meter] + ([Profile(warmup, profile)] if profile else []))
+    trainer.train()
+    return meter, trainer
+
+
+def run_as_entry() -> None:
+    """This file as a launcher's entry point: finetune.py with the launcher's flags, measured."""
+    from llmft.train import main as train
+
+    settings = json.loads(os.environ[BENCH_ENV])
+    meter = Meter(settings["warmup"])
+    trainer = train(sys.argv[1:], callbacks=[meter])
+    if trainer.is_world_process_zero():
+        adapters = is_true(flag_value(sys.argv[1:], "use_lora"))
+        emit(report(meter, trainer, "launcher", settings["label"], adapters), Path(settings["results"]))
+
+
+def run_worker(args, flags: list[str]) -> None:
+    model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
+    out = args.workdir / f"out-{args.worker}-{args.label or 'run'}"
+    if args.worker == "plain":
+        meter, trainer = run_plain(model, data, out, args.steps, args.warmup, flags, args.plain_batch_size,
+                                   args.profile)
+    else:
+        meter, trainer = run_llmft(model, data, out, args.steps, args.warmup, flags, args.profile)
+    if trainer.is_world_process_zero():
+        emit(report(meter, trainer, args.worker, args.label, is_true(flag_value(flags, "use_lora"))), args.results)
+
+
+def launcher_command(args, flags: list[str], model: Path, data: Path, results: Path, dry_run: bool = False):
+    out = args.workdir / f"out-launcher-{args.label or 'run'}"
+    env = {**os.environ, "LLMFT_ENTRY": str(ENTRY), "PYTHON": sys.executable,
+           BENCH_ENV: json.dumps({"warmup": args.warmup, "label": args.label, "results": str(results)})}
+    command = ["bash", str(REPO / "finetune" / args.launcher), "-m", str(model), "-d", str(data), "-o", str(out),
+               *(["--dry-run"] if dry_run else []), "--", "--max_steps", str(args.steps), "--save_strategy", "no",
+               "--overwrite_output_dir", "True", "--logging_steps", "5", *flags]
+    return command, env
+
+
+def launcher_recipe(args, flags, model, data, results) -> list[str]:
+    """The finetune.py flags the launcher passes (from its --dry-run), without the paths and without DeepSpeed,
+    which finetune.py in one process runs without: the launcher's recipe, for the finetune.py arm to run too."""
+    import shlex
+
+    command, env = launcher_command(args, flags, model, data, results, dry_run=True)
+    printed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=True).stderr
+    line = next(line for line in printed.splitlines() if line.startswith("+ "))
+    tokens = shlex.split(line[2:])
+    tokens = tokens[tokens.index(env["LLMFT_ENTRY"]) + 1:]
+    recipe, skip = [], {"--model_name_or_path", "--data_path", "--output_dir", "--deepspeed"}
+    i = 0
+    while i < len(tokens):
+        if tokens[i] in skip:
+            i += 2
+            continue
+        recipe.append(tokens[i])
+        i += 1
+    return recipe
+
+
+def main(argv=None):
+    if os.environ.get(BENCH_ENV):
+        return run_as_entry()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="1.5b")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmft-bench"))
+    parser.add_argument("--label", default="", help="name of this measurement in the results")
+    parser.add_argument("--steps", type=int, default=25, help="optimizer steps in all, warm-up included")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--median", type=int, default=400, help="median conversation length in tokens")
+    parser.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the lengths")
+    parser.add_argument("--max_length", type=int, default=2048, help="longest conversation in tokens")
+    parser.add_argument("--compare", action="store_true", help="also run the plain recipe and print the ratio")
+    parser.add_argument("--plain_batch_size", type=int, default=2, help="samples per micro-batch of the plain recipe")
+    parser.add_argument("--launcher", default=None, help="also run finetune/LAUNCHER with these flags")
+    parser.add_argument("--no_llmft", action="store_true", help="skip the finetune.py arm")
+    parser.add_argument("--results", type=Path, default=None, help="JSONL file the results are appended to")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile the last STEPS warm-up steps of each arm and print the top GPU operators")
+    parser.add_argument("--worker", choices=("llmft", "plain"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(ours)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: only the steps after warm-up are timed")
+    if args.worker:
+        return run_worker(args, flags)
+
+    model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
+    results = args.results or args.workdir / f"results-{os.getpid()}.jsonl"
+    arms = ([] if args.no_llmft else ["llmft"]) + (["plain"] if args.compare else [])
+    llmft_flags = launcher_recipe(args, flags, model, data, results) if args.launcher else flags
+    for arm in arms:
+        command = [sys.executable, str(ENTRY), *ours, "--worker", arm, "--results", str(results),
+                   "--", *(llmft_flags if arm == "llmft" else flags)]
+        subprocess.run(command, cwd=REPO, check=True)
+    if args.launcher:
+        command, env = launcher_command(args, flags, model, data, results)
+        subprocess.run(command, env=env, cwd=REPO, check=True)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    rows = [r for r in rows if r["label"] == args.label][-len(arms) - bool(args.launcher):]
+    plain = next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == "plain"), None)
+    print(f"\n{args.shape} {args.label}: {' '.join(llmft_flags)}")
+    print(f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'MFU':>6} "
+          f"{'vs plain':>8}")
+    for r in rows:
+        ratio = f"{r['tokens_per_s_per_gpu'] / plain:.2f}x" if plain else ""
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{r['arm']:9} {r['tokens_per_s_per_gpu']:>10,} {r['step_s']:>7.3f} {r['tokens_per_step']:>9,} "
+              f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {mfu:>6} {ratio:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Fine-tune a chat LLM on conversations: full, LoRA or Q-LoRA.
+
+    # LoRA on one GPU
+    python finetune.py --model_name_or_path /models/Qwen2.5-7B-Instruct --data_path data.json \
+        --output_dir out --use_lora True --bf16 True --num_train_epochs 3 --learning_rate 3e-4
+    # Q-LoRA (4-bit NF4 base)
+    python finetune.py ... --use_lora True --q_lora True --gradient_checkpointing True --optim paged_adamw_8bit
+    # full fine-tuning, settings from a file, one flag overridden
+    python finetune.py config.yaml --learning_rate 1e-5
+    # full fine-tuning sharded with FSDP over 8 GPUs (finetune/finetune_ds.sh --fsdp fsdp does the same)
+    torchrun --nproc_per_node 8 finetune.py ... --fsdp True --fsdp_config ds_configs/fsdp.json
+
+Every flag of transformers.TrainingArguments is accepted; `python finetune.py --help` lists them all. Launchers for
+several GPUs and nodes are in finetune/.
+
+Exit status: 0 when trained and saved; 2 on a settings or data error (one message, no traceback); 75 when SIGTERM or
+SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preemption.py): run it again with
+`--resume_from_checkpoint auto` (or True) to continue.
+"""
+
+import logging
+
+from transformers import DataCollatorForSeq2Seq, set_seed
+
+from llmft.args import parse_args, resume_checkpoint
+from llmft.data.dataset import build_datasets
+from llmft.data.render import IGNORE_INDEX
+from llmft.data.packing import Packing
+from llmft.errors import exit_on_user_error
+from llmft.kernels import choose_kernels
+from llmft.model import build_model, build_tokenizer
+from llmft.preemption import check_run_settings, record_run_settings
+from llmft.saving import describe_run, replace_previous_run, save_for_inference
+from llmft.trainer import Trainer
+
+
+@exit_on_user_error
+def main(argv=None, callbacks=()):
+    """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
+    model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    set_seed(training_args.seed)
+    kernels = choose_kernels(model_args, data_args, training_args)
+    run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
+
+    tokenizer, added_tokens = build_tokenizer(model_args, data_args)
+    train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
+
+    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens, kernels.attention)
+    if training_args.should_log and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+
+    # evaluation pads; training packs when --packing True (llmft/data/packing.py)
+    padding = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
+                      processing_class=tokenizer, callbacks=list(callbacks),
+                      loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
+    if training_args.overwrite_output_dir:
+        replace_previous_run(training_args)
+    record_run_settings(run_settings, training_args)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+
+    run = describe_run(model_args, lora_args, quant_args, added_tokens)
+    save_for_inference(trainer, tokenizer, training_args.output_dir, run)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
