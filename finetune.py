@@ -1,4 +1,4 @@
-"""Fine-tune a chat LLM on conversations: full, LoRA or Q-LoRA.
+"""Fine-tune a chat LLM on conversations: full, LoRA or Q-LoRA; `llmft train` is the same command.
 
 The code, its run commands and its exit statuses are in llmft/train.py; `python finetune.py --help` lists the flags.
 """

@@ -93,7 +93,7 @@ def test_bad_settings_are_listed_at_once(tiny_chat_model, chat_data, tmp_path, c
 def test_refuses_non_empty_out_path(tiny_chat_model, chat_data, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep")
-    with pytest.raises(LlmftError, match="--out_path .* is not empty"):
+    with pytest.raises(LlmftError, match="--output_dir .* is not empty"):
         run_gptq(str(tiny_chat_model), str(chat_data), tmp_path / "out")
     assert (tmp_path / "out" / "x").read_text() == "keep"
 

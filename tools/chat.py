@@ -1,4 +1,4 @@
-"""Chat with any result of a run; the code is llmft/tools/chat.py."""
+"""Chat with any result of a run (`llmft chat`); the code is llmft/tools/chat.py."""
 
 from llmft.tools.chat import main
 

@@ -1,4 +1,4 @@
-"""Check a training file before training; the code is llmft/tools/check.py."""
+"""Check a training file before training (`llmft check`); the code is llmft/tools/check.py."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Write a tiny random-weight Qwen2 model and its tokenizer; the code is llmft/tools/tiny_model.py."""
+"""Write a tiny random-weight Qwen2 model and its tokenizer (`llmft make-tiny-model`); the code is
+llmft/tools/tiny_model.py."""
 
 from llmft.tools.tiny_model import CORPUS, build_tokenizer, main, make_tiny_model
 

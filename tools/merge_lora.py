@@ -1,4 +1,4 @@
-"""Merge a LoRA or Q-LoRA adapter into its base model; the code is llmft/tools/merge.py."""
+"""Merge a LoRA or Q-LoRA adapter into its base model (`llmft merge`); the code is llmft/tools/merge.py."""
 
 from llmft.tools.merge import MergeResult, main, merge_lora
 

@@ -1,4 +1,4 @@
-"""GPTQ-quantize a model on its fine-tuning conversations; the code is llmft/tools/quantize.py."""
+"""GPTQ-quantize a model on its fine-tuning conversations (`llmft quantize`); the code is llmft/tools/quantize.py."""
 
 from llmft.tools.quantize import GptqSettings, QuantizationReport, main, run_gptq
 

@@ -1,10 +1,11 @@
 """Chat with any result of a run: a base model, an adapter folder, a merged model or a GPTQ checkpoint.
 
-    python tools/chat.py --model output/lora                          # interactive; /reset, /exit or Ctrl-D
-    python tools/chat.py --model output/merged-gptq --system "You are a pirate." --temperature 0.9
-    python tools/chat.py --model output/merged --prompt "What is LoRA?" --temperature 0   # one reply, for scripts
-    python tools/chat.py --model /models/custom --trust_remote_code True   # a model that ships its own code
-    python tools/chat.py --model output/lora --tools tools.json --prompt "Weather in Paris?" --temperature 0
+    llmft chat --model_name_or_path output/lora                          # interactive; /reset, /exit or Ctrl-D
+    llmft chat --model_name_or_path output/merged-gptq --system "You are a pirate." --temperature 0.9
+    llmft chat --model_name_or_path output/merged --prompt "What is LoRA?" --temperature 0   # one reply, for scripts
+    llmft chat --model_name_or_path /models/custom --trust_remote_code True   # a model that ships its own code
+    llmft chat --model_name_or_path output/lora --tools tools.json --prompt "Weather in Paris?" --temperature 0
+    python tools/chat.py --model_name_or_path output/lora                # the same as llmft chat
 
 Interactive mode streams the reply as it is generated and keeps the conversation: each turn is answered with the
 whole history, rendered by the model's chat template (ChatML when it has none). `/reset` starts over (the system
@@ -102,7 +103,8 @@ def chat_loop(model, tokenizer, *, system: str | None = None, tools: list[dict] 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model folder, adapter folder, GPTQ checkpoint or hub id")
+    parser.add_argument("--model_name_or_path", "--model", dest="model", required=True,
+                        help="model folder, adapter folder, GPTQ checkpoint or hub id")
     parser.add_argument("--prompt", help="answer this one message, print the reply and exit")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--tools", metavar="FILE",

@@ -1,10 +1,10 @@
 """Merge a LoRA or Q-LoRA adapter into its base model and write a standalone model folder.
 
-    python tools/merge_lora.py --adapter output/lora --output output/merged
-    python tools/merge_lora.py --adapter output/lora --output output/merged --dtype bfloat16 --max_shard_size 2GB
-    python tools/merge_lora.py --adapter output/lora --output output/merged --data_path data.json --force
-    python tools/merge_lora.py --adapter output/lora-on-gptq --base /models/Qwen2-7B-Instruct --output merged
-    python tools/merge_lora.py --adapter output/lora --base /copies/Qwen2-7B --output merged --allow_base_mismatch
+    llmft merge --adapter output/lora --output_dir output/merged        # or: python tools/merge_lora.py ...
+    llmft merge --adapter output/lora --output_dir output/merged --dtype bfloat16 --max_shard_size 2GB
+    llmft merge --adapter output/lora --output_dir output/merged --data_path data.json --overwrite_output_dir
+    llmft merge --adapter output/lora-on-gptq --base /models/Qwen2-7B-Instruct --output_dir merged
+    llmft merge --adapter output/lora --base /copies/Qwen2-7B --output_dir merged --allow_base_mismatch
 
 The base is the one the adapter records (`base_model_name_or_path` in adapter_config.json) unless `--base` names
 another. It is loaded unquantized: a Q-LoRA adapter merges into the original model that training quantized on load.
@@ -19,8 +19,8 @@ that ships its own Python code (`auto_map`) is refused unless `--trust_remote_co
 
 The output holds sharded safetensors, the adapter folder's tokenizer with its chat template, and a generation config
 that stops at the end-of-turn token; `AutoModelForCausalLM.from_pretrained(output)` loads it. It is written into a
-hidden sibling folder that takes the output's name only when complete; `--force` replaces an existing output then.
-An interrupt or a SIGTERM removes the partial folder.
+hidden sibling folder that takes the output's name only when complete; `--overwrite_output_dir` replaces an existing
+output then. An interrupt or a SIGTERM removes the partial folder.
 
 Parity check, printed at the end: logits of the base with the adapter unmerged against the merged model reloaded from
 the output, on a few conversations (the first of `--data_path`, or two built in) rendered with the chat template.
@@ -47,6 +47,7 @@ from llmft.inference import (
     DTYPES,
     adapter_base_path,
     add_trust_remote_code_flag,
+    parse_flag_bool,
     checkpoint_quant_method,
     load_adapter_model,
     load_model,
@@ -239,7 +240,7 @@ def merge_lora(
     check_base_fingerprint(adapter, base_path, allow_mismatch=allow_base_mismatch)
     torch_dtype = DTYPES.get(dtype, "auto")
 
-    with staged_output_dir(output, force=force, flag="--output", inputs=(adapter, base_path)) as staging:
+    with staged_output_dir(output, force=force, flag="--output_dir", inputs=(adapter, base_path)) as staging:
         tokenizer = load_tokenizer(adapter, base=base_path, **trust)
         inputs = parity_inputs(tokenizer, data_path, parity_samples)
         logger.info("merging %s into the unquantized weights of %s%s", adapter, base_path, _quantized_note(adapter))
@@ -275,14 +276,17 @@ def merge_lora(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter folder written by LoRA / Q-LoRA training")
-    parser.add_argument("--output", required=True, help="folder for the merged model")
+    parser.add_argument("--output_dir", "--output", dest="output", required=True, metavar="DIR",
+                        help="folder for the merged model")
     parser.add_argument("--base", help="unquantized base model to merge into (default: the adapter's recorded base)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="dtype of the merged weights; auto keeps the base's")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--data_path", help="conversations for the parity check (default: two built-in ones)")
     parser.add_argument("--parity_samples", type=int, default=4, help="conversations the parity check runs")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --output once the merge succeeds")
+    parser.add_argument("--overwrite_output_dir", "--force", dest="force", type=parse_flag_bool, nargs="?", const=True,
+                        default=False, metavar="True|False",
+                        help="replace a non-empty --output_dir once the merge succeeds")
     parser.add_argument("--allow_base_mismatch", action="store_true",
                         help="merge into a base whose fingerprint differs from the one the adapter was trained on")
     add_trust_remote_code_flag(parser)

@@ -1,10 +1,11 @@
 """GPTQ-quantize a model (typically a merged fine-tune) on its own fine-tuning conversations, and report the cost.
 
-    python tools/run_gptq.py --model_name_or_path output/merged --data_path data.json --out_path output/merged-gptq --bits 4
-    python tools/run_gptq.py --model_name_or_path output/merged --data_path data.json --out_path output/merged-int8 \
-        --bits 8 --group_size 128 --max_len 1024 --num_samples 256 --desc_act --eval_samples 32 --force
-    python tools/run_gptq.py ... --eval_data_path held_out.json     # evaluate on a separate file instead
-    python tools/run_gptq.py ... --trust_remote_code True          # a model that ships its own modelling code
+    llmft quantize --model_name_or_path output/merged --data_path data.json --output_dir output/merged-gptq --bits 4
+    llmft quantize --model_name_or_path output/merged --data_path data.json --output_dir output/merged-int8 \
+        --bits 8 --group_size 128 --max_len 1024 --num_samples 256 --desc_act --eval_samples 32 --overwrite_output_dir
+    llmft quantize ... --eval_data_path held_out.json     # evaluate on a separate file instead
+    llmft quantize ... --trust_remote_code True          # a model that ships its own modelling code
+    python tools/run_gptq.py ...                         # the same as llmft quantize
 
 Calibration: the conversations of `--data_path` rendered with the model's own chat template, exactly as training
 renders them (`render_conversation`), cut to `--max_len` tokens. The last `--eval_samples` records are held out from
@@ -13,7 +14,7 @@ calibration for the quality report, unless `--eval_data_path` gives the evaluati
 Quantization runs through GPTQModel (`GPTQModel.load` + `quantize` + `save`), on the GPU when there is one and on
 CPU otherwise. GPTQMODEL_CPU_WORKERS sets its CPU worker count (set here to 2 on machines of 2 cores or fewer, where
 GPTQModel's own default cannot quantize). The output loads with plain
-`AutoModelForCausalLM.from_pretrained(out_path)` (transformers' GPTQ integration, backed by GPTQModel's kernels)
+`AutoModelForCausalLM.from_pretrained(output_dir)` (transformers' GPTQ integration, backed by GPTQModel's kernels)
 and carries the tokenizer, its chat template and a generation config that stops at the end-of-turn token. It is
 written into a hidden sibling folder that takes the output's name only when complete.
 
@@ -21,7 +22,7 @@ A model folder whose config maps classes to its own Python files (`auto_map`) is
 `--trust_remote_code True`: GPTQModel's loader imports those files whatever trust_remote_code it is given.
 
 Quality report: mean loss on the assistant tokens (the tokens training puts loss on) and perplexity of the original
-and of the quantized model reloaded from the output, printed and written to `out_path/quantization_report.json`.
+and of the quantized model reloaded from the output, printed and written to `output_dir/quantization_report.json`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from llmft.inference import (
     checkpoint_quant_method,
     load_for_inference,
     load_tokenizer,
+    parse_flag_bool,
     remote_code_problem,
     require_model,
     require_no_remote_code,
@@ -217,7 +219,7 @@ def run_gptq(
     trust = {"trust_remote_code": trust_remote_code}
     require_model(model_name_or_path, "--model_name_or_path", **trust)
 
-    with staged_output_dir(out_path, force=force, flag="--out_path", inputs=(model_name_or_path,)) as staging:
+    with staged_output_dir(out_path, force=force, flag="--output_dir", inputs=(model_name_or_path,)) as staging:
         tokenizer = load_tokenizer(model_name_or_path, **trust)
         calibration_data, eval_data = split_data(data_path, eval_data_path, settings, eval_samples)
         calibration = render_samples(calibration_data, tokenizer, max_len)
@@ -271,7 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", required=True, help="unquantized model folder (e.g. a merged adapter)")
     parser.add_argument("--data_path", required=True, help="fine-tuning conversations used for calibration")
-    parser.add_argument("--out_path", required=True, help="folder for the quantized model")
+    parser.add_argument("--output_dir", "--out_path", dest="out_path", required=True, metavar="DIR",
+                        help="folder for the quantized model")
     parser.add_argument("--bits", type=int, default=defaults.bits, help=f"one of {BITS_CHOICES}")
     parser.add_argument("--group_size", type=int, default=defaults.group_size, help="-1: one group per row")
     parser.add_argument("--max_len", type=int, default=defaults.max_len, help="tokens per conversation, at most")
@@ -279,8 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--desc_act", action="store_true", help="quantize columns by decreasing activation size")
     parser.add_argument("--eval_samples", type=int, default=16, help="held-out conversations for the quality report")
     parser.add_argument("--eval_data_path", help="conversations for the quality report (default: --data_path's last)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace a non-empty --out_path once quantization succeeds")
+    parser.add_argument("--overwrite_output_dir", "--force", dest="force", type=parse_flag_bool, nargs="?", const=True,
+                        default=False, metavar="True|False",
+                        help="replace a non-empty --output_dir once the quantization succeeds")
     add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 

@@ -7,8 +7,9 @@ The folder loads like any model path, with `AutoModelForCausalLM.from_pretrained
     python tools/make_tiny_model.py /tmp/tiny-qwen --tokenizer qwen    # Qwen's real 151,643-token vocabulary
     python tools/make_tiny_model.py /tmp/tiny-base --base              # base model: no chat template, no ChatML tokens
     python tools/make_tiny_model.py /tmp/tiny --hidden_size 256 --num_layers 4 --seed 1
+    llmft make-tiny-model /tmp/tiny-chat                               # the same command
 
-From Python: `from tools.make_tiny_model import make_tiny_model; make_tiny_model(tmp_path / "model")`.
+From Python: `from llmft.tools.tiny_model import make_tiny_model; make_tiny_model(tmp_path / "model")`.
 
 Two tokenizers, both Qwen2's own pipeline (`Qwen2Tokenizer`: NFC, Qwen's pre-tokenizer regex, byte-level BPE):
 - `bpe`: trained in well under a second on the small English corpus below. Deterministic: the same corpus and
