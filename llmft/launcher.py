@@ -343,7 +343,9 @@ def wrap_flag_pairs(args: tuple[str, ...] | list[str], width: int = 108) -> str:
 
 def help_text(launcher: Launcher, environ: dict) -> str:
     """--help: the launcher's usage, then options, recipe and environment printed from the values it runs with."""
-    env = lambda name, default="": environ.get(name) or default  # noqa: E731
+    def env(name: str, default: str = "") -> str:
+        return environ.get(name) or default
+
     fsdp = ""
     if launcher.distributed and launcher.no_fsdp:
         fsdp = f"      --fsdp CONFIG        not with this launcher:\n                           {launcher.no_fsdp}\n"
