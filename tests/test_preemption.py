@@ -219,6 +219,7 @@ def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_p
 SIGNAL_ONE_RANK_ENTRY = """\
 import os, signal, sys
 sys.path.insert(0, {repo!r})
+from transformers import TrainerCallback
 import finetune
 
 class SignalRankOne(TrainerCallback):
