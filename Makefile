@@ -47,14 +47,15 @@ test: install
 
 demo: install
 	rm -rf $(DEMO)
-	$(PY) tools/make_tiny_model.py $(DEMO)/tiny-model
-	$(PY) finetune.py examples/demo_lora.yaml --model_name_or_path $(DEMO)/tiny-model --output_dir $(DEMO)/lora
-	$(PY) tools/merge_lora.py --adapter $(DEMO)/lora --output $(DEMO)/merged --data_path examples/conversations.json
-	$(PY) tools/run_gptq.py --model_name_or_path $(DEMO)/merged --data_path examples/conversations.json \
-		--out_path $(DEMO)/merged-gptq --bits 4 --num_samples 20 --eval_samples 6
+	$(VENV)/bin/llmft make-tiny-model $(DEMO)/tiny-model
+	$(VENV)/bin/llmft train examples/demo_lora.yaml --model_name_or_path $(DEMO)/tiny-model --output_dir $(DEMO)/lora
+	$(VENV)/bin/llmft merge --adapter $(DEMO)/lora --output_dir $(DEMO)/merged --data_path examples/conversations.json
+	$(VENV)/bin/llmft quantize --model_name_or_path $(DEMO)/merged --data_path examples/conversations.json \
+		--output_dir $(DEMO)/merged-gptq --bits 4 --num_samples 20 --eval_samples 6
 	@for model in lora merged merged-gptq; do \
 		printf '%-12s > Who are you?\n%-12s < ' $$model ''; \
-		$(PY) tools/chat.py --model $(DEMO)/$$model --temperature 0 --max_new_tokens 32 --prompt "Who are you?" 2>/dev/null; \
+		$(VENV)/bin/llmft chat --model_name_or_path $(DEMO)/$$model --temperature 0 --max_new_tokens 32 \
+			--prompt "Who are you?" 2>/dev/null; \
 	done
 
 clean:
