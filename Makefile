@@ -1,6 +1,7 @@
 # Set-up, tests and the offline demo. Everything installs into .venv from the repo's own pins.
 #   make demo   tiny model -> fine-tune -> merge -> quantize -> chat, offline, on CPU
 #   make test   the test suite (CPU; slow tests included)
+#   make lint   ruff's pycodestyle and pyflakes checks (ruff.toml)
 #   make system-deps   Open MPI and a local Slurm cluster for the mpirun/sbatch tests (root, apt; .ci/run calls it)
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +45,10 @@ system-deps:
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# pycodestyle + pyflakes at 120 columns (ruff.toml); CI runs it before the tests
+lint: install
+	$(VENV)/bin/ruff check .
 
 demo: install
 	rm -rf $(DEMO)

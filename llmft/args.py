@@ -28,7 +28,9 @@ class ModelArguments:
         default=False, metadata={"help": "Run modelling code shipped with the checkpoint. Off unless you trust it."}
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (default: transformers' choice)."}
+        default=None,
+        metadata={"help": "Attention kernel: flash_attention_2, flex_attention, sdpa, eager, ... (default: chosen for "
+                  "packing, see llmft/kernels.py; without packing, transformers' choice)."},
     )
     chat_template: str = field(
         default="auto",
@@ -119,8 +121,9 @@ class LoraArguments:
     )
     use_dora: bool = field(
         default=False,
-        metadata={"help": "DoRA: each adapted weight is split into a magnitude (a trained vector) and a direction (LoRA "
-                  "on top of the base). Costs some speed while training; merge_lora folds it into plain weights."},
+        metadata={"help": "DoRA: each adapted weight is split into a magnitude (a trained vector) and a direction "
+                  "(LoRA on top of the base). Costs some speed while training; merge_lora folds it into plain "
+                  "weights."},
     )
     use_rslora: bool = field(
         default=False, metadata={"help": "rsLoRA: scale the adapter by lora_alpha / sqrt(lora_r) instead of / lora_r."}
@@ -343,11 +346,13 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
     quant_method = base_quant_method(model_args)
     if quant_method == "gptq":
         if not lora_args.use_lora:
-            problems.append("the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; add --use_lora True")
+            problems.append("the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; "
+                            "add --use_lora True")
         if quant_args.q_lora:
             problems.append("the base model is already GPTQ-quantized: --q_lora would quantize it again; drop --q_lora")
     elif quant_method is not None and (quant_args.q_lora or not lora_args.use_lora):
-        problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it")
+        problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora "
+                        "can train it")
     problems += _lora_variant_problems(lora_args, quant_args, training_args, quant_method)
     if training_args is not None:
         problems += _report_to_problems(training_args)
@@ -445,8 +450,8 @@ def _batching_problems(model_args, data_args) -> list[str]:
     attention = model_args.attn_implementation
     if data_args.packing and attention is not None and attention not in PACKING_ATTENTION:
         problems.append(f"--packing True keeps packed samples apart through transformers' attention masks, which "
-                        f"--attn_implementation {attention} does not use: choose one of {', '.join(PACKING_ATTENTION)}, "
-                        "or --packing False")
+                        f"--attn_implementation {attention} does not use: choose one of "
+                        f"{', '.join(PACKING_ATTENTION)}, or --packing False")
     budget = data_args.max_tokens_per_batch
     if budget is not None and budget < 0:
         problems.append("--max_tokens_per_batch must be positive (or 0: micro-batches of "

@@ -106,7 +106,8 @@ def choose_chat_template(tokenizer, choice: str = "auto") -> str:
         with open(choice, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError([f"--chat_template {choice!r}: not one of {TEMPLATE_CHOICES} and not a readable file ({e.strerror})"]) from None
+        raise ConfigError([f"--chat_template {choice!r}: not one of {TEMPLATE_CHOICES} and not a readable file "
+                           f"({e.strerror})"]) from None
 
 
 def uses_chatml(template: str) -> bool:
@@ -128,7 +129,8 @@ def end_of_turn_token(tokenizer) -> str:
         if token and after.lstrip(" ").startswith(token):
             return token
     if tokenizer.eos_token is None:
-        raise ConfigError(["the chat template closes assistant turns with no special token and the tokenizer has no EOS token"])
+        raise ConfigError(["the chat template closes assistant turns with no special token and the tokenizer has no "
+                           "EOS token"])
     return tokenizer.eos_token
 
 

@@ -125,7 +125,8 @@ LoRA fine-tuning in one process on one GPU (the first in CUDA_VISIBLE_DEVICES): 
 only the adapter trains. No DeepSpeed unless --deepspeed is given (zero2_offload moves optimizer state to CPU RAM).
 
 Example:
-  finetune/finetune_lora_single_gpu.sh -m Qwen/Qwen2.5-1.5B-Instruct -d examples/conversations.json -- --num_train_epochs 1
+  finetune/finetune_lora_single_gpu.sh -m Qwen/Qwen2.5-1.5B-Instruct -d examples/conversations.json \\
+      -- --num_train_epochs 1
 """,
         distributed=False, ds_config="", output_dir="output_lora", recipe=ADAPTER_RECIPE),
     "finetune_qlora_single_gpu.sh": Launcher(

@@ -242,7 +242,10 @@ def save_adapter_for_original_base(model, folder: str) -> None:
 
 def _is_gptq(model) -> bool:
     quantization = getattr(model.config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
     return str(getattr(method, "value", method)).lower() == "gptq"
 
 

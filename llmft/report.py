@@ -6,8 +6,9 @@ The JSON holds (all counts over every rank, for the whole run, resumed parts inc
   `trained_tokens`: the tokens that carry loss (labels other than -100). Counted from each micro-batch the model is
   given while training, so a run of whole epochs sees each sample's tokens once an epoch.
 - `tokens_per_second`: tokens_seen over the wall time of training (evaluations included), both of this process's
-  session (a resumed run counts from where it resumed); `wall_time_s`: training time of all sessions; `peak_memory_bytes`: the largest of
-  the ranks' peaks (CUDA memory allocated on GPUs, the process's peak resident memory on CPU).
+  session (a resumed run counts from where it resumed); `wall_time_s`: training time of all sessions;
+  `peak_memory_bytes`: the largest of the ranks' peaks (CUDA memory allocated on GPUs, the process's peak resident
+  memory on CPU).
 - `final` and `best` train and eval losses (from the Trainer's log), the run's settings (llmft_run_settings.json)
   and the versions of the libraries that trained it.
 The PNG plots train and eval loss, learning rate and gradient norm against tokens seen.

@@ -5,8 +5,9 @@ Packing (see llmft/data/packing.py): training micro-batches go through `PackedCo
 samples are chosen by `TokenBudgetBatchSampler` instead of a sample count. Evaluation keeps the padding collator the
 Trainer is given, so eval losses are averaged as transformers always has. Under several ranks the sampler's
 micro-batches are dealt out by accelerate (rank r takes every r-th), and every epoch has the same number of them, a
-multiple of ranks x accumulation steps. Loss normalisation needs nothing of its own: transformers counts the trained targets of
-all micro-batches of an optimizer step (over all ranks) and divides each micro-batch's summed loss by that count.
+multiple of ranks x accumulation steps. Loss normalisation needs nothing of its own: transformers counts the trained
+targets of all micro-batches of an optimizer step (over all ranks) and divides each micro-batch's summed loss by that
+count.
 
 FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see finetune/common.sh for the choices in that
 file). transformers hands the config to accelerate, which wraps the model with PyTorch's FSDP2 (`fully_shard`) on GPU
@@ -62,7 +63,8 @@ class Trainer(transformers.Trainer):
         if args.max_steps > 0:
             batches_needed = args.max_steps * args.gradient_accumulation_steps * world
         sampler = TokenBudgetBatchSampler(
-            lengths, self.packing.max_tokens, window=self.packing.window, seed=args.seed if args.data_seed is None else args.data_seed,
+            lengths, self.packing.max_tokens, window=self.packing.window,
+            seed=args.seed if args.data_seed is None else args.data_seed,
             num_epochs=None if batches_needed else math.ceil(args.num_train_epochs), max_batches=batches_needed,
             batches_multiple_of=world * args.gradient_accumulation_steps,
         )

@@ -8,7 +8,6 @@ through each launcher with 2 CPU ranks over gloo, as a GPU run would, and check 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess

@@ -113,8 +113,8 @@ class CheckReport:
                if self.reasoning_not_rendered else ""),
             f"tokens: {self.tokens}, trained: {self.trained_tokens} ({share:.1%}); samples with no trained token: "
             f"{self.zero_trained_samples}",
-            f"at --model_max_length {self.max_length} (--overlong_samples {self.overlong}): {self.truncated} truncated, "
-            f"{self.dropped} dropped",
+            f"at --model_max_length {self.max_length} (--overlong_samples {self.overlong}): "
+            f"{self.truncated} truncated, {self.dropped} dropped",
             "sample length (tokens, untruncated): " + ", ".join(f"p{k[1:]} {v}" for k, v in
                                                                 self.length_percentiles.items())
             + f", max {self.longest}, mean {self.mean_length:.1f}",

@@ -217,7 +217,8 @@ def _iter_jsonl(f, path: str, on_bad_line=None) -> Iterator[tuple[int, int, str,
                 raise DataError(f"{path}: line {line_no} (record #{index}): "
                                 f"{spread or f'malformed JSON: {e.msg} at column {e.colno}'}") from None
             except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's
-                raise DataError(f"{path}: line {line_no} (record #{index}): unreadable JSON: {_json_limit(e)}") from None
+                raise DataError(f"{path}: line {line_no} (record #{index}): unreadable JSON: "
+                                f"{_json_limit(e)}") from None
         except DataError as e:
             if on_bad_line is None:
                 raise
