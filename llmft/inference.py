@@ -482,9 +482,9 @@ def require_tools_shown(tokenizer, tools: list[dict], flag: str = "--tools") -> 
 # ---------------------------------------------------------------- writing results
 
 
-def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output", inputs=()) -> None:
-    """Fail before any work when `output_dir` cannot take a result: a non-empty folder without `--force`, a file,
-    or one of the tool's own inputs (replacing it would destroy what is being read)."""
+def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs=()) -> None:
+    """Fail before any work when `output_dir` cannot take a result: a non-empty folder without --overwrite_output_dir,
+    a file, or one of the tool's own inputs (replacing it would destroy what is being read)."""
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise LlmftError(f"{flag} {output} exists and is not a folder")
@@ -492,7 +492,8 @@ def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--outp
         if source is not None and os.path.exists(source) and output.exists() and output.samefile(source):
             raise LlmftError(f"{flag} {output} is also an input of this command: choose another folder")
     if output.is_dir() and any(output.iterdir()) and not force:
-        raise LlmftError(f"{flag} {output} is not empty: choose a new folder, or pass --force to replace it")
+        raise LlmftError(f"{flag} {output} is not empty: choose a new folder, or pass --overwrite_output_dir True "
+                         "to replace it")
 
 
 class Terminated(SystemExit):
@@ -522,7 +523,7 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output", inputs=()):
+def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs=()):
     """Yield an empty hidden sibling of `output_dir` to write a result into; when the block completes it becomes
     `output_dir` (with `force`, replacing what was there only then), its files readable as the umask allows. On any
     error, an interrupt or a SIGTERM, the partial folder is removed and `output_dir` is left as it was; a SIGTERM

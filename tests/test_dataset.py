@@ -32,7 +32,7 @@ class _TrainerReached(Exception):
 @pytest.fixture(scope="module")
 def finetune_trainer_kwargs(tiny_chat_model, datasets_cache, tmp_path_factory):
     """What finetune.main hands the Trainer (collator, datasets, tokenizer) for the example data; nothing trains."""
-    import finetune
+    import llmft.train as finetune  # finetune.py's main(); the module that builds the Trainer
 
     captured = {}
 

@@ -178,7 +178,7 @@ def test_refuses_non_empty_output_without_force(lora_adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(LlmftError, match="not empty.*--force"):
+    with pytest.raises(LlmftError, match="not empty.*--overwrite_output_dir True"):
         merge_lora(lora_adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
 
