@@ -114,6 +114,17 @@ def write_records(path: Path, records, jsonl: bool = False) -> Path:
     return path
 
 
+def expected_from_pieces(encode, pieces) -> tuple[list[int], list[int]]:
+    """ids and labels written out from (text, trained) pieces, each encoded on its own as inference encodes prompt and
+    answer: the reference the renderer's output is compared with, token for token."""
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = encode(text)
+        ids += piece
+        labels += piece if trained else [-100] * len(piece)
+    return ids, labels
+
+
 def chat_record(*turns: str, system: str | None = None, id: str | None = None) -> dict:
     """A Qwen-format record from alternating user/assistant texts."""
     conversation = [{"from": "system", "value": system}] if system else []

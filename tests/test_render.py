@@ -10,7 +10,7 @@ import pytest
 
 from llmft.data.formats import Conversation, Message, parse_record
 from llmft.data.render import IGNORE_INDEX, render_conversation, render_prompt, render_samples
-from tests.conftest import chat_record
+from tests.conftest import chat_record, expected_from_pieces
 
 IGNORE = IGNORE_INDEX
 
@@ -32,16 +32,6 @@ def chatml(role: str, content: str) -> str:
 
 def conv(*turns, system=None):
     return parse_record(chat_record(*turns, system=system), default_id="t")
-
-
-def expected_from_pieces(encode, pieces):
-    """ids and labels from (text, trained) pieces, each encoded on its own, as inference encodes prompt and answer."""
-    ids, labels = [], []
-    for text, trained in pieces:
-        piece = encode(text)
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-    return ids, labels
 
 
 def test_single_turn_qwen_vocab_token_exact(qwen_tokenizer, reference_qwen):
@@ -88,15 +78,7 @@ def test_answer_starting_with_newlines_keeps_the_inference_prompt(qwen_tokenizer
 def test_every_assistant_turn_is_trained_and_no_user_turn(bpe_tokenizer):
     turns = ["one?", "One.", "two?", "Two.", "three?", "Three."]
     sample = render_conversation(conv(*turns, system="Count."), bpe_tokenizer)
-    spans, current = [], []
-    for token, label in zip(sample.input_ids, sample.labels):
-        if label != IGNORE:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(bpe_tokenizer.decode(current))
-            current = []
-    assert spans == ["One.<|im_end|>", "Two.<|im_end|>", "Three.<|im_end|>"]
+    assert trained_spans(bpe_tokenizer, sample) == ["One.<|im_end|>", "Two.<|im_end|>", "Three.<|im_end|>"]
     assert bpe_tokenizer.decode(sample.input_ids) == (
         chatml("system", "Count.") + "".join(chatml("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns))
     )

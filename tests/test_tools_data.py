@@ -22,6 +22,7 @@ from llmft.chat_template import CHATML_TEMPLATE
 from llmft.data.formats import parse_record
 from llmft.data.render import IGNORE_INDEX, render_prompt, render_samples
 from llmft.errors import DataError
+from tests.conftest import expected_from_pieces
 
 IGNORE = IGNORE_INDEX
 
@@ -143,15 +144,6 @@ def tool_call(name, arguments, as_string=False):
                                              "arguments": json.dumps(arguments) if as_string else arguments}}
 
 
-def expected(encode, pieces):
-    ids, labels = [], []
-    for text, trained in pieces:
-        piece = encode(text)
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-    return ids, labels
-
-
 def spans(sample) -> list[tuple[int, int]]:
     """(start, end) of each run of trained labels."""
     out, start = [], None
@@ -198,7 +190,7 @@ SINGLE_CALL = {"tools": [WEATHER], "messages": [
 def test_single_tool_call_with_tools_token_exact(template, qwen25, qwen25_chatml, encode25):
     tokenizer = qwen25 if template == "qwen2.5" else qwen25_chatml
     conversation, samples = render(SINGLE_CALL, tokenizer)
-    ids, labels = expected(encode25, [
+    ids, labels = expected_from_pieces(encode25, [
         (tools_system("Be brief.", [WEATHER]) + turn("user", "Weather in Paris?") + GEN, False),
         (call_text("get_weather", {"city": "Paris"}) + "<|im_end|>", True),
         ("\n" + results_turn('{"temp": 18}') + GEN, False),
@@ -234,7 +226,7 @@ def test_parallel_calls_with_content_qwen25_and_chatml(qwen25, qwen25_chatml, en
     # Qwen2.5 puts its default system prompt before the tools; llmft's ChatML, like Qwen3, has no default prompt
     for tokenizer, system in ((qwen25, QWEN_DEFAULT_SYSTEM), (qwen25_chatml, None)):
         conversation, (sample,) = render(PARALLEL_CALLS, tokenizer)
-        ids, labels = expected(encode25, [(tools_system(system, [WEATHER, TIME]), False)] + answer_pieces)
+        ids, labels = expected_from_pieces(encode25, [(tools_system(system, [WEATHER, TIME]), False)] + answer_pieces)
         assert (sample.input_ids, sample.labels) == (ids, labels)
         assert_matches_inference([sample], conversation, tokenizer, [1, 4])
 
@@ -256,7 +248,7 @@ SEVERAL_ROUNDS = {"messages": [  # no tools given: the calls are still rendered 
 def test_several_tool_rounds_without_tools_token_exact(template, qwen25, qwen25_chatml, encode25):
     tokenizer = qwen25 if template == "qwen2.5" else qwen25_chatml
     conversation, samples = render(SEVERAL_ROUNDS, tokenizer)
-    ids, labels = expected(encode25, [
+    ids, labels = expected_from_pieces(encode25, [
         (turn("system", "You plan trips.") + turn("user", "Is it warm in Lisbon?") + GEN, False),
         (call_text("get_weather", {"city": "Lisbon"}) + "<|im_end|>", True),
         ("\n" + results_turn("25") + GEN, False),
@@ -334,7 +326,7 @@ def test_qwen3_thinking_with_tools_one_sample_per_user_message(qwen3, encode3):
     system = tools_system(None, [WEATHER])
     first_turn = turn("user", "Should I take a coat in Oslo?")
     # sample 1: the first question's two turns, reasoning kept as Qwen3 renders it until the next user message
-    ids, labels = expected(encode3, [
+    ids, labels = expected_from_pieces(encode3, [
         (system + first_turn + GEN, False),
         ("<think>\nI need the weather.\n</think>\n\n" + call_text("get_weather", {"city": "Oslo"}) + "<|im_end|>",
          True),
@@ -345,7 +337,7 @@ def test_qwen3_thinking_with_tools_one_sample_per_user_message(qwen3, encode3):
     assert len(samples) == 2
     assert (samples[0].input_ids, samples[0].labels) == (ids, labels)
     # sample 2: after the second question Qwen3 drops the earlier reasoning; the last turn gets an empty think block
-    ids, labels = expected(encode3, [
+    ids, labels = expected_from_pieces(encode3, [
         (system + first_turn + GEN + call_text("get_weather", {"city": "Oslo"}) + "<|im_end|>\n" + results_turn("-3")
          + turn("assistant", "Yes: -3 °C.") + turn("user", "And gloves?") + GEN, False),
         ("<think>\n\n</think>\n\nYes, gloves too.<|im_end|>", True),
@@ -362,9 +354,9 @@ def test_qwen3_plain_multi_turn_and_last_turn_only(qwen3, encode3):
                            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
     conversation, samples = render(record, qwen3)
     assert [(s.input_ids, s.labels) for s in samples] == [
-        expected(encode3, [(turn("user", "Hi") + GEN, False), ("<think>\n\n</think>\n\nHello.<|im_end|>", True),
+        expected_from_pieces(encode3, [(turn("user", "Hi") + GEN, False), ("<think>\n\n</think>\n\nHello.<|im_end|>", True),
                            ("\n", False)]),
-        expected(encode3, [(turn("user", "Hi") + turn("assistant", "Hello.") + turn("user", "Bye") + GEN, False),
+        expected_from_pieces(encode3, [(turn("user", "Hi") + turn("assistant", "Hello.") + turn("user", "Bye") + GEN, False),
                            ("<think>\n\n</think>\n\nGoodbye.<|im_end|>", True), ("\n", False)]),
     ]
     assert_matches_inference(samples, conversation, qwen3, [1, 3])
