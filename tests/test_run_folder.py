@@ -80,3 +80,65 @@ def test_resume_with_only_incomplete_checkpoints_names_them(tiny_chat_model, tmp
     assert exit_info.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "no complete checkpoint-*" in err and "checkpoint-3 is incomplete: trainer_state.json is cut short" in err
+
+
+def kill_during_a_checkpoint_save(command: list[str], out, env, attempts: int = 5) -> str:
+    """Run `command` and SIGKILL it the moment a checkpoint folder exists whose save has not finished (no
+    trainer_state.json yet, which the Trainer writes last); retried until such a kill happens. Returns the name of
+    the checkpoint cut short."""
+    import shutil
+    import subprocess
+    import time
+
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while process.poll() is None:
+                if out.is_dir():
+                    for entry in out.iterdir():
+                        if entry.name.startswith("checkpoint-") and entry.name != "checkpoint-1" \
+                                and not (entry / "trainer_state.json").exists():
+                            process.kill()
+                            process.wait()
+                            if not (entry / "trainer_state.json").exists():
+                                return entry.name
+                time.sleep(0.001)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    pytest.fail(f"no kill landed inside a checkpoint save in {attempts} runs")
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(tiny_chat_model, tmp_path,
+                                                                                 run_finetune, caplog):
+    """kill -9 mid-save (a checkpoint folder whose trainer_state.json was never written), then resume: the run picks
+    the checkpoint before it, says so, and ends with the weights of a run that was never killed."""
+    import os
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import REPO
+
+    steps = ["--max_steps", "12", "--save_steps", "1", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+             "--max_tokens_per_batch", "0"]
+    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    run_finetune(*flags(tiny_chat_model, reference, *steps))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    command = [sys.executable, str(REPO / "finetune.py"), *map(str, flags(tiny_chat_model, out, *steps))]
+    cut = kill_during_a_checkpoint_save(command, out, env)
+    step = int(cut.split("-")[1])
+
+    with caplog.at_level(logging.WARNING):
+        trainer = run_finetune(*flags(tiny_chat_model, out, *steps, "--resume_from_checkpoint", "True"))
+    assert f"not resuming from {out / cut}: no trainer_state.json" in caplog.text
+    assert f"resuming from {out / f'checkpoint-{step - 1}'}" in caplog.text
+    assert trainer.state.global_step == 12
+    expected, actual = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(actual) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.allclose(actual[key], tensor, atol=1e-6), key
