@@ -38,37 +38,40 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsan
 COUNTS = ("tokens_seen", "tokens_processed", "trained_tokens")
 
 
-def batch_token_counts(inputs: dict, pad_token_id: int | None) -> tuple[int, int, int]:
-    """(tokens seen, tokens processed, trained tokens) of one training micro-batch. Padded batches say which tokens
+def batch_token_counts(inputs: dict, pad_token_id: int | None) -> torch.Tensor | None:
+    """[tokens seen, tokens processed, trained tokens] of one training micro-batch, a tensor on the batch's device,
+    computed without a host synchronisation (counting never stalls the GPU's queue). Padded batches say which tokens
     are real in their attention mask; a packed row (position_ids, no mask) ends in one padding segment of pad tokens
     that carry no loss (llmft.data.packing.PackedCollator)."""
     ids, labels = inputs.get("input_ids"), inputs.get("labels")
     if ids is None:
-        return 0, 0, 0
-    processed = ids.numel()
-    trained = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+        return None
+    processed = torch.tensor(ids.numel(), device=ids.device)
+    trained = (labels != IGNORE_INDEX).sum() if labels is not None else torch.zeros((), device=ids.device)
     mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
     if mask is not None:
-        return int(mask.sum()), processed, trained
-    seen = processed
-    if positions is not None and pad_token_id is not None:
-        for row in range(ids.shape[0]):
-            starts = (positions[row] == 0).nonzero().flatten()
-            last = int(starts[-1]) if len(starts) else 0
-            tail_ids = ids[row, last:]
-            tail_labels = labels[row, last:] if labels is not None else None
-            if last > 0 and bool((tail_ids == pad_token_id).all()) and (
-                    tail_labels is None or bool((tail_labels == IGNORE_INDEX).all())):
-                seen -= tail_ids.numel()
-    return seen, processed, trained
+        seen = mask.sum()
+    elif positions is not None and pad_token_id is not None:
+        positions = positions.expand_as(ids)
+        index = torch.arange(ids.shape[-1], device=ids.device)
+        last = torch.where(positions == 0, index, 0).amax(dim=-1, keepdim=True)  # each row's last segment starts here
+        tail = index >= last
+        padding_tail = ((ids == pad_token_id) | ~tail).all(dim=-1) & (last.squeeze(-1) > 0)
+        if labels is not None:
+            padding_tail &= ((labels == IGNORE_INDEX) | ~tail).all(dim=-1)
+        seen = processed - (tail.sum(dim=-1) * padding_tail).sum()
+    else:
+        seen = processed
+    return torch.stack([seen, processed, trained]).long()
 
 
 class TrainingReportCallback(TrainerCallback):
     """Counts tokens from the training micro-batches (a forward pre-hook on the model) and writes the report."""
 
     def __init__(self):
-        self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last finished step
-        self._step_counts = [0, 0, 0]  # this rank's, since the last finished step
+        self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last report written
+        self._step_counts = None  # this rank's, since the last finished step: a tensor on the batches' device
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (global step, this rank's counts), not yet summed
         self.tokens_at_step: dict[int, int] = {}  # global step -> tokens seen by its end: the plot's x axis
         self._hook = None
         self._pad_token_id = None
@@ -80,8 +83,9 @@ class TrainingReportCallback(TrainerCallback):
 
     def _count(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled():
-            for i, n in enumerate(batch_token_counts(kwargs, self._pad_token_id)):
-                self._step_counts[i] += n
+            counts = batch_token_counts(kwargs, self._pad_token_id)
+            if counts is not None:
+                self._step_counts = counts if self._step_counts is None else self._step_counts + counts
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._pad_token_id = getattr(processing_class, "pad_token_id", None)
@@ -95,21 +99,34 @@ class TrainingReportCallback(TrainerCallback):
                 self.counts.update({k: earlier.get(k, 0) for k in COUNTS})
                 self.tokens_at_step = {int(k): v for k, v in earlier.get("tokens_at_step", {}).items()}
                 self._earlier_wall_time = earlier.get("wall_time_s", 0.0)
-        self._step_counts = [0, 0, 0]
+        self._step_counts, self._pending = None, []
         self._session_tokens = 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._started = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = torch.tensor(self._step_counts, dtype=torch.long, device=args.device)
+        counts = self._step_counts
+        if counts is None:
+            counts = torch.zeros(len(COUNTS), dtype=torch.long, device=args.device)
+        self._pending.append((state.global_step, counts.to(args.device)))
+        self._step_counts = None
+
+    def _sum_pending(self, args) -> None:
+        """Fold the steps counted since the last report into the run's counts: one collective and one copy to the
+        host per report, not per step. Every rank calls it."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        counts = torch.stack([c for _, c in self._pending])
         if _distributed(args):
-            torch.distributed.all_reduce(step)
-        for name, n in zip(COUNTS, step.tolist()):
-            self.counts[name] += int(n)
-        self._session_tokens += int(step[0])
-        self._step_counts = [0, 0, 0]
-        self.tokens_at_step[state.global_step] = self.counts["tokens_seen"]
+            torch.distributed.all_reduce(counts)
+        for step, row in zip(steps, counts.tolist()):
+            for name, n in zip(COUNTS, row):
+                self.counts[name] += int(n)
+            self._session_tokens += int(row[0])
+            self.tokens_at_step[step] = self.counts["tokens_seen"]
+        self._pending = []
 
     # --- writing ---
 
@@ -124,7 +141,8 @@ class TrainingReportCallback(TrainerCallback):
             self._hook = None
 
     def _write(self, args, state, also_into: str | None = None) -> None:
-        peak = _peak_memory(args)  # a collective: every rank takes part
+        self._sum_pending(args)  # collectives: every rank takes part
+        peak = _peak_memory(args)
         if not state.is_world_process_zero:
             return
         report = self.report(args, state, peak)
