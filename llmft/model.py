@@ -76,8 +76,8 @@ def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
 
 
 def build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens=(), attention=None):
-    """The model ready for the Trainer: loaded with the `attention` kernel (llmft.kernels; None: the flag, else
-    transformers' default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
+    """The model ready for the Trainer: loaded with the `attention` kernel llmft.kernels chose (None: transformers'
+    default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
     arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new rows start
     untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
     if training_args.deepspeed and training_args.use_cpu:
@@ -95,7 +95,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
         dtype=compute_dtype(training_args),
         device_map=_device_map(training_args) if quantized else None,
         trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=attention or model_args.attn_implementation,
+        attn_implementation=attention,
         **load_options,
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory

@@ -12,8 +12,9 @@ targets the same samples padded would, with the same losses and gradients, and n
 the run's seed and the epoch), cuts the order into windows of `window` samples and bin-packs each window
 best-fit decreasing into micro-batches of at most `max_tokens` tokens. Every sample appears exactly once per epoch and
 is never split. All epochs yield the same number of micro-batches (the Trainer plans steps from the first epoch's
-length), a multiple of the number of ranks, so every rank takes the same number of steps; epochs that packed into
-fewer are split up to that number, which costs a few micro-batches of a thousand.
+length), a multiple of ranks x accumulation steps, so every rank takes the same number of steps and every optimizer
+step holds the same samples however many ranks share them; epochs that packed into fewer are split up to that
+number, which costs a few micro-batches of a thousand.
 """
 
 from __future__ import annotations

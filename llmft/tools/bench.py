@@ -60,7 +60,7 @@ BENCH_ENV = "LLMFT_BENCHMARK"  # set: this file runs as finetune.py, measured (t
 
 # --- model and data ------------------------------------------------------------------------------------------------
 
-def build_model(path: Path, shape: str) -> None:
+def build_random_model(path: Path, shape: str) -> None:
     """A random-weight Qwen2 model of `shape` with Qwen's vocabulary, saved in bf16 (built on the GPU if any)."""
     from transformers import Qwen2ForCausalLM
 
@@ -109,7 +109,7 @@ def prepare(workdir: Path, shape: str, samples: int, median: int, sigma: float, 
     data = workdir / f"chat-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
     if not (model / "config.json").exists():
-        build_model(model, shape)
+        build_random_model(model, shape)
     if not data.exists():
         write_data(data, samples, median, sigma, cap)
     return model, data
