@@ -64,7 +64,7 @@ def build_random_model(path: Path, shape: str) -> None:
     """A random-weight Qwen2 model of `shape` with Qwen's vocabulary, saved in bf16 (built on the GPU if any)."""
     from transformers import Qwen2ForCausalLM
 
-    from tools.make_tiny_model import build_tokenizer, generation_config, model_config
+    from llmft.tools.tiny_model import build_tokenizer, generation_config, model_config
 
     sizes = dict(SHAPES[shape])
     tied = sizes.pop("tied")

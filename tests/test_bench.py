@@ -1,0 +1,60 @@
+"""The GPU benchmark's own set-up, run on the CPU: the random model and the log-normal data it measures on.
+
+The measurements themselves need a GPU (tools/run_benchmarks.sh); what is checked here is that the benchmark builds
+what it says it builds, so a GPU call is never spent on an import error."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmft.tools.bench import SHAPES, lognormal_lengths, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_prepare_builds_the_shape_and_the_data(tmp_path):
+    model_dir, data = prepare(tmp_path, "tiny", samples=200, median=120, sigma=0.8, cap=512)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    shape = SHAPES["tiny"]
+    assert model.config.hidden_size == shape["hidden_size"]
+    assert model.config.num_hidden_layers == shape["num_layers"]
+    assert model.config.num_key_value_heads == shape["num_kv_heads"]
+    assert len(tokenizer) > 150_000  # Qwen's real vocabulary, not the tiny BPE
+    assert "<|im_end|>" in tokenizer.get_vocab()
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(records) == 200
+    assert [turn["from"] for turn in records[0]["conversations"]] == ["user", "assistant"]
+    # prepare() reuses what is there: the second call builds nothing new
+    assert prepare(tmp_path, "tiny", samples=200, median=120, sigma=0.8, cap=512) == (model_dir, data)
+
+
+def test_lengths_are_log_normal_and_capped():
+    lengths = lognormal_lengths(5000, median=400, sigma=0.8, cap=2048)
+    assert max(lengths) == 2048 and min(lengths) >= 32
+    assert 370 <= statistics.median(lengths) <= 430
+    assert sum(length == 2048 for length in lengths) > 0  # a long tail reaching the cap
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_arms_end_to_end_on_cpu(tmp_path):
+    """tools/benchmark.py as the GPU suite runs it, on the tiny shape: both arms train and report."""
+    results = tmp_path / "results.jsonl"
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--shape", "tiny", "--workdir", str(tmp_path),
+               "--steps", "3", "--warmup", "1", "--samples", "200", "--median", "100", "--max_length", "256",
+               "--compare", "--results", str(results), "--",
+               "--use_cpu", "True", "--use_lora", "True", "--max_tokens_per_batch", "1024",
+               "--model_max_length", "256", "--learning_rate", "1e-4"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    arms = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(arms) == {"llmft", "plain"}
+    assert arms["llmft"]["steps"] == arms["plain"]["steps"] == 2  # steps after the warm-up
+    assert 900 <= arms["llmft"]["tokens_per_step"] <= 1024  # packed micro-batches fill the token budget
+    assert arms["plain"]["padding_share"] > 0.1 > arms["llmft"]["padding_share"]
