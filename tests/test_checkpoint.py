@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import llmft.checkpoint as checkpoint
 from llmft.checkpoint import FolderError, model_folder, quant_method, require_adapter, require_model
 from llmft.errors import ConfigError, LlmftError
+from tests.conftest import chat_record, write_records
 
 OFFLINE_MISS = "no such directory, and no Hub model of that name in the local cache (HF_HUB_OFFLINE is set)"
 
@@ -239,6 +240,77 @@ def test_path_looking_names(tmp_path, monkeypatch, hub, name, expected):
     assert str(info.value) == f"--base {name}: {expected}"
 
 
+def test_launcher_uses_the_same_path_rule(tmp_path, monkeypatch):
+    from llmft.launcher import LAUNCHERS, UsageError, parse_options
+
+    monkeypatch.chdir(tmp_path)
+    data = write_records(tmp_path / "train.json", [chat_record("Hi?", "Hello.")])
+    launcher = next(iter(LAUNCHERS.values()))
+    for name in ("~/absent-model", "models/org/absent-model", ".absent-model"):  # the launcher let these through
+        with pytest.raises(UsageError, match=f"model folder '{name}' does not exist"):
+            parse_options(launcher, ["-m", name, "-d", str(data)], {})
+    assert parse_options(launcher, ["-m", "gpt2", "-d", str(data)], {}).model == "gpt2"
+
+
+# --- finetune.py and the tools agree ------------------------------------------------------------------------------
+
+def user_error(main, argv, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def model_line(err: str, name: str) -> str:
+    """The message about `--model_name_or_path name`, without its `error: ` or `  - ` lead."""
+    [line] = [line for line in err.splitlines() if f"--model_name_or_path {name}:" in line]
+    return line[line.index("--model_name_or_path"):]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gpt2", OFFLINE_MISS),
+    ("./absent-model", "no such directory"),
+    ("models/org/absent-model", "no such directory"),
+    ("my model", "no such directory, and not a valid Hub model id"),
+], ids=["one-part-hub-id-offline", "dot-relative", "three-parts", "invalid-id"])
+def test_finetune_and_quantize_say_the_same(run_finetune, tmp_path, monkeypatch, hub, capsys, name, expected):
+    """Before llmft.checkpoint, finetune.py said `no such directory, ...` and the tools `no such model folder`."""
+    from llmft.tools.quantize import main as quantize
+
+    hub.offline(True)
+    monkeypatch.chdir(tmp_path)
+    data = write_records(tmp_path / "train.json", [chat_record("Hi?", "Hello.")] * 4)
+    finetune_err = user_error(lambda argv: run_finetune(*argv), ["--model_name_or_path", name, "--data_path", data, "--output_dir",
+                                             tmp_path / "out"], capsys)
+    quantize_err = user_error(quantize, ["--model_name_or_path", name, "--data_path", data, "--output_dir",
+                                         tmp_path / "q", "--eval_samples", "1"], capsys)
+    assert model_line(finetune_err, name) == model_line(quantize_err, name) == (
+        f"--model_name_or_path {name}: {expected}")
+
+
+def test_one_part_hub_id_reaches_loading_in_finetune_and_in_chat(hub, tmp_path, monkeypatch, capsys):
+    """`gpt2` online is a Hub id for both: finetune.py's settings accept it, and chat goes on to load it."""
+    import transformers
+
+    from llmft.args import parse_args
+    from llmft.tools.chat import main as chat
+
+    hub.offline(False)
+    data = write_records(tmp_path / "train.json", [chat_record("Hi?", "Hello.")])
+    model_args, *_ = parse_args(["--model_name_or_path", "gpt2", "--data_path", str(data), "--output_dir",
+                                 str(tmp_path / "out")])
+    assert model_args.model_name_or_path == "gpt2"
+
+    def reached(name, **kwargs):
+        raise LlmftError(f"loading {name}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", reached)
+    err = user_error(chat, ["--model", "gpt2", "--prompt", "hi"], capsys)
+    assert err.strip().splitlines()[-1] == "error: loading gpt2"
+
+
 # --- read once ----------------------------------------------------------------------------------------------------
 
 def test_second_look_reads_nothing_and_a_rewrite_is_read_anew(tmp_path, json_reads):
@@ -250,3 +322,26 @@ def test_second_look_reads_nothing_and_a_rewrite_is_read_anew(tmp_path, json_rea
                                                   {"quant_method": "gptq"}}), encoding="utf-8")
     assert model_folder(path).quant_method == "gptq"
     assert json_reads == ["config.json", "config.json"]
+
+
+def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkeypatch, json_reads):
+    """The settings check (path, weights, remote code, context length, quantization), the kernel choice, the model
+    build and the run record used to read config.json eight times between them; now once. The run gives the model
+    relative, which parse_args makes absolute: still the same folder."""
+    from llmft.args import parse_args
+    from llmft.kernels import choose_kernels
+    from llmft.model import build_model, build_tokenizer
+    from llmft.saving import describe_run
+
+    monkeypatch.chdir(tiny_chat_model.parent)
+    data = write_records(tmp_path / "train.json", [chat_record("Hi?", "Hello.")])
+    model_args, data_args, lora_args, quant_args, training_args = parse_args([
+        "--model_name_or_path", tiny_chat_model.name, "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+        "--use_lora", "True", "--use_cpu", "True", "--report_to", "none", "--max_steps", "1"])
+    kernels = choose_kernels(model_args, data_args, training_args)
+    tokenizer, added = build_tokenizer(model_args, data_args)
+    build_model(model_args, lora_args, quant_args, training_args, tokenizer, added, kernels.attention)
+    run = describe_run(model_args, lora_args, quant_args, added)
+    assert run["base_fingerprint"].startswith("sha256:")
+    assert json_reads.count("config.json") == 1, json_reads
+    assert json_reads == ["config.json", "tokenizer_config.json"]
