@@ -6,7 +6,8 @@ bitsandbytes, awq, ... or None), its vocabulary size and the embedding rows an a
 tokenizer, which classes it maps to its own Python code (`auto_map`), and whether its safetensors files are whole. It
 is built once per folder: a second call for the same folder, its files unchanged, reads nothing again (the memo is
 keyed on the folder's path and the size and modification time of its files, so a folder rewritten meanwhile is read
-anew).
+anew; a rewrite to the same size within the file system's timestamp resolution would go unseen, which is what
+`clear_cache` is for).
 
 Where a name points, one rule for finetune.py and every tool (`_locate`):
 - an existing directory is a local folder; an existing file is "not a directory";
