@@ -12,12 +12,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import transformers
 from transformers import HfArgumentParser
 
+from llmft.checkpoint import model_folder
 from llmft.errors import ConfigError
 
 
@@ -294,13 +296,8 @@ def config_file_flags(path: str) -> list[str]:
 def validate(model_args, data_args, lora_args, quant_args, training_args) -> list[str]:
     """Every problem with these settings, as messages naming the flags; empty when the run can start.
     `training_args` may be None (they failed their own checks): the other settings are still checked."""
-    problems = _model_path_problems(model_args.model_name_or_path)
-    from llmft.inference import remote_code_problem
-
-    remote_code = remote_code_problem(model_args.model_name_or_path, "--model_name_or_path",
-                                      trust_remote_code=model_args.trust_remote_code)
-    if remote_code:
-        problems.append(remote_code)
+    model = model_folder(model_args.model_name_or_path)
+    problems = model.problems("--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
         if path is not None and os.path.isdir(path):
@@ -312,10 +309,7 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
         problems.append("--model_max_length must be at least 16")
     # Above the model's context is warned, not refused: the default is above many models' context, and a run whose
     # samples are all shorter than the context is fine. rope_scaling (YaRN, Llama 3's) extends the context.
-    try:
-        config = _model_config(model_args.model_name_or_path) or {}
-    except ConfigError:
-        config = {}  # _model_path_problems has reported it
+    config = model.config or {}
     context, rope = config.get("max_position_embeddings"), config.get("rope_scaling")
     if isinstance(context, int) and isinstance(rope, dict) and isinstance(rope.get("factor"), (int, float)):
         original = rope.get("original_max_position_embeddings")
@@ -343,7 +337,7 @@ def validate(model_args, data_args, lora_args, quant_args, training_args) -> lis
         if not 0 <= lora_args.lora_dropout < 1:
             problems.append("--lora_dropout must be in [0, 1)")
 
-    quant_method = base_quant_method(model_args)
+    quant_method = model.quant_method
     if quant_method == "gptq":
         if not lora_args.use_lora:
             problems.append("the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; "
@@ -544,41 +538,6 @@ def _fsdp_problems(lora_args, quant_args, training_args) -> list[str]:
     return problems
 
 
-def _model_path_problems(name: str) -> list[str]:
-    """A local model directory must hold a config.json; anything else must be a Hub id that can be had: with
-    HF_HUB_OFFLINE set, one already in the local Hugging Face cache."""
-    flag = f"--model_name_or_path {name}"
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            return [f"{flag}: the directory holds no model (no config.json)"]
-        try:
-            _model_config(name)
-        except ConfigError as e:
-            return e.problems
-        from llmft.inference import safetensors_problems
-
-        return [f"{flag}: {problem}" for problem in safetensors_problems(name)]
-    if os.path.exists(name):
-        return [f"{flag}: not a directory"]
-    parts = name.split("/")
-    if len(parts) > 2 or not all(parts) or name.startswith((".", "~")):
-        return [f"{flag}: no such directory"]
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return [f"{flag}: no such directory, and not a valid Hub model id"]
-    if constants.HF_HUB_OFFLINE and _cached_hub_file(name, "config.json") is None:
-        return [f"{flag}: no such directory, and no Hub model of that name in the local cache (HF_HUB_OFFLINE is set)"]
-    try:
-        _model_config(name)
-    except ConfigError as e:
-        return e.problems
-    return []
-
-
 def _output_problems(training_args) -> list[str]:
     from llmft.preemption import RUN_SETTINGS_FILE
 
@@ -619,38 +578,10 @@ def _output_problems(training_args) -> list[str]:
     return []
 
 
-def base_quant_method(model_args) -> str | None:
-    """`quant_method` of a checkpoint that is quantized already (gptq, awq, ...), read from its config only."""
-    config = _model_config(model_args.model_name_or_path)
-    quantization = (config or {}).get("quantization_config") or {}
-    return quantization.get("quant_method") if isinstance(quantization, dict) else None
-
-
-def _model_config(name: str) -> dict | None:
-    """config.json of a local model directory or of a Hub model in the local cache; None when there is none.
-    Raises ConfigError when the file is there but unreadable (an interrupted download, say)."""
-    path = os.path.join(name, "config.json")
-    if not os.path.isfile(path):
-        path = _cached_hub_file(name, "config.json")
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError([f"--model_name_or_path {name}: cannot read {path}: {e}"]) from None
-    return config if isinstance(config, dict) else None
-
-
-def _cached_hub_file(name: str, filename: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import HFValidationError
-
-    try:
-        path = try_to_load_from_cache(name, filename)
-    except HFValidationError:
-        return None
-    return path if isinstance(path, str) else None
+def _model_config(name: str) -> Mapping | None:
+    """config.json of a model path or Hub id (`llmft.checkpoint`), None when there is none; kept for
+    llmft/kernels.py, which imports it from here."""
+    return model_folder(name).config
 
 
 def uses_zero3(training_args) -> bool:

@@ -1,6 +1,7 @@
 """Loading any result of a run for inference, and generating one reply with it.
 
-What a path can hold, and how it loads (`load_for_inference` tells them apart by their files):
+What a path can hold, and how it loads (`load_for_inference` asks `llmft.checkpoint`, which tells them apart by their
+files):
 - a PEFT adapter (LoRA / Q-LoRA output: `adapter_config.json`): its base, found from `base_model_name_or_path` or
   given, loaded as stored (a Q-LoRA base is the original unquantized model), its embeddings grown to the rows the
   adapter trained, then the adapter on top;
@@ -19,8 +20,8 @@ to `generate`, so a model whose saved generation config stops only at EOS still 
 Code shipped with a model (`auto_map` in its config.json or tokenizer_config.json, pointing at the folder's own .py
 files) is never run unless the user passes `--trust_remote_code True`: every loader here refuses such a folder first,
 since GPTQModel imports those files whatever trust_remote_code says. Weight files are checked cheaply (the safetensors
-header against the file's size) before loading, so a truncated or garbage file is named instead of failing deep
-inside a load.
+header against the file's size, `llmft.checkpoint`) before loading, so a truncated or garbage file is named instead of
+failing deep inside a load.
 
 Results are written by the tools through `staged_output_dir`: into a hidden sibling folder that becomes the output
 only once complete, so an interrupted merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a
@@ -35,207 +36,31 @@ import logging
 import os
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmft.chat_template import GenerationStops, choose_chat_template, generation_stops
+from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
+from llmft.checkpoint import safetensors_header_problem  # noqa: F401  (llmft.saving.checkpoint_problem imports it here)
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import follow_umask
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
-# ---------------------------------------------------------------- what a folder holds
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def read_model_config(path: str | Path) -> dict | None:
-    """A local model folder's config.json as a dict; None for a hub id or a folder without one."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        return None
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def checkpoint_quant_method(path: str | Path) -> str | None:
-    """`quant_method` of a checkpoint stored quantized (gptq, awq, bitsandbytes, ...); None for plain weights."""
-    config = read_model_config(path) or {}
-    return (config.get("quantization_config") or {}).get("quant_method")
-
-
-def adapter_base_path(adapter_dir: str | Path) -> str:
-    """The base model an adapter was trained on, as its adapter_config.json records it."""
-    file = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(file):
-        raise LlmftError(f"{adapter_dir} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
-    with open(file, encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise LlmftError(f"{file} names no base_model_name_or_path: pass the base model explicitly")
-    return base
-
-
-def require_model(path: str | Path, what: str, *, trust_remote_code: bool = False) -> None:
-    """Fail with a message naming `what` (a flag, or where the path came from) unless `path` can hold a model that
-    loads without running its own code (or `trust_remote_code` allows that).
-
-    A local folder must have config.json and readable safetensors headers; anything that does not exist locally must
-    look like a hub id (`org/name`), which from_pretrained resolves (or reports) itself.
-    """
-    path = str(path)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise LlmftError(f"{what} {path}: the folder has no config.json, so it holds no model")
-    else:
-        parts = path.split("/")
-        if os.path.exists(path) or len(parts) != 2 or not all(parts) or path.startswith((".", "~")):
-            raise LlmftError(f"{what} {path}: no such model folder")
-    require_no_remote_code(path, what, trust_remote_code=trust_remote_code)
-    problems = safetensors_problems(path)
-    if problems:
-        raise LlmftError(f"{what} {path}: " + "; ".join(problems))
-
-
-# Configs whose `auto_map` names classes in the model's own Python files (AutoConfig, AutoModelForCausalLM, ...).
-REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
-TRUST_REMOTE_CODE_FLAG = "--trust_remote_code True"
-
-
-def _config_file(path: str | Path, name: str) -> str | None:
-    """`name` in a local model folder, or in the local Hugging Face cache for a hub id; None when neither has it."""
-    local = os.path.join(path, name)
-    if os.path.isdir(path):
-        return local if os.path.isfile(local) else None
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import HFValidationError
-
-    try:
-        cached = try_to_load_from_cache(str(path), name)
-    except HFValidationError:
-        return None
-    return cached if isinstance(cached, str) else None
-
-
-def remote_code_references(path: str | Path) -> list[str]:
-    """What a model folder (or a cached hub model) maps to its own Python code, as `file: Auto class -> module.Class`
-    entries of `auto_map`; empty when everything loads with transformers' own classes."""
-    references = []
-    for name in REMOTE_CODE_CONFIGS:
-        file = _config_file(path, name)
-        if file is None:
-            continue
-        try:
-            with open(file, encoding="utf-8") as f:
-                auto_map = (json.load(f) or {}).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
-            continue  # unreadable configs are reported by whoever reads them
-        if not isinstance(auto_map, dict):
-            auto_map = {"auto_map": auto_map}
-        for auto_class, targets in auto_map.items():
-            for target in targets if isinstance(targets, (list, tuple)) else [targets]:
-                if target:
-                    references.append(f"{name}: {auto_class} -> {target}")
-    return references
-
-
-def remote_code_problem(path: str | Path, what: str, *, trust_remote_code: bool) -> str | None:
-    """Why `path` may not load without `--trust_remote_code True`, or None when it may."""
-    references = [] if trust_remote_code else remote_code_references(path)
-    if not references:
-        return None
-    shown = ", ".join(references[:3]) + (f" and {len(references) - 3} more" if len(references) > 3 else "")
-    return (f"{what} {path} ships its own Python code ({shown}), which would run when the model loads: llmft runs "
-            f"it only with {TRUST_REMOTE_CODE_FLAG}; pass that if you trust this model's code")
-
-
-def require_no_remote_code(path: str | Path, what: str, *, trust_remote_code: bool = False) -> None:
-    problem = remote_code_problem(path, what, trust_remote_code=trust_remote_code)
-    if problem:
-        raise LlmftError(problem)
-
-
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
-
-
-def safetensors_header_problem(file: str | Path) -> str | None:
-    """Why `file` is not a whole safetensors file, or None. Reads only the header (an 8-byte little-endian length,
-    then that much JSON) and checks that every tensor it lists lies within the file, which catches a truncated
-    download or copy and a file that is not safetensors at all, without reading the weights."""
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                return f"{file} is not a safetensors file (only {size} bytes)"
-            (length,) = struct.unpack("<Q", prefix)
-            if length > SAFETENSORS_MAX_HEADER or 8 + length > size:
-                return f"{file} is not a readable safetensors file (its header claims {length} bytes of {size})"
-            header = json.loads(f.read(length))
-    except OSError as e:
-        return f"cannot read {file}: {e.strerror or e}"
-    except (UnicodeDecodeError, ValueError):
-        return f"{file} is not a readable safetensors file (its header is not JSON)"
-    if not isinstance(header, dict):
-        return f"{file} is not a readable safetensors file (its header is not a JSON object)"
-    data = size - 8 - length
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"{file} is not a readable safetensors file (tensor {name} has no data offsets)"
-        if offsets[1] > data:
-            return (f"{file} is truncated: tensor {name} ends at byte {offsets[1]} of the data, the file holds "
-                    f"{data}; copy or download it again")
-    return None
-
-
-def safetensors_problems(path: str | Path) -> list[str]:
-    """`safetensors_header_problem` of every *.safetensors file in a local folder (none for a hub id)."""
-    if not os.path.isdir(path):
-        return []
-    files = sorted(p for p in Path(path).glob("*.safetensors") if p.is_file())
-    return [problem for file in files if (problem := safetensors_header_problem(file))]
-
-
-def trained_vocab_size(adapter_dir: str | Path) -> int | None:
-    """Rows of the embeddings or output head saved with an adapter (modules_to_save after added tokens), else None.
-
-    Training grows the embeddings for tokens it adds (padded to a multiple of 64), so the base must be grown to this
-    size, not to the tokenizer's length, before the saved rows fit.
-    """
-    file = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.isfile(file):
-        return None
-    from safetensors import safe_open
-
-    rows = []
-    with safe_open(file, framework="pt") as f:
-        for key in f.keys():
-            if "lora_" not in key and key.endswith(".weight") and ("embed_tokens" in key or "lm_head" in key):
-                rows.append(f.get_slice(key).get_shape()[0])
-    return max(rows) if rows else None
-
-
-def _has_tokenizer(path: str | Path) -> bool:
-    return os.path.isfile(os.path.join(path, "tokenizer_config.json"))
 
 
 # ---------------------------------------------------------------- loading
@@ -261,12 +86,15 @@ def inference_dtype(dtype: str, device: str):
     return torch.float32 if device == "cpu" else "auto"
 
 
-def load_tokenizer(path: str | Path, base: str | Path | None = None, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str | Path, base: str | Path | None = None, *,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path`, else the one of `base`; ChatML when it has no chat template."""
     from transformers import AutoTokenizer
 
-    source = path if (_has_tokenizer(path) or base is None) else base
-    require_no_remote_code(source, "the tokenizer in", trust_remote_code=trust_remote_code)
+    source = path if (base is None or model_folder(path).has_tokenizer) else base
+    problem = model_folder(source).remote_code_problem("the tokenizer in", trust_remote_code=trust_remote_code)
+    if problem:
+        raise LlmftError(problem)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         logger.warning("%s has no chat template: using ChatML", source)
@@ -274,18 +102,18 @@ def load_tokenizer(path: str | Path, base: str | Path | None = None, *, trust_re
     return tokenizer
 
 
-def load_model(path: str | Path, *, dtype="auto", device: str | None = None, what: str = "model",
-               trust_remote_code: bool = False):
+def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | None = None, what: str = "model",
+               trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM from a model folder or hub id (a GPTQ checkpoint included), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    require_model(path, what, trust_remote_code=trust_remote_code)
+    folder = require_model(path, what, trust_remote_code=trust_remote_code)
     try:
         with stdout_to_stderr():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device} if device else None,
                                                          trust_remote_code=trust_remote_code)
     except OSError as e:
-        if os.path.isdir(path):
+        if not folder.is_hub_id:
             raise  # a local folder that fails to load is a bug or a broken file, with a traceback worth keeping
         raise LlmftError(f"{what} {path}: not a local folder, and it could not be fetched as a hub model ({e})") \
             from None
@@ -293,27 +121,27 @@ def load_model(path: str | Path, *, dtype="auto", device: str | None = None, wha
 
 
 def load_adapter_model(
-    adapter_dir: str | Path, *, base: str | Path | None = None, dtype="auto", device: str | None = None,
-    trust_remote_code: bool = False,
-):
+    adapter_dir: str | Path, *, base: str | Path | None = None, dtype: str | torch.dtype = "auto",
+    device: str | None = None, trust_remote_code: bool = False,
+) -> PeftModel:
     """Base model + adapter, unmerged (a PeftModel in eval mode). `base` overrides the adapter's recorded base.
 
     The base loads as its folder stores it: a Q-LoRA base unquantized (bitsandbytes quantized it only while
-    training), a GPTQ checkpoint as GPTQ. Its embeddings grow first to the rows the adapter saved, or to the
-    tokenizer's length, when training added tokens.
+    training), a GPTQ checkpoint as GPTQ. Its embeddings grow first to the rows the adapter saved for the base's
+    embedding modules, or to the tokenizer's length, when training added tokens.
     """
     with stdout_to_stderr():  # importing peft imports GPTQModel, which prints a banner
         from peft import PeftModel
 
+    from llmft.model import embedding_module_names
+
+    adapter = require_adapter(adapter_dir, "the adapter", trust_remote_code=trust_remote_code)
     what = "--base" if base is not None else f"the base model recorded in {adapter_dir}/{ADAPTER_CONFIG}"
-    base = str(base) if base is not None else adapter_base_path(adapter_dir)
-    problems = safetensors_problems(adapter_dir)
-    if problems:
-        raise LlmftError(f"the adapter {adapter_dir}: " + "; ".join(problems))
+    base = str(base) if base is not None else adapter.adapter_base
     model = load_model(base, dtype=dtype, device=device, what=what, trust_remote_code=trust_remote_code)
     rows = model.get_input_embeddings().weight.shape[0]
-    wanted = trained_vocab_size(adapter_dir)
-    if wanted is None and _has_tokenizer(adapter_dir):
+    wanted = adapter.saved_embedding_rows(embedding_module_names(model))
+    if wanted is None and adapter.has_tokenizer:
         wanted = len(load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code))
     if wanted is not None and wanted > rows:
         logger.info("growing the base embeddings from %d to %d rows, as training did", rows, wanted)
@@ -324,21 +152,20 @@ def load_adapter_model(
 
 
 def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto", what: str = "--model",
-                       trust_remote_code: bool = False):
+                       trust_remote_code: bool = False) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for any result: an adapter folder, a GPTQ checkpoint, or a plain model folder. `what`
     names the path in errors (the flag it came from)."""
     device = resolve_device(device)
     torch_dtype = inference_dtype(dtype, device)
     trust = {"trust_remote_code": trust_remote_code}
     with stdout_to_stderr():
-        if is_adapter_dir(path):
-            base = adapter_base_path(path)
-            require_no_remote_code(path, what, **trust)  # before the base loads, so nothing runs half-way
+        # checked whole before anything loads, so that nothing runs half-way
+        if require_model(path, what, adapter=True, **trust).is_adapter:
+            base = require_adapter(path, what, **trust).adapter_base
             require_model(base, f"the base model recorded in {path}/{ADAPTER_CONFIG}", **trust)
             model = load_adapter_model(path, dtype=torch_dtype, device=device, **trust)
             tokenizer = load_tokenizer(path, base=base, **trust)
         else:
-            require_model(path, what, **trust)
             model = load_model(path, dtype=torch_dtype, device=device, what=what, **trust)
             tokenizer = load_tokenizer(path, **trust)
     return model, tokenizer

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmft.checkpoint import looks_like_path
 from llmft.errors import EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,8 +312,9 @@ def parse_options(launcher: Launcher, argv: list[str], environ: dict) -> argpars
         raise UsageError("no training data given: pass -d DATA")
     if not os.path.exists(options.data):
         raise UsageError(f"training data '{options.data}' does not exist")
-    # A hub id also contains '/', so only a model written as a path ('/x', './x', '../x') must exist here.
-    if options.model.startswith(("/", "./", "../")) and not os.path.exists(options.model):
+    # A Hub id also contains '/', so only a model written as a path must exist here; finetune.py checks the rest
+    # (llmft.checkpoint: the one rule for what names a folder and what a Hub id)
+    if looks_like_path(options.model) and not os.path.exists(options.model):
         raise UsageError(f"model folder '{options.model}' does not exist")
     if options.fsdp:
         if options.deepspeed:

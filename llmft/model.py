@@ -17,9 +17,10 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from llmft.args import base_quant_method, uses_zero3
+from llmft.args import uses_zero3
 from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
                                  uses_chatml)
+from llmft.checkpoint import model_folder, quant_method
 from llmft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    quantized = quant_args.q_lora or base_quant_method(model_args) is not None
+    quantized = quant_args.q_lora or model_folder(model_args.model_name_or_path).quant_method is not None
     load_options = {}
     if quant_args.q_lora:  # passing quantization_config=None would override a GPTQ checkpoint's own config
         load_options["quantization_config"] = quantization_config(quant_args, training_args)
@@ -161,7 +162,7 @@ def lora_config(lora_args, model=None, train_embeddings: bool = False):
         targets = _quantized_linear_names(model) if model is not None and _is_gptq(model) else "all-linear"
     modules_to_save = list(lora_args.lora_modules_to_save or [])
     if train_embeddings:
-        for module in _embedding_module_names(model):
+        for module in embedding_module_names(model):
             if module not in modules_to_save:
                 modules_to_save.append(module)
     return LoraConfig(
@@ -241,12 +242,7 @@ def save_adapter_for_original_base(model, folder: str) -> None:
 
 
 def _is_gptq(model) -> bool:
-    quantization = getattr(model.config, "quantization_config", None)
-    if isinstance(quantization, dict):
-        method = quantization.get("quant_method")
-    else:
-        method = getattr(quantization, "quant_method", None)
-    return str(getattr(method, "value", method)).lower() == "gptq"
+    return quant_method(model.config) == "gptq"
 
 
 def _quantized_linear_names(model) -> list[str]:
@@ -256,7 +252,10 @@ def _quantized_linear_names(model) -> list[str]:
                    if hasattr(module, "qweight") and module is not head})
 
 
-def _embedding_module_names(model) -> list[str]:
+def embedding_module_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of the model's input embeddings and, when it is another module, its output head: what
+    training saves in full for added tokens, and what an adapter's saved rows are looked up by
+    (`llmft.checkpoint.ModelFolder.saved_embedding_rows`)."""
     names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     found = [names[model.get_input_embeddings()]]
     output = model.get_output_embeddings()

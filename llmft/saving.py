@@ -29,6 +29,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from llmft.checkpoint import model_folder, safetensors_header_problem
 from llmft.errors import LlmftError
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,11 @@ RUN_FILE = "llmft_run.json"
 
 def describe_run(model_args, lora_args, quant_args, added_tokens) -> dict:
     """What tools after training need to know and cannot read from the adapter: how the base was loaded."""
-    from llmft.args import base_quant_method
-
     quantization = None
     if quant_args.q_lora:
         quantization = {"method": "bitsandbytes", "bits": quant_args.quant_bits,
                         "type": quant_args.quant_type if quant_args.quant_bits == 4 else "int8"}
-    elif (method := base_quant_method(model_args)) is not None:
+    elif (method := model_folder(model_args.model_name_or_path).quant_method) is not None:
         quantization = {"method": method}
     mode = "full" if not lora_args.use_lora else ("qlora" if quant_args.q_lora else "lora")
     return {"mode": mode, "base_model": model_args.model_name_or_path, "base_quantization": quantization,
@@ -65,13 +64,12 @@ def base_fingerprint(model: str | os.PathLike) -> str | None:
     FINGERPRINT_TENSORS tensors spread over its safetensors files (a few KB read, whatever the model's size). The
     same weights stored in another float dtype that holds them exactly give the same fingerprint. None when the model
     is neither a local folder nor in the local hub cache, or has no safetensors weights."""
-    folder = _local_model_folder(model)
-    if folder is None or not (folder / "config.json").is_file():
+    inspected = model_folder(model)
+    if inspected.folder is None or inspected.config is None:
         return None
     from safetensors import safe_open
 
-    with open(folder / "config.json", encoding="utf-8") as f:
-        config = json.load(f)
+    folder, config = inspected.folder, dict(inspected.config)
     for key in FINGERPRINT_IGNORED_KEYS:
         config.pop(key, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
@@ -96,18 +94,6 @@ def base_fingerprint(model: str | os.PathLike) -> str | None:
         digest.update(f"{name}{shape}".encode())
         digest.update(values.numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:32]
-
-
-def _local_model_folder(model: str | os.PathLike) -> Path | None:
-    """A local model folder as is; a hub id as its snapshot in the local cache; None when neither."""
-    if os.path.isdir(model):
-        return Path(model)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(model), local_files_only=True))
-    except Exception:  # not a hub id, or not cached: nothing to fingerprint
-        return None
 
 
 def follow_umask(path: str | os.PathLike) -> None:
@@ -219,8 +205,6 @@ def check_model_written(path: str) -> None:
     state dict, nor under ZeRO-3 without stage3_gather_16bit_weights_on_model_save (only a DeepSpeed checkpoint then),
     and a rank that died mid-save leaves an empty or truncated file. Reads each weight file's safetensors header (not
     the weights): every file must be whole (`safetensors_header_problem`) and the files together hold a tensor."""
-    from llmft.inference import safetensors_header_problem  # llmft.inference imports this module
-
     names = sorted(os.listdir(path))
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):

@@ -203,7 +203,7 @@ def test_missing_model_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"])
     assert exit_info.value.code == 2
-    assert "no such model folder" in capsys.readouterr().err
+    assert f"error: --model {tmp_path / 'nothing'}: no such directory\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cut", [100_000, 7], ids=["truncated", "shorter-than-its-header-length"])
@@ -235,7 +235,7 @@ def test_truncated_adapter_weights_are_named(answering_adapter, tmp_path, capsys
         main(["--model", str(adapter), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
-    assert f"error: the adapter {adapter}: {weights} is not a readable safetensors file" in err
+    assert f"error: --model {adapter}: {weights} is not a readable safetensors file" in err
 
 
 # --- --tools: function schemas in the prompt, as training shows them ----------------------------------------------

@@ -229,9 +229,9 @@ def copy_adapter_with_base(adapter: Path, base: str, dest: Path) -> Path:
 
 def test_missing_base_is_reported(lora_adapter, tmp_path):
     adapter = copy_adapter_with_base(lora_adapter, str(tmp_path / "gone"), tmp_path / "adapter")
-    with pytest.raises(LlmftError, match="base model recorded in .*no such model folder"):
+    with pytest.raises(LlmftError, match="base model recorded in .*: no such directory$"):
         merge_lora(adapter, tmp_path / "out")
-    with pytest.raises(LlmftError, match="--base .*no such model folder"):
+    with pytest.raises(LlmftError, match="--base .*: no such directory$"):
         merge_lora(lora_adapter, tmp_path / "out", base=str(tmp_path / "gone"))
 
 

@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from llmft.checkpoint import model_folder
+
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "tools" / "benchmark.py"  # what the launcher arm runs as its entry point, and each arm's process
 SHAPES = {  # Qwen2.5 shapes: hidden, intermediate, layers, heads, kv heads, tied embeddings
@@ -108,7 +110,7 @@ def prepare(workdir: Path, shape: str, samples: int, median: int, sigma: float, 
     model = workdir / f"model-{shape}"
     data = workdir / f"chat-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
-    if not (model / "config.json").exists():
+    if not model_folder(model).is_model:
         build_random_model(model, shape)
     if not data.exists():
         write_data(data, samples, median, sigma, cap)

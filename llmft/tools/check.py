@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import HfArgumentParser
 
-from llmft.args import DataArguments, ModelArguments, _model_path_problems
+from llmft.args import DataArguments, ModelArguments
+from llmft.checkpoint import model_folder
 from llmft.errors import ConfigError, exit_on_user_error
 
 EXIT_PROBLEMS = 1
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None):
     model_args, data_args, check_args, unknown = parser.parse_args_into_dataclasses(argv,
                                                                                     return_remaining_strings=True)
     problems = [f"unknown flag or argument: {token}" for token in unknown]
-    problems += _model_path_problems(model_args.model_name_or_path)
+    problems += model_folder(model_args.model_name_or_path).problems(
+        "--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     if not os.path.isfile(data_args.data_path):
         problems.append(f"--data_path {data_args.data_path}: no such file")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size"):

@@ -42,19 +42,15 @@ import torch
 from llmft.data.formats import load_conversations, parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
+from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
 from llmft.inference import (
     DTYPE_CHOICES,
     DTYPES,
-    adapter_base_path,
     add_trust_remote_code_flag,
     parse_flag_bool,
-    checkpoint_quant_method,
     load_adapter_model,
     load_model,
     load_tokenizer,
-    read_model_config,
-    require_model,
-    require_no_remote_code,
     set_generation_stops,
     staged_output_dir,
 )
@@ -119,25 +115,26 @@ def merge_base(adapter_dir: str | Path, base: str | None = None, *, trust_remote
     weights plus the LoRA delta are neither the model that was trained nor one that quantizes cleanly again. The
     delta belongs on the original weights, and the merged model is then quantized anew (tools/run_gptq.py).
     """
-    recorded = adapter_base_path(adapter_dir)
-    recorded_method = checkpoint_quant_method(recorded) if os.path.isdir(recorded) else None
+    recorded = require_adapter(adapter_dir, "--adapter", trust_remote_code=trust_remote_code).adapter_base
+    what = f"the base model recorded in {adapter_dir}/{ADAPTER_CONFIG}"
+    recorded_folder = model_folder(recorded)
     if base is None:
-        if recorded_method:
+        if recorded_folder.quant_method:
             raise LlmftError(
-                f"the adapter was trained on {recorded}, a {recorded_method.upper()}-quantized checkpoint. Merging "
-                "into its dequantized weights would add the LoRA delta to rounded weights: not the original model, "
-                "and a poor start for quantizing again. Pass --base with the unquantized model that checkpoint was "
-                "made from (same architecture); quantize the merged model afterwards with tools/run_gptq.py"
+                f"the adapter was trained on {recorded}, a {recorded_folder.quant_method.upper()}-quantized "
+                "checkpoint. Merging into its dequantized weights would add the LoRA delta to rounded weights: not "
+                "the original model, and a poor start for quantizing again. Pass --base with the unquantized model "
+                "that checkpoint was made from (same architecture); quantize the merged model afterwards with "
+                "tools/run_gptq.py"
             )
-        require_model(recorded, f"the base model recorded in {adapter_dir}/adapter_config.json",
-                      trust_remote_code=trust_remote_code)
+        require_model(recorded, what, trust_remote_code=trust_remote_code)
         return recorded
-    require_model(base, "--base", trust_remote_code=trust_remote_code)
-    method = checkpoint_quant_method(base)
-    if method:
-        raise LlmftError(f"--base {base} is itself quantized ({method}): merging needs the unquantized weights")
-    if recorded_method:
-        problems = _architecture_mismatch(read_model_config(recorded), read_model_config(base) or {})
+    given = require_model(base, "--base", trust_remote_code=trust_remote_code)
+    if given.quant_method:
+        raise LlmftError(f"--base {base} is itself quantized ({given.quant_method}): merging needs the unquantized "
+                         "weights")
+    if recorded_folder.quant_method:
+        problems = _architecture_mismatch(recorded_folder.config, given.config or {})
         if problems:
             raise LlmftError(f"--base {base} is not the architecture of the adapter's base {recorded}: "
                              + "; ".join(problems))
@@ -161,7 +158,7 @@ def check_base_fingerprint(adapter_dir: str | Path, base_path: str, *, allow_mis
     actual = base_fingerprint(base_path)
     if actual == recorded:
         return
-    trained_on = run.get("base_model") or adapter_base_path(adapter_dir)
+    trained_on = run.get("base_model") or model_folder(adapter_dir).adapter_base
     message = (f"the base {base_path} is not the model the adapter {adapter_dir} was trained on ({trained_on}): "
                f"its fingerprint (config and a sample of weights) is {actual or 'unreadable'}, training recorded "
                f"{recorded} in {RUN_FILE}")
@@ -235,7 +232,7 @@ def merge_lora(
     if problems:
         raise ConfigError(problems)
     trust = {"trust_remote_code": trust_remote_code}
-    require_no_remote_code(adapter, "--adapter", **trust)
+    require_adapter(adapter, "--adapter", **trust)
     base_path = merge_base(adapter, base, **trust)
     check_base_fingerprint(adapter, base_path, allow_mismatch=allow_base_mismatch)
     torch_dtype = DTYPES.get(dtype, "auto")

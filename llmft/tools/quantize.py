@@ -43,15 +43,12 @@ import torch
 from llmft.data.formats import load_conversations
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
+from llmft.checkpoint import model_folder, require_model
 from llmft.inference import (
     add_trust_remote_code_flag,
-    checkpoint_quant_method,
     load_for_inference,
     load_tokenizer,
     parse_flag_bool,
-    remote_code_problem,
-    require_model,
-    require_no_remote_code,
     set_generation_stops,
     staged_output_dir,
     stdout_to_stderr,
@@ -109,13 +106,11 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-def validate(model_name_or_path, data_path, eval_data_path, settings: GptqSettings, eval_samples: int,
-             trust_remote_code: bool = False) -> None:
+def validate(model_name_or_path: str, data_path: str, eval_data_path: str | None, settings: GptqSettings,
+             eval_samples: int, trust_remote_code: bool = False) -> None:
     """Raise one ConfigError listing every problem with the arguments."""
-    problems = []
-    remote_code = remote_code_problem(model_name_or_path, "--model_name_or_path", trust_remote_code=trust_remote_code)
-    if remote_code:
-        problems.append(remote_code)
+    model = model_folder(model_name_or_path)
+    problems = model.problems("--model_name_or_path", trust_remote_code=trust_remote_code)
     if settings.bits not in BITS_CHOICES:
         problems.append(f"--bits {settings.bits}: GPTQ here writes {' or '.join(map(str, BITS_CHOICES))} bits")
     if settings.group_size != -1 and settings.group_size < 1:
@@ -129,9 +124,9 @@ def validate(model_name_or_path, data_path, eval_data_path, settings: GptqSettin
     for flag, path in (("--data_path", data_path), ("--eval_data_path", eval_data_path)):
         if path is not None and not os.path.isfile(path):
             problems.append(f"{flag} {path}: no such file")
-    if os.path.isdir(model_name_or_path) and checkpoint_quant_method(model_name_or_path):
-        problems.append(f"--model_name_or_path {model_name_or_path} is quantized already "
-                        f"({checkpoint_quant_method(model_name_or_path)}): quantize the unquantized model")
+    if model.quant_method:
+        problems.append(f"--model_name_or_path {model_name_or_path} is quantized already ({model.quant_method}): "
+                        "quantize the unquantized model")
     if problems:
         raise ConfigError(problems)
 
@@ -217,7 +212,6 @@ def run_gptq(
     settings = GptqSettings(bits, group_size, desc_act, max_len, num_samples)
     validate(model_name_or_path, data_path, eval_data_path, settings, eval_samples, trust_remote_code)
     trust = {"trust_remote_code": trust_remote_code}
-    require_model(model_name_or_path, "--model_name_or_path", **trust)
 
     with staged_output_dir(out_path, force=force, flag="--output_dir", inputs=(model_name_or_path,)) as staging:
         tokenizer = load_tokenizer(model_name_or_path, **trust)
@@ -236,7 +230,7 @@ def run_gptq(
         started = time.perf_counter()
         # A hub id's config.json is in the local cache only now that it has loaded: check it again right before
         # GPTQModel, which imports a model's own code whatever trust_remote_code says.
-        require_no_remote_code(model_name_or_path, "--model_name_or_path", **trust)
+        require_model(model_name_or_path, "--model_name_or_path", **trust)
         quantize_with_gptqmodel(model_name_or_path, calibration, settings, staging, **trust)
         seconds = time.perf_counter() - started
 

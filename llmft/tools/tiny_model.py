@@ -43,6 +43,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2T
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from llmft.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, generation_stops
+from llmft.checkpoint import model_folder
 from llmft.errors import ConfigError, exit_on_user_error
 
 TOKENIZER_KINDS = ("bpe", "qwen")
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parse_args(argv))
     args["chat"] = not args.pop("base")
     path = make_tiny_model(args.pop("output_dir"), **args)
-    vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+    vocab_size = model_folder(path).vocab_size
     kind = "chat" if args["chat"] else "base"
     parameters = count_parameters(path) / 1e6
     print(f"{path}: {parameters:.2f}M parameters, vocab {vocab_size}, {args['tokenizer']} tokenizer, {kind}")
