@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft.saving import checkpoint_problem
@@ -133,6 +134,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tiny_chat_mod
 SIGNAL_STUB = """\
 import json, os, signal, sys, time
 from pathlib import Path
+from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED
 out = Path(os.environ["STUB_OUT"])
 rank = os.environ["RANK"]
@@ -252,6 +254,10 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
     assert len(list((out / "checkpoint-2").glob("global_step2/*optim_states.pt"))) == 2  # both ranks' ZeRO shards
+    # what ZeRO-2 pickles passes the resume's check (llmft/checkpoint_pickles.py): the resume below would stop else
+    pickles = checkpoint_pickles(str(out / "checkpoint-2"))
+    assert sum("global_step2" in p for p in pickles) == 3
+    assert [(p, pickle_problem(p)) for p in pickles if pickle_problem(p)] == []
     assert not (out / "adapter_model.safetensors").exists()
 
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", RESUME="auto")
