@@ -361,7 +361,7 @@ def _rank_files_problem(path: str, names: list[str]) -> str | None:
                     f"{len(rng)} ranks (a rank's save was interrupted)")
     for root, _, files in os.walk(path):
         for name in files:
-            if name.endswith((".pt", ".pth")):
+            if name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip files (FSDP's model and optimizer: .bin)
                 file = os.path.join(root, name)
                 try:
                     with zipfile.ZipFile(file):
