@@ -269,3 +269,40 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
     assert reports[0]["trained_tokens"] > 0 and reports[0]["world_size"] == 2
     for key in ("tokens_seen", "trained_tokens", "tokens_at_step"):  # both ranks' counts, across the stop
         assert reports[1][key] == reports[0][key], key
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resumes_exactly(tiny_chat_model,
+                                                                                             tmp_path):
+    """ds_configs/fsdp.json (FSDP2, FULL_STATE_DICT) on 2 CPU ranks: SIGTERM to rank 1 -> both stop after the next
+    step with exit 75; the checkpoint's adapter holds every LoRA tensor whole (not rank 0's slice); the resumed run
+    ends with the adapter of a run never stopped, which it could not if either rank had resumed from a partial state."""
+    from tests.conftest import assert_adapter_trained, equivalence_run_flags as run_flags
+
+    reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
+    fsdp = ["--fsdp", "fsdp"]
+    args = ["-m", tiny_chat_model, "-d", REPO / "examples" / "conversations.json", "-o", reference, *fsdp, "--",
+            *run_flags(1)]
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets")
+    result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    entry = tmp_path / "signal_one_rank.py"
+    entry.write_text(SIGNAL_ONE_RANK_ENTRY.format(repo=str(REPO)))
+    args[args.index("-o") + 1] = out
+    result = run_launcher("finetune_lora_ds.sh", *args, env={**env, "LLMFT_ENTRY": str(entry)}, timeout=1200)
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-6000:]
+    assert "llmft: preempted" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    checkpoint = out / "checkpoint-2"
+    assert checkpoint_problem(str(checkpoint)) is None
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert_adapter_trained(tiny_chat_model, checkpoint)  # each lora_A (r, in) and lora_B (out, r) whole
+    assert not (out / "adapter_model.safetensors").exists()
+
+    result = run_launcher("finetune_lora_ds.sh", *args, env={**env, "RESUME": "auto"}, timeout=1200)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert f"resuming from {checkpoint}" in result.stderr
+    assert_adapter_trained(tiny_chat_model, out)
+    assert_same_adapter(adapter(reference), adapter(out), atol=1e-5)
