@@ -162,7 +162,10 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
         follow_umask(staging)
         for checkpoint in Path(output_dir).glob("checkpoint-*"):  # in case no FollowUmaskCallback saw them saved
             follow_umask(checkpoint)
-        for name in os.listdir(staging):
+        # the weights last, their index after them: a kill -9 between two renames leaves a result that does not
+        # load (no weights), never one that loads with some of them
+        for name in sorted(os.listdir(staging), key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")),
+                                                                n.endswith(".index.json"), n)):
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
