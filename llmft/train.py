@@ -45,6 +45,7 @@ def main(argv=None, callbacks=()):
     set_seed(training_args.seed)
     kernels = choose_kernels(model_args, data_args, training_args)
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
+    resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
@@ -63,7 +64,7 @@ def main(argv=None, callbacks=()):
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)
     record_run_settings(run_settings, training_args)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume_from)
 
     with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
         run = describe_run(model_args, lora_args, quant_args, added_tokens)

@@ -95,6 +95,7 @@ def test_resume_refuses_a_crafted_checkpoint_naming_the_file(planted, resume, ch
     out = checkpointed_run
     marker = tmp_path / "code-ran"
     write_payload(out / "checkpoint-1" / planted, marker)
+    (out / "checkpoint-1" / "latest").write_text("global_step1")  # a DeepSpeed checkpoint is complete with it
     resume = str(out / "checkpoint-1") if resume == "path" else resume
     with pytest.raises(SystemExit) as exit_info:
         run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", resume))
@@ -111,6 +112,7 @@ def test_trust_flag_skips_the_check(checkpointed_run, tiny_chat_model, run_finet
     without running the payload."""
     out = checkpointed_run
     write_payload(out / "checkpoint-1" / "global_step1" / "mp_rank_00_model_states.pt", tmp_path / "code-ran")
+    (out / "checkpoint-1" / "latest").write_text("global_step1")
     trainer = run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "True",
                                   "--trust_checkpoint_pickles", "True"))
     assert trainer.state.global_step == 2
