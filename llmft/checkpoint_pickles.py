@@ -16,9 +16,12 @@ refused with the file and the globals named, unless `--trust_checkpoint_pickles 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from llmft.errors import LlmftError
+
+logger = logging.getLogger(__name__)
 
 # Globals outside torch's weights_only allowlist that real checkpoints hold, found by listing the pickles of ZeRO-2
 # and ZeRO-3 checkpoints (LoRA and full) of the tiny model, 2 CPU ranks: classes built from plain data, none of
@@ -77,6 +80,7 @@ def check_checkpoint_pickles(checkpoint: str, trust: bool = False) -> None:
     """Raise LlmftError naming each pickle of `checkpoint` that could run code when resumed from (see the module's
     docstring); with `trust`, check nothing."""
     if trust:
+        logger.warning("%s: resuming from %s without checking what its pickles import", TRUST_FLAG, checkpoint)
         return
     problems = [f"{path}: {problem}" for path in checkpoint_pickles(checkpoint)
                 if (problem := pickle_problem(path)) is not None]

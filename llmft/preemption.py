@@ -18,8 +18,8 @@ The handlers are installed while training runs (between on_train_begin and on_tr
   finetune.py's main);
 - during the final save, which is the run's result, the signal waits: the staged save (llmft/saving.py) finishes and
   moves into place whole, the log says so, and the run ends with status 0 (`signals_deferred`). A scheduler's grace
-  time before its kill is meant for such a save; a kill -9 during it leaves the staging folder, never a
-  half-written result.
+  time before its kill is meant for such a save; a kill -9 during it leaves the staging folder or, while the files
+  move into place (the weights last), a result without its weights: never one that loads half-written.
 """
 
 from __future__ import annotations

@@ -360,7 +360,7 @@ def _rank_files_problem(path: str, names: list[str]) -> str | None:
         if rng and optim == list(range(len(optim))) and len(rng) < len(optim):
             return f"rng_state_{len(rng)}.pth is missing (a rank's save was interrupted)"
         if optim != list(range(len(optim))) or (rng and len(rng) != len(optim)):
-            return (f"{tag} holds the optimizer shards of ranks {optim or 'none'} and the folder the RNG states of "
+            return (f"{tag} holds the optimizer shards of ranks {optim or 'none'}, beside the RNG states of "
                     f"{len(rng)} ranks (a rank's save was interrupted)")
     for root, _, files in os.walk(path):
         for name in files:

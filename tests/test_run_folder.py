@@ -169,7 +169,7 @@ def deepspeed_checkpoint(path, ranks: int = 2, step: int = 2):
     ("cut global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
      "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt is cut short"),
     ("rm global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-     "global_step2 holds the optimizer shards of ranks [0] and the folder the RNG states of 2 ranks"),
+     "global_step2 holds the optimizer shards of ranks [0], beside the RNG states of 2 ranks"),
     ("rm latest", "DeepSpeed's latest file is missing"),
     ("latest global_step9", "DeepSpeed's latest names 'global_step9', which is not there"),
     ("rm global_step2/mp_rank_00_model_states.pt", "global_step2 holds no model states"),
