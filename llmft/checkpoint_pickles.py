@@ -23,9 +23,10 @@ from llmft.errors import LlmftError
 
 logger = logging.getLogger(__name__)
 
-# Globals outside torch's weights_only allowlist that real checkpoints hold, found by listing the pickles of ZeRO-2
-# and ZeRO-3 checkpoints (LoRA and full) of the tiny model, 2 CPU ranks: classes built from plain data, none of
-# which runs anything when unpickled.
+# Globals outside torch's weights_only allowlist that real checkpoints hold, found by listing the pickles of
+# checkpoints of the tiny model on 2 CPU ranks under every shipped DeepSpeed config (zero2, zero3 with LoRA and full;
+# zero2_offload, zero3_offload; the Q-LoRA launcher's ZeRO-2) and FSDP (whose .bin files need none): classes built
+# from plain data, none of which runs anything when unpickled.
 ALLOWED_GLOBALS = frozenset({
     # ZeRO optimizer state (stage_1_and_2.py / stage3.py state_dict): the loss scaler object, the stage as an enum,
     # and ZeRO-2's per-parameter fragment addresses (a dataclass of two ints)
