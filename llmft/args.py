@@ -174,6 +174,12 @@ class TrainingArguments(transformers.TrainingArguments):
             "installed; True: every Liger kernel (see --liger_kernel_config); False: none."
         },
     )
+    trust_checkpoint_pickles: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint even when its pickles import code that llmft, DeepSpeed and the "
+                  "Trainer never write there (llmft/checkpoint_pickles.py): DeepSpeed unpickles its files with "
+                  "weights_only=False, so only for a checkpoint from a source you trust."},
+    )
     include_num_input_tokens_seen: str = field(
         default="no",
         metadata={"help": "Count the input tokens seen: all, non_padding or no (True means all, False no)."},
@@ -595,15 +601,18 @@ def resume_checkpoint(training_args) -> str | None:
     `--resume_from_checkpoint True` means the newest complete checkpoint of --output_dir; incomplete ones (a save cut
     short by kill -9) are skipped, and the log says which and why. `auto` means the same when --output_dir holds a
     complete checkpoint (llmft.preemption.record_run_settings has checked that they are of this same run), and a
-    fresh start when it holds none."""
+    fresh start when it holds none. A checkpoint whose pickles could run code is refused (LlmftError) unless
+    --trust_checkpoint_pickles True (llmft/checkpoint_pickles.py)."""
     import logging
 
+    from llmft.checkpoint_pickles import check_checkpoint_pickles
     from llmft.saving import checkpoints
 
     resume = training_args.resume_from_checkpoint
     if resume is None or resume.lower() == "false":
         return None
     if resume.lower() not in ("true", "auto"):
+        check_checkpoint_pickles(resume, trust=training_args.trust_checkpoint_pickles)
         return resume
     complete, incomplete = checkpoints(training_args.output_dir)
     log = logging.getLogger(__name__)
@@ -613,6 +622,7 @@ def resume_checkpoint(training_args) -> str | None:
         log.warning("--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
                     training_args.output_dir)
         return None
+    check_checkpoint_pickles(complete[-1], trust=training_args.trust_checkpoint_pickles)
     log.warning("resuming from %s", complete[-1])
     return complete[-1]
 

@@ -7,7 +7,9 @@ It is torchrun (same options, same elastic agent), with two differences:
 - SIGTERM and SIGUSR1 (a scheduler's warning before it kills the job) are passed on to the ranks, which stop after
   their next optimizer step with a checkpoint and exit with EXIT_PREEMPTED (llmft/preemption.py); it then exits with
   that status too, after one line. torchrun itself would answer SIGTERM by terminating the ranks (SIGKILL 30 s
-  later) and a traceback, and SIGUSR1 would kill it outright, leaving the ranks behind.
+  later) and a traceback, and SIGUSR1 would kill it outright, leaving the ranks behind. When the signal comes before
+  the ranks train (they are loading the model) they end at once, killed by it (llmft/preemption.py), and it exits
+  with 128 + the signal's number after one line, as a shell reports a process that signal killed.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, PREEMPTION_SIGNALS
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
+FORWARDED: list[int] = []  # the signals passed on to the ranks, in order
+
+
 def forward_to_ranks(signum, frame) -> None:
     """Pass a preemption signal on to this process's children: the ranks torchrun started (each in its own session,
     so that they are out of reach of a signal sent to the launcher's process group)."""
     import psutil
 
+    FORWARDED.append(signum)
     for child in psutil.Process().children():
         try:
             child.send_signal(signum)
@@ -57,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"llmft: preempted: the ranks wrote a checkpoint and stopped (exit status {EXIT_PREEMPTED}); "
                   "resume with --resume_from_checkpoint True or auto", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
+        if FORWARDED and all(-code in FORWARDED for code in codes):
+            name = signal.Signals(-first.exitcode).name
+            print(f"llmft: {name} came before the ranks were training: they stopped without a checkpoint (exit "
+                  f"status {128 - first.exitcode})", file=sys.stderr)
+            sys.exit(128 - first.exitcode)
         if first.exitcode != EXIT_USER_ERROR:
             raise
         print(f"llmft: stopped, rank {rank} reported the error above (exit status {EXIT_USER_ERROR})",

@@ -11,8 +11,15 @@ scheduler, RNG states and the data position), the ranks wait until every rank's 
 exits with EXIT_PREEMPTED (75) instead of going on to the final save. `--resume_from_checkpoint True` (or `auto`)
 then continues from that checkpoint as if the run had never stopped.
 
-The handlers are installed while training runs (between on_train_begin and on_train_end); before and after it a
-signal ends the process as usual, and the staged final save (llmft/saving.py) never leaves a half-written model.
+The handlers are installed while training runs (between on_train_begin and on_train_end). Outside it:
+- before training (loading the data and the model, which can take minutes), and in what little follows it, there is
+  no step to finish: the process logs one line and ends at once as the signal's default would (status 128 + N), with
+  nothing of the run half-written: --output_dir is touched only right before training (`exit_on_signal`, around
+  finetune.py's main);
+- during the final save, which is the run's result, the signal waits: the staged save (llmft/saving.py) finishes and
+  moves into place whole, the log says so, and the run ends with status 0 (`signals_deferred`). A scheduler's grace
+  time before its kill is meant for such a save; a kill -9 during it leaves the staging folder or, while the files
+  move into place (the weights last), a result without its weights: never one that loads half-written.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import TrainerCallback
@@ -98,6 +107,54 @@ class PreemptionCallback(TrainerCallback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             requested = bool(flag.item())
         return requested
+
+
+@contextmanager
+def exit_on_signal() -> Iterator[None]:
+    """While the run is not training (PreemptionCallback takes the signals over while it is): SIGTERM / SIGUSR1 end
+    the process at once, as their default action would, after one log line saying that no checkpoint was written.
+    Also a decorator; the previous handlers come back after."""
+
+    def stop(signum, frame):
+        sig = signal.Signals(signum)
+        logger.warning("%s outside training (no step to finish): exiting now with status %d, without a checkpoint "
+                       "of this step; start the run again, or resume it from its newest checkpoint, if it has one",
+                       sig.name, 128 + sig.value)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+
+    try:
+        previous = {sig: signal.signal(sig, stop) for sig in PREEMPTION_SIGNALS}
+    except ValueError:  # not the main thread: signals keep their usual effect
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def signals_deferred(what: str) -> Iterator[None]:
+    """Hold SIGTERM / SIGUSR1 off while `what` runs (the final save: stopping halfway would lose the trained result,
+    which a checkpoint may not hold); the log says when one came, and the previous handlers come back after."""
+    received: list[signal.Signals] = []
+
+    def defer(signum, frame):
+        received.append(signal.Signals(signum))
+        logger.warning("%s during %s: finishing it first", received[-1].name, what)
+
+    try:
+        previous = {sig: signal.signal(sig, defer) for sig in PREEMPTION_SIGNALS}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        logger.warning("%s is complete; stopping as %s asked", what, received[0].name)
 
 
 # --- which run an output folder holds ---------------------------------------------------------------------------

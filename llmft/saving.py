@@ -148,7 +148,10 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
         follow_umask(staging)
         for checkpoint in Path(output_dir).glob("checkpoint-*"):  # in case no FollowUmaskCallback saw them saved
             follow_umask(checkpoint)
-        for name in os.listdir(staging):
+        # the weights last, their index after them: a kill -9 between two renames leaves a result that does not
+        # load (no weights), never one that loads with some of them
+        for name in sorted(os.listdir(staging), key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")),
+                                                                n.endswith(".index.json"), n)):
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
@@ -308,6 +311,50 @@ def checkpoint_problem(path: str) -> str | None:
     for name in weights:
         if (problem := safetensors_header_problem(os.path.join(path, name))) is not None:
             return problem
+    return _rank_files_problem(path, names)
+
+
+def _rank_files_problem(path: str, names: list[str]) -> str | None:
+    """What a kill -9 of a run of several ranks can leave behind trainer_state.json: rank 0 writes that file once its
+    own part is saved, without waiting for the other ranks' rng_state_N.pth (DeepSpeed's barrier comes before them).
+    So each rank's file must be there (rng_state_0..N-1, N the number of ZeRO optimizer shards under DeepSpeed) and
+    every torch.save file whole (a zip whose directory, written last, reads); a DeepSpeed checkpoint's `latest`
+    must name its global_step folder, which holds the model states."""
+    import re
+    import zipfile
+
+    rng = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n)))
+    if rng != list(range(len(rng))):
+        missing = sorted(set(range(max(rng) + 1)) - set(rng))
+        return f"rng_state_{missing[0]}.pth is missing (a rank's save was interrupted)"
+    tags = [n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))]
+    if tags:
+        try:
+            with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+                tag = f.read().strip()
+        except OSError:
+            return f"DeepSpeed's latest file is missing (beside {', '.join(sorted(tags))})"
+        if tag not in tags:
+            return f"DeepSpeed's latest names {tag!r}, which is not there"
+        shards = os.listdir(os.path.join(path, tag))
+        if not any(n.endswith("model_states.pt") for n in shards):
+            return f"{tag} holds no model states"
+        optim = sorted(int(m.group(1)) for n in shards
+                       if (m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", n)))
+        if rng and optim == list(range(len(optim))) and len(rng) < len(optim):
+            return f"rng_state_{len(rng)}.pth is missing (a rank's save was interrupted)"
+        if optim != list(range(len(optim))) or (rng and len(rng) != len(optim)):
+            return (f"{tag} holds the optimizer shards of ranks {optim or 'none'}, beside the RNG states of "
+                    f"{len(rng)} ranks (a rank's save was interrupted)")
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip files (FSDP's model and optimizer: .bin)
+                file = os.path.join(root, name)
+                try:
+                    with zipfile.ZipFile(file):
+                        pass
+                except (OSError, zipfile.BadZipFile):
+                    return f"{os.path.relpath(file, path)} is cut short (its save was interrupted)"
     return None
 
 

@@ -15,7 +15,8 @@ several GPUs and nodes are in finetune/.
 
 Exit status: 0 when trained and saved; 2 on a settings or data error (one message, no traceback); 75 when SIGTERM or
 SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preemption.py): run it again with
-`--resume_from_checkpoint auto` (or True) to continue.
+`--resume_from_checkpoint auto` (or True) to continue; 128 + N when signal N came before training started (no
+checkpoint). A signal during the final save waits for it to finish.
 """
 
 import logging
@@ -29,12 +30,13 @@ from llmft.data.packing import Packing
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
-from llmft.preemption import check_run_settings, record_run_settings
+from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import Trainer
 
 
 @exit_on_user_error
+@exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
 def main(argv=None, callbacks=()):
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
@@ -43,6 +45,7 @@ def main(argv=None, callbacks=()):
     set_seed(training_args.seed)
     kernels = choose_kernels(model_args, data_args, training_args)
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
+    resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
@@ -61,10 +64,11 @@ def main(argv=None, callbacks=()):
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)
     record_run_settings(run_settings, training_args)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume_from)
 
-    run = describe_run(model_args, lora_args, quant_args, added_tokens)
-    save_for_inference(trainer, tokenizer, training_args.output_dir, run)
+    with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
+        run = describe_run(model_args, lora_args, quant_args, added_tokens)
+        save_for_inference(trainer, tokenizer, training_args.output_dir, run)
     return trainer
 
 

@@ -386,7 +386,9 @@ def test_resume_true_with_a_checkpoint_is_accepted(data, model_dir, tmp_path):
     checkpoint = out / "checkpoint-3"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')  # what makes a checkpoint complete
-    (checkpoint / "optimizer.bin").write_bytes(b"")
+    import torch
+
+    torch.save({}, checkpoint / "optimizer.bin")  # whole: an empty file is one whose save was cut short
     *_, training_args = parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data),
                                     "--output_dir", str(out), "--resume_from_checkpoint", "True"])
     assert training_args.resume_from_checkpoint == "True"

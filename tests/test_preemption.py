@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft.saving import checkpoint_problem
@@ -133,6 +135,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tiny_chat_mod
 SIGNAL_STUB = """\
 import json, os, signal, sys, time
 from pathlib import Path
+from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED
 out = Path(os.environ["STUB_OUT"])
 rank = os.environ["RANK"]
@@ -167,6 +170,22 @@ def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_pa
     assert process.returncode == EXIT_PREEMPTED, err
     assert sorted(p.read_text() for p in tmp_path.glob("rank*.signal")) == [sig.name, sig.name]
     assert "llmft: preempted" in err and "Traceback" not in err
+
+
+def test_launch_reports_ranks_the_signal_ended_before_training(tmp_path, data_file):
+    """Ranks that a forwarded SIGTERM ends at once (as before training: llmft.preemption.exit_on_signal) make the
+    launcher exit 143 after one line, not torchrun's traceback."""
+    entry = tmp_path / "signal_entry.py"
+    entry.write_text(SIGNAL_STUB.replace("signal.signal(signal.SIGTERM, stop)\n", ""))  # SIGTERM's default
+    env = launcher_env(LLMFT_ENTRY=entry, STUB_OUT=tmp_path, GPUS_PER_NODE=2)
+    process = subprocess.Popen([str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d",
+                                str(data_file)], env=env, cwd=REPO, text=True, stderr=subprocess.PIPE)
+    wait_for_ranks(process, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "llmft: SIGTERM came before the ranks were training: they stopped without a checkpoint" in err
+    assert "Traceback" not in err and not list(tmp_path.glob("rank*.signal"))
 
 
 FAKE_SRUN = """\
@@ -252,6 +271,10 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
     assert len(list((out / "checkpoint-2").glob("global_step2/*optim_states.pt"))) == 2  # both ranks' ZeRO shards
+    # what ZeRO-2 pickles passes the resume's check (llmft/checkpoint_pickles.py): the resume below would stop else
+    pickles = checkpoint_pickles(str(out / "checkpoint-2"))
+    assert sum("global_step2" in p for p in pickles) == 3
+    assert [(p, pickle_problem(p)) for p in pickles if pickle_problem(p)] == []
     assert not (out / "adapter_model.safetensors").exists()
 
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", RESUME="auto")
@@ -263,3 +286,102 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
     assert reports[0]["trained_tokens"] > 0 and reports[0]["world_size"] == 2
     for key in ("tokens_seen", "trained_tokens", "tokens_at_step"):  # both ranks' counts, across the stop
         assert reports[1][key] == reports[0][key], key
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resumes_exactly(tiny_chat_model,
+                                                                                             tmp_path):
+    """ds_configs/fsdp.json (FSDP2, FULL_STATE_DICT) on 2 CPU ranks: SIGTERM to rank 1 -> both stop after the next
+    step with exit 75; the checkpoint's adapter holds every LoRA tensor whole (not rank 0's slice); the resumed run
+    ends with the adapter of a run never stopped, which it could not if either rank had resumed from a partial state."""
+    from tests.conftest import assert_adapter_trained, equivalence_run_flags as run_flags
+
+    reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
+    fsdp = ["--fsdp", "fsdp"]
+    args = ["-m", tiny_chat_model, "-d", REPO / "examples" / "conversations.json", "-o", reference, *fsdp, "--",
+            *run_flags(1)]
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets")
+    result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    entry = tmp_path / "signal_one_rank.py"
+    entry.write_text(SIGNAL_ONE_RANK_ENTRY.format(repo=str(REPO)))
+    args[args.index("-o") + 1] = out
+    result = run_launcher("finetune_lora_ds.sh", *args, env={**env, "LLMFT_ENTRY": str(entry)}, timeout=1200)
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-6000:]
+    assert "llmft: preempted" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    checkpoint = out / "checkpoint-2"
+    assert checkpoint_problem(str(checkpoint)) is None
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert_adapter_trained(tiny_chat_model, checkpoint)  # each lora_A (r, in) and lora_B (out, r) whole
+    assert not (out / "adapter_model.safetensors").exists()
+
+    result = run_launcher("finetune_lora_ds.sh", *args, env={**env, "RESUME": "auto"}, timeout=1200)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert f"resuming from {checkpoint}" in result.stderr
+    assert_adapter_trained(tiny_chat_model, out)
+    assert_same_adapter(adapter(reference), adapter(out), atol=1e-5)
+
+
+# --- signals outside the training loop ----------------------------------------------------------------------------
+
+SIGNAL_AT_ENTRY = """\
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import {module} as target
+import llmft.train
+
+real = getattr(target, {function!r})
+
+def signalled(*args, **kwargs):
+    # SIGTERM to this process from inside {function}, as a scheduler's would come while it runs
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+setattr(target, {function!r}, signalled)
+llmft.train.main(sys.argv[1:])
+"""
+
+
+def run_signalled_in(module: str, function: str, tmp_path, *args) -> subprocess.CompletedProcess:
+    """finetune.py's main in a process of its own that gets SIGTERM when `module.function` is called."""
+    entry = tmp_path / "signalled_entry.py"
+    entry.write_text(SIGNAL_AT_ENTRY.format(repo=str(REPO), module=module, function=function))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    return subprocess.run([sys.executable, str(entry), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it_was(tiny_chat_model, tmp_path,
+                                                                                        datasets_cache):
+    out = tmp_path / "out"
+    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))  # a previous run, finished
+    before = folder_contents(out)
+    # this run would replace it (--overwrite_output_dir), but is stopped while its model loads
+    result = run_signalled_in("llmft.train", "build_model", tmp_path,
+                              *flags(tiny_chat_model, out, "--max_steps", "4", "--overwrite_output_dir", "True"))
+    assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]  # what a shell reports as 143
+    assert "SIGTERM outside training (no step to finish): exiting now with status 143" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert folder_contents(out) == before
+
+
+def test_sigterm_during_the_final_save_lets_it_finish_whole(tiny_chat_model, tmp_path, datasets_cache):
+    out = tmp_path / "out"
+    # the signal comes in the middle of the staged save: the adapter is in the staging folder, not yet in place
+    result = run_signalled_in("llmft.saving", "check_adapter_complete", tmp_path,
+                              *flags(tiny_chat_model, out, "--max_steps", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGTERM during the final save: finishing it first" in result.stderr
+    assert "the final save is complete; stopping as SIGTERM asked" in result.stderr
+    assert not (out / ".llmft-saving").exists()
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(out)  # whole: it loads
+    assert json.loads((out / "llmft_run.json").read_text())["mode"] == "lora"

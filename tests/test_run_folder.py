@@ -142,3 +142,132 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(
     assert sorted(actual) == sorted(expected)
     for key, tensor in expected.items():
         assert torch.allclose(actual[key], tensor, atol=1e-6), key
+
+
+def deepspeed_checkpoint(path, ranks: int = 2, step: int = 2):
+    """A checkpoint folder laid out as the Trainer and DeepSpeed ZeRO-2 write it for `ranks` ranks, each file whole."""
+    import torch
+    from safetensors.torch import save_file
+
+    tag = path / f"global_step{step}"
+    tag.mkdir(parents=True)
+    save_file({"base_model.model.lora_A.weight": torch.zeros(2, 2)}, str(path / "adapter_model.safetensors"))
+    torch.save({"module": None}, tag / "mp_rank_00_model_states.pt")
+    for rank in range(ranks):
+        torch.save({"optimizer_state_dict": {}}, tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save({"cpu": torch.zeros(2)}, path / f"rng_state_{rank}.pth")
+    torch.save({}, path / "scheduler.pt")
+    (path / "latest").write_text(tag.name)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+@pytest.mark.parametrize("breakage, problem", [
+    # rank 1 was killed before its RNG state was on disk; rank 0 had written trainer_state.json already
+    ("rm rng_state_1.pth", "rng_state_1.pth is missing"),
+    ("cut rng_state_1.pth", "rng_state_1.pth is cut short"),
+    ("cut global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+     "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt is cut short"),
+    ("rm global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+     "global_step2 holds the optimizer shards of ranks [0], beside the RNG states of 2 ranks"),
+    ("rm latest", "DeepSpeed's latest file is missing"),
+    ("latest global_step9", "DeepSpeed's latest names 'global_step9', which is not there"),
+    ("rm global_step2/mp_rank_00_model_states.pt", "global_step2 holds no model states"),
+])
+def test_an_incomplete_deepspeed_checkpoint_is_not_resumed_from(breakage, problem, tmp_path):
+    from llmft.saving import checkpoint_problem, checkpoints
+
+    out = tmp_path / "out"
+    deepspeed_checkpoint(out / "checkpoint-1", step=1)
+    broken = deepspeed_checkpoint(out / "checkpoint-2")
+    assert checkpoint_problem(str(broken)) is None
+    action, name = breakage.split(" ")
+    if action == "rm":
+        (broken / name).unlink()
+    elif action == "cut":
+        data = (broken / name).read_bytes()
+        (broken / name).write_bytes(data[: len(data) // 2])
+    else:
+        (broken / "latest").write_text(name)
+    assert checkpoint_problem(str(broken)).startswith(problem), checkpoint_problem(str(broken))
+    assert checkpoints(str(out)) == ([str(out / "checkpoint-1")], [(str(broken), checkpoint_problem(str(broken)))])
+
+
+def kill_9_mid_training(command: list[str], out, env, seed: int, window: float, attempts: int = 4) -> float:
+    """Start `command` (a launcher: the agent and its ranks) and, a seeded random time after its first checkpoint is
+    complete, SIGKILL every process of it at once, as a lost node or the OOM killer of a job's cgroup would; retried
+    with a shorter window until a kill lands before the final save. Returns the delay of that kill."""
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    generator = random.Random(seed)
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not (out / "checkpoint-1" / "trainer_state.json").exists():
+                assert process.poll() is None and time.monotonic() < deadline, "the run ended before step 1's save"
+                time.sleep(0.05)
+            delay = generator.uniform(0, window)
+            time.sleep(delay)
+            # the ranks run in sessions of their own (torchrun's start_new_session): a process group does not reach
+            # them, so every process of the tree goes, the ranks first
+            tree = psutil.Process(process.pid).children(recursive=True)
+            for victim in [*tree, psutil.Process(process.pid)]:
+                try:
+                    victim.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(tree, timeout=30)
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if not (out / "adapter_model.safetensors").exists():
+            return delay
+        window /= 2
+    pytest.fail(f"no kill landed before the final save in {attempts} runs")
+
+
+@pytest.mark.slow
+def test_kill_9_of_two_zero2_ranks_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(tiny_chat_model,
+                                                                                                tmp_path):
+    """2 CPU ranks under ZeRO-2 LoRA, a checkpoint every step, every process SIGKILLed at a random moment of training:
+    relaunched with RESUME=auto, the run skips whatever checkpoint the kill cut short and ends with the adapter of a
+    run never killed (atol 1e-5, as the two-rank equivalence tests)."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import (FINETUNE, equivalence_run_flags, launcher_env, run_launcher, train_with_launcher)
+
+    run_flags = [*equivalence_run_flags(1), "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "3"]
+    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    started = time.monotonic()
+    result = train_with_launcher("finetune_lora_ds.sh", tiny_chat_model, reference, "zero2", 2, *run_flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    window = time.monotonic() - started  # the whole run, start-up included: the training part is shorter
+
+    args = ["-m", tiny_chat_model, "-d", EXAMPLES, "-o", out, "--deepspeed", "zero2", "--", *run_flags]
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets")
+    kill_9_mid_training([str(FINETUNE / "finetune_lora_ds.sh"), *map(str, args)], out, env, seed=8, window=window)
+    killed_at = sorted(p.name for p in out.glob("checkpoint-*"))
+
+    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", RESUME="auto")
+    result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
+    assert result.returncode == 0, (killed_at, result.stderr[-6000:])
+    assert "resuming from" in result.stderr, (killed_at, result.stderr[-4000:])
+    expected, actual = load_file(str(reference / "adapter_model.safetensors")), load_file(
+        str(out / "adapter_model.safetensors"))
+    assert sorted(actual) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.allclose(actual[key], tensor, atol=1e-5, rtol=0), (killed_at, key)
