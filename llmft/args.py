@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -582,12 +581,6 @@ def _output_problems(training_args) -> list[str]:
         return [f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
                 "--overwrite_output_dir True to train over it, or choose another directory"]
     return []
-
-
-def _model_config(name: str) -> Mapping | None:
-    """config.json of a model path or Hub id (`llmft.checkpoint`), None when there is none; kept for
-    llmft/kernels.py, which imports it from here."""
-    return model_folder(name).config
 
 
 def uses_zero3(training_args) -> bool:

@@ -47,7 +47,6 @@ import torch
 
 from llmft.chat_template import GenerationStops, choose_chat_template, generation_stops
 from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
-from llmft.checkpoint import safetensors_header_problem  # noqa: F401  (llmft.saving.checkpoint_problem imports it here)
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import follow_umask

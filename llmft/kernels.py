@@ -90,9 +90,9 @@ def _check_packing_isolates(model_args) -> None:
 
     import transformers
 
-    from llmft.args import _model_config
+    from llmft.checkpoint import model_folder
 
-    config = _model_config(model_args.model_name_or_path)
+    config = model_folder(model_args.model_name_or_path).config
     if config is None:
         return  # a Hub id not in the cache: loading reports it
     model_type = config.get("model_type")

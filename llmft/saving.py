@@ -294,8 +294,6 @@ def checkpoint_problem(path: str) -> str | None:
     """Why checkpoint folder `path` cannot be resumed from, or None when it is complete. The Trainer writes
     trainer_state.json last, after the weights, optimizer, scheduler and RNG states, so a checkpoint is complete once
     that file parses and the weights it holds are whole (a kill -9 mid-save leaves neither)."""
-    from llmft.inference import safetensors_header_problem
-
     state = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state):
         return "no trainer_state.json (its save was interrupted)"
