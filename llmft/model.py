@@ -17,9 +17,10 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from llmft.args import base_quant_method, uses_zero3
+from llmft.args import base_quant_method
 from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
                                  uses_chatml)
+from llmft.distributed import bnb_4bit_storage_dtype, init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=quant_args.quant_type,
         bnb_4bit_use_double_quant=quant_args.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype if uses_zero3(training_args) else torch.uint8,
+        bnb_4bit_quant_storage=bnb_4bit_storage_dtype(training_args, dtype),
     )
 
 
@@ -80,12 +81,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
     default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
     arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new rows start
     untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
-    if training_args.deepspeed and training_args.use_cpu:
-        # CPU ranks: accelerate has started the gloo process group, but ZeRO-3's partitioned loading inside
-        # from_pretrained needs DeepSpeed's own communication layer on top of it (a no-op on GPUs).
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_on_cpu_ranks(training_args)
     quantized = quant_args.q_lora or base_quant_method(model_args) is not None
     load_options = {}
     if quant_args.q_lora:  # passing quantization_config=None would override a GPTQ checkpoint's own config
@@ -93,7 +89,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=compute_dtype(training_args),
-        device_map=_device_map(training_args) if quantized else None,
+        device_map=quantized_weights_device_map(training_args) if quantized else None,
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=attention,
         **load_options,
@@ -131,15 +127,6 @@ def _prepare_quantized_base(model, training_args, gc_kwargs):
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     return model
-
-
-def _device_map(training_args):
-    """Quantized weights are placed at load time: one whole copy per process, on that process's device."""
-    if training_args.deepspeed and uses_zero3(training_args):
-        return None
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return {"": "cpu"}
 
 
 def _stop_at_end_of_turn(model, tokenizer) -> None:
