@@ -31,7 +31,7 @@ from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
 from llmft.preemption import check_run_settings, record_run_settings
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
-from llmft.trainer import Trainer
+from llmft.trainer import PackingLoraPlusTrainer
 
 
 @exit_on_user_error
@@ -53,10 +53,11 @@ def main(argv=None, callbacks=()):
 
     # evaluation pads; training packs when --packing True (llmft/data/packing.py)
     padding = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
-                      processing_class=tokenizer, callbacks=list(callbacks),
-                      loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    trainer = PackingLoraPlusTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                     eval_dataset=eval_dataset, data_collator=padding,
+                                     packing=Packing.from_args(data_args, tokenizer, kernels),
+                                     processing_class=tokenizer, callbacks=list(callbacks),
+                                     loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
     # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)

@@ -1,5 +1,6 @@
-"""The Trainer finetune.py trains with: transformers' own, plus packed micro-batches, checkpoints whose files follow
-the umask as soon as they are written (llmft.saving.FollowUmaskCallback), and FSDP on CPU ranks.
+"""The Trainer finetune.py trains with, `PackingLoraPlusTrainer`: transformers' own, plus packed micro-batches, LoRA+
+optimizer groups, checkpoints whose files follow the umask as soon as they are written
+(llmft.saving.FollowUmaskCallback), the run report and preemption callbacks, and FSDP on CPU ranks.
 
 Packing (see llmft/data/packing.py): training micro-batches go through `PackedCollator`; with a token budget their
 samples are chosen by `TokenBudgetBatchSampler` instead of a sample count. Evaluation keeps the padding collator the
@@ -11,8 +12,8 @@ count.
 
 FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see finetune/common.sh for the choices in that
 file). transformers hands the config to accelerate, which wraps the model with PyTorch's FSDP2 (`fully_shard`) on GPU
-ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate never turns FSDP on, and the Trainer below takes that step
-itself (`llmft.distributed.enable_fsdp_on_cpu_ranks`, which says why and on which accelerate versions), so CPU runs
+ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate never turns FSDP on, and PackingLoraPlusTrainer takes that
+step itself (`llmft.distributed.enable_fsdp_on_cpu_ranks`, which says why and on which accelerate versions), so CPU runs
 (the tests, a laptop) go through the same FSDP wrapping, training and saving as GPU runs.
 """
 
@@ -34,7 +35,11 @@ from llmft.saving import FollowUmaskCallback
 logger = logging.getLogger(__name__)
 
 
-class Trainer(transformers.Trainer):
+class PackingLoraPlusTrainer(transformers.Trainer):
+    """transformers' Trainer plus what llmft adds to it: packed (and token-budget) training micro-batches, LoRA+
+    optimizer groups (`loraplus_lr_ratio`), llmft's callbacks (checkpoint file modes, the run report, preemption)
+    ahead of the caller's, and FSDP on CPU ranks."""
+
     def __init__(self, *args, packing: Packing | None = None, loraplus_lr_ratio: float | None = None, **kwargs):
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
