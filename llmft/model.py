@@ -22,6 +22,7 @@ from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_
                                  uses_chatml)
 from llmft.distributed import bnb_4bit_storage_dtype, init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
+from llmft.quiet import without_unused_gptqmodel
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def apply_lora(model, lora_args, train_embeddings: bool = False):
     from llmft.args import changes_base_weights
 
     try:
-        model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
+        with without_unused_gptqmodel():
+            model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
     if changes_base_weights(lora_args):
