@@ -20,12 +20,12 @@ SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preempt
 
 import logging
 
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import set_seed
 
 from llmft.args import parse_args, resume_checkpoint
 from llmft.data.dataset import build_datasets
-from llmft.data.render import IGNORE_INDEX
 from llmft.data.packing import Packing
+from llmft.data.padding import PaddingCollator
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
@@ -52,7 +52,7 @@ def main(argv=None, callbacks=()):
         model.print_trainable_parameters()
 
     # evaluation pads; training packs when --packing True (llmft/data/packing.py)
-    padding = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
+    padding = PaddingCollator(tokenizer)
     trainer = PackingLoraPlusTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                      eval_dataset=eval_dataset, data_collator=padding,
                                      packing=Packing.from_args(data_args, tokenizer, kernels),
