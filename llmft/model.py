@@ -27,10 +27,11 @@ from llmft.quiet import without_unused_gptqmodel
 logger = logging.getLogger(__name__)
 
 
-def build_tokenizer(model_args, data_args):
-    """(tokenizer, added tokens). The tokenizer has right padding, a pad token, the chosen chat template, ChatML
-    tokens where they were missing (returned as added), and the end-of-turn token as EOS so that anything generating
-    from the saved tokenizer stops after one answer."""
+def load_training_tokenizer(model_args, data_args):
+    """(tokenizer, added tokens): the run's tokenizer loaded from --model_name_or_path and made ready for training. It
+    has right padding, a pad token, the chosen chat template, ChatML tokens where they were missing (returned as
+    added), and the end-of-turn token as EOS so that anything generating from the saved tokenizer stops after one
+    answer."""
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,

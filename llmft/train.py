@@ -28,7 +28,7 @@ from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
-from llmft.model import build_model, build_tokenizer
+from llmft.model import build_model, load_training_tokenizer
 from llmft.preemption import check_run_settings, record_run_settings
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import PackingLoraPlusTrainer
@@ -44,7 +44,7 @@ def main(argv=None, callbacks=()):
     kernels = choose_kernels(model_args, data_args, training_args)
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
 
-    tokenizer, added_tokens = build_tokenizer(model_args, data_args)
+    tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
     model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens, kernels.attention)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmft.errors import ConfigError
-from llmft.tools.tiny_model import build_tokenizer, main, make_tiny_model
+from llmft.tools.tiny_model import make_tokenizer, main, make_tiny_model
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -167,7 +167,7 @@ def test_base_model_has_no_template_and_no_chatml_tokens(base_bpe, load_tokenize
 
 
 def test_qwen_base_tokenizer_has_only_endoftext():
-    tok = build_tokenizer("qwen", chat=False)
+    tok = make_tokenizer("qwen", chat=False)
     assert len(tok) == 151644
     assert tok.convert_tokens_to_ids(ENDOFTEXT) == 151643
     assert tok.chat_template is None and IM_START not in tok.get_vocab()

@@ -256,8 +256,9 @@ def _qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], speci
     return tokenizer
 
 
-def build_tokenizer(kind: str = "bpe", *, chat: bool = True, bpe_vocab_size: int = 1024) -> Qwen2Tokenizer:
-    """The tokenizer of a tiny model: `bpe` (trained here) or `qwen` (Qwen's real vocabulary); see the module doc."""
+def make_tokenizer(kind: str = "bpe", *, chat: bool = True, bpe_vocab_size: int = 1024) -> Qwen2Tokenizer:
+    """A new tokenizer for a tiny model: `bpe` (trained here) or `qwen` (Qwen's real vocabulary); see the module
+    doc."""
     specials = special_tokens(chat)
     if kind == "bpe":
         return train_bpe_tokenizer(bpe_vocab_size, specials)
@@ -344,7 +345,7 @@ def make_tiny_model(
         bpe_vocab_size=bpe_vocab_size,
     )
     output_dir = Path(output_dir)
-    tok = build_tokenizer(tokenizer, chat=chat, bpe_vocab_size=bpe_vocab_size)
+    tok = make_tokenizer(tokenizer, chat=chat, bpe_vocab_size=bpe_vocab_size)
     config = model_config(
         tok,
         hidden_size=hidden_size,
