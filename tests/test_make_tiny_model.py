@@ -254,6 +254,30 @@ def test_cli_builds_a_base_model_and_reruns_cleanly(tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(out).chat_template is None
 
 
+def test_cli_takes_the_folder_as_output_dir_or_positional(tmp_path):
+    from llmft.tools.tiny_model import parse_args
+
+    out = tmp_path / "model"
+    assert parse_args([str(out)]).output_dir == out
+    assert parse_args(["--output_dir", str(out), "--num_layers", "1"]).output_dir == out
+    assert parse_args([f"--output_dir={out}"]).output_dir == out
+    assert parse_args([str(out), "--output_dir", str(out)]).output_dir == out  # the same folder twice is one
+    assert "output_dir_flag" not in vars(parse_args([str(out)]))  # make_tiny_model gets only its own arguments
+    main(["--output_dir", str(out), "--num_layers", "1"])
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the output folder is missing: give it as OUTPUT_DIR or --output_dir OUTPUT_DIR"),
+    (["a", "--output_dir", "b"], "two output folders given: a and --output_dir b; give one"),
+])
+def test_cli_wants_one_output_folder(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
 def test_refuses_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty and holds no model"):
