@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmft.errors import LlmftError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def fsdp_flag_as_switch(argv: list[str]) -> list[str]:
     return out
 
 
-def uses_zero3(training_args) -> bool:
+def uses_zero3(training_args: TrainingArguments) -> bool:
     """Whether this run trains under DeepSpeed ZeRO-3. transformers' own answer (`is_deepspeed_zero3_enabled`) comes
     from a process-wide weak reference to the last DeepSpeed config any TrainingArguments made, so it is asked only
     when this run's arguments name a DeepSpeed config."""
@@ -60,14 +65,14 @@ def uses_zero3(training_args) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def shards_parameters(training_args) -> bool:
+def shards_parameters(training_args: TrainingArguments) -> bool:
     """Whether each rank holds only a shard of every parameter (ZeRO-3 or FSDP), so nothing may need a whole weight
     outside the module call that gathers it (Liger's fused output head, PiSSA's decomposition, a GPTQ base's packed
     buffers, which neither shards)."""
     return uses_zero3(training_args) or bool(training_args.fsdp)
 
 
-def init_deepspeed_on_cpu_ranks(training_args) -> None:
+def init_deepspeed_on_cpu_ranks(training_args: TrainingArguments) -> None:
     """DeepSpeed's communication layer on CPU ranks, before the model loads. accelerate 1.15 has started the gloo
     process group by then, but ZeRO-3's partitioned loading inside `from_pretrained` (DeepSpeed 0.19's `zero.Init`)
     talks through DeepSpeed's own `deepspeed.comm`, which on GPUs the DeepSpeed engine sets up and on CPU ranks nothing
@@ -78,7 +83,7 @@ def init_deepspeed_on_cpu_ranks(training_args) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
-def quantized_weights_device_map(training_args) -> dict | None:
+def quantized_weights_device_map(training_args: TrainingArguments) -> dict | None:
     """`device_map` for loading a quantized base (bitsandbytes or GPTQ): such weights are placed at load time, one
     whole copy per process on that process's device (LOCAL_RANK's GPU, or the CPU). Under ZeRO-3 none: transformers
     refuses a device_map there, and DeepSpeed places the partitions itself."""
@@ -89,7 +94,7 @@ def quantized_weights_device_map(training_args) -> dict | None:
     return {"": "cpu"}
 
 
-def bnb_4bit_storage_dtype(training_args, compute_dtype: torch.dtype) -> torch.dtype:
+def bnb_4bit_storage_dtype(training_args: TrainingArguments, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype bitsandbytes packs 4-bit weights into: uint8 as bitsandbytes does by default, or under ZeRO-3 the
     compute dtype, since DeepSpeed partitions only floating-point parameters and would otherwise leave the whole
     quantized base on every rank (`bnb_4bit_quant_storage`, added for this in bitsandbytes 0.43 with
@@ -97,7 +102,7 @@ def bnb_4bit_storage_dtype(training_args, compute_dtype: torch.dtype) -> torch.d
     return compute_dtype if uses_zero3(training_args) else torch.uint8
 
 
-def dataloader_order_options(training_args) -> dict:
+def dataloader_order_options(training_args: TrainingArguments) -> dict:
     """The DataLoader option transformers' own train loader gets from `--dataloader_in_order` (transformers 5.18
     added the flag), for a loader llmft builds itself; nothing on a transformers without it."""
     if hasattr(training_args, "dataloader_in_order"):
@@ -105,7 +110,7 @@ def dataloader_order_options(training_args) -> dict:
     return {}
 
 
-def runs_on_several_ranks(training_args) -> bool:
+def runs_on_several_ranks(training_args: TrainingArguments) -> bool:
     """Whether collectives have other ranks to reach: more than one process, with the process group started."""
     return (training_args.world_size > 1 and torch.distributed.is_available()
             and torch.distributed.is_initialized())
@@ -115,7 +120,7 @@ def runs_on_several_ranks(training_args) -> bool:
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def whole_parameter_name_and_shape(name: str, param) -> tuple[str, tuple[int, ...] | None]:
+def whole_parameter_name_and_shape(name: str, param: torch.nn.Parameter) -> tuple[str, tuple[int, ...] | None]:
     """A parameter's name without the wrappers' prefixes, and the shape of the whole tensor on this rank or all
     ranks: ZeRO-3 keeps a partitioned weight's shape in `ds_shape`, an FSDP2 weight is a DTensor whose shape is
     the whole one; None for FSDP1's flattened shards, whose shape no rank can tell."""
@@ -131,7 +136,7 @@ def whole_parameter_name_and_shape(name: str, param) -> tuple[str, tuple[int, ..
 FSDP_ON_CPU_CHECKED_ACCELERATE = "==1.15.*"
 
 
-def enable_fsdp_on_cpu_ranks(accelerator, training_args) -> bool:
+def enable_fsdp_on_cpu_ranks(accelerator: Accelerator, training_args: TrainingArguments) -> bool:
     """Give CPU ranks the FSDP plugin accelerate builds only for accelerator devices; True when it did, False where
     nothing was needed (no --fsdp, or accelerate already runs FSDP).
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from llmft.args import base_quant_method
 from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
@@ -24,10 +26,16 @@ from llmft.distributed import bnb_4bit_storage_dtype, init_deepspeed_on_cpu_rank
 from llmft.errors import ConfigError
 from llmft.quiet import without_unused_gptqmodel
 
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+
 logger = logging.getLogger(__name__)
 
 
-def load_training_tokenizer(model_args, data_args):
+def load_training_tokenizer(model_args: ModelArguments,
+                            data_args: DataArguments) -> tuple[PreTrainedTokenizerBase, list[str]]:
     """(tokenizer, added tokens): the run's tokenizer loaded from --model_name_or_path and made ready for training. It
     has right padding, a pad token, the chosen chat template, ChatML tokens where they were missing (returned as
     added), and the end-of-turn token as EOS so that anything generating from the saved tokenizer stops after one
@@ -53,7 +61,7 @@ def load_training_tokenizer(model_args, data_args):
     return tokenizer, missing
 
 
-def compute_dtype(training_args) -> torch.dtype:
+def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     if training_args.bf16:
         return torch.bfloat16
     if training_args.fp16:
@@ -61,7 +69,8 @@ def compute_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
+def quantization_config(quant_args: QuantizationArguments,
+                        training_args: TrainingArguments) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for Q-LoRA, or None. Under ZeRO-3 the packed 4-bit weights are stored in the compute
     dtype, so DeepSpeed can partition them like any other parameter."""
     if not quant_args.q_lora:
@@ -78,7 +87,9 @@ def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
     )
 
 
-def build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens=(), attention=None):
+def build_model(model_args: ModelArguments, lora_args: LoraArguments, quant_args: QuantizationArguments,
+                training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase, added_tokens=(),
+                attention: str | None = None) -> PreTrainedModel | PeftModel:
     """The model ready for the Trainer: loaded with the `attention` kernel llmft.kernels chose (None: transformers'
     default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
     arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new rows start
@@ -138,7 +149,8 @@ def _stop_at_end_of_turn(model, tokenizer) -> None:
     model.generation_config.pad_token_id = stops.pad_token_id
 
 
-def lora_config(lora_args, model=None, train_embeddings: bool = False):
+def lora_config(lora_args: LoraArguments, model: PreTrainedModel | None = None,
+                train_embeddings: bool = False) -> LoraConfig:
     """The PEFT LoraConfig for these arguments; new tokens add the embeddings and the output head to modules_to_save."""
     from peft import LoraConfig
 
@@ -168,7 +180,7 @@ def lora_config(lora_args, model=None, train_embeddings: bool = False):
     )
 
 
-def apply_lora(model, lora_args, train_embeddings: bool = False):
+def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embeddings: bool = False) -> PeftModel:
     """The model wrapped in a PEFT LoRA adapter. With PiSSA / OLoRA initialisation the base weights now hold the
     residual of their decomposition, and the starting adapter is kept (`initial_adapter_state`) so that the final
     save can be converted into an adapter for the original base (`save_adapter_for_original_base`)."""
@@ -199,7 +211,7 @@ def _lora_weights(model) -> dict:
             if ".lora_A." in name or ".lora_B." in name}
 
 
-def save_adapter_for_original_base(model, folder: str) -> None:
+def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
     """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
     run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
     the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.

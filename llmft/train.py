@@ -19,8 +19,9 @@ SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preempt
 """
 
 import logging
+from collections.abc import Sequence
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from llmft.args import parse_args, resume_checkpoint
 from llmft.data.dataset import build_datasets
@@ -35,7 +36,7 @@ from llmft.trainer import PackingLoraPlusTrainer
 
 
 @exit_on_user_error
-def main(argv=None, callbacks=()):
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -48,7 +48,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
                                *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
 
-    def get_train_dataloader(self):
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if self.packing is None:
             return super().get_train_dataloader()
         if self.packing.max_tokens is None:  # the Trainer's own sampler, with the packing collator
@@ -59,7 +59,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
                 self.data_collator = padding_collator
         return self._token_budget_dataloader()
 
-    def _token_budget_dataloader(self):
+    def _token_budget_dataloader(self) -> torch.utils.data.DataLoader:
         # every epoch a whole number of optimizer steps, each of the same micro-batches however many ranks share them
         args, world = self.args, self.args.world_size
         lengths = sample_lengths(self.train_dataset)
@@ -89,7 +89,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """transformers' optimizer, or with `loraplus_lr_ratio` PEFT's LoRA+ one: the same optimizer class and
         settings (--optim, --optim_args, --adam_*, --weight_decay), the B matrices (and other vectors, DoRA's
         magnitudes included) at --learning_rate x the ratio. Under DeepSpeed transformers calls this too, as long as
