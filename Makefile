@@ -1,7 +1,8 @@
 # Set-up, tests and the offline demo. Everything installs into .venv from the repo's own pins.
 #   make demo   tiny model -> fine-tune -> merge -> quantize -> chat, offline, on CPU
 #   make test   the test suite (CPU; slow tests included)
-#   make lint   ruff's pycodestyle and pyflakes checks (ruff.toml)
+#   make lint   ruff's pycodestyle and pyflakes checks (ruff.toml); `pre-commit install` runs the same ruff on
+#               each commit's files (.pre-commit-config.yaml, pinned to requirements-dev.txt's ruff)
 #   make system-deps   Open MPI and a local Slurm cluster for the mpirun/sbatch tests (root, apt; .ci/run calls it)
 
 PYTHON ?= python3

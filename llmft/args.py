@@ -19,6 +19,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from llmft.checkpoint import model_folder
+from llmft.distributed import fsdp_flag_as_switch, shards_parameters
 from llmft.errors import ConfigError
 
 
@@ -201,7 +202,7 @@ def parse_args(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_file_flags(argv[0]) + argv[1:]
-    argv = _fsdp_as_switch(argv)
+    argv = fsdp_flag_as_switch(argv)
     # allow_abbrev=False: a misspelt `--learning_rat` must be reported, not taken for --learning_rate
     parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     parser.error = _raise_config_error  # one clear line, not argparse's usage text of several hundred flags
@@ -241,27 +242,6 @@ def _unknown_argument_problems(unknown: list[str]) -> list[str]:
         elif not after_flag:
             problems.append(f"unexpected argument: {token}")
     return problems
-
-
-def _fsdp_as_switch(argv: list[str]) -> list[str]:
-    """`--fsdp True` / `--fsdp False` (and a config file's `fsdp: true`) as transformers 5 reads them: the bare
-    switch `--fsdp`, or nothing. transformers takes any word after --fsdp for a legacy sharding option and rejects
-    `True` ("Unknown `fsdp` option: True"); every other boolean flag of finetune.py is written `--flag True`."""
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        value = None
-        if token == "--fsdp" and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
-            value, i = argv[i + 1].lower(), i + 2
-        elif token.lower() in ("--fsdp=true", "--fsdp=false"):
-            value, i = token.split("=", 1)[1].lower(), i + 1
-        else:
-            out.append(token)
-            i += 1
-            continue
-        if value == "true":
-            out.append("--fsdp")
-    return out
 
 
 def _raise_config_error(message: str):
@@ -403,7 +383,7 @@ def _lora_variant_problems(lora_args, quant_args, training_args, quant_method) -
             problems.append(f"--lora_init {init} with --q_lora True: PEFT runs PiSSA's SVD only on float weights "
                             "(bitsandbytes has already quantized them on load); train PiSSA on the bf16/fp16 base, "
                             "or use --lora_init olora, which PEFT supports on a 4-/8-bit base")
-        if training_args is not None and (uses_zero3(training_args) or training_args.fsdp):
+        if training_args is not None and shards_parameters(training_args):
             problems.append(f"--lora_init {init} cannot be sharded with ZeRO-3 or FSDP: {name} needs each whole base "
                             "weight where the adapter is created, and the final save compares the whole adapter "
                             "with its starting point to convert it for the original base; use --deepspeed "
@@ -479,7 +459,7 @@ def _training_problems(data_args, quant_args, training_args, quant_method) -> li
         problems.append(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data_path")
     if training_args.fsdp_config is not None and not training_args.fsdp:
         problems.append("--fsdp_config is read only with --fsdp True")
-    if quant_method == "gptq" and (uses_zero3(training_args) or training_args.fsdp):
+    if quant_method == "gptq" and shards_parameters(training_args):
         problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
                         "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
                         "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP")
@@ -583,10 +563,6 @@ def _output_problems(training_args) -> list[str]:
     return []
 
 
-def uses_zero3(training_args) -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
 def resume_checkpoint(training_args) -> str | None:

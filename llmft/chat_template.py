@@ -74,7 +74,7 @@ DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<eos>", "</s>")
 def document_end_token(tokenizer) -> str | None:
     """The token a plain-text (pre-training style) sample ends with: the first of DOCUMENT_END_TOKENS the tokenizer
     has, else its EOS. Looked up by name rather than read from `eos_token`, because a chat tokenizer's EOS is the
-    end-of-turn token (Qwen2.5-Instruct ships `<|im_end|>`, and `llmft.model.build_tokenizer` sets it so)."""
+    end-of-turn token (Qwen2.5-Instruct ships `<|im_end|>`, and `llmft.model.load_training_tokenizer` sets it so)."""
     for token in DOCUMENT_END_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is not None and token_id != tokenizer.unk_token_id:

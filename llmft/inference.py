@@ -277,7 +277,7 @@ def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
     `{"type": "function", "function": {"name", "description", "parameters"}}`, or bare `{"name", ...}` functions,
     read exactly as training reads a record's `"tools"` (llmft.data.formats), so the model sees them as it was
     trained to."""
-    from llmft.data.formats import _parse_tools
+    from llmft.data.formats import parse_tools as _parse_tools
 
     if not os.path.isfile(path):
         raise ConfigError([f"{flag} {path}: no such file"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmft.distributed import shards_parameters
 from llmft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def choose_kernels(model_args, data_args, training_args) -> Kernels:
 
     liger, config = training_args.use_liger_kernel, training_args.liger_kernel_config
     if liger is None:
-        sharded = bool(training_args.fsdp) or _zero3(training_args)
+        sharded = shards_parameters(training_args)
         liger = cuda and not sharded and importlib.util.find_spec("liger_kernel") is not None
         config = FUSED_LOSS_ONLY if liger else None
     training_args.use_liger_kernel, training_args.liger_kernel_config = bool(liger), config
@@ -76,12 +77,6 @@ def _packing_attention(cuda: bool) -> str:
     if cuda:
         return "flex_attention"
     return "sdpa"
-
-
-def _zero3(training_args) -> bool:
-    from llmft.args import uses_zero3
-
-    return uses_zero3(training_args)
 
 
 def _check_packing_isolates(model_args) -> None:

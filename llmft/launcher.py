@@ -65,7 +65,7 @@ a FULL_STATE_DICT gathered onto rank 0 for the final save, so the output is an o
 sharded state dict transformers would save no weights). Activation checkpointing stays --gradient_checkpointing True:
 FSDP's own (activation_checkpointing in the JSON) puts each layer in a checkpoint wrapper, inside which PEFT no longer
 finds the LoRA layers, and the saved adapter would be empty. On CPU ranks llmft turns FSDP on itself (accelerate only
-does on GPUs and other accelerators): see llmft/trainer.py."""
+does on GPUs and other accelerators): see llmft/distributed.py."""
 
 
 @dataclass(frozen=True)

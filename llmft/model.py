@@ -13,23 +13,33 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
-from llmft.args import uses_zero3
 from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
                                  uses_chatml)
 from llmft.checkpoint import model_folder, quant_method
+from llmft.distributed import bnb_4bit_storage_dtype, init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
+from llmft.quiet import without_unused_gptqmodel
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
 
-def build_tokenizer(model_args, data_args):
-    """(tokenizer, added tokens). The tokenizer has right padding, a pad token, the chosen chat template, ChatML
-    tokens where they were missing (returned as added), and the end-of-turn token as EOS so that anything generating
-    from the saved tokenizer stops after one answer."""
+def load_training_tokenizer(model_args: ModelArguments,
+                            data_args: DataArguments) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """(tokenizer, added tokens): the run's tokenizer loaded from --model_name_or_path and made ready for training. It
+    has right padding, a pad token, the chosen chat template, ChatML tokens where they were missing (returned as
+    added), and the end-of-turn token as EOS so that anything generating from the saved tokenizer stops after one
+    answer."""
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,
@@ -51,7 +61,7 @@ def build_tokenizer(model_args, data_args):
     return tokenizer, missing
 
 
-def compute_dtype(training_args) -> torch.dtype:
+def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     if training_args.bf16:
         return torch.bfloat16
     if training_args.fp16:
@@ -59,7 +69,8 @@ def compute_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
+def quantization_config(quant_args: QuantizationArguments,
+                        training_args: TrainingArguments) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for Q-LoRA, or None. Under ZeRO-3 the packed 4-bit weights are stored in the compute
     dtype, so DeepSpeed can partition them like any other parameter."""
     if not quant_args.q_lora:
@@ -72,21 +83,18 @@ def quantization_config(quant_args, training_args) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=quant_args.quant_type,
         bnb_4bit_use_double_quant=quant_args.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype if uses_zero3(training_args) else torch.uint8,
+        bnb_4bit_quant_storage=bnb_4bit_storage_dtype(training_args, dtype),
     )
 
 
-def build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens=(), attention=None):
+def build_model(model_args: ModelArguments, lora_args: LoraArguments, quant_args: QuantizationArguments,
+                training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase, added_tokens=(),
+                attention: str | None = None) -> PreTrainedModel | PeftModel:
     """The model ready for the Trainer: loaded with the `attention` kernel llmft.kernels chose (None: transformers'
     default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
     arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new rows start
     untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
-    if training_args.deepspeed and training_args.use_cpu:
-        # CPU ranks: accelerate has started the gloo process group, but ZeRO-3's partitioned loading inside
-        # from_pretrained needs DeepSpeed's own communication layer on top of it (a no-op on GPUs).
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_on_cpu_ranks(training_args)
     quantized = quant_args.q_lora or model_folder(model_args.model_name_or_path).quant_method is not None
     load_options = {}
     if quant_args.q_lora:  # passing quantization_config=None would override a GPTQ checkpoint's own config
@@ -94,7 +102,7 @@ def build_model(model_args, lora_args, quant_args, training_args, tokenizer, add
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=compute_dtype(training_args),
-        device_map=_device_map(training_args) if quantized else None,
+        device_map=quantized_weights_device_map(training_args) if quantized else None,
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=attention,
         **load_options,
@@ -134,15 +142,6 @@ def _prepare_quantized_base(model, training_args, gc_kwargs):
     return model
 
 
-def _device_map(training_args):
-    """Quantized weights are placed at load time: one whole copy per process, on that process's device."""
-    if training_args.deepspeed and uses_zero3(training_args):
-        return None
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return {"": "cpu"}
-
-
 def _stop_at_end_of_turn(model, tokenizer) -> None:
     """The generation config the run saves stops where the tools' generation does (`generation_stops`)."""
     stops = generation_stops(tokenizer, model.generation_config.eos_token_id, model.config.eos_token_id)
@@ -150,7 +149,8 @@ def _stop_at_end_of_turn(model, tokenizer) -> None:
     model.generation_config.pad_token_id = stops.pad_token_id
 
 
-def lora_config(lora_args, model=None, train_embeddings: bool = False):
+def lora_config(lora_args: LoraArguments, model: PreTrainedModel | None = None,
+                train_embeddings: bool = False) -> LoraConfig:
     """The PEFT LoraConfig for these arguments; new tokens add the embeddings and the output head to modules_to_save."""
     from peft import LoraConfig
 
@@ -180,7 +180,7 @@ def lora_config(lora_args, model=None, train_embeddings: bool = False):
     )
 
 
-def apply_lora(model, lora_args, train_embeddings: bool = False):
+def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embeddings: bool = False) -> PeftModel:
     """The model wrapped in a PEFT LoRA adapter. With PiSSA / OLoRA initialisation the base weights now hold the
     residual of their decomposition, and the starting adapter is kept (`initial_adapter_state`) so that the final
     save can be converted into an adapter for the original base (`save_adapter_for_original_base`)."""
@@ -189,7 +189,8 @@ def apply_lora(model, lora_args, train_embeddings: bool = False):
     from llmft.args import changes_base_weights
 
     try:
-        model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
+        with without_unused_gptqmodel():
+            model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
     if changes_base_weights(lora_args):
@@ -210,7 +211,7 @@ def _lora_weights(model) -> dict:
             if ".lora_A." in name or ".lora_B." in name}
 
 
-def save_adapter_for_original_base(model, folder: str) -> None:
+def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
     """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
     run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
     the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmft.data.render import IGNORE_INDEX
+from llmft.distributed import runs_on_several_ranks
 from llmft.preemption import read_run_settings
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class TrainingReportCallback(TrainerCallback):
             return
         steps = [step for step, _ in self._pending]
         counts = torch.stack([c for _, c in self._pending])
-        if _distributed(args):
+        if runs_on_several_ranks(args):
             torch.distributed.all_reduce(counts)
         for step, row in zip(steps, counts.tolist()):
             for name, n in zip(COUNTS, row):
@@ -216,16 +217,12 @@ def plot_report(report: dict, log_history: list[dict], path: str) -> None:
     os.replace(partial, path)
 
 
-def _distributed(args) -> bool:
-    return args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _peak_memory(args) -> int:
     if torch.cuda.is_available() and args.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(args.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    if _distributed(args):
+    if runs_on_several_ranks(args):
         value = torch.tensor([peak], dtype=torch.long, device=args.device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         peak = int(value.item())

@@ -30,6 +30,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from llmft.checkpoint import model_folder, safetensors_header_problem
+from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
 
 logger = logging.getLogger(__name__)
@@ -189,16 +190,13 @@ def check_adapter_complete(path: str, model) -> None:
 
 def _lora_shapes(model) -> dict[str, tuple[int, ...] | None]:
     """The adapter file's key for each trainable lora_A and lora_B weight, with the whole weight's shape (None where
-    the model cannot tell it: FSDP1's flattened shards). ZeRO-3 keeps the shape of a partitioned weight in `ds_shape`;
-    an FSDP2 weight is a DTensor, whose shape is the whole one."""
+    the model cannot tell it: FSDP1's flattened shards; llmft.distributed.whole_parameter_name_and_shape)."""
     adapter = getattr(model, "active_adapter", "default")
     shapes = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or not (".lora_A." in name or ".lora_B." in name):
             continue
-        shape = None if "_fsdp_wrapped_module." in name else tuple(getattr(param, "ds_shape", param.shape))
-        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-            name = name.replace(wrapper, "")
+        name, shape = whole_parameter_name_and_shape(name, param)
         shapes[name.replace(f".{adapter}.", ".")] = shape
     return shapes
 

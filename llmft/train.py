@@ -20,24 +20,25 @@ checkpoint). A signal during the final save waits for it to finish.
 """
 
 import logging
+from collections.abc import Sequence
 
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import TrainerCallback, set_seed
 
 from llmft.args import parse_args, resume_checkpoint
 from llmft.data.dataset import build_datasets
-from llmft.data.render import IGNORE_INDEX
 from llmft.data.packing import Packing
+from llmft.data.padding import PaddingCollator
 from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
-from llmft.model import build_model, build_tokenizer
+from llmft.model import build_model, load_training_tokenizer
 from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
-from llmft.trainer import Trainer
+from llmft.trainer import PackingLoraPlusTrainer
 
 
 @exit_on_user_error
 @exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
-def main(argv=None, callbacks=()):
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -47,7 +48,7 @@ def main(argv=None, callbacks=()):
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
     resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
-    tokenizer, added_tokens = build_tokenizer(model_args, data_args)
+    tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
     model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens, kernels.attention)
@@ -55,11 +56,12 @@ def main(argv=None, callbacks=()):
         model.print_trainable_parameters()
 
     # evaluation pads; training packs when --packing True (llmft/data/packing.py)
-    padding = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
-                      processing_class=tokenizer, callbacks=list(callbacks),
-                      loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    padding = PaddingCollator(tokenizer)
+    trainer = PackingLoraPlusTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                     eval_dataset=eval_dataset, data_collator=padding,
+                                     packing=Packing.from_args(data_args, tokenizer, kernels),
+                                     processing_class=tokenizer, callbacks=list(callbacks),
+                                     loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
     # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)

@@ -1,5 +1,6 @@
-"""The Trainer finetune.py trains with: transformers' own, plus packed micro-batches, checkpoints whose files follow
-the umask as soon as they are written (llmft.saving.FollowUmaskCallback), and FSDP on CPU ranks.
+"""The Trainer finetune.py trains with, `PackingLoraPlusTrainer`: transformers' own, plus packed micro-batches, LoRA+
+optimizer groups, checkpoints whose files follow the umask as soon as they are written
+(llmft.saving.FollowUmaskCallback), the run report and preemption callbacks, and FSDP on CPU ranks.
 
 Packing (see llmft/data/packing.py): training micro-batches go through `PackedCollator`; with a token budget their
 samples are chosen by `TokenBudgetBatchSampler` instead of a sample count. Evaluation keeps the padding collator the
@@ -11,11 +12,9 @@ count.
 
 FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see finetune/common.sh for the choices in that
 file). transformers hands the config to accelerate, which wraps the model with PyTorch's FSDP2 (`fully_shard`) on GPU
-ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate 1.15 never turns FSDP on: `AcceleratorState` switches to
-`DistributedType.FSDP` only from a multi-accelerator type (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...), not MULTI_CPU, so
-the run trains as plain DDP without a word. PyTorch's FSDP2 itself runs on CPU over gloo, so `Trainer` below takes
-the step accelerate leaves out, and CPU runs (the tests, a laptop) go through the same FSDP wrapping, training and
-saving as GPU runs.
+ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate never turns FSDP on, and PackingLoraPlusTrainer takes that
+step itself (`llmft.distributed.enable_fsdp_on_cpu_ranks`, which says why and on which accelerate versions), so CPU runs
+(the tests, a laptop) go through the same FSDP wrapping, training and saving as GPU runs.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 import transformers
 
 from llmft.data.packing import Packing, TokenBudgetBatchSampler, sample_lengths
+from llmft.distributed import dataloader_order_options, enable_fsdp_on_cpu_ranks
 from llmft.preemption import PreemptionCallback
 from llmft.report import TrainingReportCallback
 from llmft.saving import FollowUmaskCallback
@@ -35,7 +35,11 @@ from llmft.saving import FollowUmaskCallback
 logger = logging.getLogger(__name__)
 
 
-class Trainer(transformers.Trainer):
+class PackingLoraPlusTrainer(transformers.Trainer):
+    """transformers' Trainer plus what llmft adds to it: packed (and token-budget) training micro-batches, LoRA+
+    optimizer groups (`loraplus_lr_ratio`), llmft's callbacks (checkpoint file modes, the run report, preemption)
+    ahead of the caller's, and FSDP on CPU ranks."""
+
     def __init__(self, *args, packing: Packing | None = None, loraplus_lr_ratio: float | None = None, **kwargs):
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
@@ -44,7 +48,7 @@ class Trainer(transformers.Trainer):
                                *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
 
-    def get_train_dataloader(self):
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if self.packing is None:
             return super().get_train_dataloader()
         if self.packing.max_tokens is None:  # the Trainer's own sampler, with the packing collator
@@ -55,7 +59,7 @@ class Trainer(transformers.Trainer):
                 self.data_collator = padding_collator
         return self._token_budget_dataloader()
 
-    def _token_budget_dataloader(self):
+    def _token_budget_dataloader(self) -> torch.utils.data.DataLoader:
         # every epoch a whole number of optimizer steps, each of the same micro-batches however many ranks share them
         args, world = self.args, self.args.world_size
         lengths = sample_lengths(self.train_dataset)
@@ -79,13 +83,13 @@ class Trainer(transformers.Trainer):
             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
             prefetch_factor=args.dataloader_prefetch_factor,
             multiprocessing_context=args.dataloader_multiprocessing_context,
-            **({"in_order": args.dataloader_in_order} if hasattr(args, "dataloader_in_order") else {}),  # 5.18+
+            **dataloader_order_options(args),
             worker_init_fn=partial(transformers.trainer_utils.seed_worker, num_workers=args.dataloader_num_workers,
                                    rank=args.process_index),
         )
         return self.accelerator.prepare(loader)
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """transformers' optimizer, or with `loraplus_lr_ratio` PEFT's LoRA+ one: the same optimizer class and
         settings (--optim, --optim_args, --adam_*, --weight_decay), the B matrices (and other vectors, DoRA's
         magnitudes included) at --learning_rate x the ratio. Under DeepSpeed transformers calls this too, as long as
@@ -115,24 +119,3 @@ class Trainer(transformers.Trainer):
         if enable_fsdp_on_cpu_ranks(self.accelerator, self.args):
             self.is_fsdp_enabled = True  # read by Trainer.__init__ after this, and by train() and save_model()
 
-
-def enable_fsdp_on_cpu_ranks(accelerator, training_args) -> bool:
-    """Give CPU ranks the FSDP plugin accelerate built only for accelerator devices; True when it did.
-
-    Both shared states are set: `AcceleratorState` copies `PartialState`'s distributed type back into itself whenever
-    it is constructed again, as happens during training, which would quietly undo the change (the final save then
-    gathered nothing and hung)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = accelerator.state
-    if not (training_args.fsdp_plugin_args and state.distributed_type == DistributedType.MULTI_CPU):
-        return False
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**training_args.fsdp_plugin_args)
-    if state.mixed_precision != "no":  # as accelerate does for the plugins it enables itself
-        state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if training_args.should_log:
-        logger.warning("FSDP%d on %d CPU ranks over gloo", state.fsdp_plugin.fsdp_version, state.num_processes)
-    return True

@@ -67,7 +67,7 @@ def datasets_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """A tiny Qwen2 chat model with a locally trained BPE tokenizer and the ChatML template."""
-    from tools.make_tiny_model import make_tiny_model
+    from llmft.tools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat")
 
@@ -75,7 +75,7 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory) -> Path:
     """A tiny base model: no chat template, no ChatML tokens."""
-    from tools.make_tiny_model import make_tiny_model
+    from llmft.tools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-base", chat=False)
 
@@ -83,7 +83,7 @@ def tiny_base_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gptq_model(tiny_chat_model, tmp_path_factory) -> Path:
     """The tiny chat model quantized to 4-bit GPTQ (group size 128) by tools/run_gptq.py."""
-    from tools.run_gptq import run_gptq
+    from llmft.tools.quantize import run_gptq
 
     out = tmp_path_factory.mktemp("models") / "tiny-gptq"
     run_gptq(str(tiny_chat_model), str(EXAMPLES), out, bits=4, num_samples=16, eval_samples=4)
@@ -93,16 +93,16 @@ def tiny_gptq_model(tiny_chat_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     """A HF tokenizer over Qwen's real vocabulary, with the ChatML template."""
-    from tools.make_tiny_model import build_tokenizer
+    from llmft.tools.tiny_model import make_tokenizer
 
-    return build_tokenizer("qwen", chat=True)
+    return make_tokenizer("qwen", chat=True)
 
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
-    from tools.make_tiny_model import build_tokenizer
+    from llmft.tools.tiny_model import make_tokenizer
 
-    return build_tokenizer("bpe", chat=True)
+    return make_tokenizer("bpe", chat=True)
 
 
 def write_records(path: Path, records, jsonl: bool = False) -> Path:

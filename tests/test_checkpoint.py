@@ -330,7 +330,7 @@ def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkey
     relative, which parse_args makes absolute: still the same folder."""
     from llmft.args import parse_args
     from llmft.kernels import choose_kernels
-    from llmft.model import build_model, build_tokenizer
+    from llmft.model import build_model, load_training_tokenizer
     from llmft.saving import describe_run
 
     monkeypatch.chdir(tiny_chat_model.parent)
@@ -339,7 +339,7 @@ def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkey
         "--model_name_or_path", tiny_chat_model.name, "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
         "--use_lora", "True", "--use_cpu", "True", "--report_to", "none", "--max_steps", "1"])
     kernels = choose_kernels(model_args, data_args, training_args)
-    tokenizer, added = build_tokenizer(model_args, data_args)
+    tokenizer, added = load_training_tokenizer(model_args, data_args)
     build_model(model_args, lora_args, quant_args, training_args, tokenizer, added, kernels.attention)
     run = describe_run(model_args, lora_args, quant_args, added)
     assert run["base_fingerprint"].startswith("sha256:")

@@ -42,7 +42,7 @@ def finetune_trainer_kwargs(tiny_chat_model, datasets_cache, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("collator") / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(finetune, "Trainer", trainer)
+        mp.setattr(finetune, "PackingLoraPlusTrainer", trainer)
         with pytest.raises(_TrainerReached):
             finetune.main(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(EXAMPLES),
                            "--output_dir", str(out), "--model_max_length", "512", "--report_to", "none"])

@@ -203,6 +203,72 @@ def test_fsdp_config_without_fsdp_is_refused(settings):
         "--fsdp_config is read only with --fsdp True"]
 
 
+# --- FSDP on CPU ranks: the patch of accelerate's private state ---------------------------------------------------
+
+def cpu_ranks_accelerator():
+    """What enable_fsdp_on_cpu_ranks reads of a Trainer's accelerator on 2 gloo ranks: accelerate's MULTI_CPU."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None, mixed_precision="no",
+                            num_processes=2)
+    return SimpleNamespace(state=state)
+
+
+def test_fsdp_on_cpu_ranks_is_checked_on_the_pinned_accelerate():
+    """Raising accelerate's pin means reading its state.py again and extending FSDP_ON_CPU_CHECKED_ACCELERATE."""
+    import accelerate
+    from packaging.specifiers import SpecifierSet
+
+    from llmft.distributed import FSDP_ON_CPU_CHECKED_ACCELERATE
+
+    pinned = next(line.split("==")[1].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+                  if line.startswith("accelerate=="))
+    assert accelerate.__version__ == pinned
+    assert pinned in SpecifierSet(FSDP_ON_CPU_CHECKED_ACCELERATE)
+
+
+@pytest.mark.parametrize("version", ["1.16.0", "1.14.2", "2.0.0"])
+def test_fsdp_on_cpu_ranks_fails_loudly_on_an_unchecked_accelerate(version, monkeypatch):
+    """Rather than patch a private state it was not checked on (or train DDP without a word): a clear error, and
+    accelerate's state left as it was."""
+    from types import SimpleNamespace
+
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from llmft.distributed import enable_fsdp_on_cpu_ranks
+
+    monkeypatch.setattr(accelerate, "__version__", version)
+    accelerator, shared = cpu_ranks_accelerator(), dict(PartialState._shared_state)
+    args = SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2}, should_log=False)
+    with pytest.raises(LlmftError) as error:
+        enable_fsdp_on_cpu_ranks(accelerator, args)
+    assert str(error.value).startswith(f"--fsdp on CPU ranks: accelerate {version} is installed")
+    assert "install accelerate==1.15.0" in str(error.value)
+    assert accelerator.state.distributed_type == DistributedType.MULTI_CPU and accelerator.state.fsdp_plugin is None
+    assert dict(PartialState._shared_state) == shared
+
+
+def test_fsdp_on_cpu_ranks_leaves_runs_without_fsdp_alone_on_any_accelerate(monkeypatch):
+    from types import SimpleNamespace
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from llmft.distributed import enable_fsdp_on_cpu_ranks
+
+    monkeypatch.setattr(accelerate, "__version__", "9.0.0")
+    accelerator = cpu_ranks_accelerator()
+    assert enable_fsdp_on_cpu_ranks(accelerator, SimpleNamespace(fsdp_plugin_args=None)) is False
+    assert accelerator.state.distributed_type == DistributedType.MULTI_CPU
+    accelerator.state.distributed_type = DistributedType.FSDP  # an accelerate that turns FSDP on itself
+    assert enable_fsdp_on_cpu_ranks(accelerator, SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2})) is False
+    assert accelerator.state.fsdp_plugin is None
+
+
 # --- the checks of the final save ---------------------------------------------------------------------------------
 
 def test_adapter_check_refuses_a_rank_shard_and_a_missing_layer(tiny_chat_model, tmp_path):
@@ -317,7 +383,7 @@ def train_with_fsdp(name, model, data, out, tmp_path) -> dict[int, dict]:
 
 def assert_sharded_over_two_ranks(layouts: dict[int, dict], trainable: str) -> None:
     """Every parameter a DTensor split by rows between the 2 ranks (FSDP2's full shard), not the whole tensor each
-    rank holds under the plain DDP accelerate falls back to on CPU ranks without llmft/trainer.py."""
+    rank holds under the plain DDP accelerate falls back to on CPU ranks without llmft/distributed.py."""
     assert sorted(layouts) == [0, 1]
     assert layouts[0].keys() == layouts[1].keys() and any(trainable in name for name in layouts[0])
     for name, first in layouts[0].items():

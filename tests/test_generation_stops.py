@@ -22,9 +22,9 @@ def test_chat_tokenizer_stops_at_end_of_turn_then_end_of_text(bpe_tokenizer):
 
 
 def test_base_tokenizer_without_a_template_stops_at_end_of_text():
-    from llmft.tools.tiny_model import build_tokenizer
+    from llmft.tools.tiny_model import make_tokenizer
 
-    base = build_tokenizer("bpe", chat=False)
+    base = make_tokenizer("bpe", chat=False)
     assert not base.chat_template
     assert generation_stops(base) == GenerationStops([ENDOFTEXT_ID], ENDOFTEXT_ID)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmft.errors import ConfigError
-from llmft.tools.tiny_model import build_tokenizer, main, make_tiny_model
+from llmft.tools.tiny_model import make_tokenizer, main, make_tiny_model
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -167,7 +167,7 @@ def test_base_model_has_no_template_and_no_chatml_tokens(base_bpe, load_tokenize
 
 
 def test_qwen_base_tokenizer_has_only_endoftext():
-    tok = build_tokenizer("qwen", chat=False)
+    tok = make_tokenizer("qwen", chat=False)
     assert len(tok) == 151644
     assert tok.convert_tokens_to_ids(ENDOFTEXT) == 151643
     assert tok.chat_template is None and IM_START not in tok.get_vocab()
@@ -252,6 +252,30 @@ def test_cli_builds_a_base_model_and_reruns_cleanly(tmp_path, capsys):
     assert str(out) in summary and "vocab 1088" in summary and "bpe tokenizer" in summary and "base" in summary
     assert not (out / "chat_template.jinja").exists()
     assert AutoTokenizer.from_pretrained(out).chat_template is None
+
+
+def test_cli_takes_the_folder_as_output_dir_or_positional(tmp_path):
+    from llmft.tools.tiny_model import parse_args
+
+    out = tmp_path / "model"
+    assert parse_args([str(out)]).output_dir == out
+    assert parse_args(["--output_dir", str(out), "--num_layers", "1"]).output_dir == out
+    assert parse_args([f"--output_dir={out}"]).output_dir == out
+    assert parse_args([str(out), "--output_dir", str(out)]).output_dir == out  # the same folder twice is one
+    assert "output_dir_flag" not in vars(parse_args([str(out)]))  # make_tiny_model gets only its own arguments
+    main(["--output_dir", str(out), "--num_layers", "1"])
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the output folder is missing: give it as OUTPUT_DIR or --output_dir OUTPUT_DIR"),
+    (["a", "--output_dir", "b"], "two output folders given: a and --output_dir b; give one"),
+])
+def test_cli_wants_one_output_folder(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
 
 
 def test_refuses_a_folder_that_is_not_a_model(tmp_path):

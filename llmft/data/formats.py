@@ -290,7 +290,7 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
 
     if "conversations" in record or "messages" in record:
         key = "conversations" if "conversations" in record else "messages"
-        tools = _parse_tools(record.get("tools"), where)
+        tools = parse_tools(record.get("tools"), where)
         messages = _parse_turns(record[key], key, where)
         system = record.get("system")
         if system is not None:
@@ -347,8 +347,9 @@ def _check_unicode(record: dict, where: str) -> None:
             stack.extend((item, f"{at}[{i}]") for i, item in enumerate(value))
 
 
-def _parse_tools(tools: object, where: str) -> tuple[dict, ...]:
-    """The record's function schemas in OpenAI's shape; LLaMA-Factory's bare `{"name", ...}` functions are wrapped."""
+def parse_tools(tools: object, where: str) -> tuple[dict, ...]:
+    """Function schemas (a record's `"tools"`, or a chat's tools file: a list, or a JSON string of one) in OpenAI's
+    shape; LLaMA-Factory's bare `{"name", ...}` functions are wrapped. `where` names the record or file in errors."""
     if tools is None or tools == "":
         return ()
     if isinstance(tools, str):

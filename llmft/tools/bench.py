@@ -66,11 +66,11 @@ def build_random_model(path: Path, shape: str) -> None:
     """A random-weight Qwen2 model of `shape` with Qwen's vocabulary, saved in bf16 (built on the GPU if any)."""
     from transformers import Qwen2ForCausalLM
 
-    from llmft.tools.tiny_model import build_tokenizer, generation_config, model_config
+    from llmft.tools.tiny_model import generation_config, make_tokenizer, model_config
 
     sizes = dict(SHAPES[shape])
     tied = sizes.pop("tied")
-    tokenizer = build_tokenizer("qwen", chat=True)
+    tokenizer = make_tokenizer("qwen", chat=True)
     config = model_config(tokenizer, **sizes)
     config.tie_word_embeddings = tied
     config.max_position_embeddings = 32768
@@ -277,7 +277,7 @@ def run_plain(model: Path, data: Path, out: Path, steps: int, warmup: int, flags
     from llmft.args import DataArguments, ModelArguments
     from llmft.data.dataset import build_datasets
     from llmft.data.render import IGNORE_INDEX
-    from llmft.model import build_tokenizer
+    from llmft.model import load_training_tokenizer
 
     lora, qlora = is_true(flag_value(flags, "use_lora")), is_true(flag_value(flags, "q_lora"))
     checkpointing = is_true(flag_value(flags, "gradient_checkpointing", "True"))
@@ -288,7 +288,7 @@ def run_plain(model: Path, data: Path, out: Path, steps: int, warmup: int, flags
         optim="paged_adamw_8bit" if qlora else "adamw_torch", learning_rate=2e-4 if lora else 1e-5,
         logging_steps=5, save_strategy="no", report_to="none", dataloader_num_workers=2,
     )
-    tokenizer, _ = build_tokenizer(ModelArguments(str(model)), DataArguments(str(data), model_max_length=2048))
+    tokenizer, _ = load_training_tokenizer(ModelArguments(str(model)), DataArguments(str(data), model_max_length=2048))
     train_set, _ = build_datasets(DataArguments(str(data), model_max_length=2048), tokenizer, args)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16) if qlora else None

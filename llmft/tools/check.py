@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     from llmft.data.check import BatchSettings, check_data, show_samples, write_histogram
     from llmft.data.dataset import RenderSettings
-    from llmft.model import build_tokenizer
+    from llmft.model import load_training_tokenizer
 
     started = time.perf_counter()
-    tokenizer, _ = build_tokenizer(model_args, data_args)
+    tokenizer, _ = load_training_tokenizer(model_args, data_args)
     batch = BatchSettings(check_args.per_device_train_batch_size, check_args.gradient_accumulation_steps,
                           check_args.world_size, data_args.max_tokens_per_batch or None, data_args.packing_window,
                           check_args.seed)

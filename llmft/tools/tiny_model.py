@@ -8,6 +8,7 @@ The folder loads like any model path, with `AutoModelForCausalLM.from_pretrained
     python tools/make_tiny_model.py /tmp/tiny-base --base              # base model: no chat template, no ChatML tokens
     python tools/make_tiny_model.py /tmp/tiny --hidden_size 256 --num_layers 4 --seed 1
     llmft make-tiny-model /tmp/tiny-chat                               # the same command
+    llmft make-tiny-model --output_dir /tmp/tiny-chat                  # the folder as the other commands take it
 
 From Python: `from llmft.tools.tiny_model import make_tiny_model; make_tiny_model(tmp_path / "model")`.
 
@@ -257,8 +258,9 @@ def _qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], speci
     return tokenizer
 
 
-def build_tokenizer(kind: str = "bpe", *, chat: bool = True, bpe_vocab_size: int = 1024) -> Qwen2Tokenizer:
-    """The tokenizer of a tiny model: `bpe` (trained here) or `qwen` (Qwen's real vocabulary); see the module doc."""
+def make_tokenizer(kind: str = "bpe", *, chat: bool = True, bpe_vocab_size: int = 1024) -> Qwen2Tokenizer:
+    """A new tokenizer for a tiny model: `bpe` (trained here) or `qwen` (Qwen's real vocabulary); see the module
+    doc."""
     specials = special_tokens(chat)
     if kind == "bpe":
         return train_bpe_tokenizer(bpe_vocab_size, specials)
@@ -345,7 +347,7 @@ def make_tiny_model(
         bpe_vocab_size=bpe_vocab_size,
     )
     output_dir = Path(output_dir)
-    tok = build_tokenizer(tokenizer, chat=chat, bpe_vocab_size=bpe_vocab_size)
+    tok = make_tokenizer(tokenizer, chat=chat, bpe_vocab_size=bpe_vocab_size)
     config = model_config(
         tok,
         hidden_size=hidden_size,
@@ -371,7 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("output_dir", type=Path, help="folder to write the model and tokenizer into")
+    parser.add_argument("output_dir", type=Path, nargs="?", help="folder to write the model and tokenizer into")
+    parser.add_argument("--output_dir", type=Path, dest="output_dir_flag", metavar="OUTPUT_DIR",
+                        help="the same folder, under the flag name the other commands use")
     parser.add_argument(
         "--tokenizer",
         choices=TOKENIZER_KINDS,
@@ -389,7 +393,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("seed", "seed of the random weights"),
     ):
         parser.add_argument(f"--{name}", type=int, default=defaults[name], help=help)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    flag = args.output_dir_flag
+    del args.output_dir_flag
+    if args.output_dir is None and flag is None:
+        parser.error("the output folder is missing: give it as OUTPUT_DIR or --output_dir OUTPUT_DIR")
+    if args.output_dir is not None and flag is not None and args.output_dir != flag:
+        parser.error(f"two output folders given: {args.output_dir} and --output_dir {flag}; give one")
+    args.output_dir = args.output_dir if args.output_dir is not None else flag
+    return args
 
 
 def count_parameters(model_dir: Path) -> int:

@@ -1,0 +1,180 @@
+"""Every ZeRO / FSDP / rank concern of a run, and each library workaround that comes with one, in one place.
+
+One function per concern; each docstring says which library (and version: those of requirements.txt unless it says
+otherwise) it answers to, and why. The rest of llmft asks these functions instead of reading DeepSpeed's,
+accelerate's or the environment's state itself:
+
+- `fsdp_flag_as_switch`: `--fsdp True` written as transformers 5 parses it;
+- `uses_zero3`, `shards_parameters`: whether this run partitions its parameters over the ranks;
+- `init_deepspeed_on_cpu_ranks`: DeepSpeed's communication layer for ZeRO-3 loading on gloo ranks;
+- `quantized_weights_device_map`, `bnb_4bit_storage_dtype`: where and in what dtype a quantized base is loaded;
+- `dataloader_order_options`: the Trainer's `dataloader_in_order`, on the transformers versions that have it;
+- `enable_fsdp_on_cpu_ranks`: FSDP on CPU ranks, which accelerate never turns on (a patch of its private state,
+  guarded by the accelerate versions it was checked on);
+- `runs_on_several_ranks`, `whole_parameter_name_and_shape`: collectives only where there are ranks to talk to, and a
+  sharded parameter's own name and whole shape.
+
+Launching the ranks (torchrun, MPI, Slurm, DeepSpeed's pdsh runner) is llmft/launch.py's and llmft/launcher.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmft.errors import LlmftError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def fsdp_flag_as_switch(argv: list[str]) -> list[str]:
+    """`--fsdp True` / `--fsdp False` (and a config file's `fsdp: true`) as transformers 5 reads them: the bare
+    switch `--fsdp`, or nothing. transformers 5.23's `TrainingArguments.fsdp` takes any word after --fsdp for a legacy
+    sharding option and rejects `True` ("Unknown `fsdp` option: True"); every other boolean flag of finetune.py is
+    written `--flag True`."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        value = None
+        if token == "--fsdp" and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
+            value, i = argv[i + 1].lower(), i + 2
+        elif token.lower() in ("--fsdp=true", "--fsdp=false"):
+            value, i = token.split("=", 1)[1].lower(), i + 1
+        else:
+            out.append(token)
+            i += 1
+            continue
+        if value == "true":
+            out.append("--fsdp")
+    return out
+
+
+def uses_zero3(training_args: TrainingArguments) -> bool:
+    """Whether this run trains under DeepSpeed ZeRO-3. transformers' own answer (`is_deepspeed_zero3_enabled`) comes
+    from a process-wide weak reference to the last DeepSpeed config any TrainingArguments made, so it is asked only
+    when this run's arguments name a DeepSpeed config."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
+
+
+def shards_parameters(training_args: TrainingArguments) -> bool:
+    """Whether each rank holds only a shard of every parameter (ZeRO-3 or FSDP), so nothing may need a whole weight
+    outside the module call that gathers it (Liger's fused output head, PiSSA's decomposition, a GPTQ base's packed
+    buffers, which neither shards)."""
+    return uses_zero3(training_args) or bool(training_args.fsdp)
+
+
+def init_deepspeed_on_cpu_ranks(training_args: TrainingArguments) -> None:
+    """DeepSpeed's communication layer on CPU ranks, before the model loads. accelerate 1.15 has started the gloo
+    process group by then, but ZeRO-3's partitioned loading inside `from_pretrained` (DeepSpeed 0.19's `zero.Init`)
+    talks through DeepSpeed's own `deepspeed.comm`, which on GPUs the DeepSpeed engine sets up and on CPU ranks nothing
+    does. A no-op without --deepspeed or off the CPU."""
+    if training_args.deepspeed and training_args.use_cpu:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def quantized_weights_device_map(training_args: TrainingArguments) -> dict | None:
+    """`device_map` for loading a quantized base (bitsandbytes or GPTQ): such weights are placed at load time, one
+    whole copy per process on that process's device (LOCAL_RANK's GPU, or the CPU). Under ZeRO-3 none: transformers
+    refuses a device_map there, and DeepSpeed places the partitions itself."""
+    if training_args.deepspeed and uses_zero3(training_args):
+        return None
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def bnb_4bit_storage_dtype(training_args: TrainingArguments, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit weights into: uint8 as bitsandbytes does by default, or under ZeRO-3 the
+    compute dtype, since DeepSpeed partitions only floating-point parameters and would otherwise leave the whole
+    quantized base on every rank (`bnb_4bit_quant_storage`, added for this in bitsandbytes 0.43 with
+    huggingface/peft#1550)."""
+    return compute_dtype if uses_zero3(training_args) else torch.uint8
+
+
+def dataloader_order_options(training_args: TrainingArguments) -> dict:
+    """The DataLoader option transformers' own train loader gets from `--dataloader_in_order` (transformers 5.18
+    added the flag), for a loader llmft builds itself; nothing on a transformers without it."""
+    if hasattr(training_args, "dataloader_in_order"):
+        return {"in_order": training_args.dataloader_in_order}
+    return {}
+
+
+def runs_on_several_ranks(training_args: TrainingArguments) -> bool:
+    """Whether collectives have other ranks to reach: more than one process, with the process group started."""
+    return (training_args.world_size > 1 and torch.distributed.is_available()
+            and torch.distributed.is_initialized())
+
+
+# Wrappers whose names PyTorch puts into a wrapped module's parameter names (FSDP1, activation checkpointing).
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def whole_parameter_name_and_shape(name: str, param: torch.nn.Parameter) -> tuple[str, tuple[int, ...] | None]:
+    """A parameter's name without the wrappers' prefixes, and the shape of the whole tensor on this rank or all
+    ranks: ZeRO-3 keeps a partitioned weight's shape in `ds_shape`, an FSDP2 weight is a DTensor whose shape is
+    the whole one; None for FSDP1's flattened shards, whose shape no rank can tell."""
+    shape = None if _WRAPPER_PREFIXES[0] in name else tuple(getattr(param, "ds_shape", param.shape))
+    for wrapper in _WRAPPER_PREFIXES:
+        name = name.replace(wrapper, "")
+    return name, shape
+
+
+# The accelerate releases whose AcceleratorState / PartialState (accelerate/state.py) were read for the patch in
+# enable_fsdp_on_cpu_ranks: 1.15.0, the pinned one. A patch release of the same minor is trusted; any other release
+# is refused rather than patched blind.
+FSDP_ON_CPU_CHECKED_ACCELERATE = "==1.15.*"
+
+
+def enable_fsdp_on_cpu_ranks(accelerator: Accelerator, training_args: TrainingArguments) -> bool:
+    """Give CPU ranks the FSDP plugin accelerate builds only for accelerator devices; True when it did, False where
+    nothing was needed (no --fsdp, or accelerate already runs FSDP).
+
+    The upstream limitation (accelerate 1.15.0, `AcceleratorState.__init__`): the distributed type becomes
+    `DistributedType.FSDP` only from a multi-accelerator type (MULTI_GPU, MULTI_NPU, MULTI_XPU, MULTI_HPU, ...), never
+    from MULTI_CPU, so `--fsdp` on gloo ranks (`--use_cpu True`) trains as plain DDP without a word, though PyTorch's
+    FSDP2 itself runs on CPU over gloo. No upstream issue was found for it.
+
+    The patch writes accelerate's private shared state: both `AcceleratorState` and `PartialState._shared_state`,
+    because `AcceleratorState.__init__` copies PartialState's distributed type back into itself whenever it is
+    constructed again, as happens during training, which would quietly undo the change (the final save then gathered
+    nothing and hung). That layout is private, so the patch runs only on the accelerate versions it was checked on
+    (FSDP_ON_CPU_CHECKED_ACCELERATE); on any other it fails loudly (LlmftError), as it does when the state does not
+    hold FSDP after the patch, instead of letting the run fall back to DDP."""
+    import accelerate
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from packaging.specifiers import SpecifierSet
+
+    state = accelerator.state
+    if not (training_args.fsdp_plugin_args and state.distributed_type == DistributedType.MULTI_CPU):
+        return False
+    version = accelerate.__version__
+    if version not in SpecifierSet(FSDP_ON_CPU_CHECKED_ACCELERATE):
+        raise LlmftError(
+            f"--fsdp on CPU ranks: accelerate {version} is installed, and llmft turns FSDP on for CPU processes (which "
+            f"accelerate itself never does) by patching accelerate's private state, checked only on accelerate "
+            f"{FSDP_ON_CPU_CHECKED_ACCELERATE.removeprefix('==')}; install accelerate==1.15.0 (requirements.txt), "
+            "run FSDP on GPUs, or use --deepspeed on CPU ranks")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**training_args.fsdp_plugin_args)
+    if state.mixed_precision != "no":  # as accelerate does for the plugins it enables itself
+        state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if AcceleratorState().distributed_type != DistributedType.FSDP:  # what training constructs again
+        raise LlmftError(f"--fsdp on CPU ranks: accelerate {version} did not keep FSDP turned on after llmft's patch "
+                         "of its state, and the run would train as plain DDP; run FSDP on GPUs, or use --deepspeed "
+                         "on CPU ranks")
+    if training_args.should_log:
+        logger.warning("FSDP%d on %d CPU ranks over gloo", state.fsdp_plugin.fsdp_version, state.num_processes)
+    return True

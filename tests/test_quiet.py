@@ -1,0 +1,113 @@
+"""Known third-party noise (llmft/quiet.py) stays out of the terminal of `llmft chat --help` and of a training run,
+while the warnings llmft emits, and the libraries' other messages on the same loggers, still show."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from enum import Enum
+
+import pytest
+
+from tests.conftest import EXAMPLES, REPO
+
+# One line of each known noise, as it reads in a terminal without llmft's filters.
+NOISE = {
+    "bitsandbytes": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "torchao pytree": "is an Enum subclass and is now natively supported by torch.compile",
+    "GPTQModel banner": "GPT-QModel   :",
+    "GPTQModel GIL notice": "Python GIL is enabled",
+    "transformers deprecation": "`is_gradient_checkpointing` is deprecated",
+}
+
+
+def run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def noise_without_llmft() -> str:
+    """What the same libraries print when imported without llmft: the lines the filters must find to drop."""
+    proc = run("-c", "import transformers.training_args, peft, gptqmodel")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def assert_no_known_noise(output: str, baseline: str) -> None:
+    if not any(line in baseline for line in NOISE.values()):
+        pytest.skip("these libraries print none of the known noise on this machine")
+    leaked = [name for name, line in NOISE.items() if line in output]
+    assert leaked == [], output[-4000:]
+
+
+def test_chat_help_shows_no_known_noise(noise_without_llmft):
+    proc = run("-m", "llmft.cli", "chat", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: llmft chat")
+    assert_no_known_noise(proc.stdout + proc.stderr, noise_without_llmft)
+    assert proc.stderr == ""
+
+
+def test_training_run_shows_llmfts_warnings_and_no_known_noise(noise_without_llmft, tiny_chat_model, tmp_path):
+    proc = run("finetune.py", "--model_name_or_path", str(tiny_chat_model), "--data_path", str(EXAMPLES),
+               "--output_dir", str(tmp_path / "out"), "--use_lora", "True", "--max_steps", "1", "--use_cpu", "True",
+               "--report_to", "none", "--save_strategy", "no", "--model_max_length", "4096")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_no_known_noise(proc.stdout + proc.stderr, noise_without_llmft)
+    # llmft's own warnings, through logging and straight to stderr, still reach the terminal
+    assert "WARNING llmft.kernels: kernels: attention" in proc.stderr
+    assert "--model_max_length 4096 is above the model's context of 2048 tokens" in proc.stderr
+    assert "GPTQModel" not in proc.stdout and "gptqmodel" not in proc.stdout.lower()
+
+
+@pytest.mark.parametrize("logger, message, args, shown", [
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: %s", ("x",),
+     False),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load the CUDA library: %s", ("x",), True),  # another message
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile as ...",
+     (Enum("KernelPreference", "AUTO", module="torchao.quantization"),), False),
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile as ...",
+     (Enum("Mine", "A", module="mypackage"),), True),  # the same deprecation, not torchao's: shown
+    ("torch.utils._pytree", "something else entirely %s", ("x",), True),
+])
+def test_filters_drop_only_the_known_message(logger, message, args, shown):
+    import llmft  # noqa: F401  (installs the filters)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = logging.getLogger(logger)
+    library.addHandler(handler)
+    try:
+        library.warning(message, *args)
+    finally:
+        library.removeHandler(handler)
+    assert len(records) == (1 if shown else 0)
+
+
+def test_lora_does_not_import_gptqmodel_and_a_gptq_check_afterwards_still_finds_it(tiny_chat_model):
+    """Run in a fresh process: in this one another test may have imported GPTQModel already."""
+    code = f"""
+import sys
+from peft import LoraConfig, get_peft_model
+from peft.import_utils import is_gptqmodel_available
+from transformers import AutoModelForCausalLM
+from llmft.quiet import without_unused_gptqmodel
+
+model = AutoModelForCausalLM.from_pretrained({str(tiny_chat_model)!r})
+with without_unused_gptqmodel():
+    model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+assert "gptqmodel" not in sys.modules, "imported"
+assert any(".lora_A." in name for name, _ in model.named_parameters())
+assert is_gptqmodel_available(), "PEFT kept the pretended answer"
+import transformers.utils
+assert transformers.utils.is_gptqmodel_available(), "transformers kept the pretended answer"
+import gptqmodel
+print("ok")
+"""
+    proc = run("-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
