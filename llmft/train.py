@@ -13,7 +13,8 @@
 Every flag of transformers.TrainingArguments is accepted; `python finetune.py --help` lists them all. Launchers for
 several GPUs and nodes are in finetune/.
 
-Exit status: 0 when trained and saved; 2 on a settings or data error (one message, no traceback); 75 when SIGTERM or
+Exit status: 0 when trained and saved (or, with --preflight_only True, when the memory estimate is printed and fits);
+2 on a settings or data error, or an estimate above the GPU's memory (one message, no traceback); 75 when SIGTERM or
 SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preemption.py): run it again with
 `--resume_from_checkpoint auto` (or True) to continue.
 """
@@ -30,19 +31,24 @@ from llmft.errors import exit_on_user_error
 from llmft.kernels import choose_kernels
 from llmft.model import build_model, build_tokenizer
 from llmft.preemption import check_run_settings, record_run_settings
+from llmft.preflight import preflight
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import Trainer
 
 
 @exit_on_user_error
 def main(argv=None, callbacks=()):
-    """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
+    """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
+    `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
     kernels = choose_kernels(model_args, data_args, training_args)
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
+    memory = preflight(model_args, data_args, lora_args, quant_args, training_args, kernels)  # may stop the run
+    if training_args.preflight_only:
+        return None
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
@@ -57,6 +63,7 @@ def main(argv=None, callbacks=()):
                       data_collator=padding, packing=Packing.from_args(data_args, tokenizer, kernels),
                       processing_class=tokenizer, callbacks=list(callbacks),
                       loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
     # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)
