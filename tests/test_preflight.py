@@ -339,3 +339,14 @@ def test_a_run_that_will_not_fit_stops_before_loading_and_preflight_false_trains
     trainer = run_finetune(*flags, "--preflight", "False")
     assert len(loads) == 1 and trainer.state.global_step == 1
     assert trainer.memory_estimate.fits is False  # kept for tools/benchmark.py
+
+
+def test_benchmark_puts_the_estimate_beside_the_measured_peak():
+    from llmft.tools.bench import memory_columns
+
+    e = estimate(SHAPE_7B, MemorySetup(tokens=T, gradient_checkpointing=True))  # 64,426,378,240 B = 60.00 GiB
+    assert memory_columns(e, peak_bytes=50 * GIB) == {
+        "est_gib": round(64_426_378_240 / GIB, 2), "peak_gib": 50.0,
+        "est_error_pct": round(100 * (64_426_378_240 / GIB - 50) / 50, 1)}  # 60.00 vs 50: +20.0%
+    assert memory_columns(e, peak_bytes=50 * GIB)["est_error_pct"] == 20.0
+    assert memory_columns(None, peak_bytes=50 * GIB) == {"est_gib": None, "peak_gib": 50.0, "est_error_pct": None}
