@@ -129,6 +129,10 @@ class ModelShape:
     def parameters(self) -> int:
         return self.linear_weights() + self.other_parameters()
 
+    def embedding_parameters(self) -> int:
+        """The input embeddings and, when not tied to them, the output head."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+
     def lora_parameters(self, r: int, targets: tuple[str, ...]) -> int:
         """A (r x in) and B (out x r) of every targeted linear layer of every decoder layer."""
         return self.num_layers * sum(r * (n_in + n_out) for name, (n_in, n_out) in self.linears().items()
@@ -149,6 +153,7 @@ class MemorySetup:
     gptq_group_size: int = 128
     lora_r: int = 64
     lora_targets: tuple[str, ...] = LINEAR_NAMES
+    train_embeddings: bool = False  # LoRA trains the embeddings and head in full too (tokens added to the vocabulary)
     optimizer: str = "adamw_torch"
     sharding: str = "none"  # none (one GPU or DDP), zero1, zero2, zero3, fsdp
     offload_optimizer: bool = False
@@ -358,35 +363,40 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
     """The per-GPU memory of `setup` on a model of `shape`; `gpu_memory` (bytes) to check against, when known."""
     gpus, b = max(1, setup.gpus), setup.dtype_bytes
     notes = []
+    # what trains, as (parameters, bytes of each weight): everything in the compute dtype, or fp32 adapters (PEFT
+    # upcasts them) and, for added tokens, whole copies of the embeddings and output head in the compute dtype
+    # (modules_to_save; one copy when they are tied)
     if setup.mode == "full":
-        trainable, frozen_bytes = shape.parameters(), 0.0
+        groups, frozen_bytes = [(shape.parameters(), b)], 0.0
     else:
-        trainable = shape.lora_parameters(setup.lora_r, setup.lora_targets)
+        groups = [(shape.lora_parameters(setup.lora_r, setup.lora_targets), 4)]
+        if setup.train_embeddings:
+            groups.append((shape.embedding_parameters(), b))
         # non-linear weights of a quantized base are fp32 outside bf16 runs (prepare_model_for_kbit_training)
         other_bytes = 4 if setup.quantization and setup.dtype != "bf16" else b
         frozen_bytes = _quantized_weight_bytes(shape, setup) + shape.other_parameters() * other_bytes
+    trainable = sum(count for count, _ in groups)
 
-    # bytes per trained parameter: (weight, gradient, optimizer state incl. any fp32 master copy)
-    if setup.deepspeed and b == 2:
-        weight, grad = 2, 2
-        optim = 4 + optimizer_state_bytes(setup.optimizer, 4)
-    elif setup.sharding == "fsdp":
-        weight, grad = 4, 4  # accelerate upcasts trainable weights to fp32 for FSDP2 mixed precision
-        optim = optimizer_state_bytes(setup.optimizer, 4)
-    else:
-        weight = 4 if setup.mode != "full" else b  # PEFT keeps adapters in fp32
-        grad = weight
-        optim = optimizer_state_bytes(setup.optimizer, weight)
+    weights = frozen_bytes
+    gradients = optimizer = 0.0
+    for count, weight in groups:  # bytes per trained parameter: weight, gradient, optimizer states (+ fp32 master)
+        if setup.deepspeed and b == 2:
+            weight, grad, optim = 2, 2, 4 + optimizer_state_bytes(setup.optimizer, 4)
+        elif setup.sharding == "fsdp":  # accelerate upcasts trained weights to fp32 for FSDP2 mixed precision
+            weight, grad, optim = 4, 4, optimizer_state_bytes(setup.optimizer, 4)
+        else:
+            grad, optim = weight, optimizer_state_bytes(setup.optimizer, weight)
+        weights, gradients, optimizer = weights + count * weight, gradients + count * grad, optimizer + count * optim
 
     shard_weights = gpus if setup.sharding in ("zero3", "fsdp") else 1
     shard_grads = gpus if setup.sharding in ("zero2", "zero3", "fsdp") else 1
     shard_optim = gpus if setup.sharding != "none" else 1
-    weights = (trainable * weight + frozen_bytes) / shard_weights
+    weights /= shard_weights
     if setup.offload_params:
         weights = 0
         notes.append("weights offloaded: each layer is gathered onto the GPU when used (in the sharding buffers)")
-    gradients = trainable * grad / shard_grads
-    optimizer = 0 if setup.offload_optimizer else trainable * optim / shard_optim
+    gradients /= shard_grads
+    optimizer = 0 if setup.offload_optimizer else optimizer / shard_optim
 
     layer_bytes = (shape.linear_weights() / shape.num_layers) * b
     if setup.sharding == "zero2" or setup.sharding == "zero1":
@@ -398,7 +408,8 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
     else:
         buffers = 0
     held = gradients if (setup.accumulation_steps > 1 or setup.sharding != "none") else 0
-    embedding_gradient = shape.vocab_size * shape.hidden_size * b / shard_grads if setup.mode == "full" else 0
+    embeddings_train = setup.mode == "full" or setup.train_embeddings
+    embedding_gradient = shape.vocab_size * shape.hidden_size * b / shard_grads if embeddings_train else 0
     working = layer_activation_bytes(shape, setup) + attention_mask_bytes(setup) + embedding_gradient
     if setup.attention == "eager":
         notes.append(f"eager attention keeps heads x {setup.row_tokens:,}^2 scores a layer: the longest row decides")
@@ -448,7 +459,7 @@ def advice(shape: ModelShape, result: MemoryEstimate, model_max_length: int | No
         config = "zero3_offload.json" if stage == "zero3" else "zero2_offload.json"
         tries.append((f"--deepspeed ds_configs/{config}",
                       dataclasses.replace(s, sharding=stage, offload_optimizer=True, offload_params=stage == "zero3",
-                                          optimizer="adamw_torch")))
+                                          optimizer="adamw")))
     if "8bit" not in s.optimizer and not s.offload_optimizer:
         tries.append(("--optim paged_adamw_8bit", dataclasses.replace(s, optimizer="paged_adamw_8bit")))
     if s.mode == "full":
@@ -462,9 +473,10 @@ def advice(shape: ModelShape, result: MemoryEstimate, model_max_length: int | No
 # --- from finetune.py's settings -----------------------------------------------------------------------------------
 
 def setup_from_args(model_args, data_args, lora_args, quant_args, training_args, kernels=None,
-                    model_config: dict | None = None) -> MemorySetup:
-    """The MemorySetup of a finetune.py run. Tokens per micro-batch: --max_tokens_per_batch when set (packed rows
-    are padded to a multiple of 64), else --per_device_train_batch_size x --model_max_length, the worst case."""
+                    model_config: dict | None = None, added_tokens: bool = False) -> MemorySetup:
+    """The MemorySetup of a finetune.py run (`added_tokens`: the tokenizer got ChatML tokens, so LoRA trains the
+    embeddings and head too). Tokens per micro-batch: --max_tokens_per_batch when set (packed rows are padded to a
+    multiple of 64), else --per_device_train_batch_size x --model_max_length, the worst case."""
     dtype = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     config = model_config or {}
     gptq = (config.get("quantization_config") or {}) if isinstance(config.get("quantization_config"), dict) else {}
@@ -483,9 +495,13 @@ def setup_from_args(model_args, data_args, lora_args, quant_args, training_args,
         " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules))
 
     sharding, offload_optimizer, offload_params = "none", False, False
+    optimizer = str(getattr(training_args.optim, "value", training_args.optim))
     if training_args.deepspeed:
         ds = getattr(training_args, "hf_deepspeed_config", None)
-        zero = (ds.config if ds is not None else {}).get("zero_optimization", {})
+        ds_config = ds.config if ds is not None else {}
+        zero = ds_config.get("zero_optimization", {})
+        if "optimizer" in ds_config:  # DeepSpeed builds its own (the offload configs' AdamW), not --optim
+            optimizer = str(ds_config["optimizer"].get("type", "adamw")).lower()
         sharding = f"zero{int(zero.get('stage', 0))}" if int(zero.get("stage", 0)) else "none"
         offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
         offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
@@ -505,7 +521,8 @@ def setup_from_args(model_args, data_args, lora_args, quant_args, training_args,
     attention = (kernels.attention if kernels is not None else model_args.attn_implementation) or "sdpa"
     return MemorySetup(mode=mode, dtype=dtype, quantization=quantization,
                        double_quant=quant_args.double_quant, lora_r=lora_args.lora_r, lora_targets=targets,
-                       optimizer=str(getattr(training_args.optim, "value", training_args.optim)), sharding=sharding,
+                       train_embeddings=bool(added_tokens and lora_args.use_lora),
+                       optimizer=optimizer, sharding=sharding,
                        offload_optimizer=offload_optimizer, offload_params=offload_params,
                        gpus=max(1, training_args.world_size), tokens=tokens, rows=rows,
                        gradient_checkpointing=bool(training_args.gradient_checkpointing),
@@ -526,11 +543,14 @@ def gpu_memory_bytes(training_args) -> int | None:
     return torch.cuda.mem_get_info(training_args.device)[1]
 
 
-def preflight(model_args, data_args, lora_args, quant_args, training_args, kernels=None) -> MemoryEstimate | None:
+def preflight(model_args, data_args, lora_args, quant_args, training_args, kernels=None, tokenizer=None,
+              added_tokens=()) -> MemoryEstimate | None:
     """The memory preflight of a finetune.py run, before its weights load: the estimate's table (rank 0; printed to
     stdout with --preflight_only, logged otherwise), and a ConfigError with the advice when it does not fit the GPU,
-    unless --preflight False (then only a warning). None when the model's config.json is not at hand (a Hub id not
-    in the local cache), or is not modelled and --preflight False."""
+    unless --preflight False (then only a warning). `tokenizer` and `added_tokens` as llmft.model.build_tokenizer
+    returns them: a vocabulary larger than the checkpoint's grows the embeddings (to a multiple of 64, as
+    build_model resizes them), and added tokens make LoRA train the embeddings and head. None when the model's
+    config.json is not at hand (a Hub id not in the local cache), or is not modelled and --preflight False."""
     from llmft.args import _model_config
 
     config = _model_config(model_args.model_name_or_path)
@@ -543,7 +563,10 @@ def preflight(model_args, data_args, lora_args, quant_args, training_args, kerne
         if training_args.preflight or training_args.preflight_only:
             raise
         return None
-    setup = setup_from_args(model_args, data_args, lora_args, quant_args, training_args, kernels, config)
+    if tokenizer is not None and len(tokenizer) > shape.vocab_size:
+        shape = dataclasses.replace(shape, vocab_size=math.ceil(len(tokenizer) / 64) * 64)
+    setup = setup_from_args(model_args, data_args, lora_args, quant_args, training_args, kernels, config,
+                            added_tokens=bool(added_tokens))
     result = estimate(shape, setup, gpu_memory_bytes(training_args))
     if training_args.should_log:
         if training_args.preflight_only:

@@ -46,11 +46,12 @@ def main(argv=None, callbacks=()):
     set_seed(training_args.seed)
     kernels = choose_kernels(model_args, data_args, training_args)
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
-    memory = preflight(model_args, data_args, lora_args, quant_args, training_args, kernels)  # may stop the run
-    if training_args.preflight_only:
-        return None
 
     tokenizer, added_tokens = build_tokenizer(model_args, data_args)
+    # the memory preflight reads the vocabulary, not the weights or the data; it may stop the run here
+    memory = preflight(model_args, data_args, lora_args, quant_args, training_args, kernels, tokenizer, added_tokens)
+    if training_args.preflight_only:
+        return None
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
     model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens, kernels.attention)

@@ -214,7 +214,7 @@ def test_advice_is_ordered_and_each_figure_is_the_estimate_of_that_change():
     expected = [dataclasses.replace(setup, gradient_checkpointing=True),
                 dataclasses.replace(setup, tokens=8192, accumulation_steps=2),
                 dataclasses.replace(setup, sharding="zero3"),
-                dataclasses.replace(setup, sharding="zero2", offload_optimizer=True, optimizer="adamw_torch"),
+                dataclasses.replace(setup, sharding="zero2", offload_optimizer=True, optimizer="adamw"),
                 dataclasses.replace(setup, optimizer="paged_adamw_8bit"),
                 dataclasses.replace(setup, mode="lora"),
                 dataclasses.replace(setup, mode="qlora", quantization="nf4")]
@@ -257,6 +257,13 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
     assert (setup.mode, setup.dtype, setup.tokens, setup.rows, setup.row_tokens) == ("full", "fp32", 3000, 3, 1000)
     args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000"]])
     assert (setup_from_args(*args).tokens, setup_from_args(*args).rows) == (3008, 1)  # packed in one row
+    # DeepSpeed's stage and offload are read from its config
+    for config, expected in [("zero2.json", ("zero2", False, False)), ("zero3.json", ("zero3", False, False)),
+                             ("zero3_offload.json", ("zero3", True, True)), ("zero2_offload.json", ("zero2", True, False))]:
+        args = parse_args([str(f) for f in base + ["--bf16", "True", "--deepspeed", REPO / "ds_configs" / config]])
+        setup = setup_from_args(*args)
+        assert (setup.sharding, setup.offload_optimizer, setup.offload_params) == expected, config
+        assert setup.optimizer == ("adamw" if "offload" in config else "adamw_torch_fused"), config
 
 
 def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
@@ -302,7 +309,7 @@ def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing
     assert "--preflight False: training anyway" in done.stderr
 
 
-def test_preflight_only_loads_no_weights_and_tokenizes_no_data(tiny_chat_model, tmp_path, run_finetune,
+def test_preflight_only_loads_no_weights_and_renders_no_data(tiny_chat_model, tmp_path, run_finetune,
                                                                monkeypatch, capsys):
     import transformers
 
@@ -312,8 +319,7 @@ def test_preflight_only_loads_no_weights_and_tokenizes_no_data(tiny_chat_model, 
         raise AssertionError("--preflight_only must not get this far")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(llmft.train, "build_tokenizer", refuse)
-    monkeypatch.setattr(llmft.train, "build_datasets", refuse)
+    monkeypatch.setattr(llmft.train, "build_datasets", refuse)  # the tokenizer is built (the vocabulary counts)
     assert run_finetune("--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES, "--output_dir",
                         tmp_path / "out", "--use_cpu", "True", "--preflight_only", "True") is None
     assert "total per GPU" in capsys.readouterr().out
@@ -350,3 +356,29 @@ def test_benchmark_puts_the_estimate_beside_the_measured_peak():
         "est_error_pct": round(100 * (64_426_378_240 / GIB - 50) / 50, 1)}  # 60.00 vs 50: +20.0%
     assert memory_columns(e, peak_bytes=50 * GIB)["est_error_pct"] == 20.0
     assert memory_columns(None, peak_bytes=50 * GIB) == {"est_gib": None, "peak_gib": 50.0, "est_error_pct": None}
+
+
+@pytest.mark.parametrize("model, flags", [
+    ("tiny_chat_model", []),
+    ("tiny_chat_model", ["--use_lora", "True", "--lora_r", "8"]),
+    ("tiny_base_model", ["--use_lora", "True", "--lora_r", "8"]),  # ChatML tokens added: embeddings train too
+], ids=["full", "lora", "lora-added-tokens"])
+def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(model, flags, request, tmp_path):
+    from llmft.args import parse_args
+    from llmft.kernels import choose_kernels
+    from llmft.model import build_model, build_tokenizer
+    from llmft.preflight import preflight
+
+    path = request.getfixturevalue(model)
+    model_args, data_args, lora_args, quant_args, training_args = parse_args(
+        [str(f) for f in ["--model_name_or_path", path, "--data_path", EXAMPLES, "--output_dir", tmp_path / "out",
+                          "--use_cpu", "True", "--model_max_length", "256", *flags]])
+    kernels = choose_kernels(model_args, data_args, training_args)
+    tokenizer, added = build_tokenizer(model_args, data_args)
+    assert bool(added) == (model == "tiny_base_model")
+    e = preflight(model_args, data_args, lora_args, quant_args, training_args, kernels, tokenizer, added)
+    built = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added, kernels.attention)
+    params = list(built.parameters())  # each shared (tied) tensor once
+    assert e.trainable == sum(p.numel() for p in params if p.requires_grad)
+    assert e.weights == sum(p.numel() * p.element_size() for p in params)  # fp32 on CPU: 4 bytes each
+    assert e.gradients == sum(p.numel() * p.element_size() for p in params if p.requires_grad)
