@@ -31,9 +31,16 @@ micro-batch a step under plain PyTorch the gradients grow during backward as the
 not add up. The optimizer states exist from the first optimizer step on: the estimate is the peak of the second step
 onwards.
 
-Not modelled: mixture-of-experts layers (refused), the ChatML rows added to a base vocabulary (a few hundred rows),
-optimizer-step temporaries (torch's fused AdamW makes none), bitsandbytes' one dequantized weight at a time, and
-NCCL's own buffers beyond the fixed allowance.
+Not modelled: mixture-of-experts layers (refused), transformers' activation_checkpointing_kwargs (every_n_layers,
+offload: the estimate assumes every layer checkpointed on the GPU), optimizer-step temporaries (torch's fused AdamW
+makes none), bitsandbytes' one dequantized weight at a time, LoRA dropout's copy of each adapted layer's input (off
+by default), and NCCL's own buffers beyond the fixed allowance.
+
+Measured against (README, Speed and memory: peak allocated on an H200, Qwen2.5 shapes, bf16, packed micro-batches,
+flex attention): full 1.5B with checkpointing 13.56 GiB estimated / 13.8 measured, without Liger 39.52 / 38.0,
+without checkpointing 54.67 / 56.2 and at 8,192 tokens 31.65 / 32.7, with SDPA 14.31 / 14.6; LoRA 7B 23.73 / 25.3,
+without checkpointing at 8,192 tokens 66.42 / 71.6; Q-LoRA 7B 13.81 / 13.6: from -7.2% to +4.0%, 3.6% on average
+(`bash tools/run_benchmarks.sh memory` measures the estimate beside the peak).
 """
 
 from __future__ import annotations
@@ -48,11 +55,13 @@ from llmft.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
-# Outside torch's allocated memory: the CUDA context (about 0.5 GiB on an H100/H200 with PyTorch 2.x), cuBLAS
-# workspaces and NCCL communicators (a fixed allowance), and the caching allocator's fragmentation (reserved but not
-# allocated: a few percent of what is allocated in the runs measured, README, Speed)
+# Outside torch's allocated memory, so in the fit check and not in `allocated`: the CUDA context (about 0.5 GiB with
+# PyTorch 2.x), cuBLAS workspaces and NCCL communicators (together a fixed allowance), and the caching allocator's
+# fragmentation, memory reserved but not allocated, taken as a share of what is allocated (an assumption: the
+# benchmark's peak_reserved_gib beside peak_gib measures it)
 FIXED_OVERHEAD_BYTES = int(1.0 * GIB)
 ALLOCATOR_SLACK = 0.05
+MIN_SAVING_BYTES = GIB // 20  # advice names only changes that save at least this much
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default LoRA targets for Llama / Qwen2 / Mistral
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size; double quantization groups 256 blocks' absmax
@@ -433,41 +442,71 @@ class Advice:
         return f"{self.change} -> {self.estimate.total / GIB:.1f} GiB ({verdict})"
 
 
-def advice(shape: ModelShape, result: MemoryEstimate, model_max_length: int | None = None) -> list[Advice]:
-    """Changes that lower the estimate, each applied alone to `result`'s setup, in the order a user should try them:
-    what costs nothing in quality first (checkpointing, smaller micro-batches with more accumulation, sharding,
-    offload, an 8-bit optimizer), then adapters instead of full training, then a quantized base."""
-    s, memory = result.setup, result.gpu_memory
-    tries: list[tuple[str, MemorySetup]] = []
+def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, MemorySetup]]:
+    """The changes advice tries on `s`, as (flags, the setup they give), in the order a user should try them: what
+    costs nothing in quality first (checkpointing, smaller micro-batches with more accumulation, sharding, offload, an
+    8-bit optimizer), then adapters instead of full training, then a quantized base."""
+    changes: list[tuple[str, MemorySetup]] = []
     if not s.gradient_checkpointing:
-        tries.append(("--gradient_checkpointing True", dataclasses.replace(s, gradient_checkpointing=True)))
-    half = s.tokens // 2
-    accumulation = f" --gradient_accumulation_steps {2 * s.accumulation_steps}"
+        changes.append(("--gradient_checkpointing True", dataclasses.replace(s, gradient_checkpointing=True)))
+    half, accumulation = s.tokens // 2, 2 * s.accumulation_steps
     if s.rows == 1 and half >= 64:
-        flags = f"--max_tokens_per_batch {half}{accumulation}"
+        flags = f"--max_tokens_per_batch {half} --gradient_accumulation_steps {accumulation}"
         if model_max_length is not None and half < model_max_length:
             flags += f" --model_max_length {half}"
-        tries.append((flags, dataclasses.replace(s, tokens=half, accumulation_steps=2 * s.accumulation_steps)))
+        changes.append((flags, dataclasses.replace(s, tokens=half, accumulation_steps=accumulation)))
     elif s.rows > 1:
-        tries.append((f"--per_device_train_batch_size {s.rows // 2}{accumulation}",
-                      dataclasses.replace(s, tokens=s.row_tokens * (s.rows // 2), rows=s.rows // 2,
-                                          accumulation_steps=2 * s.accumulation_steps)))
+        changes.append((f"--per_device_train_batch_size {s.rows // 2} --gradient_accumulation_steps {accumulation}",
+                        dataclasses.replace(s, tokens=s.row_tokens * (s.rows // 2), rows=s.rows // 2,
+                                            accumulation_steps=accumulation)))
     if s.sharding in ("none", "zero1", "zero2") and s.gpus > 1 and s.quantization != "gptq":
-        tries.append(("--deepspeed ds_configs/zero3.json", dataclasses.replace(s, sharding="zero3")))
+        changes.append(("--deepspeed ds_configs/zero3.json", dataclasses.replace(s, sharding="zero3")))
     if s.sharding != "fsdp" and not s.offload_optimizer:
         stage = "zero3" if s.sharding == "zero3" else "zero2"
         config = "zero3_offload.json" if stage == "zero3" else "zero2_offload.json"
-        tries.append((f"--deepspeed ds_configs/{config}",
-                      dataclasses.replace(s, sharding=stage, offload_optimizer=True, offload_params=stage == "zero3",
-                                          optimizer="adamw")))
+        changes.append((f"--deepspeed ds_configs/{config}",
+                        dataclasses.replace(s, sharding=stage, offload_optimizer=True, offload_params=stage == "zero3",
+                                            optimizer="adamw")))
     if "8bit" not in s.optimizer and not s.offload_optimizer:
-        tries.append(("--optim paged_adamw_8bit", dataclasses.replace(s, optimizer="paged_adamw_8bit")))
+        changes.append(("--optim paged_adamw_8bit", dataclasses.replace(s, optimizer="paged_adamw_8bit")))
     if s.mode == "full":
-        tries.append(("--use_lora True", dataclasses.replace(s, mode="lora")))
+        changes.append(("--use_lora True", dataclasses.replace(s, mode="lora")))
     if s.quantization is None and s.sharding != "fsdp":
-        tries.append(("--use_lora True --q_lora True", dataclasses.replace(s, mode="qlora", quantization="nf4",
-                                                                          double_quant=True)))
-    return [Advice(change, estimate(shape, setup, memory)) for change, setup in tries]
+        flags = "--q_lora True" if s.mode == "lora" else "--use_lora True --q_lora True"
+        changes.append((flags, dataclasses.replace(s, mode="qlora", quantization="nf4", double_quant=True)))
+    return changes
+
+
+def advice(shape: ModelShape, result: MemoryEstimate, model_max_length: int | None = None) -> list[Advice]:
+    """Each change of `_changes` that lowers the estimate (by MIN_SAVING_BYTES at least), applied alone to `result`'s
+    setup, in that order."""
+    tries = [Advice(flags, estimate(shape, setup, result.gpu_memory))
+             for flags, setup in _changes(result.setup, model_max_length)]
+    return [a for a in tries if _lowers(a.estimate, result)]
+
+
+def _lowers(changed: MemoryEstimate, before: MemoryEstimate) -> bool:
+    """By enough to show in the advice's one decimal of GiB."""
+    return changed.total <= before.total - MIN_SAVING_BYTES
+
+
+def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length: int | None = None) -> Advice | None:
+    """When no change fits alone: the changes of `_changes` applied one on top of the other, in that order, each
+    kept only if it lowers the estimate, up to the first combination that fits (or all of them). None when a
+    single change fits, or fewer than two lower the estimate."""
+    if any(a.estimate.fits for a in advice(shape, result, model_max_length)):
+        return None
+    current, flags, done = result, [], set()
+    while not current.fits:
+        step = next(((change, setup) for change, setup in _changes(current.setup, model_max_length)
+                     if change.split()[0] not in done
+                     and _lowers(estimate(shape, setup, result.gpu_memory), current)), None)
+        if step is None:
+            break
+        done.add(step[0].split()[0])
+        flags.append(step[0])
+        current = estimate(shape, step[1], result.gpu_memory)
+    return Advice(" ".join(flags), current) if len(flags) > 1 else None
 
 
 # --- from finetune.py's settings -----------------------------------------------------------------------------------
@@ -575,8 +614,11 @@ def preflight(model_args, data_args, lora_args, quant_args, training_args, kerne
             logger.warning("%s", result.table())
     if result.fits is False:
         tries = "".join(f"\n      {a.line()}" for a in advice(shape, result, data_args.model_max_length))
+        combined = combined_advice(shape, result, data_args.model_max_length)
+        together = f"\n    together: {combined.line()}" if combined is not None else ""
         message = (f"memory preflight: the run needs about {result.total / GIB:.1f} GiB per GPU and the GPU has "
-                   f"{result.gpu_memory / GIB:.1f} GiB; each of these changes alone would bring it to:{tries}\n"
+                   f"{result.gpu_memory / GIB:.1f} GiB; each of these changes alone would bring it to:{tries}"
+                   f"{together}\n"
                    "    if you know the estimate is pessimistic for this run, pass --preflight False to train anyway")
         if training_args.preflight:
             raise ConfigError([message])

@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from llmft.errors import ConfigError
-from llmft.preflight import (GIB, LINEAR_NAMES, MemorySetup, ModelShape, advice, estimate, setup_from_args)
+from llmft.preflight import (GIB, LINEAR_NAMES, MemorySetup, ModelShape, advice, combined_advice, estimate,
+                             setup_from_args)
 from tests.conftest import EXAMPLES, REPO
 
 QWEN = {"model_type": "qwen2", "vocab_size": 151936}
@@ -228,10 +229,40 @@ def test_advice_is_ordered_and_each_figure_is_the_estimate_of_that_change():
     assert "--max_tokens_per_batch 4096 --gradient_accumulation_steps 2 --model_max_length 4096" in [
         t.change for t in one_gpu]
     assert "--deepspeed ds_configs/zero3.json" not in [t.change for t in one_gpu]
+    # a change that saves nothing is not offered: LoRA on a model no larger than its adapters
+    tiny = ModelShape(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                      num_kv_heads=2, head_dim=32, tied_embeddings=True)
+    small = estimate(tiny, MemorySetup(tokens=128, gradient_checkpointing=True), gpu_memory=GIB // 2)
+    assert not small.fits and [t.change for t in advice(tiny, small)] == []  # the fixed 1 GiB allowance is most
     # padded batches of several samples: halve the batch, double the accumulation
-    padded = estimate(SHAPE_7B, MemorySetup(tokens=4 * 2048, rows=4, gradient_checkpointing=True), 80 * GIB)
+    padded = estimate(SHAPE_7B, MemorySetup(mode="lora", tokens=4 * 2048, rows=4), 40 * GIB)
     assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in [
         t.change for t in advice(SHAPE_7B, padded)]
+    # accumulating holds full fine-tuning's gradients through the next forward pass: halving the micro-batch of a
+    # run whose peak is its gradients costs more than it saves, and is not offered
+    full = MemorySetup(tokens=8192, gradient_checkpointing=True)
+    halved = estimate(SHAPE_7B, dataclasses.replace(full, tokens=4096, accumulation_steps=2))
+    assert halved.gradients_held == 2 * P_7B and halved.total > estimate(SHAPE_7B, full).total
+    assert not any(t.change.startswith("--max_tokens_per_batch") for t in advice(
+        SHAPE_7B, estimate(SHAPE_7B, full, 40 * GIB), 8192))
+
+
+def test_when_no_change_fits_alone_they_are_combined_in_order_until_one_does():
+    setup = MemorySetup(tokens=16384, optimizer="adamw_torch_fused", fused_loss=True)
+    e = estimate(SHAPE_7B, setup, gpu_memory=40 * GIB)  # 151 GiB; the best single change, checkpointing: 65 GiB
+    assert not any(t.estimate.fits for t in advice(SHAPE_7B, e, 8192))
+    together = combined_advice(SHAPE_7B, e, 8192)
+    assert together.change == ("--gradient_checkpointing True --max_tokens_per_batch 8192 "
+                               "--gradient_accumulation_steps 2 --deepspeed ds_configs/zero2_offload.json")
+    combined = dataclasses.replace(setup, gradient_checkpointing=True, tokens=8192, accumulation_steps=2,
+                                   sharding="zero2", offload_optimizer=True, optimizer="adamw")
+    assert together.estimate.total == estimate(SHAPE_7B, combined).total <= 40 * GIB
+    # on 12 GiB it takes adapters on a 4-bit base too; "--use_lora True" is not repeated
+    together = combined_advice(SHAPE_7B, estimate(SHAPE_7B, setup, gpu_memory=12 * GIB), 8192)
+    assert together.change.endswith("--deepspeed ds_configs/zero2_offload.json --use_lora True --q_lora True")
+    assert together.estimate.fits
+    # nothing to combine when one change fits alone
+    assert combined_advice(SHAPE_7B, estimate(SHAPE_7B, setup, gpu_memory=70 * GIB), 8192) is None
 
 
 # --- from finetune.py's flags -------------------------------------------------------------------------------------
@@ -300,7 +331,7 @@ def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing
     assert done.returncode == 2
     assert "error: invalid settings (1):" in done.stderr and "Traceback" not in done.stderr
     assert "the GPU has 0.5 GiB; each of these changes alone would bring it to:" in done.stderr
-    assert "--gradient_checkpointing True -> " in done.stderr
+    assert "      --max_tokens_per_batch 2048 --gradient_accumulation_steps 2 -> 1.1 GiB (still too much)\n" in done.stderr
     assert "pass --preflight False to train anyway" in done.stderr
     assert "0.50 GiB  -> does not fit" in done.stdout
     assert not out.exists()
