@@ -288,6 +288,11 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
     assert (setup.mode, setup.dtype, setup.tokens, setup.rows, setup.row_tokens) == ("full", "fp32", 3000, 3, 1000)
     args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000"]])
     assert (setup_from_args(*args).tokens, setup_from_args(*args).rows) == (3008, 1)  # packed in one row
+    # a GPTQ checkpoint's bits and group size come from its config.json (group_size -1: one group a row)
+    args = parse_args([str(f) for f in base + ["--use_lora", "True", "--bf16", "True"]])
+    gptq = {"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1}, "hidden_size": 896}
+    setup = setup_from_args(*args, model_config=gptq)
+    assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("qlora", "gptq", 8, 896)
     # DeepSpeed's stage and offload are read from its config
     for config, expected in [("zero2.json", ("zero2", False, False)), ("zero3.json", ("zero3", False, False)),
                              ("zero3_offload.json", ("zero3", True, True)), ("zero2_offload.json", ("zero2", True, False))]:
