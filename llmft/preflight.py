@@ -409,7 +409,8 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
 
     layer_bytes = (shape.linear_weights() / shape.num_layers) * b
     if setup.sharding == "zero2" or setup.sharding == "zero1":
-        buffers = 2 * 2e8 * b  # allgather and reduce buckets of 2e8 elements (ds_configs/zero2.json)
+        # allgather and reduce buckets of 2e8 elements (ds_configs/zero2.json), no larger than what trains
+        buffers = 2 * min(2e8, trainable) * b
     elif setup.sharding == "zero3":
         buffers = 2 * layer_bytes + shape.vocab_size * shape.hidden_size * b  # gathered layers (+ prefetch), embed
     elif setup.sharding == "fsdp":

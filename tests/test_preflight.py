@@ -149,6 +149,8 @@ def test_zero2_on_four_gpus():
     assert (e.weights, e.gradients, e.optimizer) == (2 * P_7B, 2 * P_7B // 4, 12 * P_7B // 4)
     assert e.sharding_buffers == 2 * 200_000_000 * 2  # ds_configs/zero2.json's allgather and reduce buckets
     assert e.gradients_held == e.gradients  # DeepSpeed's gradient partitions live through the forward pass
+    lora = estimate(SHAPE_7B, MemorySetup(mode="lora", sharding="zero2", gpus=4))
+    assert lora.sharding_buffers == 2 * LORA_7B * 2  # 161M adapter parameters: buckets no larger than that
 
 
 def test_zero3_on_eight_gpus_with_offload():
