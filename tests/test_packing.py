@@ -139,6 +139,14 @@ def test_every_epoch_starts_with_its_heaviest_micro_batches_and_keeps_the_rest_i
     # ties on tokens (10 each) go to the micro-batch with the longest sample (10, then 8, then 5); then the earlier one
     assert heaviest_first([[0, 1], [2], [3, 4]], [5, 5, 10, 2, 8], 2) == [[2], [3, 4], [0, 1]]
     assert heaviest_first([[0], [1], [2]], [3, 7, 7], 1) == [[1], [0], [2]]
+    # dealt out by accelerate over 2 ranks (rank r takes every r-th): each rank's first micro-batch is one of the two
+    # heaviest
+    from accelerate.data_loader import BatchSamplerShard
+
+    two = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=2,
+                                  heaviest_first=2)
+    top = sorted(two.batches(0), key=weight, reverse=True)[:2]
+    assert [next(iter(BatchSamplerShard(two, num_processes=2, process_index=rank))) for rank in range(2)] == top
     # the default is one: a single rank
     assert TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2).batches(0)[0] == max(
         plain.batches(0), key=weight)
