@@ -4,9 +4,11 @@ The measurements themselves need a GPU (tools/run_benchmarks.sh); what is checke
 what it says it builds, so a GPU call is never spent on an import error."""
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,38 @@ def test_benchmark_runs_both_arms_end_to_end_on_cpu(tmp_path):
     assert arms["llmft"]["steps"] == arms["plain"]["steps"] == 2  # steps after the warm-up
     assert 900 <= arms["llmft"]["tokens_per_step"] <= 1024  # packed micro-batches fill the token budget
     assert arms["plain"]["padding_share"] > 0.1 > arms["llmft"]["padding_share"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_stopped_benchmark_stops_its_arm(tmp_path):
+    """SIGTERM to the benchmark (what `timeout` or a scheduler sends) ends the arm it is running too: an arm left
+    training would keep the GPU, and the pipe a caller reads the results from, busy."""
+    workdir = tmp_path / "bench-stopped"
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--shape", "tiny", "--workdir", str(workdir),
+               "--steps", "400", "--warmup", "1", "--samples", "200", "--median", "100", "--max_length", "256", "--",
+               "--use_cpu", "True", "--max_tokens_per_batch", "1024", "--model_max_length", "256"]
+    bench = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [p for p in _processes_mentioning(str(workdir)) if p != bench.pid]:
+        time.sleep(0.5)
+    arms = [p for p in _processes_mentioning(str(workdir)) if p != bench.pid]
+    assert arms, "the arm never started"
+    time.sleep(3)
+    bench.terminate()
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while time.time() < deadline and _processes_mentioning(str(workdir)):
+        time.sleep(0.5)
+    assert _processes_mentioning(str(workdir)) == []

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -386,6 +387,31 @@ def launcher_recipe(args, flags, model, data, results) -> list[str]:
     return recipe
 
 
+def run_arm(command: list[str], env: dict | None = None) -> None:
+    """Run one arm in a process group of its own, and take the whole group down with this process: a benchmark
+    stopped by SIGTERM (a scheduler, `timeout`) or Ctrl-C must not leave its arm training on the GPU, holding the
+    output pipe open and the memory the next arm would measure."""
+    arm = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
+    try:
+        if arm.wait() != 0:
+            raise subprocess.CalledProcessError(arm.returncode, command)
+    except BaseException:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(arm.pid, sig)
+                arm.wait(timeout=grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     if os.environ.get(BENCH_ENV):
         return run_as_entry()
@@ -415,6 +441,7 @@ def main(argv=None):
     if args.worker:
         return run_worker(args, flags)
 
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # run_arm then stops the arm running
     model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
     results = args.results or args.workdir / f"results-{os.getpid()}.jsonl"
     arms = ([] if args.no_llmft else ["llmft"]) + (["plain"] if args.compare else [])
@@ -422,10 +449,10 @@ def main(argv=None):
     for arm in arms:
         command = [sys.executable, str(ENTRY), *ours, "--worker", arm, "--results", str(results),
                    "--", *(llmft_flags if arm == "llmft" else flags)]
-        subprocess.run(command, cwd=REPO, check=True)
+        run_arm(command)
     if args.launcher:
         command, env = launcher_command(args, flags, model, data, results)
-        subprocess.run(command, env=env, cwd=REPO, check=True)
+        run_arm(command, env)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     rows = [r for r in rows if r["label"] == args.label][-len(arms) - bool(args.launcher):]
     plain = next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == "plain"), None)
