@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
@@ -33,23 +34,27 @@ from llmft.checkpoint import model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
 
+if TYPE_CHECKING:
+    from llmft.plan import RunPlan
+
 logger = logging.getLogger(__name__)
 
 STAGING = ".llmft-saving"
 RUN_FILE = "llmft_run.json"
 
 
-def describe_run(model_args, lora_args, quant_args, added_tokens) -> dict:
-    """What tools after training need to know and cannot read from the adapter: how the base was loaded."""
+def describe_run(plan: RunPlan) -> dict:
+    """What tools after training need to know and cannot read from the adapter: how the base was loaded. `mode` is
+    the record's own coarser one (full, lora or qlora; a quantized base is told by `base_quantization`)."""
     quantization = None
-    if quant_args.q_lora:
-        quantization = {"method": "bitsandbytes", "bits": quant_args.quant_bits,
-                        "type": quant_args.quant_type if quant_args.quant_bits == 4 else "int8"}
-    elif (method := model_folder(model_args.model_name_or_path).quant_method) is not None:
-        quantization = {"method": method}
-    mode = "full" if not lora_args.use_lora else ("qlora" if quant_args.q_lora else "lora")
-    return {"mode": mode, "base_model": model_args.model_name_or_path, "base_quantization": quantization,
-            "base_fingerprint": base_fingerprint(model_args.model_name_or_path), "added_tokens": list(added_tokens)}
+    if (on_load := plan.quantize_on_load) is not None:
+        quantization = {"method": "bitsandbytes", "bits": on_load.bits,
+                        "type": on_load.quant_type if on_load.bits == 4 else "int8"}
+    elif plan.base_quantization is not None:
+        quantization = {"method": plan.base_quantization}
+    mode = "full" if not plan.uses_lora else ("qlora" if on_load is not None else "lora")
+    return {"mode": mode, "base_model": plan.base_model, "base_quantization": quantization,
+            "base_fingerprint": base_fingerprint(plan.base_model), "added_tokens": list(plan.added_tokens)}
 
 
 # config.json keys that differ between copies of the same weights (where it was loaded from, which transformers
