@@ -76,8 +76,8 @@ def shards_parameters(training_args: TrainingArguments) -> bool:
 def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]:
     """(sharding, offloaded): `none` (one process), `ddp` (several, each with the whole model), `zero0`..`zero3`
     (DeepSpeed's ZeRO stage, from the config --deepspeed names) or `fsdp`; and what the CPU holds instead of the
-    accelerator: `optimizer` and/or `parameters` (DeepSpeed's offload_optimizer / offload_param, FSDP's `offload`
-    option), empty for none."""
+    accelerator: `optimizer` and/or `parameters` (DeepSpeed's offload_optimizer / offload_param; FSDP's cpu_offload,
+    which moves both), empty for none."""
     if training_args.deepspeed:
         config = getattr(training_args, "hf_deepspeed_config", None)
         stage = 3 if uses_zero3(training_args) else (config.get_value("zero_optimization.stage", 0) if config else 0)
@@ -88,7 +88,10 @@ def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]
     if training_args.fsdp:
         from transformers.training_args import FSDPOption
 
-        return "fsdp", ("optimizer", "parameters") if FSDPOption.OFFLOAD in training_args.fsdp else ()
+        # transformers turns the `offload` option into fsdp_config's cpu_offload, which may also be set there itself
+        offload = (FSDPOption.OFFLOAD in training_args.fsdp
+                   or str((training_args.fsdp_config or {}).get("cpu_offload", False)).lower() == "true")
+        return "fsdp", ("optimizer", "parameters") if offload else ()
     return ("ddp" if training_args.world_size > 1 else "none"), ()
 
 

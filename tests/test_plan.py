@@ -127,15 +127,16 @@ def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype(tiny_chat_mo
 
 
 @pytest.mark.parametrize("arguments, expected", [
-    (dict(deepspeed=None, fsdp=[], world_size=1), ("none", ())),
-    (dict(deepspeed=None, fsdp=[], world_size=4), ("ddp", ())),
-    (dict(deepspeed=None, fsdp=[FSDPOption.FULL_SHARD, FSDPOption.AUTO_WRAP], world_size=2), ("fsdp", ())),
-    (dict(deepspeed=None, fsdp=[FSDPOption.FULL_SHARD, FSDPOption.OFFLOAD], world_size=2),
+    (dict(fsdp=[], world_size=1), ("none", ())),
+    (dict(fsdp=[], world_size=4), ("ddp", ())),
+    (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.AUTO_WRAP], world_size=2), ("fsdp", ())),
+    (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.OFFLOAD], world_size=2), ("fsdp", ("optimizer", "parameters"))),
+    (dict(fsdp=[FSDPOption.FULL_SHARD], fsdp_config={"cpu_offload": "true"}, world_size=2),
      ("fsdp", ("optimizer", "parameters"))),
 ])
 def test_sharding_without_deepspeed(arguments, expected):
-    # several processes exist only under torchrun: the TrainingArguments' three fields sharding_of reads stand in
-    assert sharding_of(SimpleNamespace(**arguments)) == expected
+    # several processes exist only under torchrun: the TrainingArguments' fields sharding_of reads stand in
+    assert sharding_of(SimpleNamespace(**{"deepspeed": None, "fsdp_config": None, **arguments})) == expected
 
 
 def test_added_tokens_complete_a_new_plan(tiny_base_model, tmp_path):
