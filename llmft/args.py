@@ -184,6 +184,20 @@ class TrainingArguments(transformers.TrainingArguments):
         default="no",
         metadata={"help": "Count the input tokens seen: all, non_padding or no (True means all, False no)."},
     )
+    preflight: bool = field(
+        default=True,
+        metadata={"help": "Before the weights load, estimate the memory per GPU (llmft/preflight.py), log it as a "
+                  "table, and stop with advice when it will not fit; False: log it and train anyway."},
+    )
+    preflight_only: bool = field(
+        default=False,
+        metadata={"help": "Print the memory estimate and exit without loading weights or data (exit 2 when it does "
+                  "not fit)."},
+    )
+    preflight_gpu_memory: float | None = field(
+        default=None,
+        metadata={"help": "GiB per GPU to check the estimate against (default: the GPU's; none on CPU runs)."},
+    )
 
     def __post_init__(self):
         value = str(self.include_num_input_tokens_seen)
@@ -483,6 +497,9 @@ def _number_problems(data_args, training_args) -> list[str]:
     if training_args.gradient_accumulation_steps < 1:
         problems.append(f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps}: must be at "
                         "least 1")
+    memory = training_args.preflight_gpu_memory
+    if memory is not None and not (math.isfinite(memory) and memory > 0):
+        problems.append(f"--preflight_gpu_memory {memory}: must be a positive number of GiB")
     for flag in ("seed", "data_seed"):
         value = getattr(training_args, flag)
         if value is not None and not 0 <= value < 2**32:

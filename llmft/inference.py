@@ -49,6 +49,7 @@ from llmft.chat_template import GenerationStops, choose_chat_template, generatio
 from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
+from llmft.quiet import without_unused_gptqmodel
 from llmft.saving import follow_umask
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def load_adapter_model(
     if wanted is not None and wanted > rows:
         logger.info("growing the base embeddings from %d to %d rows, as training did", rows, wanted)
         model.resize_token_embeddings(wanted, mean_resizing=False)  # the adapter's saved rows replace them
-    with stdout_to_stderr():
+    with stdout_to_stderr(), without_unused_gptqmodel():  # no GPTQModel import for a base that has none of its layers
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.eval()
 

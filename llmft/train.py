@@ -13,7 +13,8 @@
 Every flag of transformers.TrainingArguments is accepted; `python finetune.py --help` lists them all. Launchers for
 several GPUs and nodes are in finetune/.
 
-Exit status: 0 when trained and saved; 2 on a settings or data error (one message, no traceback); 75 when SIGTERM or
+Exit status: 0 when trained and saved (or, with --preflight_only True, when the memory estimate is printed and fits);
+2 on a settings or data error, or an estimate above the GPU's memory (one message, no traceback); 75 when SIGTERM or
 SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preemption.py): run it again with
 `--resume_from_checkpoint auto` (or True) to continue; 128 + N when signal N came before training started (no
 checkpoint). A signal during the final save waits for it to finish.
@@ -32,14 +33,17 @@ from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
 from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
+from llmft.preflight import preflight
 from llmft.saving import describe_run, replace_previous_run, save_for_inference
 from llmft.trainer import PackingLoraPlusTrainer
 
 
 @exit_on_user_error
 @exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
-def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer:
-    """Train as the flags in argv (default: sys.argv) say; returns the Trainer. `callbacks` join the Trainer's."""
+def main(argv: list[str] | None = None,
+         callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer | None:
+    """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
+    `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -51,6 +55,11 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
     plan = plan.with_added_tokens(added_tokens)  # complete: whether the embeddings train
     log_plan(plan, training_args)
+    # the memory preflight reads the vocabulary, not the weights or the data; it may stop the run here
+    memory = preflight(model_args, data_args, lora_args, quant_args, training_args, plan.kernels, tokenizer,
+                       added_tokens)
+    if training_args.preflight_only:
+        return None
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
     model = build_model(model_args, lora_args, training_args, tokenizer, plan)
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
                                      packing=Packing.from_args(data_args, tokenizer, plan.kernels),
                                      processing_class=tokenizer, callbacks=list(callbacks),
                                      loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
     # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
     if training_args.overwrite_output_dir:
         replace_previous_run(training_args)

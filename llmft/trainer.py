@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import transformers
 
-from llmft.data.packing import Packing, TokenBudgetBatchSampler, sample_lengths
+from llmft.data.packing import LongestFirstSampler, Packing, TokenBudgetBatchSampler, sample_lengths
 from llmft.distributed import dataloader_order_options, enable_fsdp_on_cpu_ranks
 from llmft.preemption import PreemptionCallback
 from llmft.report import TrainingReportCallback
@@ -59,6 +59,20 @@ class PackingLoraPlusTrainer(transformers.Trainer):
                 self.data_collator = padding_collator
         return self._token_budget_dataloader()
 
+    def _get_train_sampler(self, train_dataset=None):
+        """transformers' sampler, except that its random order puts the longest samples in every rank's first batch
+        (`LongestFirstSampler`: an out-of-memory shows in the first step). Lazy datasets keep transformers' sampler:
+        their lengths are known only once each sample is tokenized."""
+        import datasets
+
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if type(sampler) is not torch.utils.data.RandomSampler or not isinstance(dataset, datasets.Dataset):
+            return sampler
+        args = self.args
+        return LongestFirstSampler(sample_lengths(dataset), args.train_batch_size * args.world_size,
+                                   seed=args.seed if args.data_seed is None else args.data_seed)
+
     def _token_budget_dataloader(self) -> torch.utils.data.DataLoader:
         # every epoch a whole number of optimizer steps, each of the same micro-batches however many ranks share them
         args, world = self.args, self.args.world_size
@@ -70,7 +84,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
             lengths, self.packing.max_tokens, window=self.packing.window,
             seed=args.seed if args.data_seed is None else args.data_seed,
             num_epochs=None if batches_needed else math.ceil(args.num_train_epochs), max_batches=batches_needed,
-            batches_multiple_of=world * args.gradient_accumulation_steps,
+            batches_multiple_of=world * args.gradient_accumulation_steps, heaviest_first=world,
         )
         if args.should_log:
             logger.warning("packing: %d samples, %d tokens into %d micro-batches of at most %d tokens an epoch "

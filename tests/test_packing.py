@@ -18,7 +18,8 @@ import random
 import pytest
 import torch
 
-from llmft.data.packing import PackedCollator, TokenBudgetBatchSampler, best_fit_decreasing
+from llmft.data.packing import (LongestFirstSampler, PackedCollator, TokenBudgetBatchSampler, best_fit_decreasing,
+                                 heaviest_first)
 from llmft.data.render import IGNORE_INDEX as X
 from llmft.errors import ConfigError, DataError
 from tests.conftest import chat_record, write_records
@@ -117,6 +118,101 @@ def test_ranks_share_the_micro_batches_without_overlap():
     assert sorted(shards[0] + shards[1]) == sorted(sampler.batches(0))
 
 
+def test_every_epoch_starts_with_its_heaviest_micro_batches_and_keeps_the_rest_in_order():
+    """One per rank, so that every rank meets its largest micro-batch (tokens, then the longest sample) in step one."""
+    lengths = lognormal_lengths(2000, seed=5)
+    plain = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=4,
+                                    heaviest_first=0)
+    sampler = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=4,
+                                      heaviest_first=4)
+    assert len(sampler) == len(plain)
+
+    def weight(batch):
+        return sum(lengths[i] for i in batch), max(lengths[i] for i in batch)
+
+    for epoch in range(2):
+        order, moved = plain.batches(epoch), sampler.batches(epoch)
+        heaviest = sorted(order, key=weight, reverse=True)[:4]
+        assert moved[:4] == heaviest  # heaviest first
+        assert weight(moved[0]) == max(weight(b) for b in order)
+        assert moved[4:] == [b for b in order if b not in heaviest]  # the seeded order otherwise
+    # ties on tokens (10 each) go to the micro-batch with the longest sample (10, then 8, then 5); then the earlier one
+    assert heaviest_first([[0, 1], [2], [3, 4]], [5, 5, 10, 2, 8], 2) == [[2], [3, 4], [0, 1]]
+    assert heaviest_first([[0], [1], [2]], [3, 7, 7], 1) == [[1], [0], [2]]
+    # dealt out by accelerate over 2 ranks (rank r takes every r-th): each rank's first micro-batch is one of the two
+    # heaviest
+    from accelerate.data_loader import BatchSamplerShard
+
+    two = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=2,
+                                  heaviest_first=2)
+    top = sorted(two.batches(0), key=weight, reverse=True)[:2]
+    assert [next(iter(BatchSamplerShard(two, num_processes=2, process_index=rank))) for rank in range(2)] == top
+    # the default is one: a single rank
+    assert TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2).batches(0)[0] == max(
+        plain.batches(0), key=weight)
+
+
+def test_longest_first_sampler_is_accelerates_order_with_the_longest_samples_first():
+    from accelerate.data_loader import SeedableRandomSampler
+
+    lengths = lognormal_lengths(300, seed=7)
+    sampler = LongestFirstSampler(lengths, 6, seed=11)
+    longest = sorted(range(300), key=lambda i: (-lengths[i], i))[:6]
+    assert len(sampler) == 300
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        reference = SeedableRandomSampler(range(300), data_seed=11)  # what the Trainer's RandomSampler becomes
+        reference.set_epoch(epoch)
+        assert order[:6] == longest
+        assert order[6:] == [i for i in reference if i not in longest]
+        epochs.append(order)
+    assert epochs[0][6:] != epochs[1][6:]
+    sampler.set_epoch(1)
+    assert list(sampler) == epochs[1]  # reproducible: a resumed run skips the same samples
+
+
+def test_first_micro_batch_of_a_run_holds_the_longest_samples(tiny_chat_model, tmp_path, datasets_cache):
+    """Through finetune.py: the Trainer's per-sample batches, and token-budget micro-batches."""
+    from transformers import TrainerCallback
+
+    import finetune
+    from llmft.data.packing import sample_lengths
+
+    class FirstBatch(TrainerCallback):
+        tokens = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def record(module, positional, named):
+                if self.tokens is None:
+                    mask = named.get("attention_mask")
+                    ids = named["input_ids"]
+                    self.tokens = sorted(mask.sum(-1).tolist()) if mask is not None else ids.shape[-1]
+
+            model.register_forward_pre_hook(record, with_kwargs=True)
+
+    data = uneven_data(tmp_path, count=24)
+    common = ["--model_name_or_path", tiny_chat_model, "--data_path", data, "--max_steps", "1", "--use_cpu", "True",
+              "--save_strategy", "no", "--report_to", "none", "--model_max_length", "128", "--seed", "3"]
+    first = FirstBatch()
+    trainer = finetune.main([str(f) for f in [*common, "--packing", "False", "--per_device_train_batch_size", "2",
+                                              "--output_dir", tmp_path / "padded"]], callbacks=[first])
+    lengths = sample_lengths(trainer.train_dataset)
+    assert first.tokens == sorted(lengths)[-2:]  # the two longest of 24 samples, not a random two
+
+    first = FirstBatch()
+    trainer = finetune.main([str(f) for f in [*common, "--max_tokens_per_batch", "160",
+                                              "--output_dir", tmp_path / "budget"]], callbacks=[first])
+    loader = trainer.get_train_dataloader()
+    sampler = loader.batch_sampler.batch_sampler if hasattr(loader.batch_sampler, "batch_sampler") else (
+        loader.batch_sampler)
+    batches = sampler.batches(0)
+    most = max(sum(lengths[i] for i in b) for b in batches)
+    assert sum(lengths[i] for i in batches[0]) == most
+    assert first.tokens == math.ceil(most / 64) * 64  # the packed row of that micro-batch, padded to 64
+
+
 # --- exactness on the model --------------------------------------------------------------------------------------
 
 def random_samples(vocab: int, lengths, seed: int = 0) -> list[dict]:
@@ -206,11 +302,11 @@ class GradientRecorder:
         self.callback = Callback()
 
 
-def uneven_data(tmp_path):
+def uneven_data(tmp_path, count: int = 6):
     words = "tokens of uneven length train the same however they are batched".split()
     rng = random.Random(0)
     records = [chat_record(" ".join(rng.choices(words, k=rng.randint(2, 8))),
-                           " ".join(rng.choices(words, k=rng.randint(3, 40))), id=f"s{i}") for i in range(6)]
+                           " ".join(rng.choices(words, k=rng.randint(3, 40))), id=f"s{i}") for i in range(count)]
     return write_records(tmp_path / "uneven.json", records)
 
 

@@ -112,3 +112,26 @@ print("ok")
     proc = run("-c", code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_loading_an_adapter_for_chat_does_not_import_gptqmodel(tiny_chat_model, tmp_path):
+    """`llmft chat` / `merge` on a LoRA folder: PEFT's load path asks about GPTQModel layers too."""
+    code = f"""
+import sys
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from llmft.quiet import without_unused_gptqmodel
+
+model = AutoModelForCausalLM.from_pretrained({str(tiny_chat_model)!r})
+with without_unused_gptqmodel():
+    get_peft_model(model, LoraConfig(r=2, target_modules="all-linear")).save_pretrained({str(tmp_path / "adapter")!r})
+assert "gptqmodel" not in sys.modules
+from llmft.inference import load_for_inference
+model, tokenizer = load_for_inference({str(tmp_path / "adapter")!r}, device="cpu")
+assert "gptqmodel" not in sys.modules, "imported"
+assert any(".lora_A." in name for name, _ in model.named_parameters())
+print("ok")
+"""
+    proc = run("-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")

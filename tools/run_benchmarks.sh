@@ -4,10 +4,11 @@
 #   bash tools/run_benchmarks.sh variants RESULTS.jsonl  # what each default costs or saves (attention, Liger, checkpointing, dropout)
 #   bash tools/run_benchmarks.sh launchers RESULTS.jsonl # the launchers' own recipes on one GPU against finetune.py
 #   bash tools/run_benchmarks.sh scaling RESULTS.jsonl   # tokens/s per GPU through the launchers on 1 and 2 GPUs
+#   bash tools/run_benchmarks.sh memory RESULTS.jsonl    # the memory preflight's estimate beside the measured peak, 8 configurations
 # Every line of RESULTS is one tools/benchmark.py result; each invocation also prints its table.
 # Data: log-normal chat lengths (median 400 tokens, sigma 0.8, capped at 2,048), real (non-padding) tokens counted.
 set -uo pipefail
-suite=${1:?usage: run_benchmarks.sh speed|variants|launchers|scaling RESULTS.jsonl}
+suite=${1:?usage: run_benchmarks.sh speed|variants|launchers|scaling|memory RESULTS.jsonl}
 results=${2:-bench-results.jsonl}
 work=${BENCH_WORKDIR:-/tmp/llmft-bench}
 steps=(--steps "${BENCH_STEPS:-15}" --warmup "${BENCH_WARMUP:-4}")
@@ -44,6 +45,18 @@ case $suite in
       GPUS_PER_NODE=$gpus bench --shape 1.5b --no_llmft --label "full-zero3-${gpus}gpu" --launcher finetune_ds.sh \
         -- --num_train_epochs 1
     done
+    ;;
+  memory)  # est_gib (llmft/preflight.py) beside peak_gib (torch.cuda.max_memory_allocated), est_error_pct; the peak
+    # comes in the first two steps (the optimizer states from the first on), so few steps do
+    steps=(--steps "${BENCH_STEPS:-6}" --warmup "${BENCH_WARMUP:-2}")
+    bench --shape 1.5b --label mem-full-1.5b -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 1.5b --label mem-full-1.5b-no-checkpointing -- "${full[@]}" "${budget[@]}" --gradient_checkpointing False
+    bench --shape 1.5b --label mem-full-1.5b-no-liger -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --use_liger_kernel False
+    bench --shape 0.5b --label mem-full-0.5b-batches-of-8 -- "${full[@]}" --max_tokens_per_batch 0 --per_device_train_batch_size 8 --gradient_checkpointing True
+    bench --shape 7b --label mem-lora-7b -- "${lora[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label mem-lora-7b-no-checkpointing -- "${lora[@]}" --max_tokens_per_batch 8192 --gradient_checkpointing False
+    bench --shape 7b --label mem-qlora-7b -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
+    GPUS_PER_NODE=1 bench --shape 1.5b --no_llmft --label mem-lora-zero2-1gpu --launcher finetune_lora_ds.sh -- --num_train_epochs 1
     ;;
   *) echo "unknown suite $suite" >&2; exit 2 ;;
 esac

@@ -15,6 +15,14 @@ is never split. All epochs yield the same number of micro-batches (the Trainer p
 length), a multiple of ranks x accumulation steps, so every rank takes the same number of steps and every optimizer
 step holds the same samples however many ranks share them; epochs that packed into fewer are split up to that
 number, which costs a few micro-batches of a thousand.
+
+The heaviest micro-batches come first. Each epoch's `heaviest_first` micro-batches with the most tokens (the longest
+sample breaking ties) are moved to its front, one per rank, the rest keep their seeded order: a run that will run out
+of GPU memory on its largest micro-batch does so in its first step, not hours later when the shuffle reaches it.
+Memory follows the token count for activations and logits, and for attention kernels that materialise a mask or the
+scores (SDPA with packing, eager) the longest row, which is the packed micro-batch itself. Without a token budget,
+`LongestFirstSampler` does the same for the Trainer's per-sample batches: the longest samples fill the first batch of
+every rank.
 """
 
 from __future__ import annotations
@@ -116,9 +124,11 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     A later epoch, should one come, is packed with other shuffles until it fits that number."""
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, *, window: int = 4096, seed: int = 0,
-                 num_epochs: int | None = None, max_batches: int | None = None, batches_multiple_of: int = 1):
+                 num_epochs: int | None = None, max_batches: int | None = None, batches_multiple_of: int = 1,
+                 heaviest_first: int = 1):
         self.lengths = [int(n) for n in lengths]
         self.max_tokens, self.window, self.seed = max_tokens, window, seed
+        self.heaviest_first = heaviest_first  # micro-batches moved to the front of every epoch: one per rank
         if not self.lengths:
             raise DataError("no training sample to pack")
         longest = max(self.lengths)
@@ -159,7 +169,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         else:  # not reached in practice: epochs differ by a few micro-batches, and most shuffles fit
             raise DataError(f"epoch {epoch}: the samples would not pack into {self.num_batches} micro-batches of "
                             f"{self.max_tokens} tokens")
-        batches = _split_to(batches, self.num_batches)
+        batches = heaviest_first(_split_to(batches, self.num_batches), self.lengths, self.heaviest_first)
         self._cached = (epoch, batches)
         return batches
 
@@ -186,6 +196,45 @@ def _split_to(batches: list[list[int]], count: int) -> list[list[int]]:
         batch = batches[n]
         batches[n: n + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]  # two or more: count <= samples
     return batches
+
+
+def heaviest_first(batches: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
+    """`batches` with the `count` heaviest (most tokens, then the longest sample, then the earliest) moved to the
+    front, heaviest first; the others keep their order."""
+    def weight(n: int) -> tuple[int, int, int]:
+        batch = batches[n]
+        return sum(lengths[i] for i in batch), max((lengths[i] for i in batch), default=0), -n
+
+    front = sorted(range(len(batches)), key=weight, reverse=True)[:count]
+    chosen = set(front)
+    return [batches[n] for n in front] + [batch for n, batch in enumerate(batches) if n not in chosen]
+
+
+class LongestFirstSampler(torch.utils.data.Sampler):
+    """The sample order of the Trainer's default sampler, with the `count` longest samples moved to the front.
+
+    The order is accelerate's `SeedableRandomSampler`'s, which the Trainer's random sampler becomes: a permutation
+    of torch.randperm with a generator seeded by `seed` + epoch; then the `count` longest samples (per-device batch
+    size x ranks: the first batch of every rank; ties: the earlier sample) are taken out of it and put first, longest
+    first. It is no RandomSampler, so that accelerate keeps it; accelerate passes `set_epoch` on to it."""
+
+    def __init__(self, lengths: Sequence[int], count: int, seed: int = 0):
+        self.lengths, self.count, self.seed, self.epoch = [int(n) for n in lengths], count, seed, 0
+        self.longest = sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i))[:count]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        first = set(self.longest)
+        yield from self.longest
+        yield from (i for i in order if i not in first)
+        self.epoch += 1  # as SeedableRandomSampler does, for loaders that never call set_epoch
 
 
 def sample_lengths(dataset) -> list[int]:

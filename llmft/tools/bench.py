@@ -20,7 +20,9 @@ in a process of its own, so that its peak memory is its own:
 
 Each arm times the optimizer steps after --warmup, counts the tokens every forward pass sees that are not padding
 (all ranks together), and prints one `BENCH {json}` line: real tokens/s per GPU, seconds per step, the share of
-computed tokens that were padding, peak allocated and reserved GPU memory, and MFU (model FLOPs per real token — 6N
+computed tokens that were padding, peak allocated and reserved GPU memory, the memory preflight's estimate of the
+peak allocated beside it (`est_gib`, `peak_gib`, `est_error_pct`; finetune.py arms, which run with --preflight False
+so that a pessimistic estimate does not stop what is being measured), and MFU (model FLOPs per real token — 6N
 for full fine-tuning, 4N for adapters, N the parameters of the matmuls including the output head, attention
 excluded — times tokens/s, over the GPU's dense bf16 peak). The table at the end gives each arm's ratio to the plain
 recipe. Random weights train at the speed real ones do.
@@ -229,7 +231,20 @@ def report(meter: Meter, trainer, arm: str, label: str, adapters: bool) -> dict:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "mfu": round(flops_per_token * tokens_per_s / world / peak, 4) if peak else None,
         "steps": meter.steps, "last_loss": losses[-1] if losses else None,
+        **memory_columns(getattr(trainer, "memory_estimate", None)),
     }
+
+
+def memory_columns(estimate, peak_bytes: int | None = None) -> dict:
+    """The preflight's estimate of peak allocated memory (llmft/preflight.py; None for the plain recipe, which does not
+    run it) next to the measured peak allocated, and the estimate's error relative to the measurement, in %."""
+    if peak_bytes is None and torch.cuda.is_available():
+        peak_bytes = torch.cuda.max_memory_allocated()
+    est = estimate.allocated / 2**30 if estimate is not None else None
+    peak = peak_bytes / 2**30 if peak_bytes is not None else None
+    error = 100 * (est - peak) / peak if est is not None and peak else None
+    return {"est_gib": round(est, 2) if est is not None else None, "peak_gib": round(peak, 2) if peak else None,
+            "est_error_pct": round(error, 1) if error is not None else None}
 
 
 def emit(result: dict, results: Path | None) -> None:
@@ -263,7 +278,8 @@ def run_llmft(model: Path, data: Path, out: Path, steps: int, warmup: int, flags
     callbacks = [meter] + ([Profile(warmup, profile)] if profile else [])
     base = ["--model_name_or_path", model, "--data_path", data, "--output_dir", out, "--overwrite_output_dir", "True",
             "--max_steps", steps, "--save_strategy", "no", "--logging_steps", "5", "--report_to", "none",
-            "--model_max_length", "2048", "--dataloader_num_workers", "2"]
+            "--model_max_length", "2048", "--dataloader_num_workers", "2",
+            "--preflight", "False"]  # measured even where the estimate says it will not fit: that is what is measured
     trainer = train([str(f) for f in [*base, *flags]], callbacks=callbacks)
     return meter, trainer
 
@@ -345,7 +361,7 @@ def launcher_command(args, flags: list[str], model: Path, data: Path, results: P
            BENCH_ENV: json.dumps({"warmup": args.warmup, "label": args.label, "results": str(results)})}
     command = ["bash", str(REPO / "finetune" / args.launcher), "-m", str(model), "-d", str(data), "-o", str(out),
                *(["--dry-run"] if dry_run else []), "--", "--max_steps", str(args.steps), "--save_strategy", "no",
-               "--overwrite_output_dir", "True", "--logging_steps", "5", *flags]
+               "--overwrite_output_dir", "True", "--logging_steps", "5", "--preflight", "False", *flags]
     return command, env
 
 
@@ -414,13 +430,15 @@ def main(argv=None):
     rows = [r for r in rows if r["label"] == args.label][-len(arms) - bool(args.launcher):]
     plain = next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == "plain"), None)
     print(f"\n{args.shape} {args.label}: {' '.join(llmft_flags)}")
-    print(f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'MFU':>6} "
-          f"{'vs plain':>8}")
+    print(f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'est GiB':>8} "
+          f"{'est err':>8} {'MFU':>6} {'vs plain':>8}")
     for r in rows:
         ratio = f"{r['tokens_per_s_per_gpu'] / plain:.2f}x" if plain else ""
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        est = f"{r['est_gib']:.2f}" if r.get("est_gib") is not None else "-"
+        error = f"{r['est_error_pct']:+.1f}%" if r.get("est_error_pct") is not None else "-"
         print(f"{r['arm']:9} {r['tokens_per_s_per_gpu']:>10,} {r['step_s']:>7.3f} {r['tokens_per_step']:>9,} "
-              f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {mfu:>6} {ratio:>8}")
+              f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {est:>8} {error:>8} {mfu:>6} {ratio:>8}")
 
 
 if __name__ == "__main__":
