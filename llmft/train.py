@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None,
     plan = plan.with_added_tokens(added_tokens)  # complete: whether the embeddings train
     log_plan(plan, training_args)
     # the memory preflight reads the vocabulary, not the weights or the data; it may stop the run here
-    memory = preflight(model_args, data_args, lora_args, quant_args, training_args, plan.kernels, tokenizer,
-                       added_tokens)
+    memory = preflight(model_args, data_args, lora_args, training_args, plan, tokenizer)
     if training_args.preflight_only:
         return None
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
