@@ -23,10 +23,14 @@ import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llmft.args import DataArguments, ModelArguments, TrainingArguments
 
 # Liger's fused output head + loss, and none of its other kernels: on an H200 it made full fine-tuning of a 1.5B shape
 # 4.5% faster and cut its peak memory from 38.0 to 13.8 GiB (README, Speed); the others were not measured here
@@ -50,7 +54,8 @@ class Kernels:
         return f"attention {attention}{' (packed samples kept apart)' if packing else ''}; Liger {liger}"
 
 
-def choose_kernels(model_args, data_args, training_args, sharded: bool) -> Kernels:
+def choose_kernels(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                   sharded: bool) -> Kernels:
     """The kernels of this run (see the module docstring); `sharded`: whether each rank holds only a shard of every
     parameter (the plan's sharding is zero3 or fsdp). Reads the arguments and changes none of them."""
     cuda = torch.cuda.is_available() and not training_args.use_cpu

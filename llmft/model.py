@@ -177,14 +177,12 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     save can be converted into an adapter for the original base (`save_adapter_for_original_base`)."""
     from peft import get_peft_model
 
-    from llmft.args import changes_base_weights
-
     try:
         with without_unused_gptqmodel():
             model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
-    if changes_base_weights(lora_args):
+    if lora_args.changes_base_weights:
         model.initial_adapter_state = _lora_weights(model)
         logger.warning("--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
                        "adapter will be converted to rank %d so that it applies to the original base",
@@ -206,7 +204,7 @@ def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
     """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
     run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
     the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
-    Needs the whole adapter in memory (no ZeRO-3 or FSDP: args.validate refuses those).
+    Needs the whole adapter in memory (no ZeRO-3 or FSDP: llmft.checks refuses those).
 
     PEFT 0.21's conversion writes only the lora_A / lora_B tensors; the others are put back unchanged: modules_to_save
     (whole copies, independent of the base) and DoRA's magnitudes (W_res + BA, which they scale, equals the converted

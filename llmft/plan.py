@@ -1,12 +1,12 @@
 """The run resolved once: what is trained (the mode), how the base is stored and loaded, how the ranks share the
-model, activation checkpointing and the kernels, as one frozen `RunPlan` that the model builder, the saver and the
-Trainer's settings read instead of each deriving it again from the flags.
+model, activation checkpointing and the kernels, as one frozen `RunPlan` that the model builder, the saver, the
+memory preflight and the Trainer's settings read instead of each deriving it again from the flags.
 
-`resolve_plan(...)` builds it from arguments that the settings checks (llmft/args.py `parse_args`) have passed, before
-anything heavy loads; whether the embeddings train is known only once the tokenizer has loaded (ChatML tokens it
-lacked are added), and `RunPlan.with_added_tokens` returns the completed plan, a new frozen one. `describe_plan` is
-the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the one place where the plan writes into
-TrainingArguments: the two settings the Trainer reads from there.
+`resolve_plan(...)` builds it from arguments that passed the settings checks (llmft/checks.py, which
+llmft.args.parse_args runs), before anything heavy loads; whether the embeddings train is known only once the
+tokenizer has loaded (ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan,
+a new frozen one. `describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the
+one place where the plan writes into TrainingArguments: the settings the Trainer reads from there.
 
 Modes (`RunPlan.mode`):
 - `full`: every weight trains, in the compute dtype;

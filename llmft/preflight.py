@@ -55,6 +55,9 @@ from typing import TYPE_CHECKING
 from llmft.errors import ConfigError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
     from llmft.plan import RunPlan
 
 logger = logging.getLogger(__name__)
@@ -517,7 +520,7 @@ def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length:
 
 # --- from finetune.py's settings -----------------------------------------------------------------------------------
 
-def setup_from_args(data_args, lora_args, training_args, plan: RunPlan,
+def setup_from_args(data_args: DataArguments, lora_args: LoraArguments, training_args: TrainingArguments, plan: RunPlan,
                     model_config: dict | None = None) -> MemorySetup:
     """The MemorySetup of a finetune.py run as its plan (llmft/plan.py) resolved it: mode, base quantization, dtype,
     sharding and offload, checkpointing, kernels, and whether LoRA trains the embeddings and head too (added
@@ -568,7 +571,7 @@ def setup_from_args(data_args, lora_args, training_args, plan: RunPlan,
                        accumulation_steps=training_args.gradient_accumulation_steps, **options)
 
 
-def gpu_memory_bytes(training_args) -> int | None:
+def gpu_memory_bytes(training_args: TrainingArguments) -> int | None:
     """The memory to check against: --preflight_gpu_memory GiB when given, else the GPU's whole memory (what
     torch.cuda.mem_get_info reports as total; other processes' use is not subtracted), None on CPU runs."""
     if training_args.preflight_gpu_memory:
@@ -580,8 +583,9 @@ def gpu_memory_bytes(training_args) -> int | None:
     return torch.cuda.mem_get_info(training_args.device)[1]
 
 
-def preflight(model_args, data_args, lora_args, training_args, plan: RunPlan,
-              tokenizer=None) -> MemoryEstimate | None:
+def preflight(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+              training_args: TrainingArguments, plan: RunPlan,
+              tokenizer: PreTrainedTokenizerBase | None = None) -> MemoryEstimate | None:
     """The memory preflight of a finetune.py run, before its weights load: the estimate's table (rank 0; printed to
     stdout with --preflight_only, logged otherwise), and a ConfigError with the advice when it does not fit the GPU,
     unless --preflight False (then only a warning). `plan`: the run's, completed with its added tokens (they make

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback, set_seed
 
-from llmft.args import parse_args, resume_checkpoint
+from llmft.args import parse_args
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
@@ -34,7 +34,7 @@ from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
 from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
 from llmft.preflight import preflight
-from llmft.saving import describe_run, replace_previous_run, save_for_inference
+from llmft.saving import describe_run, replace_previous_run, resume_checkpoint, save_for_inference
 from llmft.trainer import PackingLoraPlusTrainer
 
 
