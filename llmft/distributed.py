@@ -89,7 +89,8 @@ def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]
         from transformers.training_args import FSDPOption
 
         # transformers turns the `offload` option into fsdp_config's cpu_offload, which may also be set there itself
-        offload = (FSDPOption.OFFLOAD in training_args.fsdp
+        options = training_args.fsdp if isinstance(training_args.fsdp, (list, tuple)) else ()  # True: the bare switch
+        offload = (FSDPOption.OFFLOAD in options
                    or str((training_args.fsdp_config or {}).get("cpu_offload", False)).lower() == "true")
         return "fsdp", ("optimizer", "parameters") if offload else ()
     return ("ddp" if training_args.world_size > 1 else "none"), ()

@@ -129,6 +129,8 @@ def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype(tiny_chat_mo
 @pytest.mark.parametrize("arguments, expected", [
     (dict(fsdp=[], world_size=1), ("none", ())),
     (dict(fsdp=[], world_size=4), ("ddp", ())),
+    (dict(fsdp=True, fsdp_config={"version": 2}, world_size=2), ("fsdp", ())),  # `--fsdp True`: the bare switch
+    (dict(fsdp=True, fsdp_config={"cpu_offload": True}, world_size=2), ("fsdp", ("optimizer", "parameters"))),
     (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.AUTO_WRAP], world_size=2), ("fsdp", ())),
     (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.OFFLOAD], world_size=2), ("fsdp", ("optimizer", "parameters"))),
     (dict(fsdp=[FSDPOption.FULL_SHARD], fsdp_config={"cpu_offload": "true"}, world_size=2),
