@@ -6,6 +6,7 @@ accelerate's or the environment's state itself:
 
 - `fsdp_flag_as_switch`: `--fsdp True` written as transformers 5 parses it;
 - `uses_zero3`, `shards_parameters`: whether this run partitions its parameters over the ranks;
+- `sharding_of`: how the run spreads over its ranks (none / ddp / zero1-3 / fsdp) and what it offloads to the CPU;
 - `init_deepspeed_on_cpu_ranks`: DeepSpeed's communication layer for ZeRO-3 loading on gloo ranks;
 - `quantized_weights_device_map`, `bnb_4bit_storage_dtype`: where and in what dtype a quantized base is loaded;
 - `dataloader_order_options`: the Trainer's `dataloader_in_order`, on the transformers versions that have it;
@@ -72,6 +73,29 @@ def shards_parameters(training_args: TrainingArguments) -> bool:
     return uses_zero3(training_args) or bool(training_args.fsdp)
 
 
+def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]:
+    """(sharding, offloaded): `none` (one process), `ddp` (several, each with the whole model), `zero0`..`zero3`
+    (DeepSpeed's ZeRO stage, from the config --deepspeed names) or `fsdp`; and what the CPU holds instead of the
+    accelerator: `optimizer` and/or `parameters` (DeepSpeed's offload_optimizer / offload_param; FSDP's cpu_offload,
+    which moves both), empty for none."""
+    if training_args.deepspeed:
+        config = getattr(training_args, "hf_deepspeed_config", None)
+        stage = 3 if uses_zero3(training_args) else (config.get_value("zero_optimization.stage", 0) if config else 0)
+        offloaded = tuple(what for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+                          if config is not None
+                          and str(config.get_value(f"zero_optimization.{key}.device", "none")).lower() != "none")
+        return f"zero{stage}", offloaded
+    if training_args.fsdp:
+        from transformers.training_args import FSDPOption
+
+        # transformers turns the `offload` option into fsdp_config's cpu_offload, which may also be set there itself
+        options = training_args.fsdp if isinstance(training_args.fsdp, (list, tuple)) else ()  # True: the bare switch
+        offload = (FSDPOption.OFFLOAD in options
+                   or str((training_args.fsdp_config or {}).get("cpu_offload", False)).lower() == "true")
+        return "fsdp", ("optimizer", "parameters") if offload else ()
+    return ("ddp" if training_args.world_size > 1 else "none"), ()
+
+
 def init_deepspeed_on_cpu_ranks(training_args: TrainingArguments) -> None:
     """DeepSpeed's communication layer on CPU ranks, before the model loads. accelerate 1.15 has started the gloo
     process group by then, but ZeRO-3's partitioned loading inside `from_pretrained` (DeepSpeed 0.19's `zero.Init`)
@@ -83,23 +107,24 @@ def init_deepspeed_on_cpu_ranks(training_args: TrainingArguments) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
-def quantized_weights_device_map(training_args: TrainingArguments) -> dict | None:
-    """`device_map` for loading a quantized base (bitsandbytes or GPTQ): such weights are placed at load time, one
-    whole copy per process on that process's device (LOCAL_RANK's GPU, or the CPU). Under ZeRO-3 none: transformers
-    refuses a device_map there, and DeepSpeed places the partitions itself."""
-    if training_args.deepspeed and uses_zero3(training_args):
+def quantized_weights_device_map(sharding: str) -> dict | None:
+    """`device_map` for loading a quantized base (bitsandbytes or GPTQ) under the plan's `sharding` (`sharding_of`):
+    such weights are placed at load time, one whole copy per process on that process's device (LOCAL_RANK's GPU, or
+    the CPU). Under ZeRO-3 none: transformers refuses a device_map there, and DeepSpeed places the partitions
+    itself."""
+    if sharding == "zero3":
         return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}
 
 
-def bnb_4bit_storage_dtype(training_args: TrainingArguments, compute_dtype: torch.dtype) -> torch.dtype:
-    """The dtype bitsandbytes packs 4-bit weights into: uint8 as bitsandbytes does by default, or under ZeRO-3 the
-    compute dtype, since DeepSpeed partitions only floating-point parameters and would otherwise leave the whole
-    quantized base on every rank (`bnb_4bit_quant_storage`, added for this in bitsandbytes 0.43 with
-    huggingface/peft#1550)."""
-    return compute_dtype if uses_zero3(training_args) else torch.uint8
+def bnb_4bit_storage_dtype(sharding: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit weights into under the plan's `sharding` (`sharding_of`): uint8 as
+    bitsandbytes does by default, or under ZeRO-3 the compute dtype, since DeepSpeed partitions only floating-point
+    parameters and would otherwise leave the whole quantized base on every rank (`bnb_4bit_quant_storage`, added for
+    this in bitsandbytes 0.43 with huggingface/peft#1550)."""
+    return compute_dtype if sharding == "zero3" else torch.uint8
 
 
 def dataloader_order_options(training_args: TrainingArguments) -> dict:

@@ -1,4 +1,5 @@
-"""Which attention kernel and fused kernels a run uses, decided once before the model loads.
+"""Which attention kernel and fused kernels a run uses, decided once before the model loads (`choose_kernels`, a
+field of the run's plan, llmft/plan.py, which logs the choice and hands Liger's to the Trainer).
 
 Attention: the flag `--attn_implementation` when given. Otherwise, for packed training, the fastest kernel that keeps
 packed samples apart and is installed: flash attention 2 (varlen: it is handed the sample boundaries and computes
@@ -19,31 +20,44 @@ module call Liger bypasses.
 from __future__ import annotations
 
 import importlib.util
-import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.distributed import shards_parameters
 from llmft.errors import ConfigError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from llmft.args import DataArguments, ModelArguments, TrainingArguments
 
 # Liger's fused output head + loss, and none of its other kernels: on an H200 it made full fine-tuning of a 1.5B shape
 # 4.5% faster and cut its peak memory from 38.0 to 13.8 GiB (README, Speed); the others were not measured here
-FUSED_LOSS_ONLY = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False, "rms_norm": False,
-                   "swiglu": False}
+FUSED_LOSS_ONLY = MappingProxyType({"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
+                                    "rms_norm": False, "swiglu": False})
 
 
 @dataclass(frozen=True)
 class Kernels:
     attention: str | None  # what from_pretrained gets as attn_implementation; None: transformers' default
     pad_packed_to: int | None  # packed rows padded to this fixed length (compiled kernels), None: a multiple of 64
+    liger: bool = False  # the Trainer applies Liger-Kernel (its `use_liger_kernel`)
+    liger_config: Mapping | None = None  # the Trainer's `liger_kernel_config`: which Liger kernels; None: all
+
+    def describe(self, packing: bool) -> str:
+        """The choice in words, as the run's log line (llmft.plan.describe_plan) shows it."""
+        liger = "off"
+        if self.liger:
+            liger = "fused linear cross-entropy" if self.liger_config == FUSED_LOSS_ONLY else "on"
+        attention = self.attention or "(transformers' default)"
+        return f"attention {attention}{' (packed samples kept apart)' if packing else ''}; Liger {liger}"
 
 
-def choose_kernels(model_args, data_args, training_args) -> Kernels:
-    """The kernels of this run (see the module docstring). Liger is the Trainer's to apply: its flags in
-    `training_args` are set to the choice."""
+def choose_kernels(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                   sharded: bool) -> Kernels:
+    """The kernels of this run (see the module docstring); `sharded`: whether each rank holds only a shard of every
+    parameter (the plan's sharding is zero3 or fsdp). Reads the arguments and changes none of them."""
     cuda = torch.cuda.is_available() and not training_args.use_cpu
     attention = model_args.attn_implementation
     if attention is None and data_args.packing:
@@ -57,16 +71,11 @@ def choose_kernels(model_args, data_args, training_args) -> Kernels:
 
     liger, config = training_args.use_liger_kernel, training_args.liger_kernel_config
     if liger is None:
-        sharded = shards_parameters(training_args)
         liger = cuda and not sharded and importlib.util.find_spec("liger_kernel") is not None
         config = FUSED_LOSS_ONLY if liger else None
-    training_args.use_liger_kernel, training_args.liger_kernel_config = bool(liger), config
-    kernels = Kernels(attention, pad_to)
-    if training_args.should_log:
-        logger.warning("kernels: attention %s%s; Liger %s", attention or "(transformers' default)",
-                       " (packed samples kept apart)" if data_args.packing else "",
-                       ("fused linear cross-entropy" if config == FUSED_LOSS_ONLY else "on") if liger else "off")
-    return kernels
+    if config is not None and not isinstance(config, MappingProxyType):
+        config = MappingProxyType(dict(config))
+    return Kernels(attention, pad_to, bool(liger), config)
 
 
 def _packing_attention(cuda: bool) -> str:

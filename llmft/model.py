@@ -1,10 +1,11 @@
 """Building the tokenizer and the model a run trains: precision, quantization, ChatML tokens and LoRA.
 
-Modes, chosen by the arguments alone:
+Modes, as the run's plan (llmft/plan.py) names them:
 - full: every weight trains, loaded in the compute dtype (bf16 / fp16 / fp32 from the precision flags);
-- LoRA: adapters on a frozen base in the compute dtype;
-- Q-LoRA: adapters on a base that bitsandbytes quantizes on load (NF4/FP4 4-bit, or 8-bit);
-- LoRA on a GPTQ checkpoint (quantized offline; loaded through transformers' GPTQModel integration).
+- lora: adapters on a frozen base in the compute dtype;
+- qlora-4bit / qlora-8bit: adapters on a base that bitsandbytes quantizes on load (NF4/FP4 4-bit, or 8-bit);
+- lora-on-gptq: adapters on a GPTQ checkpoint (quantized offline; loaded through transformers' GPTQModel
+  integration).
 A base tokenizer without the ChatML tokens gets them added, the embeddings are resized, and the input embeddings and
 output head train with the adapter (PEFT modules_to_save), since the new rows start untrained.
 """
@@ -21,15 +22,16 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 
 from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
                                  uses_chatml)
-from llmft.checkpoint import model_folder, quant_method
-from llmft.distributed import bnb_4bit_storage_dtype, init_deepspeed_on_cpu_ranks, quantized_weights_device_map
+from llmft.checkpoint import quant_method
+from llmft.distributed import init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
 from llmft.quiet import without_unused_gptqmodel
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
 
-    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+    from llmft.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -61,50 +63,40 @@ def load_training_tokenizer(model_args: ModelArguments,
     return tokenizer, missing
 
 
-def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
-    if training_args.bf16:
-        return torch.bfloat16
-    if training_args.fp16:
-        return torch.float16
-    return torch.float32
-
-
-def quantization_config(quant_args: QuantizationArguments,
-                        training_args: TrainingArguments) -> BitsAndBytesConfig | None:
+def quantization_config(plan: RunPlan) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for Q-LoRA, or None. Under ZeRO-3 the packed 4-bit weights are stored in the compute
-    dtype, so DeepSpeed can partition them like any other parameter."""
-    if not quant_args.q_lora:
+    dtype, so DeepSpeed can partition them like any other parameter (the plan's `storage_dtype`)."""
+    on_load = plan.quantize_on_load
+    if on_load is None:
         return None
-    if quant_args.quant_bits == 8:
+    if on_load.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = compute_dtype(training_args)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quant_args.quant_type,
-        bnb_4bit_use_double_quant=quant_args.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=bnb_4bit_storage_dtype(training_args, dtype),
+        bnb_4bit_quant_type=on_load.quant_type,
+        bnb_4bit_use_double_quant=on_load.double_quant,
+        bnb_4bit_compute_dtype=plan.compute_dtype,
+        bnb_4bit_quant_storage=on_load.storage_dtype,
     )
 
 
-def build_model(model_args: ModelArguments, lora_args: LoraArguments, quant_args: QuantizationArguments,
-                training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase, added_tokens=(),
-                attention: str | None = None) -> PreTrainedModel | PeftModel:
-    """The model ready for the Trainer: loaded with the `attention` kernel llmft.kernels chose (None: transformers'
-    default), resized for added tokens, prepared for k-bit training and wrapped in LoRA as the
-    arguments ask. With added tokens, LoRA also trains the embeddings and output head in full: the new rows start
-    untrained (a checkpoint's spare padding rows are as untrained as freshly resized ones)."""
+def build_model(model_args: ModelArguments, lora_args: LoraArguments, training_args: TrainingArguments,
+                tokenizer: PreTrainedTokenizerBase, plan: RunPlan) -> PreTrainedModel | PeftModel:
+    """The model ready for the Trainer, as `plan` says: loaded with the attention kernel it chose (None:
+    transformers' default), resized for added tokens, prepared for k-bit training and wrapped in LoRA. With added
+    tokens, LoRA also trains the embeddings and output head in full: the new rows start untrained (a checkpoint's
+    spare padding rows are as untrained as freshly resized ones). `training_args` are read, never written: what the
+    Trainer needs of the plan there is llmft.plan.apply_plan_to_training_args's to write."""
     init_deepspeed_on_cpu_ranks(training_args)
-    quantized = quant_args.q_lora or model_folder(model_args.model_name_or_path).quant_method is not None
     load_options = {}
-    if quant_args.q_lora:  # passing quantization_config=None would override a GPTQ checkpoint's own config
-        load_options["quantization_config"] = quantization_config(quant_args, training_args)
+    if plan.quantize_on_load is not None:  # passing quantization_config=None would override a GPTQ checkpoint's own
+        load_options["quantization_config"] = quantization_config(plan)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
-        dtype=compute_dtype(training_args),
-        device_map=quantized_weights_device_map(training_args) if quantized else None,
+        dtype=plan.compute_dtype,
+        device_map=quantized_weights_device_map(plan.sharding) if plan.quantized else None,
         trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=attention,
+        attn_implementation=plan.kernels.attention,
         **load_options,
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
@@ -112,32 +104,31 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, quant_args
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     _stop_at_end_of_turn(model, tokenizer)
 
-    gc_kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-    training_args.gradient_checkpointing_kwargs = gc_kwargs
-    if quantized:
-        model = _prepare_quantized_base(model, training_args, gc_kwargs)
-    if lora_args.use_lora:
-        model = apply_lora(model, lora_args, train_embeddings=bool(added_tokens))
-        if training_args.gradient_checkpointing:
+    if plan.quantized:
+        model = _prepare_quantized_base(model, plan)
+    if plan.uses_lora:
+        model = apply_lora(model, lora_args, train_embeddings=plan.train_embeddings)
+        if plan.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
 
 
-def _prepare_quantized_base(model, training_args, gc_kwargs):
+def _prepare_quantized_base(model, plan):
     """A quantized base made ready for adapter training: frozen, with gradient checkpointing as asked.
 
     PEFT's prepare_model_for_kbit_training also casts every weight that is not quantized (norms, embeddings, output
     head) to fp32. fp16 training needs that for stability, and gets it. Under bf16 it only turns the hidden states
     fp32 from the embeddings on, so every elementwise op and every quantized matmul's input runs in fp32; bf16 runs
     keep the weights in bf16, as bf16 LoRA does."""
-    if compute_dtype(training_args) != torch.bfloat16:
+    gc_kwargs = dict(plan.gradient_checkpointing_kwargs)
+    if plan.compute_dtype != torch.bfloat16:
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing,
                                                gradient_checkpointing_kwargs=gc_kwargs)
     for param in model.parameters():
         param.requires_grad_(False)
-    if training_args.gradient_checkpointing:
+    if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     return model
 
@@ -186,14 +177,12 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     save can be converted into an adapter for the original base (`save_adapter_for_original_base`)."""
     from peft import get_peft_model
 
-    from llmft.args import changes_base_weights
-
     try:
         with without_unused_gptqmodel():
             model = get_peft_model(model, lora_config(lora_args, model, train_embeddings))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
-    if changes_base_weights(lora_args):
+    if lora_args.changes_base_weights:
         model.initial_adapter_state = _lora_weights(model)
         logger.warning("--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
                        "adapter will be converted to rank %d so that it applies to the original base",
@@ -215,7 +204,7 @@ def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
     """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
     run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
     the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
-    Needs the whole adapter in memory (no ZeRO-3 or FSDP: args.validate refuses those).
+    Needs the whole adapter in memory (no ZeRO-3 or FSDP: llmft.checks refuses those).
 
     PEFT 0.21's conversion writes only the lora_A / lora_B tensors; the others are put back unchanged: modules_to_save
     (whole copies, independent of the base) and DoRA's magnitudes (W_res + BA, which they scale, equals the converted

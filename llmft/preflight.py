@@ -1,7 +1,8 @@
 """Memory preflight: the per-GPU memory a run will need, estimated from its settings before any weight loads.
 
 `estimate(shape, setup)` is pure arithmetic on the model's config.json (`ModelShape`) and the run's settings
-(`MemorySetup`); `setup_from_args` reads the settings from finetune.py's argument dataclasses, and `preflight` is
+(`MemorySetup`); `setup_from_args` reads the settings from the run's plan (llmft/plan.py) and the few arguments it
+does not resolve (LoRA rank and targets, batch sizes, optimizer), and `preflight` is
 what llmft/train.py calls: it logs the table, and stops the run (exit 2) with concrete advice when the estimate is
 above the GPU's memory. Every figure is bytes per GPU; the table shows GiB (2**30 bytes).
 
@@ -49,8 +50,15 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+    from llmft.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -512,44 +520,39 @@ def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length:
 
 # --- from finetune.py's settings -----------------------------------------------------------------------------------
 
-def setup_from_args(model_args, data_args, lora_args, quant_args, training_args, kernels=None,
-                    model_config: dict | None = None, added_tokens: bool = False) -> MemorySetup:
-    """The MemorySetup of a finetune.py run (`added_tokens`: the tokenizer got ChatML tokens, so LoRA trains the
-    embeddings and head too). Tokens per micro-batch: --max_tokens_per_batch when set (packed rows are padded to a
-    multiple of 64), else --per_device_train_batch_size x --model_max_length, the worst case."""
-    dtype = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+def setup_from_args(data_args: DataArguments, lora_args: LoraArguments, training_args: TrainingArguments, plan: RunPlan,
+                    model_config: dict | None = None) -> MemorySetup:
+    """The MemorySetup of a finetune.py run as its plan (llmft/plan.py) resolved it: mode, base quantization, dtype,
+    sharding and offload, checkpointing, kernels, and whether LoRA trains the embeddings and head too (added
+    tokens). `model_config`: the base's config.json, for a GPTQ base's bits and group size. Tokens per micro-batch:
+    --max_tokens_per_batch when set (packed rows are padded to a multiple of 64), else --per_device_train_batch_size
+    x --model_max_length, the worst case."""
+    import torch
+
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(plan.compute_dtype, "fp32")
     config = model_config or {}
     gptq = (config.get("quantization_config") or {}) if isinstance(config.get("quantization_config"), dict) else {}
     quantization = None
     options = {}
-    if gptq.get("quant_method") == "gptq":
+    if plan.base_quantization == "gptq":
         quantization = "gptq"
         group_size = int(gptq.get("group_size") or 128)
         # -1: one group over each whole input row (taken as hidden_size wide)
         options = dict(gptq_bits=int(gptq.get("bits", 4)),
                        gptq_group_size=group_size if group_size > 0 else int(config.get("hidden_size", 128)))
-    elif quant_args.q_lora:
-        quantization = "int8" if quant_args.quant_bits == 8 else quant_args.quant_type
-    mode = "full" if not lora_args.use_lora else ("qlora" if quantization else "lora")
+    elif (on_load := plan.quantize_on_load) is not None:
+        quantization = "int8" if on_load.bits == 8 else on_load.quant_type
+        options = dict(double_quant=on_load.double_quant) if on_load.bits == 4 else {}
+    mode = "full" if not plan.uses_lora else ("qlora" if quantization else "lora")
     targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
         " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules))
 
-    sharding, offload_optimizer, offload_params = "none", False, False
+    # the estimate's sharding: DDP and ZeRO stage 0 keep a whole model on each GPU, as one process does
+    sharding = plan.sharding if plan.sharding in ("zero1", "zero2", "zero3", "fsdp") else "none"
     optimizer = str(getattr(training_args.optim, "value", training_args.optim))
-    if training_args.deepspeed:
-        ds = getattr(training_args, "hf_deepspeed_config", None)
-        ds_config = ds.config if ds is not None else {}
-        zero = ds_config.get("zero_optimization", {})
-        if "optimizer" in ds_config:  # DeepSpeed builds its own (the offload configs' AdamW), not --optim
-            optimizer = str(ds_config["optimizer"].get("type", "adamw")).lower()
-        sharding = f"zero{int(zero.get('stage', 0))}" if int(zero.get("stage", 0)) else "none"
-        offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
-        offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
-    elif training_args.fsdp:
-        sharding = "fsdp"
-        fsdp_config = training_args.fsdp_config or {}
-        offload_params = str(fsdp_config.get("cpu_offload", fsdp_config.get("offload_params", False))).lower() == "true"
-        offload_optimizer = offload_params
+    ds = getattr(training_args, "hf_deepspeed_config", None) if training_args.deepspeed else None
+    if ds is not None and "optimizer" in ds.config:  # DeepSpeed builds its own (the offload configs' AdamW)
+        optimizer = str(ds.config["optimizer"].get("type", "adamw")).lower()
 
     if data_args.max_tokens_per_batch:
         tokens, rows = math.ceil(data_args.max_tokens_per_batch / 64) * 64, 1
@@ -558,20 +561,17 @@ def setup_from_args(model_args, data_args, lora_args, quant_args, training_args,
         tokens = rows * data_args.model_max_length
         if data_args.packing:
             tokens, rows = math.ceil(tokens / 64) * 64, 1
-    attention = (kernels.attention if kernels is not None else model_args.attn_implementation) or "sdpa"
-    return MemorySetup(mode=mode, dtype=dtype, quantization=quantization,
-                       double_quant=quant_args.double_quant, lora_r=lora_args.lora_r, lora_targets=targets,
-                       train_embeddings=bool(added_tokens and lora_args.use_lora),
+    return MemorySetup(mode=mode, dtype=dtype, quantization=quantization, lora_r=lora_args.lora_r,
+                       lora_targets=targets, train_embeddings=plan.train_embeddings and plan.uses_lora,
                        optimizer=optimizer, sharding=sharding,
-                       offload_optimizer=offload_optimizer, offload_params=offload_params,
+                       offload_optimizer="optimizer" in plan.offloaded, offload_params="parameters" in plan.offloaded,
                        gpus=max(1, training_args.world_size), tokens=tokens, rows=rows,
-                       gradient_checkpointing=bool(training_args.gradient_checkpointing),
-                       fused_loss=bool(training_args.use_liger_kernel), attention=attention,
+                       gradient_checkpointing=plan.gradient_checkpointing, fused_loss=plan.kernels.liger,
+                       attention=plan.kernels.attention or "sdpa",
                        accumulation_steps=training_args.gradient_accumulation_steps, **options)
 
 
-
-def gpu_memory_bytes(training_args) -> int | None:
+def gpu_memory_bytes(training_args: TrainingArguments) -> int | None:
     """The memory to check against: --preflight_gpu_memory GiB when given, else the GPU's whole memory (what
     torch.cuda.mem_get_info reports as total; other processes' use is not subtracted), None on CPU runs."""
     if training_args.preflight_gpu_memory:
@@ -583,13 +583,14 @@ def gpu_memory_bytes(training_args) -> int | None:
     return torch.cuda.mem_get_info(training_args.device)[1]
 
 
-def preflight(model_args, data_args, lora_args, quant_args, training_args, kernels=None, tokenizer=None,
-              added_tokens=()) -> MemoryEstimate | None:
+def preflight(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+              training_args: TrainingArguments, plan: RunPlan,
+              tokenizer: PreTrainedTokenizerBase | None = None) -> MemoryEstimate | None:
     """The memory preflight of a finetune.py run, before its weights load: the estimate's table (rank 0; printed to
     stdout with --preflight_only, logged otherwise), and a ConfigError with the advice when it does not fit the GPU,
-    unless --preflight False (then only a warning). `tokenizer` and `added_tokens` as
-    llmft.model.load_training_tokenizer returns them: a vocabulary larger than the checkpoint's grows the embeddings
-    (to a multiple of 64, as build_model resizes them), and added tokens make LoRA train the embeddings and head.
+    unless --preflight False (then only a warning). `plan`: the run's, completed with its added tokens (they make
+    LoRA train the embeddings and head); `tokenizer` as llmft.model.load_training_tokenizer returns it: a vocabulary
+    larger than the checkpoint's grows the embeddings (to a multiple of 64, as build_model resizes them).
     None when the model's config.json is not at hand (a Hub id not in the local cache), or is not modelled and
     --preflight False."""
     from llmft.checkpoint import model_folder
@@ -606,8 +607,7 @@ def preflight(model_args, data_args, lora_args, quant_args, training_args, kerne
         return None
     if tokenizer is not None and len(tokenizer) > shape.vocab_size:
         shape = dataclasses.replace(shape, vocab_size=math.ceil(len(tokenizer) / 64) * 64)
-    setup = setup_from_args(model_args, data_args, lora_args, quant_args, training_args, kernels, config,
-                            added_tokens=bool(added_tokens))
+    setup = setup_from_args(data_args, lora_args, training_args, plan, config)
     result = estimate(shape, setup, gpu_memory_bytes(training_args))
     if training_args.should_log:
         if training_args.preflight_only:

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
@@ -33,23 +34,31 @@ from llmft.checkpoint import model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+    from llmft.args import TrainingArguments
+    from llmft.plan import RunPlan
+
 logger = logging.getLogger(__name__)
 
 STAGING = ".llmft-saving"
 RUN_FILE = "llmft_run.json"
 
 
-def describe_run(model_args, lora_args, quant_args, added_tokens) -> dict:
-    """What tools after training need to know and cannot read from the adapter: how the base was loaded."""
+def describe_run(plan: RunPlan) -> dict:
+    """What tools after training need to know and cannot read from the adapter: how the base was loaded. `mode` is
+    the record's own coarser one (full, lora or qlora; a quantized base is told by `base_quantization`)."""
     quantization = None
-    if quant_args.q_lora:
-        quantization = {"method": "bitsandbytes", "bits": quant_args.quant_bits,
-                        "type": quant_args.quant_type if quant_args.quant_bits == 4 else "int8"}
-    elif (method := model_folder(model_args.model_name_or_path).quant_method) is not None:
-        quantization = {"method": method}
-    mode = "full" if not lora_args.use_lora else ("qlora" if quant_args.q_lora else "lora")
-    return {"mode": mode, "base_model": model_args.model_name_or_path, "base_quantization": quantization,
-            "base_fingerprint": base_fingerprint(model_args.model_name_or_path), "added_tokens": list(added_tokens)}
+    if (on_load := plan.quantize_on_load) is not None:
+        quantization = {"method": "bitsandbytes", "bits": on_load.bits,
+                        "type": on_load.quant_type if on_load.bits == 4 else "int8"}
+    elif plan.base_quantization is not None:
+        quantization = {"method": plan.base_quantization}
+    mode = "full" if not plan.uses_lora else ("qlora" if on_load is not None else "lora")
+    return {"mode": mode, "base_model": plan.base_model, "base_quantization": quantization,
+            "base_fingerprint": base_fingerprint(plan.base_model), "added_tokens": list(plan.added_tokens)}
 
 
 # config.json keys that differ between copies of the same weights (where it was loaded from, which transformers
@@ -125,7 +134,8 @@ class FollowUmaskCallback(TrainerCallback):
                 follow_umask(checkpoint)
 
 
-def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = None) -> None:
+def save_for_inference(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, output_dir: str,
+                       run: dict | None = None) -> None:
     """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
     `describe_run` record) into output_dir."""
     staging = os.path.join(output_dir, STAGING)
@@ -162,7 +172,7 @@ def save_for_inference(trainer, tokenizer, output_dir: str, run: dict | None = N
     trainer.accelerator.wait_for_everyone()
 
 
-def check_adapter_complete(path: str, model) -> None:
+def check_adapter_complete(path: str, model: torch.nn.Module) -> None:
     """Fail loudly when a saved adapter lacks LoRA weights or holds only one rank's shard of them. Sharded training
     can otherwise write an adapter that loads and silently does nothing: DeepSpeed ZeRO-3 one of empty (partitioned)
     tensors, FSDP one without the LoRA layers it could not find (inside activation-checkpoint wrappers)."""
@@ -265,7 +275,7 @@ def previous_run_outputs(output_dir: str) -> list[str]:
     return found
 
 
-def replace_previous_run(training_args) -> None:
+def replace_previous_run(training_args: TrainingArguments) -> None:
     """--overwrite_output_dir: rank 0 removes what a previous run left in output_dir before this run writes there,
     so that neither resume nor a reload can mix the two runs; the log lists what went."""
     with training_args.main_process_first(local=False, desc="replacing the previous run"):
@@ -371,3 +381,30 @@ def checkpoints(output_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             incomplete.append((path, problem))
     return complete, incomplete
+
+
+def resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` takes: the checkpoint folder to resume from, or None.
+    `--resume_from_checkpoint True` means the newest complete checkpoint of --output_dir; incomplete ones (a save cut
+    short by kill -9) are skipped, and the log says which and why. `auto` means the same when --output_dir holds a
+    complete checkpoint (llmft.preemption.record_run_settings has checked that they are of this same run), and a
+    fresh start when it holds none. A checkpoint whose pickles could run code is refused (LlmftError) unless
+    --trust_checkpoint_pickles True (llmft/checkpoint_pickles.py)."""
+    from llmft.checkpoint_pickles import check_checkpoint_pickles
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None or resume.lower() == "false":
+        return None
+    if resume.lower() not in ("true", "auto"):
+        check_checkpoint_pickles(resume, trust=training_args.trust_checkpoint_pickles)
+        return resume
+    complete, incomplete = checkpoints(training_args.output_dir)
+    for path, why in incomplete:
+        logger.warning("not resuming from %s: %s", path, why)
+    if not complete:  # only with auto: llmft.checks refuses True without a complete checkpoint
+        logger.warning("--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
+                       training_args.output_dir)
+        return None
+    check_checkpoint_pickles(complete[-1], trust=training_args.trust_checkpoint_pickles)
+    logger.warning("resuming from %s", complete[-1])
+    return complete[-1]

@@ -25,16 +25,16 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback, set_seed
 
-from llmft.args import parse_args, resume_checkpoint
+from llmft.args import parse_args
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
 from llmft.errors import exit_on_user_error
-from llmft.kernels import choose_kernels
 from llmft.model import build_model, load_training_tokenizer
+from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
 from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
 from llmft.preflight import preflight
-from llmft.saving import describe_run, replace_previous_run, save_for_inference
+from llmft.saving import describe_run, replace_previous_run, resume_checkpoint, save_for_inference
 from llmft.trainer import PackingLoraPlusTrainer
 
 
@@ -48,26 +48,29 @@ def main(argv: list[str] | None = None,
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
-    kernels = choose_kernels(model_args, data_args, training_args)
+    plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)  # mode, sharding, kernels
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
     resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
     tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
+    plan = plan.with_added_tokens(added_tokens)  # complete: whether the embeddings train
+    log_plan(plan, training_args)
     # the memory preflight reads the vocabulary, not the weights or the data; it may stop the run here
-    memory = preflight(model_args, data_args, lora_args, quant_args, training_args, kernels, tokenizer, added_tokens)
+    memory = preflight(model_args, data_args, lora_args, training_args, plan, tokenizer)
     if training_args.preflight_only:
         return None
     train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
-    model = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added_tokens, kernels.attention)
+    model = build_model(model_args, lora_args, training_args, tokenizer, plan)
     if training_args.should_log and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
     # evaluation pads; training packs when --packing True (llmft/data/packing.py)
     padding = PaddingCollator(tokenizer)
+    apply_plan_to_training_args(plan, training_args)  # Liger and checkpointing as planned, read by the Trainer
     trainer = PackingLoraPlusTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                      eval_dataset=eval_dataset, data_collator=padding,
-                                     packing=Packing.from_args(data_args, tokenizer, kernels),
+                                     packing=Packing.from_args(data_args, tokenizer, plan.kernels),
                                      processing_class=tokenizer, callbacks=list(callbacks),
                                      loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
     trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None,
     trainer.train(resume_from_checkpoint=resume_from)
 
     with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
-        run = describe_run(model_args, lora_args, quant_args, added_tokens)
+        run = describe_run(plan)
         save_for_inference(trainer, tokenizer, training_args.output_dir, run)
     return trainer
 

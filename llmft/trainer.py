@@ -107,7 +107,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         """transformers' optimizer, or with `loraplus_lr_ratio` PEFT's LoRA+ one: the same optimizer class and
         settings (--optim, --optim_args, --adam_*, --weight_decay), the B matrices (and other vectors, DoRA's
         magnitudes included) at --learning_rate x the ratio. Under DeepSpeed transformers calls this too, as long as
-        the DeepSpeed config names no optimizer of its own (args.validate refuses one that does)."""
+        the DeepSpeed config names no optimizer of its own (llmft.checks refuses one that does)."""
         if self.loraplus_lr_ratio is None or self.optimizer is not None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         from peft.optimizers import create_loraplus_optimizer

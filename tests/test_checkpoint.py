@@ -325,12 +325,12 @@ def test_second_look_reads_nothing_and_a_rewrite_is_read_anew(tmp_path, json_rea
 
 
 def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkeypatch, json_reads):
-    """The settings check (path, weights, remote code, context length, quantization), the kernel choice, the model
+    """The settings check (path, weights, remote code, context length, quantization), the plan, the model
     build and the run record used to read config.json eight times between them; now once. The run gives the model
     relative, which parse_args makes absolute: still the same folder."""
     from llmft.args import parse_args
-    from llmft.kernels import choose_kernels
     from llmft.model import build_model, load_training_tokenizer
+    from llmft.plan import resolve_plan
     from llmft.saving import describe_run
 
     monkeypatch.chdir(tiny_chat_model.parent)
@@ -338,10 +338,11 @@ def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkey
     model_args, data_args, lora_args, quant_args, training_args = parse_args([
         "--model_name_or_path", tiny_chat_model.name, "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
         "--use_lora", "True", "--use_cpu", "True", "--report_to", "none", "--max_steps", "1"])
-    kernels = choose_kernels(model_args, data_args, training_args)
+    plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)
     tokenizer, added = load_training_tokenizer(model_args, data_args)
-    build_model(model_args, lora_args, quant_args, training_args, tokenizer, added, kernels.attention)
-    run = describe_run(model_args, lora_args, quant_args, added)
+    plan = plan.with_added_tokens(added)
+    build_model(model_args, lora_args, training_args, tokenizer, plan)
+    run = describe_run(plan)
     assert run["base_fingerprint"].startswith("sha256:")
     assert json_reads.count("config.json") == 1, json_reads
     assert json_reads == ["config.json", "tokenizer_config.json"]

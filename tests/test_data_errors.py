@@ -176,10 +176,10 @@ def test_model_max_length_above_the_context_is_warned_up_front(tmp_path, caplog,
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "qwen2", **config}), encoding="utf-8")
     data = write_records(tmp_path / "train.json", GOOD)
-    with caplog.at_level(logging.WARNING, logger="llmft.args"):
+    with caplog.at_level(logging.WARNING, logger="llmft.checks"):
         parse_args(["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir",
                     str(tmp_path / "out"), "--model_max_length", str(max_length)])
-    messages = [r.getMessage() for r in caplog.records if r.name == "llmft.args"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "llmft.checks"]
     if warned:
         limit = 128 if "rope_scaling" in config else 64  # factor 2 over max_position_embeddings
         assert messages == [

@@ -269,6 +269,15 @@ def test_when_no_change_fits_alone_they_are_combined_in_order_until_one_does():
 
 # --- from finetune.py's flags -------------------------------------------------------------------------------------
 
+def setup_of(args, plan_changes=None, **kwargs):
+    """setup_from_args for parse_args' settings, through their plan (with `plan_changes` made to it)."""
+    from llmft.plan import resolve_plan
+
+    _, data_args, lora_args, _, training_args = args
+    plan = dataclasses.replace(resolve_plan(*args), **(plan_changes or {}))
+    return setup_from_args(data_args, lora_args, training_args, plan, **kwargs)
+
+
 def test_setup_from_flags(tiny_chat_model, tmp_path):
     from llmft.args import parse_args
 
@@ -278,7 +287,7 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
                                                 "--lora_target_modules", "q_proj", "v_proj", "--bf16", "True",
                                                 "--max_tokens_per_batch", "8200", "--gradient_checkpointing", "True",
                                                 "--optim", "paged_adamw_8bit", "--gradient_accumulation_steps", "3"]])
-    setup = setup_from_args(*args)
+    setup = setup_of(args)
     assert setup == MemorySetup(mode="qlora", dtype="bf16", quantization="nf4", double_quant=True, lora_r=16,
                                 lora_targets=("q_proj", "v_proj"), optimizer="paged_adamw_8bit", tokens=8256,
                                 rows=1, gradient_checkpointing=True, fused_loss=False, attention="sdpa",
@@ -286,22 +295,37 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
     # no token budget: per-device batch x model_max_length, the worst case; unpacked: that many rows
     args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000",
                                                 "--packing", "False"]])
-    setup = setup_from_args(*args)
+    setup = setup_of(args)
     assert (setup.mode, setup.dtype, setup.tokens, setup.rows, setup.row_tokens) == ("full", "fp32", 3000, 3, 1000)
     args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000"]])
-    assert (setup_from_args(*args).tokens, setup_from_args(*args).rows) == (3008, 1)  # packed in one row
+    assert (setup_of(args).tokens, setup_of(args).rows) == (3008, 1)  # packed in one row
     # a GPTQ checkpoint's bits and group size come from its config.json (group_size -1: one group a row)
     args = parse_args([str(f) for f in base + ["--use_lora", "True", "--bf16", "True"]])
     gptq = {"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1}, "hidden_size": 896}
-    setup = setup_from_args(*args, model_config=gptq)
+    setup = setup_of(args, {"base_quantization": "gptq", "mode": "lora-on-gptq"}, model_config=gptq)
     assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("qlora", "gptq", 8, 896)
     # DeepSpeed's stage and offload are read from its config
     for config, expected in [("zero2.json", ("zero2", False, False)), ("zero3.json", ("zero3", False, False)),
                              ("zero3_offload.json", ("zero3", True, True)), ("zero2_offload.json", ("zero2", True, False))]:
         args = parse_args([str(f) for f in base + ["--bf16", "True", "--deepspeed", REPO / "ds_configs" / config]])
-        setup = setup_from_args(*args)
+        setup = setup_of(args)
         assert (setup.sharding, setup.offload_optimizer, setup.offload_params) == expected, config
         assert setup.optimizer == ("adamw" if "offload" in config else "adamw_torch_fused"), config
+
+
+def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat_model, tmp_path):
+    """Liger's fused loss is the plan's choice (CUDA with liger-kernel installed): the preflight runs before the plan
+    is written into the TrainingArguments, whose use_liger_kernel is still the flag's None."""
+    from llmft.args import parse_args
+    from llmft.kernels import FUSED_LOSS_ONLY, Kernels
+
+    args = parse_args([str(f) for f in ["--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES,
+                                        "--output_dir", tmp_path / "out", "--use_cpu", "True"]])
+    assert args[-1].use_liger_kernel is None
+    assert setup_of(args).fused_loss is False
+    assert setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).fused_loss is True
+    assert setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).attention == \
+        "flex_attention"
 
 
 def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
@@ -403,19 +427,20 @@ def test_benchmark_puts_the_estimate_beside_the_measured_peak():
 ], ids=["full", "lora", "lora-added-tokens"])
 def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(model, flags, request, tmp_path):
     from llmft.args import parse_args
-    from llmft.kernels import choose_kernels
     from llmft.model import build_model, load_training_tokenizer
+    from llmft.plan import resolve_plan
     from llmft.preflight import preflight
 
     path = request.getfixturevalue(model)
     model_args, data_args, lora_args, quant_args, training_args = parse_args(
         [str(f) for f in ["--model_name_or_path", path, "--data_path", EXAMPLES, "--output_dir", tmp_path / "out",
                           "--use_cpu", "True", "--model_max_length", "256", *flags]])
-    kernels = choose_kernels(model_args, data_args, training_args)
+    plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)
     tokenizer, added = load_training_tokenizer(model_args, data_args)
     assert bool(added) == (model == "tiny_base_model")
-    e = preflight(model_args, data_args, lora_args, quant_args, training_args, kernels, tokenizer, added)
-    built = build_model(model_args, lora_args, quant_args, training_args, tokenizer, added, kernels.attention)
+    plan = plan.with_added_tokens(added)
+    e = preflight(model_args, data_args, lora_args, training_args, plan, tokenizer)
+    built = build_model(model_args, lora_args, training_args, tokenizer, plan)
     params = list(built.parameters())  # each shared (tied) tensor once
     assert e.trainable == sum(p.numel() for p in params if p.requires_grad)
     assert e.weights == sum(p.numel() * p.element_size() for p in params)  # fp32 on CPU: 4 bytes each

@@ -58,7 +58,8 @@ def test_training_run_shows_llmfts_warnings_and_no_known_noise(noise_without_llm
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_no_known_noise(proc.stdout + proc.stderr, noise_without_llmft)
     # llmft's own warnings, through logging and straight to stderr, still reach the terminal
-    assert "WARNING llmft.kernels: kernels: attention" in proc.stderr
+    assert "WARNING llmft.plan: plan: lora, float32; sharding none; activation checkpointing off; attention sdpa" \
+        in proc.stderr
     assert "--model_max_length 4096 is above the model's context of 2048 tokens" in proc.stderr
     assert "GPTQModel" not in proc.stdout and "gptqmodel" not in proc.stdout.lower()
 

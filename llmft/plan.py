@@ -1,0 +1,172 @@
+"""The run resolved once: what is trained (the mode), how the base is stored and loaded, how the ranks share the
+model, activation checkpointing and the kernels, as one frozen `RunPlan` that the model builder, the saver, the
+memory preflight and the Trainer's settings read instead of each deriving it again from the flags.
+
+`resolve_plan(...)` builds it from arguments that passed the settings checks (llmft/checks.py, which
+llmft.args.parse_args runs), before anything heavy loads; whether the embeddings train is known only once the
+tokenizer has loaded (ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan,
+a new frozen one. `describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the
+one place where the plan writes into TrainingArguments: the settings the Trainer reads from there.
+
+Modes (`RunPlan.mode`):
+- `full`: every weight trains, in the compute dtype;
+- `lora`: LoRA adapters on a frozen base in the compute dtype;
+- `qlora-4bit`, `qlora-8bit`: adapters on a base that bitsandbytes quantizes on load (--q_lora True, --quant_bits);
+- `lora-on-<method>` (`lora-on-gptq`, `lora-on-awq`, ...): adapters on a base stored quantized, as its config.json's
+  quantization_config says (llmft.checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmft.checkpoint import model_folder
+from llmft.distributed import bnb_4bit_storage_dtype, sharding_of
+from llmft.kernels import Kernels, choose_kernels
+
+if TYPE_CHECKING:
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+# what activation checkpointing passes to torch.utils.checkpoint unless --gradient_checkpointing_kwargs says
+# otherwise: the non-reentrant implementation, which works with frozen inputs (a LoRA base) and with PEFT
+DEFAULT_CHECKPOINTING_KWARGS = MappingProxyType({"use_reentrant": False})
+
+
+@dataclass(frozen=True)
+class QuantizeOnLoad:
+    """bitsandbytes quantization of the base as it loads (Q-LoRA)."""
+
+    bits: int  # 4 or 8
+    quant_type: str | None  # nf4 / fp4 for 4 bits; None for 8 (LLM.int8)
+    double_quant: bool  # 4 bits: the quantization constants quantized too
+    storage_dtype: torch.dtype | None  # 4 bits: what the packed weights are stored in (llmft.distributed)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run, resolved (see the module docstring). Mappings are read-only views."""
+
+    mode: str  # full, lora, qlora-4bit, qlora-8bit, lora-on-<method>
+    base_model: str  # --model_name_or_path as parse_args left it (a local folder made absolute)
+    base_quantization: str | None  # how the base is stored quantized (gptq, awq, ...; llmft.checkpoint); None: not
+    quantize_on_load: QuantizeOnLoad | None  # Q-LoRA's bitsandbytes settings; None otherwise
+    compute_dtype: torch.dtype  # bf16 / fp16 / fp32 from the precision flags
+    sharding: str  # none, ddp, zero0..zero3, fsdp (llmft.distributed.sharding_of)
+    offloaded: tuple[str, ...]  # optimizer and/or parameters held on the CPU; empty for none
+    gradient_checkpointing: bool
+    gradient_checkpointing_kwargs: Mapping  # what torch.utils.checkpoint gets
+    kernels: Kernels  # attention kernel, packed rows' padding, Liger (llmft.kernels)
+    packing: bool  # --packing: what the attention kernel was chosen for
+    added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode != "full"
+
+    @property
+    def quantized(self) -> bool:
+        """The base is quantized, stored so or on load: loaded with a device map, prepared for k-bit training."""
+        return self.quantize_on_load is not None or self.base_quantization is not None
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank holds only a shard of every parameter (ZeRO-3 or FSDP)."""
+        return self.sharding in ("zero3", "fsdp")
+
+    @property
+    def train_embeddings(self) -> bool:
+        """With added tokens the input embeddings and output head train in full with LoRA: their new rows start
+        untrained (full fine-tuning trains them anyway)."""
+        return bool(self.added_tokens)
+
+    def with_added_tokens(self, added_tokens: Sequence[str]) -> RunPlan:
+        """This plan completed with the tokens the tokenizer was given (llmft.model.load_training_tokenizer)."""
+        return dataclasses.replace(self, added_tokens=tuple(added_tokens))
+
+
+def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def resolve_plan(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                 quant_args: QuantizationArguments, training_args: TrainingArguments) -> RunPlan:
+    """The plan of a run whose settings parse_args has checked; reads the arguments and changes none of them. Raises
+    ConfigError where the kernels cannot serve the run (llmft.kernels.choose_kernels)."""
+    base_quantization = model_folder(model_args.model_name_or_path).quant_method
+    dtype = compute_dtype(training_args)
+    sharding, offloaded = sharding_of(training_args)
+    quantize_on_load = None
+    if quant_args.q_lora:
+        four = quant_args.quant_bits == 4
+        quantize_on_load = QuantizeOnLoad(
+            bits=quant_args.quant_bits, quant_type=quant_args.quant_type if four else None,
+            double_quant=quant_args.double_quant if four else False,
+            storage_dtype=bnb_4bit_storage_dtype(sharding, dtype) if four else None)
+    if not lora_args.use_lora:
+        mode = "full"
+    elif quantize_on_load is not None:
+        mode = f"qlora-{quantize_on_load.bits}bit"
+    elif base_quantization is not None:
+        mode = f"lora-on-{base_quantization}"
+    else:
+        mode = "lora"
+    kwargs = training_args.gradient_checkpointing_kwargs or DEFAULT_CHECKPOINTING_KWARGS
+    return RunPlan(
+        mode=mode, base_model=model_args.model_name_or_path, base_quantization=base_quantization,
+        quantize_on_load=quantize_on_load, compute_dtype=dtype, sharding=sharding, offloaded=offloaded,
+        gradient_checkpointing=bool(training_args.gradient_checkpointing),
+        gradient_checkpointing_kwargs=MappingProxyType(dict(kwargs)),
+        kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
+        packing=data_args.packing)
+
+
+def describe_plan(plan: RunPlan) -> str:
+    """The plan as one log line."""
+    base = plan.mode
+    if plan.quantize_on_load is not None and plan.quantize_on_load.quant_type:
+        base += f" ({plan.quantize_on_load.quant_type})"
+    dtype = str(plan.compute_dtype).removeprefix("torch.")
+    sharding = plan.sharding + (f", {' and '.join(plan.offloaded)} offloaded to the CPU" if plan.offloaded else "")
+    checkpointing = "off"
+    if plan.gradient_checkpointing:
+        checkpointing = "on " + ", ".join(f"{k}={v}" for k, v in plan.gradient_checkpointing_kwargs.items())
+    embeddings = (f"trained in full for the added {' '.join(plan.added_tokens)}" if plan.train_embeddings
+                  and plan.uses_lora else "as the mode trains them")
+    return (f"plan: {base}, {dtype}; sharding {sharding}; activation checkpointing {checkpointing}; "
+            f"{plan.kernels.describe(plan.packing)}; embeddings {embeddings}")
+
+
+def log_plan(plan: RunPlan, training_args: TrainingArguments) -> None:
+    """The plan's one line in the log, from the ranks that log."""
+    if training_args.should_log:
+        logger.warning("%s", describe_plan(plan))
+
+
+def apply_plan_to_training_args(plan: RunPlan, training_args: TrainingArguments) -> None:
+    """Write into `training_args` what the Trainer reads there and the plan decided; call it before the Trainer is
+    built, and nothing else writes these:
+    - Liger: the Trainer applies Liger-Kernel to the model from `use_liger_kernel` / `liger_kernel_config`;
+    - activation checkpointing's kwargs: the Trainer enables checkpointing on the model again when training starts,
+      with the kwargs in `activation_checkpointing_kwargs` (transformers 5; `gradient_checkpointing_kwargs` is its
+      deprecated alias, kept equal to it as TrainingArguments.__post_init__ does), so they must be the plan's for the
+      model to be checkpointed as llmft.model.build_model prepared it."""
+    training_args.use_liger_kernel = plan.kernels.liger
+    config = plan.kernels.liger_config
+    training_args.liger_kernel_config = dict(config) if config is not None else None
+    kwargs = dict(plan.gradient_checkpointing_kwargs)
+    training_args.gradient_checkpointing_kwargs = kwargs
+    if hasattr(training_args, "activation_checkpointing_kwargs"):
+        training_args.activation_checkpointing_kwargs = kwargs
