@@ -60,9 +60,10 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         return self._token_budget_dataloader()
 
     def _get_train_sampler(self, train_dataset=None):
-        """transformers' sampler, except that its random order puts the longest samples in every rank's first batch
-        (`LongestFirstSampler`: an out-of-memory shows in the first step). Lazy datasets keep transformers' sampler:
-        their lengths are known only once each sample is tokenized."""
+        """transformers' sampler, except that its random order puts the longest samples in the first optimizer step
+        (`LongestFirstSampler`: an out-of-memory shows in the first step; the whole step's worth, ranks x accumulation
+        x batch size, so that the step holds the same samples however ranks and accumulation divide it). Lazy
+        datasets keep transformers' sampler: their lengths are known only once each sample is tokenized."""
         import datasets
 
         sampler = super()._get_train_sampler(train_dataset)
@@ -70,8 +71,9 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         if type(sampler) is not torch.utils.data.RandomSampler or not isinstance(dataset, datasets.Dataset):
             return sampler
         args = self.args
-        return LongestFirstSampler(sample_lengths(dataset), args.train_batch_size * args.world_size,
-                                   seed=args.seed if args.data_seed is None else args.data_seed)
+        first_step = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
+        seed = args.seed if args.data_seed is None else args.data_seed
+        return LongestFirstSampler(sample_lengths(dataset), first_step, seed=seed)
 
     def _token_budget_dataloader(self) -> torch.utils.data.DataLoader:
         # every epoch a whole number of optimizer steps, each of the same micro-batches however many ranks share them
@@ -84,7 +86,8 @@ class PackingLoraPlusTrainer(transformers.Trainer):
             lengths, self.packing.max_tokens, window=self.packing.window,
             seed=args.seed if args.data_seed is None else args.data_seed,
             num_epochs=None if batches_needed else math.ceil(args.num_train_epochs), max_batches=batches_needed,
-            batches_multiple_of=world * args.gradient_accumulation_steps, heaviest_first=world,
+            batches_multiple_of=world * args.gradient_accumulation_steps,
+            heaviest_first=world * args.gradient_accumulation_steps,  # the first optimizer step, whoever takes it
         )
         if args.should_log:
             logger.warning("packing: %d samples, %d tokens into %d micro-batches of at most %d tokens an epoch "

@@ -17,12 +17,14 @@ step holds the same samples however many ranks share them; epochs that packed in
 number, which costs a few micro-batches of a thousand.
 
 The heaviest micro-batches come first. Each epoch's `heaviest_first` micro-batches with the most tokens (the longest
-sample breaking ties) are moved to its front, one per rank, the rest keep their seeded order: a run that will run out
-of GPU memory on its largest micro-batch does so in its first step, not hours later when the shuffle reaches it.
+sample breaking ties) are moved to its front — the Trainer moves a whole optimizer step's worth (ranks x
+accumulation), so every rank starts on one of them and the first step holds the same micro-batches however ranks and
+accumulation divide it — the rest keep their seeded order: a run that will run out of GPU memory on its largest
+micro-batch does so in its first step, not hours later when the shuffle reaches it.
 Memory follows the token count for activations and logits, and for attention kernels that materialise a mask or the
 scores (SDPA with packing, eager) the longest row, which is the packed micro-batch itself. Without a token budget,
-`LongestFirstSampler` does the same for the Trainer's per-sample batches: the longest samples fill the first batch of
-every rank.
+`LongestFirstSampler` does the same for the Trainer's per-sample batches: the longest samples fill the first
+optimizer step.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
                  heaviest_first: int = 1):
         self.lengths = [int(n) for n in lengths]
         self.max_tokens, self.window, self.seed = max_tokens, window, seed
-        self.heaviest_first = heaviest_first  # micro-batches moved to the front of every epoch: one per rank
+        self.heaviest_first = heaviest_first  # micro-batches moved to the front of every epoch
         if not self.lengths:
             raise DataError("no training sample to pack")
         longest = max(self.lengths)
@@ -214,9 +216,10 @@ class LongestFirstSampler(torch.utils.data.Sampler):
     """The sample order of the Trainer's default sampler, with the `count` longest samples moved to the front.
 
     The order is accelerate's `SeedableRandomSampler`'s, which the Trainer's random sampler becomes: a permutation
-    of torch.randperm with a generator seeded by `seed` + epoch; then the `count` longest samples (per-device batch
-    size x ranks: the first batch of every rank; ties: the earlier sample) are taken out of it and put first, longest
-    first. It is no RandomSampler, so that accelerate keeps it; accelerate passes `set_epoch` on to it."""
+    of torch.randperm with a generator seeded by `seed` + epoch; then the `count` longest samples (the Trainer gives
+    per-device batch size x ranks x accumulation: the first optimizer step; ties: the earlier sample) are taken out of
+    it and put first, longest first. It is no RandomSampler, so that accelerate keeps it; accelerate passes
+    `set_epoch` on to it."""
 
     def __init__(self, lengths: Sequence[int], count: int, seed: int = 0):
         self.lengths, self.count, self.seed, self.epoch = [int(n) for n in lengths], count, seed, 0
