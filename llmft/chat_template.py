@@ -8,8 +8,12 @@ format of Qwen's chat models, and the ChatML special tokens are added to it (see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -71,7 +75,7 @@ CHATML_TEMPLATE = (
 DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<eos>", "</s>")
 
 
-def document_end_token(tokenizer) -> str | None:
+def document_end_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The token a plain-text (pre-training style) sample ends with: the first of DOCUMENT_END_TOKENS the tokenizer
     has, else its EOS. Looked up by name rather than read from `eos_token`, because a chat tokenizer's EOS is the
     end-of-turn token (Qwen2.5-Instruct ships `<|im_end|>`, and `llmft.model.load_training_tokenizer` sets it so)."""
@@ -85,7 +89,7 @@ def document_end_token(tokenizer) -> str | None:
 TEMPLATE_CHOICES = ("auto", "chatml", "tokenizer")
 
 
-def choose_chat_template(tokenizer, choice: str = "auto") -> str:
+def choose_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str = "auto") -> str:
     """The Jinja template a run renders with.
 
     auto: the tokenizer's own template when it has one, ChatML otherwise; chatml: always ChatML;
@@ -114,7 +118,7 @@ def uses_chatml(template: str) -> bool:
     return IM_START in template and IM_END in template
 
 
-def end_of_turn_token(tokenizer) -> str:
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     """The token that closes an assistant turn: the one generation must stop at.
 
     Found by rendering a one-turn conversation with a sentinel answer and reading the first special token after it,
@@ -140,7 +144,7 @@ class GenerationStops:
     pad_token_id: int
 
 
-def generation_stops(tokenizer, *configured_eos) -> GenerationStops:
+def generation_stops(tokenizer: PreTrainedTokenizerBase, *configured_eos: int | list[int] | None) -> GenerationStops:
     """The one stop-token policy, read by training's saved generation config (llmft.model), the tools' generation
     (llmft.inference) and tools/make_tiny_model.py alike.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 EXIT_USER_ERROR = 2  # the exit status of a run stopped by a user error (argparse's, too)
 # The exit status of a run that stopped on SIGTERM/SIGUSR1 after writing a checkpoint (llmft/preemption.py): resume it.
@@ -26,7 +28,7 @@ class LlmftError(Exception):
 class ConfigError(LlmftError):
     """One or more settings are invalid or contradict each other; all of them are listed at once."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid settings ({len(self.problems)}):\n{lines}")
@@ -36,11 +38,15 @@ class DataError(LlmftError):
     """A data file or one of its records cannot be used; the message names the file and the record."""
 
 
-def exit_on_user_error(main):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exit_on_user_error(main: Callable[P, R]) -> Callable[P, R]:
     """Decorator for a CLI entry: user errors become one `error: ...` line set on stderr and exit status 2."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return main(*args, **kwargs)
         except LlmftError as e:

@@ -40,8 +40,10 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -53,8 +55,11 @@ from llmft.quiet import without_unused_gptqmodel
 from llmft.saving import follow_umask
 
 if TYPE_CHECKING:
+    import argparse
+
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def inference_dtype(dtype: str, device: str):
+def inference_dtype(dtype: str, device: str) -> torch.dtype | str:
     """The dtype to load in: a named one, or for `auto` float32 on CPU (16-bit matmuls are slow or missing there)
     and the checkpoint's own dtype on a GPU."""
     if dtype not in DTYPE_CHOICES:
@@ -183,7 +188,7 @@ def parse_flag_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def add_trust_remote_code_flag(parser) -> None:
+def add_trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
     """The tools' `--trust_remote_code [True|False]`, off unless given, worded like finetune.py's."""
     parser.add_argument("--trust_remote_code", type=parse_flag_bool, nargs="?", const=True, default=False,
                         metavar="True|False",
@@ -191,7 +196,7 @@ def add_trust_remote_code_flag(parser) -> None:
 
 
 @contextlib.contextmanager
-def stdout_to_stderr():
+def stdout_to_stderr() -> Iterator[None]:
     """Send library chatter printed while loading (GPTQModel's banner and kernel choice) to stderr, keeping
     stdout for what a tool answers."""
     with contextlib.redirect_stdout(sys.stderr):
@@ -201,7 +206,8 @@ def stdout_to_stderr():
 # ---------------------------------------------------------------- generating
 
 
-def model_generation_stops(tokenizer, model=None) -> GenerationStops:
+def model_generation_stops(tokenizer: PreTrainedTokenizerBase,
+                           model: PreTrainedModel | PeftModel | None = None) -> GenerationStops:
     """`generation_stops` for this tokenizer and the eos ids the model's generation config and config name."""
     configured = []
     if model is not None:
@@ -210,12 +216,12 @@ def model_generation_stops(tokenizer, model=None) -> GenerationStops:
     return generation_stops(tokenizer, *configured)
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | PeftModel | None = None) -> list[int]:
     """Token ids generation stops at (`generation_stops`): the end-of-turn token first."""
     return model_generation_stops(tokenizer, model).eos_token_ids
 
 
-def set_generation_stops(model, tokenizer) -> None:
+def set_generation_stops(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the model's generation config stop where `generate_reply` does, and pad as it does."""
     stops = model_generation_stops(tokenizer, model)
     model.generation_config.eos_token_id = stops.eos_token_ids
@@ -230,8 +236,8 @@ class Reply:
 
 
 def generate_reply(
-    model,
-    tokenizer,
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],
     *,
     max_new_tokens: int = 512,
@@ -239,7 +245,7 @@ def generate_reply(
     top_p: float = 1.0,
     top_k: int = 0,
     repetition_penalty: float = 1.0,
-    streamer=None,
+    streamer: BaseStreamer | None = None,
     tools: list[dict] | None = None,
 ) -> Reply:
     """The assistant's answer to `messages` (role/content dicts), rendered with the tokenizer's chat template, with
@@ -293,7 +299,7 @@ def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
     return tools
 
 
-def require_tools_shown(tokenizer, tools: list[dict], flag: str = "--tools") -> None:
+def require_tools_shown(tokenizer: PreTrainedTokenizerBase, tools: list[dict], flag: str = "--tools") -> None:
     """Fail when the chat template leaves the tools out of the prompt (one that ignores `tools=`): the model would
     be asked to call functions it is never shown. Training refuses such data the same way."""
     from llmft.data.formats import tool_names
@@ -309,7 +315,8 @@ def require_tools_shown(tokenizer, tools: list[dict], flag: str = "--tools") -> 
 # ---------------------------------------------------------------- writing results
 
 
-def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs=()) -> None:
+def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir",
+                     inputs: Iterable[str | Path | None] = ()) -> None:
     """Fail before any work when `output_dir` cannot take a result: a non-empty folder without --overwrite_output_dir,
     a file, or one of the tool's own inputs (replacing it would destroy what is being read)."""
     output = Path(output_dir)
@@ -327,12 +334,12 @@ class Terminated(SystemExit):
     """Raised in the main thread when a SIGTERM arrives while a result is being written, so that the partial
     folder is removed on the way out; exits with the status a shell gives a process killed by SIGTERM."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(128 + signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def _sigterm_as(action):
+def _sigterm_as(action: Callable[[int, FrameType | None], object]) -> Iterator[None]:
     """Call `action(signum, frame)` on SIGTERM inside the block (main thread only: elsewhere signals cannot be
     handled, and the block runs unprotected), restoring the previous handler after."""
     if threading.current_thread() is not threading.main_thread():
@@ -345,12 +352,13 @@ def _sigterm_as(action):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_terminated(signum, frame):
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated()
 
 
 @contextlib.contextmanager
-def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs=()):
+def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir",
+                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield an empty hidden sibling of `output_dir` to write a result into; when the block completes it becomes
     `output_dir` (with `force`, replacing what was there only then), its files readable as the umask allows. On any
     error, an interrupt or a SIGTERM, the partial folder is removed and `output_dir` is left as it was; a SIGTERM

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from types import FrameType
 
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, PREEMPTION_SIGNALS
 
@@ -27,7 +28,7 @@ AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 FORWARDED: list[int] = []  # the signals passed on to the ranks, in order
 
 
-def forward_to_ranks(signum, frame) -> None:
+def forward_to_ranks(signum: int, frame: FrameType | None) -> None:
     """Pass a preemption signal on to this process's children: the ranks torchrun started (each in its own session,
     so that they are out of reach of a signal sent to the launcher's process group)."""
     import psutil

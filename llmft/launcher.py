@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from llmft.checkpoint import looks_like_path
 from llmft.errors import EXIT_USER_ERROR
@@ -256,7 +257,7 @@ def precision_args(capabilities: list[tuple[int, int]]) -> list[str]:
 # --- the options ----------------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 

@@ -32,11 +32,18 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
 from llmft.errors import EXIT_PREEMPTED, PREEMPTION_SIGNALS, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,7 @@ class Preempted(SystemExit):
     """Raised on every rank once a preemption checkpoint is on disk: the process exits with EXIT_PREEMPTED, without a
     traceback, and skips what would follow training (the final save of a run that has not finished)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int) -> None:
         super().__init__(EXIT_PREEMPTED)
         self.step = step
 
@@ -54,24 +61,26 @@ class PreemptionCallback(TrainerCallback):
     """Turn SIGTERM/SIGUSR1 into a checkpoint at the next optimizer-step boundary and an exit with EXIT_PREEMPTED,
     on all ranks together (see the module's docstring)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested: signal.Signals | None = None  # set by the signal handler, on this rank only
         self.stopped_at: int | None = None  # the step after which all ranks agreed to stop
         self._previous_handlers: dict[signal.Signals, object] = {}
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is None:
             self.requested = signal.Signals(signum)
             logger.warning("%s: stopping after this optimizer step, with a checkpoint", self.requested.name)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
         self.requested, self.stopped_at = None, None
         try:
             self._previous_handlers = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
         except ValueError:  # not the main thread (a notebook's worker thread): signals keep their usual effect
             self._previous_handlers = {}
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
         if not self._agreed(args):
             return
         self.stopped_at = state.global_step
@@ -79,12 +88,14 @@ class PreemptionCallback(TrainerCallback):
         control.should_training_stop = True
         control.should_evaluate = False  # the grace time before the kill goes to the checkpoint
 
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         if self.stopped_at is not None:  # the checkpoint of this step is written already; leave the epoch as it is
             control.should_save = False
             control.should_evaluate = False
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         if self.stopped_at is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's part of the checkpoint (ZeRO's optimizer shards) is on disk
         for sig, handler in self._previous_handlers.items():
@@ -98,7 +109,7 @@ class PreemptionCallback(TrainerCallback):
                            os.path.join(args.output_dir, f"checkpoint-{self.stopped_at}"), EXIT_PREEMPTED)
         raise Preempted(self.stopped_at)
 
-    def _agreed(self, args) -> bool:
+    def _agreed(self, args: TrainingArguments) -> bool:
         """Whether any rank has been asked to stop; the same answer on every rank."""
         requested = self.requested is not None
         if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -115,7 +126,7 @@ def exit_on_signal() -> Iterator[None]:
     the process at once, as their default action would, after one log line saying that no checkpoint was written.
     Also a decorator; the previous handlers come back after."""
 
-    def stop(signum, frame):
+    def stop(signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
         logger.warning("%s outside training (no step to finish): exiting now with status %d, without a checkpoint "
                        "of this step; start the run again, or resume it from its newest checkpoint, if it has one",
@@ -140,7 +151,7 @@ def signals_deferred(what: str) -> Iterator[None]:
     which a checkpoint may not hold); the log says when one came, and the previous handlers come back after."""
     received: list[signal.Signals] = []
 
-    def defer(signum, frame):
+    def defer(signum: int, frame: FrameType | None) -> None:
         received.append(signal.Signals(signum))
         logger.warning("%s during %s: finishing it first", received[-1].name, what)
 
@@ -174,7 +185,7 @@ TRAINING_SETTINGS = (
 IGNORED_SETTINGS = ("trust_remote_code", "preprocessing_num_workers")
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -189,7 +200,8 @@ def _data_file(path: str | None) -> dict | None:
     return {"path": os.path.abspath(path), "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
 
 
-def run_settings(model_args, data_args, lora_args, quant_args, training_args) -> dict:
+def run_settings(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                 quant_args: QuantizationArguments, training_args: TrainingArguments) -> dict:
     """The settings that define a run: model, data (each file's absolute path and size), LoRA, quantization, seed,
     batch and schedule. Two runs with the same settings train the same weights in the same order."""
     settings = {}
@@ -219,7 +231,8 @@ def read_run_settings(output_dir: str) -> dict | None:
     return record if isinstance(record, dict) and "fingerprint" in record else None
 
 
-def check_run_settings(model_args, data_args, lora_args, quant_args, training_args) -> dict:
+def check_run_settings(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                       quant_args: QuantizationArguments, training_args: TrainingArguments) -> dict:
     """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
     auto`, a ConfigError naming the settings that differ when the output folder holds another run."""
     settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
@@ -229,7 +242,7 @@ def check_run_settings(model_args, data_args, lora_args, quant_args, training_ar
     return record
 
 
-def record_run_settings(record: dict, training_args) -> None:
+def record_run_settings(record: dict, training_args: TrainingArguments) -> None:
     """Rank 0 writes `check_run_settings`' record into RUN_SETTINGS_FILE once training is about to start, so a run
     stopped earlier by a data or model error leaves the output folder as it was."""
     out = training_args.output_dir

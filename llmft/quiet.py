@@ -52,7 +52,7 @@ KNOWN_WARNINGS = (
 
 
 class _DropKnownNoise(logging.Filter):
-    def __init__(self, noise: tuple[KnownNoise, ...]):
+    def __init__(self, noise: tuple[KnownNoise, ...]) -> None:
         super().__init__()
         self.noise = noise
 

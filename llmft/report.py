@@ -23,6 +23,7 @@ import platform
 import resource
 import time
 from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
@@ -30,6 +31,9 @@ from transformers import TrainerCallback
 from llmft.data.render import IGNORE_INDEX
 from llmft.distributed import runs_on_several_ranks
 from llmft.preemption import read_run_settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def batch_token_counts(inputs: dict, pad_token_id: int | None) -> torch.Tensor |
 class TrainingReportCallback(TrainerCallback):
     """Counts tokens from the training micro-batches (a forward pre-hook on the model) and writes the report."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last report written
         self._step_counts = None  # this rank's, since the last finished step: a tensor on the batches' device
         self._pending: list[tuple[int, torch.Tensor]] = []  # (global step, this rank's counts), not yet summed
@@ -82,13 +86,15 @@ class TrainingReportCallback(TrainerCallback):
 
     # --- counting ---
 
-    def _count(self, module, args, kwargs):
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and torch.is_grad_enabled():
             counts = batch_token_counts(kwargs, self._pad_token_id)
             if counts is not None:
                 self._step_counts = counts if self._step_counts is None else self._step_counts + counts
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: torch.nn.Module | None = None,
+                       processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
         self._pad_token_id = getattr(processing_class, "pad_token_id", None)
         if model is not None and self._hook is None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
@@ -106,14 +112,15 @@ class TrainingReportCallback(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
         self._started = time.monotonic()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
         counts = self._step_counts
         if counts is None:
             counts = torch.zeros(len(COUNTS), dtype=torch.long, device=args.device)
         self._pending.append((state.global_step, counts.to(args.device)))
         self._step_counts = None
 
-    def _sum_pending(self, args) -> None:
+    def _sum_pending(self, args: TrainingArguments) -> None:
         """Fold the steps counted since the last report into the run's counts: one collective and one copy to the
         host per report, not per step. Every rank calls it."""
         if not self._pending:
@@ -131,17 +138,19 @@ class TrainingReportCallback(TrainerCallback):
 
     # --- writing ---
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         self._write(args, state, also_into=checkpoint if os.path.isdir(checkpoint) else None)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         self._write(args, state)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
-    def _write(self, args, state, also_into: str | None = None) -> None:
+    def _write(self, args: TrainingArguments, state: TrainerState, also_into: str | None = None) -> None:
         self._sum_pending(args)  # collectives: every rank takes part
         peak = _peak_memory(args)
         if not state.is_world_process_zero:
@@ -155,7 +164,7 @@ class TrainingReportCallback(TrainerCallback):
         except Exception as e:  # a report must never stop a run
             logger.warning("training report: no plot (%s)", e)
 
-    def report(self, args, state, peak_memory: int | None) -> dict:
+    def report(self, args: TrainingArguments, state: TrainerState, peak_memory: int | None) -> dict:
         session = time.monotonic() - self._started if self._started is not None else 0.0
         history = state.log_history
         train = [e["loss"] for e in history if "loss" in e]
@@ -217,7 +226,7 @@ def plot_report(report: dict, log_history: list[dict], path: str) -> None:
     os.replace(partial, path)
 
 
-def _peak_memory(args) -> int:
+def _peak_memory(args: TrainingArguments) -> int:
     if torch.cuda.is_available() and args.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(args.device)
     else:

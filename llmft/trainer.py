@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
+from typing import Any
 
 import torch
 import transformers
@@ -40,7 +41,8 @@ class PackingLoraPlusTrainer(transformers.Trainer):
     optimizer groups (`loraplus_lr_ratio`), llmft's callbacks (checkpoint file modes, the run report, preemption)
     ahead of the caller's, and FSDP on CPU ranks."""
 
-    def __init__(self, *args, packing: Packing | None = None, loraplus_lr_ratio: float | None = None, **kwargs):
+    def __init__(self, *args: Any, packing: Packing | None = None, loraplus_lr_ratio: float | None = None,
+                 **kwargs: Any) -> None:
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
@@ -59,7 +61,8 @@ class PackingLoraPlusTrainer(transformers.Trainer):
                 self.data_collator = padding_collator
         return self._token_budget_dataloader()
 
-    def _get_train_sampler(self, train_dataset=None):
+    def _get_train_sampler(self, train_dataset: torch.utils.data.Dataset | None = None
+                           ) -> torch.utils.data.Sampler | None:
         """transformers' sampler, except that its random order puts the longest samples in the first optimizer step
         (`LongestFirstSampler`: an out-of-memory shows in the first step; the whole step's worth, ranks x accumulation
         x batch size, so that the step holds the same samples however ranks and accumulation divide it). Lazy

@@ -17,11 +17,17 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, TextIO
 
 from llmft.data.dataset import RenderSettings
 from llmft.data.formats import ASSISTANT, TOOL, iter_raw_records, parse_record
 from llmft.data.render import IGNORE_INDEX, RenderedSample, fit_to_length, trained_turn_indices
 from llmft.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from llmft.data.formats import Conversation
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -132,7 +138,8 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_data(path: str, tokenizer, settings: RenderSettings, batch: BatchSettings, show: int = 0) -> CheckReport:
+def check_data(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, batch: BatchSettings,
+               show: int = 0) -> CheckReport:
     """The report on one file (see the module docstring); `show` keeps that many rendered samples for display."""
     report = CheckReport(path=path, max_length=settings.max_length, overlong=settings.overlong)
     first_copy: dict[str, int] = {}
@@ -187,7 +194,7 @@ def check_data(path: str, tokenizer, settings: RenderSettings, batch: BatchSetti
     return report
 
 
-def _count_turns(report: CheckReport, conversation, settings: RenderSettings) -> None:
+def _count_turns(report: CheckReport, conversation: Conversation, settings: RenderSettings) -> None:
     if conversation.is_plain_text:
         report.text_records += 1
         return
@@ -266,7 +273,8 @@ TRAINED_COLOUR, RESET = "\033[1;32m", "\033[0m"  # bold green
 TRAINED_MARKERS = ("[[", "]]")
 
 
-def show_samples(report: CheckReport, tokenizer, out=None, colour: bool | None = None) -> None:
+def show_samples(report: CheckReport, tokenizer: PreTrainedTokenizerBase, out: TextIO | None = None,
+                 colour: bool | None = None) -> None:
     """Print the kept samples with their trained tokens highlighted: bold green on a terminal, else between [[ ]]."""
     out = out or sys.stdout
     if colour is None:
@@ -293,6 +301,6 @@ def show_samples(report: CheckReport, tokenizer, out=None, colour: bool | None =
         print("".join(text), file=out)
 
 
-def _run_text(tokenizer, ids: list[int], trained: bool, start: str, end: str) -> str:
+def _run_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], trained: bool, start: str, end: str) -> str:
     text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return f"{start}{text}{end}" if trained else text

@@ -16,7 +16,9 @@ import json
 import logging
 import os
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -24,6 +26,13 @@ import torch
 from llmft.data.formats import check_data_file, iter_conversations, parse_record
 from llmft.data.render import IGNORE_INDEX, render_samples, sample_texts
 from llmft.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+    from llmft.args import DataArguments
+    from llmft.data.formats import Conversation
+    from llmft.data.render import RenderedSample
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +47,12 @@ class RenderSettings:
     train_turns: str = "all"
 
     @classmethod
-    def from_args(cls, data_args) -> "RenderSettings":
+    def from_args(cls, data_args: DataArguments) -> "RenderSettings":
         return cls(data_args.system_prompt, data_args.model_max_length, data_args.overlong_samples,
                    data_args.train_turns)
 
-    def render(self, conversation, tokenizer, *, cut: bool = True):
+    def render(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase, *,
+               cut: bool = True) -> list[RenderedSample | None]:
         """The conversation's samples under these settings (`cut=False`: at full length)."""
         return render_samples(conversation, tokenizer, default_system=self.default_system,
                               train_turns=self.train_turns, max_length=self.max_length if cut else None,
@@ -73,7 +83,9 @@ class DataStats:
                 f"{self.truncated} truncated, {self.dropped} dropped as over-long")
 
 
-def build_datasets(data_args, tokenizer, training_args):
+def build_datasets(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, training_args: TrainingArguments
+) -> tuple[datasets.Dataset | LazyConversationDataset, datasets.Dataset | LazyConversationDataset | None]:
     """(train, eval or None). Rank 0 prepares and caches; the other ranks then read its cache."""
     settings = RenderSettings.from_args(data_args)
     build = lazy_dataset if data_args.lazy_preprocess else eager_dataset
@@ -91,7 +103,7 @@ def build_datasets(data_args, tokenizer, training_args):
     return tuple(result)
 
 
-def data_fingerprint(path: str, tokenizer, settings: RenderSettings) -> str:
+def data_fingerprint(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings) -> str:
     """Identifies a rendering of one file: its size and mtime, the tokenizer's vocabulary and template, settings."""
     stat = os.stat(path)
     h = hashlib.sha256()
@@ -103,13 +115,14 @@ def data_fingerprint(path: str, tokenizer, settings: RenderSettings) -> str:
     return h.hexdigest()[:24]
 
 
-def _records(path: str, stamp: str):
+def _records(path: str, stamp: str) -> Iterator[dict[str, str]]:
     """Arrow rows of a file's conversations (`stamp` is only there to key the cache to the file's contents)."""
     for conversation in iter_conversations(path):
         yield {"record": json.dumps(conversation.to_record(), ensure_ascii=False)}
 
 
-def _render_batch(batch, tokenizer, settings: RenderSettings):
+def _render_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase,
+                  settings: RenderSettings) -> dict[str, list]:
     """One row per sample; `parts` is the number of samples a conversation became, on its first row (0 after)."""
     out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "parts": []}
     for raw in batch["record"]:
@@ -124,7 +137,8 @@ def _render_batch(batch, tokenizer, settings: RenderSettings):
     return out
 
 
-def eager_dataset(path: str, tokenizer, settings: RenderSettings, num_proc: int | None = None):
+def eager_dataset(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings,
+                  num_proc: int | None = None) -> tuple[datasets.Dataset, DataStats]:
     check_data_file(path)
     fingerprint = data_fingerprint(path, tokenizer, settings)
     stat = os.stat(path)
@@ -170,7 +184,7 @@ def _data_error_inside(error: BaseException) -> BaseException:
 class LazyConversationDataset(torch.utils.data.Dataset):
     """Samples rendered on access from a spooled JSONL copy of the validated records; see the module docstring."""
 
-    def __init__(self, path: str, tokenizer, settings: RenderSettings):
+    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings) -> None:
         self.tokenizer, self.settings = tokenizer, settings
         check_data_file(path)
         spool_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "llmft-lazy")
@@ -233,7 +247,8 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         return {"input_ids": sample.input_ids, "labels": sample.labels}
 
 
-def lazy_dataset(path: str, tokenizer, settings: RenderSettings, num_proc: int | None = None):
+def lazy_dataset(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings,
+                 num_proc: int | None = None) -> tuple[LazyConversationDataset, DataStats]:
     """(dataset, stats); lazy samples are rendered later, so only the sample count is known now."""
     dataset = LazyConversationDataset(path, tokenizer, settings)
     return dataset, dataset.stats

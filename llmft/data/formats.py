@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from llmft.errors import DataError
 
@@ -159,7 +159,11 @@ def iter_records(path: str) -> Iterator[tuple[int, str, object]]:
         yield index, where, record
 
 
-def iter_raw_records(path: str, on_bad_line=None) -> Iterator[tuple[int, int | None, str, object]]:
+BadLineHandler = Callable[[DataError, int, int], None]  # on_bad_line(error, record index, line number)
+
+
+def iter_raw_records(path: str,
+                     on_bad_line: BadLineHandler | None = None) -> Iterator[tuple[int, int | None, str, object]]:
     """(index, line or None, where, raw record) for every record. A JSONL line that is not UTF-8 or not JSON raises
     a DataError, unless `on_bad_line(error, index, line)` is given: then it is told and reading goes on (the line
     still takes its record index). A JSON list is parsed whole, so a malformed one always raises."""
@@ -203,7 +207,8 @@ def _decode(raw: bytes, path: str, where: str) -> str:
         raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start + skipped})") from None
 
 
-def _iter_jsonl(f, path: str, on_bad_line=None) -> Iterator[tuple[int, int, str, object]]:
+def _iter_jsonl(f: BinaryIO, path: str,
+                on_bad_line: BadLineHandler | None = None) -> Iterator[tuple[int, int, str, object]]:
     index = 0
     for line_no, raw in enumerate(f, start=1):
         try:
@@ -232,7 +237,7 @@ def _iter_jsonl(f, path: str, on_bad_line=None) -> Iterator[tuple[int, int, str,
 PRETTY_PRINT_SCAN = 16 << 20  # bytes read past a bad JSONL line to see whether a record continues on later lines
 
 
-def _spread_over_lines(f, line: str, line_no: int, error: json.JSONDecodeError) -> str | None:
+def _spread_over_lines(f: BinaryIO, line: str, line_no: int, error: json.JSONDecodeError) -> str | None:
     """Why a JSONL line that is cut short does not parse, when the reason is that its record goes on over the lines
     after it (pretty-printed JSON); None otherwise. Leaves `f` where it was."""
     if error.pos < len(line.rstrip()):
@@ -260,7 +265,7 @@ def _json_limit(error: BaseException) -> str:
     return str(error)
 
 
-def _iter_json_list(f, path: str) -> Iterator[tuple[int, None, str, object]]:
+def _iter_json_list(f: BinaryIO, path: str) -> Iterator[tuple[int, None, str, object]]:
     # The whole list is parsed at once: a JSON list cannot be split without parsing it. Use JSONL for files too
     # large for memory.
     text = _decode(f.read(), path, "file")

@@ -33,13 +33,21 @@ import bisect
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from llmft.args import DataArguments
+    from llmft.kernels import Kernels
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +98,8 @@ class Packing:
     window: int = 4096
 
     @classmethod
-    def from_args(cls, data_args, tokenizer, kernels) -> "Packing | None":
+    def from_args(cls, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase,
+                  kernels: Kernels) -> "Packing | None":
         if not data_args.packing:
             return None
         collator = PackedCollator(tokenizer.pad_token_id, pad_to=kernels.pad_packed_to)
@@ -127,7 +136,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, *, window: int = 4096, seed: int = 0,
                  num_epochs: int | None = None, max_batches: int | None = None, batches_multiple_of: int = 1,
-                 heaviest_first: int = 1):
+                 heaviest_first: int = 1) -> None:
         self.lengths = [int(n) for n in lengths]
         self.max_tokens, self.window, self.seed = max_tokens, window, seed
         self.heaviest_first = heaviest_first  # micro-batches moved to the front of every epoch
@@ -181,7 +190,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches(self.epoch)
 
     def unused_share(self) -> float:
@@ -221,7 +230,7 @@ class LongestFirstSampler(torch.utils.data.Sampler):
     it and put first, longest first. It is no RandomSampler, so that accelerate keeps it; accelerate passes
     `set_epoch` on to it."""
 
-    def __init__(self, lengths: Sequence[int], count: int, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], count: int, seed: int = 0) -> None:
         self.lengths, self.count, self.seed, self.epoch = [int(n) for n in lengths], count, seed, 0
         self.longest = sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i))[:count]
 
@@ -231,7 +240,7 @@ class LongestFirstSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         first = set(self.longest)
@@ -240,7 +249,7 @@ class LongestFirstSampler(torch.utils.data.Sampler):
         self.epoch += 1  # as SeedableRandomSampler does, for loaders that never call set_epoch
 
 
-def sample_lengths(dataset) -> list[int]:
+def sample_lengths(dataset: datasets.Dataset | torch.utils.data.Dataset) -> list[int]:
     """Token count of every sample of a rendered dataset (an Arrow dataset is read column-wise, without decoding)."""
     import datasets
 

@@ -34,11 +34,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmft.chat_template import document_end_token
 from llmft.data.formats import ASSISTANT, TOOL, Conversation, tool_names
 from llmft.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def trained_turn_indices(conversation: Conversation, train_turns: TrainTurns = "
 
 def render_samples(
     conversation: Conversation,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     default_system: str | None = None,
     train_turns: TrainTurns = "all",
@@ -112,7 +115,8 @@ def render_samples(
     return samples
 
 
-def render_conversation(conversation: Conversation, tokenizer, **options) -> RenderedSample | None:
+def render_conversation(conversation: Conversation, tokenizer: PreTrainedTokenizerBase,
+                        **options: Any) -> RenderedSample | None:
     """One sample of a conversation: its only one, or, when the template makes it several, the last, which holds the
     whole conversation as inference renders it at its last trained turn (for calibration and parity checks; training
     uses `render_samples`). Takes `render_samples`' options."""
@@ -137,7 +141,7 @@ def fit_to_length(sample: RenderedSample, max_length: int | None, overlong: Over
     return dataclasses.replace(sample, input_ids=sample.input_ids[:cut], labels=labels[:cut], truncated=True)
 
 
-def sample_texts(conversation: Conversation, tokenizer, *, default_system: str | None = None,
+def sample_texts(conversation: Conversation, tokenizer: PreTrainedTokenizerBase, *, default_system: str | None = None,
                  train_turns: TrainTurns = "all") -> list[SampleText]:
     """The conversation's samples as text segments, before tokenization (see the module docstring)."""
     messages = conversation.as_dicts(default_system)
@@ -254,7 +258,8 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def render_prompt(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
+def render_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase,
+                  tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation followed by the generation prompt: what a model answers at inference."""
     text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

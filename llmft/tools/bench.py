@@ -40,12 +40,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 
 import torch
 from transformers import TrainerCallback
 
 from llmft.checkpoint import model_folder
+
+if TYPE_CHECKING:
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedTokenizerBase,
+        Trainer,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
+    from llmft.preflight import MemoryEstimate
+    from llmft.trainer import PackingLoraPlusTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "tools" / "benchmark.py"  # what the launcher arm runs as its entry point, and each arm's process
@@ -126,16 +141,18 @@ class Meter(TrainerCallback):
     """Times the optimizer steps after `warmup` and counts what every forward pass computes: all tokens, and those
     that are not padding. Counters stay on the GPU until the end, so counting adds no synchronisation."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.start = self.real = self.computed = None
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: torch.nn.Module | None = None,
+                       processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
         pad = processing_class.pad_token_id
         self.real = torch.zeros((), dtype=torch.long, device=args.device)
         self.computed = torch.zeros((), dtype=torch.long, device=args.device)
 
-        def count(module, positional, named):
+        def count(module: torch.nn.Module, positional: tuple, named: dict) -> None:
             ids = named.get("input_ids", positional[0] if positional else None)
             if ids is not None and module.training:
                 self.real += (ids != pad).sum()
@@ -143,13 +160,15 @@ class Meter(TrainerCallback):
 
         model.register_forward_pre_hook(count, with_kwargs=True)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
         if state.global_step == self.warmup:
             _synchronize()
             self.start = time.perf_counter()
             self.at_start = (self.real.item(), self.computed.item())
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         _synchronize()
         self.seconds = time.perf_counter() - self.start
         self.steps = state.global_step - self.warmup
@@ -164,12 +183,13 @@ class Profile(TrainerCallback):
     that took the most GPU time and the share of the wall time the GPU spent in kernels (the rest is launch and host
     overhead: the GPU waits)."""
 
-    def __init__(self, warmup: int, steps: int):
+    def __init__(self, warmup: int, steps: int) -> None:
         if steps >= warmup:
             raise SystemExit(f"--profile {steps}: profile fewer steps than --warmup {warmup} (the first compiles)")
         self.warmup, self.steps, self.profiler = warmup - steps, steps, None
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
         if state.global_step == self.warmup and self.profiler is None:
             from torch.profiler import ProfilerActivity, profile
 
@@ -179,7 +199,8 @@ class Profile(TrainerCallback):
             self.profiler.__enter__()
             self.start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
         if self.profiler is not None and state.global_step == self.warmup + self.steps:
             _synchronize()
             wall = time.perf_counter() - self.start
@@ -199,7 +220,7 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def matmul_parameters(config) -> int:
+def matmul_parameters(config: PretrainedConfig) -> int:
     """Parameters that multiply each token: every projection of every layer, and the output head."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
@@ -214,7 +235,7 @@ def peak_flops() -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def report(meter: Meter, trainer, arm: str, label: str, adapters: bool) -> dict:
+def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool) -> dict:
     world = trainer.args.world_size
     tokens_per_s = meter.real_tokens / meter.seconds
     model_config = trainer.accelerator.unwrap_model(trainer.model).config
@@ -236,7 +257,7 @@ def report(meter: Meter, trainer, arm: str, label: str, adapters: bool) -> dict:
     }
 
 
-def memory_columns(estimate, peak_bytes: int | None = None) -> dict:
+def memory_columns(estimate: MemoryEstimate | None, peak_bytes: int | None = None) -> dict:
     """The preflight's estimate of peak allocated memory (llmft/preflight.py; None for the plain recipe, which does not
     run it) next to the measured peak allocated, and the estimate's error relative to the measurement, in %."""
     if peak_bytes is None and torch.cuda.is_available():
@@ -272,7 +293,8 @@ def is_true(value: str | None) -> bool:
 
 # --- the arms ------------------------------------------------------------------------------------------------------
 
-def run_llmft(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], profile: int = 0):
+def run_llmft(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str],
+              profile: int = 0) -> tuple[Meter, PackingLoraPlusTrainer | None]:
     from llmft.train import main as train
 
     meter = Meter(warmup)
@@ -286,7 +308,7 @@ def run_llmft(model: Path, data: Path, out: Path, steps: int, warmup: int, flags
 
 
 def run_plain(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], batch_size: int,
-              profile: int = 0):
+              profile: int = 0) -> tuple[Meter, Trainer]:
     """The plain Hugging Face recipe on the same samples (see the module docstring)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq
     from transformers import Trainer, TrainingArguments
@@ -344,7 +366,7 @@ def run_as_entry() -> None:
         emit(report(meter, trainer, "launcher", settings["label"], adapters), Path(settings["results"]))
 
 
-def run_worker(args, flags: list[str]) -> None:
+def run_worker(args: argparse.Namespace, flags: list[str]) -> None:
     model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
     out = args.workdir / f"out-{args.worker}-{args.label or 'run'}"
     if args.worker == "plain":
@@ -356,7 +378,8 @@ def run_worker(args, flags: list[str]) -> None:
         emit(report(meter, trainer, args.worker, args.label, is_true(flag_value(flags, "use_lora"))), args.results)
 
 
-def launcher_command(args, flags: list[str], model: Path, data: Path, results: Path, dry_run: bool = False):
+def launcher_command(args: argparse.Namespace, flags: list[str], model: Path, data: Path, results: Path,
+                     dry_run: bool = False) -> tuple[list[str], dict[str, str]]:
     out = args.workdir / f"out-launcher-{args.label or 'run'}"
     env = {**os.environ, "LLMFT_ENTRY": str(ENTRY), "PYTHON": sys.executable,
            BENCH_ENV: json.dumps({"warmup": args.warmup, "label": args.label, "results": str(results)})}
@@ -366,7 +389,7 @@ def launcher_command(args, flags: list[str], model: Path, data: Path, results: P
     return command, env
 
 
-def launcher_recipe(args, flags, model, data, results) -> list[str]:
+def launcher_recipe(args: argparse.Namespace, flags: list[str], model: Path, data: Path, results: Path) -> list[str]:
     """The finetune.py flags the launcher passes (from its --dry-run), without the paths and without DeepSpeed,
     which finetune.py in one process runs without: the launcher's recipe, for the finetune.py arm to run too."""
     import shlex
@@ -408,11 +431,11 @@ def run_arm(command: list[str], env: dict | None = None) -> None:
         raise
 
 
-def _exit_on_signal(signum, frame):
+def _exit_on_signal(signum: int, frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     if os.environ.get(BENCH_ENV):
         return run_as_entry()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 
 from llmft.errors import ConfigError, exit_on_user_error
@@ -38,6 +39,10 @@ from llmft.inference import (
     load_tools,
     require_tools_shown,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 RESET, EXIT = "/reset", "/exit"
 
@@ -70,7 +75,8 @@ def start_messages(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def chat_loop(model, tokenizer, *, system: str | None = None, tools: list[dict] | None = None, **sampling) -> None:
+def chat_loop(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, *, system: str | None = None,
+              tools: list[dict] | None = None, **sampling: float) -> None:
     """Read user turns from stdin until /exit or end of input; stream each reply to stdout. `tools` are shown to
     the model in every turn's prompt."""
     from transformers import TextStreamer

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 import transformers
@@ -37,7 +38,7 @@ from llmft.errors import ConfigError, exit_on_user_error
 EXIT_PROBLEMS = 1
 
 
-def _training_default(name: str):
+def _training_default(name: str) -> Any:
     """A transformers.TrainingArguments default, read from it rather than copied here."""
     return next(f.default for f in dataclasses.fields(transformers.TrainingArguments) if f.name == name)
 
@@ -59,7 +60,7 @@ class CheckArguments:
                       metadata={"help": "Training's seed: the shuffle --max_tokens_per_batch packs."})
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
     """(model, data, check) arguments; DATA may come first, for --data_path."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):

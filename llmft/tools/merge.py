@@ -35,6 +35,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 import torch
@@ -55,6 +56,10 @@ from llmft.inference import (
     staged_output_dir,
 )
 from llmft.saving import RUN_FILE, base_fingerprint
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger("merge_lora")
 
@@ -174,7 +179,8 @@ def _architecture_mismatch(recorded: dict, given: dict) -> list[str]:
             for key in ARCHITECTURE_KEYS if key in recorded and given.get(key) != recorded.get(key)]
 
 
-def parity_inputs(tokenizer, data_path: str | None = None, count: int = 4) -> list[list[int]]:
+def parity_inputs(tokenizer: PreTrainedTokenizerBase, data_path: str | None = None,
+                  count: int = 4) -> list[list[int]]:
     """Token ids of the conversations the parity check runs: the first `count` of `data_path`, else the built-in
     ones, rendered as training renders them."""
     if data_path:
@@ -192,7 +198,7 @@ def parity_inputs(tokenizer, data_path: str | None = None, count: int = 4) -> li
 
 
 @torch.inference_mode()
-def all_logits(model, inputs: list[list[int]]) -> list[torch.Tensor]:
+def all_logits(model: PreTrainedModel | PeftModel, inputs: list[list[int]]) -> list[torch.Tensor]:
     """Float32 CPU logits of each input, one forward pass per conversation (no padding to get wrong)."""
     device = next(model.parameters()).device
     return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in inputs]

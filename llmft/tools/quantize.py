@@ -36,6 +36,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 import torch
@@ -53,6 +54,12 @@ from llmft.inference import (
     staged_output_dir,
     stdout_to_stderr,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from llmft.data.formats import Conversation
 
 logger = logging.getLogger("run_gptq")
 
@@ -131,13 +138,15 @@ def validate(model_name_or_path: str, data_path: str, eval_data_path: str | None
         raise ConfigError(problems)
 
 
-def render_samples(conversations, tokenizer, max_len: int) -> list[RenderedSample]:
+def render_samples(conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase,
+                   max_len: int) -> list[RenderedSample]:
     """Rendered conversations cut to max_len tokens; those with nothing left to score are left out."""
     samples = [render_conversation(c, tokenizer, max_length=max_len, overlong="truncate") for c in conversations]
     return [s for s in samples if s is not None]
 
 
-def split_data(data_path: str, eval_data_path: str | None, settings: GptqSettings, eval_samples: int):
+def split_data(data_path: str, eval_data_path: str | None, settings: GptqSettings,
+               eval_samples: int) -> tuple[list[Conversation], list[Conversation]]:
     """(calibration conversations, evaluation conversations). Without eval_data_path the last eval_samples records
     of data_path are held out, and calibration takes the first num_samples of the rest."""
     conversations = load_conversations(data_path)
@@ -153,7 +162,7 @@ def split_data(data_path: str, eval_data_path: str | None, settings: GptqSetting
 
 
 @torch.inference_mode()
-def evaluate(model, samples: list[RenderedSample]) -> Evaluation:
+def evaluate(model: PreTrainedModel | PeftModel, samples: list[RenderedSample]) -> Evaluation:
     """Mean next-token cross-entropy over the trained (assistant) tokens of all samples, weighted by token."""
     total, tokens = 0.0, 0
     for sample in samples:
@@ -169,8 +178,8 @@ def evaluate(model, samples: list[RenderedSample]) -> Evaluation:
     return Evaluation(loss, math.exp(min(loss, 700.0)), tokens)  # exp overflows a float past ~709
 
 
-def quantize_with_gptqmodel(model_path: str, calibration: list[RenderedSample], settings: GptqSettings, out_dir,
-                            trust_remote_code: bool = False):
+def quantize_with_gptqmodel(model_path: str, calibration: list[RenderedSample], settings: GptqSettings,
+                            out_dir: str | Path, trust_remote_code: bool = False) -> None:
     """Quantize with GPTQModel and save into out_dir. GPTQModel prints its progress on stdout: sent to stderr.
     GPTQModel imports a model's own code (`auto_map`) even with trust_remote_code=False: callers check first
     (`require_model`)."""
