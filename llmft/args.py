@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
 
 import transformers
 from transformers import HfArgumentParser
@@ -203,7 +203,7 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "GiB per GPU to check the estimate against (default: the GPU's; none on CPU runs)."},
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         value = str(self.include_num_input_tokens_seen)
         value = {"true": "all", "false": "no"}.get(value.lower(), value)
         if value not in ("all", "non_padding", "no"):
@@ -263,7 +263,7 @@ def _unknown_argument_problems(unknown: list[str]) -> list[str]:
     return problems
 
 
-def _raise_config_error(message: str):
+def _raise_config_error(message: str) -> NoReturn:
     raise ConfigError([message])
 
 

@@ -54,7 +54,7 @@ class FolderError(ConfigError):
     """A model path or Hub id that cannot be used; each problem names the flag and the path. One problem reads as
     itself (`error: --base /x: no such directory`), several as a settings list."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str]) -> None:
         super().__init__(problems)
         if len(self.problems) == 1:
             self.args = (self.problems[0],)

@@ -89,7 +89,8 @@ LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")
 LORAPLUS_INCOMPATIBLE_OPTIM = ("galore", "apollo", "lomo")
 
 
-def _lora_variant_problems(lora_args, quant_args, training_args, quant_method) -> list[str]:
+def _lora_variant_problems(lora_args: LoraArguments, quant_args: QuantizationArguments,
+                           training_args: TrainingArguments | None, quant_method: str | None) -> list[str]:
     """DoRA, rsLoRA, PiSSA/OLoRA initialisation and LoRA+ against each other and against the base and sharding,
     as PEFT 0.21 supports them."""
     problems = []
@@ -146,7 +147,7 @@ REPORT_TO_PACKAGES = {"tensorboard": ("tensorboard", "is_tensorboard_available")
                                                                                          "is_wandb_available")}
 
 
-def _report_to_problems(training_args) -> list[str]:
+def _report_to_problems(training_args: TrainingArguments) -> list[str]:
     """A logging backend whose package is missing fails only when the Trainer is built, after the model has loaded."""
     import transformers.integrations as integrations
 
@@ -162,7 +163,7 @@ def _report_to_problems(training_args) -> list[str]:
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
 
 
-def _batching_problems(model_args, data_args) -> list[str]:
+def _batching_problems(model_args: ModelArguments, data_args: DataArguments) -> list[str]:
     problems = []
     attention = model_args.attn_implementation
     if data_args.packing and attention is not None and attention not in PACKING_ATTENTION:
@@ -189,7 +190,8 @@ def _batching_problems(model_args, data_args) -> list[str]:
     return problems
 
 
-def _training_problems(data_args, quant_args, training_args, quant_method) -> list[str]:
+def _training_problems(data_args: DataArguments, quant_args: QuantizationArguments, training_args: TrainingArguments,
+                       quant_method: str | None) -> list[str]:
     problems = []
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         problems.append("set --num_train_epochs or --max_steps to a positive value")
@@ -204,7 +206,7 @@ def _training_problems(data_args, quant_args, training_args, quant_method) -> li
     return problems + _number_problems(data_args, training_args) + _output_problems(training_args)
 
 
-def _number_problems(data_args, training_args) -> list[str]:
+def _number_problems(data_args: DataArguments, training_args: TrainingArguments) -> list[str]:
     """Values transformers accepts and fails on only later (a ZeroDivisionError, numpy's seed range) or trains
     nonsense with (a negative or NaN learning rate)."""
     import math
@@ -231,7 +233,8 @@ def _number_problems(data_args, training_args) -> list[str]:
     return problems
 
 
-def _fsdp_problems(lora_args, quant_args, training_args) -> list[str]:
+def _fsdp_problems(lora_args: LoraArguments, quant_args: QuantizationArguments,
+                   training_args: TrainingArguments) -> list[str]:
     """Settings that contradict --fsdp, or that would leave a final save that is not a complete checkpoint."""
     from transformers.training_args import ParallelMode
 
@@ -264,7 +267,7 @@ def _fsdp_problems(lora_args, quant_args, training_args) -> list[str]:
     return problems
 
 
-def _output_problems(training_args) -> list[str]:
+def _output_problems(training_args: TrainingArguments) -> list[str]:
     from llmft.preemption import RUN_SETTINGS_FILE
 
     out, resume = training_args.output_dir, training_args.resume_from_checkpoint

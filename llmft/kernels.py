@@ -88,7 +88,7 @@ def _packing_attention(cuda: bool) -> str:
     return "sdpa"
 
 
-def _check_packing_isolates(model_args) -> None:
+def _check_packing_isolates(model_args: ModelArguments) -> None:
     """Refuse packing for a model whose attention masks do not come from transformers' masking_utils."""
     import sys
 
