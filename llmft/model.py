@@ -113,7 +113,7 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, training_a
     return model
 
 
-def _prepare_quantized_base(model, plan):
+def _prepare_quantized_base(model: PreTrainedModel, plan: RunPlan) -> PreTrainedModel:
     """A quantized base made ready for adapter training: frozen, with gradient checkpointing as asked.
 
     PEFT's prepare_model_for_kbit_training also casts every weight that is not quantized (norms, embeddings, output
@@ -133,7 +133,7 @@ def _prepare_quantized_base(model, plan):
     return model
 
 
-def _stop_at_end_of_turn(model, tokenizer) -> None:
+def _stop_at_end_of_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """The generation config the run saves stops where the tools' generation does (`generation_stops`)."""
     stops = generation_stops(tokenizer, model.generation_config.eos_token_id, model.config.eos_token_id)
     model.generation_config.eos_token_id = stops.eos_token_ids
@@ -192,7 +192,7 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     return model
 
 
-def _lora_weights(model) -> dict:
+def _lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's lora_A / lora_B tensors as the adapter file names them, copied to the CPU."""
     from peft import get_peft_model_state_dict
 
@@ -231,11 +231,11 @@ def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
         save_file({**converted, **kept}, file, metadata={"format": "pt"})
 
 
-def _is_gptq(model) -> bool:
+def _is_gptq(model: PreTrainedModel) -> bool:
     return quant_method(model.config) == "gptq"
 
 
-def _quantized_linear_names(model) -> list[str]:
+def _quantized_linear_names(model: PreTrainedModel) -> list[str]:
     """Names (last component) of the GPTQ-packed linear layers, the output head excepted."""
     head = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -254,6 +254,6 @@ def embedding_module_names(model: torch.nn.Module) -> list[str]:
     return found
 
 
-def _ties_embeddings(model) -> bool:
+def _ties_embeddings(model: PreTrainedModel) -> bool:
     output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight

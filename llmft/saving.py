@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -36,7 +36,8 @@ from llmft.errors import LlmftError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase, Trainer
+    import transformers
+    from transformers import PreTrainedTokenizerBase, Trainer, TrainerControl, TrainerState
 
     from llmft.args import TrainingArguments
     from llmft.plan import RunPlan
@@ -127,7 +128,8 @@ class FollowUmaskCallback(TrainerCallback):
     """Make each checkpoint's files follow the umask as soon as it is saved (see `follow_umask`); the Trainer writes
     the weights of a checkpoint through safetensors, 0600 otherwise."""
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: transformers.TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
         if state.is_local_process_zero:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(checkpoint):
@@ -198,7 +200,7 @@ def check_adapter_complete(path: str, model: torch.nn.Module) -> None:
         )
 
 
-def _lora_shapes(model) -> dict[str, tuple[int, ...] | None]:
+def _lora_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...] | None]:
     """The adapter file's key for each trainable lora_A and lora_B weight, with the whole weight's shape (None where
     the model cannot tell it: FSDP1's flattened shards; llmft.distributed.whole_parameter_name_and_shape)."""
     adapter = getattr(model, "active_adapter", "default")

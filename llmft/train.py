@@ -20,6 +20,8 @@ SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preempt
 checkpoint). A signal during the final save waits for it to finish.
 """
 
+from __future__ import annotations
+
 import logging
 from collections.abc import Sequence
 
