@@ -163,7 +163,7 @@ class QuantizationArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """All of transformers' TrainingArguments, plus the output-directory guard they no longer carry, and two of
+    """All of transformers' TrainingArguments, plus the output-directory guard they no longer carry, and three of
     theirs declared so that the flags take every value transformers documents."""
 
     overwrite_output_dir: bool = field(
@@ -177,6 +177,12 @@ class TrainingArguments(transformers.TrainingArguments):
             "cross-entropy, which never materialises the vocabulary-wide logits, on CUDA when liger-kernel is "
             "installed; True: every Liger kernel (see --liger_kernel_config); False: none."
         },
+    )
+    liger_kernel_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "Which Liger kernels --use_liger_kernel True applies, as JSON, e.g. "
+                  "'{\"rms_norm\": true, \"swiglu\": false}' (transformers declares it a dict, which a flag cannot "
+                  "give)."},
     )
     trust_checkpoint_pickles: bool = field(
         default=False,
@@ -209,6 +215,15 @@ class TrainingArguments(transformers.TrainingArguments):
         if value not in ("all", "non_padding", "no"):
             raise ValueError(f"--include_num_input_tokens_seen {value}: use all, non_padding or no")
         self.include_num_input_tokens_seen = value
+        if isinstance(self.liger_kernel_config, str):
+            try:
+                config = json.loads(self.liger_kernel_config)
+            except ValueError as e:
+                raise ValueError(f"--liger_kernel_config {self.liger_kernel_config}: not JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"--liger_kernel_config {self.liger_kernel_config}: give a JSON object of kernel "
+                                 "names and true/false")
+            self.liger_kernel_config = config
         super().__post_init__()
 
 

@@ -566,3 +566,18 @@ def test_shipped_demo_config_with_overrides(tiny_chat_model, tmp_path, monkeypat
     assert (lora.use_lora, lora.lora_alpha, data_args.model_max_length, training.learning_rate) == (True, 32, 512, 3e-3)
     assert training.warmup_steps == 0.05  # a fraction of all steps: warmup_ratio is gone from transformers 5
     assert data_args.data_path == "examples/conversations.json"
+
+
+def test_liger_kernel_config_is_given_as_json(data, model_dir, tmp_path):
+    """transformers declares liger_kernel_config a dict, which its flag parser cannot fill from a command line."""
+    *_, training_args = parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data),
+                                    "--output_dir", str(tmp_path / "out"), "--use_liger_kernel", "True",
+                                    "--liger_kernel_config", '{"rms_norm": true, "swiglu": false}'])
+    assert training_args.liger_kernel_config == {"rms_norm": True, "swiglu": False}
+
+
+@pytest.mark.parametrize("value, says", [("{rms_norm: true}", "not JSON"), ('["rms_norm"]', "a JSON object")])
+def test_liger_kernel_config_that_is_not_a_json_object_is_named(data, model_dir, tmp_path, value, says):
+    problems = problems_of(["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "o",
+                            "--liger_kernel_config", value])
+    assert len(problems) == 1 and problems[0].startswith(f"--liger_kernel_config {value}: ") and says in problems[0]
