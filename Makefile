@@ -1,8 +1,8 @@
 # Set-up, tests and the offline demo. Everything installs into .venv from the repo's own pins.
 #   make demo   tiny model -> fine-tune -> merge -> quantize -> chat, offline, on CPU
 #   make test   the test suite (CPU; slow tests included)
-#   make lint   ruff's pycodestyle and pyflakes checks (ruff.toml); `pre-commit install` runs the same ruff on
-#               each commit's files (.pre-commit-config.yaml, pinned to requirements-dev.txt's ruff)
+#   make lint   ruff: the layout (`ruff format --check`) and the checks (ruff.toml); `pre-commit install` runs the
+#               same ruff on each commit's files (.pre-commit-config.yaml, pinned to requirements-dev.txt's ruff)
 #   make system-deps   Open MPI and a local Slurm cluster for the mpirun/sbatch tests (root, apt; .ci/run calls it)
 
 PYTHON ?= python3
@@ -47,8 +47,10 @@ system-deps:
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-# pycodestyle + pyflakes at 120 columns (ruff.toml); CI runs it before the tests
+# layout, pycodestyle, pyflakes and annotations at 120 columns (ruff.toml); CI runs it before the tests.
+# `ruff format .` writes the layout it checks.
 lint: install
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
 demo: install

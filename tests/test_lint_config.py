@@ -1,5 +1,5 @@
 """The pre-commit hook (.pre-commit-config.yaml) runs the ruff `make lint` runs: the version requirements-dev.txt
-pins, checking (not fixing or formatting), with the repository's ruff.toml."""
+pins, checking the layout and the rules (not fixing them), with the repository's ruff.toml."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def test_pre_commit_runs_the_pinned_ruff_check():
     (repo,) = [r for r in config["repos"] if "ruff" in r["repo"]]
     assert repo["repo"] == "https://github.com/astral-sh/ruff-pre-commit"
     assert repo["rev"] == f"v{pinned('requirements-dev.txt', 'ruff')}"
-    assert [hook["id"] for hook in repo["hooks"]] == ["ruff-check"]
-    assert all(not hook.get("args") for hook in repo["hooks"])  # ruff.toml decides, as for `make lint`
-    assert "$(VENV)/bin/ruff check ." in (REPO / "Makefile").read_text()
+    hooks = {hook["id"]: hook.get("args", []) for hook in repo["hooks"]}
+    assert hooks == {"ruff-format": ["--check"], "ruff-check": []}  # ruff.toml decides the rest, as for `make lint`
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(VENV)/bin/ruff format --check ." in makefile and "$(VENV)/bin/ruff check ." in makefile
