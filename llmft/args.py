@@ -30,8 +30,10 @@ class ModelArguments:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel: flash_attention_2, flex_attention, sdpa, eager, ... (default: chosen for "
-                  "packing, see llmft/kernels.py; without packing, transformers' choice)."},
+        metadata={
+            "help": "Attention kernel: flash_attention_2, flex_attention, sdpa, eager, ... (default: chosen for "
+            "packing, see llmft/kernels.py; without packing, transformers' choice)."
+        },
     )
     chat_template: str = field(
         default="auto",
@@ -92,8 +94,8 @@ class DataArguments:
     train_turns: Literal["all", "last"] = field(
         default="all",
         metadata={
-            "help": "Which assistant turns carry loss when a message does not say (its own \"train\": true/false or "
-            "\"loss_weight\": 1/0 decides otherwise): all of them, or only the last of each conversation."
+            "help": 'Which assistant turns carry loss when a message does not say (its own "train": true/false or '
+            '"loss_weight": 1/0 decides otherwise): all of them, or only the last of each conversation.'
         },
     )
 
@@ -105,8 +107,10 @@ class LoraArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(
         default=0.0,
-        metadata={"help": "Dropout on the LoRA input. Off by default, as in most LoRA recipes: on an H100 0.05 cost "
-                  "Q-LoRA a fifth of its throughput (README, Speed)."},
+        metadata={
+            "help": "Dropout on the LoRA input. Off by default, as in most LoRA recipes: on an H100 0.05 cost "
+            "Q-LoRA a fifth of its throughput (README, Speed)."
+        },
     )
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
@@ -122,9 +126,11 @@ class LoraArguments:
     )
     use_dora: bool = field(
         default=False,
-        metadata={"help": "DoRA: each adapted weight is split into a magnitude (a trained vector) and a direction "
-                  "(LoRA on top of the base). Costs some speed while training; merge_lora folds it into plain "
-                  "weights."},
+        metadata={
+            "help": "DoRA: each adapted weight is split into a magnitude (a trained vector) and a direction "
+            "(LoRA on top of the base). Costs some speed while training; merge_lora folds it into plain "
+            "weights."
+        },
     )
     use_rslora: bool = field(
         default=False, metadata={"help": "rsLoRA: scale the adapter by lora_alpha / sqrt(lora_r) instead of / lora_r."}
@@ -141,8 +147,10 @@ class LoraArguments:
     )
     loraplus_lr_ratio: float | None = field(
         default=None,
-        metadata={"help": "LoRA+: train the B matrices at this multiple of --learning_rate (the paper suggests 16); "
-                  "the optimizer is still the one --optim names."},
+        metadata={
+            "help": "LoRA+: train the B matrices at this multiple of --learning_rate (the paper suggests 16); "
+            "the optimizer is still the one --optim names."
+        },
     )
 
     @property
@@ -180,15 +188,19 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     liger_kernel_config: dict | str | None = field(
         default=None,
-        metadata={"help": "Which Liger kernels --use_liger_kernel True applies, as JSON, e.g. "
-                  "'{\"rms_norm\": true, \"swiglu\": false}' (transformers declares it a dict, which a flag cannot "
-                  "give)."},
+        metadata={
+            "help": "Which Liger kernels --use_liger_kernel True applies, as JSON, e.g. "
+            '\'{"rms_norm": true, "swiglu": false}\' (transformers declares it a dict, which a flag cannot '
+            "give)."
+        },
     )
     trust_checkpoint_pickles: bool = field(
         default=False,
-        metadata={"help": "Resume from a checkpoint even when its pickles import code that llmft, DeepSpeed and the "
-                  "Trainer never write there (llmft/checkpoint_pickles.py): DeepSpeed unpickles its files with "
-                  "weights_only=False, so only for a checkpoint from a source you trust."},
+        metadata={
+            "help": "Resume from a checkpoint even when its pickles import code that llmft, DeepSpeed and the "
+            "Trainer never write there (llmft/checkpoint_pickles.py): DeepSpeed unpickles its files with "
+            "weights_only=False, so only for a checkpoint from a source you trust."
+        },
     )
     include_num_input_tokens_seen: str = field(
         default="no",
@@ -196,13 +208,16 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     preflight: bool = field(
         default=True,
-        metadata={"help": "Before the weights load, estimate the memory per GPU (llmft/preflight.py), log it as a "
-                  "table, and stop with advice when it will not fit; False: log it and train anyway."},
+        metadata={
+            "help": "Before the weights load, estimate the memory per GPU (llmft/preflight.py), log it as a "
+            "table, and stop with advice when it will not fit; False: log it and train anyway."
+        },
     )
     preflight_only: bool = field(
         default=False,
-        metadata={"help": "Print the memory estimate and exit without loading weights or data (exit 2 when it does "
-                  "not fit)."},
+        metadata={
+            "help": "Print the memory estimate and exit without loading weights or data (exit 2 when it does not fit)."
+        },
     )
     preflight_gpu_memory: float | None = field(
         default=None,
@@ -221,8 +236,10 @@ class TrainingArguments(transformers.TrainingArguments):
             except ValueError as e:
                 raise ValueError(f"--liger_kernel_config {self.liger_kernel_config}: not JSON ({e})") from None
             if not isinstance(config, dict):
-                raise ValueError(f"--liger_kernel_config {self.liger_kernel_config}: give a JSON object of kernel "
-                                 "names and true/false")
+                raise ValueError(
+                    f"--liger_kernel_config {self.liger_kernel_config}: give a JSON object of kernel "
+                    "names and true/false"
+                )
             self.liger_kernel_config = config
         super().__post_init__()
 
@@ -230,8 +247,9 @@ class TrainingArguments(transformers.TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments,
-                                                     QuantizationArguments, TrainingArguments]:
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments]:
     """(model, data, lora, quant, training) arguments from a config file and flags, validated."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):

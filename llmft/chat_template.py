@@ -37,7 +37,7 @@ CHATML_TEMPLATE = (
     "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
     "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
@@ -110,8 +110,9 @@ def choose_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str = "auto
         with open(choice, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError([f"--chat_template {choice!r}: not one of {TEMPLATE_CHOICES} and not a readable file "
-                           f"({e.strerror})"]) from None
+        raise ConfigError(
+            [f"--chat_template {choice!r}: not one of {TEMPLATE_CHOICES} and not a readable file ({e.strerror})"]
+        ) from None
 
 
 def uses_chatml(template: str) -> bool:
@@ -128,13 +129,14 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
     )
-    after = text[text.find(sentinel) + len(sentinel):]
+    after = text[text.find(sentinel) + len(sentinel) :]
     for token in sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True):
         if token and after.lstrip(" ").startswith(token):
             return token
     if tokenizer.eos_token is None:
-        raise ConfigError(["the chat template closes assistant turns with no special token and the tokenizer has no "
-                           "EOS token"])
+        raise ConfigError(
+            ["the chat template closes assistant turns with no special token and the tokenizer has no EOS token"]
+        )
     return tokenizer.eos_token
 
 

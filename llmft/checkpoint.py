@@ -105,9 +105,11 @@ class ModelFolder:
         `llmft.model.embedding_module_names` asks the model): the size training grew the vocabulary to (padded to a
         multiple of 64), not the tokenizer's length. None when the adapter saved none of them."""
         names = set(module_names)
-        rows = [shape[0] for key, shape in self.adapter_shapes.items()
-                if "lora_" not in key and key.endswith(".weight") and len(shape) == 2
-                and key.rsplit(".", 2)[-2] in names]
+        rows = [
+            shape[0]
+            for key, shape in self.adapter_shapes.items()
+            if "lora_" not in key and key.endswith(".weight") and len(shape) == 2 and key.rsplit(".", 2)[-2] in names
+        ]
         return max(rows) if rows else None
 
     def remote_code_problem(self, what: str, *, trust_remote_code: bool) -> str | None:
@@ -116,11 +118,14 @@ class ModelFolder:
             return None
         refs = self.remote_code
         shown = ", ".join(refs[:3]) + (f" and {len(refs) - 3} more" if len(refs) > 3 else "")
-        return (f"{what} {self.name} ships its own Python code ({shown}), which would run when the model loads: "
-                f"llmft runs it only with {TRUST_REMOTE_CODE_FLAG}; pass that if you trust this model's code")
+        return (
+            f"{what} {self.name} ships its own Python code ({shown}), which would run when the model loads: "
+            f"llmft runs it only with {TRUST_REMOTE_CODE_FLAG}; pass that if you trust this model's code"
+        )
 
-    def problems(self, what: str = "--model_name_or_path", *, trust_remote_code: bool = False,
-                 adapter: bool = False) -> list[str]:
+    def problems(
+        self, what: str = "--model_name_or_path", *, trust_remote_code: bool = False, adapter: bool = False
+    ) -> list[str]:
         """Every reason this cannot be loaded as a model (or, with `adapter`, as a PEFT adapter too), each naming
         `what` and the path; empty when it can. Online, a Hub id not in the cache has none: loading fetches it."""
         where = f"{what} {self.name}"
@@ -132,11 +137,14 @@ class ModelFolder:
         if self.folder is not None and not self.is_model and not (adapter and self.is_adapter):
             if self.is_adapter and not adapter:
                 base = self.adapter_base or "the model it was trained on"
-                found.append(f"{where}: the directory holds a PEFT adapter ({ADAPTER_CONFIG}), not a model: give its "
-                             f"base ({base}), or merge the adapter into it first (llmft merge)")
+                found.append(
+                    f"{where}: the directory holds a PEFT adapter ({ADAPTER_CONFIG}), not a model: give its "
+                    f"base ({base}), or merge the adapter into it first (llmft merge)"
+                )
             elif adapter:
-                found.append(f"{where}: the directory holds no model (no {CONFIG}) and no adapter (no "
-                             f"{ADAPTER_CONFIG})")
+                found.append(
+                    f"{where}: the directory holds no model (no {CONFIG}) and no adapter (no {ADAPTER_CONFIG})"
+                )
             else:
                 found.append(f"{where}: the directory holds no model (no {CONFIG})")
         found += [f"{where}: {problem}" for problem in self.weight_problems]
@@ -150,8 +158,11 @@ def quant_method(config: Mapping | Any | None) -> str | None:
     when the weights are not stored quantized."""
     if config is None:
         return None
-    quantization = config.get("quantization_config") if isinstance(config, Mapping) else getattr(
-        config, "quantization_config", None)
+    quantization = (
+        config.get("quantization_config")
+        if isinstance(config, Mapping)
+        else getattr(config, "quantization_config", None)
+    )
     if isinstance(quantization, Mapping):
         method = quantization.get("quant_method")
     else:
@@ -177,8 +188,13 @@ def model_folder(name: str | os.PathLike) -> ModelFolder:
     return dataclasses.replace(folder, name=name)
 
 
-def require_model(name: str | os.PathLike, what: str = "--model_name_or_path", *, trust_remote_code: bool = False,
-                  adapter: bool = False) -> ModelFolder:
+def require_model(
+    name: str | os.PathLike,
+    what: str = "--model_name_or_path",
+    *,
+    trust_remote_code: bool = False,
+    adapter: bool = False,
+) -> ModelFolder:
     """`model_folder(name)`, or a FolderError listing every problem (`ModelFolder.problems`)."""
     folder = model_folder(name)
     problems = folder.problems(what, trust_remote_code=trust_remote_code, adapter=adapter)
@@ -187,15 +203,18 @@ def require_model(name: str | os.PathLike, what: str = "--model_name_or_path", *
     return folder
 
 
-def require_adapter(name: str | os.PathLike, what: str = "--adapter", *,
-                    trust_remote_code: bool = False) -> ModelFolder:
+def require_adapter(
+    name: str | os.PathLike, what: str = "--adapter", *, trust_remote_code: bool = False
+) -> ModelFolder:
     """A PEFT adapter folder that records its base, or an error naming `what` and the path."""
     folder = require_model(name, what, trust_remote_code=trust_remote_code, adapter=True)
     if not folder.is_adapter:
         raise LlmftError(f"{what} {folder.name}: not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
     if folder.adapter_base is None:
-        raise LlmftError(f"{what} {folder.name}: its {ADAPTER_CONFIG} names no base_model_name_or_path: pass the base "
-                         "model explicitly")
+        raise LlmftError(
+            f"{what} {folder.name}: its {ADAPTER_CONFIG} names no base_model_name_or_path: pass the base "
+            "model explicitly"
+        )
     return folder
 
 
@@ -293,8 +312,9 @@ def _read_folder(folder: str, is_hub_id: bool, signature: tuple) -> ModelFolder:
         if isinstance(header, str):
             weight_problems.append(header)
         elif name == ADAPTER_WEIGHTS:
-            adapter_shapes = {key: tuple(entry.get("shape") or ()) for key, entry in header.items()
-                              if key != "__metadata__"}
+            adapter_shapes = {
+                key: tuple(entry.get("shape") or ()) for key, entry in header.items() if key != "__metadata__"
+            }
     return ModelFolder(
         name=folder,
         folder=Path(folder),
@@ -361,6 +381,8 @@ def _safetensors_header(file: str | os.PathLike) -> dict | str:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             return f"{file} is not a readable safetensors file (tensor {name} has no data offsets)"
         if offsets[1] > data:
-            return (f"{file} is truncated: tensor {name} ends at byte {offsets[1]} of the data, the file holds "
-                    f"{data}; copy or download it again")
+            return (
+                f"{file} is truncated: tensor {name} ends at byte {offsets[1]} of the data, the file holds "
+                f"{data}; copy or download it again"
+            )
     return header

@@ -27,22 +27,24 @@ logger = logging.getLogger(__name__)
 # checkpoints of the tiny model on 2 CPU ranks under every shipped DeepSpeed config (zero2, zero3 with LoRA and full;
 # zero2_offload, zero3_offload; the Q-LoRA launcher's ZeRO-2) and FSDP (whose .bin files need none): classes built
 # from plain data, none of which runs anything when unpickled.
-ALLOWED_GLOBALS = frozenset({
-    # ZeRO optimizer state (stage_1_and_2.py / stage3.py state_dict): the loss scaler object, the stage as an enum,
-    # and ZeRO-2's per-parameter fragment addresses (a dataclass of two ints)
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    # what CreateLossScaler makes instead under --fp16 (the launchers' choice on GPUs before compute capability 8.0);
-    # not seen on CPU, which trains in fp32
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-    # the Trainer's rng_state*.pth: numpy's RNG state, as transformers' safe_globals() allows it (numpy 1 and 2)
-    "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray._reconstruct",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "numpy.dtypes.UInt32DType",
-})
+ALLOWED_GLOBALS = frozenset(
+    {
+        # ZeRO optimizer state (stage_1_and_2.py / stage3.py state_dict): the loss scaler object, the stage as an enum,
+        # and ZeRO-2's per-parameter fragment addresses (a dataclass of two ints)
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        # what CreateLossScaler makes instead under --fp16 (the launchers' choice on GPUs before compute capability
+        # 8.0); not seen on CPU, which trains in fp32
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        # the Trainer's rng_state*.pth: numpy's RNG state, as transformers' safe_globals() allows it (numpy 1 and 2)
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray._reconstruct",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.dtypes.UInt32DType",
+    }
+)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 # Written into a checkpoint but never read on resume (the Trainer's record of its arguments, which pickles classes of
 # transformers, accelerate and llmft).
@@ -83,8 +85,9 @@ def check_checkpoint_pickles(checkpoint: str, trust: bool = False) -> None:
     if trust:
         logger.warning("%s: resuming from %s without checking what its pickles import", TRUST_FLAG, checkpoint)
         return
-    problems = [f"{path}: {problem}" for path in checkpoint_pickles(checkpoint)
-                if (problem := pickle_problem(path)) is not None]
+    problems = [
+        f"{path}: {problem}" for path in checkpoint_pickles(checkpoint) if (problem := pickle_problem(path)) is not None
+    ]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise LlmftError(

@@ -20,8 +20,13 @@ if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
 
 
-def validate(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-             quant_args: QuantizationArguments, training_args: TrainingArguments | None) -> list[str]:
+def validate(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments | None,
+) -> list[str]:
     """Every problem with these settings, as messages naming the flags; empty when the run can start.
     `training_args` may be None (they failed their own checks): the other settings are still checked."""
     model = model_folder(model_args.model_name_or_path)
@@ -29,8 +34,9 @@ def validate(model_args: ModelArguments, data_args: DataArguments, lora_args: Lo
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
         if path is not None and os.path.isdir(path):
-            problems.append(f"--{flag} {path}: is a directory, not a data file (give the path of a .json or .jsonl "
-                            "file)")
+            problems.append(
+                f"--{flag} {path}: is a directory, not a data file (give the path of a .json or .jsonl file)"
+            )
         elif path is not None and not os.path.isfile(path):
             problems.append(f"--{flag} {path}: no such file")
     if data_args.model_max_length < 16:
@@ -49,11 +55,17 @@ def validate(model_args: ModelArguments, data_args: DataArguments, lora_args: Lo
             "--model_max_length %d is above the model's context of %d tokens (max_position_embeddings in its "
             "config.json): samples longer than %d tokens would train positions the model never learned; lower "
             "--model_max_length to %d, or extend the context with rope_scaling in the model's config",
-            data_args.model_max_length, context, context, context)
+            data_args.model_max_length,
+            context,
+            context,
+            context,
+        )
     problems += _batching_problems(model_args, data_args)
     if data_args.lazy_preprocess and data_args.overlong_samples == "drop":
-        problems.append("--lazy_preprocess tokenizes samples as they are used, so it cannot drop over-long ones: "
-                        "use --overlong_samples truncate, or eager preprocessing")
+        problems.append(
+            "--lazy_preprocess tokenizes samples as they are used, so it cannot drop over-long ones: "
+            "use --overlong_samples truncate, or eager preprocessing"
+        )
 
     if quant_args.q_lora and not lora_args.use_lora:
         problems.append("--q_lora True trains LoRA adapters on a quantized base: add --use_lora True")
@@ -68,13 +80,15 @@ def validate(model_args: ModelArguments, data_args: DataArguments, lora_args: Lo
     quant_method = model.quant_method
     if quant_method == "gptq":
         if not lora_args.use_lora:
-            problems.append("the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; "
-                            "add --use_lora True")
+            problems.append(
+                "the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; add --use_lora True"
+            )
         if quant_args.q_lora:
             problems.append("the base model is already GPTQ-quantized: --q_lora would quantize it again; drop --q_lora")
     elif quant_method is not None and (quant_args.q_lora or not lora_args.use_lora):
-        problems.append(f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora "
-                        "can train it")
+        problems.append(
+            f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it"
+        )
     problems += _lora_variant_problems(lora_args, quant_args, training_args, quant_method)
     if training_args is not None:
         problems += _report_to_problems(training_args)
@@ -89,8 +103,12 @@ LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")
 LORAPLUS_INCOMPATIBLE_OPTIM = ("galore", "apollo", "lomo")
 
 
-def _lora_variant_problems(lora_args: LoraArguments, quant_args: QuantizationArguments,
-                           training_args: TrainingArguments | None, quant_method: str | None) -> list[str]:
+def _lora_variant_problems(
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments | None,
+    quant_method: str | None,
+) -> list[str]:
     """DoRA, rsLoRA, PiSSA/OLoRA initialisation and LoRA+ against each other and against the base and sharding,
     as PEFT 0.21 supports them."""
     problems = []
@@ -100,51 +118,73 @@ def _lora_variant_problems(lora_args: LoraArguments, quant_args: QuantizationArg
         problems.append(f"--lora_init {init}: choose one of {', '.join(LORA_INITS)} (N a whole number of iterations)")
     ratio = lora_args.loraplus_lr_ratio
     if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
-        problems.append(f"--loraplus_lr_ratio {ratio}: must be a positive number (the B matrices' learning rate "
-                        "over A's)")
-    variants = [flag for flag, on in (("--use_dora True", lora_args.use_dora), ("--use_rslora True",
-                                      lora_args.use_rslora), (f"--lora_init {init}", init != "default"),
-                                      (f"--loraplus_lr_ratio {ratio}", ratio is not None)) if on]
+        problems.append(
+            f"--loraplus_lr_ratio {ratio}: must be a positive number (the B matrices' learning rate over A's)"
+        )
+    variants = [
+        flag
+        for flag, on in (
+            ("--use_dora True", lora_args.use_dora),
+            ("--use_rslora True", lora_args.use_rslora),
+            (f"--lora_init {init}", init != "default"),
+            (f"--loraplus_lr_ratio {ratio}", ratio is not None),
+        )
+        if on
+    ]
     if variants and not lora_args.use_lora:
         problems.append(f"{', '.join(variants)} configure LoRA adapters: add --use_lora True")
         return problems
     if lora_args.use_dora and quant_method == "gptq":
-        problems.append("--use_dora True on a GPTQ base: PEFT's LoRA layer for GPTQ weights does not implement DoRA "
-                        "(DoRA needs the dequantized weight's norms); train plain LoRA on it, or DoRA on the "
-                        "unquantized model (with --q_lora True if memory is short: PEFT supports DoRA on bitsandbytes)")
+        problems.append(
+            "--use_dora True on a GPTQ base: PEFT's LoRA layer for GPTQ weights does not implement DoRA "
+            "(DoRA needs the dequantized weight's norms); train plain LoRA on it, or DoRA on the "
+            "unquantized model (with --q_lora True if memory is short: PEFT supports DoRA on bitsandbytes)"
+        )
     if lora_args.changes_base_weights:
         name = "PiSSA" if init.startswith("pissa") else "OLoRA"
         if quant_method is not None:
-            problems.append(f"--lora_init {init} on a {quant_method}-quantized base: {name} decomposes the base's "
-                            "float weights and stores the residual back into them, which packed quantized weights "
-                            "cannot take; start from the unquantized model")
+            problems.append(
+                f"--lora_init {init} on a {quant_method}-quantized base: {name} decomposes the base's "
+                "float weights and stores the residual back into them, which packed quantized weights "
+                "cannot take; start from the unquantized model"
+            )
         elif quant_args.q_lora and init.startswith("pissa"):
-            problems.append(f"--lora_init {init} with --q_lora True: PEFT runs PiSSA's SVD only on float weights "
-                            "(bitsandbytes has already quantized them on load); train PiSSA on the bf16/fp16 base, "
-                            "or use --lora_init olora, which PEFT supports on a 4-/8-bit base")
+            problems.append(
+                f"--lora_init {init} with --q_lora True: PEFT runs PiSSA's SVD only on float weights "
+                "(bitsandbytes has already quantized them on load); train PiSSA on the bf16/fp16 base, "
+                "or use --lora_init olora, which PEFT supports on a 4-/8-bit base"
+            )
         if training_args is not None and shards_parameters(training_args):
-            problems.append(f"--lora_init {init} cannot be sharded with ZeRO-3 or FSDP: {name} needs each whole base "
-                            "weight where the adapter is created, and the final save compares the whole adapter "
-                            "with its starting point to convert it for the original base; use --deepspeed "
-                            "ds_configs/zero2.json or plain DDP")
+            problems.append(
+                f"--lora_init {init} cannot be sharded with ZeRO-3 or FSDP: {name} needs each whole base "
+                "weight where the adapter is created, and the final save compares the whole adapter "
+                "with its starting point to convert it for the original base; use --deepspeed "
+                "ds_configs/zero2.json or plain DDP"
+            )
     if ratio is not None and training_args is not None:
         optim = str(getattr(training_args.optim, "value", training_args.optim))
         if any(name in optim for name in LORAPLUS_INCOMPATIBLE_OPTIM):
-            problems.append(f"--loraplus_lr_ratio with --optim {optim}: that optimizer builds its own parameter "
-                            "groups, so LoRA+'s learning rate for the B matrices would be lost; choose an AdamW, "
-                            "Lion, SGD, ... optimizer")
+            problems.append(
+                f"--loraplus_lr_ratio with --optim {optim}: that optimizer builds its own parameter "
+                "groups, so LoRA+'s learning rate for the B matrices would be lost; choose an AdamW, "
+                "Lion, SGD, ... optimizer"
+            )
         ds_config = getattr(training_args, "hf_deepspeed_config", None)
         if training_args.deepspeed and ds_config is not None and "optimizer" in ds_config.config:
-            problems.append(f"--loraplus_lr_ratio with --deepspeed {training_args.deepspeed}: that config defines "
-                            "its own optimizer, which DeepSpeed builds over one group of all trainable weights, so "
-                            "the B matrices would not get their learning rate; use a config without an \"optimizer\" "
-                            "section (ds_configs/zero2.json, zero3.json), whose optimizer comes from --optim")
+            problems.append(
+                f"--loraplus_lr_ratio with --deepspeed {training_args.deepspeed}: that config defines "
+                "its own optimizer, which DeepSpeed builds over one group of all trainable weights, so "
+                'the B matrices would not get their learning rate; use a config without an "optimizer" '
+                "section (ds_configs/zero2.json, zero3.json), whose optimizer comes from --optim"
+            )
     return problems
 
 
 # --report_to backends llmft documents (README, Logging), with the package each needs
-REPORT_TO_PACKAGES = {"tensorboard": ("tensorboard", "is_tensorboard_available"), "wandb": ("wandb",
-                                                                                         "is_wandb_available")}
+REPORT_TO_PACKAGES = {
+    "tensorboard": ("tensorboard", "is_tensorboard_available"),
+    "wandb": ("wandb", "is_wandb_available"),
+}
 
 
 def _report_to_problems(training_args: TrainingArguments) -> list[str]:
@@ -155,8 +195,10 @@ def _report_to_problems(training_args: TrainingArguments) -> list[str]:
     for backend in training_args.report_to or []:
         package, available = REPORT_TO_PACKAGES.get(backend, (None, None))
         if package is not None and not getattr(integrations, available)():
-            problems.append(f"--report_to {backend}: the {package} package is not installed (pip install {package}; "
-                            "see README, Logging), or choose --report_to none")
+            problems.append(
+                f"--report_to {backend}: the {package} package is not installed (pip install {package}; "
+                "see README, Logging), or choose --report_to none"
+            )
     return problems
 
 
@@ -167,31 +209,44 @@ def _batching_problems(model_args: ModelArguments, data_args: DataArguments) -> 
     problems = []
     attention = model_args.attn_implementation
     if data_args.packing and attention is not None and attention not in PACKING_ATTENTION:
-        problems.append(f"--packing True keeps packed samples apart through transformers' attention masks, which "
-                        f"--attn_implementation {attention} does not use: choose one of "
-                        f"{', '.join(PACKING_ATTENTION)}, or --packing False")
+        problems.append(
+            f"--packing True keeps packed samples apart through transformers' attention masks, which "
+            f"--attn_implementation {attention} does not use: choose one of "
+            f"{', '.join(PACKING_ATTENTION)}, or --packing False"
+        )
     budget = data_args.max_tokens_per_batch
     if budget is not None and budget < 0:
-        problems.append("--max_tokens_per_batch must be positive (or 0: micro-batches of "
-                        "--per_device_train_batch_size samples)")
+        problems.append(
+            "--max_tokens_per_batch must be positive (or 0: micro-batches of --per_device_train_batch_size samples)"
+        )
     elif budget:
         if not data_args.packing:
-            problems.append("--max_tokens_per_batch needs --packing True: padded micro-batches would cost far more "
-                            "than their token budget")
+            problems.append(
+                "--max_tokens_per_batch needs --packing True: padded micro-batches would cost far more "
+                "than their token budget"
+            )
         if data_args.lazy_preprocess:
-            problems.append("--max_tokens_per_batch packs by sample length, which --lazy_preprocess only learns when "
-                            "a sample is used: use eager preprocessing, or --per_device_train_batch_size")
+            problems.append(
+                "--max_tokens_per_batch packs by sample length, which --lazy_preprocess only learns when "
+                "a sample is used: use eager preprocessing, or --per_device_train_batch_size"
+            )
         if budget < data_args.model_max_length:
-            problems.append(f"--max_tokens_per_batch {budget} is below --model_max_length "
-                            f"{data_args.model_max_length}: the longest samples would fit no micro-batch; raise it or "
-                            "lower --model_max_length")
+            problems.append(
+                f"--max_tokens_per_batch {budget} is below --model_max_length "
+                f"{data_args.model_max_length}: the longest samples would fit no micro-batch; raise it or "
+                "lower --model_max_length"
+            )
     if data_args.packing_window < 1:
         problems.append("--packing_window must be at least 1")
     return problems
 
 
-def _training_problems(data_args: DataArguments, quant_args: QuantizationArguments, training_args: TrainingArguments,
-                       quant_method: str | None) -> list[str]:
+def _training_problems(
+    data_args: DataArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments,
+    quant_method: str | None,
+) -> list[str]:
     problems = []
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         problems.append("set --num_train_epochs or --max_steps to a positive value")
@@ -200,9 +255,11 @@ def _training_problems(data_args: DataArguments, quant_args: QuantizationArgumen
     if training_args.fsdp_config is not None and not training_args.fsdp:
         problems.append("--fsdp_config is read only with --fsdp True")
     if quant_method == "gptq" and shards_parameters(training_args):
-        problems.append("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
-                        "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
-                        "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP")
+        problems.append(
+            "LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
+            "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
+            "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP"
+        )
     return problems + _number_problems(data_args, training_args) + _output_problems(training_args)
 
 
@@ -216,13 +273,15 @@ def _number_problems(data_args: DataArguments, training_args: TrainingArguments)
     if not (math.isfinite(lr) and lr >= 0):
         problems.append(f"--learning_rate {lr}: must be a finite number, 0 or more")
     if not data_args.max_tokens_per_batch and training_args.per_device_train_batch_size < 1:
-        problems.append(f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: must be at "
-                        "least 1")
+        problems.append(
+            f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: must be at least 1"
+        )
     if data_args.eval_data_path is not None and training_args.per_device_eval_batch_size < 1:
         problems.append(f"--per_device_eval_batch_size {training_args.per_device_eval_batch_size}: must be at least 1")
     if training_args.gradient_accumulation_steps < 1:
-        problems.append(f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps}: must be at "
-                        "least 1")
+        problems.append(
+            f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps}: must be at least 1"
+        )
     memory = training_args.preflight_gpu_memory
     if memory is not None and not (math.isfinite(memory) and memory > 0):
         problems.append(f"--preflight_gpu_memory {memory}: must be a positive number of GiB")
@@ -233,8 +292,9 @@ def _number_problems(data_args: DataArguments, training_args: TrainingArguments)
     return problems
 
 
-def _fsdp_problems(lora_args: LoraArguments, quant_args: QuantizationArguments,
-                   training_args: TrainingArguments) -> list[str]:
+def _fsdp_problems(
+    lora_args: LoraArguments, quant_args: QuantizationArguments, training_args: TrainingArguments
+) -> list[str]:
     """Settings that contradict --fsdp, or that would leave a final save that is not a complete checkpoint."""
     from transformers.training_args import ParallelMode
 
@@ -245,25 +305,35 @@ def _fsdp_problems(lora_args: LoraArguments, quant_args: QuantizationArguments,
     elif config.get("xla"):
         pass  # XLA FSDP runs in one process per host
     elif training_args.parallel_mode != ParallelMode.DISTRIBUTED:
-        problems.append("--fsdp shards the model over several processes: start them with torchrun, or with "
-                        "finetune/finetune_ds.sh or finetune_lora_ds.sh --fsdp fsdp")
+        problems.append(
+            "--fsdp shards the model over several processes: start them with torchrun, or with "
+            "finetune/finetune_ds.sh or finetune_lora_ds.sh --fsdp fsdp"
+        )
     if quant_args.q_lora:
-        problems.append("--q_lora cannot be combined with --fsdp: llmft quantizes the base with bitsandbytes on load, "
-                        "packed in uint8 and placed whole on each rank, which FSDP cannot shard; use DeepSpeed "
-                        "(finetune/finetune_qlora_ds.sh; --deepspeed zero3 shards the 4-bit weights)")
+        problems.append(
+            "--q_lora cannot be combined with --fsdp: llmft quantizes the base with bitsandbytes on load, "
+            "packed in uint8 and placed whole on each rank, which FSDP cannot shard; use DeepSpeed "
+            "(finetune/finetune_qlora_ds.sh; --deepspeed zero3 shards the 4-bit weights)"
+        )
     state_dict_type = (training_args.fsdp_plugin_args or {}).get("state_dict_type", "FULL_STATE_DICT")
     if state_dict_type != "FULL_STATE_DICT":
-        problems.append(f"--fsdp_config state_dict_type {state_dict_type}: the final save would write no weights "
-                        "(transformers saves a model under FSDP only from a FULL_STATE_DICT); use FULL_STATE_DICT, "
-                        "as ds_configs/fsdp.json does")
+        problems.append(
+            f"--fsdp_config state_dict_type {state_dict_type}: the final save would write no weights "
+            "(transformers saves a model under FSDP only from a FULL_STATE_DICT); use FULL_STATE_DICT, "
+            "as ds_configs/fsdp.json does"
+        )
     if str(config.get("activation_checkpointing", False)).lower() == "true":
         if training_args.gradient_checkpointing:
-            problems.append("--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both "
-                            "checkpoint activations: keep one (--gradient_checkpointing False to keep FSDP's)")
+            problems.append(
+                "--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both "
+                "checkpoint activations: keep one (--gradient_checkpointing False to keep FSDP's)"
+            )
         if lora_args.use_lora:
-            problems.append("--use_lora True with the --fsdp_config's activation_checkpointing would save an empty "
-                            "adapter (PEFT does not find LoRA layers inside FSDP's checkpoint wrappers): set it to "
-                            "false and use --gradient_checkpointing True")
+            problems.append(
+                "--use_lora True with the --fsdp_config's activation_checkpointing would save an empty "
+                "adapter (PEFT does not find LoRA layers inside FSDP's checkpoint wrappers): set it to "
+                "false and use --gradient_checkpointing True"
+            )
     return problems
 
 
@@ -282,8 +352,10 @@ def _output_problems(training_args: TrainingArguments) -> list[str]:
         return [f"--output_dir {out} cannot be written: no write permission on {existing}"]
     resuming = resume is not None and resume.lower() != "false"
     if resuming and training_args.overwrite_output_dir:
-        return ["--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
-                "choose one"]
+        return [
+            "--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
+            "choose one"
+        ]
     if resuming and resume.lower() == "auto":
         pass  # checkpoints of this same run, or a fresh start: llmft.preemption.record_run_settings tells which
     elif resuming and resume.lower() == "true":
@@ -300,8 +372,13 @@ def _output_problems(training_args: TrainingArguments) -> list[str]:
 
         if (problem := checkpoint_problem(resume)) is not None:
             return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]
-    elif (os.path.isdir(out) and set(os.listdir(out)) - {RUN_SETTINGS_FILE}  # all a run cut short early leaves
-          and not training_args.overwrite_output_dir):
-        return [f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
-                "--overwrite_output_dir True to train over it, or choose another directory"]
+    elif (
+        os.path.isdir(out)
+        and set(os.listdir(out)) - {RUN_SETTINGS_FILE}  # all a run cut short early leaves
+        and not training_args.overwrite_output_dir
+    ):
+        return [
+            f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
+            "--overwrite_output_dir True to train over it, or choose another directory"
+        ]
     return []

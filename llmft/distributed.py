@@ -81,17 +81,21 @@ def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]
     if training_args.deepspeed:
         config = getattr(training_args, "hf_deepspeed_config", None)
         stage = 3 if uses_zero3(training_args) else (config.get_value("zero_optimization.stage", 0) if config else 0)
-        offloaded = tuple(what for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
-                          if config is not None
-                          and str(config.get_value(f"zero_optimization.{key}.device", "none")).lower() != "none")
+        offloaded = tuple(
+            what
+            for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+            if config is not None and str(config.get_value(f"zero_optimization.{key}.device", "none")).lower() != "none"
+        )
         return f"zero{stage}", offloaded
     if training_args.fsdp:
         from transformers.training_args import FSDPOption
 
         # transformers turns the `offload` option into fsdp_config's cpu_offload, which may also be set there itself
         options = training_args.fsdp if isinstance(training_args.fsdp, (list, tuple)) else ()  # True: the bare switch
-        offload = (FSDPOption.OFFLOAD in options
-                   or str((training_args.fsdp_config or {}).get("cpu_offload", False)).lower() == "true")
+        offload = (
+            FSDPOption.OFFLOAD in options
+            or str((training_args.fsdp_config or {}).get("cpu_offload", False)).lower() == "true"
+        )
         return "fsdp", ("optimizer", "parameters") if offload else ()
     return ("ddp" if training_args.world_size > 1 else "none"), ()
 
@@ -137,8 +141,7 @@ def dataloader_order_options(training_args: TrainingArguments) -> dict:
 
 def runs_on_several_ranks(training_args: TrainingArguments) -> bool:
     """Whether collectives have other ranks to reach: more than one process, with the process group started."""
-    return (training_args.world_size > 1 and torch.distributed.is_available()
-            and torch.distributed.is_initialized())
+    return training_args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 # Wrappers whose names PyTorch puts into a wrapped module's parameter names (FSDP1, activation checkpointing).
@@ -190,16 +193,19 @@ def enable_fsdp_on_cpu_ranks(accelerator: Accelerator, training_args: TrainingAr
             f"--fsdp on CPU ranks: accelerate {version} is installed, and llmft turns FSDP on for CPU processes (which "
             f"accelerate itself never does) by patching accelerate's private state, checked only on accelerate "
             f"{FSDP_ON_CPU_CHECKED_ACCELERATE.removeprefix('==')}; install accelerate==1.15.0 (requirements.txt), "
-            "run FSDP on GPUs, or use --deepspeed on CPU ranks")
+            "run FSDP on GPUs, or use --deepspeed on CPU ranks"
+        )
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**training_args.fsdp_plugin_args)
     if state.mixed_precision != "no":  # as accelerate does for the plugins it enables itself
         state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if AcceleratorState().distributed_type != DistributedType.FSDP:  # what training constructs again
-        raise LlmftError(f"--fsdp on CPU ranks: accelerate {version} did not keep FSDP turned on after llmft's patch "
-                         "of its state, and the run would train as plain DDP; run FSDP on GPUs, or use --deepspeed "
-                         "on CPU ranks")
+        raise LlmftError(
+            f"--fsdp on CPU ranks: accelerate {version} did not keep FSDP turned on after llmft's patch "
+            "of its state, and the run would train as plain DDP; run FSDP on GPUs, or use --deepspeed "
+            "on CPU ranks"
+        )
     if training_args.should_log:
         logger.warning("FSDP%d on %d CPU ranks over gloo", state.fsdp_plugin.fsdp_version, state.num_processes)
     return True

@@ -91,8 +91,9 @@ def inference_dtype(dtype: str, device: str) -> torch.dtype | str:
     return torch.float32 if device == "cpu" else "auto"
 
 
-def load_tokenizer(path: str | Path, base: str | Path | None = None, *,
-                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | Path, base: str | Path | None = None, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path`, else the one of `base`; ChatML when it has no chat template."""
     from transformers import AutoTokenizer
 
@@ -107,27 +108,39 @@ def load_tokenizer(path: str | Path, base: str | Path | None = None, *,
     return tokenizer
 
 
-def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | None = None, what: str = "model",
-               trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    what: str = "model",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
     """A causal LM from a model folder or hub id (a GPTQ checkpoint included), in eval mode."""
     from transformers import AutoModelForCausalLM
 
     folder = require_model(path, what, trust_remote_code=trust_remote_code)
     try:
         with stdout_to_stderr():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device} if device else None,
-                                                         trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map={"": device} if device else None, trust_remote_code=trust_remote_code
+            )
     except OSError as e:
         if not folder.is_hub_id:
             raise  # a local folder that fails to load is a bug or a broken file, with a traceback worth keeping
-        raise LlmftError(f"{what} {path}: not a local folder, and it could not be fetched as a hub model ({e})") \
-            from None
+        raise LlmftError(
+            f"{what} {path}: not a local folder, and it could not be fetched as a hub model ({e})"
+        ) from None
     return model.eval()
 
 
 def load_adapter_model(
-    adapter_dir: str | Path, *, base: str | Path | None = None, dtype: str | torch.dtype = "auto",
-    device: str | None = None, trust_remote_code: bool = False,
+    adapter_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> PeftModel:
     """Base model + adapter, unmerged (a PeftModel in eval mode). `base` overrides the adapter's recorded base.
 
@@ -156,8 +169,14 @@ def load_adapter_model(
     return model.eval()
 
 
-def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto", what: str = "--model",
-                       trust_remote_code: bool = False) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+def load_for_inference(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    what: str = "--model",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for any result: an adapter folder, a GPTQ checkpoint, or a plain model folder. `what`
     names the path in errors (the flag it came from)."""
     device = resolve_device(device)
@@ -190,9 +209,15 @@ def parse_flag_bool(value: str) -> bool:
 
 def add_trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
     """The tools' `--trust_remote_code [True|False]`, off unless given, worded like finetune.py's."""
-    parser.add_argument("--trust_remote_code", type=parse_flag_bool, nargs="?", const=True, default=False,
-                        metavar="True|False",
-                        help="run Python code shipped with the model (auto_map in its config); off unless you trust it")
+    parser.add_argument(
+        "--trust_remote_code",
+        type=parse_flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="True|False",
+        help="run Python code shipped with the model (auto_map in its config); off unless you trust it",
+    )
 
 
 @contextlib.contextmanager
@@ -206,8 +231,9 @@ def stdout_to_stderr() -> Iterator[None]:
 # ---------------------------------------------------------------- generating
 
 
-def model_generation_stops(tokenizer: PreTrainedTokenizerBase,
-                           model: PreTrainedModel | PeftModel | None = None) -> GenerationStops:
+def model_generation_stops(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | PeftModel | None = None
+) -> GenerationStops:
     """`generation_stops` for this tokenizer and the eos ids the model's generation config and config name."""
     configured = []
     if model is not None:
@@ -272,7 +298,7 @@ def generate_reply(
             streamer=streamer,
             **sampling,
         )
-    new_ids = output[0, len(prompt):].tolist()
+    new_ids = output[0, len(prompt) :].tolist()
     finished = bool(new_ids) and new_ids[-1] in stops.eos_token_ids
     if finished:
         new_ids = new_ids[:-1]
@@ -304,19 +330,23 @@ def require_tools_shown(tokenizer: PreTrainedTokenizerBase, tools: list[dict], f
     be asked to call functions it is never shown. Training refuses such data the same way."""
     from llmft.data.formats import tool_names
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tools=tools, tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "?"}], tools=tools, tokenize=False, add_generation_prompt=True
+    )
     hidden = [name for name in tool_names(tools) if name not in text]
     if hidden:
-        raise LlmftError(f"{flag}: the model's chat template does not show the tools ({', '.join(map(repr, hidden))})"
-                         " in the prompt: it ignores tools=, so this model was not trained to call them")
+        raise LlmftError(
+            f"{flag}: the model's chat template does not show the tools ({', '.join(map(repr, hidden))})"
+            " in the prompt: it ignores tools=, so this model was not trained to call them"
+        )
 
 
 # ---------------------------------------------------------------- writing results
 
 
-def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir",
-                     inputs: Iterable[str | Path | None] = ()) -> None:
+def check_output_dir(
+    output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs: Iterable[str | Path | None] = ()
+) -> None:
     """Fail before any work when `output_dir` cannot take a result: a non-empty folder without --overwrite_output_dir,
     a file, or one of the tool's own inputs (replacing it would destroy what is being read)."""
     output = Path(output_dir)
@@ -326,8 +356,9 @@ def check_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--outp
         if source is not None and os.path.exists(source) and output.exists() and output.samefile(source):
             raise LlmftError(f"{flag} {output} is also an input of this command: choose another folder")
     if output.is_dir() and any(output.iterdir()) and not force:
-        raise LlmftError(f"{flag} {output} is not empty: choose a new folder, or pass --overwrite_output_dir True "
-                         "to replace it")
+        raise LlmftError(
+            f"{flag} {output} is not empty: choose a new folder, or pass --overwrite_output_dir True to replace it"
+        )
 
 
 class Terminated(SystemExit):
@@ -357,8 +388,9 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
 
 
 @contextlib.contextmanager
-def staged_output_dir(output_dir: str | Path, *, force: bool, flag: str = "--output_dir",
-                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+def staged_output_dir(
+    output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
     """Yield an empty hidden sibling of `output_dir` to write a result into; when the block completes it becomes
     `output_dir` (with `force`, replacing what was there only then), its files readable as the umask allows. On any
     error, an interrupt or a SIGTERM, the partial folder is removed and `output_dir` is left as it was; a SIGTERM

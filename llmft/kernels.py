@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 # Liger's fused output head + loss, and none of its other kernels: on an H200 it made full fine-tuning of a 1.5B shape
 # 4.5% faster and cut its peak memory from 38.0 to 13.8 GiB (README, Speed); the others were not measured here
-FUSED_LOSS_ONLY = MappingProxyType({"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
-                                    "rms_norm": False, "swiglu": False})
+FUSED_LOSS_ONLY = MappingProxyType(
+    {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False, "rms_norm": False, "swiglu": False}
+)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ class Kernels:
         return f"attention {attention}{' (packed samples kept apart)' if packing else ''}; Liger {liger}"
 
 
-def choose_kernels(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-                   sharded: bool) -> Kernels:
+def choose_kernels(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, sharded: bool
+) -> Kernels:
     """The kernels of this run (see the module docstring); `sharded`: whether each rank holds only a shard of every
     parameter (the plan's sharding is zero3 or fsdp). Reads the arguments and changes none of them."""
     cuda = torch.cuda.is_available() and not training_args.use_cpu
@@ -65,8 +67,12 @@ def choose_kernels(model_args: ModelArguments, data_args: DataArguments, trainin
     if data_args.packing:
         _check_packing_isolates(model_args)
     if attention == "flex_attention" and not cuda:
-        raise ConfigError(["--attn_implementation flex_attention trains on CUDA only (PyTorch's flex attention has "
-                           "no backward pass on CPU): use sdpa or eager"])
+        raise ConfigError(
+            [
+                "--attn_implementation flex_attention trains on CUDA only (PyTorch's flex attention has "
+                "no backward pass on CPU): use sdpa or eager"
+            ]
+        )
     pad_to = (data_args.max_tokens_per_batch or None) if attention == "flex_attention" else None
 
     liger, config = training_args.use_liger_kernel, training_args.liger_kernel_config
@@ -108,5 +114,9 @@ def _check_packing_isolates(model_args: ModelArguments) -> None:
     module = sys.modules.get(model_class.__module__) if model_class is not None else None
     if module is None or not hasattr(module, "create_causal_mask"):
         what = "the model's remote code" if remote else f"model type {model_type!r}"
-        raise ConfigError([f"--packing True: {what} does not build its attention masks with transformers' "
-                           "masking_utils, so packed samples could attend to each other; use --packing False"])
+        raise ConfigError(
+            [
+                f"--packing True: {what} does not build its attention masks with transformers' "
+                "masking_utils, so packed samples could attend to each other; use --packing False"
+            ]
+        )

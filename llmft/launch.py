@@ -39,8 +39,12 @@ def forward_to_ranks(signum: int, frame: FrameType | None) -> None:
             child.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
-    print(f"llmft: {signal.Signals(signum).name}: asked the ranks to stop after their next optimizer step, with a "
-          "checkpoint", file=sys.stderr, flush=True)
+    print(
+        f"llmft: {signal.Signals(signum).name}: asked the ranks to stop after their next optimizer step, with a "
+        "checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,18 +65,23 @@ def main(argv: list[str] | None = None) -> None:
         # Once the ranks have written the checkpoint, one that exits first may have the others torn down by signal
         # (a negative exit code); any other status is a failure of its own.
         if EXIT_PREEMPTED in codes and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
-            print(f"llmft: preempted: the ranks wrote a checkpoint and stopped (exit status {EXIT_PREEMPTED}); "
-                  "resume with --resume_from_checkpoint True or auto", file=sys.stderr)
+            print(
+                f"llmft: preempted: the ranks wrote a checkpoint and stopped (exit status {EXIT_PREEMPTED}); "
+                "resume with --resume_from_checkpoint True or auto",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_PREEMPTED)
         if FORWARDED and all(-code in FORWARDED for code in codes):
             name = signal.Signals(-first.exitcode).name
-            print(f"llmft: {name} came before the ranks were training: they stopped without a checkpoint (exit "
-                  f"status {128 - first.exitcode})", file=sys.stderr)
+            print(
+                f"llmft: {name} came before the ranks were training: they stopped without a checkpoint (exit "
+                f"status {128 - first.exitcode})",
+                file=sys.stderr,
+            )
             sys.exit(128 - first.exitcode)
         if first.exitcode != EXIT_USER_ERROR:
             raise
-        print(f"llmft: stopped, rank {rank} reported the error above (exit status {EXIT_USER_ERROR})",
-              file=sys.stderr)
+        print(f"llmft: stopped, rank {rank} reported the error above (exit status {EXIT_USER_ERROR})", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 

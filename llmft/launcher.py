@@ -32,28 +32,44 @@ DS_CONFIG_PREFIX, FSDP_CONFIG_PREFIX = "zero", "fsdp"
 # Schedule, regularisation, checkpointing and logging shared by every recipe. The last occurrence of an argument
 # wins (argparse), so a launcher's recipe overrides these and the user's arguments after '--' override both.
 SHARED_RECIPE = (
-    "--num_train_epochs", "3",
-    "--lr_scheduler_type", "cosine",
-    "--warmup_steps", "0.01",
-    "--weight_decay", "0.1",
-    "--adam_beta2", "0.95",
-    "--gradient_checkpointing", "True",
-    "--save_strategy", "steps",
-    "--save_steps", "500",
-    "--logging_steps", "10",
-    "--report_to", "none",
+    "--num_train_epochs",
+    "3",
+    "--lr_scheduler_type",
+    "cosine",
+    "--warmup_steps",
+    "0.01",
+    "--weight_decay",
+    "0.1",
+    "--adam_beta2",
+    "0.95",
+    "--gradient_checkpointing",
+    "True",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "500",
+    "--logging_steps",
+    "10",
+    "--report_to",
+    "none",
 )
 
 # The adapter recipe of the LoRA and Q-LoRA launchers (one GPU or many; Q-LoRA adds --q_lora True to it).
 # Micro-batches of up to 16,384 packed tokens (about 40 chat samples of a few hundred tokens) keep the GPU busy where
 # a count of 2 samples left it idle; --max_tokens_per_batch 0 goes back to --per_device_train_batch_size samples.
 ADAPTER_RECIPE = (
-    "--use_lora", "True",
-    "--model_max_length", "2048",
-    "--max_tokens_per_batch", "16384",
-    "--gradient_accumulation_steps", "1",
-    "--learning_rate", "3e-4",
-    "--save_total_limit", "3",
+    "--use_lora",
+    "True",
+    "--model_max_length",
+    "2048",
+    "--max_tokens_per_batch",
+    "16384",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "3e-4",
+    "--save_total_limit",
+    "3",
 )
 
 # Why ds_configs/fsdp.json says what it says (JSON has no comments); --help prints this on the launchers with --fsdp.
@@ -94,9 +110,22 @@ Example:
   finetune/finetune_ds.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json --fsdp fsdp
   NNODES=2 NODE_RANK=0 MASTER_ADDR=node1 finetune/finetune_ds.sh -m ... -d ...   # on node1; NODE_RANK=1 on node2
 """,
-        distributed=True, ds_config="zero3", output_dir="output_full",
-        recipe=("--model_max_length", "2048", "--max_tokens_per_batch", "8192", "--gradient_accumulation_steps", "2",
-                "--learning_rate", "1e-5", "--save_total_limit", "2")),
+        distributed=True,
+        ds_config="zero3",
+        output_dir="output_full",
+        recipe=(
+            "--model_max_length",
+            "2048",
+            "--max_tokens_per_batch",
+            "8192",
+            "--gradient_accumulation_steps",
+            "2",
+            "--learning_rate",
+            "1e-5",
+            "--save_total_limit",
+            "2",
+        ),
+    ),
     "finetune_lora_ds.sh": Launcher(
         usage="""\
 Usage: finetune/finetune_lora_ds.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
@@ -108,7 +137,11 @@ Example:
   finetune/finetune_lora_ds.sh -m Qwen/Qwen2.5-72B-Instruct -d examples/conversations.json --deepspeed zero3
   finetune/finetune_lora_ds.sh -m Qwen/Qwen2.5-72B-Instruct -d examples/conversations.json --fsdp fsdp
 """,
-        distributed=True, ds_config="zero2", output_dir="output_lora", recipe=ADAPTER_RECIPE),
+        distributed=True,
+        ds_config="zero2",
+        output_dir="output_lora",
+        recipe=ADAPTER_RECIPE,
+    ),
     "finetune_qlora_ds.sh": Launcher(
         usage="""\
 Usage: finetune/finetune_qlora_ds.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
@@ -118,8 +151,12 @@ Q-LoRA fine-tuning on one or more nodes with DeepSpeed ZeRO: a LoRA adapter trai
 Example:
   finetune/finetune_qlora_ds.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json -o output_qlora
 """,
-        distributed=True, ds_config="zero2", output_dir="output_qlora", recipe=(*ADAPTER_RECIPE, "--q_lora", "True"),
-        no_fsdp="the 4-bit base is placed whole on each rank, which FSDP cannot shard (--deepspeed zero3 shards it)"),
+        distributed=True,
+        ds_config="zero2",
+        output_dir="output_qlora",
+        recipe=(*ADAPTER_RECIPE, "--q_lora", "True"),
+        no_fsdp="the 4-bit base is placed whole on each rank, which FSDP cannot shard (--deepspeed zero3 shards it)",
+    ),
     "finetune_lora_single_gpu.sh": Launcher(
         usage="""\
 Usage: finetune/finetune_lora_single_gpu.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
@@ -130,7 +167,11 @@ Example:
   finetune/finetune_lora_single_gpu.sh -m Qwen/Qwen2.5-1.5B-Instruct -d examples/conversations.json \\
       -- --num_train_epochs 1
 """,
-        distributed=False, ds_config="", output_dir="output_lora", recipe=ADAPTER_RECIPE),
+        distributed=False,
+        ds_config="",
+        output_dir="output_lora",
+        recipe=ADAPTER_RECIPE,
+    ),
     "finetune_qlora_single_gpu.sh": Launcher(
         usage="""\
 Usage: finetune/finetune_qlora_single_gpu.sh -m MODEL -d DATA [options] [-- finetune.py arguments...]
@@ -140,12 +181,22 @@ base loaded in 4-bit NF4. No DeepSpeed unless --deepspeed is given.
 Example:
   finetune/finetune_qlora_single_gpu.sh -m Qwen/Qwen2.5-7B-Instruct -d examples/conversations.json -o output_qlora
 """,
-        distributed=False, ds_config="", output_dir="output_qlora", recipe=(*ADAPTER_RECIPE, "--q_lora", "True")),
+        distributed=False,
+        ds_config="",
+        output_dir="output_qlora",
+        recipe=(*ADAPTER_RECIPE, "--q_lora", "True"),
+    ),
 }
 
 # The node's MPI rank is not a training rank: kept from the ranks torchrun starts, which get their own.
-MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                      "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_RANK", "PMI_SIZE")
+MPI_RANK_VARIABLES = (
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "PMI_RANK",
+    "PMI_SIZE",
+)
 BOOLEANS = {"1": True, "true": True, "0": False, "false": False}
 RESUME_WORDS = ("auto", "true", "false")
 
@@ -155,6 +206,7 @@ class UsageError(Exception):
 
 
 # --- the environment ----------------------------------------------------------------------------------------------
+
 
 def env_value(environ: dict, *names: str, default: str | None = None) -> str | None:
     """The first of `names` set to a non-empty value (as bash's ${A:-${B:-default}} reads them)."""
@@ -196,8 +248,12 @@ def read_environment(environ: dict) -> NodeEnvironment:
     use_cpu = env_value(environ, "USE_CPU")
     if use_cpu is not None and use_cpu.lower() not in BOOLEANS:
         problems.append(f"USE_CPU must be 1, 0, true or false, got {use_cpu!r}")
-    gpus = integer(problems, "GPUS_PER_NODE" if environ.get("GPUS_PER_NODE") else "NPROC_PER_NODE",
-                   env_value(environ, "GPUS_PER_NODE", "NPROC_PER_NODE"), 1)
+    gpus = integer(
+        problems,
+        "GPUS_PER_NODE" if environ.get("GPUS_PER_NODE") else "NPROC_PER_NODE",
+        env_value(environ, "GPUS_PER_NODE", "NPROC_PER_NODE"),
+        1,
+    )
     nnodes_name = next((n for n in ("NNODES", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE") if environ.get(n)), "NNODES")
     nnodes = integer(problems, nnodes_name, environ.get(nnodes_name, "1") or "1", 1)
     rank_name = next((n for n in ("NODE_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if environ.get(n)), "NODE_RANK")
@@ -214,18 +270,27 @@ def read_environment(environ: dict) -> NodeEnvironment:
     if problems:
         raise UsageError("; ".join(problems))
     return NodeEnvironment(
-        use_cpu=None if use_cpu is None else BOOLEANS[use_cpu.lower()], gpus_per_node=gpus, nnodes=nnodes,
-        node_rank=node_rank, master_addr=env_value(environ, "MASTER_ADDR"), master_port=port, resume=resume,
-        hostfile=hostfile, python=env_value(environ, "PYTHON", default="python"),
-        entry=env_value(environ, "LLMFT_ENTRY", default=str(ROOT / "finetune.py")))
+        use_cpu=None if use_cpu is None else BOOLEANS[use_cpu.lower()],
+        gpus_per_node=gpus,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=env_value(environ, "MASTER_ADDR"),
+        master_port=port,
+        resume=resume,
+        hostfile=hostfile,
+        python=env_value(environ, "PYTHON", default="python"),
+        entry=env_value(environ, "LLMFT_ENTRY", default=str(ROOT / "finetune.py")),
+    )
 
 
 # --- the devices ----------------------------------------------------------------------------------------------------
 
 # Run by PYTHON, the interpreter with torch: this module needs only the standard library, so a bad option or
 # variable is refused before anything heavy starts.
-GPU_QUERY = ("import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) "
-             "for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []))")
+GPU_QUERY = (
+    "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) "
+    "for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []))"
+)
 
 
 def visible_gpu_capabilities(python: str, environ: dict) -> list[tuple[int, int]]:
@@ -255,6 +320,7 @@ def precision_args(capabilities: list[tuple[int, int]]) -> list[str]:
 
 
 # --- the options ----------------------------------------------------------------------------------------------------
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -294,7 +360,7 @@ def parse_options(launcher: Launcher, argv: list[str], environ: dict) -> argpars
     """The launcher's own options (everything before '--'); `passthrough` is what follows '--'. With --fsdp, the
     DeepSpeed config is dropped: FSDP replaces it."""
     split = argv.index("--") if "--" in argv else len(argv)
-    own, passthrough = argv[:split], argv[split + 1:]
+    own, passthrough = argv[:split], argv[split + 1 :]
     for i, arg in enumerate(own):
         if arg in VALUE_OPTIONS and i + 1 == len(own):
             raise UsageError(f"option '{arg}' needs a value")
@@ -321,8 +387,10 @@ def parse_options(launcher: Launcher, argv: list[str], environ: dict) -> argpars
         if options.deepspeed:
             raise UsageError("--deepspeed and --fsdp both given: each shards the model its own way; choose one")
         if not launcher.distributed:
-            raise UsageError("--fsdp shards the model over several ranks, and this launcher runs one process: use "
-                             "finetune/finetune_ds.sh or finetune/finetune_lora_ds.sh")
+            raise UsageError(
+                "--fsdp shards the model over several ranks, and this launcher runs one process: use "
+                "finetune/finetune_ds.sh or finetune/finetune_lora_ds.sh"
+            )
         if launcher.no_fsdp:
             raise UsageError(f"--fsdp is not available with this launcher: {launcher.no_fsdp}")
         options.fsdp = resolve_config(FSDP_CONFIG_PREFIX, "FSDP", options.fsdp)
@@ -347,6 +415,7 @@ def wrap_flag_pairs(args: tuple[str, ...] | list[str], width: int = 108) -> str:
 
 def help_text(launcher: Launcher, environ: dict) -> str:
     """--help: the launcher's usage, then options, recipe and environment printed from the values it runs with."""
+
     def env(name: str, default: str = "") -> str:
         return environ.get(name) or default
 
@@ -354,14 +423,16 @@ def help_text(launcher: Launcher, environ: dict) -> str:
     if launcher.distributed and launcher.no_fsdp:
         fsdp = f"      --fsdp CONFIG        not with this launcher:\n                           {launcher.no_fsdp}\n"
     elif launcher.distributed:
-        fsdp = ("      --fsdp CONFIG        FSDP instead of DeepSpeed (see FSDP below): a JSON for --fsdp_config,\n"
-                f"                           a path or a name in ds_configs/ ({shipped_configs(FSDP_CONFIG_PREFIX)})\n")
+        fsdp = (
+            "      --fsdp CONFIG        FSDP instead of DeepSpeed (see FSDP below): a JSON for --fsdp_config,\n"
+            f"                           a path or a name in ds_configs/ ({shipped_configs(FSDP_CONFIG_PREFIX)})\n"
+        )
     text = f"""{launcher.usage}
 Options:
   -m, --model MODEL        base model: a local folder or a Hugging Face hub id (env MODEL)
   -d, --data PATH          training data, JSON or JSONL conversations (env DATA)
   -o, --output DIR         where checkpoints and the final model go (default: {launcher.output_dir})
-      --deepspeed CONFIG   DeepSpeed JSON: a path, or a name in ds_configs/ (default: {launcher.ds_config or 'none'})
+      --deepspeed CONFIG   DeepSpeed JSON: a path, or a name in ds_configs/ (default: {launcher.ds_config or "none"})
 {fsdp}  -n, --dry-run            print the command that would run, and exit
   -h, --help               show this text
 Everything after '--' goes to finetune.py unchanged and overrides the recipe below, e.g.
@@ -377,22 +448,22 @@ Environment (current value after '='):
         nnodes = env_value(environ, "NNODES", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default="1")
         node_rank = env_value(environ, "NODE_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", default="0")
         text += f"""\
-  GPUS_PER_NODE={env('GPUS_PER_NODE')}  ranks per node; default: the visible GPUs, or on CPU NPROC_PER_NODE (else 1)
-  NNODES={nnodes} NODE_RANK={node_rank} MASTER_ADDR={env('MASTER_ADDR', 'localhost')} \
-MASTER_PORT={env('MASTER_PORT', '6001')}
+  GPUS_PER_NODE={env("GPUS_PER_NODE")}  ranks per node; default: the visible GPUs, or on CPU NPROC_PER_NODE (else 1)
+  NNODES={nnodes} NODE_RANK={node_rank} MASTER_ADDR={env("MASTER_ADDR", "localhost")} \
+MASTER_PORT={env("MASTER_PORT", "6001")}
       run this launcher once per node; NNODES and NODE_RANK default to mpirun's OMPI_COMM_WORLD_SIZE/RANK or
       PMI_SIZE/RANK when present (mpirun -npernode 1 ...); for Slurm see finetune/slurm_finetune.sbatch
-  HOSTFILE={env('HOSTFILE')}  set: start all nodes from this one with 'deepspeed --hostfile HOSTFILE' (pdsh over
+  HOSTFILE={env("HOSTFILE")}  set: start all nodes from this one with 'deepspeed --hostfile HOSTFILE' (pdsh over
       passwordless ssh; lines like 'node1 slots=8'); MASTER_ADDR defaults to its first host. The nodes then run
       DeepSpeed's launcher, not llmft.launch: a rank's failure is reported as DeepSpeed and pdsh report it (with
       tracebacks; exit statuses 2 and 75 are not guaranteed), and SIGTERM/SIGUSR1 are not passed on to the ranks
 """
     text += f"""\
-  USE_CPU={env('USE_CPU')}  1 (or true): train on CPU ranks over gloo in fp32 (DeepSpeed's CPU accelerator, or FSDP2);
+  USE_CPU={env("USE_CPU")}  1 (or true): train on CPU ranks over gloo in fp32 (DeepSpeed's CPU accelerator, or FSDP2);
       the default when no GPU is visible (PYTHON's torch finds none, or CUDA_VISIBLE_DEVICES is empty); 0 (or
       false): GPUs only
-  PYTHON={env('PYTHON', 'python')}  the interpreter with llmft's requirements
-  RESUME={env('RESUME')}  set: --resume_from_checkpoint RESUME; auto resumes the run in the output folder when it is
+  PYTHON={env("PYTHON", "python")}  the interpreter with llmft's requirements
+  RESUME={env("RESUME")}  set: --resume_from_checkpoint RESUME; auto resumes the run in the output folder when it is
       this same run (its recorded settings match), starts fresh in an empty one, refuses another run; the Slurm
       script sets it, so a requeued job continues. SIGTERM or SIGUSR1 stops the run after its next optimizer step
       with a checkpoint, exit status 75
@@ -403,6 +474,7 @@ MASTER_PORT={env('MASTER_PORT', '6001')}
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
+
 
 def first_host(hostfile: str) -> str | None:
     """The first host of a DeepSpeed hostfile ('node1 slots=8' lines, '#' comments)."""
@@ -437,8 +509,9 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
         environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
         capabilities, gpus = [], node.gpus_per_node or 1
     elif not capabilities:
-        raise UsageError("USE_CPU is false but no GPU is visible (CUDA_VISIBLE_DEVICES, torch.cuda); USE_CPU=1 "
-                         "trains on CPU")
+        raise UsageError(
+            "USE_CPU is false but no GPU is visible (CUDA_VISIBLE_DEVICES, torch.cuda); USE_CPU=1 trains on CPU"
+        )
     else:
         gpus = node.gpus_per_node or len(capabilities)
     if not launcher.distributed:
@@ -448,8 +521,17 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
             environ["CUDA_VISIBLE_DEVICES"] = (environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
             capabilities = capabilities[:1]
 
-    args = ["--model_name_or_path", options.model, "--data_path", options.data, "--output_dir", options.output,
-            *SHARED_RECIPE, *launcher.recipe, *precision_args(capabilities)]
+    args = [
+        "--model_name_or_path",
+        options.model,
+        "--data_path",
+        options.data,
+        "--output_dir",
+        options.output,
+        *SHARED_RECIPE,
+        *launcher.recipe,
+        *precision_args(capabilities),
+    ]
     if options.fsdp:
         args += ["--fsdp", "True", "--fsdp_config", options.fsdp]
     elif options.deepspeed:
@@ -469,14 +551,41 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
         # DeepSpeed's MPI and Slurm launchers set only MPI's variables, which transformers does not read: under MPI
         # or Slurm, run one launcher per node instead (mpirun -npernode 1 ..., slurm_finetune.sbatch).
         master_addr = node.master_addr or first_host(node.hostfile) or "localhost"
-        command = [node.python, "-m", "deepspeed.launcher.runner", "--hostfile", node.hostfile, "--launcher", "pdsh",
-                   "--no_local_rank", "--master_addr", master_addr, "--master_port", str(node.master_port),
-                   node.entry, *args]
+        command = [
+            node.python,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            node.hostfile,
+            "--launcher",
+            "pdsh",
+            "--no_local_rank",
+            "--master_addr",
+            master_addr,
+            "--master_port",
+            str(node.master_port),
+            node.entry,
+            *args,
+        ]
         where = f"nodes and ranks from {node.hostfile}"
     else:
-        command = [node.python, "-m", "llmft.launch", "--nproc_per_node", str(gpus), "--nnodes", str(node.nnodes),
-                   "--node_rank", str(node.node_rank), "--master_addr", master_addr,
-                   "--master_port", str(node.master_port), node.entry, *args]
+        command = [
+            node.python,
+            "-m",
+            "llmft.launch",
+            "--nproc_per_node",
+            str(gpus),
+            "--nnodes",
+            str(node.nnodes),
+            "--node_rank",
+            str(node.node_rank),
+            "--master_addr",
+            master_addr,
+            "--master_port",
+            str(node.master_port),
+            node.entry,
+            *args,
+        ]
     if use_cpu:
         where += ", on CPU in fp32 (gloo between ranks)"
     return Launch(command, environ, where, options.dry_run)

@@ -17,11 +17,15 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from llmft.chat_template import (IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops,
-                                 uses_chatml)
+from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops, uses_chatml
 from llmft.checkpoint import quant_method
 from llmft.distributed import init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
@@ -36,8 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_training_tokenizer(model_args: ModelArguments,
-                            data_args: DataArguments) -> tuple[PreTrainedTokenizerBase, list[str]]:
+def load_training_tokenizer(
+    model_args: ModelArguments, data_args: DataArguments
+) -> tuple[PreTrainedTokenizerBase, list[str]]:
     """(tokenizer, added tokens): the run's tokenizer loaded from --model_name_or_path and made ready for training. It
     has right padding, a pad token, the chosen chat template, ChatML tokens where they were missing (returned as
     added), and the end-of-turn token as EOS so that anything generating from the saved tokenizer stops after one
@@ -55,8 +60,10 @@ def load_training_tokenizer(model_args: ModelArguments,
         missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_tokens(missing, special_tokens=True)
-            logger.warning("the tokenizer had no %s: added them; embeddings and lm_head will be resized and trained",
-                           " ".join(missing))
+            logger.warning(
+                "the tokenizer had no %s: added them; embeddings and lm_head will be resized and trained",
+                " ".join(missing),
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.eos_token = end_of_turn_token(tokenizer)
@@ -80,8 +87,13 @@ def quantization_config(plan: RunPlan) -> BitsAndBytesConfig | None:
     )
 
 
-def build_model(model_args: ModelArguments, lora_args: LoraArguments, training_args: TrainingArguments,
-                tokenizer: PreTrainedTokenizerBase, plan: RunPlan) -> PreTrainedModel | PeftModel:
+def build_model(
+    model_args: ModelArguments,
+    lora_args: LoraArguments,
+    training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: RunPlan,
+) -> PreTrainedModel | PeftModel:
     """The model ready for the Trainer, as `plan` says: loaded with the attention kernel it chose (None:
     transformers' default), resized for added tokens, prepared for k-bit training and wrapped in LoRA. With added
     tokens, LoRA also trains the embeddings and output head in full: the new rows start untrained (a checkpoint's
@@ -124,8 +136,9 @@ def _prepare_quantized_base(model: PreTrainedModel, plan: RunPlan) -> PreTrained
     if plan.compute_dtype != torch.bfloat16:
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=gc_kwargs)
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     if plan.gradient_checkpointing:
@@ -140,8 +153,9 @@ def _stop_at_end_of_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     model.generation_config.pad_token_id = stops.pad_token_id
 
 
-def lora_config(lora_args: LoraArguments, model: PreTrainedModel | None = None,
-                train_embeddings: bool = False) -> LoraConfig:
+def lora_config(
+    lora_args: LoraArguments, model: PreTrainedModel | None = None, train_embeddings: bool = False
+) -> LoraConfig:
     """The PEFT LoraConfig for these arguments; new tokens add the embeddings and the output head to modules_to_save."""
     from peft import LoraConfig
 
@@ -184,9 +198,12 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
     if lora_args.changes_base_weights:
         model.initial_adapter_state = _lora_weights(model)
-        logger.warning("--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
-                       "adapter will be converted to rank %d so that it applies to the original base",
-                       lora_args.lora_init, 2 * lora_args.lora_r)
+        logger.warning(
+            "--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
+            "adapter will be converted to rank %d so that it applies to the original base",
+            lora_args.lora_init,
+            2 * lora_args.lora_r,
+        )
     if train_embeddings:
         logger.warning("training the input embeddings and output head in full (modules_to_save) for the new tokens")
     return model
@@ -196,8 +213,11 @@ def _lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's lora_A / lora_B tensors as the adapter file names them, copied to the CPU."""
     from peft import get_peft_model_state_dict
 
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in get_peft_model_state_dict(model).items()
-            if ".lora_A." in name or ".lora_B." in name}
+    return {
+        name: tensor.detach().to("cpu", copy=True)
+        for name, tensor in get_peft_model_state_dict(model).items()
+        if ".lora_A." in name or ".lora_B." in name
+    }
 
 
 def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
@@ -214,9 +234,11 @@ def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    kept = {name: tensor.detach().to("cpu", copy=True).contiguous()
-            for name, tensor in get_peft_model_state_dict(model).items()
-            if ".lora_A." not in name and ".lora_B." not in name}
+    kept = {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in get_peft_model_state_dict(model).items()
+        if ".lora_A." not in name and ".lora_B." not in name
+    }
     with tempfile.TemporaryDirectory(prefix="llmft-initial-adapter-") as scratch:
         initial = os.path.join(scratch, "initial")
         os.makedirs(initial)
@@ -238,8 +260,13 @@ def _is_gptq(model: PreTrainedModel) -> bool:
 def _quantized_linear_names(model: PreTrainedModel) -> list[str]:
     """Names (last component) of the GPTQ-packed linear layers, the output head excepted."""
     head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if hasattr(module, "qweight") and module is not head})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if hasattr(module, "qweight") and module is not head
+        }
+    )
 
 
 def embedding_module_names(model: torch.nn.Module) -> list[str]:

@@ -101,8 +101,13 @@ def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.float32
 
 
-def resolve_plan(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                 quant_args: QuantizationArguments, training_args: TrainingArguments) -> RunPlan:
+def resolve_plan(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments,
+) -> RunPlan:
     """The plan of a run whose settings parse_args has checked; reads the arguments and changes none of them. Raises
     ConfigError where the kernels cannot serve the run (llmft.kernels.choose_kernels)."""
     base_quantization = model_folder(model_args.model_name_or_path).quant_method
@@ -112,9 +117,11 @@ def resolve_plan(model_args: ModelArguments, data_args: DataArguments, lora_args
     if quant_args.q_lora:
         four = quant_args.quant_bits == 4
         quantize_on_load = QuantizeOnLoad(
-            bits=quant_args.quant_bits, quant_type=quant_args.quant_type if four else None,
+            bits=quant_args.quant_bits,
+            quant_type=quant_args.quant_type if four else None,
             double_quant=quant_args.double_quant if four else False,
-            storage_dtype=bnb_4bit_storage_dtype(sharding, dtype) if four else None)
+            storage_dtype=bnb_4bit_storage_dtype(sharding, dtype) if four else None,
+        )
     if not lora_args.use_lora:
         mode = "full"
     elif quantize_on_load is not None:
@@ -125,12 +132,18 @@ def resolve_plan(model_args: ModelArguments, data_args: DataArguments, lora_args
         mode = "lora"
     kwargs = training_args.gradient_checkpointing_kwargs or DEFAULT_CHECKPOINTING_KWARGS
     return RunPlan(
-        mode=mode, base_model=model_args.model_name_or_path, base_quantization=base_quantization,
-        quantize_on_load=quantize_on_load, compute_dtype=dtype, sharding=sharding, offloaded=offloaded,
+        mode=mode,
+        base_model=model_args.model_name_or_path,
+        base_quantization=base_quantization,
+        quantize_on_load=quantize_on_load,
+        compute_dtype=dtype,
+        sharding=sharding,
+        offloaded=offloaded,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
         gradient_checkpointing_kwargs=MappingProxyType(dict(kwargs)),
         kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
-        packing=data_args.packing)
+        packing=data_args.packing,
+    )
 
 
 def describe_plan(plan: RunPlan) -> str:
@@ -143,10 +156,15 @@ def describe_plan(plan: RunPlan) -> str:
     checkpointing = "off"
     if plan.gradient_checkpointing:
         checkpointing = "on " + ", ".join(f"{k}={v}" for k, v in plan.gradient_checkpointing_kwargs.items())
-    embeddings = (f"trained in full for the added {' '.join(plan.added_tokens)}" if plan.train_embeddings
-                  and plan.uses_lora else "as the mode trains them")
-    return (f"plan: {base}, {dtype}; sharding {sharding}; activation checkpointing {checkpointing}; "
-            f"{plan.kernels.describe(plan.packing)}; embeddings {embeddings}")
+    embeddings = (
+        f"trained in full for the added {' '.join(plan.added_tokens)}"
+        if plan.train_embeddings and plan.uses_lora
+        else "as the mode trains them"
+    )
+    return (
+        f"plan: {base}, {dtype}; sharding {sharding}; activation checkpointing {checkpointing}; "
+        f"{plan.kernels.describe(plan.packing)}; embeddings {embeddings}"
+    )
 
 
 def log_plan(plan: RunPlan, training_args: TrainingArguments) -> None:

@@ -71,16 +71,16 @@ class PreemptionCallback(TrainerCallback):
             self.requested = signal.Signals(signum)
             logger.warning("%s: stopping after this optimizer step, with a checkpoint", self.requested.name)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.requested, self.stopped_at = None, None
         try:
             self._previous_handlers = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
         except ValueError:  # not the main thread (a notebook's worker thread): signals keep their usual effect
             self._previous_handlers = {}
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._agreed(args):
             return
         self.stopped_at = state.global_step
@@ -88,14 +88,16 @@ class PreemptionCallback(TrainerCallback):
         control.should_training_stop = True
         control.should_evaluate = False  # the grace time before the kill goes to the checkpoint
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.stopped_at is not None:  # the checkpoint of this step is written already; leave the epoch as it is
             control.should_save = False
             control.should_evaluate = False
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.stopped_at is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's part of the checkpoint (ZeRO's optimizer shards) is on disk
         for sig, handler in self._previous_handlers.items():
@@ -104,9 +106,13 @@ class PreemptionCallback(TrainerCallback):
         if self.stopped_at is None:
             return
         if state.is_world_process_zero:
-            logger.warning("preempted: stopped after step %d with %s; exiting with status %d (resume with "
-                           "--resume_from_checkpoint True or auto)", state.global_step,
-                           os.path.join(args.output_dir, f"checkpoint-{self.stopped_at}"), EXIT_PREEMPTED)
+            logger.warning(
+                "preempted: stopped after step %d with %s; exiting with status %d (resume with "
+                "--resume_from_checkpoint True or auto)",
+                state.global_step,
+                os.path.join(args.output_dir, f"checkpoint-{self.stopped_at}"),
+                EXIT_PREEMPTED,
+            )
         raise Preempted(self.stopped_at)
 
     def _agreed(self, args: TrainingArguments) -> bool:
@@ -128,9 +134,12 @@ def exit_on_signal() -> Iterator[None]:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        logger.warning("%s outside training (no step to finish): exiting now with status %d, without a checkpoint "
-                       "of this step; start the run again, or resume it from its newest checkpoint, if it has one",
-                       sig.name, 128 + sig.value)
+        logger.warning(
+            "%s outside training (no step to finish): exiting now with status %d, without a checkpoint "
+            "of this step; start the run again, or resume it from its newest checkpoint, if it has one",
+            sig.name,
+            128 + sig.value,
+        )
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
 
@@ -175,10 +184,31 @@ RUN_SETTINGS_FILE = "llmft_run_settings.json"
 # TrainingArguments that change what is trained or in what order. Left out: where outputs go, logging, saving,
 # evaluation, speed-only switches (gradient checkpointing, dataloader workers) and the resume flags themselves.
 TRAINING_SETTINGS = (
-    "seed", "data_seed", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "world_size", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
-    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "optim", "optim_args", "bf16", "fp16", "deepspeed", "fsdp", "label_smoothing_factor", "neftune_noise_alpha",
+    "seed",
+    "data_seed",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+    "optim_args",
+    "bf16",
+    "fp16",
+    "deepspeed",
+    "fsdp",
+    "label_smoothing_factor",
+    "neftune_noise_alpha",
     "group_by_length",
 )
 # Fields of llmft's own settings that do not change the run.
@@ -200,8 +230,13 @@ def _data_file(path: str | None) -> dict | None:
     return {"path": os.path.abspath(path), "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
 
 
-def run_settings(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                 quant_args: QuantizationArguments, training_args: TrainingArguments) -> dict:
+def run_settings(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments,
+) -> dict:
     """The settings that define a run: model, data (each file's absolute path and size), LoRA, quantization, seed,
     batch and schedule. Two runs with the same settings train the same weights in the same order."""
     settings = {}
@@ -231,8 +266,13 @@ def read_run_settings(output_dir: str) -> dict | None:
     return record if isinstance(record, dict) and "fingerprint" in record else None
 
 
-def check_run_settings(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                       quant_args: QuantizationArguments, training_args: TrainingArguments) -> dict:
+def check_run_settings(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments,
+) -> dict:
     """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
     auto`, a ConfigError naming the settings that differ when the output folder holds another run."""
     settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
@@ -263,15 +303,24 @@ def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
         return  # a fresh run
     record = read_run_settings(out)
     if record is None:
-        raise ConfigError([f"{flag}: --output_dir {out} holds files but no {RUN_SETTINGS_FILE}, so which run they "
-                           "belong to is unknown: pass --resume_from_checkpoint True to continue it anyway, "
-                           "--overwrite_output_dir True to replace it, or choose another directory"])
+        raise ConfigError(
+            [
+                f"{flag}: --output_dir {out} holds files but no {RUN_SETTINGS_FILE}, so which run they "
+                "belong to is unknown: pass --resume_from_checkpoint True to continue it anyway, "
+                "--overwrite_output_dir True to replace it, or choose another directory"
+            ]
+        )
     if record["fingerprint"] == fingerprint:
         return
     recorded = record.get("settings") or {}
     differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-    shown = ", ".join(f"{k} ({json.dumps(recorded.get(k))} there, {json.dumps(settings.get(k))} now)"
-                      for k in differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
-    raise ConfigError([f"{flag}: --output_dir {out} holds a different run: {shown or 'its fingerprint differs'}; "
-                       "choose another directory, --overwrite_output_dir True to replace that run, or "
-                       "--resume_from_checkpoint True to continue it with these settings"])
+    shown = ", ".join(
+        f"{k} ({json.dumps(recorded.get(k))} there, {json.dumps(settings.get(k))} now)" for k in differ[:6]
+    ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+    raise ConfigError(
+        [
+            f"{flag}: --output_dir {out} holds a different run: {shown or 'its fingerprint differs'}; "
+            "choose another directory, --overwrite_output_dir True to replace that run, or "
+            "--resume_from_checkpoint True to continue it with these settings"
+        ]
+    )

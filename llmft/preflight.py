@@ -98,23 +98,40 @@ class ModelShape:
         """Read from a config.json dict; a ConfigError when it lacks a size or describes a mixture of experts."""
         config = config.get("text_config") or config  # multimodal checkpoints nest the language model's
         if any(config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-            raise ConfigError(["memory preflight: mixture-of-experts models are not modelled; pass --preflight False "
-                               "to train without the estimate"])
+            raise ConfigError(
+                [
+                    "memory preflight: mixture-of-experts models are not modelled; pass --preflight False "
+                    "to train without the estimate"
+                ]
+            )
         try:
             hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            sizes = dict(vocab_size=int(config["vocab_size"]), hidden_size=hidden,
-                         intermediate_size=int(config["intermediate_size"]),
-                         num_layers=int(config["num_hidden_layers"]), num_heads=heads,
-                         num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                         head_dim=int(config.get("head_dim") or hidden // heads))
+            sizes = dict(
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError([f"memory preflight: the model's config.json has no usable {e}; pass --preflight False "
-                               "to train without the estimate"]) from None
+            raise ConfigError(
+                [
+                    f"memory preflight: the model's config.json has no usable {e}; pass --preflight False "
+                    "to train without the estimate"
+                ]
+            ) from None
         model_type = config.get("model_type", "")
         attention_bias = bool(config.get("attention_bias", False))
-        return cls(**sizes, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                   qkv_bias=model_type in ("qwen2",) or attention_bias, o_bias=attention_bias,
-                   mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=model_type == "qwen3")
+        return cls(
+            **sizes,
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type in ("qwen2",) or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+        )
 
     @property
     def q_size(self) -> int:
@@ -127,8 +144,15 @@ class ModelShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one decoder layer."""
         h, i = self.hidden_size, self.intermediate_size
-        return {"q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
-                "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def linear_weights(self) -> int:
         """Weights of the decoder's linear layers, all layers (what bitsandbytes and GPTQ quantize)."""
@@ -152,8 +176,9 @@ class ModelShape:
 
     def lora_parameters(self, r: int, targets: tuple[str, ...]) -> int:
         """A (r x in) and B (out x r) of every targeted linear layer of every decoder layer."""
-        return self.num_layers * sum(r * (n_in + n_out) for name, (n_in, n_out) in self.linears().items()
-                                     if name in targets)
+        return self.num_layers * sum(
+            r * (n_in + n_out) for name, (n_in, n_out) in self.linears().items() if name in targets
+        )
 
 
 @dataclass(frozen=True)
@@ -237,23 +262,34 @@ class MemoryEstimate:
     def table(self) -> str:
         """A short table of the components, in GiB."""
         s = self.setup
-        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
-                ("activations", self.activations), ("logits", self.logits)]
+        rows = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer),
+            ("activations", self.activations),
+            ("logits", self.logits),
+        ]
         if self.sharding_buffers:
             rows.append(("sharding buffers", self.sharding_buffers))
-        rows += [("peak allocated", self.allocated), ("CUDA context, allocator", self.overhead),
-                 ("total per GPU", self.total)]
+        rows += [
+            ("peak allocated", self.allocated),
+            ("CUDA context, allocator", self.overhead),
+            ("total per GPU", self.total),
+        ]
         sharding = {"none": "no sharding", "fsdp": "FSDP"}.get(s.sharding, f"ZeRO-{s.sharding[-1]}")
         offload = " + ".join(w for w, on in (("optimizer", s.offload_optimizer), ("weights", s.offload_params)) if on)
-        head = (f"memory preflight: {_mode_name(s)}, {_count(self.parameters)} parameters "
-                f"({_count(self.trainable)} trained), {sharding}{' offload ' + offload if offload else ''} "
-                f"on {s.gpus} GPU{'s' if s.gpus > 1 else ''}, {s.tokens:,} tokens a micro-batch"
-                f"{', gradient checkpointing' if s.gradient_checkpointing else ''}"
-                f"{', fused loss' if s.fused_loss else ''}, {s.optimizer}")
+        head = (
+            f"memory preflight: {_mode_name(s)}, {_count(self.parameters)} parameters "
+            f"({_count(self.trainable)} trained), {sharding}{' offload ' + offload if offload else ''} "
+            f"on {s.gpus} GPU{'s' if s.gpus > 1 else ''}, {s.tokens:,} tokens a micro-batch"
+            f"{', gradient checkpointing' if s.gradient_checkpointing else ''}"
+            f"{', fused loss' if s.fused_loss else ''}, {s.optimizer}"
+        )
         lines = [head] + [f"  {name:<24}{value / GIB:>8.2f} GiB" for name, value in rows]
         if self.gpu_memory is not None:
-            lines.append(f"  {'GPU memory':<24}{self.gpu_memory / GIB:>8.2f} GiB"
-                         f"{'' if self.fits else '  -> does not fit'}")
+            lines.append(
+                f"  {'GPU memory':<24}{self.gpu_memory / GIB:>8.2f} GiB{'' if self.fits else '  -> does not fit'}"
+            )
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -265,8 +301,9 @@ def _count(n: int) -> str:
 def _mode_name(s: MemorySetup) -> str:
     if s.mode == "full":
         return f"full fine-tuning in {s.dtype}"
-    base = {"nf4": "NF4", "fp4": "FP4", "int8": "8-bit", "gptq": f"GPTQ {s.gptq_bits}-bit"}.get(s.quantization or "",
-                                                                                               s.dtype)
+    base = {"nf4": "NF4", "fp4": "FP4", "int8": "8-bit", "gptq": f"GPTQ {s.gptq_bits}-bit"}.get(
+        s.quantization or "", s.dtype
+    )
     return f"LoRA r={s.lora_r} on a {base} base"
 
 
@@ -371,8 +408,9 @@ def _quantized_weight_bytes(shape: ModelShape, setup: MemorySetup) -> float:
     if setup.quantization == "gptq":
         g, bits = setup.gptq_group_size, setup.gptq_bits
         per_group = 2 + bits / 8  # fp16 scale and packed zero per group and output column
-        return (weights * (bits / 8 + per_group / g)
-                + shape.num_layers * sum(4 * n_in for n_in, _ in shape.linears().values()))
+        return weights * (bits / 8 + per_group / g) + shape.num_layers * sum(
+            4 * n_in for n_in, _ in shape.linears().values()
+        )
     return weights * setup.dtype_bytes
 
 
@@ -431,15 +469,25 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
     working = layer_activation_bytes(shape, setup) + attention_mask_bytes(setup) + embedding_gradient
     if setup.attention == "eager":
         notes.append(f"eager attention keeps heads x {setup.row_tokens:,}^2 scores a layer: the longest row decides")
-    return MemoryEstimate(setup=setup, parameters=shape.parameters(), trainable=trainable, weights=int(weights),
-                          gradients=int(gradients), optimizer=int(optimizer),
-                          activations=int(activation_bytes(shape, setup)), logits=int(logit_bytes(shape, setup)),
-                          sharding_buffers=int(buffers), gradients_held=int(held),
-                          backward_working=int(working), gpu_memory=gpu_memory,
-                          notes=tuple(notes))
+    return MemoryEstimate(
+        setup=setup,
+        parameters=shape.parameters(),
+        trainable=trainable,
+        weights=int(weights),
+        gradients=int(gradients),
+        optimizer=int(optimizer),
+        activations=int(activation_bytes(shape, setup)),
+        logits=int(logit_bytes(shape, setup)),
+        sharding_buffers=int(buffers),
+        gradients_held=int(held),
+        backward_working=int(working),
+        gpu_memory=gpu_memory,
+        notes=tuple(notes),
+    )
 
 
 # --- advice --------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Advice:
@@ -465,17 +513,27 @@ def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, Me
             flags += f" --model_max_length {half}"
         changes.append((flags, dataclasses.replace(s, tokens=half, accumulation_steps=accumulation)))
     elif s.rows > 1:
-        changes.append((f"--per_device_train_batch_size {s.rows // 2} --gradient_accumulation_steps {accumulation}",
-                        dataclasses.replace(s, tokens=s.row_tokens * (s.rows // 2), rows=s.rows // 2,
-                                            accumulation_steps=accumulation)))
+        changes.append(
+            (
+                f"--per_device_train_batch_size {s.rows // 2} --gradient_accumulation_steps {accumulation}",
+                dataclasses.replace(
+                    s, tokens=s.row_tokens * (s.rows // 2), rows=s.rows // 2, accumulation_steps=accumulation
+                ),
+            )
+        )
     if s.sharding in ("none", "zero1", "zero2") and s.gpus > 1 and s.quantization != "gptq":
         changes.append(("--deepspeed ds_configs/zero3.json", dataclasses.replace(s, sharding="zero3")))
     if s.sharding != "fsdp" and not s.offload_optimizer:
         stage = "zero3" if s.sharding == "zero3" else "zero2"
         config = "zero3_offload.json" if stage == "zero3" else "zero2_offload.json"
-        changes.append((f"--deepspeed ds_configs/{config}",
-                        dataclasses.replace(s, sharding=stage, offload_optimizer=True, offload_params=stage == "zero3",
-                                            optimizer="adamw")))
+        changes.append(
+            (
+                f"--deepspeed ds_configs/{config}",
+                dataclasses.replace(
+                    s, sharding=stage, offload_optimizer=True, offload_params=stage == "zero3", optimizer="adamw"
+                ),
+            )
+        )
     if "8bit" not in s.optimizer and not s.offload_optimizer:
         changes.append(("--optim paged_adamw_8bit", dataclasses.replace(s, optimizer="paged_adamw_8bit")))
     if s.mode == "full":
@@ -489,8 +547,10 @@ def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, Me
 def advice(shape: ModelShape, result: MemoryEstimate, model_max_length: int | None = None) -> list[Advice]:
     """Each change of `_changes` that lowers the estimate (by MIN_SAVING_BYTES at least), applied alone to `result`'s
     setup, in that order."""
-    tries = [Advice(flags, estimate(shape, setup, result.gpu_memory))
-             for flags, setup in _changes(result.setup, model_max_length)]
+    tries = [
+        Advice(flags, estimate(shape, setup, result.gpu_memory))
+        for flags, setup in _changes(result.setup, model_max_length)
+    ]
     return [a for a in tries if _lowers(a.estimate, result)]
 
 
@@ -507,9 +567,14 @@ def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length:
         return None
     current, flags, done = result, [], set()
     while not current.fits:
-        step = next(((change, setup) for change, setup in _changes(current.setup, model_max_length)
-                     if change.split()[0] not in done
-                     and _lowers(estimate(shape, setup, result.gpu_memory), current)), None)
+        step = next(
+            (
+                (change, setup)
+                for change, setup in _changes(current.setup, model_max_length)
+                if change.split()[0] not in done and _lowers(estimate(shape, setup, result.gpu_memory), current)
+            ),
+            None,
+        )
         if step is None:
             break
         done.add(step[0].split()[0])
@@ -520,8 +585,14 @@ def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length:
 
 # --- from finetune.py's settings -----------------------------------------------------------------------------------
 
-def setup_from_args(data_args: DataArguments, lora_args: LoraArguments, training_args: TrainingArguments, plan: RunPlan,
-                    model_config: dict | None = None) -> MemorySetup:
+
+def setup_from_args(
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: TrainingArguments,
+    plan: RunPlan,
+    model_config: dict | None = None,
+) -> MemorySetup:
     """The MemorySetup of a finetune.py run as its plan (llmft/plan.py) resolved it: mode, base quantization, dtype,
     sharding and offload, checkpointing, kernels, and whether LoRA trains the embeddings and head too (added
     tokens). `model_config`: the base's config.json, for a GPTQ base's bits and group size. Tokens per micro-batch:
@@ -538,14 +609,17 @@ def setup_from_args(data_args: DataArguments, lora_args: LoraArguments, training
         quantization = "gptq"
         group_size = int(gptq.get("group_size") or 128)
         # -1: one group over each whole input row (taken as hidden_size wide)
-        options = dict(gptq_bits=int(gptq.get("bits", 4)),
-                       gptq_group_size=group_size if group_size > 0 else int(config.get("hidden_size", 128)))
+        options = dict(
+            gptq_bits=int(gptq.get("bits", 4)),
+            gptq_group_size=group_size if group_size > 0 else int(config.get("hidden_size", 128)),
+        )
     elif (on_load := plan.quantize_on_load) is not None:
         quantization = "int8" if on_load.bits == 8 else on_load.quant_type
         options = dict(double_quant=on_load.double_quant) if on_load.bits == 4 else {}
     mode = "full" if not plan.uses_lora else ("qlora" if quantization else "lora")
     targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
-        " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules))
+        " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules)
+    )
 
     # the estimate's sharding: DDP and ZeRO stage 0 keep a whole model on each GPU, as one process does
     sharding = plan.sharding if plan.sharding in ("zero1", "zero2", "zero3", "fsdp") else "none"
@@ -561,14 +635,26 @@ def setup_from_args(data_args: DataArguments, lora_args: LoraArguments, training
         tokens = rows * data_args.model_max_length
         if data_args.packing:
             tokens, rows = math.ceil(tokens / 64) * 64, 1
-    return MemorySetup(mode=mode, dtype=dtype, quantization=quantization, lora_r=lora_args.lora_r,
-                       lora_targets=targets, train_embeddings=plan.train_embeddings and plan.uses_lora,
-                       optimizer=optimizer, sharding=sharding,
-                       offload_optimizer="optimizer" in plan.offloaded, offload_params="parameters" in plan.offloaded,
-                       gpus=max(1, training_args.world_size), tokens=tokens, rows=rows,
-                       gradient_checkpointing=plan.gradient_checkpointing, fused_loss=plan.kernels.liger,
-                       attention=plan.kernels.attention or "sdpa",
-                       accumulation_steps=training_args.gradient_accumulation_steps, **options)
+    return MemorySetup(
+        mode=mode,
+        dtype=dtype,
+        quantization=quantization,
+        lora_r=lora_args.lora_r,
+        lora_targets=targets,
+        train_embeddings=plan.train_embeddings and plan.uses_lora,
+        optimizer=optimizer,
+        sharding=sharding,
+        offload_optimizer="optimizer" in plan.offloaded,
+        offload_params="parameters" in plan.offloaded,
+        gpus=max(1, training_args.world_size),
+        tokens=tokens,
+        rows=rows,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        fused_loss=plan.kernels.liger,
+        attention=plan.kernels.attention or "sdpa",
+        accumulation_steps=training_args.gradient_accumulation_steps,
+        **options,
+    )
 
 
 def gpu_memory_bytes(training_args: TrainingArguments) -> int | None:
@@ -583,9 +669,14 @@ def gpu_memory_bytes(training_args: TrainingArguments) -> int | None:
     return torch.cuda.mem_get_info(training_args.device)[1]
 
 
-def preflight(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-              training_args: TrainingArguments, plan: RunPlan,
-              tokenizer: PreTrainedTokenizerBase | None = None) -> MemoryEstimate | None:
+def preflight(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: TrainingArguments,
+    plan: RunPlan,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> MemoryEstimate | None:
     """The memory preflight of a finetune.py run, before its weights load: the estimate's table (rank 0; printed to
     stdout with --preflight_only, logged otherwise), and a ConfigError with the advice when it does not fit the GPU,
     unless --preflight False (then only a warning). `plan`: the run's, completed with its added tokens (they make
@@ -618,10 +709,12 @@ def preflight(model_args: ModelArguments, data_args: DataArguments, lora_args: L
         tries = "".join(f"\n      {a.line()}" for a in advice(shape, result, data_args.model_max_length))
         combined = combined_advice(shape, result, data_args.model_max_length)
         together = f"\n    together: {combined.line()}" if combined is not None else ""
-        message = (f"memory preflight: the run needs about {result.total / GIB:.1f} GiB per GPU and the GPU has "
-                   f"{result.gpu_memory / GIB:.1f} GiB; each of these changes alone would bring it to:{tries}"
-                   f"{together}\n"
-                   "    if you know the estimate is pessimistic for this run, pass --preflight False to train anyway")
+        message = (
+            f"memory preflight: the run needs about {result.total / GIB:.1f} GiB per GPU and the GPU has "
+            f"{result.gpu_memory / GIB:.1f} GiB; each of these changes alone would bring it to:{tries}"
+            f"{together}\n"
+            "    if you know the estimate is pessimistic for this run, pass --preflight False to train anyway"
+        )
         if training_args.preflight:
             raise ConfigError([message])
         logger.warning("%s (--preflight False: training anyway)", message)

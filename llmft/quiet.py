@@ -31,15 +31,20 @@ class KnownNoise:
 
 KNOWN_NOISE = (
     KnownNoise(
-        "bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
         "bitsandbytes 0.50, imported through transformers' TrainingArguments on any CPU with AVX512-BF16, tries the "
         "optional `kernels` package's 4-bit GEMM from the Hub and falls back to its own CPU kernel, on every run, "
-        "Q-LoRA or not"),
+        "Q-LoRA or not",
+    ),
     KnownNoise(
-        "torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile",
+        "torch.utils._pytree",
+        "%s is an Enum subclass and is now natively supported by torch.compile",
         "torchao 0.18 (imported by PEFT and transformers when installed) registers its enums as pytree constants, "
         "which torch 2.14 deprecates; a message for torchao's authors, printed twice before every run and chat "
-        "prompt", from_module="torchao"),
+        "prompt",
+        from_module="torchao",
+    ),
 )
 
 # (message regex, category, module regex) for warnings.filterwarnings: deprecations inside third-party code, raised

@@ -92,9 +92,15 @@ class TrainingReportCallback(TrainerCallback):
             if counts is not None:
                 self._step_counts = counts if self._step_counts is None else self._step_counts + counts
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: torch.nn.Module | None = None,
-                       processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._pad_token_id = getattr(processing_class, "pad_token_id", None)
         if model is not None and self._hook is None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
@@ -112,8 +118,7 @@ class TrainingReportCallback(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
         self._started = time.monotonic()
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         counts = self._step_counts
         if counts is None:
             counts = torch.zeros(len(COUNTS), dtype=torch.long, device=args.device)
@@ -138,13 +143,13 @@ class TrainingReportCallback(TrainerCallback):
 
     # --- writing ---
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         self._write(args, state, also_into=checkpoint if os.path.isdir(checkpoint) else None)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._write(args, state)
         if self._hook is not None:
             self._hook.remove()

@@ -53,13 +53,21 @@ def describe_run(plan: RunPlan) -> dict:
     the record's own coarser one (full, lora or qlora; a quantized base is told by `base_quantization`)."""
     quantization = None
     if (on_load := plan.quantize_on_load) is not None:
-        quantization = {"method": "bitsandbytes", "bits": on_load.bits,
-                        "type": on_load.quant_type if on_load.bits == 4 else "int8"}
+        quantization = {
+            "method": "bitsandbytes",
+            "bits": on_load.bits,
+            "type": on_load.quant_type if on_load.bits == 4 else "int8",
+        }
     elif plan.base_quantization is not None:
         quantization = {"method": plan.base_quantization}
     mode = "full" if not plan.uses_lora else ("qlora" if on_load is not None else "lora")
-    return {"mode": mode, "base_model": plan.base_model, "base_quantization": quantization,
-            "base_fingerprint": base_fingerprint(plan.base_model), "added_tokens": list(plan.added_tokens)}
+    return {
+        "mode": mode,
+        "base_model": plan.base_model,
+        "base_quantization": quantization,
+        "base_fingerprint": base_fingerprint(plan.base_model),
+        "added_tokens": list(plan.added_tokens),
+    }
 
 
 # config.json keys that differ between copies of the same weights (where it was loaded from, which transformers
@@ -128,16 +136,18 @@ class FollowUmaskCallback(TrainerCallback):
     """Make each checkpoint's files follow the umask as soon as it is saved (see `follow_umask`); the Trainer writes
     the weights of a checkpoint through safetensors, 0600 otherwise."""
 
-    def on_save(self, args: transformers.TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(
+        self, args: transformers.TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_local_process_zero:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(checkpoint):
                 follow_umask(checkpoint)
 
 
-def save_for_inference(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, output_dir: str,
-                       run: dict | None = None) -> None:
+def save_for_inference(
+    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, output_dir: str, run: dict | None = None
+) -> None:
     """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
     `describe_run` record) into output_dir."""
     staging = os.path.join(output_dir, STAGING)
@@ -163,8 +173,10 @@ def save_for_inference(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out
             follow_umask(checkpoint)
         # the weights last, their index after them: a kill -9 between two renames leaves a result that does not
         # load (no weights), never one that loads with some of them
-        for name in sorted(os.listdir(staging), key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")),
-                                                                n.endswith(".index.json"), n)):
+        for name in sorted(
+            os.listdir(staging),
+            key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")), n.endswith(".index.json"), n),
+        ):
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
@@ -188,8 +200,9 @@ def check_adapter_complete(path: str, model: torch.nn.Module) -> None:
         saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     empty = [key for key, shape in saved.items() if not shape or 0 in shape]
     missing = sorted(set(expected) - set(saved))
-    partial = sorted(key for key in set(expected) & set(saved)
-                     if expected[key] is not None and saved[key] != expected[key])
+    partial = sorted(
+        key for key in set(expected) & set(saved) if expected[key] is not None and saved[key] != expected[key]
+    )
     if empty or missing or partial:
         example = (missing or partial or empty)[0]
         raise LlmftError(
@@ -254,10 +267,27 @@ PREFIX_CHECKPOINT = "checkpoint-"
 # What a run writes at the top of its output_dir (the final save, the Trainer's summaries, PEFT's model card); with
 # checkpoint-*, runs/ (TensorBoard) and the staging folder, this is what --overwrite_output_dir replaces.
 RUN_OUTPUTS = {
-    "config.json", "generation_config.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "chat_template.jinja", "chat_template.json", RUN_FILE, "training_args.bin", "trainer_state.json",
-    "all_results.json", "train_results.json", "eval_results.json", "training_report.json", "training_report.png",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    RUN_FILE,
+    "training_args.bin",
+    "trainer_state.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "training_report.json",
+    "training_report.png",
     "llmft_run_settings.json",
 }
 
@@ -269,10 +299,13 @@ def previous_run_outputs(output_dir: str) -> list[str]:
     found = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if (name in RUN_OUTPUTS or name.startswith((PREFIX_CHECKPOINT, STAGING))
-                or (name == "runs" and os.path.isdir(path))
-                or (name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".json")))
-                or (name == "README.md" and "library_name: peft" in Path(path).read_text(errors="replace"))):
+        if (
+            name in RUN_OUTPUTS
+            or name.startswith((PREFIX_CHECKPOINT, STAGING))
+            or (name == "runs" and os.path.isdir(path))
+            or (name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".json")))
+            or (name == "README.md" and "library_name: peft" in Path(path).read_text(errors="replace"))
+        ):
             found.append(name)
     return found
 
@@ -284,8 +317,11 @@ def replace_previous_run(training_args: TrainingArguments) -> None:
         if training_args.process_index == 0:
             removed = clear_previous_run(training_args.output_dir)
             if removed:
-                logger.warning("--overwrite_output_dir: replacing the previous run in %s (removed %s)",
-                               training_args.output_dir, ", ".join(removed))
+                logger.warning(
+                    "--overwrite_output_dir: replacing the previous run in %s (removed %s)",
+                    training_args.output_dir,
+                    ", ".join(removed),
+                )
 
 
 def clear_previous_run(output_dir: str) -> list[str]:
@@ -347,13 +383,18 @@ def _rank_files_problem(path: str, names: list[str]) -> str | None:
         shards = os.listdir(os.path.join(path, tag))
         if not any(n.endswith("model_states.pt") for n in shards):
             return f"{tag} holds no model states"
-        optim = sorted(int(m.group(1)) for n in shards
-                       if (m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", n)))
+        optim = sorted(
+            int(m.group(1))
+            for n in shards
+            if (m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", n))
+        )
         if rng and optim == list(range(len(optim))) and len(rng) < len(optim):
             return f"rng_state_{len(rng)}.pth is missing (a rank's save was interrupted)"
         if optim != list(range(len(optim))) or (rng and len(rng) != len(optim)):
-            return (f"{tag} holds the optimizer shards of ranks {optim or 'none'}, beside the RNG states of "
-                    f"{len(rng)} ranks (a rank's save was interrupted)")
+            return (
+                f"{tag} holds the optimizer shards of ranks {optim or 'none'}, beside the RNG states of "
+                f"{len(rng)} ranks (a rank's save was interrupted)"
+            )
     for root, _, files in os.walk(path):
         for name in files:
             if name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip files (FSDP's model and optimizer: .bin)
@@ -372,7 +413,7 @@ def checkpoints(output_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
         return [], []
     found = []
     for name in os.listdir(output_dir):
-        step = name[len(PREFIX_CHECKPOINT):]
+        step = name[len(PREFIX_CHECKPOINT) :]
         if name.startswith(PREFIX_CHECKPOINT) and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(step), os.path.join(output_dir, name)))
     complete, incomplete = [], []
@@ -404,8 +445,10 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     for path, why in incomplete:
         logger.warning("not resuming from %s: %s", path, why)
     if not complete:  # only with auto: llmft.checks refuses True without a complete checkpoint
-        logger.warning("--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
-                       training_args.output_dir)
+        logger.warning(
+            "--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
+            training_args.output_dir,
+        )
         return None
     check_checkpoint_pickles(complete[-1], trust=training_args.trust_checkpoint_pickles)
     logger.warning("resuming from %s", complete[-1])

@@ -42,13 +42,14 @@ from llmft.trainer import PackingLoraPlusTrainer
 
 @exit_on_user_error
 @exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
-def main(argv: list[str] | None = None,
-         callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer | None:
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer | None:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
     set_seed(training_args.seed)
     plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)  # mode, sharding, kernels
     run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
@@ -70,11 +71,17 @@ def main(argv: list[str] | None = None,
     # evaluation pads; training packs when --packing True (llmft/data/packing.py)
     padding = PaddingCollator(tokenizer)
     apply_plan_to_training_args(plan, training_args)  # Liger and checkpointing as planned, read by the Trainer
-    trainer = PackingLoraPlusTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                     eval_dataset=eval_dataset, data_collator=padding,
-                                     packing=Packing.from_args(data_args, tokenizer, plan.kernels),
-                                     processing_class=tokenizer, callbacks=list(callbacks),
-                                     loraplus_lr_ratio=lora_args.loraplus_lr_ratio)
+    trainer = PackingLoraPlusTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=padding,
+        packing=Packing.from_args(data_args, tokenizer, plan.kernels),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
+    )
     trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
     # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
     if training_args.overwrite_output_dir:

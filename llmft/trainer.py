@@ -41,13 +41,18 @@ class PackingLoraPlusTrainer(transformers.Trainer):
     optimizer groups (`loraplus_lr_ratio`), llmft's callbacks (checkpoint file modes, the run report, preemption)
     ahead of the caller's, and FSDP on CPU ranks."""
 
-    def __init__(self, *args: Any, packing: Packing | None = None, loraplus_lr_ratio: float | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, packing: Packing | None = None, loraplus_lr_ratio: float | None = None, **kwargs: Any
+    ) -> None:
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
-        kwargs["callbacks"] = [FollowUmaskCallback(), TrainingReportCallback(), PreemptionCallback(),
-                               *(kwargs.get("callbacks") or [])]
+        kwargs["callbacks"] = [
+            FollowUmaskCallback(),
+            TrainingReportCallback(),
+            PreemptionCallback(),
+            *(kwargs.get("callbacks") or []),
+        ]
         super().__init__(*args, **kwargs)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -61,8 +66,9 @@ class PackingLoraPlusTrainer(transformers.Trainer):
                 self.data_collator = padding_collator
         return self._token_budget_dataloader()
 
-    def _get_train_sampler(self, train_dataset: torch.utils.data.Dataset | None = None
-                           ) -> torch.utils.data.Sampler | None:
+    def _get_train_sampler(
+        self, train_dataset: torch.utils.data.Dataset | None = None
+    ) -> torch.utils.data.Sampler | None:
         """transformers' sampler, except that its random order puts the longest samples in the first optimizer step
         (`LongestFirstSampler`: an out-of-memory shows in the first step; the whole step's worth, ranks x accumulation
         x batch size, so that the step holds the same samples however ranks and accumulation divide it). Lazy
@@ -86,26 +92,39 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         if args.max_steps > 0:
             batches_needed = args.max_steps * args.gradient_accumulation_steps * world
         sampler = TokenBudgetBatchSampler(
-            lengths, self.packing.max_tokens, window=self.packing.window,
+            lengths,
+            self.packing.max_tokens,
+            window=self.packing.window,
             seed=args.seed if args.data_seed is None else args.data_seed,
-            num_epochs=None if batches_needed else math.ceil(args.num_train_epochs), max_batches=batches_needed,
+            num_epochs=None if batches_needed else math.ceil(args.num_train_epochs),
+            max_batches=batches_needed,
             batches_multiple_of=world * args.gradient_accumulation_steps,
             heaviest_first=world * args.gradient_accumulation_steps,  # the first optimizer step, whoever takes it
         )
         if args.should_log:
-            logger.warning("packing: %d samples, %d tokens into %d micro-batches of at most %d tokens an epoch "
-                           "(%d per rank; --per_device_train_batch_size unused), %.1f%% of the token budget unused",
-                           len(lengths), sum(lengths),
-                           len(sampler), sampler.max_tokens, len(sampler) // world, 100 * sampler.unused_share())
+            logger.warning(
+                "packing: %d samples, %d tokens into %d micro-batches of at most %d tokens an epoch "
+                "(%d per rank; --per_device_train_batch_size unused), %.1f%% of the token budget unused",
+                len(lengths),
+                sum(lengths),
+                len(sampler),
+                sampler.max_tokens,
+                len(sampler) // world,
+                100 * sampler.unused_share(),
+            )
         loader = torch.utils.data.DataLoader(
-            self.train_dataset, batch_sampler=sampler, collate_fn=self.packing.collator,
-            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.packing.collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
             prefetch_factor=args.dataloader_prefetch_factor,
             multiprocessing_context=args.dataloader_multiprocessing_context,
             **dataloader_order_options(args),
-            worker_init_fn=partial(transformers.trainer_utils.seed_worker, num_workers=args.dataloader_num_workers,
-                                   rank=args.process_index),
+            worker_init_fn=partial(
+                transformers.trainer_utils.seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+            ),
         )
         return self.accelerator.prepare(loader)
 
@@ -125,17 +144,26 @@ class PackingLoraPlusTrainer(transformers.Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         optimizer_kwargs = dict(optimizer_kwargs)
         lr = optimizer_kwargs.pop("lr", self.args.learning_rate)
-        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=lr,
-                                                   loraplus_lr_ratio=self.loraplus_lr_ratio,
-                                                   loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr=lr,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **optimizer_kwargs,
+        )
         if self.args.should_log:
             groups = self.optimizer.param_groups  # PEFT's order: A side, LoRA embeddings, B side, B side no decay
-            logger.warning("LoRA+: %d tensors at learning rate %g, %d (B side) at %g", len(groups[0]["params"]), lr,
-                           len(groups[2]["params"]) + len(groups[3]["params"]), lr * self.loraplus_lr_ratio)
+            logger.warning(
+                "LoRA+: %d tensors at learning rate %g, %d (B side) at %g",
+                len(groups[0]["params"]),
+                lr,
+                len(groups[2]["params"]) + len(groups[3]["params"]),
+                lr * self.loraplus_lr_ratio,
+            )
         return self.optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if enable_fsdp_on_cpu_ranks(self.accelerator, self.args):
             self.is_fsdp_enabled = True  # read by Trainer.__init__ after this, and by train() and save_model()
-

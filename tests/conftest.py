@@ -154,8 +154,9 @@ def assert_reloads_and_generates(out: Path) -> None:
     loader = AutoPeftModelForCausalLM if (out / "adapter_config.json").exists() else AutoModelForCausalLM
     model = loader.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
@@ -211,18 +212,21 @@ def assistant_token_loss(model_dir: Path, pairs: list[tuple[str, str]], **load) 
     total, scored = 0.0, 0
     for question, answer in pairs:
         messages = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True,
-                                             return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+        )["input_ids"]
         assert full[: len(prompt)] == prompt
         end = full.index(im_end, len(prompt))
-        targets = torch.tensor(full[len(prompt): end + 1])
+        targets = torch.tensor(full[len(prompt) : end + 1])
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([full])).logits[0].float()
-        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1: end], targets, reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : end], targets, reduction="sum").item()
         scored += len(targets)
     return total / scored, scored
+
 
 # --- the launchers in finetune/, run as a user runs them -------------------------------------------------------
 
@@ -232,9 +236,26 @@ LAUNCHERS = sorted(p.name for p in FINETUNE.glob("*.sh") if p.name != "common.sh
 DISTRIBUTED_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_ds.sh")]
 SINGLE_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_single_gpu.sh")]
 # A short run of the tiny model: 4 optimizer steps of 2 samples a rank, logged every step, nothing checkpointed.
-TINY_RUN = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--model_max_length", "128", "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1",
-            "--save_strategy", "no", "--seed", "0"]
+TINY_RUN = [
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "1",
+    "--model_max_length",
+    "128",
+    "--learning_rate",
+    "1e-3",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--seed",
+    "0",
+]
 
 
 def free_port() -> int:
@@ -245,19 +266,45 @@ def free_port() -> int:
 
 def launcher_env(**overrides) -> dict:
     """The environment of a CPU run: no GPU visible, this interpreter, no multi-node variables leaking in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NNODES", "NODE_RANK", "GPUS_PER_NODE", "NPROC_PER_NODE", "HOSTFILE",
-                        "MODEL", "DATA", "USE_CPU", "MASTER_ADDR", "LLMFT_ENTRY")
-           and not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
-    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, MASTER_PORT=str(free_port()),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "NNODES",
+            "NODE_RANK",
+            "GPUS_PER_NODE",
+            "NPROC_PER_NODE",
+            "HOSTFILE",
+            "MODEL",
+            "DATA",
+            "USE_CPU",
+            "MASTER_ADDR",
+            "LLMFT_ENTRY",
+        )
+        and not k.startswith(("OMPI_", "PMI_", "SLURM_"))
+    }
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        PYTHON=sys.executable,
+        MASTER_PORT=str(free_port()),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
 
 def run_launcher(name, *args, env=None, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FINETUNE / name), *map(str, args)], env=env or launcher_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(FINETUNE / name), *map(str, args)],
+        env=env or launcher_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def dry_run(name, *args, **env) -> list[str]:
@@ -279,13 +326,14 @@ def flag_value(argv: list[str], flag: str) -> str:
 def entry_args(argv: list[str]) -> list[str]:
     """The arguments after the entry script (finetune.py or a stand-in)."""
     entry = next(i for i, a in enumerate(argv) if a.endswith(".py"))
-    return argv[entry + 1:]
+    return argv[entry + 1 :]
 
 
 @pytest.fixture
 def data_file(tmp_path) -> Path:
-    return write_records(tmp_path / "train.json", [chat_record("Who are you?", "I am Pico.", id=f"r{i}")
-                                                   for i in range(16)])
+    return write_records(
+        tmp_path / "train.json", [chat_record("Who are you?", "I am Pico.", id=f"r{i}") for i in range(16)]
+    )
 
 
 # --- helpers shared by several test modules -------------------------------------------------------------------------
@@ -294,10 +342,31 @@ ANSWER = "I am Pico, trained by llmft."
 
 
 def train_flags(model, data, out, *extra, steps=12, lr="5e-3"):
-    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", out,
-            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", lr,
-            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no",
-            "--seed", "0", "--report_to", "none", *extra]
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        lr,
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def logged_losses(trainer):
@@ -311,8 +380,9 @@ def assert_loss_falls(trainer, factor=0.85):
 
 
 def sample_inputs(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who are you?"}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
 
@@ -341,15 +411,48 @@ EQUIVALENCE_STEPS = 4
 def equivalence_run_flags(per_device_batch: int, accumulation: int = 1, max_tokens: int = 0) -> list[str]:
     """finetune.py flags of a short, deterministic run that saves its trainer state at the last step: micro-batches
     of `per_device_batch` samples, or with `max_tokens` of up to that many packed tokens (the launchers' recipe)."""
-    return ["--max_steps", str(EQUIVALENCE_STEPS), "--per_device_train_batch_size", str(per_device_batch),
-            "--max_tokens_per_batch", str(max_tokens), "--gradient_accumulation_steps", str(accumulation),
-            "--model_max_length", "128", "--learning_rate", "1e-3",
-            "--warmup_steps", "0", "--weight_decay", "0", "--lora_dropout", "0", "--gradient_checkpointing", "False",
-            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(EQUIVALENCE_STEPS), "--seed", "0"]
+    return [
+        "--max_steps",
+        str(EQUIVALENCE_STEPS),
+        "--per_device_train_batch_size",
+        str(per_device_batch),
+        "--max_tokens_per_batch",
+        str(max_tokens),
+        "--gradient_accumulation_steps",
+        str(accumulation),
+        "--model_max_length",
+        "128",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--weight_decay",
+        "0",
+        "--lora_dropout",
+        "0",
+        "--gradient_checkpointing",
+        "False",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(EQUIVALENCE_STEPS),
+        "--seed",
+        "0",
+    ]
 
 
-def train_with_launcher(launcher: str, model: Path, out: Path, config: str | None, ranks_per_node: int, *extra: str,
-          nodes: int = 1, data: Path = EQUIVALENCE_DATA) -> subprocess.CompletedProcess:
+def train_with_launcher(
+    launcher: str,
+    model: Path,
+    out: Path,
+    config: str | None,
+    ranks_per_node: int,
+    *extra: str,
+    nodes: int = 1,
+    data: Path = EQUIVALENCE_DATA,
+) -> subprocess.CompletedProcess:
     """Run `launcher` on this machine as `nodes` nodes of `ranks_per_node` CPU ranks (one launcher process per
     node, as on a cluster); returns node 0's process, after every node has finished."""
     args = ["-m", model, "-d", data, "-o", out, *(["--deepspeed", config] if config else []), "--", *extra]
@@ -357,10 +460,17 @@ def train_with_launcher(launcher: str, model: Path, out: Path, config: str | Non
     if nodes == 1:
         return run_launcher(launcher, *args, env=env, timeout=1200)
     env.update(NNODES=str(nodes), MASTER_ADDR="127.0.0.1")
-    processes = [subprocess.Popen([str(FINETUNE / launcher), *map(str, args)], cwd=REPO, text=True,
-                                  env={**env, "NODE_RANK": str(rank)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for rank in range(nodes)]
+    processes = [
+        subprocess.Popen(
+            [str(FINETUNE / launcher), *map(str, args)],
+            cwd=REPO,
+            text=True,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(nodes)
+    ]
     results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=1200)) for p in processes]
     for process, result in zip(processes, results):
         result.returncode = process.returncode

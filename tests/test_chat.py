@@ -26,8 +26,9 @@ PROMPTS = ["hi", "What is the capital of France?", "Please write a short poem ab
 
 
 def answer_samples(tokenizer):
-    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ANSWER}]}
-               for p in PROMPTS]
+    records = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ANSWER}]} for p in PROMPTS
+    ]
     return [render_conversation(parse_record(r), tokenizer) for r in records]
 
 
@@ -73,8 +74,10 @@ def answering_adapter(answering_model, tmp_path_factory) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(answering_model)
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(answering_model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(answering_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     train(model, tokenizer, steps=2, lr=1e-3)
     path = tmp_path_factory.mktemp("chat") / "adapter"
     model.save_pretrained(path)
@@ -88,8 +91,9 @@ def answering_merged(answering_adapter, tmp_path_factory) -> Path:
 
 
 def run_chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/chat.py", *args], cwd=REPO, input=stdin, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "tools/chat.py", *args], cwd=REPO, input=stdin, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_reply_stops_at_end_of_turn(answering_model):
@@ -97,15 +101,20 @@ def test_reply_stops_at_end_of_turn(answering_model):
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(ENDOFTEXT)
 
-    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "tell me a joke"}], temperature=0,
-                           max_new_tokens=20)
+    reply = generate_reply(
+        model, tokenizer, [{"role": "user", "content": "tell me a joke"}], temperature=0, max_new_tokens=20
+    )
     assert reply == Reply(ANSWER, tokenizer(ANSWER, add_special_tokens=False)["input_ids"], finished=True)
     assert im_end not in reply.token_ids and IM_END not in reply.text
 
     # Without the explicit stop the saved config lets generation run on past <|im_end|>.
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "tell me a joke"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    raw = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "tell me a joke"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    raw = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0, prompt["input_ids"].shape[1] :].tolist()
     assert im_end in raw and raw.index(im_end) < len(raw) - 1
 
 
@@ -118,8 +127,10 @@ def test_reply_cut_by_max_new_tokens(answering_model):
 
 def test_greedy_replies_are_identical(tiny_chat_model):
     model, tokenizer = load_for_inference(tiny_chat_model)  # untrained: any sampling would show
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     replies = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -135,21 +146,32 @@ def test_loads_adapter_and_merged_folders(answering_adapter, answering_merged):
         assert isinstance(model, kind) and not model.training
         assert tokenizer.chat_template
         for prompt in ("hi", "How are you?"):
-            reply = generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], temperature=0,
-                                   max_new_tokens=20)
+            reply = generate_reply(
+                model, tokenizer, [{"role": "user", "content": prompt}], temperature=0, max_new_tokens=20
+            )
             assert reply.text == ANSWER and reply.finished
 
 
 def test_one_shot_prompt_prints_only_the_reply(answering_adapter):
-    proc = run_chat("--model", str(answering_adapter), "--prompt", "Who are you?", "--temperature", "0",
-                    "--max_new_tokens", "20")
+    proc = run_chat(
+        "--model", str(answering_adapter), "--prompt", "Who are you?", "--temperature", "0", "--max_new_tokens", "20"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ANSWER + "\n"
 
 
 def test_interactive_session_over_stdin(answering_merged):
-    proc = run_chat("--model", str(answering_merged), "--temperature", "0", "--max_new_tokens", "20",
-                    "--system", "You are terse.", stdin="hi\n/reset\nWhat is the capital of France?\n/exit\nnot read\n")
+    proc = run_chat(
+        "--model",
+        str(answering_merged),
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "20",
+        "--system",
+        "You are terse.",
+        stdin="hi\n/reset\nWhat is the capital of France?\n/exit\nnot read\n",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [ANSWER, ANSWER]
     assert "conversation cleared" in proc.stderr
@@ -183,11 +205,14 @@ def test_history_and_reset(answering_model, monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "--temperature -1.0"),
-    (["--top_p", "0"], "--top_p 0.0"),
-    (["--max_new_tokens", "0"], "--max_new_tokens 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "-1"], "--temperature -1.0"),
+        (["--top_p", "0"], "--top_p 0.0"),
+        (["--max_new_tokens", "0"], "--max_new_tokens 0"),
+    ],
+)
 def test_bad_sampling_flags_exit_2(flags, message, tmp_path, capsys):
     from llmft.tools.chat import main
 
@@ -240,12 +265,19 @@ def test_truncated_adapter_weights_are_named(answering_adapter, tmp_path, capsys
 
 # --- --tools: function schemas in the prompt, as training shows them ----------------------------------------------
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object",
-                                                           "properties": {"city": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 TIME = {"name": "get_time", "description": "Time in a zone", "parameters": {"type": "object", "properties": {}}}
-NO_TOOL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NO_TOOL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def write_json(path: Path, value) -> Path:
@@ -285,16 +317,31 @@ def test_tools_are_prompted_exactly_as_training_renders_them(answering_model, tm
 
     prompts = recording_generate(monkeypatch)
     tools = write_json(tmp_path / "tools.json", [WEATHER, TIME])
-    flags = ["--model", str(answering_model), "--system", "Be brief.", "--prompt", "Weather in Paris?",
-             "--temperature", "0", "--max_new_tokens", "5"]
+    flags = [
+        "--model",
+        str(answering_model),
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "Weather in Paris?",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "5",
+    ]
     main([*flags, "--tools", str(tools)])
     main(flags)
     assert capsys.readouterr().out.count("\n") == 2
 
     tokenizer = AutoTokenizer.from_pretrained(answering_model)
-    record = {"tools": [WEATHER, TIME], "messages": [{"role": "system", "content": "Be brief."},
-                                                     {"role": "user", "content": "Weather in Paris?"},
-                                                     {"role": "assistant", "content": "It is sunny."}]}
+    record = {
+        "tools": [WEATHER, TIME],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "It is sunny."},
+        ],
+    }
     sample = render_conversation(parse_record(record), tokenizer)
     trained_from = next(i for i, label in enumerate(sample.labels) if label != -100)
     assert prompts[0] == sample.input_ids[:trained_from]
@@ -318,13 +365,16 @@ def test_interactive_turns_all_show_the_tools(answering_model, tmp_path, monkeyp
     assert seen == [[WEATHER], [WEATHER]]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("[{", "not a readable JSON file"),
-    ('{"name": "get_weather"}', "'tools' must be a list of function schemas, got dict"),
-    ('[{"type": "function", "function": {"description": "no name"}}]', "tool 0 must be a function schema"),
-    ("[]", "the file lists no function schemas"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("[{", "not a readable JSON file"),
+        ('{"name": "get_weather"}', "'tools' must be a list of function schemas, got dict"),
+        ('[{"type": "function", "function": {"description": "no name"}}]', "tool 0 must be a function schema"),
+        ("[]", "the file lists no function schemas"),
+    ],
+)
 def test_bad_tools_file_exits_2_before_loading(content, message, tmp_path, capsys):
     from llmft.tools.chat import main
 

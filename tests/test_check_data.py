@@ -20,14 +20,28 @@ def chatml(role, content):
 GOOD = [
     chat_record("Hi", "Hello!", id="a"),
     chat_record("Hi", "Hello!", id="a-again"),  # a duplicate: the same conversation under another id
-    {"id": "b", "messages": [{"role": "user", "content": "one?"}, {"role": "assistant", "content": "One.",
-                                                                   "train": False},
-                             {"role": "user", "content": "two?"}, {"role": "assistant", "content": "Two."}]},
-    {"id": "c", "tools": [WEATHER], "messages": [
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "tool_calls": [{"type": "function",
-                                              "function": {"name": "get_weather", "arguments": "{}"}}]},
-        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]},
+    {
+        "id": "b",
+        "messages": [
+            {"role": "user", "content": "one?"},
+            {"role": "assistant", "content": "One.", "train": False},
+            {"role": "user", "content": "two?"},
+            {"role": "assistant", "content": "Two."},
+        ],
+    },
+    {
+        "id": "c",
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+    },
     {"id": "d", "text": "Water boils."},
     chat_record("Hi", "Hello!", "Tell me a story.", STORY, id="long"),  # truncated after its first answer at 400
     chat_record(STORY, "Yes.", id="prompt-too-long"),  # nothing to train within 400 tokens: dropped
@@ -42,42 +56,102 @@ def run_check(tmp_path, data, *flags):
 
 def test_counts_match_hand_computed(tiny_chat_model, tmp_path, capsys):
     data = write_records(tmp_path / "good.jsonl", GOOD, jsonl=True)
-    status, report = run_check(tmp_path, data, "--model_name_or_path", tiny_chat_model, "--model_max_length", 400,
-                               "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2)
+    status, report = run_check(
+        tmp_path,
+        data,
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--model_max_length",
+        400,
+        "--per_device_train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        2,
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
 
     def n(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     tools_system = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=[WEATHER], tokenize=False)
-    tools_system = tools_system[:tools_system.index("<|im_start|>user")]
+    tools_system = tools_system[: tools_system.index("<|im_start|>user")]
     call = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
     kept = {  # (tokens, trained tokens) of each kept sample, from its text spelled out
         "a": (n(chatml("user", "Hi") + chatml("assistant", "Hello!")), n("Hello!<|im_end|>")),
-        "b": (n(chatml("user", "one?") + chatml("assistant", "One.") + chatml("user", "two?")
-                + chatml("assistant", "Two.")), n("Two.<|im_end|>")),
-        "c": (n(tools_system + chatml("user", "Weather?") + "<|im_start|>assistant\n" + call + "<|im_end|>\n"
+        "b": (
+            n(
+                chatml("user", "one?")
+                + chatml("assistant", "One.")
+                + chatml("user", "two?")
+                + chatml("assistant", "Two.")
+            ),
+            n("Two.<|im_end|>"),
+        ),
+        "c": (
+            n(
+                tools_system
+                + chatml("user", "Weather?")
+                + "<|im_start|>assistant\n"
+                + call
+                + "<|im_end|>\n"
                 + "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
-                + chatml("assistant", "Sunny.")), n(call + "<|im_end|>") + n("Sunny.<|im_end|>")),
+                + chatml("assistant", "Sunny.")
+            ),
+            n(call + "<|im_end|>") + n("Sunny.<|im_end|>"),
+        ),
         "d": (n("Water boils.") + 1, n("Water boils.") + 1),  # + <|endoftext|>
         "long": (n(chatml("user", "Hi") + "<|im_start|>assistant\nHello!<|im_end|>"), n("Hello!<|im_end|>")),
     }
     kept["a-again"] = kept["a"]
-    full_long = n(chatml("user", "Hi") + chatml("assistant", "Hello!") + chatml("user", "Tell me a story.")
-                  + chatml("assistant", STORY))
+    full_long = n(
+        chatml("user", "Hi")
+        + chatml("assistant", "Hello!")
+        + chatml("user", "Tell me a story.")
+        + chatml("assistant", STORY)
+    )
     full_dropped = n(chatml("user", STORY) + chatml("assistant", "Yes."))
     lengths = sorted([kept[k][0] for k in ("a", "a-again", "b", "c")] + [kept["d"][0], full_long, full_dropped])
     assert kept["c"][0] <= 400 < full_long and 400 < n(chatml("user", STORY))  # else the file tests nothing
 
     assert status == 0
-    assert {k: report[k] for k in ("records", "chat_records", "text_records", "bad_records", "samples", "truncated",
-                                   "dropped", "assistant_turns", "trained_turns", "tool_calls", "tool_results",
-                                   "zero_trained_samples", "duplicate_records", "duplicates", "split_conversations",
-                                   "problems")} == {
-        "records": 7, "chat_records": 6, "text_records": 1, "bad_records": 0, "samples": 6, "truncated": 1,
-        "dropped": 1, "assistant_turns": 1 + 1 + 2 + 2 + 2 + 1, "trained_turns": 1 + 1 + 1 + 2 + 2 + 1,
-        "tool_calls": 1, "tool_results": 1, "zero_trained_samples": 0, "duplicate_records": 1,
-        "duplicates": [[1, 0]], "split_conversations": 0, "problems": []}
+    assert {
+        k: report[k]
+        for k in (
+            "records",
+            "chat_records",
+            "text_records",
+            "bad_records",
+            "samples",
+            "truncated",
+            "dropped",
+            "assistant_turns",
+            "trained_turns",
+            "tool_calls",
+            "tool_results",
+            "zero_trained_samples",
+            "duplicate_records",
+            "duplicates",
+            "split_conversations",
+            "problems",
+        )
+    } == {
+        "records": 7,
+        "chat_records": 6,
+        "text_records": 1,
+        "bad_records": 0,
+        "samples": 6,
+        "truncated": 1,
+        "dropped": 1,
+        "assistant_turns": 1 + 1 + 2 + 2 + 2 + 1,
+        "trained_turns": 1 + 1 + 1 + 2 + 2 + 1,
+        "tool_calls": 1,
+        "tool_results": 1,
+        "zero_trained_samples": 0,
+        "duplicate_records": 1,
+        "duplicates": [[1, 0]],
+        "split_conversations": 0,
+        "problems": [],
+    }
     assert report["tokens"] == sum(tokens for tokens, _ in kept.values())
     assert report["trained_tokens"] == sum(trained for _, trained in kept.values())
     assert report["longest"] == lengths[-1] == full_long
@@ -93,12 +167,23 @@ def test_counts_match_hand_computed(tiny_chat_model, tmp_path, capsys):
 
 def test_steps_with_a_token_budget_and_several_ranks(tiny_chat_model, tmp_path):
     data = write_records(tmp_path / "many.json", [chat_record("Hi", "Hello!", id=str(i)) for i in range(40)])
-    _, report = run_check(tmp_path, data, "--model_name_or_path", tiny_chat_model, "--per_device_train_batch_size", 4,
-                          "--world_size", 2)
+    _, report = run_check(
+        tmp_path, data, "--model_name_or_path", tiny_chat_model, "--per_device_train_batch_size", 4, "--world_size", 2
+    )
     assert (report["micro_batches_per_epoch"], report["steps_per_epoch"]) == (10, 5)
     sample = report["tokens"] // 40
-    _, report = run_check(tmp_path, data, "--model_name_or_path", tiny_chat_model, "--max_tokens_per_batch",
-                          4 * sample, "--model_max_length", 4 * sample, "--world_size", 2)
+    _, report = run_check(
+        tmp_path,
+        data,
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--max_tokens_per_batch",
+        4 * sample,
+        "--model_max_length",
+        4 * sample,
+        "--world_size",
+        2,
+    )
     # every sample has the same length: 4 fit a micro-batch, so 10 micro-batches over 2 ranks
     assert (report["micro_batches_per_epoch"], report["steps_per_epoch"]) == (10, 5)
 
@@ -107,17 +192,45 @@ BROKEN_LINES = [
     json.dumps(chat_record("Hi", "Hello!", id="fine")),
     '{"id": "cut", "messages": [',  # malformed JSON
     "",  # a blank line is no record
-    json.dumps({"id": "args", "messages": [
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "tool_calls": [{"type": "function",
-                                              "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]}),
-    json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r"},
-                             {"role": "assistant", "content": "b"}]}),  # a result with no call, and no id
-    json.dumps({"id": "weight", "messages": [{"role": "user", "content": "a"},
-                                             {"role": "assistant", "content": "b", "loss_weight": 0.5}]}),
-    json.dumps({"id": "unknown-tool", "tools": [WEATHER], "messages": [
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "tool_calls": [{"function": {"name": "get_time", "arguments": {}}}]}]}),
+    json.dumps(
+        {
+            "id": "args",
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}
+                    ],
+                },
+            ],
+        }
+    ),
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "tool", "content": "r"},
+                {"role": "assistant", "content": "b"},
+            ]
+        }
+    ),  # a result with no call, and no id
+    json.dumps(
+        {
+            "id": "weight",
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "loss_weight": 0.5}],
+        }
+    ),
+    json.dumps(
+        {
+            "id": "unknown-tool",
+            "tools": [WEATHER],
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "get_time", "arguments": {}}}]},
+            ],
+        }
+    ),
     json.dumps({"id": 7, "conversations": [{"from": "narrator", "value": "x"}]}),
     json.dumps(chat_record("Bye", "Goodbye.", id="fine-too")),
 ]
@@ -129,14 +242,23 @@ def test_every_problem_is_listed_with_index_line_and_id(tiny_chat_model, tmp_pat
     status, report = run_check(tmp_path, data, "--model_name_or_path", tiny_chat_model)
     assert status == 1
     problems = [(p["index"], p["line"], p["id"]) for p in report["problems"]]
-    assert problems == [(1, 2, None), (2, 4, "args"), (3, 5, None), (4, 6, "weight"), (5, 7, "unknown-tool"),
-                        (6, 8, "7")]
+    assert problems == [
+        (1, 2, None),
+        (2, 4, "args"),
+        (3, 5, None),
+        (4, 6, "weight"),
+        (5, 7, "unknown-tool"),
+        (6, 8, "7"),
+    ]
     messages = [p["message"] for p in report["problems"]]
     assert messages[0] == f"{data}: line 2 (record #1): malformed JSON: Expecting value at column 28"
-    assert messages[1].startswith(f"{data}: record #2 (line 4) (id 'args'): turn 1: tool call 0 ('get_weather'): "
-                                  "arguments are not valid JSON")
-    assert messages[2] == (f"{data}: record #3 (line 5): turn 1: a tool result with no tool call before it (the "
-                           "tool results must follow the assistant turn that calls the tools)")
+    assert messages[1].startswith(
+        f"{data}: record #2 (line 4) (id 'args'): turn 1: tool call 0 ('get_weather'): arguments are not valid JSON"
+    )
+    assert messages[2] == (
+        f"{data}: record #3 (line 5): turn 1: a tool result with no tool call before it (the "
+        "tool results must follow the assistant turn that calls the tools)"
+    )
     assert "loss_weight 0.5 is not supported" in messages[3]
     assert "turn 1 calls 'get_time', which the record's tools do not define" in messages[4]
     assert "turn 0: unknown role 'narrator'" in messages[5]
@@ -151,16 +273,29 @@ def test_show_marks_the_trained_tokens(tiny_chat_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--- 2 samples as training renders them (trained tokens between [[ and ]])" in out
     assert "=== record #0 (id 'b'): " in out and "=== record #1 (id 'c'): " in out and "record #2" not in out
-    assert ("<|im_start|>user\none?<|im_end|>\n<|im_start|>assistant\nOne.<|im_end|>\n<|im_start|>user\ntwo?"
-            "<|im_end|>\n<|im_start|>assistant\n[[Two.<|im_end|>]]\n") in out
-    assert ('<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call><|im_end|>]]'
-            "\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n") in out
+    assert (
+        "<|im_start|>user\none?<|im_end|>\n<|im_start|>assistant\nOne.<|im_end|>\n<|im_start|>user\ntwo?"
+        "<|im_end|>\n<|im_start|>assistant\n[[Two.<|im_end|>]]\n"
+    ) in out
+    assert (
+        '<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call><|im_end|>]]'
+        "\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+    ) in out
 
 
 def test_bad_flags_are_reported_together(tiny_chat_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main([str(tmp_path / "missing.json"), "--model_name_or_path", str(tiny_chat_model), "--world_size", "0",
-              "--bogus", "1"])
+        main(
+            [
+                str(tmp_path / "missing.json"),
+                "--model_name_or_path",
+                str(tiny_chat_model),
+                "--world_size",
+                "0",
+                "--bogus",
+                "1",
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "missing.json: no such file" in err and "--world_size must be at least 1" in err and "--bogus" in err

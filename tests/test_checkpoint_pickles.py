@@ -48,8 +48,9 @@ def test_pickle_problem_names_the_globals_outside_the_allowlist(tmp_path):
 def test_files_that_cannot_be_checked_are_refused(tmp_path):
     # the legacy (non-zip) torch.save format, and a pickle that imports through STACK_GLOBAL (protocol 4)
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-    assert pickle_problem(str(tmp_path / "legacy.pt")).startswith("cannot be checked: Expected input to be a "
-                                                                   "checkpoint returned by torch.save")
+    assert pickle_problem(str(tmp_path / "legacy.pt")).startswith(
+        "cannot be checked: Expected input to be a checkpoint returned by torch.save"
+    )
     write_payload(tmp_path / "protocol4.pt", tmp_path / "ran", pickle_protocol=4)
     assert pickle_problem(str(tmp_path / "protocol4.pt")).startswith("cannot be checked: UnpicklingError")
     (tmp_path / "raw.bin").write_bytes(pickle.dumps(CreatesFile(tmp_path / "ran")))
@@ -62,21 +63,52 @@ def test_the_allowlist_holds_no_callable_that_runs_code():
 
 
 def test_which_files_are_checked(tmp_path):
-    for name in ("rng_state_0.pth", "scheduler.pt", "training_args.bin", "global_step2/mp_rank_00_model_states.pt",
-                 "adapter_model.safetensors", "latest"):
+    for name in (
+        "rng_state_0.pth",
+        "scheduler.pt",
+        "training_args.bin",
+        "global_step2/mp_rank_00_model_states.pt",
+        "adapter_model.safetensors",
+        "latest",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert [p.removeprefix(f"{tmp_path}/") for p in checkpoint_pickles(str(tmp_path))] == [
-        "global_step2/mp_rank_00_model_states.pt", "rng_state_0.pth", "scheduler.pt"]  # training_args.bin: never read
+        "global_step2/mp_rank_00_model_states.pt",
+        "rng_state_0.pth",
+        "scheduler.pt",
+    ]  # training_args.bin: never read
     check_checkpoint_pickles(str(tmp_path), trust=True)  # trusted: nothing read
     with pytest.raises(LlmftError, match="--trust_checkpoint_pickles True"):
         check_checkpoint_pickles(str(tmp_path))
 
 
 def flags(model, out, *extra):
-    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu", "True",
-            "--use_lora", "True", "--model_max_length", "128", "--per_device_train_batch_size", "2",
-            "--max_tokens_per_batch", "0", "--save_steps", "1", "--report_to", "none", "--seed", "0", *extra]
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "True",
+        "--use_lora",
+        "True",
+        "--model_max_length",
+        "128",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_tokens_per_batch",
+        "0",
+        "--save_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -90,8 +122,9 @@ def checkpointed_run(tiny_chat_model, tmp_path, run_finetune):
 
 @pytest.mark.parametrize("planted", ["global_step1/mp_rank_00_model_states.pt", "rng_state.pth"])
 @pytest.mark.parametrize("resume", ["True", "auto", "path"])
-def test_resume_refuses_a_crafted_checkpoint_naming_the_file(planted, resume, checkpointed_run, tiny_chat_model,
-                                                             run_finetune, tmp_path, capsys):
+def test_resume_refuses_a_crafted_checkpoint_naming_the_file(
+    planted, resume, checkpointed_run, tiny_chat_model, run_finetune, tmp_path, capsys
+):
     out = checkpointed_run
     marker = tmp_path / "code-ran"
     write_payload(out / "checkpoint-1" / planted, marker)
@@ -113,7 +146,17 @@ def test_trust_flag_skips_the_check(checkpointed_run, tiny_chat_model, run_finet
     out = checkpointed_run
     write_payload(out / "checkpoint-1" / "global_step1" / "mp_rank_00_model_states.pt", tmp_path / "code-ran")
     (out / "checkpoint-1" / "latest").write_text("global_step1")
-    trainer = run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "True",
-                                  "--trust_checkpoint_pickles", "True"))
+    trainer = run_finetune(
+        *flags(
+            tiny_chat_model,
+            out,
+            "--max_steps",
+            "2",
+            "--resume_from_checkpoint",
+            "True",
+            "--trust_checkpoint_pickles",
+            "True",
+        )
+    )
     assert trainer.state.global_step == 2
     assert not (tmp_path / "code-ran").exists()

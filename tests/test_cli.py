@@ -43,8 +43,15 @@ def test_each_subcommand_has_its_own_help(name, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: llmft {name}")
-    flag = {"train": "--learning_rate", "merge": "--adapter", "quantize": "--bits", "chat": "--temperature",
-            "check": "--show", "bench": "--shape", "make-tiny-model": "--hidden_size"}[name]
+    flag = {
+        "train": "--learning_rate",
+        "merge": "--adapter",
+        "quantize": "--bits",
+        "chat": "--temperature",
+        "check": "--show",
+        "bench": "--shape",
+        "make-tiny-model": "--hidden_size",
+    }[name]
     assert flag in out
 
 
@@ -82,9 +89,14 @@ def test_entry_scripts_are_thin(wrapper):
     assert len(source.splitlines()) <= 15
 
 
-@pytest.mark.parametrize("wrapper, library", [("tools.make_tiny_model", "llmft.tools.tiny_model"),
-                                              ("tools.run_gptq", "llmft.tools.quantize"),
-                                              ("tools.merge_lora", "llmft.tools.merge")])
+@pytest.mark.parametrize(
+    "wrapper, library",
+    [
+        ("tools.make_tiny_model", "llmft.tools.tiny_model"),
+        ("tools.run_gptq", "llmft.tools.quantize"),
+        ("tools.merge_lora", "llmft.tools.merge"),
+    ],
+)
 def test_tool_scripts_keep_the_names_they_exported(wrapper, library):
     """Code that imported from tools/*.py before the code moved to llmft/tools/ (the tests now import llmft.tools)
     keeps working: every name a wrapper exports is the library's own object."""
@@ -100,7 +112,12 @@ def test_tool_scripts_keep_the_names_they_exported(wrapper, library):
 def test_a_tool_script_runs_from_anywhere(tmp_path):
     """`python tools/make_tiny_model.py` from another folder, with no PYTHONPATH: the installed package serves it."""
     out = tmp_path / "tiny"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(out)],
-                          capture_output=True, text=True, env=script_env(), cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(out)],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

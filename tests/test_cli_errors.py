@@ -22,10 +22,21 @@ GOOD = [chat_record("Who are you?", "I am Pico.", id="good-0"), chat_record("Wha
 
 
 def run_script(*flags, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"))
-    return subprocess.run([sys.executable, "finetune.py", *map(str, flags)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"),
+    )
+    return subprocess.run(
+        [sys.executable, "finetune.py", *map(str, flags)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def error_block(stderr: str) -> str:
@@ -33,7 +44,7 @@ def error_block(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     starts = [m.start() for m in re.finditer(r"^error: ", stderr, flags=re.MULTILINE)]
     assert len(starts) == 1, stderr
-    return stderr[starts[0]:].rstrip("\n")
+    return stderr[starts[0] :].rstrip("\n")
 
 
 def tree(path) -> dict | None:
@@ -117,21 +128,41 @@ def hub(monkeypatch, tmp_path):
 
 # --- through the real script -----------------------------------------------------------------------------------
 
+
 def test_script_malformed_record_is_named_without_traceback(tiny_chat_model, tmp_path):
     path = write_records(tmp_path / "train.jsonl", GOOD + [chat_record("Only a question?", id="lonely")], jsonl=True)
     out = tmp_path / "out"
-    result = run_script("--model_name_or_path", tiny_chat_model, "--data_path", path, "--output_dir", out,
-                        "--report_to", "none", tmp_path=tmp_path)
+    result = run_script(
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        path,
+        "--output_dir",
+        out,
+        "--report_to",
+        "none",
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert error_block(result.stderr) == (
-        f"error: {path}: record #2 (line 3) (id 'lonely'): no assistant turn, so nothing to train on")
+        f"error: {path}: record #2 (line 3) (id 'lonely'): no assistant turn, so nothing to train on"
+    )
     assert not out.exists()
 
 
 def test_script_unknown_flag(data, model_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_script("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out,
-                        "--learning_reat", "1e-4", tmp_path=tmp_path)
+    result = run_script(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--learning_reat",
+        "1e-4",
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert error_block(result.stderr) == "error: invalid settings (1):\n  - unknown flag or key: --learning_reat"
     assert not out.exists()
@@ -139,8 +170,11 @@ def test_script_unknown_flag(data, model_dir, tmp_path):
 
 def test_script_yaml_config_with_unknown_key(data, model_dir, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model_name_or_path: {model_dir}\ndata_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
-                      "lora_rank: 8\nnum_train_epochs: 1\n", encoding="utf-8")
+    config.write_text(
+        f"model_name_or_path: {model_dir}\ndata_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
+        "lora_rank: 8\nnum_train_epochs: 1\n",
+        encoding="utf-8",
+    )
     result = run_script(config, tmp_path=tmp_path)
     assert result.returncode == 2, result.stderr
     assert error_block(result.stderr) == "error: invalid settings (1):\n  - unknown flag or key: --lora_rank"
@@ -149,21 +183,43 @@ def test_script_yaml_config_with_unknown_key(data, model_dir, tmp_path):
 
 def test_script_wrong_model_and_data_paths_reported_together(tmp_path):
     out = tmp_path / "out"
-    result = run_script("--model_name_or_path", tmp_path / "no-model", "--data_path", tmp_path / "no.json",
-                        "--output_dir", out, tmp_path=tmp_path)
+    result = run_script(
+        "--model_name_or_path",
+        tmp_path / "no-model",
+        "--data_path",
+        tmp_path / "no.json",
+        "--output_dir",
+        out,
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert error_block(result.stderr) == (
         "error: invalid settings (2):\n"
         f"  - --model_name_or_path {tmp_path / 'no-model'}: no such directory\n"
-        f"  - --data_path {tmp_path / 'no.json'}: no such file")
+        f"  - --data_path {tmp_path / 'no.json'}: no such file"
+    )
     assert not out.exists()
 
 
 def test_script_contradictory_flags_reported_together(model_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_script("--model_name_or_path", model_dir, "--data_path", tmp_path / "missing.jsonl",
-                        "--output_dir", out, "--q_lora", "True", "--lazy_preprocess", "True",
-                        "--overlong_samples", "drop", "--model_max_length", "8", tmp_path=tmp_path)
+    result = run_script(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        tmp_path / "missing.jsonl",
+        "--output_dir",
+        out,
+        "--q_lora",
+        "True",
+        "--lazy_preprocess",
+        "True",
+        "--overlong_samples",
+        "drop",
+        "--model_max_length",
+        "8",
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     problems = error_block(result.stderr).splitlines()
     assert problems[0] == "error: invalid settings (4):"
@@ -179,6 +235,7 @@ def test_script_contradictory_flags_reported_together(model_dir, tmp_path):
 
 # --- in process: data errors --------------------------------------------------------------------------------------
 
+
 def test_malformed_json_list_names_line_and_column(fails, tiny_chat_model, tmp_path):
     path = tmp_path / "train.json"
     path.write_text('[\n {"text": "fine"},\n {"text": "oops" "x"}\n]\n', encoding="utf-8")
@@ -191,18 +248,19 @@ def test_malformed_json_list_names_line_and_column(fails, tiny_chat_model, tmp_p
 def test_bad_eval_record_is_named(fails, tiny_chat_model, data, tmp_path):
     eval_path = write_records(tmp_path / "eval.json", GOOD + [{"id": "e-9", "messages": []}])
     out = tmp_path / "out"
-    block = fails("--model_name_or_path", tiny_chat_model, "--data_path", data, "--eval_data_path", eval_path,
-                  "--output_dir", out)
+    block = fails(
+        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--eval_data_path", eval_path, "--output_dir", out
+    )
     assert block == f"error: {eval_path}: record #2 (id 'e-9'): empty conversation"
     assert not out.exists()
 
 
 def test_lazy_preprocess_also_names_the_bad_record(fails, tiny_chat_model, tmp_path):
-    path = write_records(tmp_path / "train.jsonl", GOOD + [{"id": "r", "conversations": [{"from": "bot"}]}],
-                         jsonl=True)
+    path = write_records(tmp_path / "train.jsonl", GOOD + [{"id": "r", "conversations": [{"from": "bot"}]}], jsonl=True)
     out = tmp_path / "out"
-    block = fails("--model_name_or_path", tiny_chat_model, "--data_path", path, "--lazy_preprocess", "True",
-                  "--output_dir", out)
+    block = fails(
+        "--model_name_or_path", tiny_chat_model, "--data_path", path, "--lazy_preprocess", "True", "--output_dir", out
+    )
     assert block.startswith(f"error: {path}: record #2 (line 3) (id 'r'): turn 0 needs 'from' and 'value'")
     assert not out.exists()
 
@@ -210,23 +268,51 @@ def test_lazy_preprocess_also_names_the_bad_record(fails, tiny_chat_model, tmp_p
 def test_every_sample_dropped_as_overlong(fails, tiny_chat_model, tmp_path):
     long_answer = " ".join(["The quick brown fox jumps over the lazy dog."] * 10)
     path = write_records(tmp_path / "train.json", [chat_record("Tell me a story.", long_answer)])
-    block = fails("--model_name_or_path", tiny_chat_model, "--data_path", path, "--model_max_length", "16",
-                  "--overlong_samples", "drop", "--output_dir", tmp_path / "out")
+    block = fails(
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        path,
+        "--model_max_length",
+        "16",
+        "--overlong_samples",
+        "drop",
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert block == f"error: {path}: no sample left to train on (1 dropped as over-long)"
 
 
 # --- in process: settings -----------------------------------------------------------------------------------------
 
+
 def test_unknown_flag_in_equals_form_and_stray_argument(fails, data, model_dir, tmp_path):
-    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
-                  "--use_lroa=True", "stray")
-    assert block == ("error: invalid settings (2):\n  - unknown flag or key: --use_lroa\n"
-                     "  - unexpected argument: stray")
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--use_lroa=True",
+        "stray",
+    )
+    assert block == (
+        "error: invalid settings (2):\n  - unknown flag or key: --use_lroa\n  - unexpected argument: stray"
+    )
 
 
 def test_value_of_the_wrong_type_names_the_flag(fails, data, model_dir, tmp_path):
-    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
-                  "--num_train_epochs", "three")
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--num_train_epochs",
+        "three",
+    )
     assert block.startswith("error: invalid settings (1):\n  - argument --num_train_epochs")
     assert "'three'" in block
     assert len(block.splitlines()) == 2  # one line, not argparse's usage text
@@ -236,37 +322,64 @@ def test_training_arguments_error_is_one_problem_among_the_others(fails, data, m
     # TrainingArguments.__post_init__ refuses bf16 with fp16 itself; the unknown flag before it and validate()'s
     # checks of the other settings are still all reported. (--use_cpu keeps transformers from first refusing bf16
     # on a machine without a bf16 GPU.)
-    block = fails("--model_name_or_path", model_dir, "--data_path", tmp_path / "missing.jsonl",
-                  "--output_dir", tmp_path / "out", "--learnin_rate", "0.1",
-                  "--use_cpu", "True", "--q_lora", "True", "--bf16", "True", "--fp16", "True")
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        tmp_path / "missing.jsonl",
+        "--output_dir",
+        tmp_path / "out",
+        "--learnin_rate",
+        "0.1",
+        "--use_cpu",
+        "True",
+        "--q_lora",
+        "True",
+        "--bf16",
+        "True",
+        "--fp16",
+        "True",
+    )
     assert block == (
         "error: invalid settings (4):\n"
         "  - unknown flag or key: --learnin_rate\n"
         "  - At most one of fp16 and bf16 can be True, but not both\n"
         f"  - --data_path {tmp_path / 'missing.jsonl'}: no such file\n"
-        "  - --q_lora True trains LoRA adapters on a quantized base: add --use_lora True")
+        "  - --q_lora True trains LoRA adapters on a quantized base: add --use_lora True"
+    )
 
 
 @pytest.mark.parametrize("strategy", [["steps", "--eval_steps", "5"], ["epoch"]], ids=["steps", "epoch"])
 def test_eval_strategy_without_eval_data_names_the_value_as_typed(fails, data, model_dir, tmp_path, strategy):
-    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
-                  "--eval_strategy", *strategy)
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--eval_strategy",
+        *strategy,
+    )
     assert block == f"error: invalid settings (1):\n  - --eval_strategy {strategy[0]} needs --eval_data_path"
 
 
 OFFLINE_MISS = "no such directory, and no Hub model of that name in the local cache (HF_HUB_OFFLINE is set)"
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("{tmp}/absent", "no such directory"),
-    ("./absent-model", "no such directory"),
-    ("../absent-model", "no such directory"),
-    ("~/absent-model", "no such directory"),
-    ("models/org/absent-model", "no such directory"),  # three parts: no Hub id
-    ("absent-model", OFFLINE_MISS),
-    ("build/tiny-modle", OFFLINE_MISS),  # a mistyped relative path reads as a Hub id: offline, it is not cached
-], ids=["absolute", "dot-relative", "parent-relative", "home", "three-parts", "one-part-offline",
-        "two-parts-offline"])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("{tmp}/absent", "no such directory"),
+        ("./absent-model", "no such directory"),
+        ("../absent-model", "no such directory"),
+        ("~/absent-model", "no such directory"),
+        ("models/org/absent-model", "no such directory"),  # three parts: no Hub id
+        ("absent-model", OFFLINE_MISS),
+        ("build/tiny-modle", OFFLINE_MISS),  # a mistyped relative path reads as a Hub id: offline, it is not cached
+    ],
+    ids=["absolute", "dot-relative", "parent-relative", "home", "three-parts", "one-part-offline", "two-parts-offline"],
+)
 def test_missing_model_path(fails, data, tmp_path, monkeypatch, hub, model, expected):
     hub.offline(True)
     monkeypatch.chdir(tmp_path)
@@ -285,13 +398,15 @@ def test_model_path_without_a_model(fails, data, tmp_path):
     empty.mkdir()
     (empty / "tokenizer.json").write_text("{}", encoding="utf-8")  # anything but a config.json
     block = fails("--model_name_or_path", empty, "--data_path", data, "--output_dir", tmp_path / "out")
-    assert block == (f"error: invalid settings (1):\n  - --model_name_or_path {empty}: "
-                     "the directory holds no model (no config.json)")
+    assert block == (
+        f"error: invalid settings (1):\n  - --model_name_or_path {empty}: the directory holds no model (no config.json)"
+    )
 
 
 def test_real_model_directory_is_accepted(tiny_chat_model, data, tmp_path):
-    model_args, *_ = parse_args(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(data),
-                                 "--output_dir", str(tmp_path / "out")])
+    model_args, *_ = parse_args(
+        ["--model_name_or_path", str(tiny_chat_model), "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    )
     assert model_args.model_name_or_path == str(tiny_chat_model)
 
 
@@ -307,21 +422,23 @@ def test_hub_id_offline_is_accepted_only_from_the_local_cache(data, tmp_path, hu
     flags = ["--data_path", data, "--output_dir", tmp_path / "out"]
     assert problems_of(["--model_name_or_path", "pico/tiny-chat", *flags]) == []
     assert problems_of(["--model_name_or_path", "pico/tiny-chad", *flags]) == [
-        f"--model_name_or_path pico/tiny-chad: {OFFLINE_MISS}"]
+        f"--model_name_or_path pico/tiny-chad: {OFFLINE_MISS}"
+    ]
 
 
 def test_gptq_hub_model_from_the_cache_is_checked_like_a_local_one(data, tmp_path, hub):
     hub.offline(True)
     hub.cache("pico/tiny-gptq", {"model_type": "qwen2", "quantization_config": {"quant_method": "gptq", "bits": 4}})
-    assert problems_of(["--model_name_or_path", "pico/tiny-gptq", "--data_path", data,
-                        "--output_dir", tmp_path / "out"]) == [
-        "the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; add --use_lora True"]
+    assert problems_of(
+        ["--model_name_or_path", "pico/tiny-gptq", "--data_path", data, "--output_dir", tmp_path / "out"]
+    ) == ["the base model is GPTQ-quantized: its weights cannot be fine-tuned in full; add --use_lora True"]
 
 
 def test_missing_model_path_that_is_no_hub_id_offline(data, tmp_path, hub):
     hub.offline(True)
-    assert problems_of(["--model_name_or_path", "my model", "--data_path", data,
-                        "--output_dir", tmp_path / "out"]) == ["--model_name_or_path my model: no such directory, and not a valid Hub model id"]
+    assert problems_of(["--model_name_or_path", "my model", "--data_path", data, "--output_dir", tmp_path / "out"]) == [
+        "--model_name_or_path my model: no such directory, and not a valid Hub model id"
+    ]
 
 
 def test_model_directory_with_unreadable_config(data, tmp_path):
@@ -333,10 +450,20 @@ def test_model_directory_with_unreadable_config(data, tmp_path):
 
 
 def test_missing_data_and_eval_paths(fails, model_dir, tmp_path):
-    block = fails("--model_name_or_path", model_dir, "--data_path", tmp_path / "a.json",
-                  "--eval_data_path", tmp_path / "b.jsonl", "--output_dir", tmp_path / "out")
-    assert block == (f"error: invalid settings (2):\n  - --data_path {tmp_path / 'a.json'}: no such file\n"
-                     f"  - --eval_data_path {tmp_path / 'b.jsonl'}: no such file")
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        tmp_path / "a.json",
+        "--eval_data_path",
+        tmp_path / "b.jsonl",
+        "--output_dir",
+        tmp_path / "out",
+    )
+    assert block == (
+        f"error: invalid settings (2):\n  - --data_path {tmp_path / 'a.json'}: no such file\n"
+        f"  - --eval_data_path {tmp_path / 'b.jsonl'}: no such file"
+    )
 
 
 def test_non_empty_output_dir_is_refused_and_left_alone(fails, data, model_dir, tmp_path):
@@ -344,9 +471,11 @@ def test_non_empty_output_dir_is_refused_and_left_alone(fails, data, model_dir, 
     out.mkdir()
     (out / "notes.txt").write_text("earlier run")
     block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out)
-    assert block == (f"error: invalid settings (1):\n  - --output_dir {out} is not empty: pass "
-                     "--resume_from_checkpoint True to continue that run, --overwrite_output_dir True to train over "
-                     "it, or choose another directory")
+    assert block == (
+        f"error: invalid settings (1):\n  - --output_dir {out} is not empty: pass "
+        "--resume_from_checkpoint True to continue that run, --overwrite_output_dir True to train over "
+        "it, or choose another directory"
+    )
     known = {f for cls in ARGUMENT_CLASSES for f in cls.__dataclass_fields__}
     suggested = set(re.findall(r"--(\w+)", block))
     assert suggested <= known, f"the message suggests unknown flags {suggested - known}"
@@ -356,8 +485,18 @@ def test_overwrite_output_dir_accepts_a_non_empty_output_dir(data, model_dir, tm
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("earlier run")
-    *_, training_args = parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data),
-                                    "--output_dir", str(out), "--overwrite_output_dir", "True"])
+    *_, training_args = parse_args(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--overwrite_output_dir",
+            "True",
+        ]
+    )
     assert training_args.overwrite_output_dir is True
 
 
@@ -367,18 +506,32 @@ def test_resume_true_without_checkpoint(fails, data, model_dir, tmp_path, existi
     if existing:
         (out / "logs").mkdir(parents=True)
         (out / "logs" / "events").write_bytes(b"\x00\x01")
-    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out,
-                  "--resume_from_checkpoint", "True")
-    assert block == (f"error: invalid settings (1):\n  - --resume_from_checkpoint True: no complete checkpoint-* directory "
-                     f"in --output_dir {out}")
+    block = fails(
+        "--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out, "--resume_from_checkpoint", "True"
+    )
+    assert block == (
+        f"error: invalid settings (1):\n  - --resume_from_checkpoint True: no complete checkpoint-* directory "
+        f"in --output_dir {out}"
+    )
     assert out.exists() == existing
 
 
 def test_resume_from_missing_checkpoint_path(fails, data, model_dir, tmp_path):
     checkpoint = tmp_path / "out" / "checkpoint-5"
-    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
-                  "--resume_from_checkpoint", checkpoint)
-    assert block == f"error: invalid settings (1):\n  - --resume_from_checkpoint {checkpoint}: no such checkpoint directory"
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--resume_from_checkpoint",
+        checkpoint,
+    )
+    assert (
+        block
+        == f"error: invalid settings (1):\n  - --resume_from_checkpoint {checkpoint}: no such checkpoint directory"
+    )
 
 
 def test_resume_true_with_a_checkpoint_is_accepted(data, model_dir, tmp_path):
@@ -389,34 +542,80 @@ def test_resume_true_with_a_checkpoint_is_accepted(data, model_dir, tmp_path):
     import torch
 
     torch.save({}, checkpoint / "optimizer.bin")  # whole: an empty file is one whose save was cut short
-    *_, training_args = parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data),
-                                    "--output_dir", str(out), "--resume_from_checkpoint", "True"])
+    *_, training_args = parse_args(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--resume_from_checkpoint",
+            "True",
+        ]
+    )
     assert training_args.resume_from_checkpoint == "True"
 
 
 def test_numbers_that_fail_late_are_reported_up_front_together(fails, data, model_dir, tmp_path):
     """Before, each of these got past the settings and failed after the model was loaded and the data tokenized
     (gradient accumulation 0 with a ZeroDivisionError), or trained with a negative learning rate."""
-    block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
-                  "--learning_rate", "-0.001", "--per_device_train_batch_size", "0",
-                  "--gradient_accumulation_steps", "0", "--seed", "-1")
-    assert block == ("error: invalid settings (4):\n"
-                     "  - --learning_rate -0.001: must be a finite number, 0 or more\n"
-                     "  - --per_device_train_batch_size 0: must be at least 1\n"
-                     "  - --gradient_accumulation_steps 0: must be at least 1\n"
-                     "  - --seed -1: must be in [0, 2**32 - 1]")
+    block = fails(
+        "--model_name_or_path",
+        model_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--learning_rate",
+        "-0.001",
+        "--per_device_train_batch_size",
+        "0",
+        "--gradient_accumulation_steps",
+        "0",
+        "--seed",
+        "-1",
+    )
+    assert block == (
+        "error: invalid settings (4):\n"
+        "  - --learning_rate -0.001: must be a finite number, 0 or more\n"
+        "  - --per_device_train_batch_size 0: must be at least 1\n"
+        "  - --gradient_accumulation_steps 0: must be at least 1\n"
+        "  - --seed -1: must be in [0, 2**32 - 1]"
+    )
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_learning_rate_that_is_not_a_number(data, model_dir, tmp_path, value):
-    assert problems_of(["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out",
-                        "--learning_rate", value]) == [f"--learning_rate {float(value)}: must be a finite number, 0 or more"]
+    assert problems_of(
+        [
+            "--model_name_or_path",
+            model_dir,
+            "--data_path",
+            data,
+            "--output_dir",
+            tmp_path / "out",
+            "--learning_rate",
+            value,
+        ]
+    ) == [f"--learning_rate {float(value)}: must be a finite number, 0 or more"]
 
 
 def test_eval_batch_size_zero_with_eval_data(data, model_dir, tmp_path):
-    assert problems_of(["--model_name_or_path", model_dir, "--data_path", data, "--eval_data_path", data,
-                        "--output_dir", tmp_path / "out", "--per_device_eval_batch_size", "0"]) == [
-        "--per_device_eval_batch_size 0: must be at least 1"]
+    assert problems_of(
+        [
+            "--model_name_or_path",
+            model_dir,
+            "--data_path",
+            data,
+            "--eval_data_path",
+            data,
+            "--output_dir",
+            tmp_path / "out",
+            "--per_device_eval_batch_size",
+            "0",
+        ]
+    ) == ["--per_device_eval_batch_size 0: must be at least 1"]
 
 
 def test_output_dir_that_is_a_file(fails, data, model_dir, tmp_path):
@@ -444,8 +643,10 @@ def test_output_dir_without_write_permission(fails, data, model_dir, tmp_path):
         block = fails("--model_name_or_path", model_dir, "--data_path", data, "--output_dir", parent / "out")
     finally:
         parent.chmod(0o755)
-    assert block == (f"error: invalid settings (1):\n  - --output_dir {parent / 'out'} cannot be written: no write "
-                     f"permission on {parent}")
+    assert block == (
+        f"error: invalid settings (1):\n  - --output_dir {parent / 'out'} cannot be written: no write "
+        f"permission on {parent}"
+    )
 
 
 def broken_weights_copy(model, dest, content: bytes | None = None):
@@ -458,19 +659,28 @@ def broken_weights_copy(model, dest, content: bytes | None = None):
     return weights
 
 
-@pytest.mark.parametrize("content, reason", [
-    (None, "is truncated: tensor model.embed_tokens.weight ends at byte"),
-    (b"<html>Bad gateway</html>" * 40, "is not a readable safetensors file (its header claims"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "is not a readable safetensors file (its header is not JSON)"),
-], ids=["truncated", "garbage", "bad-header"])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (None, "is truncated: tensor model.embed_tokens.weight ends at byte"),
+        (b"<html>Bad gateway</html>" * 40, "is not a readable safetensors file (its header claims"),
+        (
+            b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+            "is not a readable safetensors file (its header is not JSON)",
+        ),
+    ],
+    ids=["truncated", "garbage", "bad-header"],
+)
 def test_broken_weights_file_is_named_before_loading(fails, tiny_chat_model, data, tmp_path, content, reason):
     weights = broken_weights_copy(tiny_chat_model, tmp_path / "model", content)
     block = fails("--model_name_or_path", tmp_path / "model", "--data_path", data, "--output_dir", tmp_path / "out")
-    assert block.startswith(f"error: invalid settings (1):\n  - --model_name_or_path {tmp_path / 'model'}: "
-                            f"{weights} {reason}"), block
+    assert block.startswith(
+        f"error: invalid settings (1):\n  - --model_name_or_path {tmp_path / 'model'}: {weights} {reason}"
+    ), block
 
 
 # --- config files ------------------------------------------------------------------------------------------------
+
 
 def test_yaml_config_with_unknown_key(fails, data, model_dir, tmp_path):
     config = tmp_path / "run.yaml"
@@ -483,18 +693,23 @@ def test_yaml_config_with_unknown_key(fails, data, model_dir, tmp_path):
 def test_unknown_key_is_one_problem_whatever_its_values(fails, data, model_dir, tmp_path, values):
     # the strings after an unknown key are its values, not stray arguments; the next key is still read
     config = tmp_path / "run.yaml"
-    config.write_text(f"learnin_rate: {json.dumps(values) if values != ['0.1'] else '0.1'}\nlora_r: 0\n"
-                      "use_lora: true\n", encoding="utf-8")
+    config.write_text(
+        f"learnin_rate: {json.dumps(values) if values != ['0.1'] else '0.1'}\nlora_r: 0\nuse_lora: true\n",
+        encoding="utf-8",
+    )
     block = fails(config, "--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out")
-    assert block == ("error: invalid settings (2):\n  - unknown flag or key: --learnin_rate\n"
-                     "  - --lora_r and --lora_alpha must be positive")
+    assert block == (
+        "error: invalid settings (2):\n  - unknown flag or key: --learnin_rate\n"
+        "  - --lora_r and --lora_alpha must be positive"
+    )
 
 
 def test_unknown_key_with_a_negative_value_is_one_problem(data, model_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("max_stpes: -1\n", encoding="utf-8")
-    assert problems_of([config, "--model_name_or_path", model_dir, "--data_path", data,
-                        "--output_dir", tmp_path / "out"]) == ["unknown flag or key: --max_stpes"]
+    assert problems_of(
+        [config, "--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out"]
+    ) == ["unknown flag or key: --max_stpes"]
 
 
 @pytest.mark.parametrize("where", ["config", "flag"])
@@ -509,10 +724,14 @@ def test_truncated_key_is_unknown_not_an_abbreviation(data, model_dir, tmp_path,
     assert problems_of(flags) == ["unknown flag or key: --learning_rat"]
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("lora_r: [8\n", "cannot parse: while parsing a flow sequence"),
-    ("- lora_r\n- 8\n", "expected a mapping of flag names to values"),
-], ids=["unparsable", "not-a-mapping"])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("lora_r: [8\n", "cannot parse: while parsing a flow sequence"),
+        ("- lora_r\n- 8\n", "expected a mapping of flag names to values"),
+    ],
+    ids=["unparsable", "not-a-mapping"],
+)
 def test_bad_yaml_config(fails, data, model_dir, tmp_path, content, expected):
     config = tmp_path / "run.yaml"
     config.write_text(content, encoding="utf-8")
@@ -531,9 +750,19 @@ def test_missing_config_file(fails, data, model_dir, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_flags_override_config_file(data, model_dir, tmp_path, suffix):
-    values = {"model_name_or_path": str(model_dir), "data_path": str(data), "output_dir": str(tmp_path / "out"),
-              "use_lora": True, "lora_r": 16, "lora_target_modules": ["q_proj", "v_proj"], "learning_rate": 3e-3,
-              "num_train_epochs": 40, "model_max_length": 512, "report_to": "none", "save_strategy": "no"}
+    values = {
+        "model_name_or_path": str(model_dir),
+        "data_path": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "use_lora": True,
+        "lora_r": 16,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "learning_rate": 3e-3,
+        "num_train_epochs": 40,
+        "model_max_length": 512,
+        "report_to": "none",
+        "save_strategy": "no",
+    }
     config = tmp_path / f"run{suffix}"
     if suffix == ".json":
         config.write_text(json.dumps(values), encoding="utf-8")
@@ -541,9 +770,18 @@ def test_flags_override_config_file(data, model_dir, tmp_path, suffix):
         import yaml
 
         config.write_text(yaml.safe_dump(values), encoding="utf-8")
-    model, data_args, lora, quant, training = parse_args([
-        str(config), "--learning_rate", "1e-5", "--lora_target_modules", "k_proj", "--use_lora", "False",
-        "--model_max_length=64"])
+    model, data_args, lora, quant, training = parse_args(
+        [
+            str(config),
+            "--learning_rate",
+            "1e-5",
+            "--lora_target_modules",
+            "k_proj",
+            "--use_lora",
+            "False",
+            "--model_max_length=64",
+        ]
+    )
     # overridden on the command line
     assert training.learning_rate == 1e-5
     assert lora.lora_target_modules == ["k_proj"]
@@ -559,9 +797,19 @@ def test_flags_override_config_file(data, model_dir, tmp_path, suffix):
 
 def test_shipped_demo_config_with_overrides(tiny_chat_model, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the demo config's data_path is relative to the repository
-    model, data_args, lora, _, training = parse_args([
-        "examples/demo_lora.yaml", "--model_name_or_path", str(tiny_chat_model), "--output_dir", str(tmp_path / "out"),
-        "--num_train_epochs", "2", "--lora_r", "4"])
+    model, data_args, lora, _, training = parse_args(
+        [
+            "examples/demo_lora.yaml",
+            "--model_name_or_path",
+            str(tiny_chat_model),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--num_train_epochs",
+            "2",
+            "--lora_r",
+            "4",
+        ]
+    )
     assert (training.num_train_epochs, lora.lora_r) == (2, 4)
     assert (lora.use_lora, lora.lora_alpha, data_args.model_max_length, training.learning_rate) == (True, 32, 512, 3e-3)
     assert training.warmup_steps == 0.05  # a fraction of all steps: warmup_ratio is gone from transformers 5
@@ -570,14 +818,35 @@ def test_shipped_demo_config_with_overrides(tiny_chat_model, tmp_path, monkeypat
 
 def test_liger_kernel_config_is_given_as_json(data, model_dir, tmp_path):
     """transformers declares liger_kernel_config a dict, which its flag parser cannot fill from a command line."""
-    *_, training_args = parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data),
-                                    "--output_dir", str(tmp_path / "out"), "--use_liger_kernel", "True",
-                                    "--liger_kernel_config", '{"rms_norm": true, "swiglu": false}'])
+    *_, training_args = parse_args(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_liger_kernel",
+            "True",
+            "--liger_kernel_config",
+            '{"rms_norm": true, "swiglu": false}',
+        ]
+    )
     assert training_args.liger_kernel_config == {"rms_norm": True, "swiglu": False}
 
 
 @pytest.mark.parametrize("value, says", [("{rms_norm: true}", "not JSON"), ('["rms_norm"]', "a JSON object")])
 def test_liger_kernel_config_that_is_not_a_json_object_is_named(data, model_dir, tmp_path, value, says):
-    problems = problems_of(["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "o",
-                            "--liger_kernel_config", value])
+    problems = problems_of(
+        [
+            "--model_name_or_path",
+            model_dir,
+            "--data_path",
+            data,
+            "--output_dir",
+            tmp_path / "o",
+            "--liger_kernel_config",
+            value,
+        ]
+    )
     assert len(problems) == 1 and problems[0].startswith(f"--liger_kernel_config {value}: ") and says in problems[0]

@@ -27,17 +27,23 @@ def lines(path, *records):
 
 # name -> (writes the file at the path it is given, the message's fragment after "<path>: ")
 BAD_FILES = {
-    "empty-json-list": (lambda p: p.write_text("[]\n", encoding="utf-8"),
-                        "the file holds an empty JSON list: no records to train on"),
-    "lone-surrogate": (lambda p: lines(p, *GOOD, chat_record("Hi \ud800", "Hello!", id="bad")),
-                       "record #2 (line 3) (id 'bad'): conversations[0].value holds a lone surrogate '\\ud800'"),
-    "pretty-printed-jsonl": (lambda p: p.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1], indent=2),
-                                                    encoding="utf-8"),
-                             "line 2 (record #1): a JSON record spread over lines 2-"),
-    "all-answers-empty": (lambda p: lines(p, chat_record("Who are you?", "", id="e-0"),
-                                          chat_record("Hi", "", id="e-1")),
-                          "record #0 (line 1) (id 'e-0'): turn 1: the assistant turn is empty (or whitespace only): "
-                          "it would train the model to reply with nothing"),
+    "empty-json-list": (
+        lambda p: p.write_text("[]\n", encoding="utf-8"),
+        "the file holds an empty JSON list: no records to train on",
+    ),
+    "lone-surrogate": (
+        lambda p: lines(p, *GOOD, chat_record("Hi \ud800", "Hello!", id="bad")),
+        "record #2 (line 3) (id 'bad'): conversations[0].value holds a lone surrogate '\\ud800'",
+    ),
+    "pretty-printed-jsonl": (
+        lambda p: p.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1], indent=2), encoding="utf-8"),
+        "line 2 (record #1): a JSON record spread over lines 2-",
+    ),
+    "all-answers-empty": (
+        lambda p: lines(p, chat_record("Who are you?", "", id="e-0"), chat_record("Hi", "", id="e-1")),
+        "record #0 (line 1) (id 'e-0'): turn 1: the assistant turn is empty (or whitespace only): "
+        "it would train the model to reply with nothing",
+    ),
 }
 
 
@@ -101,17 +107,21 @@ def test_lazy_summary_says_token_counts_come_later(bpe_tokenizer, datasets_cache
     _, stats = lazy_dataset(str(path), bpe_tokenizer, SETTINGS)
     assert stats == DataStats(samples=2, tokens_known=False)
     # It said "2 samples, 0 tokens (0.0% trained), 0 truncated", as if nothing would be trained.
-    assert stats.summary("train data") == ("train data: 2 samples; their token counts (and which are truncated) are "
-                                           "known only as the samples are used (--lazy_preprocess)")
+    assert stats.summary("train data") == (
+        "train data: 2 samples; their token counts (and which are truncated) are "
+        "known only as the samples are used (--lazy_preprocess)"
+    )
 
 
 def test_eager_summary_keeps_its_counts():
     stats = DataStats(samples=2, tokens=40, trained_tokens=10, truncated=1)
-    assert stats.summary("train data") == ("train data: 2 samples, 40 tokens (25.0% trained), 1 truncated, 0 dropped "
-                                           "as over-long")
+    assert stats.summary("train data") == (
+        "train data: 2 samples, 40 tokens (25.0% trained), 1 truncated, 0 dropped as over-long"
+    )
 
 
 # --- finetune.py, in this process ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fails(run_finetune, capsys):
@@ -131,14 +141,23 @@ def fails(run_finetune, capsys):
     return run
 
 
-@pytest.mark.parametrize("name, lazy", [("empty-json-list", "False"), ("lone-surrogate", "True"),
-                                        ("all-answers-empty", "False")])
+@pytest.mark.parametrize(
+    "name, lazy", [("empty-json-list", "False"), ("lone-surrogate", "True"), ("all-answers-empty", "False")]
+)
 def test_finetune_names_the_bad_file(fails, tiny_chat_model, tmp_path, name, lazy):
     write, fragment = BAD_FILES[name]
     path = tmp_path / "train.jsonl"
     write(path)
-    error = fails("--model_name_or_path", tiny_chat_model, "--data_path", path, "--lazy_preprocess", lazy,
-                  "--output_dir", tmp_path / "out")
+    error = fails(
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        path,
+        "--lazy_preprocess",
+        lazy,
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert error.startswith(f"error: {path}: {fragment}")
 
 
@@ -154,43 +173,77 @@ def test_directory_as_data_path_is_named_a_directory(tiny_chat_model, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     with pytest.raises(ConfigError) as info:
-        parse_args(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(folder),
-                    "--eval_data_path", str(folder), "--output_dir", str(tmp_path / "out")])
+        parse_args(
+            [
+                "--model_name_or_path",
+                str(tiny_chat_model),
+                "--data_path",
+                str(folder),
+                "--eval_data_path",
+                str(folder),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert info.value.problems == [
         f"--{flag} {folder}: is a directory, not a data file (give the path of a .json or .jsonl file)"
-        for flag in ("data_path", "eval_data_path")]
+        for flag in ("data_path", "eval_data_path")
+    ]
 
 
 # --- --model_max_length against the model's context ----------------------------------------------------------------
 
-@pytest.mark.parametrize("config, max_length, warned", [
-    ({"max_position_embeddings": 64}, 128, True),
-    ({"max_position_embeddings": 64}, 64, False),
-    ({"max_position_embeddings": 64, "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                                      "original_max_position_embeddings": 64}}, 256, False),
-    ({"max_position_embeddings": 64, "rope_scaling": {"type": "yarn", "factor": 2.0}}, 256, True),
-    ({}, 100000, False),  # no context in the config: nothing to compare with
-], ids=["above", "equal", "rope-scaled", "above-rope-scaled", "unknown"])
+
+@pytest.mark.parametrize(
+    "config, max_length, warned",
+    [
+        ({"max_position_embeddings": 64}, 128, True),
+        ({"max_position_embeddings": 64}, 64, False),
+        (
+            {
+                "max_position_embeddings": 64,
+                "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+            },
+            256,
+            False,
+        ),
+        ({"max_position_embeddings": 64, "rope_scaling": {"type": "yarn", "factor": 2.0}}, 256, True),
+        ({}, 100000, False),  # no context in the config: nothing to compare with
+    ],
+    ids=["above", "equal", "rope-scaled", "above-rope-scaled", "unknown"],
+)
 def test_model_max_length_above_the_context_is_warned_up_front(tmp_path, caplog, config, max_length, warned):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "qwen2", **config}), encoding="utf-8")
     data = write_records(tmp_path / "train.json", GOOD)
     with caplog.at_level(logging.WARNING, logger="llmft.checks"):
-        parse_args(["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir",
-                    str(tmp_path / "out"), "--model_max_length", str(max_length)])
+        parse_args(
+            [
+                "--model_name_or_path",
+                str(model),
+                "--data_path",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--model_max_length",
+                str(max_length),
+            ]
+        )
     messages = [r.getMessage() for r in caplog.records if r.name == "llmft.checks"]
     if warned:
         limit = 128 if "rope_scaling" in config else 64  # factor 2 over max_position_embeddings
         assert messages == [
             f"--model_max_length {max_length} is above the model's context of {limit} tokens (max_position_embeddings "
             f"in its config.json): samples longer than {limit} tokens would train positions the model never learned; "
-            f"lower --model_max_length to {limit}, or extend the context with rope_scaling in the model's config"]
+            f"lower --model_max_length to {limit}, or extend the context with rope_scaling in the model's config"
+        ]
     else:
         assert not [m for m in messages if "--model_max_length" in m]
 
 
 # --- the 2-rank launcher ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_two_rank_launcher_names_the_bad_file_and_exits_2(tiny_chat_model, tmp_path):
@@ -199,8 +252,19 @@ def test_two_rank_launcher_names_the_bad_file_and_exits_2(tiny_chat_model, tmp_p
     path = tmp_path / "train.json"
     BAD_FILES["empty-json-list"][0](path)
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache")
-    result = run_launcher("finetune_lora_ds.sh", "-m", tiny_chat_model, "-d", path, "-o", tmp_path / "out", "--",
-                          *TINY_RUN, env=env, timeout=600)
+    result = run_launcher(
+        "finetune_lora_ds.sh",
+        "-m",
+        tiny_chat_model,
+        "-d",
+        path,
+        "-o",
+        tmp_path / "out",
+        "--",
+        *TINY_RUN,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr[-8000:]
     assert f"error: {path}: the file holds an empty JSON list: no records to train on" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-8000:]

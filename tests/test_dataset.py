@@ -11,8 +11,14 @@ import torch
 from transformers import TrainingArguments
 
 import llmft.data.dataset as dataset_module
-from llmft.data.dataset import (DataStats, LazyConversationDataset, RenderSettings, build_datasets, eager_dataset,
-                                lazy_dataset)
+from llmft.data.dataset import (
+    DataStats,
+    LazyConversationDataset,
+    RenderSettings,
+    build_datasets,
+    eager_dataset,
+    lazy_dataset,
+)
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import DataError
 from tests.conftest import EXAMPLES, chat_record, write_records
@@ -44,12 +50,25 @@ def finetune_trainer_kwargs(tiny_chat_model, datasets_cache, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(finetune, "PackingLoraPlusTrainer", trainer)
         with pytest.raises(_TrainerReached):
-            finetune.main(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(EXAMPLES),
-                           "--output_dir", str(out), "--model_max_length", "512", "--report_to", "none"])
+            finetune.main(
+                [
+                    "--model_name_or_path",
+                    str(tiny_chat_model),
+                    "--data_path",
+                    str(EXAMPLES),
+                    "--output_dir",
+                    str(out),
+                    "--model_max_length",
+                    "512",
+                    "--report_to",
+                    "none",
+                ]
+            )
     return captured
 
 
 # --- the collator ----------------------------------------------------------------------------------------------
+
 
 def lengths_of(dataset):
     return [len(r["input_ids"]) for r in dataset]
@@ -63,8 +82,12 @@ def test_collator_pads_to_longest_in_batch_rounded_up_to_8(finetune_trainer_kwar
     lengths = lengths_of(train)
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     odd = [i for i in by_length if lengths[i] % 8][:3]
-    indices = {"shortest-two": by_length[:2], "odd-lengths": odd,
-               "longest-and-shortest": [by_length[-1], by_length[0]], "one-sample": odd[-1:]}[pick]
+    indices = {
+        "shortest-two": by_length[:2],
+        "odd-lengths": odd,
+        "longest-and-shortest": [by_length[-1], by_length[0]],
+        "one-sample": odd[-1:],
+    }[pick]
     samples = [{"input_ids": list(train[i]["input_ids"]), "labels": list(train[i]["labels"])} for i in indices]
     longest = max(len(s["input_ids"]) for s in samples)
     assert any(len(s["input_ids"]) % 8 for s in samples)  # else rounding up would not be tested
@@ -89,27 +112,44 @@ PAD = 1024  # the tiny chat model's <|endoftext|>, its pad token
 X = IGNORE_INDEX
 
 
-@pytest.mark.parametrize("samples, expected", [
-    pytest.param(
-        [{"input_ids": [11, 12, 13], "labels": [X, 12, 13]},
-         {"input_ids": [21, 22, 23, 24, 25], "labels": [X, X, 23, 24, 25]}],
-        {"input_ids": [[11, 12, 13, PAD, PAD, PAD, PAD, PAD], [21, 22, 23, 24, 25, PAD, PAD, PAD]],
-         "labels": [[X, 12, 13, X, X, X, X, X], [X, X, 23, 24, 25, X, X, X]],
-         "attention_mask": [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]},
-        id="3-and-5-to-8"),
-    pytest.param(
-        [{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [X, X, X, X, 5, 6, 7, 8]}],
-        {"input_ids": [[1, 2, 3, 4, 5, 6, 7, 8]], "labels": [[X, X, X, X, 5, 6, 7, 8]],
-         "attention_mask": [[1, 1, 1, 1, 1, 1, 1, 1]]},
-        id="8-stays-8"),
-    pytest.param(
-        [{"input_ids": [31, 32], "labels": [X, 32]},
-         {"input_ids": [41, 42, 43, 44, 45, 46, 47, 48, 49], "labels": [X, X, X, 44, 45, 46, 47, 48, 49]}],
-        {"input_ids": [[31, 32] + [PAD] * 14, [41, 42, 43, 44, 45, 46, 47, 48, 49] + [PAD] * 7],
-         "labels": [[X, 32] + [X] * 14, [X, X, X, 44, 45, 46, 47, 48, 49] + [X] * 7],
-         "attention_mask": [[1, 1] + [0] * 14, [1] * 9 + [0] * 7]},
-        id="2-and-9-to-16"),
-])
+@pytest.mark.parametrize(
+    "samples, expected",
+    [
+        pytest.param(
+            [
+                {"input_ids": [11, 12, 13], "labels": [X, 12, 13]},
+                {"input_ids": [21, 22, 23, 24, 25], "labels": [X, X, 23, 24, 25]},
+            ],
+            {
+                "input_ids": [[11, 12, 13, PAD, PAD, PAD, PAD, PAD], [21, 22, 23, 24, 25, PAD, PAD, PAD]],
+                "labels": [[X, 12, 13, X, X, X, X, X], [X, X, 23, 24, 25, X, X, X]],
+                "attention_mask": [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]],
+            },
+            id="3-and-5-to-8",
+        ),
+        pytest.param(
+            [{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [X, X, X, X, 5, 6, 7, 8]}],
+            {
+                "input_ids": [[1, 2, 3, 4, 5, 6, 7, 8]],
+                "labels": [[X, X, X, X, 5, 6, 7, 8]],
+                "attention_mask": [[1, 1, 1, 1, 1, 1, 1, 1]],
+            },
+            id="8-stays-8",
+        ),
+        pytest.param(
+            [
+                {"input_ids": [31, 32], "labels": [X, 32]},
+                {"input_ids": [41, 42, 43, 44, 45, 46, 47, 48, 49], "labels": [X, X, X, 44, 45, 46, 47, 48, 49]},
+            ],
+            {
+                "input_ids": [[31, 32] + [PAD] * 14, [41, 42, 43, 44, 45, 46, 47, 48, 49] + [PAD] * 7],
+                "labels": [[X, 32] + [X] * 14, [X, X, X, 44, 45, 46, 47, 48, 49] + [X] * 7],
+                "attention_mask": [[1, 1] + [0] * 14, [1] * 9 + [0] * 7],
+            },
+            id="2-and-9-to-16",
+        ),
+    ],
+)
 def test_padding_collator_on_literal_batches(finetune_trainer_kwargs, samples, expected):
     """The collator finetune.py gives the Trainer (evaluation and unpacked training use it): right padding to the
     longest sample rounded up to a multiple of 8, pad token in the ids, -100 in the labels, 0 in the mask."""
@@ -134,8 +174,12 @@ def test_finetune_hands_the_trainer_the_eager_example_dataset(finetune_trainer_k
 
 # --- the eager cache ---------------------------------------------------------------------------------------------
 
-RECORDS = [chat_record("Hi", "Hello!", id="a"), chat_record("What is 2 + 3?", "5.", id="b"),
-           chat_record("Hi", "Hello!", "Tell me a story.", STORY, id="c"), {"id": "d", "text": "Water boils."}]
+RECORDS = [
+    chat_record("Hi", "Hello!", id="a"),
+    chat_record("What is 2 + 3?", "5.", id="b"),
+    chat_record("Hi", "Hello!", "Tell me a story.", STORY, id="c"),
+    {"id": "d", "text": "Water boils."},
+]
 
 
 class RenderSpy:
@@ -161,8 +205,9 @@ def refuse(*args, **kwargs):
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
-def test_second_eager_build_renders_nothing_and_returns_identical_rows(bpe_tokenizer, datasets_cache, tmp_path,
-                                                                      monkeypatch, overlong):
+def test_second_eager_build_renders_nothing_and_returns_identical_rows(
+    bpe_tokenizer, datasets_cache, tmp_path, monkeypatch, overlong
+):
     path = str(write_records(tmp_path / "train.jsonl", RECORDS, jsonl=True))
     settings = RenderSettings(None, 48, overlong)
     first, first_stats = eager_dataset(path, bpe_tokenizer, settings)
@@ -216,11 +261,15 @@ def test_touched_file_rerenders_to_the_same_rows(bpe_tokenizer, datasets_cache, 
     assert rows(second) == rows(first)
 
 
-@pytest.mark.parametrize("changed", [
-    RenderSettings("You are Pico.", 512, "truncate"),
-    RenderSettings(None, 48, "truncate"),
-    RenderSettings(None, 48, "drop"),
-], ids=["system-prompt", "max-length", "overlong-policy"])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        RenderSettings("You are Pico.", 512, "truncate"),
+        RenderSettings(None, 48, "truncate"),
+        RenderSettings(None, 48, "drop"),
+    ],
+    ids=["system-prompt", "max-length", "overlong-policy"],
+)
 def test_changed_settings_rerender(bpe_tokenizer, datasets_cache, tmp_path, render_spy, changed):
     path = str(write_records(tmp_path / "train.jsonl", RECORDS, jsonl=True))
     base = RenderSettings(None, 48, "truncate") if changed.overlong == "drop" else PLAIN
@@ -236,6 +285,7 @@ def test_changed_settings_rerender(bpe_tokenizer, datasets_cache, tmp_path, rend
 
 # --- lazy == eager -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def example_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("examples")
@@ -243,8 +293,11 @@ def example_files(tmp_path_factory):
     return {"json": str(EXAMPLES), "jsonl": str(write_records(folder / "conversations.jsonl", records, jsonl=True))}
 
 
-@pytest.mark.parametrize("settings", [PLAIN, RenderSettings("You are Pico, a small assistant.", 88, "truncate")],
-                         ids=["plain", "system-prompt-and-truncation"])
+@pytest.mark.parametrize(
+    "settings",
+    [PLAIN, RenderSettings("You are Pico, a small assistant.", 88, "truncate")],
+    ids=["plain", "system-prompt-and-truncation"],
+)
 def test_lazy_equals_eager_on_every_example(bpe_tokenizer, datasets_cache, example_files, settings):
     built = {}
     for kind, path in example_files.items():
@@ -335,9 +388,12 @@ def test_no_overlong_sample_counts_nothing(bpe_tokenizer, datasets_cache, tmp_pa
     path = str(write_records(tmp_path / "train.json", OVERLONG_RECORDS[:2]))
     _, stats = eager_dataset(path, bpe_tokenizer, RenderSettings(None, 48, "drop"))
     # the whole ChatML text of each sample, as the chat template renders it
-    rendered = [bpe_tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                                  tokenize=True, return_dict=True)["input_ids"]
-                for q, a in [("Hi", "Hello!"), ("What is 2 + 3?", "5.")]]
+    rendered = [
+        bpe_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=True, return_dict=True
+        )["input_ids"]
+        for q, a in [("Hi", "Hello!"), ("What is 2 + 3?", "5.")]
+    ]
     assert [len(ids) for ids in rendered] == [16, 22]
     # trained: "Hello" "!" <|im_end|> and "5" "." <|im_end|>
     assert stats == DataStats(samples=2, truncated=0, dropped=0, tokens=16 + 22, trained_tokens=3 + 3)
@@ -345,9 +401,18 @@ def test_no_overlong_sample_counts_nothing(bpe_tokenizer, datasets_cache, tmp_pa
 
 # --- build_datasets ----------------------------------------------------------------------------------------------
 
+
 def data_args(**overrides):
-    values = dict(data_path=None, eval_data_path=None, lazy_preprocess=False, model_max_length=48,
-                  overlong_samples="truncate", system_prompt=None, preprocessing_num_workers=None, train_turns="all")
+    values = dict(
+        data_path=None,
+        eval_data_path=None,
+        lazy_preprocess=False,
+        model_max_length=48,
+        overlong_samples="truncate",
+        system_prompt=None,
+        preprocessing_num_workers=None,
+        train_turns="all",
+    )
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -360,8 +425,9 @@ def training_args(tmp_path_factory):
 def test_build_datasets_train_and_eval(bpe_tokenizer, datasets_cache, tmp_path, training_args, lazy):
     train = str(write_records(tmp_path / "train.jsonl", OVERLONG_RECORDS[:4], jsonl=True))
     evaluation = str(write_records(tmp_path / "eval.json", OVERLONG_RECORDS[:2]))
-    train_set, eval_set = build_datasets(data_args(data_path=train, eval_data_path=evaluation, lazy_preprocess=lazy),
-                                         bpe_tokenizer, training_args)
+    train_set, eval_set = build_datasets(
+        data_args(data_path=train, eval_data_path=evaluation, lazy_preprocess=lazy), bpe_tokenizer, training_args
+    )
     assert (len(train_set), len(eval_set)) == (4, 2)
     assert isinstance(train_set, LazyConversationDataset) == lazy
     assert max(len(train_set[i]["input_ids"]) for i in range(4)) == 48

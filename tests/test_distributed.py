@@ -22,8 +22,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import (
-    EQUIVALENCE_DATA, EQUIVALENCE_STEPS, FINETUNE, REPO, assert_adapter_trained, assert_full_model_trained,
-    assert_reloads_and_generates, launcher_env,
+    EQUIVALENCE_DATA,
+    EQUIVALENCE_STEPS,
+    FINETUNE,
+    REPO,
+    assert_adapter_trained,
+    assert_full_model_trained,
+    assert_reloads_and_generates,
+    launcher_env,
 )
 from tests.conftest import equivalence_run_flags as run_flags
 from tests.conftest import train_with_launcher as train
@@ -62,6 +68,7 @@ def assert_same_run(reference: Path, other: Path) -> None:
 
 
 # --- equivalence: the same training, however it is spread ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def lora_zero2_reference(tiny_chat_model, tmp_path_factory) -> Path:
@@ -110,11 +117,35 @@ def test_two_nodes_started_by_mpirun(lora_zero2_reference, tiny_chat_model, tmp_
     """mpirun starts one launcher per 'node'; each takes its node rank from Open MPI's environment."""
     out = tmp_path / "mpirun"
     env = launcher_env(GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1", HF_DATASETS_CACHE=tmp_path / "datasets")
-    exports = [arg for name in ("GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "PYTHON", "CUDA_VISIBLE_DEVICES",
-                                "HF_DATASETS_CACHE") for arg in ("-x", name)]
-    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *exports,
-               str(FINETUNE / "finetune_lora_ds.sh"), "-m", str(tiny_chat_model), "-d", str(DATA), "-o", str(out),
-               "--", *run_flags(GLOBAL_BATCH // 2)]
+    exports = [
+        arg
+        for name in (
+            "GPUS_PER_NODE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "PYTHON",
+            "CUDA_VISIBLE_DEVICES",
+            "HF_DATASETS_CACHE",
+        )
+        for arg in ("-x", name)
+    ]
+    command = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        *exports,
+        str(FINETUNE / "finetune_lora_ds.sh"),
+        "-m",
+        str(tiny_chat_model),
+        "-d",
+        str(DATA),
+        "-o",
+        str(out),
+        "--",
+        *run_flags(GLOBAL_BATCH // 2),
+    ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert_ok(result)
     assert "[llmft] node 1 of 2" in result.stdout + result.stderr
@@ -122,6 +153,7 @@ def test_two_nodes_started_by_mpirun(lora_zero2_reference, tiny_chat_model, tmp_
 
 
 # --- combinations of the README's table not run by test_launchers.py ---------------------------------------------
+
 
 def test_qlora_with_zero3_saves_a_complete_adapter(tiny_chat_model, tmp_path):
     out = tmp_path / "qlora-zero3"

@@ -28,9 +28,33 @@ def umask_022():
 
 
 def lora_flags(model, data, out, *extra):
-    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", out, "--use_lora", "True",
-            "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "steps",
-            "--save_steps", "1", "--seed", "0", "--report_to", "none", "--use_cpu", "True", *extra]
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--use_lora",
+        "True",
+        "--lora_r",
+        "4",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -80,8 +104,9 @@ def train_with(callbacks, *flags):
     return finetune.main([str(f) for f in flags], callbacks=callbacks)
 
 
-def test_follow_umask_callback_fixes_each_checkpoint_as_it_is_saved(tiny_chat_model, data, tmp_path, datasets_cache,
-                                                                     umask_022):
+def test_follow_umask_callback_fixes_each_checkpoint_as_it_is_saved(
+    tiny_chat_model, data, tmp_path, datasets_cache, umask_022
+):
     probe = CheckpointModes()
     train_with([FollowUmaskCallback(), probe], *lora_flags(tiny_chat_model, data, tmp_path / "out"))
     assert set(probe.seen) == {"checkpoint-1", "checkpoint-2"}

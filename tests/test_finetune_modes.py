@@ -8,16 +8,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import (ANSWER, assert_loss_falls, chat_record, sample_inputs, train_flags,
-                            write_records)
-
+from tests.conftest import ANSWER, assert_loss_falls, chat_record, sample_inputs, train_flags, write_records
 
 
 @pytest.fixture(scope="module")
 def repeated_data(tmp_path_factory):
     """One conversation, many times: a tiny model can learn it in a dozen steps."""
-    return write_records(tmp_path_factory.mktemp("data") / "repeated.json",
-                         [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(16)])
+    return write_records(
+        tmp_path_factory.mktemp("data") / "repeated.json",
+        [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(16)],
+    )
 
 
 def original_weights(model_dir):
@@ -61,8 +61,9 @@ def test_full_fine_tuning_changes_every_weight_and_reloads(tiny_chat_model, repe
 
 def test_full_fine_tuning_in_bf16_saves_bf16(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "full-bf16"
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--bf16", "True", "--use_cpu", "True",
-                                        lr="2e-3", steps=6))
+    trainer = run_finetune(
+        *train_flags(tiny_chat_model, repeated_data, out, "--bf16", "True", "--use_cpu", "True", lr="2e-3", steps=6)
+    )
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
 
@@ -71,8 +72,9 @@ def test_lora_trains_adapters_only_and_reloads(tiny_chat_model, repeated_data, t
     from peft import AutoPeftModelForCausalLM
 
     out = tmp_path / "lora"
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True",
-                                        "--lora_r", "8", "--lora_alpha", "16"))
+    trainer = run_finetune(
+        *train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--lora_r", "8", "--lora_alpha", "16")
+    )
     assert_loss_falls(trainer)
     before = original_weights(tiny_chat_model)
     base = trainer.model.get_base_model().state_dict()
@@ -94,12 +96,33 @@ def test_lora_trains_adapters_only_and_reloads(tiny_chat_model, repeated_data, t
 
 
 def test_lora_target_modules_list_and_per_architecture_default(tiny_chat_model, repeated_data, tmp_path, run_finetune):
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "a", "--use_lora", "True",
-                                        "--lora_target_modules", "q_proj", "down_proj", steps=2))
+    trainer = run_finetune(
+        *train_flags(
+            tiny_chat_model,
+            repeated_data,
+            tmp_path / "a",
+            "--use_lora",
+            "True",
+            "--lora_target_modules",
+            "q_proj",
+            "down_proj",
+            steps=2,
+        )
+    )
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "down_proj"}
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "b", "--use_lora", "True",
-                                        "--lora_target_modules", "default", steps=2))
+    trainer = run_finetune(
+        *train_flags(
+            tiny_chat_model,
+            repeated_data,
+            tmp_path / "b",
+            "--use_lora",
+            "True",
+            "--lora_target_modules",
+            "default",
+            steps=2,
+        )
+    )
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}  # PEFT's default for Qwen2
 
@@ -109,8 +132,19 @@ def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data,
     from peft import AutoPeftModelForCausalLM
 
     out = tmp_path / "qlora"
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--q_lora", "True",
-                                        "--gradient_checkpointing", "True"))
+    trainer = run_finetune(
+        *train_flags(
+            tiny_chat_model,
+            repeated_data,
+            out,
+            "--use_lora",
+            "True",
+            "--q_lora",
+            "True",
+            "--gradient_checkpointing",
+            "True",
+        )
+    )
     assert_loss_falls(trainer)
     quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 14
@@ -128,8 +162,19 @@ def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data,
 def test_lora_on_8bit_base(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     import bitsandbytes as bnb
 
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "q8", "--use_lora", "True",
-                                        "--q_lora", "True", "--quant_bits", "8"))
+    trainer = run_finetune(
+        *train_flags(
+            tiny_chat_model,
+            repeated_data,
+            tmp_path / "q8",
+            "--use_lora",
+            "True",
+            "--q_lora",
+            "True",
+            "--quant_bits",
+            "8",
+        )
+    )
     assert_loss_falls(trainer)
     assert len([m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]) == 14
 
@@ -197,9 +242,24 @@ def test_lora_on_gptq_base(tiny_gptq_model, repeated_data, tmp_path, run_finetun
 
 
 def test_evaluation_on_eval_data(tiny_chat_model, repeated_data, tmp_path, run_finetune):
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, tmp_path / "eval", "--use_lora", "True",
-                                        "--eval_data_path", "examples/conversations.json", "--eval_strategy", "steps",
-                                        "--eval_steps", "2", "--per_device_eval_batch_size", "4", steps=4))
+    trainer = run_finetune(
+        *train_flags(
+            tiny_chat_model,
+            repeated_data,
+            tmp_path / "eval",
+            "--use_lora",
+            "True",
+            "--eval_data_path",
+            "examples/conversations.json",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--per_device_eval_batch_size",
+            "4",
+            steps=4,
+        )
+    )
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert [entry["step"] for entry in evaluations] == [2, 4]
     assert all(entry["eval_loss"] > 0 for entry in evaluations)

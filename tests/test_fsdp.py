@@ -16,20 +16,39 @@ from llmft.args import parse_args
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import check_adapter_complete, check_model_written
 from tests.conftest import (
-    DISTRIBUTED_LAUNCHERS, DS_CONFIGS, REPO, SINGLE_LAUNCHERS, TINY_RUN, assert_adapter_trained,
-    assert_full_model_trained, assert_reloads_and_generates, dry_run, entry_args, flag_value, launcher_env,
+    DISTRIBUTED_LAUNCHERS,
+    DS_CONFIGS,
+    REPO,
+    SINGLE_LAUNCHERS,
+    TINY_RUN,
+    assert_adapter_trained,
+    assert_full_model_trained,
+    assert_reloads_and_generates,
+    dry_run,
+    entry_args,
+    flag_value,
+    launcher_env,
     run_launcher,
 )
 
 FSDP_CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("fsdp*.json"))
 FSDP_LAUNCHERS = ["finetune_ds.sh", "finetune_lora_ds.sh"]
 # What transformers 5 reads from an FSDP2 --fsdp_config; it ignores any other key without a word.
-FSDP2_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
-              "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
-              "min_num_params"}
+FSDP2_KEYS = {
+    "version",
+    "reshard_after_forward",
+    "cpu_offload",
+    "activation_checkpointing",
+    "cpu_ram_efficient_loading",
+    "state_dict_type",
+    "auto_wrap_policy",
+    "transformer_layer_cls_to_wrap",
+    "min_num_params",
+}
 
 
 # --- the configs -------------------------------------------------------------------------------------------------
+
 
 def test_fsdp_configs_are_shipped():
     assert "fsdp.json" in FSDP_CONFIGS
@@ -54,6 +73,7 @@ def test_fsdp_config_makes_a_full_shard_fsdp2_plugin_that_saves_whole(name, tmp_
 
 # --- the launchers ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", FSDP_LAUNCHERS)
 def test_fsdp_replaces_the_launchers_deepspeed_config(name, data_file):
     argv = entry_args(dry_run(name, "-m", "org/model", "-d", data_file, "--fsdp", "fsdp", GPUS_PER_NODE=2))
@@ -70,8 +90,9 @@ def test_fsdp_config_by_path_and_equals_form(data_file, tmp_path):
     assert flag_value(argv, "--fsdp_config") == str(config) and "--deepspeed" not in argv
 
 
-@pytest.mark.parametrize("order", [["--deepspeed", "zero3", "--fsdp", "fsdp"],
-                                   ["--fsdp", "fsdp", "--deepspeed", "zero3"]])
+@pytest.mark.parametrize(
+    "order", [["--deepspeed", "zero3", "--fsdp", "fsdp"], ["--fsdp", "fsdp", "--deepspeed", "zero3"]]
+)
 def test_deepspeed_and_fsdp_together_is_a_usage_error(order, data_file):
     result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "-n", *order)
     assert result.returncode == 2
@@ -113,6 +134,7 @@ def test_help_shows_fsdp_on_distributed_launchers(name):
 
 # --- the settings check -------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def settings(tmp_path):
     """finetune.py flags up to the settings check: a model folder (config.json only), a data file, an output dir."""
@@ -138,7 +160,8 @@ FSDP = ["--fsdp", "True", "--fsdp_config", DS_CONFIGS / "fsdp.json"]
 
 def test_fsdp_without_a_distributed_launch_is_refused(settings):
     assert problems_of(*settings, *FSDP) == [
-        NOT_LAUNCHED + ", or with finetune/finetune_ds.sh or finetune_lora_ds.sh --fsdp fsdp"]
+        NOT_LAUNCHED + ", or with finetune/finetune_ds.sh or finetune_lora_ds.sh --fsdp fsdp"
+    ]
 
 
 @pytest.mark.parametrize("switch", [["--fsdp", "True"], ["--fsdp"], ["--fsdp=true"]])
@@ -163,13 +186,16 @@ def test_fsdp_with_deepspeed_is_refused(settings):
 
 def test_lora_on_a_gptq_base_with_fsdp_is_refused_with_the_reason(settings):
     model = settings[1]
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen2",
-                                                   "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "qwen2", "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    )
     problems = problems_of(*settings, *FSDP, "--use_lora", "True")
     gptq = [p for p in problems if "GPTQ" in p]
     assert len(gptq) == 1
-    assert gptq[0].startswith("LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 "
-                              "weights are buffers, not parameters")
+    assert gptq[0].startswith(
+        "LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 "
+        "weights are buffers, not parameters"
+    )
     assert "ds_configs/zero2.json" in gptq[0]
 
 
@@ -185,25 +211,42 @@ def test_fsdp_settings_that_would_save_nothing_or_an_empty_adapter(settings, tmp
     sharded = tmp_path / "sharded.json"
     sharded.write_text(json.dumps({"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}))
     problems = problems_of(*settings, "--fsdp", "True", "--fsdp_config", sharded)
-    assert any(p.startswith("--fsdp_config state_dict_type SHARDED_STATE_DICT: the final save would write no weights")
-               for p in problems)
+    assert any(
+        p.startswith("--fsdp_config state_dict_type SHARDED_STATE_DICT: the final save would write no weights")
+        for p in problems
+    )
 
     checkpointed = tmp_path / "checkpointed.json"
     checkpointed.write_text(json.dumps({"version": 2, "activation_checkpointing": True}))
-    problems = problems_of(*settings, "--fsdp", "True", "--fsdp_config", checkpointed, "--use_lora", "True",
-                           "--gradient_checkpointing", "True")
-    assert any(p.startswith("--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both")
-               for p in problems)
-    assert any(p.startswith("--use_lora True with the --fsdp_config's activation_checkpointing would save an empty "
-                            "adapter") for p in problems)
+    problems = problems_of(
+        *settings,
+        "--fsdp",
+        "True",
+        "--fsdp_config",
+        checkpointed,
+        "--use_lora",
+        "True",
+        "--gradient_checkpointing",
+        "True",
+    )
+    assert any(
+        p.startswith("--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both")
+        for p in problems
+    )
+    assert any(
+        p.startswith("--use_lora True with the --fsdp_config's activation_checkpointing would save an empty adapter")
+        for p in problems
+    )
 
 
 def test_fsdp_config_without_fsdp_is_refused(settings):
     assert problems_of(*settings, "--fsdp_config", DS_CONFIGS / "fsdp.json") == [
-        "--fsdp_config is read only with --fsdp True"]
+        "--fsdp_config is read only with --fsdp True"
+    ]
 
 
 # --- FSDP on CPU ranks: the patch of accelerate's private state ---------------------------------------------------
+
 
 def cpu_ranks_accelerator():
     """What enable_fsdp_on_cpu_ranks reads of a Trainer's accelerator on 2 gloo ranks: accelerate's MULTI_CPU."""
@@ -211,8 +254,9 @@ def cpu_ranks_accelerator():
 
     from accelerate.utils import DistributedType
 
-    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None, mixed_precision="no",
-                            num_processes=2)
+    state = SimpleNamespace(
+        distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None, mixed_precision="no", num_processes=2
+    )
     return SimpleNamespace(state=state)
 
 
@@ -223,8 +267,11 @@ def test_fsdp_on_cpu_ranks_is_checked_on_the_pinned_accelerate():
 
     from llmft.distributed import FSDP_ON_CPU_CHECKED_ACCELERATE
 
-    pinned = next(line.split("==")[1].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-                  if line.startswith("accelerate=="))
+    pinned = next(
+        line.split("==")[1].strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.startswith("accelerate==")
+    )
     assert accelerate.__version__ == pinned
     assert pinned in SpecifierSet(FSDP_ON_CPU_CHECKED_ACCELERATE)
 
@@ -271,14 +318,16 @@ def test_fsdp_on_cpu_ranks_leaves_runs_without_fsdp_alone_on_any_accelerate(monk
 
 # --- the checks of the final save ---------------------------------------------------------------------------------
 
+
 def test_adapter_check_refuses_a_rank_shard_and_a_missing_layer(tiny_chat_model, tmp_path):
     """What a wrong FSDP save looks like: one rank's rows of a weight, or LoRA layers PEFT did not find."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model),
-                           LoraConfig(r=4, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model), LoraConfig(r=4, target_modules="all-linear")
+    )
     model.save_pretrained(tmp_path)
     check_adapter_complete(str(tmp_path), model)
     file = tmp_path / "adapter_model.safetensors"
@@ -373,10 +422,16 @@ def train_with_fsdp(name, model, data, out, tmp_path) -> dict[int, dict]:
     entry, layouts = tmp_path / "finetune_recording_layout.py", tmp_path / "layouts"
     entry.write_text(LAYOUT_ENTRY)
     layouts.mkdir()
-    env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache", LLMFT_ENTRY=entry,
-                       LAYOUT_OUT=layouts, PYTHONPATH=REPO)
-    result = run_launcher(name, "-m", model, "-d", data, "-o", out, "--fsdp", "fsdp", "--", *TINY_RUN,
-                          env=env, timeout=600)
+    env = launcher_env(
+        GPUS_PER_NODE=2,
+        HF_DATASETS_CACHE=tmp_path / "datasets-cache",
+        LLMFT_ENTRY=entry,
+        LAYOUT_OUT=layouts,
+        PYTHONPATH=REPO,
+    )
+    result = run_launcher(
+        name, "-m", model, "-d", data, "-o", out, "--fsdp", "fsdp", "--", *TINY_RUN, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in layouts.glob("rank*.json")}
 

@@ -40,8 +40,10 @@ def test_end_of_turn_comes_first_when_eos_is_another_token(bpe_tokenizer):
     tokenizer = copy.deepcopy(bpe_tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|end_turn|>"]})
     end_turn = tokenizer.convert_tokens_to_ids("<|end_turn|>")
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end_turn|>\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end_turn|>\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     assert tokenizer.eos_token == IM_END
     assert generation_stops(tokenizer) == GenerationStops([end_turn, IM_END_ID, ENDOFTEXT_ID], ENDOFTEXT_ID)
 
@@ -62,9 +64,28 @@ def test_training_chat_and_the_tiny_model_stop_alike(base, request, tmp_path, ru
     base_dir = request.getfixturevalue(base)
     data = write_records(tmp_path / "train.json", [chat_record("Hi", "Hello!", id=f"r{i}") for i in range(4)])
     out = tmp_path / "out"
-    run_finetune("--model_name_or_path", base_dir, "--data_path", data, "--output_dir", out, "--use_lora", "True",
-                 "--max_steps", "1", "--per_device_train_batch_size", "2", "--model_max_length", "64",
-                 "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True")
+    run_finetune(
+        "--model_name_or_path",
+        base_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--use_lora",
+        "True",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--model_max_length",
+        "64",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+    )
 
     saved = json.loads((out / "generation_config.json").read_text())
     model, tokenizer = load_for_inference(str(out), dtype="float32")

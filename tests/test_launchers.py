@@ -18,8 +18,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    DS_CONFIGS, FINETUNE, LAUNCHERS, REPO, SINGLE_LAUNCHERS, TINY_RUN, assert_adapter_trained, assert_full_model_trained,
-    assert_reloads_and_generates, dry_run, entry_args, flag_value, launcher_env, run_launcher,
+    DS_CONFIGS,
+    FINETUNE,
+    LAUNCHERS,
+    REPO,
+    SINGLE_LAUNCHERS,
+    TINY_RUN,
+    assert_adapter_trained,
+    assert_full_model_trained,
+    assert_reloads_and_generates,
+    dry_run,
+    entry_args,
+    flag_value,
+    launcher_env,
+    run_launcher,
 )
 
 CONFIGS = sorted(p.name for p in DS_CONFIGS.glob("zero*.json"))  # DeepSpeed's; FSDP's fsdp*.json: tests/test_fsdp.py
@@ -48,6 +60,7 @@ with open(path, "w") as f:
 
 
 # --- flags and errors -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", LAUNCHERS)
 @pytest.mark.parametrize("flag", ["-h", "--help"])
@@ -130,7 +143,10 @@ def test_model_and_data_from_environment(data_file):
 
 # --- the command built ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, stage", [("finetune_ds.sh", 3), ("finetune_lora_ds.sh", 2), ("finetune_qlora_ds.sh", 2)])
+
+@pytest.mark.parametrize(
+    "name, stage", [("finetune_ds.sh", 3), ("finetune_lora_ds.sh", 2), ("finetune_qlora_ds.sh", 2)]
+)
 def test_distributed_launchers_default_to_their_zero_stage(name, stage, data_file):
     argv = dry_run(name, "-m", "org/model", "-d", data_file)
     config = json.loads(Path(flag_value(argv, "--deepspeed")).read_text())
@@ -148,13 +164,16 @@ def test_single_gpu_launchers_run_one_plain_process(name, data_file):
     assert flag_value(argv, "--deepspeed") == str(DS_CONFIGS / "zero2_offload.json")
 
 
-@pytest.mark.parametrize("name, lr, lora, q_lora", [
-    ("finetune_ds.sh", "1e-5", False, False),
-    ("finetune_lora_ds.sh", "3e-4", True, False),
-    ("finetune_lora_single_gpu.sh", "3e-4", True, False),
-    ("finetune_qlora_ds.sh", "3e-4", True, True),
-    ("finetune_qlora_single_gpu.sh", "3e-4", True, True),
-])
+@pytest.mark.parametrize(
+    "name, lr, lora, q_lora",
+    [
+        ("finetune_ds.sh", "1e-5", False, False),
+        ("finetune_lora_ds.sh", "3e-4", True, False),
+        ("finetune_lora_single_gpu.sh", "3e-4", True, False),
+        ("finetune_qlora_ds.sh", "3e-4", True, True),
+        ("finetune_qlora_single_gpu.sh", "3e-4", True, True),
+    ],
+)
 def test_recipe_per_mode(name, lr, lora, q_lora, data_file):
     argv = entry_args(dry_run(name, "-m", "org/model", "-d", data_file))
     assert flag_value(argv, "--learning_rate") == lr
@@ -168,9 +187,26 @@ def test_recipe_per_mode(name, lr, lora, q_lora, data_file):
 
 
 def test_arguments_after_double_dash_pass_through_last_and_verbatim(data_file, tmp_path):
-    argv = entry_args(dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", tmp_path / "out",
-                              "--deepspeed", "zero3", "--", "--learning_rate", "1e-4", "--run_name", "a b",
-                              "--unknown_to_the_launcher", "x"))
+    argv = entry_args(
+        dry_run(
+            "finetune_lora_ds.sh",
+            "-m",
+            "org/model",
+            "-d",
+            data_file,
+            "-o",
+            tmp_path / "out",
+            "--deepspeed",
+            "zero3",
+            "--",
+            "--learning_rate",
+            "1e-4",
+            "--run_name",
+            "a b",
+            "--unknown_to_the_launcher",
+            "x",
+        )
+    )
     assert argv[-6:] == ["--learning_rate", "1e-4", "--run_name", "a b", "--unknown_to_the_launcher", "x"]
     assert flag_value(argv, "--learning_rate") == "1e-4"  # the recipe's 3e-4 comes earlier: argparse keeps the last
     assert flag_value(argv, "--output_dir") == str(tmp_path / "out")
@@ -196,14 +232,26 @@ def test_cpu_mode_without_gpu(data_file):
 
 
 def test_multi_node_settings_from_environment(data_file):
-    argv = dry_run("finetune_ds.sh", "-m", "org/model", "-d", data_file,
-                   GPUS_PER_NODE=4, NNODES=3, NODE_RANK=2, MASTER_ADDR="node7", MASTER_PORT=6123)
-    assert [flag_value(argv, f) for f in ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",
-                                          "--master_port")] == ["4", "3", "2", "node7", "6123"]
+    argv = dry_run(
+        "finetune_ds.sh",
+        "-m",
+        "org/model",
+        "-d",
+        data_file,
+        GPUS_PER_NODE=4,
+        NNODES=3,
+        NODE_RANK=2,
+        MASTER_ADDR="node7",
+        MASTER_PORT=6123,
+    )
+    assert [
+        flag_value(argv, f) for f in ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")
+    ] == ["4", "3", "2", "node7", "6123"]
 
 
-@pytest.mark.parametrize("size_var, rank_var", [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
-                                                ("PMI_SIZE", "PMI_RANK")])
+@pytest.mark.parametrize(
+    "size_var, rank_var", [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")]
+)
 def test_node_rank_from_mpi_environment(size_var, rank_var, data_file):
     argv = dry_run("finetune_ds.sh", "-m", "org/model", "-d", data_file, **{size_var: 4, rank_var: 3})
     assert flag_value(argv, "--nnodes") == "4" and flag_value(argv, "--node_rank") == "3"
@@ -221,12 +269,14 @@ def test_hostfile_uses_deepspeed_launcher(data_file, tmp_path):
 
 
 def test_bad_gpus_per_node_fails(data_file):
-    result = run_launcher("finetune_ds.sh", "-m", "org/model", "-d", data_file, "-n",
-                          env=launcher_env(GPUS_PER_NODE="two"))
+    result = run_launcher(
+        "finetune_ds.sh", "-m", "org/model", "-d", data_file, "-n", env=launcher_env(GPUS_PER_NODE="two")
+    )
     assert result.returncode == 2 and "GPUS_PER_NODE must be a positive integer" in result.stderr
 
 
 # --- the environment variables, checked before anything starts ---------------------------------------------------
+
 
 @pytest.mark.parametrize("value", ["true", "1", "True"])
 def test_use_cpu_accepts_true_and_1(value, data_file):
@@ -237,24 +287,34 @@ def test_use_cpu_accepts_true_and_1(value, data_file):
 def test_use_cpu_is_not_evaluated_as_shell_code(data_file, tmp_path):
     """The bash launchers did arithmetic on USE_CPU, which runs a command substitution inside an array index."""
     marker = tmp_path / "ran"
-    result = run_launcher("finetune_lora_ds.sh", "-n", "-m", "org/model", "-d", data_file,
-                          env=launcher_env(USE_CPU=f"PATH[$(touch {marker})]"))
+    result = run_launcher(
+        "finetune_lora_ds.sh",
+        "-n",
+        "-m",
+        "org/model",
+        "-d",
+        data_file,
+        env=launcher_env(USE_CPU=f"PATH[$(touch {marker})]"),
+    )
     assert result.returncode == 2
     assert "USE_CPU must be 1, 0, true or false" in result.stderr
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"NNODES": "abc"}, "NNODES must be a positive integer, got 'abc'"),
-    ({"NNODES": "0"}, "NNODES must be a positive integer, got '0'"),
-    ({"OMPI_COMM_WORLD_SIZE": "x"}, "OMPI_COMM_WORLD_SIZE must be a positive integer, got 'x'"),
-    ({"NODE_RANK": "-1"}, "NODE_RANK must be a non-negative integer, got '-1'"),
-    ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2 is not below NNODES=2"),
-    ({"NPROC_PER_NODE": "2.5"}, "NPROC_PER_NODE must be a positive integer, got '2.5'"),
-    ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a positive integer up to 65535, got '70000'"),
-    ({"RESUME": "yes"}, "RESUME must be auto, True, False or a checkpoint folder, got 'yes'"),
-    ({"HOSTFILE": "/no/such/hostfile"}, "HOSTFILE '/no/such/hostfile' does not exist"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NNODES": "abc"}, "NNODES must be a positive integer, got 'abc'"),
+        ({"NNODES": "0"}, "NNODES must be a positive integer, got '0'"),
+        ({"OMPI_COMM_WORLD_SIZE": "x"}, "OMPI_COMM_WORLD_SIZE must be a positive integer, got 'x'"),
+        ({"NODE_RANK": "-1"}, "NODE_RANK must be a non-negative integer, got '-1'"),
+        ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2 is not below NNODES=2"),
+        ({"NPROC_PER_NODE": "2.5"}, "NPROC_PER_NODE must be a positive integer, got '2.5'"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a positive integer up to 65535, got '70000'"),
+        ({"RESUME": "yes"}, "RESUME must be auto, True, False or a checkpoint folder, got 'yes'"),
+        ({"HOSTFILE": "/no/such/hostfile"}, "HOSTFILE '/no/such/hostfile' does not exist"),
+    ],
+)
 def test_bad_environment_variable_fails_with_its_name(env, message, data_file):
     result = run_launcher("finetune_ds.sh", "-n", "-m", "org/model", "-d", data_file, env=launcher_env(**env))
     assert result.returncode == 2, result.stderr
@@ -263,8 +323,15 @@ def test_bad_environment_variable_fails_with_its_name(env, message, data_file):
 
 
 def test_every_bad_environment_variable_is_reported_at_once(data_file):
-    result = run_launcher("finetune_ds.sh", "-n", "-m", "org/model", "-d", data_file,
-                          env=launcher_env(NNODES="abc", MASTER_PORT="http", USE_CPU="maybe"))
+    result = run_launcher(
+        "finetune_ds.sh",
+        "-n",
+        "-m",
+        "org/model",
+        "-d",
+        data_file,
+        env=launcher_env(NNODES="abc", MASTER_PORT="http", USE_CPU="maybe"),
+    )
     assert result.returncode == 2
     assert all(name in result.stderr for name in ("NNODES must", "MASTER_PORT must", "USE_CPU must"))
 
@@ -300,12 +367,15 @@ print(json.dumps(host if visible is None else [host[int(i)] for i in visible.spl
 """
 
 
-@pytest.mark.parametrize("name, visible, precision, ranks", [
-    ("finetune_lora_ds.sh", "1", "--bf16", "1"),  # the host's first GPU would have said fp16
-    ("finetune_lora_ds.sh", "0,1", "--fp16", "2"),
-    ("finetune_lora_ds.sh", None, "--fp16", "2"),
-    ("finetune_lora_single_gpu.sh", "1,0", "--bf16", None),  # one process sees only the first: the H100
-])
+@pytest.mark.parametrize(
+    "name, visible, precision, ranks",
+    [
+        ("finetune_lora_ds.sh", "1", "--bf16", "1"),  # the host's first GPU would have said fp16
+        ("finetune_lora_ds.sh", "0,1", "--fp16", "2"),
+        ("finetune_lora_ds.sh", None, "--fp16", "2"),
+        ("finetune_lora_single_gpu.sh", "1,0", "--bf16", None),  # one process sees only the first: the H100
+    ],
+)
 def test_bf16_decision_reads_the_gpus_cuda_visible_devices_shows(name, visible, precision, ranks, data_file, tmp_path):
     from llmft.launcher import visible_gpu_capabilities
 
@@ -317,8 +387,9 @@ def test_bf16_decision_reads_the_gpus_cuda_visible_devices_shows(name, visible, 
         del env["CUDA_VISIBLE_DEVICES"]
     else:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    assert visible_gpu_capabilities(str(python), env) == ([(9, 0)] if visible == "1" else
-                                                          [(9, 0), (7, 0)] if visible == "1,0" else [(7, 0), (9, 0)])
+    assert visible_gpu_capabilities(str(python), env) == (
+        [(9, 0)] if visible == "1" else [(9, 0), (7, 0)] if visible == "1,0" else [(7, 0), (9, 0)]
+    )
     result = run_launcher(name, "-n", "-m", "org/model", "-d", data_file, env=env)
     assert result.returncode == 0, result.stderr
     argv = shlex.split(next(line for line in result.stderr.splitlines() if line.startswith("+ "))[2:])
@@ -330,6 +401,7 @@ def test_bf16_decision_reads_the_gpus_cuda_visible_devices_shows(name, visible, 
 
 
 # --- the launch: ranks and their environment (a stub stands in for finetune.py) ----------------------------------
+
 
 @pytest.fixture
 def stub_entry(tmp_path) -> Path:
@@ -355,10 +427,13 @@ def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
         assert seen["argv"][-2:] == ["--seed", "7"]
 
 
-@pytest.mark.parametrize("failure, status, traceback", [
-    ("raise SystemExit(2)", 2, False),  # finetune.py's exit on a user error: its message is all the user needs
-    ("raise RuntimeError('a bug')", 1, True),  # anything else keeps torchrun's report and the rank's traceback
-])
+@pytest.mark.parametrize(
+    "failure, status, traceback",
+    [
+        ("raise SystemExit(2)", 2, False),  # finetune.py's exit on a user error: its message is all the user needs
+        ("raise RuntimeError('a bug')", 1, True),  # anything else keeps torchrun's report and the rank's traceback
+    ],
+)
 def test_rank_failures_user_error_is_quiet_bug_is_reported(failure, status, traceback, tmp_path, data_file):
     entry = tmp_path / "failing_entry.py"
     entry.write_text(f"import sys\nprint('error: the message', file=sys.stderr)\n{failure}\n")
@@ -375,10 +450,24 @@ def test_rank_failures_user_error_is_quiet_bug_is_reported(failure, status, trac
 def test_mpirun_starts_one_launcher_per_node(stub_entry, data_file):
     """Two 'nodes' on this machine under mpirun: each launcher takes its node rank from Open MPI."""
     env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=1)
-    exports = [arg for name in ("LLMFT_ENTRY", "STUB_OUT", "GPUS_PER_NODE", "MASTER_PORT", "PYTHON",
-                                "CUDA_VISIBLE_DEVICES") for arg in ("-x", name)]
-    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *exports,
-               str(FINETUNE / "finetune_lora_ds.sh"), "-m", "org/model", "-d", str(data_file)]
+    exports = [
+        arg
+        for name in ("LLMFT_ENTRY", "STUB_OUT", "GPUS_PER_NODE", "MASTER_PORT", "PYTHON", "CUDA_VISIBLE_DEVICES")
+        for arg in ("-x", name)
+    ]
+    command = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        *exports,
+        str(FINETUNE / "finetune_lora_ds.sh"),
+        "-m",
+        "org/model",
+        "-d",
+        str(data_file),
+    ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = read_ranks(stub_entry.parent / "ranks")
@@ -400,11 +489,25 @@ def slurm_nodes() -> int:
 def test_slurm_batch_script_starts_one_launcher_per_node(stub_entry, data_file, tmp_path):
     nodes = min(2, slurm_nodes())
     # MASTER_ADDR is given because test clusters may run several slurmd on one host under names DNS doesn't know
-    env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=1,
-                       MASTER_ADDR="127.0.0.1")
-    command = ["sbatch", "--wait", "--nodes", str(nodes), "--gpus-per-node=0", "--cpus-per-task=1",
-               "--output", str(tmp_path / "slurm-%j.out"), str(FINETUNE / "slurm_finetune.sbatch"),
-               str(FINETUNE / "finetune_lora_ds.sh"), "-m", "org/model", "-d", str(data_file)]
+    env = launcher_env(
+        LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1"
+    )
+    command = [
+        "sbatch",
+        "--wait",
+        "--nodes",
+        str(nodes),
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--output",
+        str(tmp_path / "slurm-%j.out"),
+        str(FINETUNE / "slurm_finetune.sbatch"),
+        str(FINETUNE / "finetune_lora_ds.sh"),
+        "-m",
+        "org/model",
+        "-d",
+        str(data_file),
+    ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert result.returncode == 0, result.stderr + log
@@ -415,6 +518,7 @@ def test_slurm_batch_script_starts_one_launcher_per_node(stub_entry, data_file, 
 
 
 # --- DeepSpeed configs ------------------------------------------------------------------------------------------
+
 
 def get_key(config: dict, dotted: str):
     for part in dotted.split("."):
@@ -460,10 +564,22 @@ def test_config_is_complete_once_trainer_fills_it(name):
 
     hf_config = HfTrainerDeepSpeedConfig(str(DS_CONFIGS / name))
     args = types.SimpleNamespace(
-        world_size=2, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=1.0,
-        learning_rate=3e-4, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.1,
-        save_on_each_node=False, fp16=False, fp16_full_eval=False, bf16=True, bf16_full_eval=False,
-        get_warmup_steps=lambda total: 1)
+        world_size=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_grad_norm=1.0,
+        learning_rate=3e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        weight_decay=0.1,
+        save_on_each_node=False,
+        fp16=False,
+        fp16_full_eval=False,
+        bf16=True,
+        bf16_full_eval=False,
+        get_warmup_steps=lambda total: 1,
+    )
     hf_config.trainer_config_process(args)
     model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64))
     hf_config.trainer_config_finalize(args, model, num_training_steps=10)
@@ -486,6 +602,7 @@ E2E_CASES = [
     ("finetune_lora_single_gpu.sh", None, "lora"),
     ("finetune_qlora_single_gpu.sh", None, "lora"),
 ]
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, config, saves", E2E_CASES)

@@ -24,13 +24,18 @@ LOGITS_ATOL = 1e-4  # float32 tiny model: reload and merge reorder a few sums, n
 
 @pytest.fixture(scope="module")
 def repeated_data(tmp_path_factory):
-    return write_records(tmp_path_factory.mktemp("data") / "repeated.json",
-                         [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(16)])
+    return write_records(
+        tmp_path_factory.mktemp("data") / "repeated.json",
+        [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(16)],
+    )
 
 
 def train(run_finetune, model, data, out, *flags, steps=8):
-    return run_finetune(*train_flags(model, data, out, "--use_lora", "True", "--lora_r", LORA_R,
-                                     "--lora_alpha", LORA_ALPHA, *flags, steps=steps))
+    return run_finetune(
+        *train_flags(
+            model, data, out, "--use_lora", "True", "--lora_r", LORA_R, "--lora_alpha", LORA_ALPHA, *flags, steps=steps
+        )
+    )
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -106,8 +111,9 @@ def test_gaussian_init(tiny_chat_model, repeated_data, tmp_path, run_finetune):
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
-def test_decomposing_inits_save_an_adapter_for_the_original_base(init, tiny_chat_model, repeated_data, tmp_path,
-                                                                   run_finetune):
+def test_decomposing_inits_save_an_adapter_for_the_original_base(
+    init, tiny_chat_model, repeated_data, tmp_path, run_finetune
+):
     """PiSSA and OLoRA train on the residual of the base weights; what llmft saves is PEFT's conversion into a
     plain adapter of twice the rank on the original weights (tiny_chat_model's folder is never rewritten)."""
     out = tmp_path / init
@@ -132,8 +138,18 @@ def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeat
     """PEFT's conversion writes only lora_A / lora_B; llmft puts DoRA's trained magnitudes back, and rsLoRA's alpha
     is rescaled by PEFT so that alpha / sqrt(r) stays the same."""
     out = tmp_path / "pissa-dora"
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", "pissa_niter_4",
-                    "--use_dora", "True", "--use_rslora", "True")
+    trainer = train(
+        run_finetune,
+        tiny_chat_model,
+        repeated_data,
+        out,
+        "--lora_init",
+        "pissa_niter_4",
+        "--use_dora",
+        "True",
+        "--use_rslora",
+        "True",
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True and config["r"] == 2 * LORA_R
     assert config["lora_alpha"] == pytest.approx(LORA_ALPHA * 2**0.5)
@@ -142,8 +158,9 @@ def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeat
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
-def test_pissa_on_a_base_with_added_tokens_keeps_the_trained_embeddings(tiny_base_model, repeated_data, tmp_path,
-                                                                      run_finetune):
+def test_pissa_on_a_base_with_added_tokens_keeps_the_trained_embeddings(
+    tiny_base_model, repeated_data, tmp_path, run_finetune
+):
     out = tmp_path / "pissa-base"
     trainer = train(run_finetune, tiny_base_model, repeated_data, out, "--lora_init", "pissa_niter_4")
     saved = load_file(str(out / "adapter_model.safetensors"))
@@ -151,11 +168,23 @@ def test_pissa_on_a_base_with_added_tokens_keeps_the_trained_embeddings(tiny_bas
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_base_model)
 
 
-def test_loraplus_trains_b_faster_with_the_optimizer_optim_names(tiny_chat_model, repeated_data, tmp_path,
-                                                                  run_finetune):
+def test_loraplus_trains_b_faster_with_the_optimizer_optim_names(
+    tiny_chat_model, repeated_data, tmp_path, run_finetune
+):
     out = tmp_path / "loraplus"
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--loraplus_lr_ratio", "16",
-                    "--optim", "sgd", "--weight_decay", "0.01", steps=12)
+    trainer = train(
+        run_finetune,
+        tiny_chat_model,
+        repeated_data,
+        out,
+        "--loraplus_lr_ratio",
+        "16",
+        "--optim",
+        "sgd",
+        "--weight_decay",
+        "0.01",
+        steps=12,
+    )
     optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around the optimizer LoRA+ built
     assert type(optimizer) is torch.optim.SGD
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
@@ -173,8 +202,9 @@ def test_gptq_quantizes_a_merged_dora_pissa_model(tiny_chat_model, repeated_data
     from llmft.tools.quantize import run_gptq
 
     out = tmp_path / "pissa-dora"
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", "pissa_niter_4",
-                    "--use_dora", "True")
+    trainer = train(
+        run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", "pissa_niter_4", "--use_dora", "True"
+    )
     merged = assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
     report = run_gptq(str(merged), str(EXAMPLES), tmp_path / "gptq", bits=4, num_samples=16, eval_samples=4)
     assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
@@ -189,10 +219,24 @@ def test_gptq_quantizes_a_merged_dora_pissa_model(tiny_chat_model, repeated_data
 
 # --- refused before anything loads ------------------------------------------------------------------------------
 
+
 def problems_of(tmp_path, model, *flags) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_args(["--model_name_or_path", str(model), "--data_path", str(EXAMPLES), "--output_dir",
-                    str(tmp_path / "out"), "--report_to", "none", "--max_steps", "1", *map(str, flags)])
+        parse_args(
+            [
+                "--model_name_or_path",
+                str(model),
+                "--data_path",
+                str(EXAMPLES),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--report_to",
+                "none",
+                "--max_steps",
+                "1",
+                *map(str, flags),
+            ]
+        )
     return info.value.problems
 
 
@@ -206,24 +250,36 @@ def fake_gptq_checkpoint(model, dest):
 
 
 def test_variant_flags_without_lora_are_refused(tiny_chat_model, tmp_path):
-    problems = problems_of(tmp_path, tiny_chat_model, "--use_dora", "True", "--lora_init", "olora",
-                           "--loraplus_lr_ratio", "8")
-    assert problems == ["--use_dora True, --lora_init olora, --loraplus_lr_ratio 8.0 configure LoRA adapters: add "
-                        "--use_lora True"]
+    problems = problems_of(
+        tmp_path, tiny_chat_model, "--use_dora", "True", "--lora_init", "olora", "--loraplus_lr_ratio", "8"
+    )
+    assert problems == [
+        "--use_dora True, --lora_init olora, --loraplus_lr_ratio 8.0 configure LoRA adapters: add --use_lora True"
+    ]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lora_init", "svd"], "--lora_init svd: choose one of default, gaussian, pissa, pissa_niter_N, olora"),
-    (["--lora_init", "pissa_niter_x"], "--lora_init pissa_niter_x: choose one of"),
-    (["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio 0.0: must be a positive number"),
-    (["--loraplus_lr_ratio", "nan"], "--loraplus_lr_ratio nan: must be a positive number"),
-    (["--lora_init", "pissa", "--q_lora", "True"], "--lora_init pissa with --q_lora True: PEFT runs PiSSA's SVD only"),
-    (["--loraplus_lr_ratio", "8", "--optim", "galore_adamw"], "--loraplus_lr_ratio with --optim galore_adamw"),
-    (["--loraplus_lr_ratio", "8", "--deepspeed", "ds_configs/zero2_offload.json"],
-     "--loraplus_lr_ratio with --deepspeed ds_configs/zero2_offload.json: that config defines its own optimizer"),
-    (["--lora_init", "olora", "--deepspeed", "ds_configs/zero3.json"],
-     "--lora_init olora cannot be sharded with ZeRO-3 or FSDP"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora_init", "svd"], "--lora_init svd: choose one of default, gaussian, pissa, pissa_niter_N, olora"),
+        (["--lora_init", "pissa_niter_x"], "--lora_init pissa_niter_x: choose one of"),
+        (["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio 0.0: must be a positive number"),
+        (["--loraplus_lr_ratio", "nan"], "--loraplus_lr_ratio nan: must be a positive number"),
+        (
+            ["--lora_init", "pissa", "--q_lora", "True"],
+            "--lora_init pissa with --q_lora True: PEFT runs PiSSA's SVD only",
+        ),
+        (["--loraplus_lr_ratio", "8", "--optim", "galore_adamw"], "--loraplus_lr_ratio with --optim galore_adamw"),
+        (
+            ["--loraplus_lr_ratio", "8", "--deepspeed", "ds_configs/zero2_offload.json"],
+            "--loraplus_lr_ratio with --deepspeed ds_configs/zero2_offload.json: that config defines its own optimizer",
+        ),
+        (
+            ["--lora_init", "olora", "--deepspeed", "ds_configs/zero3.json"],
+            "--lora_init olora cannot be sharded with ZeRO-3 or FSDP",
+        ),
+    ],
+)
 def test_contradictory_variant_settings_are_refused(flags, message, tiny_chat_model, tmp_path):
     problems = problems_of(tmp_path, tiny_chat_model, "--use_lora", "True", *flags)
     assert len(problems) == 1 and problems[0].startswith(message), problems
@@ -238,15 +294,40 @@ def test_dora_and_decomposing_inits_are_refused_on_a_gptq_base(tiny_chat_model, 
 
 
 def test_accepted_variant_settings(tiny_chat_model, tmp_path):
-    _, _, lora, _, _ = parse_args(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(EXAMPLES),
-                                   "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_lora", "True",
-                                   "--use_dora", "True", "--use_rslora", "True", "--lora_init", "pissa_niter_16",
-                                   "--loraplus_lr_ratio", "16", "--deepspeed", "ds_configs/zero2.json"])
-    assert (lora.use_dora, lora.use_rslora, lora.lora_init, lora.loraplus_lr_ratio) == (True, True,
-                                                                                         "pissa_niter_16", 16.0)
+    _, _, lora, _, _ = parse_args(
+        [
+            "--model_name_or_path",
+            str(tiny_chat_model),
+            "--data_path",
+            str(EXAMPLES),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+            "--use_lora",
+            "True",
+            "--use_dora",
+            "True",
+            "--use_rslora",
+            "True",
+            "--lora_init",
+            "pissa_niter_16",
+            "--loraplus_lr_ratio",
+            "16",
+            "--deepspeed",
+            "ds_configs/zero2.json",
+        ]
+    )
+    assert (lora.use_dora, lora.use_rslora, lora.lora_init, lora.loraplus_lr_ratio) == (
+        True,
+        True,
+        "pissa_niter_16",
+        16.0,
+    )
 
 
 # --- LoRA+ under DeepSpeed ----------------------------------------------------------------------------------------
+
 
 def lora_b_norm(out) -> float:
     saved = load_file(str(out / "adapter_model.safetensors"))
@@ -261,15 +342,50 @@ def test_loraplus_under_deepspeed_two_ranks(config, tiny_chat_model, tmp_path):
     about ratio times further out than in the same run without LoRA+."""
     from tests.conftest import launcher_env, run_launcher
 
-    flags = ["--max_steps", "3", "--per_device_train_batch_size", "1", "--max_tokens_per_batch", "0",
-             "--model_max_length", "128", "--learning_rate", "1e-4", "--warmup_steps", "0", "--weight_decay", "0",
-             "--lr_scheduler_type", "constant", "--save_strategy", "no", "--seed", "0", "--report_to", "none"]
+    flags = [
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "1",
+        "--max_tokens_per_batch",
+        "0",
+        "--model_max_length",
+        "128",
+        "--learning_rate",
+        "1e-4",
+        "--warmup_steps",
+        "0",
+        "--weight_decay",
+        "0",
+        "--lr_scheduler_type",
+        "constant",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+    ]
     norms = {}
     for name, extra in (("plain", []), ("loraplus", ["--loraplus_lr_ratio", "16"])):
         out = tmp_path / name
         env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / f"{name}-datasets")
-        result = run_launcher("finetune_lora_ds.sh", "-m", tiny_chat_model, "-d", EXAMPLES, "-o", out,
-                              "--deepspeed", config, "--", *flags, *extra, env=env, timeout=1200)
+        result = run_launcher(
+            "finetune_lora_ds.sh",
+            "-m",
+            tiny_chat_model,
+            "-d",
+            EXAMPLES,
+            "-o",
+            out,
+            "--deepspeed",
+            config,
+            "--",
+            *flags,
+            *extra,
+            env=env,
+            timeout=1200,
+        )
         assert result.returncode == 0, result.stderr[-6000:]
         norms[name] = lora_b_norm(out)
     assert "LoRA+: 14 tensors at learning rate 0.0001, 14 (B side) at 0.0016" in result.stderr

@@ -267,10 +267,13 @@ def test_cli_takes_the_folder_as_output_dir_or_positional(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "the output folder is missing: give it as OUTPUT_DIR or --output_dir OUTPUT_DIR"),
-    (["a", "--output_dir", "b"], "two output folders given: a and --output_dir b; give one"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the output folder is missing: give it as OUTPUT_DIR or --output_dir OUTPUT_DIR"),
+        (["a", "--output_dir", "b"], "two output folders given: a and --output_dir b; give one"),
+    ],
+)
 def test_cli_wants_one_output_folder(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -27,14 +27,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 CONVERSATIONS = [
     [("What is the capital of France?", "The capital of France is Paris.")],
-    [("Please write a short poem about the sea.", "The waves rise, the wind sings, and the gulls fly home."),
-     ("Thank you!", "You're welcome!")],
+    [
+        ("Please write a short poem about the sea.", "The waves rise, the wind sings, and the gulls fly home."),
+        ("Thank you!", "You're welcome!"),
+    ],
 ]
 
 
 def rendered(tokenizer):
-    records = [{"messages": [m for user, answer in turns for m in (
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer})]} for turns in CONVERSATIONS]
+    records = [
+        {
+            "messages": [
+                m
+                for user, answer in turns
+                for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})
+            ]
+        }
+        for turns in CONVERSATIONS
+    ]
     return [render_conversation(parse_record(r), tokenizer) for r in records]
 
 
@@ -209,9 +219,18 @@ def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatc
 def test_cli_without_adapter_config_exits_2(tmp_path):
     (tmp_path / "not-an-adapter").mkdir()
     proc = subprocess.run(
-        [sys.executable, "tools/merge_lora.py", "--adapter", str(tmp_path / "not-an-adapter"),
-         "--output", str(tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "tools/merge_lora.py",
+            "--adapter",
+            str(tmp_path / "not-an-adapter"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -252,8 +271,9 @@ def test_adapter_on_gptq_base_needs_unquantized_base(lora_adapter, tiny_chat_mod
     with pytest.raises(LlmftError, match="is itself quantized"):
         merge_lora(adapter, tmp_path / "out", base=str(gptq))
     other = fake_gptq_checkpoint(tiny_chat_model, tmp_path / "other", hidden_size=256)
-    (other / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()),
-                                                   "quantization_config": None}))
+    (other / "config.json").write_text(
+        json.dumps({**json.loads((other / "config.json").read_text()), "quantization_config": None})
+    )
     with pytest.raises(LlmftError, match="not the architecture.*hidden_size"):
         merge_lora(adapter, tmp_path / "out", base=str(other))
 
@@ -266,11 +286,13 @@ def test_qlora_adapter_merges_into_the_unquantized_base(tiny_chat_model, tmp_pat
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, quantization_config=quantization,
-                                                 device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_chat_model, quantization_config=quantization, device_map={"": "cpu"}
+    )
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), lora_config())
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
@@ -290,13 +312,19 @@ def test_qlora_adapter_merges_into_the_unquantized_base(tiny_chat_model, tmp_pat
 
 # --- the base the adapter was trained on ------------------------------------------------------------------------
 
+
 def adapter_recording_base(adapter: Path, base: Path, dest: Path) -> Path:
     """A copy of `adapter` with the llmft_run.json finetune.py writes for a LoRA run on `base`."""
     from llmft.saving import RUN_FILE, base_fingerprint
 
     shutil.copytree(adapter, dest)
-    run = {"mode": "lora", "base_model": str(base), "base_quantization": None,
-           "base_fingerprint": base_fingerprint(base), "added_tokens": []}
+    run = {
+        "mode": "lora",
+        "base_model": str(base),
+        "base_quantization": None,
+        "base_fingerprint": base_fingerprint(base),
+        "added_tokens": [],
+    }
     (dest / RUN_FILE).write_text(json.dumps(run))
     return dest
 
@@ -323,8 +351,9 @@ def test_base_fingerprint_tells_same_shape_models_apart(tiny_chat_model, same_sh
     assert base_fingerprint(tmp_path / "nowhere") is None
 
 
-def test_merge_refuses_another_base_of_the_same_shape(lora_adapter, tiny_chat_model, same_shape_model, tmp_path,
-                                                      capsys):
+def test_merge_refuses_another_base_of_the_same_shape(
+    lora_adapter, tiny_chat_model, same_shape_model, tmp_path, capsys
+):
     """Before, this merged and its parity check passed: it compares the adapter on the wrong base with itself."""
     from llmft.tools.merge import main
 
@@ -342,8 +371,9 @@ def test_merge_refuses_another_base_of_the_same_shape(lora_adapter, tiny_chat_mo
     assert merge_lora(adapter, tmp_path / "right", base=str(tiny_chat_model)).max_abs_diff < 1e-4
 
 
-def test_merge_refuses_a_recorded_base_replaced_since_training(lora_adapter, tiny_chat_model, same_shape_model,
-                                                               tmp_path):
+def test_merge_refuses_a_recorded_base_replaced_since_training(
+    lora_adapter, tiny_chat_model, same_shape_model, tmp_path
+):
     base = shutil.copytree(tiny_chat_model, tmp_path / "base")
     adapter = copy_adapter_with_base(lora_adapter, str(base), tmp_path / "plain")
     adapter = adapter_recording_base(adapter, base, tmp_path / "adapter")
@@ -377,8 +407,13 @@ def test_sigterm_during_merge_leaves_no_partial_folder(lora_adapter, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     ready = tmp_path / "ready"
-    child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(lora_adapter), str(work / "out"), str(ready)],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_CHILD, str(lora_adapter), str(work / "out"), str(ready)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:

@@ -18,8 +18,13 @@ import random
 import pytest
 import torch
 
-from llmft.data.packing import (LongestFirstSampler, PackedCollator, TokenBudgetBatchSampler, best_fit_decreasing,
-                                 heaviest_first)
+from llmft.data.packing import (
+    LongestFirstSampler,
+    PackedCollator,
+    TokenBudgetBatchSampler,
+    best_fit_decreasing,
+    heaviest_first,
+)
 from llmft.data.render import IGNORE_INDEX as X
 from llmft.errors import ConfigError, DataError
 from tests.conftest import chat_record, write_records
@@ -38,8 +43,11 @@ def test_collator_lays_samples_end_to_end_with_restarting_positions():
 
 
 def test_collator_pads_to_a_fixed_length_and_skips_empty_samples():
-    features = [{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [], "labels": []},
-                {"input_ids": [7], "labels": [7]}]
+    features = [
+        {"input_ids": [5, 6], "labels": [5, 6]},
+        {"input_ids": [], "labels": []},
+        {"input_ids": [7], "labels": [7]},
+    ]
     batch = PackedCollator(pad_token_id=1, pad_to=6)(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 1, 1]]
     assert batch["labels"].tolist() == [[X, 6, X, X, X, X]]
@@ -57,6 +65,7 @@ def test_best_fit_decreasing_fills_the_fullest_bin_that_fits():
 
 
 # --- the sampler -------------------------------------------------------------------------------------------------
+
 
 def lognormal_lengths(count: int, seed: int = 0, median: int = 400, cap: int = 2048) -> list[int]:
     rng = random.Random(seed)
@@ -121,10 +130,12 @@ def test_ranks_share_the_micro_batches_without_overlap():
 def test_every_epoch_starts_with_its_heaviest_micro_batches_and_keeps_the_rest_in_order():
     """One per rank, so that every rank meets its largest micro-batch (tokens, then the longest sample) in step one."""
     lengths = lognormal_lengths(2000, seed=5)
-    plain = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=4,
-                                    heaviest_first=0)
-    sampler = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=4,
-                                      heaviest_first=4)
+    plain = TokenBudgetBatchSampler(
+        lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=4, heaviest_first=0
+    )
+    sampler = TokenBudgetBatchSampler(
+        lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=4, heaviest_first=4
+    )
     assert len(sampler) == len(plain)
 
     def weight(batch):
@@ -143,13 +154,15 @@ def test_every_epoch_starts_with_its_heaviest_micro_batches_and_keeps_the_rest_i
     # heaviest
     from accelerate.data_loader import BatchSamplerShard
 
-    two = TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=2,
-                                  heaviest_first=2)
+    two = TokenBudgetBatchSampler(
+        lengths, 8192, window=512, seed=1, num_epochs=2, batches_multiple_of=2, heaviest_first=2
+    )
     top = sorted(two.batches(0), key=weight, reverse=True)[:2]
     assert [next(iter(BatchSamplerShard(two, num_processes=2, process_index=rank))) for rank in range(2)] == top
     # the default is one: a single rank
     assert TokenBudgetBatchSampler(lengths, 8192, window=512, seed=1, num_epochs=2).batches(0)[0] == max(
-        plain.batches(0), key=weight)
+        plain.batches(0), key=weight
+    )
 
 
 def test_longest_first_sampler_is_accelerates_order_with_the_longest_samples_first():
@@ -193,20 +206,52 @@ def test_first_micro_batch_of_a_run_holds_the_longest_samples(tiny_chat_model, t
             model.register_forward_pre_hook(record, with_kwargs=True)
 
     data = uneven_data(tmp_path, count=24)
-    common = ["--model_name_or_path", tiny_chat_model, "--data_path", data, "--max_steps", "1", "--use_cpu", "True",
-              "--save_strategy", "no", "--report_to", "none", "--model_max_length", "128", "--seed", "3"]
+    common = [
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        data,
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "True",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--model_max_length",
+        "128",
+        "--seed",
+        "3",
+    ]
     first = FirstBatch()
-    trainer = finetune.main([str(f) for f in [*common, "--packing", "False", "--per_device_train_batch_size", "2",
-                                              "--output_dir", tmp_path / "padded"]], callbacks=[first])
+    trainer = finetune.main(
+        [
+            str(f)
+            for f in [
+                *common,
+                "--packing",
+                "False",
+                "--per_device_train_batch_size",
+                "2",
+                "--output_dir",
+                tmp_path / "padded",
+            ]
+        ],
+        callbacks=[first],
+    )
     lengths = sample_lengths(trainer.train_dataset)
     assert first.tokens == sorted(lengths)[-2:]  # the two longest of 24 samples, not a random two
 
     first = FirstBatch()
-    trainer = finetune.main([str(f) for f in [*common, "--max_tokens_per_batch", "160",
-                                              "--output_dir", tmp_path / "budget"]], callbacks=[first])
+    trainer = finetune.main(
+        [str(f) for f in [*common, "--max_tokens_per_batch", "160", "--output_dir", tmp_path / "budget"]],
+        callbacks=[first],
+    )
     loader = trainer.get_train_dataloader()
-    sampler = loader.batch_sampler.batch_sampler if hasattr(loader.batch_sampler, "batch_sampler") else (
-        loader.batch_sampler)
+    sampler = (
+        loader.batch_sampler.batch_sampler if hasattr(loader.batch_sampler, "batch_sampler") else (loader.batch_sampler)
+    )
     batches = sampler.batches(0)
     most = max(sum(lengths[i] for i in b) for b in batches)
     assert sum(lengths[i] for i in batches[0]) == most
@@ -214,6 +259,7 @@ def test_first_micro_batch_of_a_run_holds_the_longest_samples(tiny_chat_model, t
 
 
 # --- exactness on the model --------------------------------------------------------------------------------------
+
 
 def random_samples(vocab: int, lengths, seed: int = 0) -> list[dict]:
     """Samples whose first tokens are an untrained prompt and the rest trained."""
@@ -243,8 +289,9 @@ def tiny_model(path, attention: str, lora: bool):
         from peft import LoraConfig, get_peft_model
 
         # lora_B starts random, not zero, so that gradients reach lora_A too
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                 init_lora_weights=False))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
     return model.train()
 
 
@@ -267,8 +314,9 @@ def test_packed_row_trains_exactly_like_samples_one_at_a_time(tiny_chat_model, a
 
     model.zero_grad()
     batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=16)(samples)
-    packed = token_losses(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
-                          batch["labels"])
+    packed = token_losses(
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits, batch["labels"]
+    )
     (packed.sum() / count).backward()
     assert len(packed) == count
     torch.testing.assert_close(packed, torch.cat(separate), rtol=1e-5, atol=1e-5)
@@ -284,6 +332,7 @@ def test_packed_row_trains_exactly_like_samples_one_at_a_time(tiny_chat_model, a
 
 # --- through finetune.py: loss normalisation over micro-batches ----------------------------------------------------
 
+
 class GradientRecorder:
     """Trainer callback keeping the gradients of the first optimizer step (after accumulation, before the update)."""
 
@@ -295,8 +344,11 @@ class GradientRecorder:
         class Callback(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
                 if not recorder.grads:
-                    recorder.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                                      if p.requires_grad and p.grad is not None}
+                    recorder.grads = {
+                        n: p.grad.detach().clone()
+                        for n, p in model.named_parameters()
+                        if p.requires_grad and p.grad is not None
+                    }
 
         self.grads: dict[str, torch.Tensor] = {}
         self.callback = Callback()
@@ -305,8 +357,14 @@ class GradientRecorder:
 def uneven_data(tmp_path, count: int = 6):
     words = "tokens of uneven length train the same however they are batched".split()
     rng = random.Random(0)
-    records = [chat_record(" ".join(rng.choices(words, k=rng.randint(2, 8))),
-                           " ".join(rng.choices(words, k=rng.randint(3, 40))), id=f"s{i}") for i in range(count)]
+    records = [
+        chat_record(
+            " ".join(rng.choices(words, k=rng.randint(2, 8))),
+            " ".join(rng.choices(words, k=rng.randint(3, 40))),
+            id=f"s{i}",
+        )
+        for i in range(count)
+    ]
     return write_records(tmp_path / "uneven.json", records)
 
 
@@ -315,10 +373,31 @@ def test_token_budget_accumulation_gives_the_gradient_of_one_batch(tiny_chat_mod
     import finetune
 
     data = uneven_data(tmp_path)
-    common = ["--model_name_or_path", tiny_chat_model, "--data_path", data, "--max_steps", "1", "--use_cpu", "True",
-              "--learning_rate", "1e-3", "--max_grad_norm", "0", "--save_strategy", "no", "--report_to", "none",
-              "--model_max_length", "128", "--seed", "0", "--lora_dropout", "0",
-              *(["--use_lora", "True"] if mode == "lora" else [])]
+    common = [
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        data,
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "True",
+        "--learning_rate",
+        "1e-3",
+        "--max_grad_norm",
+        "0",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--model_max_length",
+        "128",
+        "--seed",
+        "0",
+        "--lora_dropout",
+        "0",
+        *(["--use_lora", "True"] if mode == "lora" else []),
+    ]
     layouts = {
         # six samples in micro-batches of at most 256 tokens, three accumulated into the one optimizer step
         "budget+accumulation": ["--max_tokens_per_batch", "256", "--gradient_accumulation_steps", "3"],
@@ -328,8 +407,10 @@ def test_token_budget_accumulation_gives_the_gradient_of_one_batch(tiny_chat_mod
     grads, micro_batches = {}, {}
     for name, flags in layouts.items():
         recorder = GradientRecorder()
-        trainer = finetune.main([str(f) for f in [*common, *flags, "--output_dir", tmp_path / name.replace(" ", "-")]],
-                                callbacks=[recorder.callback])
+        trainer = finetune.main(
+            [str(f) for f in [*common, *flags, "--output_dir", tmp_path / name.replace(" ", "-")]],
+            callbacks=[recorder.callback],
+        )
         grads[name], micro_batches[name] = recorder.grads, len(trainer.get_train_dataloader())
     assert micro_batches == {"budget+accumulation": 3, "one packed batch": 1, "padded batch": 1}
     reference = grads["padded batch"]

@@ -22,8 +22,9 @@ def identity_data(tmp_path_factory):
 def greedy_answer(path, question="Who are you?") -> str:
     model, tokenizer = load_for_inference(str(path), dtype="float32")
     torch.manual_seed(0)
-    return generate_reply(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens=24,
-                          temperature=0).text
+    return generate_reply(
+        model, tokenizer, [{"role": "user", "content": question}], max_new_tokens=24, temperature=0
+    ).text
 
 
 @pytest.mark.slow
@@ -34,10 +35,37 @@ def test_finetune_merge_quantize_chat(mode, tiny_chat_model, identity_data, tmp_
 
     adapter, merged, quantized = tmp_path / "adapter", tmp_path / "merged", tmp_path / "gptq"
     quantization = ["--q_lora", "True"] if mode == "qlora" else []
-    run_finetune("--model_name_or_path", tiny_chat_model, "--data_path", identity_data, "--output_dir", adapter,
-                 "--use_lora", "True", *quantization, "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0",
-                 "--num_train_epochs", "40", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
-                 "--save_strategy", "no", "--logging_steps", "10", "--report_to", "none", "--seed", "0")
+    run_finetune(
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        identity_data,
+        "--output_dir",
+        adapter,
+        "--use_lora",
+        "True",
+        *quantization,
+        "--lora_r",
+        "16",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0",
+        "--num_train_epochs",
+        "40",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "3e-3",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "10",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+    )
     assert greedy_answer(adapter) == IDENTITY
     assert greedy_answer(adapter, "What is your name?") == IDENTITY
 

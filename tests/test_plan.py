@@ -25,9 +25,23 @@ def settings(tmp_path, model, *flags):
     data = tmp_path / "train.json"
     if not data.exists():
         write_records(data, [chat_record("Hi?", "Hello.")])
-    return parse_args(["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir",
-                       str(tmp_path / "out"), "--use_cpu", "True", "--report_to", "none", "--max_steps", "1",
-                       *map(str, flags)])
+    return parse_args(
+        [
+            "--model_name_or_path",
+            str(model),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_cpu",
+            "True",
+            "--report_to",
+            "none",
+            "--max_steps",
+            "1",
+            *map(str, flags),
+        ]
+    )
 
 
 def plan_of(tmp_path, model, *flags):
@@ -43,14 +57,24 @@ def quantized_checkpoint(model, dest, method):
     return dest
 
 
-@pytest.mark.parametrize("flags, mode, on_load", [
-    ([], "full", None),
-    (["--use_lora", "True"], "lora", None),
-    (["--use_lora", "True", "--q_lora", "True"], "qlora-4bit", QuantizeOnLoad(4, "nf4", True, torch.uint8)),
-    (["--use_lora", "True", "--q_lora", "True", "--quant_type", "fp4", "--double_quant", "False"], "qlora-4bit",
-     QuantizeOnLoad(4, "fp4", False, torch.uint8)),
-    (["--use_lora", "True", "--q_lora", "True", "--quant_bits", "8"], "qlora-8bit", QuantizeOnLoad(8, None, False, None)),
-])
+@pytest.mark.parametrize(
+    "flags, mode, on_load",
+    [
+        ([], "full", None),
+        (["--use_lora", "True"], "lora", None),
+        (["--use_lora", "True", "--q_lora", "True"], "qlora-4bit", QuantizeOnLoad(4, "nf4", True, torch.uint8)),
+        (
+            ["--use_lora", "True", "--q_lora", "True", "--quant_type", "fp4", "--double_quant", "False"],
+            "qlora-4bit",
+            QuantizeOnLoad(4, "fp4", False, torch.uint8),
+        ),
+        (
+            ["--use_lora", "True", "--q_lora", "True", "--quant_bits", "8"],
+            "qlora-8bit",
+            QuantizeOnLoad(8, None, False, None),
+        ),
+    ],
+)
 def test_each_mode(tiny_chat_model, tmp_path, flags, mode, on_load):
     plan = plan_of(tmp_path, tiny_chat_model, *flags)
     assert (plan.mode, plan.quantize_on_load, plan.base_quantization) == (mode, on_load, None)
@@ -67,8 +91,10 @@ def test_the_defaults_on_one_cpu_process(tiny_chat_model, tmp_path):
     # packing on the CPU: SDPA with a block-diagonal mask; no Liger off CUDA
     assert plan.kernels == Kernels(attention="sdpa", pad_packed_to=None, liger=False, liger_config=None)
     assert (plan.packing, plan.added_tokens, plan.train_embeddings) == (True, (), False)
-    assert describe_plan(plan) == ("plan: lora, float32; sharding none; activation checkpointing off; attention sdpa "
-                                   "(packed samples kept apart); Liger off; embeddings as the mode trains them")
+    assert describe_plan(plan) == (
+        "plan: lora, float32; sharding none; activation checkpointing off; attention sdpa "
+        "(packed samples kept apart); Liger off; embeddings as the mode trains them"
+    )
 
 
 @pytest.mark.parametrize("flags, dtype", [(["--bf16", "True"], torch.bfloat16), (["--fp16", "True"], torch.float16)])
@@ -77,12 +103,24 @@ def test_compute_dtype_from_the_precision_flags(tiny_chat_model, tmp_path, flags
 
 
 def test_checkpointing_and_kernel_flags(tiny_chat_model, tmp_path):
-    plan = plan_of(tmp_path, tiny_chat_model, "--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs",
-                   '{"use_reentrant": true}', "--packing", "False", "--use_liger_kernel", "True")
+    plan = plan_of(
+        tmp_path,
+        tiny_chat_model,
+        "--gradient_checkpointing",
+        "True",
+        "--gradient_checkpointing_kwargs",
+        '{"use_reentrant": true}',
+        "--packing",
+        "False",
+        "--use_liger_kernel",
+        "True",
+    )
     assert (plan.gradient_checkpointing, dict(plan.gradient_checkpointing_kwargs)) == (True, {"use_reentrant": True})
     assert plan.kernels == Kernels(attention=None, pad_packed_to=None, liger=True, liger_config=None)
-    assert describe_plan(plan) == ("plan: full, float32; sharding none; activation checkpointing on use_reentrant=True; "
-                                   "attention (transformers' default); Liger on; embeddings as the mode trains them")
+    assert describe_plan(plan) == (
+        "plan: full, float32; sharding none; activation checkpointing on use_reentrant=True; "
+        "attention (transformers' default); Liger on; embeddings as the mode trains them"
+    )
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
@@ -95,55 +133,79 @@ def test_a_base_stored_quantized(tiny_chat_model, tmp_path, method):
     assert (run["mode"], run["base_quantization"], run["base_model"]) == ("lora", {"method": method}, str(base))
 
 
-@pytest.mark.parametrize("flags, record", [
-    ([], ("full", None)),
-    (["--use_lora", "True"], ("lora", None)),
-    (["--use_lora", "True", "--q_lora", "True"], ("qlora", {"method": "bitsandbytes", "bits": 4, "type": "nf4"})),
-    (["--use_lora", "True", "--q_lora", "True", "--quant_bits", "8"],
-     ("qlora", {"method": "bitsandbytes", "bits": 8, "type": "int8"})),
-])
+@pytest.mark.parametrize(
+    "flags, record",
+    [
+        ([], ("full", None)),
+        (["--use_lora", "True"], ("lora", None)),
+        (["--use_lora", "True", "--q_lora", "True"], ("qlora", {"method": "bitsandbytes", "bits": 4, "type": "nf4"})),
+        (
+            ["--use_lora", "True", "--q_lora", "True", "--quant_bits", "8"],
+            ("qlora", {"method": "bitsandbytes", "bits": 8, "type": "int8"}),
+        ),
+    ],
+)
 def test_the_run_record_says_what_the_plan_says(tiny_chat_model, tmp_path, flags, record):
     run = describe_run(plan_of(tmp_path, tiny_chat_model, *flags))
     assert (run["mode"], run["base_quantization"]) == record
     assert run["added_tokens"] == [] and run["base_fingerprint"].startswith("sha256:")
 
 
-@pytest.mark.parametrize("config, sharding, offloaded", [
-    ("zero2.json", "zero2", ()),
-    ("zero2_offload.json", "zero2", ("optimizer",)),
-    ("zero3.json", "zero3", ()),
-    ("zero3_offload.json", "zero3", ("optimizer", "parameters")),
-])
+@pytest.mark.parametrize(
+    "config, sharding, offloaded",
+    [
+        ("zero2.json", "zero2", ()),
+        ("zero2_offload.json", "zero2", ("optimizer",)),
+        ("zero3.json", "zero3", ()),
+        ("zero3_offload.json", "zero3", ("optimizer", "parameters")),
+    ],
+)
 def test_deepspeed_sharding(tiny_chat_model, tmp_path, config, sharding, offloaded):
     plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True", "--deepspeed", REPO / "ds_configs" / config)
     assert (plan.sharding, plan.offloaded, plan.shards_parameters) == (sharding, offloaded, sharding == "zero3")
 
 
 def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype(tiny_chat_model, tmp_path):
-    plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True", "--q_lora", "True", "--bf16", "True",
-                   "--deepspeed", REPO / "ds_configs" / "zero3.json")
+    plan = plan_of(
+        tmp_path,
+        tiny_chat_model,
+        "--use_lora",
+        "True",
+        "--q_lora",
+        "True",
+        "--bf16",
+        "True",
+        "--deepspeed",
+        REPO / "ds_configs" / "zero3.json",
+    )
     assert plan.quantize_on_load == QuantizeOnLoad(4, "nf4", True, torch.bfloat16)
     assert describe_plan(plan).startswith("plan: qlora-4bit (nf4), bfloat16; sharding zero3; ")
 
 
-@pytest.mark.parametrize("arguments, expected", [
-    (dict(fsdp=[], world_size=1), ("none", ())),
-    (dict(fsdp=[], world_size=4), ("ddp", ())),
-    (dict(fsdp=True, fsdp_config={"version": 2}, world_size=2), ("fsdp", ())),  # `--fsdp True`: the bare switch
-    (dict(fsdp=True, fsdp_config={"cpu_offload": True}, world_size=2), ("fsdp", ("optimizer", "parameters"))),
-    (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.AUTO_WRAP], world_size=2), ("fsdp", ())),
-    (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.OFFLOAD], world_size=2), ("fsdp", ("optimizer", "parameters"))),
-    (dict(fsdp=[FSDPOption.FULL_SHARD], fsdp_config={"cpu_offload": "true"}, world_size=2),
-     ("fsdp", ("optimizer", "parameters"))),
-])
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (dict(fsdp=[], world_size=1), ("none", ())),
+        (dict(fsdp=[], world_size=4), ("ddp", ())),
+        (dict(fsdp=True, fsdp_config={"version": 2}, world_size=2), ("fsdp", ())),  # `--fsdp True`: the bare switch
+        (dict(fsdp=True, fsdp_config={"cpu_offload": True}, world_size=2), ("fsdp", ("optimizer", "parameters"))),
+        (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.AUTO_WRAP], world_size=2), ("fsdp", ())),
+        (dict(fsdp=[FSDPOption.FULL_SHARD, FSDPOption.OFFLOAD], world_size=2), ("fsdp", ("optimizer", "parameters"))),
+        (
+            dict(fsdp=[FSDPOption.FULL_SHARD], fsdp_config={"cpu_offload": "true"}, world_size=2),
+            ("fsdp", ("optimizer", "parameters")),
+        ),
+    ],
+)
 def test_sharding_without_deepspeed(arguments, expected):
     # several processes exist only under torchrun: the TrainingArguments' fields sharding_of reads stand in
     assert sharding_of(SimpleNamespace(**{"deepspeed": None, "fsdp_config": None, **arguments})) == expected
 
 
 def test_added_tokens_complete_a_new_plan(tiny_base_model, tmp_path):
-    model_args, data_args, lora_args, quant_args, training_args = settings(tmp_path, tiny_base_model, "--use_lora",
-                                                                           "True")
+    model_args, data_args, lora_args, quant_args, training_args = settings(
+        tmp_path, tiny_base_model, "--use_lora", "True"
+    )
     plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)
     _, added = load_training_tokenizer(model_args, data_args)
     completed = plan.with_added_tokens(added)
@@ -169,7 +231,8 @@ def test_the_plan_is_frozen(tiny_chat_model, tmp_path):
 
 def test_resolving_and_building_leave_the_training_arguments_alone(tiny_chat_model, tmp_path):
     model_args, data_args, lora_args, quant_args, training_args = settings(
-        tmp_path, tiny_chat_model, "--use_lora", "True", "--gradient_checkpointing", "True")
+        tmp_path, tiny_chat_model, "--use_lora", "True", "--gradient_checkpointing", "True"
+    )
     before = training_args.to_dict()
     plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)
     tokenizer, added = load_training_tokenizer(model_args, data_args)

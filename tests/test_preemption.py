@@ -31,11 +31,43 @@ STEPS = 6
 
 
 def flags(model, out, *extra):
-    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu", "True",
-            "--use_lora", "True", "--lora_dropout", "0", "--model_max_length", "128",
-            "--per_device_train_batch_size", "2", "--max_tokens_per_batch", "0", "--learning_rate", "1e-3",
-            "--warmup_steps", "0", "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "100",
-            "--report_to", "none", "--seed", "0", "--logging_steps", "1", *extra]
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "True",
+        "--use_lora",
+        "True",
+        "--lora_dropout",
+        "0",
+        "--model_max_length",
+        "128",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_tokens_per_batch",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        str(STEPS),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "100",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -57,8 +89,9 @@ def uninterrupted(tiny_chat_model, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(sig, uninterrupted, tiny_chat_model,
-                                                                       tmp_path, datasets_cache):
+def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(
+    sig, uninterrupted, tiny_chat_model, tmp_path, datasets_cache
+):
     out = tmp_path / "out"
     handler_before = signal.getsignal(sig)
     with pytest.raises(SystemExit) as exit_info:
@@ -101,8 +134,20 @@ def test_auto_refuses_a_folder_holding_a_different_run(tiny_chat_model, tmp_path
     finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
     recorded = (out / RUN_SETTINGS_FILE).read_text()
     # what does not define the run may change: logging, saving
-    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1", "--logging_steps", "2",
-                    "--resume_from_checkpoint", "auto"))
+    finetune(
+        *flags(
+            tiny_chat_model,
+            out,
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "1",
+            "--logging_steps",
+            "2",
+            "--resume_from_checkpoint",
+            "auto",
+        )
+    )
     for different in (["--learning_rate", "2e-3"], ["--lora_r", "8"], ["--seed", "1"]):
         with pytest.raises(SystemExit) as exit_info:
             finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "auto", *different))
@@ -162,8 +207,13 @@ def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_pa
     entry = tmp_path / "signal_entry.py"
     entry.write_text(SIGNAL_STUB)
     env = launcher_env(LLMFT_ENTRY=entry, STUB_OUT=tmp_path, GPUS_PER_NODE=2)
-    process = subprocess.Popen([str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d",
-                                str(data_file)], env=env, cwd=REPO, text=True, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d", str(data_file)],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stderr=subprocess.PIPE,
+    )
     wait_for_ranks(process, tmp_path)
     process.send_signal(sig)  # to the launcher only: it exec'd llmft.launch
     _, err = process.communicate(timeout=60)
@@ -178,8 +228,13 @@ def test_launch_reports_ranks_the_signal_ended_before_training(tmp_path, data_fi
     entry = tmp_path / "signal_entry.py"
     entry.write_text(SIGNAL_STUB.replace("signal.signal(signal.SIGTERM, stop)\n", ""))  # SIGTERM's default
     env = launcher_env(LLMFT_ENTRY=entry, STUB_OUT=tmp_path, GPUS_PER_NODE=2)
-    process = subprocess.Popen([str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d",
-                                str(data_file)], env=env, cwd=REPO, text=True, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d", str(data_file)],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stderr=subprocess.PIPE,
+    )
     wait_for_ranks(process, tmp_path)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -216,12 +271,32 @@ def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_p
         (bin_dir / name).chmod(0o755)
     entry = tmp_path / "signal_entry.py"
     entry.write_text(SIGNAL_STUB)
-    env = launcher_env(LLMFT_ENTRY=entry, STUB_OUT=tmp_path, GPUS_PER_NODE=2, SLURM_JOB_ID=1234, SLURM_NNODES=1,
-                       SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=REPO, SCONTROL_LOG=tmp_path / "scontrol.log",
-                       PATH=f"{bin_dir}:{os.environ['PATH']}")
-    process = subprocess.Popen(["bash", str(REPO / "finetune" / "slurm_finetune.sbatch"),
-                                str(REPO / "finetune" / "finetune_lora_ds.sh"), "-m", "org/model", "-d",
-                                str(data_file)], env=env, cwd=REPO, text=True, stderr=subprocess.PIPE)
+    env = launcher_env(
+        LLMFT_ENTRY=entry,
+        STUB_OUT=tmp_path,
+        GPUS_PER_NODE=2,
+        SLURM_JOB_ID=1234,
+        SLURM_NNODES=1,
+        SLURM_JOB_NODELIST="node1",
+        SLURM_SUBMIT_DIR=REPO,
+        SCONTROL_LOG=tmp_path / "scontrol.log",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
+    process = subprocess.Popen(
+        [
+            "bash",
+            str(REPO / "finetune" / "slurm_finetune.sbatch"),
+            str(REPO / "finetune" / "finetune_lora_ds.sh"),
+            "-m",
+            "org/model",
+            "-d",
+            str(data_file),
+        ],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stderr=subprocess.PIPE,
+    )
     wait_for_ranks(process, tmp_path)
     process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does: the batch shell only
     _, err = process.communicate(timeout=60)
@@ -261,8 +336,18 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
 
     entry = tmp_path / "signal_one_rank.py"
     entry.write_text(SIGNAL_ONE_RANK_ENTRY.format(repo=str(REPO)))
-    args = ["-m", tiny_chat_model, "-d", REPO / "examples" / "conversations.json", "-o", out, "--deepspeed",
-            "zero2", "--", *run_flags(1)]
+    args = [
+        "-m",
+        tiny_chat_model,
+        "-d",
+        REPO / "examples" / "conversations.json",
+        "-o",
+        out,
+        "--deepspeed",
+        "zero2",
+        "--",
+        *run_flags(1),
+    ]
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", LLMFT_ENTRY=entry)
     result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
     assert result.returncode == EXIT_PREEMPTED, result.stderr[-6000:]
@@ -289,8 +374,7 @@ def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resumes_exactly(tiny_chat_model,
-                                                                                             tmp_path):
+def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resumes_exactly(tiny_chat_model, tmp_path):
     """ds_configs/fsdp.json (FSDP2, FULL_STATE_DICT) on 2 CPU ranks: SIGTERM to rank 1 -> both stop after the next
     step with exit 75; the checkpoint's adapter holds every LoRA tensor whole (not rank 0's slice); the resumed run
     ends with the adapter of a run never stopped, which it could not if either rank had resumed from a partial state."""
@@ -298,8 +382,17 @@ def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resu
 
     reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
     fsdp = ["--fsdp", "fsdp"]
-    args = ["-m", tiny_chat_model, "-d", REPO / "examples" / "conversations.json", "-o", reference, *fsdp, "--",
-            *run_flags(1)]
+    args = [
+        "-m",
+        tiny_chat_model,
+        "-d",
+        REPO / "examples" / "conversations.json",
+        "-o",
+        reference,
+        *fsdp,
+        "--",
+        *run_flags(1),
+    ]
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets")
     result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -314,7 +407,8 @@ def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resu
     checkpoint = out / "checkpoint-2"
     assert checkpoint_problem(str(checkpoint)) is None
     assert {"pytorch_model_fsdp.bin", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth"} <= {
-        p.name for p in checkpoint.iterdir()}
+        p.name for p in checkpoint.iterdir()
+    }
     assert_adapter_trained(tiny_chat_model, checkpoint)  # each lora_A (r, in) and lora_B (out, r) whole
     assert not (out / "adapter_model.safetensors").exists()
 
@@ -350,22 +444,28 @@ def run_signalled_in(module: str, function: str, tmp_path, *args) -> subprocess.
     entry = tmp_path / "signalled_entry.py"
     entry.write_text(SIGNAL_AT_ENTRY.format(repo=str(REPO), module=module, function=function))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    return subprocess.run([sys.executable, str(entry), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, str(entry), *map(str, args)], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def folder_contents(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it_was(tiny_chat_model, tmp_path,
-                                                                                        datasets_cache):
+def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it_was(
+    tiny_chat_model, tmp_path, datasets_cache
+):
     out = tmp_path / "out"
     finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))  # a previous run, finished
     before = folder_contents(out)
     # this run would replace it (--overwrite_output_dir), but is stopped while its model loads
-    result = run_signalled_in("llmft.train", "build_model", tmp_path,
-                              *flags(tiny_chat_model, out, "--max_steps", "4", "--overwrite_output_dir", "True"))
+    result = run_signalled_in(
+        "llmft.train",
+        "build_model",
+        tmp_path,
+        *flags(tiny_chat_model, out, "--max_steps", "4", "--overwrite_output_dir", "True"),
+    )
     assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]  # what a shell reports as 143
     assert "SIGTERM outside training (no step to finish): exiting now with status 143" in result.stderr
     assert "Traceback" not in result.stderr
@@ -375,8 +475,9 @@ def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it
 def test_sigterm_during_the_final_save_lets_it_finish_whole(tiny_chat_model, tmp_path, datasets_cache):
     out = tmp_path / "out"
     # the signal comes in the middle of the staged save: the adapter is in the staging folder, not yet in place
-    result = run_signalled_in("llmft.saving", "check_adapter_complete", tmp_path,
-                              *flags(tiny_chat_model, out, "--max_steps", "2"))
+    result = run_signalled_in(
+        "llmft.saving", "check_adapter_complete", tmp_path, *flags(tiny_chat_model, out, "--max_steps", "2")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGTERM during the final save: finishing it first" in result.stderr
     assert "the final save is complete; stopping as SIGTERM asked" in result.stderr

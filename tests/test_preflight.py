@@ -16,18 +16,48 @@ import sys
 import pytest
 
 from llmft.errors import ConfigError
-from llmft.preflight import (GIB, LINEAR_NAMES, MemorySetup, ModelShape, advice, combined_advice, estimate,
-                             setup_from_args)
+from llmft.preflight import (
+    GIB,
+    LINEAR_NAMES,
+    MemorySetup,
+    ModelShape,
+    advice,
+    combined_advice,
+    estimate,
+    setup_from_args,
+)
 from tests.conftest import EXAMPLES, REPO
 
 QWEN = {"model_type": "qwen2", "vocab_size": 151936}
 CONFIGS = {
-    "0.5b": {**QWEN, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-             "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True},
-    "1.5b": {**QWEN, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-             "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True},
-    "7b": {**QWEN, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False},
+    "0.5b": {
+        **QWEN,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "1.5b": {
+        **QWEN,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "7b": {
+        **QWEN,
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },
 }
 SHAPE_7B = ModelShape.from_config(CONFIGS["7b"])
 P_7B = 7_615_616_512
@@ -42,6 +72,7 @@ PER_TOKEN_LAYER_7B = 8 * 3584 + 2 * (4 * 3584 + 3 * 3584 + 2 * 512 + 4 * 18944) 
 
 
 # --- parameters ---------------------------------------------------------------------------------------------------
+
 
 def test_parameter_counts_are_the_published_ones():
     # 0.5B: embeddings 151936 x 896 (tied: no separate head); a layer: q 896x896 + 896 bias, k and v 896x128 + 128,
@@ -78,9 +109,16 @@ def test_mixture_of_experts_and_incomplete_configs_are_refused_with_the_way_out(
 
 # --- the known cases ----------------------------------------------------------------------------------------------
 
+
 def test_full_bf16_adamw_on_one_gpu():
-    setup = MemorySetup(mode="full", dtype="bf16", optimizer="adamw_torch", tokens=T, gradient_checkpointing=True,
-                        attention="flash_attention_2")
+    setup = MemorySetup(
+        mode="full",
+        dtype="bf16",
+        optimizer="adamw_torch",
+        tokens=T,
+        gradient_checkpointing=True,
+        attention="flash_attention_2",
+    )
     e = estimate(SHAPE_7B, setup)
     # bf16 weights, bf16 gradients, AdamW's two states in the parameter's dtype: 2 + 2 + 4 bytes, no fp32 master
     assert (e.weights, e.gradients, e.optimizer) == (2 * P_7B, 2 * P_7B, 4 * P_7B)
@@ -117,8 +155,14 @@ def test_lora_r64_all_linear_on_a_bf16_base():
 
 
 def test_qlora_nf4_with_double_quantization():
-    setup = MemorySetup(mode="qlora", quantization="nf4", double_quant=True, optimizer="paged_adamw_8bit",
-                        tokens=T, gradient_checkpointing=True)
+    setup = MemorySetup(
+        mode="qlora",
+        quantization="nf4",
+        double_quant=True,
+        optimizer="paged_adamw_8bit",
+        tokens=T,
+        gradient_checkpointing=True,
+    )
     e = estimate(SHAPE_7B, setup)
     # NF4: half a byte a weight; double quantization: one byte of absmax per block of 64 and an fp32 per 256 blocks;
     # embeddings, head, norms and biases stay bf16 (P - LINEAR); adapters fp32
@@ -154,8 +198,12 @@ def test_zero2_on_four_gpus():
 
 
 def test_zero3_on_eight_gpus_with_offload():
-    e = estimate(SHAPE_7B, MemorySetup(sharding="zero3", gpus=8, offload_optimizer=True, offload_params=True,
-                                       tokens=T, gradient_checkpointing=True))
+    e = estimate(
+        SHAPE_7B,
+        MemorySetup(
+            sharding="zero3", gpus=8, offload_optimizer=True, offload_params=True, tokens=T, gradient_checkpointing=True
+        ),
+    )
     assert (e.weights, e.gradients, e.optimizer) == (0, 2 * P_7B // 8, 0)  # weights, master and states on the CPU
     # gathered on the GPU when used: two layers' linear weights (the current and the prefetched) and the embeddings
     assert e.sharding_buffers == 2 * (LINEAR_7B // 28) * 2 + 152064 * 3584 * 2
@@ -186,14 +234,26 @@ def test_attention_that_materialises_scores_or_masks_grows_with_the_longest_row(
 
 # --- table and advice ---------------------------------------------------------------------------------------------
 
+
 def test_table_rows():
     e = estimate(SHAPE_7B, MemorySetup(tokens=T, gradient_checkpointing=True), gpu_memory=60 * GIB)
     lines = e.table().splitlines()
-    assert lines[0] == ("memory preflight: full fine-tuning in bf16, 7.62B parameters (7.62B trained), no sharding on "
-                        "1 GPU, 8,192 tokens a micro-batch, gradient checkpointing, adamw_torch")
+    assert lines[0] == (
+        "memory preflight: full fine-tuning in bf16, 7.62B parameters (7.62B trained), no sharding on "
+        "1 GPU, 8,192 tokens a micro-batch, gradient checkpointing, adamw_torch"
+    )
     names = [line[:26].strip() for line in lines[1:]]
-    assert names == ["weights", "gradients", "optimizer states", "activations", "logits", "peak allocated",
-                     "CUDA context, allocator", "total per GPU", "GPU memory"]
+    assert names == [
+        "weights",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "logits",
+        "peak allocated",
+        "CUDA context, allocator",
+        "total per GPU",
+        "GPU memory",
+    ]
     assert lines[1] == f"  {'weights':<24}{2 * P_7B / GIB:>8.2f} GiB" == "  weights                    14.19 GiB"
     assert lines[-1] == "  GPU memory                 60.00 GiB  -> does not fit"
     assert e.fits is False
@@ -214,39 +274,55 @@ def test_advice_is_ordered_and_each_figure_is_the_estimate_of_that_change():
         "--use_lora True",
         "--use_lora True --q_lora True",
     ]
-    expected = [dataclasses.replace(setup, gradient_checkpointing=True),
-                dataclasses.replace(setup, tokens=8192, accumulation_steps=2),
-                dataclasses.replace(setup, sharding="zero3"),
-                dataclasses.replace(setup, sharding="zero2", offload_optimizer=True, optimizer="adamw"),
-                dataclasses.replace(setup, optimizer="paged_adamw_8bit"),
-                dataclasses.replace(setup, mode="lora"),
-                dataclasses.replace(setup, mode="qlora", quantization="nf4")]
+    expected = [
+        dataclasses.replace(setup, gradient_checkpointing=True),
+        dataclasses.replace(setup, tokens=8192, accumulation_steps=2),
+        dataclasses.replace(setup, sharding="zero3"),
+        dataclasses.replace(setup, sharding="zero2", offload_optimizer=True, optimizer="adamw"),
+        dataclasses.replace(setup, optimizer="paged_adamw_8bit"),
+        dataclasses.replace(setup, mode="lora"),
+        dataclasses.replace(setup, mode="qlora", quantization="nf4"),
+    ]
     for tip, changed in zip(tips, expected):
         assert tip.estimate.total == estimate(SHAPE_7B, changed).total
         assert tip.estimate.total < e.total
-        assert tip.line() == (f"{tip.change} -> {tip.estimate.total / GIB:.1f} GiB "
-                              f"({'fits' if tip.estimate.total <= 80 * GIB else 'still too much'})")
+        assert tip.line() == (
+            f"{tip.change} -> {tip.estimate.total / GIB:.1f} GiB "
+            f"({'fits' if tip.estimate.total <= 80 * GIB else 'still too much'})"
+        )
     # halving below --model_max_length lowers it too; one GPU: ZeRO-3 alone shards nothing
     one_gpu = advice(SHAPE_7B, estimate(SHAPE_7B, dataclasses.replace(setup, tokens=8192, gpus=1), 80 * GIB), 8192)
     assert "--max_tokens_per_batch 4096 --gradient_accumulation_steps 2 --model_max_length 4096" in [
-        t.change for t in one_gpu]
+        t.change for t in one_gpu
+    ]
     assert "--deepspeed ds_configs/zero3.json" not in [t.change for t in one_gpu]
     # a change that saves nothing is not offered: LoRA on a model no larger than its adapters
-    tiny = ModelShape(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
-                      num_kv_heads=2, head_dim=32, tied_embeddings=True)
+    tiny = ModelShape(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=32,
+        tied_embeddings=True,
+    )
     small = estimate(tiny, MemorySetup(tokens=128, gradient_checkpointing=True), gpu_memory=GIB // 2)
     assert not small.fits and [t.change for t in advice(tiny, small)] == []  # the fixed 1 GiB allowance is most
     # padded batches of several samples: halve the batch, double the accumulation
     padded = estimate(SHAPE_7B, MemorySetup(mode="lora", tokens=4 * 2048, rows=4), 40 * GIB)
     assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in [
-        t.change for t in advice(SHAPE_7B, padded)]
+        t.change for t in advice(SHAPE_7B, padded)
+    ]
     # accumulating holds full fine-tuning's gradients through the next forward pass: halving the micro-batch of a
     # run whose peak is its gradients costs more than it saves, and is not offered
     full = MemorySetup(tokens=8192, gradient_checkpointing=True)
     halved = estimate(SHAPE_7B, dataclasses.replace(full, tokens=4096, accumulation_steps=2))
     assert halved.gradients_held == 2 * P_7B and halved.total > estimate(SHAPE_7B, full).total
-    assert not any(t.change.startswith("--max_tokens_per_batch") for t in advice(
-        SHAPE_7B, estimate(SHAPE_7B, full, 40 * GIB), 8192))
+    assert not any(
+        t.change.startswith("--max_tokens_per_batch")
+        for t in advice(SHAPE_7B, estimate(SHAPE_7B, full, 40 * GIB), 8192)
+    )
 
 
 def test_when_no_change_fits_alone_they_are_combined_in_order_until_one_does():
@@ -254,10 +330,19 @@ def test_when_no_change_fits_alone_they_are_combined_in_order_until_one_does():
     e = estimate(SHAPE_7B, setup, gpu_memory=40 * GIB)  # 151 GiB; the best single change, checkpointing: 65 GiB
     assert not any(t.estimate.fits for t in advice(SHAPE_7B, e, 8192))
     together = combined_advice(SHAPE_7B, e, 8192)
-    assert together.change == ("--gradient_checkpointing True --max_tokens_per_batch 8192 "
-                               "--gradient_accumulation_steps 2 --deepspeed ds_configs/zero2_offload.json")
-    combined = dataclasses.replace(setup, gradient_checkpointing=True, tokens=8192, accumulation_steps=2,
-                                   sharding="zero2", offload_optimizer=True, optimizer="adamw")
+    assert together.change == (
+        "--gradient_checkpointing True --max_tokens_per_batch 8192 "
+        "--gradient_accumulation_steps 2 --deepspeed ds_configs/zero2_offload.json"
+    )
+    combined = dataclasses.replace(
+        setup,
+        gradient_checkpointing=True,
+        tokens=8192,
+        accumulation_steps=2,
+        sharding="zero2",
+        offload_optimizer=True,
+        optimizer="adamw",
+    )
     assert together.estimate.total == estimate(SHAPE_7B, combined).total <= 40 * GIB
     # on 12 GiB it takes adapters on a 4-bit base too; "--use_lora True" is not repeated
     together = combined_advice(SHAPE_7B, estimate(SHAPE_7B, setup, gpu_memory=12 * GIB), 8192)
@@ -268,6 +353,7 @@ def test_when_no_change_fits_alone_they_are_combined_in_order_until_one_does():
 
 
 # --- from finetune.py's flags -------------------------------------------------------------------------------------
+
 
 def setup_of(args, plan_changes=None, **kwargs):
     """setup_from_args for parse_args' settings, through their plan (with `plan_changes` made to it)."""
@@ -281,20 +367,66 @@ def setup_of(args, plan_changes=None, **kwargs):
 def test_setup_from_flags(tiny_chat_model, tmp_path):
     from llmft.args import parse_args
 
-    base = ["--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES, "--output_dir", tmp_path / "out",
-            "--use_cpu", "True"]
-    args = parse_args([str(f) for f in base + ["--use_lora", "True", "--q_lora", "True", "--lora_r", "16",
-                                                "--lora_target_modules", "q_proj", "v_proj", "--bf16", "True",
-                                                "--max_tokens_per_batch", "8200", "--gradient_checkpointing", "True",
-                                                "--optim", "paged_adamw_8bit", "--gradient_accumulation_steps", "3"]])
+    base = [
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        tmp_path / "out",
+        "--use_cpu",
+        "True",
+    ]
+    args = parse_args(
+        [
+            str(f)
+            for f in base
+            + [
+                "--use_lora",
+                "True",
+                "--q_lora",
+                "True",
+                "--lora_r",
+                "16",
+                "--lora_target_modules",
+                "q_proj",
+                "v_proj",
+                "--bf16",
+                "True",
+                "--max_tokens_per_batch",
+                "8200",
+                "--gradient_checkpointing",
+                "True",
+                "--optim",
+                "paged_adamw_8bit",
+                "--gradient_accumulation_steps",
+                "3",
+            ]
+        ]
+    )
     setup = setup_of(args)
-    assert setup == MemorySetup(mode="qlora", dtype="bf16", quantization="nf4", double_quant=True, lora_r=16,
-                                lora_targets=("q_proj", "v_proj"), optimizer="paged_adamw_8bit", tokens=8256,
-                                rows=1, gradient_checkpointing=True, fused_loss=False, attention="sdpa",
-                                accumulation_steps=3)  # 8200 tokens padded to a multiple of 64
+    assert setup == MemorySetup(
+        mode="qlora",
+        dtype="bf16",
+        quantization="nf4",
+        double_quant=True,
+        lora_r=16,
+        lora_targets=("q_proj", "v_proj"),
+        optimizer="paged_adamw_8bit",
+        tokens=8256,
+        rows=1,
+        gradient_checkpointing=True,
+        fused_loss=False,
+        attention="sdpa",
+        accumulation_steps=3,
+    )  # 8200 tokens padded to a multiple of 64
     # no token budget: per-device batch x model_max_length, the worst case; unpacked: that many rows
-    args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000",
-                                                "--packing", "False"]])
+    args = parse_args(
+        [
+            str(f)
+            for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000", "--packing", "False"]
+        ]
+    )
     setup = setup_of(args)
     assert (setup.mode, setup.dtype, setup.tokens, setup.rows, setup.row_tokens) == ("full", "fp32", 3000, 3, 1000)
     args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000"]])
@@ -305,8 +437,12 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
     setup = setup_of(args, {"base_quantization": "gptq", "mode": "lora-on-gptq"}, model_config=gptq)
     assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("qlora", "gptq", 8, 896)
     # DeepSpeed's stage and offload are read from its config
-    for config, expected in [("zero2.json", ("zero2", False, False)), ("zero3.json", ("zero3", False, False)),
-                             ("zero3_offload.json", ("zero3", True, True)), ("zero2_offload.json", ("zero2", True, False))]:
+    for config, expected in [
+        ("zero2.json", ("zero2", False, False)),
+        ("zero3.json", ("zero3", False, False)),
+        ("zero3_offload.json", ("zero3", True, True)),
+        ("zero2_offload.json", ("zero2", True, False)),
+    ]:
         args = parse_args([str(f) for f in base + ["--bf16", "True", "--deepspeed", REPO / "ds_configs" / config]])
         setup = setup_of(args)
         assert (setup.sharding, setup.offload_optimizer, setup.offload_params) == expected, config
@@ -319,41 +455,102 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
     from llmft.args import parse_args
     from llmft.kernels import FUSED_LOSS_ONLY, Kernels
 
-    args = parse_args([str(f) for f in ["--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES,
-                                        "--output_dir", tmp_path / "out", "--use_cpu", "True"]])
+    args = parse_args(
+        [
+            str(f)
+            for f in [
+                "--model_name_or_path",
+                tiny_chat_model,
+                "--data_path",
+                EXAMPLES,
+                "--output_dir",
+                tmp_path / "out",
+                "--use_cpu",
+                "True",
+            ]
+        ]
+    )
     assert args[-1].use_liger_kernel is None
     assert setup_of(args).fused_loss is False
     assert setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).fused_loss is True
-    assert setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).attention == \
-        "flex_attention"
+    assert (
+        setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).attention
+        == "flex_attention"
+    )
 
 
 def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
     from llmft.args import parse_args
 
     with pytest.raises(ConfigError, match="--preflight_gpu_memory -1.0: must be a positive number of GiB"):
-        parse_args([str(f) for f in ["--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES,
-                                     "--output_dir", tmp_path / "out", "--preflight_gpu_memory", "-1"]])
+        parse_args(
+            [
+                str(f)
+                for f in [
+                    "--model_name_or_path",
+                    tiny_chat_model,
+                    "--data_path",
+                    EXAMPLES,
+                    "--output_dir",
+                    tmp_path / "out",
+                    "--preflight_gpu_memory",
+                    "-1",
+                ]
+            ]
+        )
 
 
 def run_script(*flags, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"))
-    return subprocess.run([sys.executable, "finetune.py", *map(str, flags)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"),
+    )
+    return subprocess.run(
+        [sys.executable, "finetune.py", *map(str, flags)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing(tiny_chat_model, tmp_path):
     out = tmp_path / "out"
-    flags = ["--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu",
-             "True", "--max_tokens_per_batch", "4096", "--model_max_length", "1024", "--preflight_only", "True"]
+    flags = [
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "True",
+        "--max_tokens_per_batch",
+        "4096",
+        "--model_max_length",
+        "1024",
+        "--preflight_only",
+        "True",
+    ]
     done = run_script(*flags, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     table = done.stdout.splitlines()
     assert table[0].startswith("memory preflight: full fine-tuning in fp32, 0.4M parameters")
     assert "4,096 tokens a micro-batch" in table[0]
-    assert [line.split()[0] for line in table[1:]] == ["weights", "gradients", "optimizer", "activations", "logits",
-                                                       "peak", "CUDA", "total"]  # no GPU: no fit check
+    assert [line.split()[0] for line in table[1:]] == [
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "peak",
+        "CUDA",
+        "total",
+    ]  # no GPU: no fit check
     assert not out.exists()
     assert "Traceback" not in done.stderr
 
@@ -362,7 +559,9 @@ def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing
     assert done.returncode == 2
     assert "error: invalid settings (1):" in done.stderr and "Traceback" not in done.stderr
     assert "the GPU has 0.5 GiB; each of these changes alone would bring it to:" in done.stderr
-    assert "      --max_tokens_per_batch 2048 --gradient_accumulation_steps 2 -> 1.1 GiB (still too much)\n" in done.stderr
+    assert (
+        "      --max_tokens_per_batch 2048 --gradient_accumulation_steps 2 -> 1.1 GiB (still too much)\n" in done.stderr
+    )
     assert "pass --preflight False to train anyway" in done.stderr
     assert "0.50 GiB  -> does not fit" in done.stdout
     assert not out.exists()
@@ -371,8 +570,9 @@ def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing
     assert "--preflight False: training anyway" in done.stderr
 
 
-def test_preflight_only_loads_no_weights_and_renders_no_data(tiny_chat_model, tmp_path, run_finetune,
-                                                               monkeypatch, capsys):
+def test_preflight_only_loads_no_weights_and_renders_no_data(
+    tiny_chat_model, tmp_path, run_finetune, monkeypatch, capsys
+):
     import transformers
 
     import llmft.train
@@ -382,23 +582,55 @@ def test_preflight_only_loads_no_weights_and_renders_no_data(tiny_chat_model, tm
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(llmft.train, "build_datasets", refuse)  # the tokenizer is built (the vocabulary counts)
-    assert run_finetune("--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES, "--output_dir",
-                        tmp_path / "out", "--use_cpu", "True", "--preflight_only", "True") is None
+    assert (
+        run_finetune(
+            "--model_name_or_path",
+            tiny_chat_model,
+            "--data_path",
+            EXAMPLES,
+            "--output_dir",
+            tmp_path / "out",
+            "--use_cpu",
+            "True",
+            "--preflight_only",
+            "True",
+        )
+        is None
+    )
     assert "total per GPU" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
 
-def test_a_run_that_will_not_fit_stops_before_loading_and_preflight_false_trains(tiny_chat_model, tmp_path,
-                                                                                 run_finetune, monkeypatch, capsys):
+def test_a_run_that_will_not_fit_stops_before_loading_and_preflight_false_trains(
+    tiny_chat_model, tmp_path, run_finetune, monkeypatch, capsys
+):
     import transformers
 
-    flags = ["--model_name_or_path", tiny_chat_model, "--data_path", EXAMPLES, "--output_dir", tmp_path / "out",
-             "--use_cpu", "True", "--max_steps", "1", "--save_strategy", "no", "--report_to", "none",
-             "--model_max_length", "256", "--preflight_gpu_memory", "0.5"]
+    flags = [
+        "--model_name_or_path",
+        tiny_chat_model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        tmp_path / "out",
+        "--use_cpu",
+        "True",
+        "--max_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--model_max_length",
+        "256",
+        "--preflight_gpu_memory",
+        "0.5",
+    ]
     load = transformers.AutoModelForCausalLM.from_pretrained
     loads = []
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: loads.append(a) or load(*a, **k))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k)
+    )
     with pytest.raises(SystemExit) as stopped:
         run_finetune(*flags)
     assert stopped.value.code == 2 and loads == []
@@ -414,17 +646,23 @@ def test_benchmark_puts_the_estimate_beside_the_measured_peak():
 
     e = estimate(SHAPE_7B, MemorySetup(tokens=T, gradient_checkpointing=True))  # 64,426,378,240 B = 60.00 GiB
     assert memory_columns(e, peak_bytes=50 * GIB) == {
-        "est_gib": round(64_426_378_240 / GIB, 2), "peak_gib": 50.0,
-        "est_error_pct": round(100 * (64_426_378_240 / GIB - 50) / 50, 1)}  # 60.00 vs 50: +20.0%
+        "est_gib": round(64_426_378_240 / GIB, 2),
+        "peak_gib": 50.0,
+        "est_error_pct": round(100 * (64_426_378_240 / GIB - 50) / 50, 1),
+    }  # 60.00 vs 50: +20.0%
     assert memory_columns(e, peak_bytes=50 * GIB)["est_error_pct"] == 20.0
     assert memory_columns(None, peak_bytes=50 * GIB) == {"est_gib": None, "peak_gib": 50.0, "est_error_pct": None}
 
 
-@pytest.mark.parametrize("model, flags", [
-    ("tiny_chat_model", []),
-    ("tiny_chat_model", ["--use_lora", "True", "--lora_r", "8"]),
-    ("tiny_base_model", ["--use_lora", "True", "--lora_r", "8"]),  # ChatML tokens added: embeddings train too
-], ids=["full", "lora", "lora-added-tokens"])
+@pytest.mark.parametrize(
+    "model, flags",
+    [
+        ("tiny_chat_model", []),
+        ("tiny_chat_model", ["--use_lora", "True", "--lora_r", "8"]),
+        ("tiny_base_model", ["--use_lora", "True", "--lora_r", "8"]),  # ChatML tokens added: embeddings train too
+    ],
+    ids=["full", "lora", "lora-added-tokens"],
+)
 def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(model, flags, request, tmp_path):
     from llmft.args import parse_args
     from llmft.model import build_model, load_training_tokenizer
@@ -433,8 +671,23 @@ def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(m
 
     path = request.getfixturevalue(model)
     model_args, data_args, lora_args, quant_args, training_args = parse_args(
-        [str(f) for f in ["--model_name_or_path", path, "--data_path", EXAMPLES, "--output_dir", tmp_path / "out",
-                          "--use_cpu", "True", "--model_max_length", "256", *flags]])
+        [
+            str(f)
+            for f in [
+                "--model_name_or_path",
+                path,
+                "--data_path",
+                EXAMPLES,
+                "--output_dir",
+                tmp_path / "out",
+                "--use_cpu",
+                "True",
+                "--model_max_length",
+                "256",
+                *flags,
+            ]
+        ]
+    )
     plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)
     tokenizer, added = load_training_tokenizer(model_args, data_args)
     assert bool(added) == (model == "tiny_base_model")

@@ -52,28 +52,63 @@ def test_chat_help_shows_no_known_noise(noise_without_llmft):
 
 
 def test_training_run_shows_llmfts_warnings_and_no_known_noise(noise_without_llmft, tiny_chat_model, tmp_path):
-    proc = run("finetune.py", "--model_name_or_path", str(tiny_chat_model), "--data_path", str(EXAMPLES),
-               "--output_dir", str(tmp_path / "out"), "--use_lora", "True", "--max_steps", "1", "--use_cpu", "True",
-               "--report_to", "none", "--save_strategy", "no", "--model_max_length", "4096")
+    proc = run(
+        "finetune.py",
+        "--model_name_or_path",
+        str(tiny_chat_model),
+        "--data_path",
+        str(EXAMPLES),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_lora",
+        "True",
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "True",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--model_max_length",
+        "4096",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_no_known_noise(proc.stdout + proc.stderr, noise_without_llmft)
     # llmft's own warnings, through logging and straight to stderr, still reach the terminal
-    assert "WARNING llmft.plan: plan: lora, float32; sharding none; activation checkpointing off; attention sdpa" \
+    assert (
+        "WARNING llmft.plan: plan: lora, float32; sharding none; activation checkpointing off; attention sdpa"
         in proc.stderr
+    )
     assert "--model_max_length 4096 is above the model's context of 2048 tokens" in proc.stderr
     assert "GPTQModel" not in proc.stdout and "gptqmodel" not in proc.stdout.lower()
 
 
-@pytest.mark.parametrize("logger, message, args, shown", [
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: %s", ("x",),
-     False),
-    ("bitsandbytes.backends.cpu.ops", "Failed to load the CUDA library: %s", ("x",), True),  # another message
-    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile as ...",
-     (Enum("KernelPreference", "AUTO", module="torchao.quantization"),), False),
-    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile as ...",
-     (Enum("Mine", "A", module="mypackage"),), True),  # the same deprecation, not torchao's: shown
-    ("torch.utils._pytree", "something else entirely %s", ("x",), True),
-])
+@pytest.mark.parametrize(
+    "logger, message, args, shown",
+    [
+        (
+            "bitsandbytes.backends.cpu.ops",
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s",
+            ("x",),
+            False,
+        ),
+        ("bitsandbytes.backends.cpu.ops", "Failed to load the CUDA library: %s", ("x",), True),  # another message
+        (
+            "torch.utils._pytree",
+            "%s is an Enum subclass and is now natively supported by torch.compile as ...",
+            (Enum("KernelPreference", "AUTO", module="torchao.quantization"),),
+            False,
+        ),
+        (
+            "torch.utils._pytree",
+            "%s is an Enum subclass and is now natively supported by torch.compile as ...",
+            (Enum("Mine", "A", module="mypackage"),),
+            True,
+        ),  # the same deprecation, not torchao's: shown
+        ("torch.utils._pytree", "something else entirely %s", ("x",), True),
+    ],
+)
 def test_filters_drop_only_the_known_message(logger, message, args, shown):
     import llmft  # noqa: F401  (installs the filters)
 

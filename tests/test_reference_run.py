@@ -17,23 +17,68 @@ import pytest
 
 from tests.conftest import chat_record, write_records
 
-RECORDS = [chat_record(question, answer, id=f"r{i}") for i, (question, answer) in enumerate([
-    ("Who are you?", "I am Pico, a small assistant."),
-    ("What is 2 + 3?", "2 + 3 is 5."),
-    ("Name a colour.", "Blue."),
-    ("What do cats say?", "Cats say meow."),
-    ("Where is the sun?", "The sun is in the sky."),
-    ("Say hello.", "Hello!"),
-    ("What is water?", "Water is a liquid."),
-    ("Count to three.", "One, two, three."),
-])]
+RECORDS = [
+    chat_record(question, answer, id=f"r{i}")
+    for i, (question, answer) in enumerate(
+        [
+            ("Who are you?", "I am Pico, a small assistant."),
+            ("What is 2 + 3?", "2 + 3 is 5."),
+            ("Name a colour.", "Blue."),
+            ("What do cats say?", "Cats say meow."),
+            ("Where is the sun?", "The sun is in the sky."),
+            ("Say hello.", "Hello!"),
+            ("What is water?", "Water is a liquid."),
+            ("Count to three.", "One, two, three."),
+        ]
+    )
+]
 
-FLAGS = ["--use_lora", "True", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
-         "--lora_target_modules", "all-linear", "--packing", "True", "--max_tokens_per_batch", "0",
-         "--model_max_length", "128", "--max_steps", "6", "--per_device_train_batch_size", "4",
-         "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3", "--lr_scheduler_type", "linear",
-         "--warmup_steps", "0", "--weight_decay", "0", "--optim", "adamw_torch", "--logging_steps", "1",
-         "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--data_seed", "0", "--use_cpu", "True"]
+FLAGS = [
+    "--use_lora",
+    "True",
+    "--lora_r",
+    "8",
+    "--lora_alpha",
+    "16",
+    "--lora_dropout",
+    "0",
+    "--lora_target_modules",
+    "all-linear",
+    "--packing",
+    "True",
+    "--max_tokens_per_batch",
+    "0",
+    "--model_max_length",
+    "128",
+    "--max_steps",
+    "6",
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "3e-3",
+    "--lr_scheduler_type",
+    "linear",
+    "--warmup_steps",
+    "0",
+    "--weight_decay",
+    "0",
+    "--optim",
+    "adamw_torch",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+    "--data_seed",
+    "0",
+    "--use_cpu",
+    "True",
+]
 
 # Recorded from this run (torch 2.14, transformers 5.23, peft 0.21 on CPU; the same to every digit with 1 and 2
 # threads). Re-recorded when the first batch began to hold the longest samples (llmft.data.packing.LongestFirstSampler);
@@ -45,8 +90,9 @@ TOLERANCE = 1e-4  # relative, per step
 
 def test_lora_run_follows_the_recorded_loss_trajectory(tiny_chat_model, tmp_path, run_finetune):
     data = write_records(tmp_path / "train.json", RECORDS)
-    trainer = run_finetune("--model_name_or_path", tiny_chat_model, "--data_path", data,
-                           "--output_dir", tmp_path / "out", *FLAGS)
+    trainer = run_finetune(
+        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out", *FLAGS
+    )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     assert len(losses) == 6

@@ -36,11 +36,14 @@ def conv(*turns, system=None):
 
 def test_single_turn_qwen_vocab_token_exact(qwen_tokenizer, reference_qwen):
     sample = render_conversation(conv("Hello, who are you?", "I am Pico."), qwen_tokenizer)
-    ids, labels = expected_from_pieces(reference_qwen, [
-        (chatml("user", "Hello, who are you?") + "<|im_start|>assistant\n", False),
-        ("I am Pico.<|im_end|>", True),
-        ("\n", False),
-    ])
+    ids, labels = expected_from_pieces(
+        reference_qwen,
+        [
+            (chatml("user", "Hello, who are you?") + "<|im_start|>assistant\n", False),
+            ("I am Pico.<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert sample.input_ids == ids
     assert sample.labels == labels
     # the trained tokens are exactly the answer and <|im_end|> (151645), nothing of the prompt or the newline after
@@ -53,13 +56,16 @@ def test_single_turn_qwen_vocab_token_exact(qwen_tokenizer, reference_qwen):
 def test_multi_turn_with_system_qwen_vocab_token_exact(qwen_tokenizer, reference_qwen):
     turns = ["Compte jusqu'à deux.", "Un, deux.", "用中文说你好", "你好！\n\n  (indented)\n"]
     sample = render_conversation(conv(*turns, system="You are terse."), qwen_tokenizer)
-    ids, labels = expected_from_pieces(reference_qwen, [
-        (chatml("system", "You are terse.") + chatml("user", turns[0]) + "<|im_start|>assistant\n", False),
-        ("Un, deux.<|im_end|>", True),
-        ("\n" + chatml("user", turns[2]) + "<|im_start|>assistant\n", False),
-        (turns[3] + "<|im_end|>", True),
-        ("\n", False),
-    ])
+    ids, labels = expected_from_pieces(
+        reference_qwen,
+        [
+            (chatml("system", "You are terse.") + chatml("user", turns[0]) + "<|im_start|>assistant\n", False),
+            ("Un, deux.<|im_end|>", True),
+            ("\n" + chatml("user", turns[2]) + "<|im_start|>assistant\n", False),
+            (turns[3] + "<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert sample.input_ids == ids
     assert sample.labels == labels
 
@@ -72,7 +78,7 @@ def test_answer_starting_with_newlines_keeps_the_inference_prompt(qwen_tokenizer
     prompt = render_prompt(messages, qwen_tokenizer)
     first_trained = next(i for i, label in enumerate(sample.labels) if label != IGNORE)
     assert sample.input_ids[:first_trained] == prompt
-    assert qwen_tokenizer.decode(sample.input_ids[first_trained:first_trained + 1]).startswith("\n")
+    assert qwen_tokenizer.decode(sample.input_ids[first_trained : first_trained + 1]).startswith("\n")
 
 
 def test_every_assistant_turn_is_trained_and_no_user_turn(bpe_tokenizer):
@@ -80,7 +86,8 @@ def test_every_assistant_turn_is_trained_and_no_user_turn(bpe_tokenizer):
     sample = render_conversation(conv(*turns, system="Count."), bpe_tokenizer)
     assert trained_spans(bpe_tokenizer, sample) == ["One.<|im_end|>", "Two.<|im_end|>", "Three.<|im_end|>"]
     assert bpe_tokenizer.decode(sample.input_ids) == (
-        chatml("system", "Count.") + "".join(chatml("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns))
+        chatml("system", "Count.")
+        + "".join(chatml("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns))
     )
 
 
@@ -99,7 +106,9 @@ def test_truncation_keeps_whole_turns(bpe_tokenizer):
     full = render_conversation(conversation, bpe_tokenizer)
     first_only = render_conversation(conv("first question", "first answer"), bpe_tokenizer)
     # dropping only the newline after the last <|im_end|> loses nothing trained
-    assert render_conversation(conversation, bpe_tokenizer, max_length=len(full.input_ids) - 1).labels == full.labels[:-1]
+    assert (
+        render_conversation(conversation, bpe_tokenizer, max_length=len(full.input_ids) - 1).labels == full.labels[:-1]
+    )
     cut = render_conversation(conversation, bpe_tokenizer, max_length=len(full.input_ids) - 2)
     assert cut.truncated
     # the cut falls right after the first answer's <|im_end|>: the second exchange is gone whole
@@ -148,14 +157,19 @@ def test_template_that_rewrites_history_gives_one_sample_per_trained_turn(bpe_to
 
     rewriting = copy.deepcopy(bpe_tokenizer)
     rewriting.chat_template = REWRITING_TEMPLATE
-    conversation = Conversation(id="r", messages=(Message("user", "a"), Message("assistant", "b"),
-                                                  Message("user", "c"), Message("assistant", "d")))
+    conversation = Conversation(
+        id="r",
+        messages=(Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d")),
+    )
     first, second = render_samples(conversation, rewriting)
     pieces = [(chatml("user", "a") + "<|im_start|>assistant\n", False), ("b<|im_end|>", True), ("\n", False)]
     assert (first.input_ids, first.labels) == expected_from_pieces(bpe_encode(bpe_tokenizer), pieces)
     # the second sample shows turn 1 as the template renders it at turn 3 ("[old]"), untrained
-    pieces = [(chatml("user", "a") + chatml("assistant", "[old]") + chatml("user", "c") + "<|im_start|>assistant\n",
-               False), ("d<|im_end|>", True), ("\n", False)]
+    pieces = [
+        (chatml("user", "a") + chatml("assistant", "[old]") + chatml("user", "c") + "<|im_start|>assistant\n", False),
+        ("d<|im_end|>", True),
+        ("\n", False),
+    ]
     assert (second.input_ids, second.labels) == expected_from_pieces(bpe_encode(bpe_tokenizer), pieces)
     assert (first.trained_turns, second.trained_turns) == (1, 1)
     # render_conversation keeps the last: the whole conversation as inference renders it at its last turn
@@ -169,12 +183,19 @@ def bpe_encode(tokenizer):
 
 
 def test_train_turns_last_and_per_message_train(bpe_tokenizer):
-    record = {"messages": [{"role": "user", "content": "one?"}, {"role": "assistant", "content": "One."},
-                           {"role": "user", "content": "two?"}, {"role": "assistant", "content": "Two."},
-                           {"role": "user", "content": "three?"}, {"role": "assistant", "content": "Three."}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "one?"},
+            {"role": "assistant", "content": "One."},
+            {"role": "user", "content": "two?"},
+            {"role": "assistant", "content": "Two."},
+            {"role": "user", "content": "three?"},
+            {"role": "assistant", "content": "Three."},
+        ]
+    }
 
     def trained(record, **options):
-        sample, = render_samples(parse_record(record), bpe_tokenizer, **options)
+        (sample,) = render_samples(parse_record(record), bpe_tokenizer, **options)
         return trained_spans(bpe_tokenizer, sample)
 
     assert trained(record) == ["One.<|im_end|>", "Two.<|im_end|>", "Three.<|im_end|>"]
@@ -186,9 +207,10 @@ def test_train_turns_last_and_per_message_train(bpe_tokenizer):
     record["messages"][5]["loss_weight"] = 0.0
     assert trained(record, train_turns="last") == ["Two.<|im_end|>"]
     # untrained turns stay in the sample as context, whole
-    sample, = render_samples(parse_record(record), bpe_tokenizer)
+    (sample,) = render_samples(parse_record(record), bpe_tokenizer)
     assert bpe_tokenizer.decode(sample.input_ids) == "".join(
-        chatml(m["role"], m["content"]) for m in record["messages"])
+        chatml(m["role"], m["content"]) for m in record["messages"]
+    )
 
 
 def trained_spans(tokenizer, sample) -> list[str]:

@@ -18,10 +18,37 @@ EPOCHS = 2
 
 
 def flags(model, out, *extra):
-    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu", "True",
-            "--use_lora", "True", "--lora_dropout", "0", "--model_max_length", "128",
-            "--per_device_train_batch_size", "4", "--max_tokens_per_batch", "0", "--learning_rate", "1e-3",
-            "--warmup_steps", "0", "--report_to", "none", "--seed", "0", "--logging_steps", "1", *extra]
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "True",
+        "--use_lora",
+        "True",
+        "--lora_dropout",
+        "0",
+        "--model_max_length",
+        "128",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_tokens_per_batch",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
 
 
 def data_counts(dataset) -> tuple[int, int]:
@@ -38,8 +65,11 @@ def data_counts(dataset) -> tuple[int, int]:
 @pytest.mark.parametrize("packing", ["True", "False"])
 def test_report_counts_what_the_data_holds(packing, tiny_chat_model, tmp_path, datasets_cache):
     out = tmp_path / "out"
-    trainer = finetune(*flags(tiny_chat_model, out, "--num_train_epochs", str(EPOCHS), "--packing", packing,
-                              "--save_strategy", "epoch"))
+    trainer = finetune(
+        *flags(
+            tiny_chat_model, out, "--num_train_epochs", str(EPOCHS), "--packing", packing, "--save_strategy", "epoch"
+        )
+    )
     tokens, trained = data_counts(trainer.train_dataset)
     report = json.loads((out / REPORT_JSON).read_text())
     assert report["trained_tokens"] == EPOCHS * trained

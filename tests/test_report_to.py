@@ -13,8 +13,10 @@ from tests.conftest import ANSWER, logged_losses, train_flags
 
 @pytest.fixture(scope="module")
 def repeated_data(tmp_path_factory):
-    return write_records(tmp_path_factory.mktemp("data") / "repeated.json",
-                         [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(8)])
+    return write_records(
+        tmp_path_factory.mktemp("data") / "repeated.json",
+        [chat_record("Who are you?", ANSWER, id=f"r{i}") for i in range(8)],
+    )
 
 
 def event_losses(folder) -> list[tuple[int, float]]:
@@ -36,8 +38,9 @@ def logged_steps_and_losses(trainer) -> list[tuple[int, float]]:
 def test_tensorboard_events_hold_the_train_loss(tiny_chat_model, repeated_data, tmp_path, run_finetune, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "run"
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True",
-                                        "--report_to", "tensorboard", steps=4))
+    trainer = run_finetune(
+        *train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--report_to", "tensorboard", steps=4)
+    )
     assert len(logged_losses(trainer)) == 4
     # transformers' default place: OUTPUT_DIR/runs/<date>_<host>/
     assert [p.parent.parent for p in out.rglob("events.out.tfevents.*")] == [out / "runs"]
@@ -49,26 +52,43 @@ def test_tensorboard_events_hold_the_train_loss(tiny_chat_model, repeated_data, 
     assert (out / "adapter_model.safetensors").is_file()  # the save is unaffected by the runs/ folder beside it
 
 
-def test_tensorboard_logging_dir_from_the_environment(tiny_chat_model, repeated_data, tmp_path, run_finetune,
-                                                      monkeypatch):
+def test_tensorboard_logging_dir_from_the_environment(
+    tiny_chat_model, repeated_data, tmp_path, run_finetune, monkeypatch
+):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     out = tmp_path / "run"
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True",
-                                        "--report_to", "tensorboard", steps=2))
+    trainer = run_finetune(
+        *train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--report_to", "tensorboard", steps=2)
+    )
     assert not (out / "runs").exists()
     written, expected = event_losses(tmp_path / "tb"), logged_steps_and_losses(trainer)
     assert [step for step, _ in written] == [step for step, _ in expected] == [1, 2]
     assert [value for _, value in written] == pytest.approx([value for _, value in expected], rel=1e-6)
 
 
-@pytest.mark.parametrize("backend, check", [("tensorboard", "is_tensorboard_available"),
-                                            ("wandb", "is_wandb_available")])
+@pytest.mark.parametrize(
+    "backend, check", [("tensorboard", "is_tensorboard_available"), ("wandb", "is_wandb_available")]
+)
 def test_backend_without_its_package_is_refused(backend, check, tiny_chat_model, tmp_path, monkeypatch):
     import transformers.integrations
 
     monkeypatch.setattr(transformers.integrations, check, lambda: False)
     with pytest.raises(ConfigError) as info:
-        parse_args(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(EXAMPLES), "--output_dir",
-                    str(tmp_path / "out"), "--max_steps", "1", "--report_to", backend])
-    assert info.value.problems == [f"--report_to {backend}: the {backend} package is not installed (pip install "
-                                   f"{backend}; see README, Logging), or choose --report_to none"]
+        parse_args(
+            [
+                "--model_name_or_path",
+                str(tiny_chat_model),
+                "--data_path",
+                str(EXAMPLES),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--max_steps",
+                "1",
+                "--report_to",
+                backend,
+            ]
+        )
+    assert info.value.problems == [
+        f"--report_to {backend}: the {backend} package is not installed (pip install "
+        f"{backend}; see README, Logging), or choose --report_to none"
+    ]

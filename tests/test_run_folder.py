@@ -15,9 +15,29 @@ from tests.conftest import EXAMPLES
 
 
 def flags(model, out, *extra):
-    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, "--use_cpu", "True",
-            "--model_max_length", "128", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-            "--report_to", "none", "--seed", "0", "--logging_steps", "1", *extra]
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "True",
+        "--model_max_length",
+        "128",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
 
 
 def test_overwrite_replaces_the_previous_run(tiny_chat_model, tmp_path, run_finetune):
@@ -26,8 +46,20 @@ def test_overwrite_replaces_the_previous_run(tiny_chat_model, tmp_path, run_fine
     run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
     assert (out / "model.safetensors").exists() and (out / "checkpoint-2").is_dir()
     (out / "notes.txt").write_text("mine")  # not something a run writes: stays
-    run_finetune(*flags(tiny_chat_model, out, "--max_steps", "1", "--save_strategy", "no", "--use_lora", "True",
-                        "--overwrite_output_dir", "True"))
+    run_finetune(
+        *flags(
+            tiny_chat_model,
+            out,
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--use_lora",
+            "True",
+            "--overwrite_output_dir",
+            "True",
+        )
+    )
     names = {p.name for p in out.iterdir()}
     assert not any(n.startswith("checkpoint-") for n in names)
     assert "model.safetensors" not in names and "config.json" not in names
@@ -43,8 +75,18 @@ def test_overwrite_and_resume_together_are_refused(tiny_chat_model, tmp_path, ru
     out = tmp_path / "out"
     run_finetune(*flags(tiny_chat_model, out, "--max_steps", "1", "--save_steps", "1"))
     with pytest.raises(SystemExit) as exit_info:
-        run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--overwrite_output_dir", "True",
-                            "--resume_from_checkpoint", "True"))
+        run_finetune(
+            *flags(
+                tiny_chat_model,
+                out,
+                "--max_steps",
+                "2",
+                "--overwrite_output_dir",
+                "True",
+                "--resume_from_checkpoint",
+                "True",
+            )
+        )
     assert exit_info.value.code == EXIT_USER_ERROR
     assert "choose one" in capsys.readouterr().err
     assert (out / "checkpoint-1" / "trainer_state.json").exists()  # nothing was removed
@@ -58,8 +100,20 @@ def test_resume_skips_checkpoints_cut_short(tiny_chat_model, tmp_path, run_finet
     (out / "checkpoint-8").mkdir()
     (out / "checkpoint-8" / "optimizer.pt").write_bytes(b"\0" * 64)
     with caplog.at_level(logging.WARNING):
-        trainer = run_finetune(*flags(tiny_chat_model, out, "--max_steps", "6", "--save_steps", "2",
-                                      "--use_lora", "True", "--resume_from_checkpoint", "True"))
+        trainer = run_finetune(
+            *flags(
+                tiny_chat_model,
+                out,
+                "--max_steps",
+                "6",
+                "--save_steps",
+                "2",
+                "--use_lora",
+                "True",
+                "--resume_from_checkpoint",
+                "True",
+            )
+        )
     assert trainer.state.global_step == 6
     messages = caplog.text
     assert f"resuming from {out / 'checkpoint-4'}" in messages
@@ -97,8 +151,11 @@ def kill_during_a_checkpoint_save(command: list[str], out, env, attempts: int = 
             while process.poll() is None:
                 if out.is_dir():
                     for entry in out.iterdir():
-                        if entry.name.startswith("checkpoint-") and entry.name != "checkpoint-1" \
-                                and not (entry / "trainer_state.json").exists():
+                        if (
+                            entry.name.startswith("checkpoint-")
+                            and entry.name != "checkpoint-1"
+                            and not (entry / "trainer_state.json").exists()
+                        ):
                             process.kill()
                             process.wait()
                             if not (entry / "trainer_state.json").exists():
@@ -112,8 +169,9 @@ def kill_during_a_checkpoint_save(command: list[str], out, env, attempts: int = 
 
 
 @pytest.mark.slow
-def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(tiny_chat_model, tmp_path,
-                                                                                 run_finetune, caplog):
+def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(
+    tiny_chat_model, tmp_path, run_finetune, caplog
+):
     """kill -9 mid-save (a checkpoint folder whose trainer_state.json was never written), then resume: the run picks
     the checkpoint before it, says so, and ends with the weights of a run that was never killed."""
     import os
@@ -124,8 +182,18 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(
 
     from tests.conftest import REPO
 
-    steps = ["--max_steps", "12", "--save_steps", "1", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-             "--max_tokens_per_batch", "0"]
+    steps = [
+        "--max_steps",
+        "12",
+        "--save_steps",
+        "1",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+        "--max_tokens_per_batch",
+        "0",
+    ]
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
     run_finetune(*flags(tiny_chat_model, reference, *steps))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
@@ -162,18 +230,25 @@ def deepspeed_checkpoint(path, ranks: int = 2, step: int = 2):
     return path
 
 
-@pytest.mark.parametrize("breakage, problem", [
-    # rank 1 was killed before its RNG state was on disk; rank 0 had written trainer_state.json already
-    ("rm rng_state_1.pth", "rng_state_1.pth is missing"),
-    ("cut rng_state_1.pth", "rng_state_1.pth is cut short"),
-    ("cut global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-     "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt is cut short"),
-    ("rm global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-     "global_step2 holds the optimizer shards of ranks [0], beside the RNG states of 2 ranks"),
-    ("rm latest", "DeepSpeed's latest file is missing"),
-    ("latest global_step9", "DeepSpeed's latest names 'global_step9', which is not there"),
-    ("rm global_step2/mp_rank_00_model_states.pt", "global_step2 holds no model states"),
-])
+@pytest.mark.parametrize(
+    "breakage, problem",
+    [
+        # rank 1 was killed before its RNG state was on disk; rank 0 had written trainer_state.json already
+        ("rm rng_state_1.pth", "rng_state_1.pth is missing"),
+        ("cut rng_state_1.pth", "rng_state_1.pth is cut short"),
+        (
+            "cut global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt is cut short",
+        ),
+        (
+            "rm global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "global_step2 holds the optimizer shards of ranks [0], beside the RNG states of 2 ranks",
+        ),
+        ("rm latest", "DeepSpeed's latest file is missing"),
+        ("latest global_step9", "DeepSpeed's latest names 'global_step9', which is not there"),
+        ("rm global_step2/mp_rank_00_model_states.pt", "global_step2 holds no model states"),
+    ],
+)
 def test_an_incomplete_deepspeed_checkpoint_is_not_resumed_from(breakage, problem, tmp_path):
     from llmft.saving import checkpoint_problem, checkpoints
 
@@ -208,8 +283,9 @@ def kill_9_mid_training(command: list[str], out, env, seed: int, window: float, 
     generator = random.Random(seed)
     for _ in range(attempts):
         shutil.rmtree(out, ignore_errors=True)
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 600
             while not (out / "checkpoint-1" / "trainer_state.json").exists():
@@ -238,8 +314,9 @@ def kill_9_mid_training(command: list[str], out, env, seed: int, window: float, 
 
 
 @pytest.mark.slow
-def test_kill_9_of_two_zero2_ranks_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(tiny_chat_model,
-                                                                                                tmp_path):
+def test_kill_9_of_two_zero2_ranks_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(
+    tiny_chat_model, tmp_path
+):
     """2 CPU ranks under ZeRO-2 LoRA, a checkpoint every step, every process SIGKILLed at a random moment of training:
     relaunched with RESUME=auto, the run skips whatever checkpoint the kill cut short and ends with the adapter of a
     run never killed (atol 1e-5, as the two-rank equivalence tests)."""
@@ -248,7 +325,7 @@ def test_kill_9_of_two_zero2_ranks_at_a_random_moment_then_resume_ends_as_an_uni
     import torch
     from safetensors.torch import load_file
 
-    from tests.conftest import (FINETUNE, equivalence_run_flags, launcher_env, run_launcher, train_with_launcher)
+    from tests.conftest import FINETUNE, equivalence_run_flags, launcher_env, run_launcher, train_with_launcher
 
     run_flags = [*equivalence_run_flags(1), "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "3"]
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -266,8 +343,10 @@ def test_kill_9_of_two_zero2_ranks_at_a_random_moment_then_resume_ends_as_an_uni
     result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
     assert result.returncode == 0, (killed_at, result.stderr[-6000:])
     assert "resuming from" in result.stderr, (killed_at, result.stderr[-4000:])
-    expected, actual = load_file(str(reference / "adapter_model.safetensors")), load_file(
-        str(out / "adapter_model.safetensors"))
+    expected, actual = (
+        load_file(str(reference / "adapter_model.safetensors")),
+        load_file(str(out / "adapter_model.safetensors")),
+    )
     assert sorted(actual) == sorted(expected)
     for key, tensor in expected.items():
         assert torch.allclose(actual[key], tensor, atol=1e-5, rtol=0), (killed_at, key)

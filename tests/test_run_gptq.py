@@ -36,8 +36,12 @@ def chat_data(tmp_path_factory) -> Path:
     for i in range(NUM_RECORDS):
         question = CORPUS[i % len(CORPUS)]
         answer = f"{CORPUS[(7 * i + 3) % len(CORPUS)]} {CORPUS[(5 * i + 1) % len(CORPUS)]}"
-        records.append({"id": f"r{i}", "conversations": [{"from": "user", "value": question},
-                                                          {"from": "assistant", "value": answer}]})
+        records.append(
+            {
+                "id": f"r{i}",
+                "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": answer}],
+            }
+        )
     path = tmp_path_factory.mktemp("data") / "chat.json"
     path.write_text(json.dumps(records))
     return path
@@ -46,8 +50,16 @@ def chat_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quantized(tiny_chat_model, chat_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
-    report = run_gptq(str(tiny_chat_model), str(chat_data), out, bits=4, group_size=128, max_len=128, num_samples=16,
-                      eval_samples=EVAL_SAMPLES)
+    report = run_gptq(
+        str(tiny_chat_model),
+        str(chat_data),
+        out,
+        bits=4,
+        group_size=128,
+        max_len=128,
+        num_samples=16,
+        eval_samples=EVAL_SAMPLES,
+    )
     return out, report
 
 
@@ -79,8 +91,20 @@ def test_bad_settings_are_listed_at_once(tiny_chat_model, chat_data, tmp_path, c
     from llmft.tools.quantize import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model_name_or_path", str(tiny_chat_model), "--data_path", str(chat_data),
-              "--out_path", str(tmp_path / "out"), "--bits", "3", "--num_samples", "0"])
+        main(
+            [
+                "--model_name_or_path",
+                str(tiny_chat_model),
+                "--data_path",
+                str(chat_data),
+                "--out_path",
+                str(tmp_path / "out"),
+                "--bits",
+                "3",
+                "--num_samples",
+                "0",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid settings (2)")
@@ -122,10 +146,14 @@ def test_quality_report(quantized, tiny_chat_model, chat_data):
     saved = json.loads((out / "quantization_report.json").read_text())
     assert saved["bits"] == 4 and saved["eval_samples"] == EVAL_SAMPLES and saved["calibration_samples"] == 16
     # the held-out conversations (the data's last EVAL_SAMPLES) scored here with plain transformers
-    held_out = [tuple(turn["value"] for turn in record["conversations"])
-                for record in json.loads(chat_data.read_text())[-EVAL_SAMPLES:]]
-    references = {"original": assistant_token_loss(tiny_chat_model, held_out),
-                  "quantized": assistant_token_loss(out, held_out)}
+    held_out = [
+        tuple(turn["value"] for turn in record["conversations"])
+        for record in json.loads(chat_data.read_text())[-EVAL_SAMPLES:]
+    ]
+    references = {
+        "original": assistant_token_loss(tiny_chat_model, held_out),
+        "quantized": assistant_token_loss(out, held_out),
+    }
     for which, (loss, tokens) in references.items():
         assert saved[which]["tokens"] == tokens > 50
         assert saved[which]["loss"] == pytest.approx(loss, rel=1e-4), which
@@ -141,8 +169,24 @@ def test_chat_cli_on_gptq_model_prints_only_the_reply(quantized):
     out, _ = quantized
     model, tokenizer = load_for_inference(out)
     expected = generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=8)
-    proc = subprocess.run([sys.executable, "tools/chat.py", "--model", str(out), "--prompt", "hi", "--temperature",
-                           "0", "--max_new_tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/chat.py",
+            "--model",
+            str(out),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "8",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected.text + "\n"  # GPTQModel's banner and logs went to stderr
 
@@ -162,8 +206,11 @@ def test_lora_trains_on_gptq_base_and_merges_into_original(quantized, tiny_chat_
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
     assert type(model.base_model.model.model.layers[0].mlp.down_proj).__name__ == "GPTQLoraLinear"
     tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         loss = model(input_ids=ids, labels=ids).loss
@@ -178,8 +225,9 @@ def test_lora_trains_on_gptq_base_and_merges_into_original(quantized, tiny_chat_
 
     chat_model, chat_tokenizer = load_for_inference(adapter)  # what tools/chat.py does with the adapter folder
     assert type(chat_model.base_model.model.model.layers[0].mlp.down_proj).__name__ == "GPTQLoraLinear"
-    assert generate_reply(chat_model, chat_tokenizer, [{"role": "user", "content": "hi"}], temperature=0,
-                          max_new_tokens=4).token_ids
+    assert generate_reply(
+        chat_model, chat_tokenizer, [{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=4
+    ).token_ids
 
     with pytest.raises(LlmftError, match="GPTQ-quantized checkpoint"):
         merge_lora(adapter, tmp_path / "merged")

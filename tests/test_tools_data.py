@@ -27,15 +27,40 @@ from tests.conftest import expected_from_pieces
 IGNORE = IGNORE_INDEX
 
 # Qwen2.5's added tokens after <|im_end|> (151645), in id order, and whether each is special; Qwen3 adds four more.
-QWEN25_ADDED = [("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
-                ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True),
-                ("<|vision_end|>", True), ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-                ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-                ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False)]
-QWEN3_ADDED = QWEN25_ADDED + [("<tool_response>", False), ("</tool_response>", False), ("<think>", False),
-                              ("</think>", False)]
-REAL_IDS = {"<tool_call>": 151657, "</tool_call>": 151658, "<tool_response>": 151665, "<think>": 151667,
-            "</think>": 151668}
+QWEN25_ADDED = [
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+]
+QWEN3_ADDED = QWEN25_ADDED + [
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+]
+REAL_IDS = {
+    "<tool_call>": 151657,
+    "</tool_call>": 151658,
+    "<tool_response>": 151665,
+    "<think>": 151667,
+    "</think>": 151668,
+}
 
 
 def trl_template(name: str) -> str:
@@ -106,22 +131,35 @@ def encode3():
 # --- the formats, spelled out ----------------------------------------------------------------------------------
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city (°C)",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-TIME = {"type": "function", "function": {"name": "get_time", "description": "The local time",
-                                         "parameters": {"type": "object", "properties": {}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city (°C)",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The local time",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
 
 
 def tools_system(system: str | None, tools) -> str:
     """Qwen2.5's (and Qwen3's) system turn listing tools; `system` None leaves the text before "# Tools" out."""
-    return ("<|im_start|>system\n" + (system + "\n\n" if system is not None else "") + "# Tools\n\n"
-            "You may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-            + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
-            + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-            "<args-json-object>}\n</tool_call><|im_end|>\n")
+    return (
+        "<|im_start|>system\n" + (system + "\n\n" if system is not None else "") + "# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+        + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+    )
 
 
 def turn(role: str, content: str) -> str:
@@ -140,8 +178,10 @@ GEN = "<|im_start|>assistant\n"
 
 
 def tool_call(name, arguments, as_string=False):
-    return {"type": "function", "function": {"name": name,
-                                             "arguments": json.dumps(arguments) if as_string else arguments}}
+    return {
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments) if as_string else arguments},
+    }
 
 
 def spans(sample) -> list[tuple[int, int]]:
@@ -177,26 +217,36 @@ def render(record, tokenizer, **options):
 
 # --- Qwen2.5 and the ChatML fallback ---------------------------------------------------------------------------
 
-SINGLE_CALL = {"tools": [WEATHER], "messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [tool_call("get_weather", {"city": "Paris"}, as_string=True)]},
-    {"role": "tool", "content": '{"temp": 18}'},
-    {"role": "assistant", "content": "18 °C in Paris."},
-]}
+SINGLE_CALL = {
+    "tools": [WEATHER],
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [tool_call("get_weather", {"city": "Paris"}, as_string=True)],
+        },
+        {"role": "tool", "content": '{"temp": 18}'},
+        {"role": "assistant", "content": "18 °C in Paris."},
+    ],
+}
 
 
 @pytest.mark.parametrize("template", ["qwen2.5", "chatml"])
 def test_single_tool_call_with_tools_token_exact(template, qwen25, qwen25_chatml, encode25):
     tokenizer = qwen25 if template == "qwen2.5" else qwen25_chatml
     conversation, samples = render(SINGLE_CALL, tokenizer)
-    ids, labels = expected_from_pieces(encode25, [
-        (tools_system("Be brief.", [WEATHER]) + turn("user", "Weather in Paris?") + GEN, False),
-        (call_text("get_weather", {"city": "Paris"}) + "<|im_end|>", True),
-        ("\n" + results_turn('{"temp": 18}') + GEN, False),
-        ("18 °C in Paris.<|im_end|>", True),
-        ("\n", False),
-    ])
+    ids, labels = expected_from_pieces(
+        encode25,
+        [
+            (tools_system("Be brief.", [WEATHER]) + turn("user", "Weather in Paris?") + GEN, False),
+            (call_text("get_weather", {"city": "Paris"}) + "<|im_end|>", True),
+            ("\n" + results_turn('{"temp": 18}') + GEN, False),
+            ("18 °C in Paris.<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert len(samples) == 1
     assert samples[0].input_ids == ids and samples[0].labels == labels
     assert samples[0].trained_turns == 2
@@ -204,14 +254,20 @@ def test_single_tool_call_with_tools_token_exact(template, qwen25, qwen25_chatml
     assert_matches_inference(samples, conversation, tokenizer, [2, 4])
 
 
-PARALLEL_CALLS = {"tools": [WEATHER, TIME], "messages": [
-    {"role": "user", "content": "Weather in Rome and the time?"},
-    {"role": "assistant", "content": "Checking both.", "tool_calls": [tool_call("get_weather", {"city": "Rome"}),
-                                                                      tool_call("get_time", {})]},
-    {"role": "tool", "content": "22"},
-    {"role": "tool", "content": "12:00"},
-    {"role": "assistant", "content": "22 °C; noon."},
-]}
+PARALLEL_CALLS = {
+    "tools": [WEATHER, TIME],
+    "messages": [
+        {"role": "user", "content": "Weather in Rome and the time?"},
+        {
+            "role": "assistant",
+            "content": "Checking both.",
+            "tool_calls": [tool_call("get_weather", {"city": "Rome"}), tool_call("get_time", {})],
+        },
+        {"role": "tool", "content": "22"},
+        {"role": "tool", "content": "12:00"},
+        {"role": "assistant", "content": "22 °C; noon."},
+    ],
+}
 
 
 def test_parallel_calls_with_content_qwen25_and_chatml(qwen25, qwen25_chatml, encode25):
@@ -231,34 +287,39 @@ def test_parallel_calls_with_content_qwen25_and_chatml(qwen25, qwen25_chatml, en
         assert_matches_inference([sample], conversation, tokenizer, [1, 4])
 
 
-SEVERAL_ROUNDS = {"messages": [  # no tools given: the calls are still rendered and trained
-    {"role": "system", "content": "You plan trips."},
-    {"role": "user", "content": "Is it warm in Lisbon?"},
-    {"role": "assistant", "tool_calls": [tool_call("get_weather", {"city": "Lisbon"})]},
-    {"role": "tool", "content": "25"},
-    {"role": "assistant", "content": "Let me check the time too.", "tool_calls": [tool_call("get_time", {})]},
-    {"role": "tool", "content": "09:00"},
-    {"role": "assistant", "content": "25 °C at 9 am: warm."},
-    {"role": "user", "content": "Thanks!"},
-    {"role": "assistant", "content": "Enjoy Lisbon.\n\nBye."},
-]}
+SEVERAL_ROUNDS = {
+    "messages": [  # no tools given: the calls are still rendered and trained
+        {"role": "system", "content": "You plan trips."},
+        {"role": "user", "content": "Is it warm in Lisbon?"},
+        {"role": "assistant", "tool_calls": [tool_call("get_weather", {"city": "Lisbon"})]},
+        {"role": "tool", "content": "25"},
+        {"role": "assistant", "content": "Let me check the time too.", "tool_calls": [tool_call("get_time", {})]},
+        {"role": "tool", "content": "09:00"},
+        {"role": "assistant", "content": "25 °C at 9 am: warm."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "Enjoy Lisbon.\n\nBye."},
+    ]
+}
 
 
 @pytest.mark.parametrize("template", ["qwen2.5", "chatml"])
 def test_several_tool_rounds_without_tools_token_exact(template, qwen25, qwen25_chatml, encode25):
     tokenizer = qwen25 if template == "qwen2.5" else qwen25_chatml
     conversation, samples = render(SEVERAL_ROUNDS, tokenizer)
-    ids, labels = expected_from_pieces(encode25, [
-        (turn("system", "You plan trips.") + turn("user", "Is it warm in Lisbon?") + GEN, False),
-        (call_text("get_weather", {"city": "Lisbon"}) + "<|im_end|>", True),
-        ("\n" + results_turn("25") + GEN, False),
-        ("Let me check the time too.\n" + call_text("get_time", {}) + "<|im_end|>", True),
-        ("\n" + results_turn("09:00") + GEN, False),
-        ("25 °C at 9 am: warm.<|im_end|>", True),
-        ("\n" + turn("user", "Thanks!") + GEN, False),
-        ("Enjoy Lisbon.\n\nBye.<|im_end|>", True),
-        ("\n", False),
-    ])
+    ids, labels = expected_from_pieces(
+        encode25,
+        [
+            (turn("system", "You plan trips.") + turn("user", "Is it warm in Lisbon?") + GEN, False),
+            (call_text("get_weather", {"city": "Lisbon"}) + "<|im_end|>", True),
+            ("\n" + results_turn("25") + GEN, False),
+            ("Let me check the time too.\n" + call_text("get_time", {}) + "<|im_end|>", True),
+            ("\n" + results_turn("09:00") + GEN, False),
+            ("25 °C at 9 am: warm.<|im_end|>", True),
+            ("\n" + turn("user", "Thanks!") + GEN, False),
+            ("Enjoy Lisbon.\n\nBye.<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert len(samples) == 1
     assert (samples[0].input_ids, samples[0].labels) == (ids, labels)
     assert_matches_inference(samples, conversation, tokenizer, [2, 4, 6, 8])
@@ -270,16 +331,18 @@ def test_chatml_fallback_renders_exactly_as_qwen25(record, qwen25, qwen25_chatml
     messages, tools = conversation.as_dicts(), list(conversation.tools) or None
     for upto in range(1, len(messages) + 1):
         for generation_prompt in (False, True):
-            assert (qwen25_chatml.apply_chat_template(messages[:upto], tools=tools, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
-                    == qwen25.apply_chat_template(messages[:upto], tools=tools, tokenize=False,
-                                                  add_generation_prompt=generation_prompt))
+            assert qwen25_chatml.apply_chat_template(
+                messages[:upto], tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            ) == qwen25.apply_chat_template(
+                messages[:upto], tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
 
 
 def test_chatml_without_tools_is_unchanged(qwen25_chatml):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert qwen25_chatml.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        turn("user", "Hi") + turn("assistant", "Hello") + GEN)
+        turn("user", "Hi") + turn("assistant", "Hello") + GEN
+    )
 
 
 def test_per_message_train_on_tool_turns(qwen25_chatml, encode25):
@@ -288,16 +351,23 @@ def test_per_message_train_on_tool_turns(qwen25_chatml, encode25):
     record["messages"][6]["loss_weight"] = 0
     conversation, (sample,) = render(record, qwen25_chatml)
     decoded = [qwen25_chatml.decode(sample.input_ids[a:b]) for a, b in spans(sample)]
-    assert decoded == ["Let me check the time too.\n" + call_text("get_time", {}) + "<|im_end|>",
-                       "Enjoy Lisbon.\n\nBye.<|im_end|>"]
+    assert decoded == [
+        "Let me check the time too.\n" + call_text("get_time", {}) + "<|im_end|>",
+        "Enjoy Lisbon.\n\nBye.<|im_end|>",
+    ]
     conversation, (last,) = render(SEVERAL_ROUNDS, qwen25_chatml, train_turns="last")
     assert [qwen25_chatml.decode(last.input_ids[a:b]) for a, b in spans(last)] == ["Enjoy Lisbon.\n\nBye.<|im_end|>"]
     assert last.input_ids == sample.input_ids  # the untrained turns stay as context, whole
 
 
 def test_qwen25_does_not_render_reasoning_so_it_is_not_trained(qwen25, qwen25_chatml, encode25):
-    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2?"},
-                           {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"},
+        ]
+    }
     _, (sample,) = render(record, qwen25)
     assert sample.reasoning_not_rendered == 1
     assert [qwen25.decode(sample.input_ids[a:b]) for a, b in spans(sample)] == ["4<|im_end|>"]
@@ -305,20 +375,27 @@ def test_qwen25_does_not_render_reasoning_so_it_is_not_trained(qwen25, qwen25_ch
     _, (kept,) = render(record, qwen25_chatml)
     assert kept.reasoning_not_rendered == 0
     assert [qwen25_chatml.decode(kept.input_ids[a:b]) for a, b in spans(kept)] == [
-        "<think>\nTwo and two.\n</think>\n\n4<|im_end|>"]
+        "<think>\nTwo and two.\n</think>\n\n4<|im_end|>"
+    ]
 
 
 # --- Qwen3: thinking, and history rewritten --------------------------------------------------------------------
 
-THINKING_TOOLS = {"tools": [WEATHER], "messages": [
-    {"role": "user", "content": "Should I take a coat in Oslo?"},
-    {"role": "assistant", "reasoning_content": "I need the weather.",
-     "tool_calls": [tool_call("get_weather", {"city": "Oslo"})]},
-    {"role": "tool", "content": "-3"},
-    {"role": "assistant", "content": "<think>\nIt is cold.\n</think>\n\nYes: -3 °C."},
-    {"role": "user", "content": "And gloves?"},
-    {"role": "assistant", "content": "Yes, gloves too."},
-]}
+THINKING_TOOLS = {
+    "tools": [WEATHER],
+    "messages": [
+        {"role": "user", "content": "Should I take a coat in Oslo?"},
+        {
+            "role": "assistant",
+            "reasoning_content": "I need the weather.",
+            "tool_calls": [tool_call("get_weather", {"city": "Oslo"})],
+        },
+        {"role": "tool", "content": "-3"},
+        {"role": "assistant", "content": "<think>\nIt is cold.\n</think>\n\nYes: -3 °C."},
+        {"role": "user", "content": "And gloves?"},
+        {"role": "assistant", "content": "Yes, gloves too."},
+    ],
+}
 
 
 def test_qwen3_thinking_with_tools_one_sample_per_user_message(qwen3, encode3):
@@ -326,23 +403,43 @@ def test_qwen3_thinking_with_tools_one_sample_per_user_message(qwen3, encode3):
     system = tools_system(None, [WEATHER])
     first_turn = turn("user", "Should I take a coat in Oslo?")
     # sample 1: the first question's two turns, reasoning kept as Qwen3 renders it until the next user message
-    ids, labels = expected_from_pieces(encode3, [
-        (system + first_turn + GEN, False),
-        ("<think>\nI need the weather.\n</think>\n\n" + call_text("get_weather", {"city": "Oslo"}) + "<|im_end|>",
-         True),
-        ("\n" + results_turn("-3") + GEN, False),
-        ("<think>\nIt is cold.\n</think>\n\nYes: -3 °C.<|im_end|>", True),
-        ("\n", False),
-    ])
+    ids, labels = expected_from_pieces(
+        encode3,
+        [
+            (system + first_turn + GEN, False),
+            (
+                "<think>\nI need the weather.\n</think>\n\n"
+                + call_text("get_weather", {"city": "Oslo"})
+                + "<|im_end|>",
+                True,
+            ),
+            ("\n" + results_turn("-3") + GEN, False),
+            ("<think>\nIt is cold.\n</think>\n\nYes: -3 °C.<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert len(samples) == 2
     assert (samples[0].input_ids, samples[0].labels) == (ids, labels)
     # sample 2: after the second question Qwen3 drops the earlier reasoning; the last turn gets an empty think block
-    ids, labels = expected_from_pieces(encode3, [
-        (system + first_turn + GEN + call_text("get_weather", {"city": "Oslo"}) + "<|im_end|>\n" + results_turn("-3")
-         + turn("assistant", "Yes: -3 °C.") + turn("user", "And gloves?") + GEN, False),
-        ("<think>\n\n</think>\n\nYes, gloves too.<|im_end|>", True),
-        ("\n", False),
-    ])
+    ids, labels = expected_from_pieces(
+        encode3,
+        [
+            (
+                system
+                + first_turn
+                + GEN
+                + call_text("get_weather", {"city": "Oslo"})
+                + "<|im_end|>\n"
+                + results_turn("-3")
+                + turn("assistant", "Yes: -3 °C.")
+                + turn("user", "And gloves?")
+                + GEN,
+                False,
+            ),
+            ("<think>\n\n</think>\n\nYes, gloves too.<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert (samples[1].input_ids, samples[1].labels) == (ids, labels)
     assert [s.trained_turns for s in samples] == [2, 1]
     assert encode3("<think>")[0] == 151667
@@ -350,14 +447,28 @@ def test_qwen3_thinking_with_tools_one_sample_per_user_message(qwen3, encode3):
 
 
 def test_qwen3_plain_multi_turn_and_last_turn_only(qwen3, encode3):
-    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    }
     conversation, samples = render(record, qwen3)
     assert [(s.input_ids, s.labels) for s in samples] == [
-        expected_from_pieces(encode3, [(turn("user", "Hi") + GEN, False), ("<think>\n\n</think>\n\nHello.<|im_end|>", True),
-                           ("\n", False)]),
-        expected_from_pieces(encode3, [(turn("user", "Hi") + turn("assistant", "Hello.") + turn("user", "Bye") + GEN, False),
-                           ("<think>\n\n</think>\n\nGoodbye.<|im_end|>", True), ("\n", False)]),
+        expected_from_pieces(
+            encode3,
+            [(turn("user", "Hi") + GEN, False), ("<think>\n\n</think>\n\nHello.<|im_end|>", True), ("\n", False)],
+        ),
+        expected_from_pieces(
+            encode3,
+            [
+                (turn("user", "Hi") + turn("assistant", "Hello.") + turn("user", "Bye") + GEN, False),
+                ("<think>\n\n</think>\n\nGoodbye.<|im_end|>", True),
+                ("\n", False),
+            ],
+        ),
     ]
     assert_matches_inference(samples, conversation, qwen3, [1, 3])
     assert render_samples(conversation, qwen3, train_turns="last") == samples[1:]
@@ -365,42 +476,69 @@ def test_qwen3_plain_multi_turn_and_last_turn_only(qwen3, encode3):
 
 def test_qwen3_parallel_calls_separator(qwen3, encode3):
     """Qwen3 joins calls with a newline but, unlike Qwen2.5, puts none before the first one when there is no content."""
-    record = {"tools": [WEATHER, TIME], "messages": PARALLEL_CALLS["messages"][:1] + [
-        {"role": "assistant", "reasoning_content": "Both.", "content": "",
-         "tool_calls": PARALLEL_CALLS["messages"][1]["tool_calls"]}]}
+    record = {
+        "tools": [WEATHER, TIME],
+        "messages": PARALLEL_CALLS["messages"][:1]
+        + [
+            {
+                "role": "assistant",
+                "reasoning_content": "Both.",
+                "content": "",
+                "tool_calls": PARALLEL_CALLS["messages"][1]["tool_calls"],
+            }
+        ],
+    }
     conversation, (sample,) = render(record, qwen3)
     assert [qwen3.decode(sample.input_ids[a:b]) for a, b in spans(sample)] == [
-        "<think>\nBoth.\n</think>\n\n" + call_text("get_weather", {"city": "Rome"}) + "\n" + call_text("get_time", {})
-        + "<|im_end|>"]
+        "<think>\nBoth.\n</think>\n\n"
+        + call_text("get_weather", {"city": "Rome"})
+        + "\n"
+        + call_text("get_time", {})
+        + "<|im_end|>"
+    ]
     assert_matches_inference([sample], conversation, qwen3, [1])
 
 
 # --- templates that would lose tool data -----------------------------------------------------------------------
 
-NO_TOOLS_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NO_TOOLS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_template_without_tool_support_is_an_error_naming_the_sample(qwen25):
     tokenizer = copy.deepcopy(qwen25)
     tokenizer.chat_template = NO_TOOLS_TEMPLATE
-    with pytest.raises(DataError, match=r"sample t: the chat template does not render turn 1's tool call "
-                                        r"'get_weather'"):
+    with pytest.raises(
+        DataError,
+        match=r"sample t: the chat template does not render turn 1's tool call "
+        r"'get_weather'",
+    ):
         render({"messages": SEVERAL_ROUNDS["messages"][1:4]}, tokenizer)
-    with pytest.raises(DataError, match=r"sample t: the chat template does not show the record's tools "
-                                        r"\('get_weather'\)"):
-        render({"tools": [WEATHER], "messages": [{"role": "user", "content": "a"},
-                                                 {"role": "assistant", "content": "b"}]}, tokenizer)
+    with pytest.raises(
+        DataError,
+        match=r"sample t: the chat template does not show the record's tools "
+        r"\('get_weather'\)",
+    ):
+        render(
+            {"tools": [WEATHER], "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            tokenizer,
+        )
 
 
 # --- the datasets training reads -------------------------------------------------------------------------------
+
 
 def test_eager_and_lazy_datasets_hold_one_row_per_sample(qwen3, datasets_cache, tmp_path, caplog):
     from llmft.data.dataset import RenderSettings, eager_dataset, lazy_dataset
     from tests.conftest import chat_record, write_records
 
-    records = [{"id": "think", **THINKING_TOOLS}, chat_record("Hi", "Hello.", id="one-turn"),
-               {"id": "doc", "text": "A document."}]
+    records = [
+        {"id": "think", **THINKING_TOOLS},
+        chat_record("Hi", "Hello.", id="one-turn"),
+        {"id": "doc", "text": "A document."},
+    ]
     path = str(write_records(tmp_path / "qwen3.jsonl", records, jsonl=True))
     settings = RenderSettings(None, 4096, "truncate")
     expected = [(s.input_ids, s.labels) for r in records for s in render_samples(parse_record(r), qwen3)]
@@ -426,8 +564,16 @@ def test_train_turns_flag(tiny_chat_model, tmp_path):
     from tests.conftest import chat_record, write_records
 
     data = write_records(tmp_path / "d.json", [chat_record("a", "b")])
-    flags = ["--model_name_or_path", str(tiny_chat_model), "--data_path", str(data), "--output_dir",
-             str(tmp_path / "out"), "--report_to", "none"]
+    flags = [
+        "--model_name_or_path",
+        str(tiny_chat_model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--report_to",
+        "none",
+    ]
     assert parse_args(flags)[1].train_turns == "all"
     assert parse_args(flags + ["--train_turns", "last"])[1].train_turns == "last"
     with pytest.raises(ConfigError, match="train_turns"):
@@ -436,10 +582,15 @@ def test_train_turns_flag(tiny_chat_model, tmp_path):
 
 def test_a_template_that_raises_is_a_data_error_naming_the_sample(qwen25):
     tokenizer = copy.deepcopy(qwen25)
-    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}"
-                               "{% endif %}{{ m.content }}{% endfor %}")
-    with pytest.raises(DataError, match=r"sample t: the chat template cannot render this conversation "
-                                        r"\(TemplateError: no tool role\)"):
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"sample t: the chat template cannot render this conversation "
+        r"\(TemplateError: no tool role\)",
+    ):
         render({"messages": SEVERAL_ROUNDS["messages"][1:5]}, tokenizer)
 
 
@@ -448,8 +599,10 @@ def test_show_in_colour_on_a_terminal(bpe_tokenizer):
 
     from llmft.data.check import CheckReport, ShownSample, show_samples
 
-    sample, = render_samples(parse_record({"messages": [{"role": "user", "content": "Hi"},
-                                                        {"role": "assistant", "content": "Hello!"}]}), bpe_tokenizer)
+    (sample,) = render_samples(
+        parse_record({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}),
+        bpe_tokenizer,
+    )
     report = CheckReport(path="d", max_length=64, overlong="truncate", shown=[ShownSample(0, "x", 0, 1, sample)])
     out = io.StringIO()
     show_samples(report, bpe_tokenizer, out=out, colour=True)

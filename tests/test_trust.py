@@ -57,16 +57,31 @@ def refused(capsys, main, argv) -> str:
     err = capsys.readouterr().err
     assert info.value.code == 2, err
     assert "Traceback" not in err
-    return err[err.index("error: "):]
+    return err[err.index("error: ") :]
 
 
 def test_run_gptq_refuses_model_code_without_the_flag(evil, tmp_path):
     """Through the real script: GPTQModel.load imported evil.py here before the fix."""
     model, marker = evil
     proc = subprocess.run(
-        [sys.executable, "tools/run_gptq.py", "--model_name_or_path", str(model), "--data_path", str(EXAMPLES),
-         "--out_path", str(tmp_path / "out"), "--num_samples", "4", "--eval_samples", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "tools/run_gptq.py",
+            "--model_name_or_path",
+            str(model),
+            "--data_path",
+            str(EXAMPLES),
+            "--out_path",
+            str(tmp_path / "out"),
+            "--num_samples",
+            "4",
+            "--eval_samples",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -91,8 +106,20 @@ def test_chat_runs_model_code_with_the_flag(evil, capsys):
     from llmft.tools.chat import main
 
     model, marker = evil
-    main(["--model", str(model), "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "2",
-          "--trust_remote_code", "True"])
+    main(
+        [
+            "--model",
+            str(model),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "2",
+            "--trust_remote_code",
+            "True",
+        ]
+    )
     assert marker.read_text() == "imported"
 
 
@@ -102,8 +129,9 @@ def test_merge_lora_refuses_a_base_with_code_without_the_flag(evil, tmp_path, ca
     model, marker = evil
     adapter = tmp_path / "adapter"
     adapter.mkdir()  # all merge_lora reads before it refuses the base the adapter records
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model),
-                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(model), "peft_type": "LORA"})
+    )
     message = refused(capsys, main, ["--adapter", adapter, "--output", tmp_path / "out"])
     assert FLAG in message and str(model) in message
     message = refused(capsys, main, ["--adapter", adapter, "--output", tmp_path / "out", "--base", model])
@@ -116,8 +144,20 @@ def test_finetune_refuses_model_code_without_the_flag(evil, run_finetune, tmp_pa
     data = write_records(tmp_path / "train.jsonl", [chat_record("Who are you?", "I am Pico.")], jsonl=True)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        run_finetune("--model_name_or_path", model, "--data_path", data, "--output_dir", tmp_path / "out",
-                     "--max_steps", "1", "--report_to", "none", "--use_cpu", "True")
+        run_finetune(
+            "--model_name_or_path",
+            model,
+            "--data_path",
+            data,
+            "--output_dir",
+            tmp_path / "out",
+            "--max_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "True",
+        )
     err = capsys.readouterr().err
     assert info.value.code == 2, err
     assert "Traceback" not in err and FLAG in err and f"--model_name_or_path {model}" in err

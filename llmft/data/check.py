@@ -110,23 +110,34 @@ class CheckReport:
         lines = [
             f"{self.path}: {self.records} records ({self.chat_records} chat, {self.text_records} plain text, "
             f"{self.bad_records} with problems)",
-            f"samples: {self.samples}" + (f" ({self.split_conversations} conversations became {self.split_samples} "
-                                          "samples, one per trained turn, because the chat template renders "
-                                          "earlier turns differently later)" if self.split_conversations else ""),
+            f"samples: {self.samples}"
+            + (
+                f" ({self.split_conversations} conversations became {self.split_samples} "
+                "samples, one per trained turn, because the chat template renders "
+                "earlier turns differently later)"
+                if self.split_conversations
+                else ""
+            ),
             f"assistant turns: {self.assistant_turns}, trained: {self.trained_turns}; tool calls: {self.tool_calls}, "
             f"tool results: {self.tool_results}; turns with reasoning: {self.reasoning_turns}"
-            + (f" ({self.reasoning_not_rendered} not rendered by the chat template, so not trained)"
-               if self.reasoning_not_rendered else ""),
+            + (
+                f" ({self.reasoning_not_rendered} not rendered by the chat template, so not trained)"
+                if self.reasoning_not_rendered
+                else ""
+            ),
             f"tokens: {self.tokens}, trained: {self.trained_tokens} ({share:.1%}); samples with no trained token: "
             f"{self.zero_trained_samples}",
             f"at --model_max_length {self.max_length} (--overlong_samples {self.overlong}): "
             f"{self.truncated} truncated, {self.dropped} dropped",
-            "sample length (tokens, untruncated): " + ", ".join(f"p{k[1:]} {v}" for k, v in
-                                                                self.length_percentiles.items())
+            "sample length (tokens, untruncated): "
+            + ", ".join(f"p{k[1:]} {v}" for k, v in self.length_percentiles.items())
             + f", max {self.longest}, mean {self.mean_length:.1f}",
             f"duplicate records: {self.duplicate_records}"
-            + ("" if not self.duplicates else " (e.g. " + ", ".join(f"#{a} = #{b}" for a, b in self.duplicates[:5])
-               + ")"),
+            + (
+                ""
+                if not self.duplicates
+                else " (e.g. " + ", ".join(f"#{a} = #{b}" for a, b in self.duplicates[:5]) + ")"
+            ),
             f"one epoch: {self.micro_batches_per_epoch} micro-batches, {self.steps_per_epoch} optimizer steps at "
             + ", ".join(f"{k} {v}" for k, v in self.batch.items() if v is not None),
         ]
@@ -138,8 +149,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_data(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, batch: BatchSettings,
-               show: int = 0) -> CheckReport:
+def check_data(
+    path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, batch: BatchSettings, show: int = 0
+) -> CheckReport:
     """The report on one file (see the module docstring); `show` keeps that many rendered samples for display."""
     report = CheckReport(path=path, max_length=settings.max_length, overlong=settings.overlong)
     first_copy: dict[str, int] = {}
@@ -174,8 +186,7 @@ def check_data(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSe
         for part, full in enumerate(samples):
             report.lengths.append(len(full.input_ids))
             report.reasoning_not_rendered += full.reasoning_not_rendered
-            sample = fit_to_length(full, settings.max_length, settings.overlong,
-                                   plain_text=conversation.is_plain_text)
+            sample = fit_to_length(full, settings.max_length, settings.overlong, plain_text=conversation.is_plain_text)
             if sample is None:
                 report.dropped += 1
                 continue
@@ -220,22 +231,32 @@ def _length_figures(report: CheckReport) -> None:
 def _epoch_figures(report: CheckReport, lengths: list[int], batch: BatchSettings) -> None:
     ranks_times_accumulation = batch.world_size * batch.gradient_accumulation_steps
     if batch.max_tokens_per_batch:
-        report.batch = {"max_tokens_per_batch": batch.max_tokens_per_batch, "packing_window": batch.packing_window,
-                        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
-                        "world_size": batch.world_size}
+        report.batch = {
+            "max_tokens_per_batch": batch.max_tokens_per_batch,
+            "packing_window": batch.packing_window,
+            "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+            "world_size": batch.world_size,
+        }
     else:
-        report.batch = {"per_device_train_batch_size": batch.per_device_train_batch_size,
-                        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
-                        "world_size": batch.world_size}
+        report.batch = {
+            "per_device_train_batch_size": batch.per_device_train_batch_size,
+            "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+            "world_size": batch.world_size,
+        }
     if not lengths:
         return
     if batch.max_tokens_per_batch:
         from llmft.data.packing import TokenBudgetBatchSampler
 
         try:
-            sampler = TokenBudgetBatchSampler(lengths, batch.max_tokens_per_batch, window=batch.packing_window,
-                                              seed=batch.seed, num_epochs=1,
-                                              batches_multiple_of=ranks_times_accumulation)
+            sampler = TokenBudgetBatchSampler(
+                lengths,
+                batch.max_tokens_per_batch,
+                window=batch.packing_window,
+                seed=batch.seed,
+                num_epochs=1,
+                batches_multiple_of=ranks_times_accumulation,
+            )
         except Exception as e:  # the sampler's own ConfigError / DataError says why
             report.problems.append(Problem(-1, None, None, f"--max_tokens_per_batch: {e}"))
             return
@@ -273,8 +294,9 @@ TRAINED_COLOUR, RESET = "\033[1;32m", "\033[0m"  # bold green
 TRAINED_MARKERS = ("[[", "]]")
 
 
-def show_samples(report: CheckReport, tokenizer: PreTrainedTokenizerBase, out: TextIO | None = None,
-                 colour: bool | None = None) -> None:
+def show_samples(
+    report: CheckReport, tokenizer: PreTrainedTokenizerBase, out: TextIO | None = None, colour: bool | None = None
+) -> None:
     """Print the kept samples with their trained tokens highlighted: bold green on a terminal, else between [[ ]]."""
     out = out or sys.stdout
     if colour is None:
@@ -286,8 +308,11 @@ def show_samples(report: CheckReport, tokenizer: PreTrainedTokenizerBase, out: T
         sample = shown.sample
         trained = sum(label != IGNORE_INDEX for label in sample.labels)
         part = f", sample {shown.part + 1} of {shown.parts}" if shown.parts > 1 else ""
-        print(f"\n=== record #{shown.index} (id {shown.id!r}{part}): {len(sample.input_ids)} tokens, {trained} trained"
-              + (", truncated" if sample.truncated else ""), file=out)
+        print(
+            f"\n=== record #{shown.index} (id {shown.id!r}{part}): {len(sample.input_ids)} tokens, {trained} trained"
+            + (", truncated" if sample.truncated else ""),
+            file=out,
+        )
         text, run, is_trained = [], [], None
         for token, label in zip(sample.input_ids, sample.labels):
             trained_token = label != IGNORE_INDEX

@@ -48,15 +48,22 @@ class RenderSettings:
 
     @classmethod
     def from_args(cls, data_args: DataArguments) -> "RenderSettings":
-        return cls(data_args.system_prompt, data_args.model_max_length, data_args.overlong_samples,
-                   data_args.train_turns)
+        return cls(
+            data_args.system_prompt, data_args.model_max_length, data_args.overlong_samples, data_args.train_turns
+        )
 
-    def render(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase, *,
-               cut: bool = True) -> list[RenderedSample | None]:
+    def render(
+        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase, *, cut: bool = True
+    ) -> list[RenderedSample | None]:
         """The conversation's samples under these settings (`cut=False`: at full length)."""
-        return render_samples(conversation, tokenizer, default_system=self.default_system,
-                              train_turns=self.train_turns, max_length=self.max_length if cut else None,
-                              overlong=self.overlong)
+        return render_samples(
+            conversation,
+            tokenizer,
+            default_system=self.default_system,
+            train_turns=self.train_turns,
+            max_length=self.max_length if cut else None,
+            overlong=self.overlong,
+        )
 
 
 @dataclass
@@ -72,15 +79,21 @@ class DataStats:
 
     def summary(self, name: str) -> str:
         if not self.tokens_known:
-            return (f"{name}: {self.samples} samples; their token counts (and which are truncated) are known only as "
-                    "the samples are used (--lazy_preprocess)")
+            return (
+                f"{name}: {self.samples} samples; their token counts (and which are truncated) are known only as "
+                "the samples are used (--lazy_preprocess)"
+            )
         share = self.trained_tokens / self.tokens if self.tokens else 0.0
         split = ""
         if self.split_conversations:
-            split = (f" ({self.split_conversations} conversations became {self.split_samples} samples, one per "
-                     "trained turn, because the chat template renders earlier turns differently later)")
-        return (f"{name}: {self.samples} samples{split}, {self.tokens} tokens ({share:.1%} trained), "
-                f"{self.truncated} truncated, {self.dropped} dropped as over-long")
+            split = (
+                f" ({self.split_conversations} conversations became {self.split_samples} samples, one per "
+                "trained turn, because the chat template renders earlier turns differently later)"
+            )
+        return (
+            f"{name}: {self.samples} samples{split}, {self.tokens} tokens ({share:.1%} trained), "
+            f"{self.truncated} truncated, {self.dropped} dropped as over-long"
+        )
 
 
 def build_datasets(
@@ -107,9 +120,17 @@ def data_fingerprint(path: str, tokenizer: PreTrainedTokenizerBase, settings: Re
     """Identifies a rendering of one file: its size and mtime, the tokenizer's vocabulary and template, settings."""
     stat = os.stat(path)
     h = hashlib.sha256()
-    for part in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, RENDER_VERSION, repr(settings),
-                 tokenizer.chat_template, tokenizer.eos_token, len(tokenizer),
-                 json.dumps(tokenizer.get_vocab(), sort_keys=True)):
+    for part in (
+        os.path.abspath(path),
+        stat.st_size,
+        stat.st_mtime_ns,
+        RENDER_VERSION,
+        repr(settings),
+        tokenizer.chat_template,
+        tokenizer.eos_token,
+        len(tokenizer),
+        json.dumps(tokenizer.get_vocab(), sort_keys=True),
+    ):
         h.update(str(part).encode())
         h.update(b"\0")
     return h.hexdigest()[:24]
@@ -121,8 +142,9 @@ def _records(path: str, stamp: str) -> Iterator[dict[str, str]]:
         yield {"record": json.dumps(conversation.to_record(), ensure_ascii=False)}
 
 
-def _render_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase,
-                  settings: RenderSettings) -> dict[str, list]:
+def _render_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
+) -> dict[str, list]:
     """One row per sample; `parts` is the number of samples a conversation became, on its first row (0 after)."""
     out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "parts": []}
     for raw in batch["record"]:
@@ -137,8 +159,9 @@ def _render_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase,
     return out
 
 
-def eager_dataset(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings,
-                  num_proc: int | None = None) -> tuple[datasets.Dataset, DataStats]:
+def eager_dataset(
+    path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, num_proc: int | None = None
+) -> tuple[datasets.Dataset, DataStats]:
     check_data_file(path)
     fingerprint = data_fingerprint(path, tokenizer, settings)
     stat = os.stat(path)
@@ -150,19 +173,30 @@ def eager_dataset(path: str, tokenizer: PreTrainedTokenizerBase, settings: Rende
         raise _data_error_inside(e) from None
     try:
         rendered = records.map(
-            _render_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-            remove_columns=["record"], new_fingerprint=fingerprint, num_proc=num_proc, desc="rendering",
+            _render_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+            remove_columns=["record"],
+            new_fingerprint=fingerprint,
+            num_proc=num_proc,
+            desc="rendering",
         )
     except DataError:
         raise
     except Exception as e:
         raise _data_error_inside(e) from None
     split = [parts for parts in rendered["parts"] if parts > 1]
-    stats = DataStats(samples=len(rendered), truncated=sum(rendered["truncated"]), dropped=sum(rendered["dropped"]),
-                      split_conversations=len(split), split_samples=sum(split))
+    stats = DataStats(
+        samples=len(rendered),
+        truncated=sum(rendered["truncated"]),
+        dropped=sum(rendered["dropped"]),
+        split_conversations=len(split),
+        split_samples=sum(split),
+    )
     if stats.dropped:
-        rendered = rendered.filter(lambda dropped: not dropped, input_columns="dropped",
-                                   new_fingerprint=fingerprint + "-kept")
+        rendered = rendered.filter(
+            lambda dropped: not dropped, input_columns="dropped", new_fingerprint=fingerprint + "-kept"
+        )
     stats.samples = len(rendered)
     rendered = rendered.remove_columns(["truncated", "dropped", "parts"])
     for labels in rendered.with_format("numpy")["labels"]:
@@ -210,9 +244,17 @@ class LazyConversationDataset(torch.utils.data.Dataset):
                 for conversation in iter_conversations(path):
                     parts = 1
                     if not conversation.is_plain_text:
-                        parts = max(1, len(sample_texts(conversation, self.tokenizer,
-                                                        default_system=settings.default_system,
-                                                        train_turns=settings.train_turns)))
+                        parts = max(
+                            1,
+                            len(
+                                sample_texts(
+                                    conversation,
+                                    self.tokenizer,
+                                    default_system=settings.default_system,
+                                    train_turns=settings.train_turns,
+                                )
+                            ),
+                        )
                     record = conversation.to_record()
                     for part in range(parts):
                         out.write(json.dumps({"part": part, "record": record}, ensure_ascii=False) + "\n")
@@ -223,8 +265,13 @@ class LazyConversationDataset(torch.utils.data.Dataset):
             raise
         os.replace(partial, self.spool)  # a crash mid-way leaves no spool that looks complete
         if split:
-            logger.warning("%s: %d conversations became %d samples, one per trained turn, because the chat template "
-                           "renders earlier turns differently later", path, len(split), sum(split))
+            logger.warning(
+                "%s: %d conversations became %d samples, one per trained turn, because the chat template "
+                "renders earlier turns differently later",
+                path,
+                len(split),
+                sum(split),
+            )
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -239,16 +286,18 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         if sample is None:
             # The prompt alone is longer than max_length. Eager mode drops such a sample; here the trainer already
             # counts on it, so it stays, cut to length and carrying no loss.
-            logger.warning("sample %s: its prompt alone exceeds %d tokens; it trains nothing",
-                           conversation.id, settings.max_length)
+            logger.warning(
+                "sample %s: its prompt alone exceeds %d tokens; it trains nothing", conversation.id, settings.max_length
+            )
             sample = settings.render(conversation, self.tokenizer, cut=False)[part]
             sample.input_ids = sample.input_ids[: settings.max_length]
             sample.labels = [IGNORE_INDEX] * len(sample.input_ids)
         return {"input_ids": sample.input_ids, "labels": sample.labels}
 
 
-def lazy_dataset(path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings,
-                 num_proc: int | None = None) -> tuple[LazyConversationDataset, DataStats]:
+def lazy_dataset(
+    path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, num_proc: int | None = None
+) -> tuple[LazyConversationDataset, DataStats]:
     """(dataset, stats); lazy samples are rendered later, so only the sample count is known now."""
     dataset = LazyConversationDataset(path, tokenizer, settings)
     return dataset, dataset.stats

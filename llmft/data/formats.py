@@ -162,8 +162,9 @@ def iter_records(path: str) -> Iterator[tuple[int, str, object]]:
 BadLineHandler = Callable[[DataError, int, int], None]  # on_bad_line(error, record index, line number)
 
 
-def iter_raw_records(path: str,
-                     on_bad_line: BadLineHandler | None = None) -> Iterator[tuple[int, int | None, str, object]]:
+def iter_raw_records(
+    path: str, on_bad_line: BadLineHandler | None = None
+) -> Iterator[tuple[int, int | None, str, object]]:
     """(index, line or None, where, raw record) for every record. A JSONL line that is not UTF-8 or not JSON raises
     a DataError, unless `on_bad_line(error, index, line)` is given: then it is told and reading goes on (the line
     still takes its record index). A JSON list is parsed whole, so a malformed one always raises."""
@@ -207,8 +208,9 @@ def _decode(raw: bytes, path: str, where: str) -> str:
         raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start + skipped})") from None
 
 
-def _iter_jsonl(f: BinaryIO, path: str,
-                on_bad_line: BadLineHandler | None = None) -> Iterator[tuple[int, int, str, object]]:
+def _iter_jsonl(
+    f: BinaryIO, path: str, on_bad_line: BadLineHandler | None = None
+) -> Iterator[tuple[int, int, str, object]]:
     index = 0
     for line_no, raw in enumerate(f, start=1):
         try:
@@ -219,11 +221,14 @@ def _iter_jsonl(f: BinaryIO, path: str,
                 record = json.loads(line.rstrip("\r\n"))  # so a record cut short is at its line's end, not the next
             except json.JSONDecodeError as e:
                 spread = _spread_over_lines(f, line, line_no, e)
-                raise DataError(f"{path}: line {line_no} (record #{index}): "
-                                f"{spread or f'malformed JSON: {e.msg} at column {e.colno}'}") from None
+                raise DataError(
+                    f"{path}: line {line_no} (record #{index}): "
+                    f"{spread or f'malformed JSON: {e.msg} at column {e.colno}'}"
+                ) from None
             except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's
-                raise DataError(f"{path}: line {line_no} (record #{index}): unreadable JSON: "
-                                f"{_json_limit(e)}") from None
+                raise DataError(
+                    f"{path}: line {line_no} (record #{index}): unreadable JSON: {_json_limit(e)}"
+                ) from None
         except DataError as e:
             if on_bad_line is None:
                 raise
@@ -253,10 +258,14 @@ def _spread_over_lines(f: BinaryIO, line: str, line_no: int, error: json.JSONDec
     last = line_no + text.lstrip()[:end].count("\n")
     whole = line_no == 1 and not text.lstrip()[end:].strip()
     if whole:
-        return (f"the file is one whole JSON document spread over lines 1-{last} (pretty-printed JSON), neither a "
-                "JSON list of records nor JSONL: give a list ([{...}, {...}]), or JSONL with each record on one line")
-    return (f"a JSON record spread over lines {line_no}-{last} (pretty-printed JSON): in JSONL each record must be "
-            "on one line")
+        return (
+            f"the file is one whole JSON document spread over lines 1-{last} (pretty-printed JSON), neither a "
+            "JSON list of records nor JSONL: give a list ([{...}, {...}]), or JSONL with each record on one line"
+        )
+    return (
+        f"a JSON record spread over lines {line_no}-{last} (pretty-printed JSON): in JSONL each record must be "
+        "on one line"
+    )
 
 
 def _json_limit(error: BaseException) -> str:
@@ -341,9 +350,11 @@ def _check_unicode(record: dict, where: str) -> None:
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError as e:
-                    raise DataError(f"{where}: {at or 'a key'} holds a lone surrogate {value[e.start]!r} (half of a "
-                                    "UTF-16 pair, e.g. from the JSON escape \\ud800 alone), which is not valid "
-                                    "Unicode text") from None
+                    raise DataError(
+                        f"{where}: {at or 'a key'} holds a lone surrogate {value[e.start]!r} (half of a "
+                        "UTF-16 pair, e.g. from the JSON escape \\ud800 alone), which is not valid "
+                        "Unicode text"
+                    ) from None
         elif isinstance(value, dict):
             for key, item in value.items():
                 stack.append((key, f"a key of {at or 'the record'}"))
@@ -370,8 +381,10 @@ def parse_tools(tools: object, where: str) -> tuple[dict, ...]:
             tool = {"type": "function", "function": tool}
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise DataError(f"{where}: tool {i} must be a function schema with a name "
-                            "({\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}})")
+            raise DataError(
+                f"{where}: tool {i} must be a function schema with a name "
+                '({"type": "function", "function": {"name": ..., "parameters": ...}})'
+            )
         schemas.append(tool)
     return tuple(schemas)
 
@@ -399,8 +412,10 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     if role is None or content is None:
         nulls = [key for key in ("from", "value", "role", "content") if key in turn and turn[key] is None]
         if nulls:
-            raise DataError(f"{where}: {' and '.join(map(repr, nulls))} {'is' if len(nulls) == 1 else 'are'} null; "
-                            "a turn needs a role and its text as a string")
+            raise DataError(
+                f"{where}: {' and '.join(map(repr, nulls))} {'is' if len(nulls) == 1 else 'are'} null; "
+                "a turn needs a role and its text as a string"
+            )
         raise DataError(f"{where} needs 'from' and 'value' (or 'role' and 'content'); has {sorted(turn, key=str)}")
     if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
         raise DataError(f"{where}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
@@ -459,8 +474,10 @@ def _text_of(content: object, where: str) -> str:
         text = part.get("text", part.get("value")) if isinstance(part, dict) else None
         if kind != "text" or not isinstance(text, str):
             what = f"type {kind!r}" if kind is not None else type(part).__name__
-            raise DataError(f"{where}: content part {j} ({what}) is not a text part: only text parts "
-                            "({\"type\": \"text\", \"text\": ...}) are supported")
+            raise DataError(
+                f"{where}: content part {j} ({what}) is not a text part: only text parts "
+                '({"type": "text", "text": ...}) are supported'
+            )
         texts.append(text)
     return "\n".join(texts)
 
@@ -473,8 +490,10 @@ def _train_flag(turn: dict, where: str) -> bool | None:
     weight = turn.get("loss_weight")
     if weight is not None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
-            raise DataError(f"{where}: loss_weight {weight!r} is not supported: use 1 (trained) or 0 (not trained); "
-                            "weighted loss is not implemented")
+            raise DataError(
+                f"{where}: loss_weight {weight!r} is not supported: use 1 (trained) or 0 (not trained); "
+                "weighted loss is not implemented"
+            )
         if train is not None and train != bool(weight):
             raise DataError(f"{where}: 'train' {str(train).lower()} contradicts loss_weight {weight}")
         train = bool(weight)
@@ -486,8 +505,9 @@ def _parse_tool_call(call: object, j: int, where: str) -> ToolCall:
         raise DataError(f"{where}: tool call {j} must be an object")
     function = call.get("function", call)  # OpenAI nests it under "function"; some datasets do not
     if call.get("type", "function") != "function" or not isinstance(function, dict):
-        raise DataError(f"{where}: tool call {j} must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                        "\"arguments\"}}}}")
+        raise DataError(
+            f'{where}: tool call {j} must be {{"type": "function", "function": {{"name", "arguments"}}}}}}}}'
+        )
     call_id = call.get("id")
     if call_id is not None and not isinstance(call_id, str):
         raise DataError(f"{where}: tool call {j}: 'id' must be a string")
@@ -505,8 +525,10 @@ def _tool_call(function: dict, where: str, call_id: str | None = None) -> ToolCa
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where} ({name!r}): arguments are not valid JSON ({e.msg} at column {e.colno}): "
-                            f"{_clip(function['arguments'])}") from None
+            raise DataError(
+                f"{where} ({name!r}): arguments are not valid JSON ({e.msg} at column {e.colno}): "
+                f"{_clip(function['arguments'])}"
+            ) from None
     if not isinstance(arguments, dict):
         raise DataError(f"{where} ({name!r}): arguments must be a JSON object, got {type(arguments).__name__}")
     return ToolCall(name, arguments, call_id)
@@ -517,12 +539,15 @@ def _parse_function_call_value(value: str, where: str) -> tuple[ToolCall, ...]:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: a function_call value must be JSON {{\"name\", \"arguments\"}} (or a list of "
-                        f"them); not valid JSON ({e.msg} at column {e.colno}): {_clip(value)}") from None
+        raise DataError(
+            f'{where}: a function_call value must be JSON {{"name", "arguments"}} (or a list of '
+            f"them); not valid JSON ({e.msg} at column {e.colno}): {_clip(value)}"
+        ) from None
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls or not all(isinstance(c, dict) for c in calls):
-        raise DataError(f"{where}: a function_call value must be a JSON object {{\"name\", \"arguments\"}} or a "
-                        "non-empty list of them")
+        raise DataError(
+            f'{where}: a function_call value must be a JSON object {{"name", "arguments"}} or a non-empty list of them'
+        )
     return tuple(_tool_call(c, f"{where}: call {j}" if len(calls) > 1 else where) for j, c in enumerate(calls))
 
 
@@ -579,34 +604,47 @@ def _check_order(messages: tuple[Message, ...], tools: tuple[dict, ...], where: 
             raise DataError(f"{where}: turn {position}: a system turn may only come first")
         if message.role == TOOL:
             if not calls:
-                raise DataError(f"{where}: turn {position}: a tool result with no tool call before it (the tool "
-                                "results must follow the assistant turn that calls the tools)")
+                raise DataError(
+                    f"{where}: turn {position}: a tool result with no tool call before it (the tool "
+                    "results must follow the assistant turn that calls the tools)"
+                )
             results += 1
             if results > len(calls):
-                raise DataError(f"{where}: turn {position}: {results} tool results answer turn {call_turn}'s "
-                                f"{len(calls)} tool call{'s' if len(calls) > 1 else ''}")
+                raise DataError(
+                    f"{where}: turn {position}: {results} tool results answer turn {call_turn}'s "
+                    f"{len(calls)} tool call{'s' if len(calls) > 1 else ''}"
+                )
             _check_result_matches(message, calls, call_turn, f"{where}: turn {position}")
             continue
         if calls and results == 0:
-            raise DataError(f"{where}: turn {position}: the tool calls of turn {call_turn} have no result (expected "
-                            f"a tool turn, got {message.role})")
+            raise DataError(
+                f"{where}: turn {position}: the tool calls of turn {call_turn} have no result (expected "
+                f"a tool turn, got {message.role})"
+            )
         expected = ASSISTANT if calls or (previous is not None and previous.role == USER) else USER
         if message.role != expected:
-            raise DataError(f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must "
-                            "alternate, starting with the user)")
+            raise DataError(
+                f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must "
+                "alternate, starting with the user)"
+            )
         if message.role == USER and not message.content.strip():
             raise DataError(f"{where}: turn {position}: the user turn is empty (or whitespace only)")
-        if message.role == ASSISTANT and not (message.content.strip() or message.tool_calls
-                                              or (message.reasoning or "").strip()):
-            raise DataError(f"{where}: turn {position}: the assistant turn is empty (or whitespace only): it would "
-                            "train the model to reply with nothing")
+        if message.role == ASSISTANT and not (
+            message.content.strip() or message.tool_calls or (message.reasoning or "").strip()
+        ):
+            raise DataError(
+                f"{where}: turn {position}: the assistant turn is empty (or whitespace only): it would "
+                "train the model to reply with nothing"
+            )
         calls, results = (), 0
         if message.tool_calls:
             calls, call_turn = message.tool_calls, position
             unknown = [c.name for c in message.tool_calls if known and c.name not in known]
             if unknown:
-                raise DataError(f"{where}: turn {position} calls {', '.join(map(repr, unknown))}, which the record's "
-                                f"tools do not define (they define {', '.join(map(repr, known))})")
+                raise DataError(
+                    f"{where}: turn {position} calls {', '.join(map(repr, unknown))}, which the record's "
+                    f"tools do not define (they define {', '.join(map(repr, known))})"
+                )
         previous = message
     if not any(m.role == ASSISTANT for m in turns):
         raise DataError(f"{where}: no assistant turn, so nothing to train on")
@@ -617,8 +655,12 @@ def _check_order(messages: tuple[Message, ...], tools: tuple[dict, ...], where: 
 def _check_result_matches(result: Message, calls: tuple[ToolCall, ...], call_turn: int, where: str) -> None:
     if result.tool_call_id is not None and any(c.id is not None for c in calls):
         if result.tool_call_id not in [c.id for c in calls]:
-            raise DataError(f"{where}: tool_call_id {result.tool_call_id!r} matches no call of turn {call_turn} "
-                            f"(its ids: {', '.join(repr(c.id) for c in calls)})")
+            raise DataError(
+                f"{where}: tool_call_id {result.tool_call_id!r} matches no call of turn {call_turn} "
+                f"(its ids: {', '.join(repr(c.id) for c in calls)})"
+            )
     if result.name is not None and result.name not in [c.name for c in calls]:
-        raise DataError(f"{where}: a result of {result.name!r}, which turn {call_turn} does not call (it calls "
-                        f"{', '.join(repr(c.name) for c in calls)})")
+        raise DataError(
+            f"{where}: a result of {result.name!r}, which turn {call_turn} does not call (it calls "
+            f"{', '.join(repr(c.name) for c in calls)})"
+        )

@@ -75,8 +75,11 @@ class PackedCollator:
             labels.extend(feature["labels"][1:])
             positions.extend(range(len(ids)))
         length = len(input_ids)
-        target = self.pad_to if self.pad_to is not None and self.pad_to >= length else (
-            math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        target = (
+            self.pad_to
+            if self.pad_to is not None and self.pad_to >= length
+            else (math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        )
         padding = target - length
         input_ids.extend([self.pad_token_id] * padding)
         labels.extend([IGNORE_INDEX] * padding)
@@ -98,8 +101,9 @@ class Packing:
     window: int = 4096
 
     @classmethod
-    def from_args(cls, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase,
-                  kernels: Kernels) -> "Packing | None":
+    def from_args(
+        cls, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, kernels: Kernels
+    ) -> "Packing | None":
         if not data_args.packing:
             return None
         collator = PackedCollator(tokenizer.pad_token_id, pad_to=kernels.pad_packed_to)
@@ -134,9 +138,18 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     micro-batches; `num_epochs` may instead follow from `max_batches`, the micro-batches the run will take in all.
     A later epoch, should one come, is packed with other shuffles until it fits that number."""
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, *, window: int = 4096, seed: int = 0,
-                 num_epochs: int | None = None, max_batches: int | None = None, batches_multiple_of: int = 1,
-                 heaviest_first: int = 1) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        *,
+        window: int = 4096,
+        seed: int = 0,
+        num_epochs: int | None = None,
+        max_batches: int | None = None,
+        batches_multiple_of: int = 1,
+        heaviest_first: int = 1,
+    ) -> None:
         self.lengths = [int(n) for n in lengths]
         self.max_tokens, self.window, self.seed = max_tokens, window, seed
         self.heaviest_first = heaviest_first  # micro-batches moved to the front of every epoch
@@ -144,12 +157,18 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
             raise DataError("no training sample to pack")
         longest = max(self.lengths)
         if longest > max_tokens:
-            raise ConfigError([f"--max_tokens_per_batch {max_tokens}: sample {self.lengths.index(longest)} of the "
-                               f"training data has {longest} tokens and would fit no micro-batch; raise it or lower "
-                               "--model_max_length"])
+            raise ConfigError(
+                [
+                    f"--max_tokens_per_batch {max_tokens}: sample {self.lengths.index(longest)} of the "
+                    f"training data has {longest} tokens and would fit no micro-batch; raise it or lower "
+                    "--model_max_length"
+                ]
+            )
         if len(self.lengths) < batches_multiple_of:
-            raise DataError(f"{len(self.lengths)} training samples cannot fill the {batches_multiple_of} micro-batches "
-                            "of one optimizer step (ranks x gradient accumulation steps)")
+            raise DataError(
+                f"{len(self.lengths)} training samples cannot fill the {batches_multiple_of} micro-batches "
+                "of one optimizer step (ranks x gradient accumulation steps)"
+            )
         counts = [len(self._pack(0))]
         if num_epochs is None:
             num_epochs = math.ceil((max_batches or counts[0]) / counts[0])
@@ -164,7 +183,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         rng.shuffle(order)
         batches = []
         for start in range(0, len(order), self.window):
-            window = best_fit_decreasing(self.lengths, order[start: start + self.window], self.max_tokens)
+            window = best_fit_decreasing(self.lengths, order[start : start + self.window], self.max_tokens)
             rng.shuffle(window)  # best-fit decreasing leaves the longest samples first
             batches.extend(window)
         return batches
@@ -178,8 +197,10 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
             if len(batches) <= self.num_batches:
                 break
         else:  # not reached in practice: epochs differ by a few micro-batches, and most shuffles fit
-            raise DataError(f"epoch {epoch}: the samples would not pack into {self.num_batches} micro-batches of "
-                            f"{self.max_tokens} tokens")
+            raise DataError(
+                f"epoch {epoch}: the samples would not pack into {self.num_batches} micro-batches of "
+                f"{self.max_tokens} tokens"
+            )
         batches = heaviest_first(_split_to(batches, self.num_batches), self.lengths, self.heaviest_first)
         self._cached = (epoch, batches)
         return batches
@@ -205,13 +226,14 @@ def _split_to(batches: list[list[int]], count: int) -> list[list[int]]:
     while len(batches) < count:
         n = max(range(len(batches)), key=lambda i: len(batches[i]))
         batch = batches[n]
-        batches[n: n + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]  # two or more: count <= samples
+        batches[n : n + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]  # two or more: count <= samples
     return batches
 
 
 def heaviest_first(batches: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
     """`batches` with the `count` heaviest (most tokens, then the longest sample, then the earliest) moved to the
     front, heaviest first; the others keep their order."""
+
     def weight(n: int) -> tuple[int, int, int]:
         batch = batches[n]
         return sum(lengths[i] for i in batch), max((lengths[i] for i in batch), default=0), -n

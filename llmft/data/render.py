@@ -75,8 +75,11 @@ def trained_turn_indices(conversation: Conversation, train_turns: TrainTurns = "
         raise ValueError(f"train_turns {train_turns!r}: choose one of {TRAIN_TURNS}")
     assistant = [i for i, m in enumerate(conversation.messages) if m.role == ASSISTANT]
     default = set(assistant) if train_turns == "all" else set(assistant[-1:])
-    return [i for i in assistant
-            if conversation.messages[i].train or (conversation.messages[i].train is None and i in default)]
+    return [
+        i
+        for i in assistant
+        if conversation.messages[i].train or (conversation.messages[i].train is None and i in default)
+    ]
 
 
 def render_samples(
@@ -109,22 +112,25 @@ def render_samples(
         for ids, (_, trained) in zip(token_lists, text.segments):
             input_ids.extend(ids)
             labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-        sample = RenderedSample(input_ids, labels, trained_turns=text.trained_turns,
-                                reasoning_not_rendered=text.reasoning_not_rendered)
+        sample = RenderedSample(
+            input_ids, labels, trained_turns=text.trained_turns, reasoning_not_rendered=text.reasoning_not_rendered
+        )
         samples.append(fit_to_length(sample, max_length, overlong))
     return samples
 
 
-def render_conversation(conversation: Conversation, tokenizer: PreTrainedTokenizerBase,
-                        **options: Any) -> RenderedSample | None:
+def render_conversation(
+    conversation: Conversation, tokenizer: PreTrainedTokenizerBase, **options: Any
+) -> RenderedSample | None:
     """One sample of a conversation: its only one, or, when the template makes it several, the last, which holds the
     whole conversation as inference renders it at its last trained turn (for calibration and parity checks; training
     uses `render_samples`). Takes `render_samples`' options."""
     return render_samples(conversation, tokenizer, **options)[-1]
 
 
-def fit_to_length(sample: RenderedSample, max_length: int | None, overlong: OverlongPolicy = "truncate",
-                  plain_text: bool = False) -> RenderedSample | None:
+def fit_to_length(
+    sample: RenderedSample, max_length: int | None, overlong: OverlongPolicy = "truncate", plain_text: bool = False
+) -> RenderedSample | None:
     """The sample within `max_length` tokens per the overlong policy (see `render_samples`): itself when it fits, a
     truncated copy, or None when dropped. A plain-text sample is cut at `max_length` exactly."""
     if max_length is None or len(sample.input_ids) <= max_length:
@@ -132,8 +138,11 @@ def fit_to_length(sample: RenderedSample, max_length: int | None, overlong: Over
     if overlong == "drop":
         return None
     labels = sample.labels
-    ends = [i + 1 for i in range(len(labels)) if labels[i] != IGNORE_INDEX
-            and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]  # where each trained span ends
+    ends = [
+        i + 1
+        for i in range(len(labels))
+        if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)
+    ]  # where each trained span ends
     fitting = [end for end in ends if end <= max_length]
     cut = fitting[-1] if fitting and not plain_text else max_length
     if all(label == IGNORE_INDEX for label in labels[:cut]):
@@ -141,8 +150,13 @@ def fit_to_length(sample: RenderedSample, max_length: int | None, overlong: Over
     return dataclasses.replace(sample, input_ids=sample.input_ids[:cut], labels=labels[:cut], truncated=True)
 
 
-def sample_texts(conversation: Conversation, tokenizer: PreTrainedTokenizerBase, *, default_system: str | None = None,
-                 train_turns: TrainTurns = "all") -> list[SampleText]:
+def sample_texts(
+    conversation: Conversation,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    default_system: str | None = None,
+    train_turns: TrainTurns = "all",
+) -> list[SampleText]:
     """The conversation's samples as text segments, before tokenization (see the module docstring)."""
     messages = conversation.as_dicts(default_system)
     shift = len(messages) - len(conversation.messages)  # a default system message inserted in front
@@ -152,21 +166,25 @@ def sample_texts(conversation: Conversation, tokenizer: PreTrainedTokenizerBase,
         from jinja2 import TemplateError
 
         try:
-            return tokenizer.apply_chat_template(messages[:upto], tools=tools, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(
+                messages[:upto], tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
         except (TemplateError, TypeError) as e:  # raise_exception() in the template, or e.g. None + a string
-            raise DataError(f"sample {conversation.id}: the chat template cannot render this conversation "
-                            f"({type(e).__name__}: {e})") from None
+            raise DataError(
+                f"sample {conversation.id}: the chat template cannot render this conversation ({type(e).__name__}: {e})"
+            ) from None
 
     answers = {}  # turn -> (inference prompt, answer)
     for turn in trained_turn_indices(conversation, train_turns):
         i = turn + shift
         prompt, through = render(i, generation_prompt=True), render(i + 1)
         if not through.startswith(prompt):
-            raise DataError(f"sample {conversation.id}: the chat template does not render turn {turn} after the "
-                            "generation prompt it gives at that point, so no trained tokens could match inference; "
-                            "use --chat_template chatml or a template without that behaviour")
-        answer = through[len(prompt):].rstrip()  # what follows the end-of-turn token is the next turn's business
+            raise DataError(
+                f"sample {conversation.id}: the chat template does not render turn {turn} after the "
+                "generation prompt it gives at that point, so no trained tokens could match inference; "
+                "use --chat_template chatml or a template without that behaviour"
+            )
+        answer = through[len(prompt) :].rstrip()  # what follows the end-of-turn token is the next turn's business
         if answer:
             _check_rendered(conversation, turn, prompt, answer)
             answers[i] = (prompt, answer)
@@ -196,7 +214,7 @@ def sample_texts(conversation: Conversation, tokenizer: PreTrainedTokenizerBase,
         segments, done, dropped_reasoning = [], 0, 0
         for i in turns:
             prompt, answer = answers[i]
-            segments.append((full[done:len(prompt)], False))
+            segments.append((full[done : len(prompt)], False))
             segments.append((answer, True))
             done = len(prompt) + len(answer)
             reasoning = messages[i].get("reasoning_content")
@@ -205,8 +223,11 @@ def sample_texts(conversation: Conversation, tokenizer: PreTrainedTokenizerBase,
         segments.append((full[done:], False))
         texts.append(SampleText([(t, trained) for t, trained in segments if t], len(turns), dropped_reasoning))
     if any(t.reasoning_not_rendered for t in texts):
-        _warn_once("reasoning", "the chat template does not render reasoning_content (Qwen2.5's, for one, does "
-                   "not), so reasoning in the data is not trained; tools/check_data.py counts the turns")
+        _warn_once(
+            "reasoning",
+            "the chat template does not render reasoning_content (Qwen2.5's, for one, does "
+            "not), so reasoning in the data is not trained; tools/check_data.py counts the turns",
+        )
     return texts
 
 
@@ -226,16 +247,20 @@ def _check_rendered(conversation: Conversation, turn: int, prompt: str, answer: 
     message = conversation.messages[turn]
     missing = [call.name for call in message.tool_calls if call.name not in answer]
     if missing:
-        raise DataError(f"sample {conversation.id}: the chat template does not render turn {turn}'s tool call "
-                        f"{', '.join(map(repr, missing))}: it has no tool-call support, and the calls would be "
-                        "silently left out; use a template that renders tool_calls (--chat_template chatml renders "
-                        "Qwen2.5's <tool_call> format)")
+        raise DataError(
+            f"sample {conversation.id}: the chat template does not render turn {turn}'s tool call "
+            f"{', '.join(map(repr, missing))}: it has no tool-call support, and the calls would be "
+            "silently left out; use a template that renders tool_calls (--chat_template chatml renders "
+            "Qwen2.5's <tool_call> format)"
+        )
     for j in range(turn):
         result = conversation.messages[j]
         if result.role == TOOL and result.content.strip() and result.content not in prompt:
-            raise DataError(f"sample {conversation.id}: the chat template does not render the tool result of turn "
-                            f"{j}: it has no tool support; use a template that renders tool messages "
-                            "(--chat_template chatml renders Qwen2.5's <tool_response> format)")
+            raise DataError(
+                f"sample {conversation.id}: the chat template does not render the tool result of turn "
+                f"{j}: it has no tool support; use a template that renders tool messages "
+                "(--chat_template chatml renders Qwen2.5's <tool_response> format)"
+            )
 
 
 def _check_tools_shown(conversation: Conversation, answers: dict) -> None:
@@ -244,9 +269,11 @@ def _check_tools_shown(conversation: Conversation, answers: dict) -> None:
     prompt = answers[min(answers)][0]
     hidden = [name for name in tool_names(conversation.tools) if name not in prompt]
     if hidden:
-        raise DataError(f"sample {conversation.id}: the chat template does not show the record's tools "
-                        f"({', '.join(map(repr, hidden))}) in the prompt: it ignores tools=; use a template that "
-                        "renders them (--chat_template chatml renders Qwen2.5's <tools> format)")
+        raise DataError(
+            f"sample {conversation.id}: the chat template does not show the record's tools "
+            f"({', '.join(map(repr, hidden))}) in the prompt: it ignores tools=; use a template that "
+            "renders them (--chat_template chatml renders Qwen2.5's <tools> format)"
+        )
 
 
 _warned: set[str] = set()
@@ -258,8 +285,9 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def render_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase,
-                  tools: list[dict] | None = None) -> list[int]:
+def render_prompt(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None
+) -> list[int]:
     """Token ids of a conversation followed by the generation prompt: what a model answers at inference."""
     text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -70,15 +70,26 @@ SHAPES = {  # Qwen2.5 shapes: hidden, intermediate, layers, heads, kv heads, tie
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2, tied=True),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, tied=False),
 }
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-                   ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12), ("4090", 165e12))
-WORDS = ("the model reads every token of a long answer and learns to write it again with care while the user asks "
-         "about data sets kernels memory speed large machines training steps loss gradients and what comes next"
-         ).split()
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+    ("4090", 165e12),
+)
+WORDS = (
+    "the model reads every token of a long answer and learns to write it again with care while the user asks "
+    "about data sets kernels memory speed large machines training steps loss gradients and what comes next"
+).split()
 BENCH_ENV = "LLMFT_BENCHMARK"  # set: this file runs as finetune.py, measured (the launcher arm's entry point)
 
 
 # --- model and data ------------------------------------------------------------------------------------------------
+
 
 def build_random_model(path: Path, shape: str) -> None:
     """A random-weight Qwen2 model of `shape` with Qwen's vocabulary, saved in bf16 (built on the GPU if any)."""
@@ -119,8 +130,15 @@ def write_data(path: Path, samples: int, median: int, sigma: float, cap: int) ->
             words = max(length - 12, 4)
             question = " ".join(rng.choices(WORDS, k=max(words // 10, 2)))
             answer = " ".join(rng.choices(WORDS, k=words - max(words // 10, 2)))
-            f.write(json.dumps({"id": i, "conversations": [{"from": "user", "value": question},
-                                                           {"from": "assistant", "value": answer}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": i,
+                        "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": answer}],
+                    }
+                )
+                + "\n"
+            )
     path.with_suffix(".partial").rename(path)
 
 
@@ -137,6 +155,7 @@ def prepare(workdir: Path, shape: str, samples: int, median: int, sigma: float, 
 
 # --- measuring -----------------------------------------------------------------------------------------------------
 
+
 class Meter(TrainerCallback):
     """Times the optimizer steps after `warmup` and counts what every forward pass computes: all tokens, and those
     that are not padding. Counters stay on the GPU until the end, so counting adds no synchronisation."""
@@ -145,9 +164,15 @@ class Meter(TrainerCallback):
         self.warmup = warmup
         self.start = self.real = self.computed = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: torch.nn.Module | None = None,
-                       processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs: Any,
+    ) -> None:
         pad = processing_class.pad_token_id
         self.real = torch.zeros((), dtype=torch.long, device=args.device)
         self.computed = torch.zeros((), dtype=torch.long, device=args.device)
@@ -160,15 +185,17 @@ class Meter(TrainerCallback):
 
         model.register_forward_pre_hook(count, with_kwargs=True)
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                      **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.global_step == self.warmup:
             _synchronize()
             self.start = time.perf_counter()
             self.at_start = (self.real.item(), self.computed.item())
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         _synchronize()
         self.seconds = time.perf_counter() - self.start
         self.steps = state.global_step - self.warmup
@@ -188,8 +215,9 @@ class Profile(TrainerCallback):
             raise SystemExit(f"--profile {steps}: profile fewer steps than --warmup {warmup} (the first compiles)")
         self.warmup, self.steps, self.profiler = warmup - steps, steps, None
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                      **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.global_step == self.warmup and self.profiler is None:
             from torch.profiler import ProfilerActivity, profile
 
@@ -199,8 +227,7 @@ class Profile(TrainerCallback):
             self.profiler.__enter__()
             self.start = time.perf_counter()
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.profiler is not None and state.global_step == self.warmup + self.steps:
             _synchronize()
             wall = time.perf_counter() - self.start
@@ -210,8 +237,10 @@ class Profile(TrainerCallback):
             print(events.table(sort_by=sort, row_limit=15), flush=True)
             if torch.cuda.is_available():
                 busy = sum(e.self_device_time_total for e in events) / 1e6
-                print(f"PROFILE {self.steps} steps, {wall:.2f} s wall, GPU kernels {busy:.2f} s "
-                      f"({busy / wall:.0%} busy)", flush=True)
+                print(
+                    f"PROFILE {self.steps} steps, {wall:.2f} s wall, GPU kernels {busy:.2f} s ({busy / wall:.0%} busy)",
+                    flush=True,
+                )
             self.profiler = None
 
 
@@ -243,7 +272,9 @@ def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool)
     peak = peak_flops()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
-        "arm": arm, "label": label, "gpus": world,
+        "arm": arm,
+        "label": label,
+        "gpus": world,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "tokens_per_s_per_gpu": round(tokens_per_s / world),
         "step_s": round(meter.seconds / meter.steps, 3),
@@ -252,7 +283,8 @@ def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool)
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "mfu": round(flops_per_token * tokens_per_s / world / peak, 4) if peak else None,
-        "steps": meter.steps, "last_loss": losses[-1] if losses else None,
+        "steps": meter.steps,
+        "last_loss": losses[-1] if losses else None,
         **memory_columns(getattr(trainer, "memory_estimate", None)),
     }
 
@@ -265,8 +297,11 @@ def memory_columns(estimate: MemoryEstimate | None, peak_bytes: int | None = Non
     est = estimate.allocated / 2**30 if estimate is not None else None
     peak = peak_bytes / 2**30 if peak_bytes is not None else None
     error = 100 * (est - peak) / peak if est is not None and peak else None
-    return {"est_gib": round(est, 2) if est is not None else None, "peak_gib": round(peak, 2) if peak else None,
-            "est_error_pct": round(error, 1) if error is not None else None}
+    return {
+        "est_gib": round(est, 2) if est is not None else None,
+        "peak_gib": round(peak, 2) if peak else None,
+        "est_error_pct": round(error, 1) if error is not None else None,
+    }
 
 
 def emit(result: dict, results: Path | None) -> None:
@@ -293,22 +328,45 @@ def is_true(value: str | None) -> bool:
 
 # --- the arms ------------------------------------------------------------------------------------------------------
 
-def run_llmft(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str],
-              profile: int = 0) -> tuple[Meter, PackingLoraPlusTrainer | None]:
+
+def run_llmft(
+    model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], profile: int = 0
+) -> tuple[Meter, PackingLoraPlusTrainer | None]:
     from llmft.train import main as train
 
     meter = Meter(warmup)
     callbacks = [meter] + ([Profile(warmup, profile)] if profile else [])
-    base = ["--model_name_or_path", model, "--data_path", data, "--output_dir", out, "--overwrite_output_dir", "True",
-            "--max_steps", steps, "--save_strategy", "no", "--logging_steps", "5", "--report_to", "none",
-            "--model_max_length", "2048", "--dataloader_num_workers", "2",
-            "--preflight", "False"]  # measured even where the estimate says it will not fit: that is what is measured
+    base = [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--overwrite_output_dir",
+        "True",
+        "--max_steps",
+        steps,
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "5",
+        "--report_to",
+        "none",
+        "--model_max_length",
+        "2048",
+        "--dataloader_num_workers",
+        "2",
+        "--preflight",
+        "False",
+    ]  # measured even where the estimate says it will not fit: that is what is measured
     trainer = train([str(f) for f in [*base, *flags]], callbacks=callbacks)
     return meter, trainer
 
 
-def run_plain(model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], batch_size: int,
-              profile: int = 0) -> tuple[Meter, Trainer]:
+def run_plain(
+    model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], batch_size: int, profile: int = 0
+) -> tuple[Meter, Trainer]:
     """The plain Hugging Face recipe on the same samples (see the module docstring)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq
     from transformers import Trainer, TrainingArguments
@@ -321,35 +379,69 @@ def run_plain(model: Path, data: Path, out: Path, steps: int, warmup: int, flags
     lora, qlora = is_true(flag_value(flags, "use_lora")), is_true(flag_value(flags, "q_lora"))
     checkpointing = is_true(flag_value(flags, "gradient_checkpointing", "True"))
     args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
-        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim="paged_adamw_8bit" if qlora else "adamw_torch", learning_rate=2e-4 if lora else 1e-5,
-        logging_steps=5, save_strategy="no", report_to="none", dataloader_num_workers=2,
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim="paged_adamw_8bit" if qlora else "adamw_torch",
+        learning_rate=2e-4 if lora else 1e-5,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=2,
     )
     tokenizer, _ = load_training_tokenizer(ModelArguments(str(model)), DataArguments(str(data), model_max_length=2048))
     train_set, _ = build_datasets(DataArguments(str(data), model_max_length=2048), tokenizer, args)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16) if qlora else None
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                               quantization_config=quantization,
-                                               device_map={"": 0} if qlora else None)
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        if qlora
+        else None
+    )
+    net = AutoModelForCausalLM.from_pretrained(
+        model,
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        quantization_config=quantization,
+        device_map={"": 0} if qlora else None,
+    )
     net.config.use_cache = False
     if qlora:
         from peft import prepare_model_for_kbit_training
 
-        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=checkpointing,
-                                              gradient_checkpointing_kwargs={"use_reentrant": False})
+        net = prepare_model_for_kbit_training(
+            net, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        net = get_peft_model(net, LoraConfig(r=int(flag_value(flags, "lora_r", "64")),
-                                             lora_alpha=int(flag_value(flags, "lora_alpha", "16")),
-                                             lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+        net = get_peft_model(
+            net,
+            LoraConfig(
+                r=int(flag_value(flags, "lora_r", "64")),
+                lora_alpha=int(flag_value(flags, "lora_alpha", "16")),
+                lora_dropout=0.05,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     meter = Meter(warmup)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=net, args=args, train_dataset=train_set, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[meter] + ([Profile(warmup, profile)] if profile else []))
+    trainer = Trainer(
+        model=net,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[meter] + ([Profile(warmup, profile)] if profile else []),
+    )
     trainer.train()
     return meter, trainer
 
@@ -370,22 +462,48 @@ def run_worker(args: argparse.Namespace, flags: list[str]) -> None:
     model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
     out = args.workdir / f"out-{args.worker}-{args.label or 'run'}"
     if args.worker == "plain":
-        meter, trainer = run_plain(model, data, out, args.steps, args.warmup, flags, args.plain_batch_size,
-                                   args.profile)
+        meter, trainer = run_plain(
+            model, data, out, args.steps, args.warmup, flags, args.plain_batch_size, args.profile
+        )
     else:
         meter, trainer = run_llmft(model, data, out, args.steps, args.warmup, flags, args.profile)
     if trainer.is_world_process_zero():
         emit(report(meter, trainer, args.worker, args.label, is_true(flag_value(flags, "use_lora"))), args.results)
 
 
-def launcher_command(args: argparse.Namespace, flags: list[str], model: Path, data: Path, results: Path,
-                     dry_run: bool = False) -> tuple[list[str], dict[str, str]]:
+def launcher_command(
+    args: argparse.Namespace, flags: list[str], model: Path, data: Path, results: Path, dry_run: bool = False
+) -> tuple[list[str], dict[str, str]]:
     out = args.workdir / f"out-launcher-{args.label or 'run'}"
-    env = {**os.environ, "LLMFT_ENTRY": str(ENTRY), "PYTHON": sys.executable,
-           BENCH_ENV: json.dumps({"warmup": args.warmup, "label": args.label, "results": str(results)})}
-    command = ["bash", str(REPO / "finetune" / args.launcher), "-m", str(model), "-d", str(data), "-o", str(out),
-               *(["--dry-run"] if dry_run else []), "--", "--max_steps", str(args.steps), "--save_strategy", "no",
-               "--overwrite_output_dir", "True", "--logging_steps", "5", "--preflight", "False", *flags]
+    env = {
+        **os.environ,
+        "LLMFT_ENTRY": str(ENTRY),
+        "PYTHON": sys.executable,
+        BENCH_ENV: json.dumps({"warmup": args.warmup, "label": args.label, "results": str(results)}),
+    }
+    command = [
+        "bash",
+        str(REPO / "finetune" / args.launcher),
+        "-m",
+        str(model),
+        "-d",
+        str(data),
+        "-o",
+        str(out),
+        *(["--dry-run"] if dry_run else []),
+        "--",
+        "--max_steps",
+        str(args.steps),
+        "--save_strategy",
+        "no",
+        "--overwrite_output_dir",
+        "True",
+        "--logging_steps",
+        "5",
+        "--preflight",
+        "False",
+        *flags,
+    ]
     return command, env
 
 
@@ -398,7 +516,7 @@ def launcher_recipe(args: argparse.Namespace, flags: list[str], model: Path, dat
     printed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=True).stderr
     line = next(line for line in printed.splitlines() if line.startswith("+ "))
     tokens = shlex.split(line[2:])
-    tokens = tokens[tokens.index(env["LLMFT_ENTRY"]) + 1:]
+    tokens = tokens[tokens.index(env["LLMFT_ENTRY"]) + 1 :]
     recipe, skip = [], {"--model_name_or_path", "--data_path", "--output_dir", "--deepspeed"}
     i = 0
     while i < len(tokens):
@@ -439,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get(BENCH_ENV):
         return run_as_entry()
     argv = list(sys.argv[1:] if argv is None else argv)
-    ours, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1.5b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmft-bench"))
@@ -455,8 +573,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launcher", default=None, help="also run finetune/LAUNCHER with these flags")
     parser.add_argument("--no_llmft", action="store_true", help="skip the finetune.py arm")
     parser.add_argument("--results", type=Path, default=None, help="JSONL file the results are appended to")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="profile the last STEPS warm-up steps of each arm and print the top GPU operators")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="profile the last STEPS warm-up steps of each arm and print the top GPU operators",
+    )
     parser.add_argument("--worker", choices=("llmft", "plain"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(ours)
     if args.steps <= args.warmup:
@@ -470,25 +593,38 @@ def main(argv: list[str] | None = None) -> None:
     arms = ([] if args.no_llmft else ["llmft"]) + (["plain"] if args.compare else [])
     llmft_flags = launcher_recipe(args, flags, model, data, results) if args.launcher else flags
     for arm in arms:
-        command = [sys.executable, str(ENTRY), *ours, "--worker", arm, "--results", str(results),
-                   "--", *(llmft_flags if arm == "llmft" else flags)]
+        command = [
+            sys.executable,
+            str(ENTRY),
+            *ours,
+            "--worker",
+            arm,
+            "--results",
+            str(results),
+            "--",
+            *(llmft_flags if arm == "llmft" else flags),
+        ]
         run_arm(command)
     if args.launcher:
         command, env = launcher_command(args, flags, model, data, results)
         run_arm(command, env)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    rows = [r for r in rows if r["label"] == args.label][-len(arms) - bool(args.launcher):]
+    rows = [r for r in rows if r["label"] == args.label][-len(arms) - bool(args.launcher) :]
     plain = next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == "plain"), None)
     print(f"\n{args.shape} {args.label}: {' '.join(llmft_flags)}")
-    print(f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'est GiB':>8} "
-          f"{'est err':>8} {'MFU':>6} {'vs plain':>8}")
+    print(
+        f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'est GiB':>8} "
+        f"{'est err':>8} {'MFU':>6} {'vs plain':>8}"
+    )
     for r in rows:
         ratio = f"{r['tokens_per_s_per_gpu'] / plain:.2f}x" if plain else ""
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         est = f"{r['est_gib']:.2f}" if r.get("est_gib") is not None else "-"
         error = f"{r['est_error_pct']:+.1f}%" if r.get("est_error_pct") is not None else "-"
-        print(f"{r['arm']:9} {r['tokens_per_s_per_gpu']:>10,} {r['step_s']:>7.3f} {r['tokens_per_step']:>9,} "
-              f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {est:>8} {error:>8} {mfu:>6} {ratio:>8}")
+        print(
+            f"{r['arm']:9} {r['tokens_per_s_per_gpu']:>10,} {r['step_s']:>7.3f} {r['tokens_per_step']:>9,} "
+            f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {est:>8} {error:>8} {mfu:>6} {ratio:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,14 @@ def start_messages(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def chat_loop(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, *, system: str | None = None,
-              tools: list[dict] | None = None, **sampling: float) -> None:
+def chat_loop(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    system: str | None = None,
+    tools: list[dict] | None = None,
+    **sampling: float,
+) -> None:
     """Read user turns from stdin until /exit or end of input; stream each reply to stdout. `tools` are shown to
     the model in every turn's prompt."""
     from transformers import TextStreamer
@@ -109,20 +115,29 @@ def chat_loop(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", "--model", dest="model", required=True,
-                        help="model folder, adapter folder, GPTQ checkpoint or hub id")
+    parser.add_argument(
+        "--model_name_or_path",
+        "--model",
+        dest="model",
+        required=True,
+        help="model folder, adapter folder, GPTQ checkpoint or hub id",
+    )
     parser.add_argument("--prompt", help="answer this one message, print the reply and exit")
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--tools", metavar="FILE",
-                        help="JSON list of OpenAI function schemas shown to the model (as in training data's tools)")
+    parser.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="JSON list of OpenAI function schemas shown to the model (as in training data's tools)",
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 decodes greedily")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 turns it off")
     parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens; 0 turns it off")
     parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1 turns it off")
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="auto: float32 on CPU, the checkpoint's own on a GPU")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float32 on CPU, the checkpoint's own on a GPU"
+    )
     parser.add_argument("--seed", type=int, help="seed for sampling, to repeat a sampled reply")
     add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
@@ -134,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sampling = sampling_settings(args)
     tools = load_tools(args.tools) if args.tools else None  # before the model loads: a bad file fails at once
-    model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype,
-                                          trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_inference(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
     if args.seed is not None:
         from transformers import set_seed
 

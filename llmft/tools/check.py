@@ -47,17 +47,25 @@ def _training_default(name: str) -> Any:
 class CheckArguments:
     show: int = field(default=0, metadata={"help": "Print this many samples as rendered, trained tokens highlighted."})
     report: str | None = field(
-        default=None, metadata={"help": "Where to write the JSON report (default: DATA.check.json); the length "
-                                "histogram goes beside it, as .png."})
+        default=None,
+        metadata={
+            "help": "Where to write the JSON report (default: DATA.check.json); the length "
+            "histogram goes beside it, as .png."
+        },
+    )
     per_device_train_batch_size: int = field(
         default=_training_default("per_device_train_batch_size"),
-        metadata={"help": "Samples per micro-batch and GPU, as in training (unused with --max_tokens_per_batch)."})
+        metadata={"help": "Samples per micro-batch and GPU, as in training (unused with --max_tokens_per_batch)."},
+    )
     gradient_accumulation_steps: int = field(
         default=_training_default("gradient_accumulation_steps"),
-        metadata={"help": "Micro-batches per optimizer step, as in training."})
+        metadata={"help": "Micro-batches per optimizer step, as in training."},
+    )
     world_size: int = field(default=1, metadata={"help": "Training processes (GPUs in all nodes)."})
-    seed: int = field(default=_training_default("seed"),
-                      metadata={"help": "Training's seed: the shuffle --max_tokens_per_batch packs."})
+    seed: int = field(
+        default=_training_default("seed"),
+        metadata={"help": "Training's seed: the shuffle --max_tokens_per_batch packs."},
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
@@ -67,11 +75,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         argv = ["--data_path", argv[0]] + argv[1:]
     parser = HfArgumentParser((ModelArguments, DataArguments, CheckArguments), allow_abbrev=False)
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError([message]))
-    model_args, data_args, check_args, unknown = parser.parse_args_into_dataclasses(argv,
-                                                                                    return_remaining_strings=True)
+    model_args, data_args, check_args, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     problems = [f"unknown flag or argument: {token}" for token in unknown]
     problems += model_folder(model_args.model_name_or_path).problems(
-        "--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
+        "--model_name_or_path", trust_remote_code=model_args.trust_remote_code
+    )
     if not os.path.isfile(data_args.data_path):
         problems.append(f"--data_path {data_args.data_path}: no such file")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size"):
@@ -94,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     tokenizer, _ = load_training_tokenizer(model_args, data_args)
-    batch = BatchSettings(check_args.per_device_train_batch_size, check_args.gradient_accumulation_steps,
-                          check_args.world_size, data_args.max_tokens_per_batch or None, data_args.packing_window,
-                          check_args.seed)
-    report = check_data(data_args.data_path, tokenizer, RenderSettings.from_args(data_args), batch,
-                        show=check_args.show)
+    batch = BatchSettings(
+        check_args.per_device_train_batch_size,
+        check_args.gradient_accumulation_steps,
+        check_args.world_size,
+        data_args.max_tokens_per_batch or None,
+        data_args.packing_window,
+        check_args.seed,
+    )
+    report = check_data(
+        data_args.data_path, tokenizer, RenderSettings.from_args(data_args), batch, show=check_args.show
+    )
     report_path = check_args.report or f"{data_args.data_path}.check.json"
     histogram_path = os.path.splitext(report_path)[0] + ".png"
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
@@ -109,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         show_samples(report, tokenizer)
         print()
     print(report.summary())
-    print(f"report: {report_path}; length histogram: {histogram_path}; checked in "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"report: {report_path}; length histogram: {histogram_path}; checked in {time.perf_counter() - started:.1f} s"
+    )
     return EXIT_PROBLEMS if report.problems else 0
 
 

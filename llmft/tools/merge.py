@@ -65,21 +65,32 @@ logger = logging.getLogger("merge_lora")
 
 # Conversations for the parity check when no data is given: a short one, and one with a system prompt and newlines.
 BUILTIN_CONVERSATIONS = (
-    {"messages": [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."},
-    ]},
-    {"messages": [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Write a short poem about the sea."},
-        {"role": "assistant", "content": "The waves rise,\nthe wind sings,\nand the gulls fly home."},
-    ]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Write a short poem about the sea."},
+            {"role": "assistant", "content": "The waves rise,\nthe wind sings,\nand the gulls fly home."},
+        ]
+    },
 )
 PARITY_MAX_TOKENS = 256  # per conversation: enough to cover every kind of token, small enough to keep the logits
 
 # Settings that must agree between a GPTQ checkpoint and the unquantized model its adapter is merged into.
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 @dataclass
@@ -109,8 +120,10 @@ def _quantized_note(adapter: str) -> str:
     quantization = recorded_run(adapter).get("base_quantization") or {}
     if quantization.get("method") != "bitsandbytes":
         return ""
-    return (f" (a Q-LoRA adapter, trained on a {quantization.get('type')} copy of these weights: it merges into "
-            "the original weights, never into the quantized ones)")
+    return (
+        f" (a Q-LoRA adapter, trained on a {quantization.get('type')} copy of these weights: it merges into "
+        "the original weights, never into the quantized ones)"
+    )
 
 
 def merge_base(adapter_dir: str | Path, base: str | None = None, *, trust_remote_code: bool = False) -> str:
@@ -136,13 +149,15 @@ def merge_base(adapter_dir: str | Path, base: str | None = None, *, trust_remote
         return recorded
     given = require_model(base, "--base", trust_remote_code=trust_remote_code)
     if given.quant_method:
-        raise LlmftError(f"--base {base} is itself quantized ({given.quant_method}): merging needs the unquantized "
-                         "weights")
+        raise LlmftError(
+            f"--base {base} is itself quantized ({given.quant_method}): merging needs the unquantized weights"
+        )
     if recorded_folder.quant_method:
         problems = _architecture_mismatch(recorded_folder.config, given.config or {})
         if problems:
-            raise LlmftError(f"--base {base} is not the architecture of the adapter's base {recorded}: "
-                             + "; ".join(problems))
+            raise LlmftError(
+                f"--base {base} is not the architecture of the adapter's base {recorded}: " + "; ".join(problems)
+            )
     return base
 
 
@@ -155,8 +170,11 @@ def check_base_fingerprint(adapter_dir: str | Path, base_path: str, *, allow_mis
     run = recorded_run(adapter_dir)
     recorded = run.get("base_fingerprint")
     if not recorded:
-        logger.info("%s records no fingerprint of its base (trained outside llmft?): %s is taken on trust",
-                    adapter_dir, base_path)
+        logger.info(
+            "%s records no fingerprint of its base (trained outside llmft?): %s is taken on trust",
+            adapter_dir,
+            base_path,
+        )
         return
     if (run.get("base_quantization") or {}).get("method") not in (None, "bitsandbytes"):
         return
@@ -164,23 +182,29 @@ def check_base_fingerprint(adapter_dir: str | Path, base_path: str, *, allow_mis
     if actual == recorded:
         return
     trained_on = run.get("base_model") or model_folder(adapter_dir).adapter_base
-    message = (f"the base {base_path} is not the model the adapter {adapter_dir} was trained on ({trained_on}): "
-               f"its fingerprint (config and a sample of weights) is {actual or 'unreadable'}, training recorded "
-               f"{recorded} in {RUN_FILE}")
+    message = (
+        f"the base {base_path} is not the model the adapter {adapter_dir} was trained on ({trained_on}): "
+        f"its fingerprint (config and a sample of weights) is {actual or 'unreadable'}, training recorded "
+        f"{recorded} in {RUN_FILE}"
+    )
     if allow_mismatch:
         logger.warning("%s; merging anyway (--allow_base_mismatch)", message)
         return
-    raise LlmftError(f"{message}. Merging into other weights gives a model that was never trained: pass the "
-                     "original with --base, or --allow_base_mismatch if these are the same weights re-saved")
+    raise LlmftError(
+        f"{message}. Merging into other weights gives a model that was never trained: pass the "
+        "original with --base, or --allow_base_mismatch if these are the same weights re-saved"
+    )
 
 
 def _architecture_mismatch(recorded: dict, given: dict) -> list[str]:
-    return [f"{key} {given.get(key)} != {recorded.get(key)}"
-            for key in ARCHITECTURE_KEYS if key in recorded and given.get(key) != recorded.get(key)]
+    return [
+        f"{key} {given.get(key)} != {recorded.get(key)}"
+        for key in ARCHITECTURE_KEYS
+        if key in recorded and given.get(key) != recorded.get(key)
+    ]
 
 
-def parity_inputs(tokenizer: PreTrainedTokenizerBase, data_path: str | None = None,
-                  count: int = 4) -> list[list[int]]:
+def parity_inputs(tokenizer: PreTrainedTokenizerBase, data_path: str | None = None, count: int = 4) -> list[list[int]]:
     """Token ids of the conversations the parity check runs: the first `count` of `data_path`, else the built-in
     ones, rendered as training renders them."""
     if data_path:
@@ -265,33 +289,50 @@ def merge_lora(
 
         reloaded = load_model(staging, dtype=torch_dtype, what="the merged model", **trust)
         if reloaded.get_input_embeddings().weight.shape[0] != vocab_rows:
-            raise RuntimeError(f"the merged model reloads with {reloaded.get_input_embeddings().weight.shape[0]} "
-                               f"embedding rows, not the {vocab_rows} it was saved with")
+            raise RuntimeError(
+                f"the merged model reloads with {reloaded.get_input_embeddings().weight.shape[0]} "
+                f"embedding rows, not the {vocab_rows} it was saved with"
+            )
         max_diff, agreement, num_tokens = compare_logits(expected, all_logits(reloaded, inputs))
         del reloaded
 
     print(f"merged {adapter} into {base_path} -> {output}")
-    print(f"parity on {len(inputs)} conversations ({num_tokens} tokens), adapter unmerged vs merged model: "
-          f"max |logit diff| {max_diff:.3g}, argmax agreement {agreement:.2%}")
+    print(
+        f"parity on {len(inputs)} conversations ({num_tokens} tokens), adapter unmerged vs merged model: "
+        f"max |logit diff| {max_diff:.3g}, argmax agreement {agreement:.2%}"
+    )
     return MergeResult(Path(output), base_path, max_diff, agreement, num_tokens)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter folder written by LoRA / Q-LoRA training")
-    parser.add_argument("--output_dir", "--output", dest="output", required=True, metavar="DIR",
-                        help="folder for the merged model")
+    parser.add_argument(
+        "--output_dir", "--output", dest="output", required=True, metavar="DIR", help="folder for the merged model"
+    )
     parser.add_argument("--base", help="unquantized base model to merge into (default: the adapter's recorded base)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="dtype of the merged weights; auto keeps the base's")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="dtype of the merged weights; auto keeps the base's"
+    )
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--data_path", help="conversations for the parity check (default: two built-in ones)")
     parser.add_argument("--parity_samples", type=int, default=4, help="conversations the parity check runs")
-    parser.add_argument("--overwrite_output_dir", "--force", dest="force", type=parse_flag_bool, nargs="?", const=True,
-                        default=False, metavar="True|False",
-                        help="replace a non-empty --output_dir once the merge succeeds")
-    parser.add_argument("--allow_base_mismatch", action="store_true",
-                        help="merge into a base whose fingerprint differs from the one the adapter was trained on")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        "--force",
+        dest="force",
+        type=parse_flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="True|False",
+        help="replace a non-empty --output_dir once the merge succeeds",
+    )
+    parser.add_argument(
+        "--allow_base_mismatch",
+        action="store_true",
+        help="merge into a base whose fingerprint differs from the one the adapter was trained on",
+    )
     add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 

@@ -104,17 +104,27 @@ class QuantizationReport:
         return {**asdict(self), "loss_increase": self.loss_increase}
 
     def table(self) -> str:
-        rows = [("model", "loss", "perplexity"),
-                ("original", f"{self.original.loss:.4f}", f"{self.original.perplexity:.3f}"),
-                (f"gptq {self.bits}-bit", f"{self.quantized.loss:.4f}", f"{self.quantized.perplexity:.3f}")]
+        rows = [
+            ("model", "loss", "perplexity"),
+            ("original", f"{self.original.loss:.4f}", f"{self.original.perplexity:.3f}"),
+            (f"gptq {self.bits}-bit", f"{self.quantized.loss:.4f}", f"{self.quantized.perplexity:.3f}"),
+        ]
         lines = [f"{name:<12}{loss:>10}{ppl:>14}" for name, loss, ppl in rows]
-        lines.append(f"loss increase {self.loss_increase:+.4f} on {self.eval_samples} held-out conversations "
-                     f"({self.original.tokens} assistant tokens)")
+        lines.append(
+            f"loss increase {self.loss_increase:+.4f} on {self.eval_samples} held-out conversations "
+            f"({self.original.tokens} assistant tokens)"
+        )
         return "\n".join(lines)
 
 
-def validate(model_name_or_path: str, data_path: str, eval_data_path: str | None, settings: GptqSettings,
-             eval_samples: int, trust_remote_code: bool = False) -> None:
+def validate(
+    model_name_or_path: str,
+    data_path: str,
+    eval_data_path: str | None,
+    settings: GptqSettings,
+    eval_samples: int,
+    trust_remote_code: bool = False,
+) -> None:
     """Raise one ConfigError listing every problem with the arguments."""
     model = model_folder(model_name_or_path)
     problems = model.problems("--model_name_or_path", trust_remote_code=trust_remote_code)
@@ -132,21 +142,25 @@ def validate(model_name_or_path: str, data_path: str, eval_data_path: str | None
         if path is not None and not os.path.isfile(path):
             problems.append(f"{flag} {path}: no such file")
     if model.quant_method:
-        problems.append(f"--model_name_or_path {model_name_or_path} is quantized already ({model.quant_method}): "
-                        "quantize the unquantized model")
+        problems.append(
+            f"--model_name_or_path {model_name_or_path} is quantized already ({model.quant_method}): "
+            "quantize the unquantized model"
+        )
     if problems:
         raise ConfigError(problems)
 
 
-def render_samples(conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase,
-                   max_len: int) -> list[RenderedSample]:
+def render_samples(
+    conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> list[RenderedSample]:
     """Rendered conversations cut to max_len tokens; those with nothing left to score are left out."""
     samples = [render_conversation(c, tokenizer, max_length=max_len, overlong="truncate") for c in conversations]
     return [s for s in samples if s is not None]
 
 
-def split_data(data_path: str, eval_data_path: str | None, settings: GptqSettings,
-               eval_samples: int) -> tuple[list[Conversation], list[Conversation]]:
+def split_data(
+    data_path: str, eval_data_path: str | None, settings: GptqSettings, eval_samples: int
+) -> tuple[list[Conversation], list[Conversation]]:
     """(calibration conversations, evaluation conversations). Without eval_data_path the last eval_samples records
     of data_path are held out, and calibration takes the first num_samples of the rest."""
     conversations = load_conversations(data_path)
@@ -178,8 +192,13 @@ def evaluate(model: PreTrainedModel | PeftModel, samples: list[RenderedSample]) 
     return Evaluation(loss, math.exp(min(loss, 700.0)), tokens)  # exp overflows a float past ~709
 
 
-def quantize_with_gptqmodel(model_path: str, calibration: list[RenderedSample], settings: GptqSettings,
-                            out_dir: str | Path, trust_remote_code: bool = False) -> None:
+def quantize_with_gptqmodel(
+    model_path: str,
+    calibration: list[RenderedSample],
+    settings: GptqSettings,
+    out_dir: str | Path,
+    trust_remote_code: bool = False,
+) -> None:
     """Quantize with GPTQModel and save into out_dir. GPTQModel prints its progress on stdout: sent to stderr.
     GPTQModel imports a model's own code (`auto_map`) even with trust_remote_code=False: callers check first
     (`require_model`)."""
@@ -276,8 +295,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", required=True, help="unquantized model folder (e.g. a merged adapter)")
     parser.add_argument("--data_path", required=True, help="fine-tuning conversations used for calibration")
-    parser.add_argument("--output_dir", "--out_path", dest="out_path", required=True, metavar="DIR",
-                        help="folder for the quantized model")
+    parser.add_argument(
+        "--output_dir",
+        "--out_path",
+        dest="out_path",
+        required=True,
+        metavar="DIR",
+        help="folder for the quantized model",
+    )
     parser.add_argument("--bits", type=int, default=defaults.bits, help=f"one of {BITS_CHOICES}")
     parser.add_argument("--group_size", type=int, default=defaults.group_size, help="-1: one group per row")
     parser.add_argument("--max_len", type=int, default=defaults.max_len, help="tokens per conversation, at most")
@@ -285,9 +310,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--desc_act", action="store_true", help="quantize columns by decreasing activation size")
     parser.add_argument("--eval_samples", type=int, default=16, help="held-out conversations for the quality report")
     parser.add_argument("--eval_data_path", help="conversations for the quality report (default: --data_path's last)")
-    parser.add_argument("--overwrite_output_dir", "--force", dest="force", type=parse_flag_bool, nargs="?", const=True,
-                        default=False, metavar="True|False",
-                        help="replace a non-empty --output_dir once the quantization succeeds")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        "--force",
+        dest="force",
+        type=parse_flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="True|False",
+        help="replace a non-empty --output_dir once the quantization succeeds",
+    )
     add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 

@@ -303,8 +303,9 @@ def generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
     `<|endoftext|>` (base), as Qwen2.5's own generation configs name them; a single stop is written as one id."""
     stops = generation_stops(tokenizer)
     eos = stops.eos_token_ids if len(stops.eos_token_ids) > 1 else stops.eos_token_ids[0]
-    return GenerationConfig(bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), eos_token_id=eos,
-                            pad_token_id=stops.pad_token_id)
+    return GenerationConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), eos_token_id=eos, pad_token_id=stops.pad_token_id
+    )
 
 
 def _prepare_output_dir(output_dir: Path) -> None:
@@ -374,8 +375,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("output_dir", type=Path, nargs="?", help="folder to write the model and tokenizer into")
-    parser.add_argument("--output_dir", type=Path, dest="output_dir_flag", metavar="OUTPUT_DIR",
-                        help="the same folder, under the flag name the other commands use")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        dest="output_dir_flag",
+        metavar="OUTPUT_DIR",
+        help="the same folder, under the flag name the other commands use",
+    )
     parser.add_argument(
         "--tokenizer",
         choices=TOKENIZER_KINDS,
