@@ -207,6 +207,22 @@ def parse_flag_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+def add_overwrite_output_dir_flag(parser: argparse.ArgumentParser, done: str) -> None:
+    """The tools' `--overwrite_output_dir [True|False]` (old name `--force`, kept), finetune.py's name; the help says
+    when the replacing happens: once `done` (the staged output takes the folder's place only then)."""
+    parser.add_argument(
+        "--overwrite_output_dir",
+        "--force",
+        dest="force",
+        type=parse_flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="True|False",
+        help=f"replace a non-empty --output_dir once {done}",
+    )
+
+
 def add_trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
     """The tools' `--trust_remote_code [True|False]`, off unless given, worded like finetune.py's."""
     parser.add_argument(

@@ -47,8 +47,8 @@ from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, requ
 from llmft.inference import (
     DTYPE_CHOICES,
     DTYPES,
+    add_overwrite_output_dir_flag,
     add_trust_remote_code_flag,
-    parse_flag_bool,
     load_adapter_model,
     load_model,
     load_tokenizer,
@@ -317,17 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--data_path", help="conversations for the parity check (default: two built-in ones)")
     parser.add_argument("--parity_samples", type=int, default=4, help="conversations the parity check runs")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        "--force",
-        dest="force",
-        type=parse_flag_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="True|False",
-        help="replace a non-empty --output_dir once the merge succeeds",
-    )
+    add_overwrite_output_dir_flag(parser, "the merge succeeds")
     parser.add_argument(
         "--allow_base_mismatch",
         action="store_true",

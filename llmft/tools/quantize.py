@@ -46,10 +46,10 @@ from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.checkpoint import model_folder, require_model
 from llmft.inference import (
+    add_overwrite_output_dir_flag,
     add_trust_remote_code_flag,
     load_for_inference,
     load_tokenizer,
-    parse_flag_bool,
     set_generation_stops,
     staged_output_dir,
     stdout_to_stderr,
@@ -310,17 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--desc_act", action="store_true", help="quantize columns by decreasing activation size")
     parser.add_argument("--eval_samples", type=int, default=16, help="held-out conversations for the quality report")
     parser.add_argument("--eval_data_path", help="conversations for the quality report (default: --data_path's last)")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        "--force",
-        dest="force",
-        type=parse_flag_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="True|False",
-        help="replace a non-empty --output_dir once the quantization succeeds",
-    )
+    add_overwrite_output_dir_flag(parser, "the quantization succeeds")
     add_trust_remote_code_flag(parser)
     return parser.parse_args(argv)
 
