@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -75,10 +75,7 @@ class PreemptionCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.requested, self.stopped_at = None, None
-        try:
-            self._previous_handlers = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
-        except ValueError:  # not the main thread (a notebook's worker thread): signals keep their usual effect
-            self._previous_handlers = {}
+        self._previous_handlers = _install_handler(self._handle)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._agreed(args):
@@ -100,8 +97,7 @@ class PreemptionCallback(TrainerCallback):
     ) -> None:
         if self.stopped_at is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's part of the checkpoint (ZeRO's optimizer shards) is on disk
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
+        _restore_handlers(self._previous_handlers)
         self._previous_handlers = {}
         if self.stopped_at is None:
             return
@@ -126,6 +122,20 @@ class PreemptionCallback(TrainerCallback):
         return requested
 
 
+def _install_handler(handler: Callable[[int, FrameType | None], None]) -> dict[signal.Signals, Any]:
+    """`handler` for every PREEMPTION_SIGNALS; the handlers it replaced, for `_restore_handlers`. Outside the main
+    thread (a notebook's worker thread) Python refuses handlers: the signals keep their usual effect, and {}."""
+    try:
+        return {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+    except ValueError:
+        return {}
+
+
+def _restore_handlers(previous: dict[signal.Signals, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 @contextmanager
 def exit_on_signal() -> Iterator[None]:
     """While the run is not training (PreemptionCallback takes the signals over while it is): SIGTERM / SIGUSR1 end
@@ -143,15 +153,11 @@ def exit_on_signal() -> Iterator[None]:
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
 
-    try:
-        previous = {sig: signal.signal(sig, stop) for sig in PREEMPTION_SIGNALS}
-    except ValueError:  # not the main thread: signals keep their usual effect
-        previous = {}
+    previous = _install_handler(stop)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore_handlers(previous)
 
 
 @contextmanager
@@ -164,15 +170,11 @@ def signals_deferred(what: str) -> Iterator[None]:
         received.append(signal.Signals(signum))
         logger.warning("%s during %s: finishing it first", received[-1].name, what)
 
-    try:
-        previous = {sig: signal.signal(sig, defer) for sig in PREEMPTION_SIGNALS}
-    except ValueError:  # not the main thread
-        previous = {}
+    previous = _install_handler(defer)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore_handlers(previous)
     if received:
         logger.warning("%s is complete; stopping as %s asked", what, received[0].name)
 
