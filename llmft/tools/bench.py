@@ -158,7 +158,9 @@ def prepare(workdir: Path, shape: str, samples: int, median: int, sigma: float, 
 
 class Meter(TrainerCallback):
     """Times the optimizer steps after `warmup` and counts what every forward pass computes: all tokens, and those
-    that are not padding. Counters stay on the GPU until the end, so counting adds no synchronisation."""
+    that are not padding (llmft.report.batch_token_counts, as the run report counts them: the attention mask of a
+    padded batch, a packed row's padding tail). Counters stay on the GPU until the end, so counting adds no
+    synchronisation."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
@@ -173,15 +175,17 @@ class Meter(TrainerCallback):
         processing_class: PreTrainedTokenizerBase | None = None,
         **kwargs: Any,
     ) -> None:
+        from llmft.report import batch_token_counts
+
         pad = processing_class.pad_token_id
         self.real = torch.zeros((), dtype=torch.long, device=args.device)
         self.computed = torch.zeros((), dtype=torch.long, device=args.device)
 
         def count(module: torch.nn.Module, positional: tuple, named: dict) -> None:
-            ids = named.get("input_ids", positional[0] if positional else None)
-            if ids is not None and module.training:
-                self.real += (ids != pad).sum()
-                self.computed += ids.numel()
+            counts = batch_token_counts(named, pad) if module.training else None  # the run report's own count
+            if counts is not None:
+                self.real += counts[0]
+                self.computed += counts[1]
 
         model.register_forward_pre_hook(count, with_kwargs=True)
 
