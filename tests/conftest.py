@@ -341,6 +341,13 @@ def data_file(tmp_path) -> Path:
 ANSWER = "I am Pico, trained by llmft."
 
 
+def tiny_lora_flags(model, out, *extra) -> list:
+    """A short LoRA run of a tiny model on the bundled examples: on the CPU, samples batched per sample (no token
+    budget), seed 0, nothing reported; `extra` flags last (they override)."""
+    common = "--use_cpu True --use_lora True --model_max_length 128 --max_tokens_per_batch 0 --report_to none --seed 0"
+    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, *common.split(), *extra]
+
+
 def train_flags(model, data, out, *extra, steps=12, lr="5e-3"):
     return [
         "--model_name_or_path",

@@ -12,7 +12,7 @@ import torch
 
 from llmft.checkpoint_pickles import ALLOWED_GLOBALS, check_checkpoint_pickles, checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_USER_ERROR, LlmftError
-from tests.conftest import EXAMPLES
+from tests.conftest import tiny_lora_flags
 
 
 class CreatesFile:
@@ -84,31 +84,7 @@ def test_which_files_are_checked(tmp_path):
 
 
 def flags(model, out, *extra):
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        out,
-        "--use_cpu",
-        "True",
-        "--use_lora",
-        "True",
-        "--model_max_length",
-        "128",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_tokens_per_batch",
-        "0",
-        "--save_steps",
-        "1",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
-        *extra,
-    ]
+    return tiny_lora_flags(model, out, "--per_device_train_batch_size", "2", "--save_steps", "1", *extra)
 
 
 @pytest.fixture

@@ -25,49 +25,15 @@ from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft.saving import checkpoint_problem
-from tests.conftest import EXAMPLES, REPO, SignalAtStep, finetune, launcher_env, run_launcher
+from tests.conftest import EXAMPLES, REPO, SignalAtStep, finetune, launcher_env, run_launcher, tiny_lora_flags
 
 STEPS = 6
 
 
 def flags(model, out, *extra):
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        out,
-        "--use_cpu",
-        "True",
-        "--use_lora",
-        "True",
-        "--lora_dropout",
-        "0",
-        "--model_max_length",
-        "128",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_tokens_per_batch",
-        "0",
-        "--learning_rate",
-        "1e-3",
-        "--warmup_steps",
-        "0",
-        "--max_steps",
-        str(STEPS),
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "100",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
-        "--logging_steps",
-        "1",
-        *extra,
-    ]
+    run = "--lora_dropout 0 --per_device_train_batch_size 2 --learning_rate 1e-3 --warmup_steps 0"
+    saving = f"--max_steps {STEPS} --save_strategy steps --save_steps 100 --logging_steps 1"
+    return tiny_lora_flags(model, out, *run.split(), *saving.split(), *extra)
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:

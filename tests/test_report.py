@@ -11,44 +11,14 @@ from llmft.data.render import IGNORE_INDEX
 from llmft.errors import EXIT_PREEMPTED
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft.report import REPORT_JSON, REPORT_PNG
-from tests.conftest import EXAMPLES
-from tests.conftest import SignalAtStep, finetune
+from tests.conftest import SignalAtStep, finetune, tiny_lora_flags
 
 EPOCHS = 2
 
 
 def flags(model, out, *extra):
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        out,
-        "--use_cpu",
-        "True",
-        "--use_lora",
-        "True",
-        "--lora_dropout",
-        "0",
-        "--model_max_length",
-        "128",
-        "--per_device_train_batch_size",
-        "4",
-        "--max_tokens_per_batch",
-        "0",
-        "--learning_rate",
-        "1e-3",
-        "--warmup_steps",
-        "0",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
-        "--logging_steps",
-        "1",
-        *extra,
-    ]
+    run = "--lora_dropout 0 --per_device_train_batch_size 4 --learning_rate 1e-3 --warmup_steps 0 --logging_steps 1"
+    return tiny_lora_flags(model, out, *run.split(), *extra)
 
 
 def data_counts(dataset) -> tuple[int, int]:
