@@ -34,7 +34,9 @@ def test_prepare_builds_the_shape_and_the_data(tmp_path):
     assert len(records) == 200
     assert [turn["from"] for turn in records[0]["conversations"]] == ["user", "assistant"]
     # prepare() reuses what is there: the second call builds nothing new
+    written = {path: path.stat().st_mtime_ns for path in [data, *model_dir.iterdir()]}
     assert prepare(tmp_path, "tiny", samples=200, median=120, sigma=0.8, cap=512) == (model_dir, data)
+    assert {path: path.stat().st_mtime_ns for path in [data, *model_dir.iterdir()]} == written
 
 
 def test_lengths_are_log_normal_and_capped():
