@@ -13,6 +13,7 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+from llmft.attention import VARLEN
 from llmft.checkpoint import model_folder
 from llmft.distributed import shards_parameters
 
@@ -202,7 +203,7 @@ def _report_to_problems(training_args: TrainingArguments) -> list[str]:
     return problems
 
 
-PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", VARLEN, "flex_attention", "sdpa", "eager")
 
 
 def _batching_problems(model_args: ModelArguments, data_args: DataArguments) -> list[str]:

@@ -2,10 +2,12 @@
 field of the run's plan, llmft/plan.py, which logs the choice and hands Liger's to the Trainer).
 
 Attention: the flag `--attn_implementation` when given. Otherwise, for packed training, the fastest kernel that keeps
-packed samples apart and is installed: flash attention 2 (varlen: it is handed the sample boundaries and computes
-nothing across them), else on CUDA flex attention (a block-sparse document mask: blocks across samples are skipped),
-else SDPA (a block-diagonal mask materialised per micro-batch, and attention computed over the whole row). Without
-packing, transformers' own default.
+packed samples apart and needs no compile before the first step: flash attention 2 when installed, else on a CUDA
+GPU that runs it PyTorch's own variable-length flash kernel (`llmft_varlen`, llmft.attention); both are handed the
+sample boundaries and compute nothing across them. Else SDPA (a block-diagonal mask materialised per micro-batch, and
+attention computed over the whole row). Flex attention (a block-sparse document mask) keeps samples apart too, but
+transformers compiles it with max-autotune for training, minutes before the first step on an empty kernel cache:
+it is used only when asked for. Without packing, transformers' own default.
 
 Packing is exact only for models whose attention masks come from transformers' `masking_utils`, which is where
 restarting position ids are read as sample boundaries; any other model (remote code, older architectures) would let
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmft.attention import VARLEN, varlen_available
 from llmft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -54,6 +57,11 @@ class Kernels:
         attention = self.attention or "(transformers' default)"
         return f"attention {attention}{' (packed samples kept apart)' if packing else ''}; Liger {liger}"
 
+    @property
+    def takes_sample_boundaries(self) -> bool:
+        """The attention kernel reads packed samples' offsets from the batch (llmft.data.packing.PackedCollator)."""
+        return self.attention in (VARLEN, "flash_attention_2", "flash_attention_3")
+
 
 def choose_kernels(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, sharded: bool
@@ -73,6 +81,13 @@ def choose_kernels(
                 "no backward pass on CPU): use sdpa or eager"
             ]
         )
+    if attention == VARLEN and not (cuda and varlen_available()):
+        raise ConfigError(
+            [
+                f"--attn_implementation {VARLEN} needs a CUDA GPU of compute capability 8.0 or newer and a PyTorch "
+                "with torch.nn.attention.varlen (2.10 or newer): use sdpa"
+            ]
+        )
     pad_to = (data_args.max_tokens_per_batch or None) if attention == "flex_attention" else None
 
     liger, config = training_args.use_liger_kernel, training_args.liger_kernel_config
@@ -89,8 +104,8 @@ def _packing_attention(cuda: bool) -> str:
 
     if cuda and is_flash_attn_2_available():
         return "flash_attention_2"
-    if cuda:
-        return "flex_attention"
+    if cuda and varlen_available():
+        return VARLEN
     return "sdpa"
 
 

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llmft.attention import VARLEN, register_varlen_attention
 from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops, uses_chatml
 from llmft.checkpoint import quant_method
 from llmft.distributed import init_deepspeed_on_cpu_ranks, quantized_weights_device_map
@@ -100,6 +101,8 @@ def build_model(
     spare padding rows are as untrained as freshly resized ones). `training_args` are read, never written: what the
     Trainer needs of the plan there is llmft.plan.apply_plan_to_training_args's to write."""
     init_deepspeed_on_cpu_ranks(training_args)
+    if plan.kernels.attention == VARLEN:
+        register_varlen_attention()
     load_options = {}
     if plan.quantize_on_load is not None:  # passing quantization_config=None would override a GPTQ checkpoint's own
         load_options["quantization_config"] = quantization_config(plan)

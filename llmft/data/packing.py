@@ -58,18 +58,23 @@ class PackedCollator:
 
     The row is padded at its end to `pad_to` tokens when given (a fixed shape, which compiled kernels such as flex
     attention want), else to a multiple of `pad_to_multiple_of`. The padding is a sample of its own (positions
-    restart, labels ignored), so no real token attends to it."""
+    restart, labels ignored), so no real token attends to it. With `sample_boundaries` the batch also carries the
+    samples' cumulative offsets and the longest sample's length (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`), which
+    variable-length attention kernels take as they are, computed here on the host rather than from `position_ids`
+    on the GPU in every layer."""
 
     pad_token_id: int
     pad_to_multiple_of: int = 64
     pad_to: int | None = None
+    sample_boundaries: bool = False
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, positions, offsets = [], [], [], [0]
         for feature in features:
             ids = list(feature["input_ids"])
             if not ids:
                 continue
+            offsets.append(offsets[-1] + len(ids))
             input_ids.extend(ids)
             labels.append(IGNORE_INDEX)
             labels.extend(feature["labels"][1:])
@@ -84,11 +89,20 @@ class PackedCollator:
         input_ids.extend([self.pad_token_id] * padding)
         labels.extend([IGNORE_INDEX] * padding)
         positions.extend(range(padding))
-        return {
+        batch = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
         }
+        if self.sample_boundaries:
+            if padding:
+                offsets.append(target)
+            cu_seq_lens = torch.tensor(offsets, dtype=torch.int32)
+            longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+            batch.update(
+                cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest
+            )
+        return batch
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,9 @@ class Packing:
     ) -> "Packing | None":
         if not data_args.packing:
             return None
-        collator = PackedCollator(tokenizer.pad_token_id, pad_to=kernels.pad_packed_to)
+        collator = PackedCollator(
+            tokenizer.pad_token_id, pad_to=kernels.pad_packed_to, sample_boundaries=kernels.takes_sample_boundaries
+        )
         return cls(collator, data_args.max_tokens_per_batch or None, data_args.packing_window)
 
 
