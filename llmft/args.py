@@ -178,6 +178,14 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "Train into a non-empty --output_dir, replacing what a previous run saved there."},
     )
+    offload_activations: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Under --gradient_checkpointing True, keep each decoder layer's checkpointed input in pinned host "
+            "memory until backward, copied on a side stream (llmft/activation_offload.py). Unset: on for CUDA runs "
+            "of one process without DeepSpeed or FSDP; True there (or on the CPU) only."
+        },
+    )
     use_liger_kernel: bool | None = field(
         default=None,
         metadata={

@@ -255,6 +255,16 @@ def _training_problems(
         problems.append(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data_path")
     if training_args.fsdp_config is not None and not training_args.fsdp:
         problems.append("--fsdp_config is read only with --fsdp True")
+    if training_args.offload_activations:
+        if not training_args.gradient_checkpointing:
+            problems.append(
+                "--offload_activations True offloads checkpointed inputs: add --gradient_checkpointing True"
+            )
+        if training_args.deepspeed or training_args.fsdp or training_args.world_size > 1:
+            problems.append(
+                "--offload_activations True runs in one process without DeepSpeed or FSDP (their gradient hooks "
+                "do not expect the backward pass it runs inside backward): drop it, or train on one GPU"
+            )
     if quant_method == "gptq" and shards_parameters(training_args):
         problems.append(
             "LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "

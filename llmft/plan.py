@@ -66,6 +66,7 @@ class RunPlan:
     gradient_checkpointing_kwargs: Mapping  # what torch.utils.checkpoint gets
     kernels: Kernels  # attention kernel, packed rows' padding, Liger (llmft.kernels)
     packing: bool  # --packing: what the attention kernel was chosen for
+    offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
 
     @property
@@ -143,7 +144,17 @@ def resolve_plan(
         gradient_checkpointing_kwargs=MappingProxyType(dict(kwargs)),
         kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
         packing=data_args.packing,
+        offload_activations=_offloads_activations(training_args, sharding),
     )
+
+
+def _offloads_activations(training_args: TrainingArguments, sharding: str) -> bool:
+    """--offload_activations as given (checked: checkpointing, one process); unset, on for checkpointed CUDA runs of
+    one process without DeepSpeed or FSDP."""
+    if training_args.offload_activations is not None:
+        return bool(training_args.offload_activations)
+    cuda = torch.cuda.is_available() and not training_args.use_cpu
+    return cuda and bool(training_args.gradient_checkpointing) and sharding == "none" and training_args.world_size == 1
 
 
 def describe_plan(plan: RunPlan) -> str:
@@ -154,7 +165,9 @@ def describe_plan(plan: RunPlan) -> str:
     dtype = str(plan.compute_dtype).removeprefix("torch.")
     sharding = plan.sharding + (f", {' and '.join(plan.offloaded)} offloaded to the CPU" if plan.offloaded else "")
     checkpointing = "off"
-    if plan.gradient_checkpointing:
+    if plan.offload_activations:
+        checkpointing = "on, layer inputs offloaded to host memory"
+    elif plan.gradient_checkpointing:
         checkpointing = "on " + ", ".join(f"{k}={v}" for k, v in plan.gradient_checkpointing_kwargs.items())
     embeddings = (
         f"trained in full for the added {' '.join(plan.added_tokens)}"

@@ -32,8 +32,8 @@ micro-batch a step under plain PyTorch the gradients grow during backward as the
 not add up. The optimizer states exist from the first optimizer step on: the estimate is the peak of the second step
 onwards.
 
-Not modelled: mixture-of-experts layers (refused), transformers' activation_checkpointing_kwargs (every_n_layers,
-offload: the estimate assumes every layer checkpointed on the GPU), optimizer-step temporaries (torch's fused AdamW
+Not modelled: mixture-of-experts layers (refused), transformers' activation_checkpointing_kwargs (every_n_layers:
+the estimate assumes every layer checkpointed), optimizer-step temporaries (torch's fused AdamW
 makes none), bitsandbytes' one dequantized weight at a time, LoRA dropout's copy of each adapted layer's input (off
 by default), and NCCL's own buffers beyond the fixed allowance.
 
@@ -204,6 +204,7 @@ class MemorySetup:
     tokens: int = 8192
     rows: int = 1
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     fused_loss: bool = False  # Liger's fused linear cross-entropy
     attention: str = "flash_attention_2"  # eager stores the attention probabilities
     accumulation_steps: int = 1
@@ -283,6 +284,7 @@ class MemoryEstimate:
             f"({_count(self.trainable)} trained), {sharding}{' offload ' + offload if offload else ''} "
             f"on {s.gpus} GPU{'s' if s.gpus > 1 else ''}, {s.tokens:,} tokens a micro-batch"
             f"{', gradient checkpointing' if s.gradient_checkpointing else ''}"
+            f"{' (inputs offloaded)' if s.gradient_checkpointing and s.offload_activations else ''}"
             f"{', fused loss' if s.fused_loss else ''}, {s.optimizer}"
         )
         lines = [head] + [f"  {name:<24}{value / GIB:>8.2f} GiB" for name, value in rows]
@@ -378,7 +380,9 @@ def activation_bytes(shape: ModelShape, setup: MemorySetup) -> int:
     per_layer = layer_activation_bytes(shape, setup)
     outside = tokens * (4 * h + 2 * b * h) + attention_mask_bytes(setup)
     if setup.gradient_checkpointing:
-        return layers * tokens * b * h + per_layer + outside
+        # offloaded, the layer inputs live in host memory; the one being copied back and recomputed is in per_layer
+        held = 0 if setup.offload_activations else layers * tokens * b * h
+        return held + per_layer + outside
     return layers * per_layer + outside
 
 
@@ -650,6 +654,7 @@ def setup_from_args(
         tokens=tokens,
         rows=rows,
         gradient_checkpointing=plan.gradient_checkpointing,
+        offload_activations=plan.offload_activations,
         fused_loss=plan.kernels.liger,
         attention=plan.kernels.attention or "sdpa",
         accumulation_steps=training_args.gradient_accumulation_steps,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import transformers
 
+from llmft.activation_offload import ActivationOffloadCallback
 from llmft.data.packing import LongestFirstSampler, Packing, TokenBudgetBatchSampler, sample_lengths
 from llmft.distributed import dataloader_order_options, enable_fsdp_on_cpu_ranks
 from llmft.preemption import PreemptionCallback
@@ -42,7 +43,12 @@ class PackingLoraPlusTrainer(transformers.Trainer):
     ahead of the caller's, and FSDP on CPU ranks."""
 
     def __init__(
-        self, *args: Any, packing: Packing | None = None, loraplus_lr_ratio: float | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        packing: Packing | None = None,
+        loraplus_lr_ratio: float | None = None,
+        offload_activations: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
@@ -51,6 +57,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
             FollowUmaskCallback(),
             TrainingReportCallback(),
             PreemptionCallback(),
+            *([ActivationOffloadCallback()] if offload_activations else []),
             *(kwargs.get("callbacks") or []),
         ]
         super().__init__(*args, **kwargs)
