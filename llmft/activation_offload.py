@@ -7,6 +7,8 @@ host memory on a side stream as the layer's forward starts (the copy overlaps th
 go once the copy is done, and in backward brings it back, recomputes the layer under the forward's autocast and
 random-number state, and back-propagates through it. The gradients equal those of plain checkpointing.
 
+The plan turns it on by default for adapter training (LoRA, Q-LoRA) on one CUDA GPU, where those inputs are a large
+share of the peak; full fine-tuning peaks with its gradients and optimizer states instead (llmft.plan).
 `ActivationOffloadCallback` installs it when training begins, after the Trainer has enabled gradient checkpointing
 (which sets transformers' own checkpoint function on every checkpointed layer). It is for one process without
 parameter sharding (the plan decides, llmft.plan): the backward pass inside backward is the reentrant pattern, which

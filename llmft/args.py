@@ -182,16 +182,18 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={
             "help": "Under --gradient_checkpointing True, keep each decoder layer's checkpointed input in pinned host "
-            "memory until backward, copied on a side stream (llmft/activation_offload.py). Unset: on for CUDA runs "
-            "of one process without DeepSpeed or FSDP; True there (or on the CPU) only."
+            "memory until backward, copied on a side stream (llmft/activation_offload.py). Unset: on for LoRA and "
+            "Q-LoRA CUDA runs of one process without DeepSpeed or FSDP (full fine-tuning's peak is elsewhere); True "
+            "there (or on the CPU) only."
         },
     )
     use_liger_kernel: bool | None = field(
         default=None,
         metadata={
             "help": "Liger-Kernel's fused Triton kernels (CUDA). Unset: llmft uses Liger's fused linear + "
-            "cross-entropy, which never materialises the vocabulary-wide logits, on CUDA when liger-kernel is "
-            "installed; True: every Liger kernel (see --liger_kernel_config); False: none."
+            "cross-entropy (never materialises the vocabulary-wide logits), RMSNorm, SwiGLU and RoPE, on CUDA when "
+            "liger-kernel is installed and parameters are not sharded; True: every Liger kernel (see "
+            "--liger_kernel_config); False: none."
         },
     )
     liger_kernel_config: dict | str | None = field(

@@ -13,10 +13,11 @@ Packing is exact only for models whose attention masks come from transformers' `
 restarting position ids are read as sample boundaries; any other model (remote code, older architectures) would let
 packed samples attend to each other, and is refused with the way out (`--packing False`).
 
-Liger-Kernel: `--use_liger_kernel` when given. Unset, llmft turns on only Liger's fused linear + cross-entropy (the
-output head and the loss computed in chunks, so the logits over a 151k vocabulary are never materialised), on CUDA
-with liger-kernel installed, and not under ZeRO-3 or FSDP, where the output head's weight is sharded outside the
-module call Liger bypasses.
+Liger-Kernel: `--use_liger_kernel` when given. Unset, llmft turns on Liger's fused linear + cross-entropy (the
+output head and the loss computed in chunks, so the logits over a 151k vocabulary are never materialised) and its
+RMSNorm, SwiGLU and RoPE kernels (`LIGER_DEFAULT`; BENCHMARKS.md has what each choice measured), on CUDA with
+liger-kernel installed, and not under ZeRO-3 or FSDP, where the output head's weight is sharded outside the module
+call Liger bypasses.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from llmft.errors import ConfigError
 if TYPE_CHECKING:
     from llmft.args import DataArguments, ModelArguments, TrainingArguments
 
-# Liger's fused output head + loss, and none of its other kernels: on an H200 it made full fine-tuning of a 1.5B shape
-# 4.5% faster and cut its peak memory from 38.0 to 13.8 GiB (README, Speed); the others were not measured here
-FUSED_LOSS_ONLY = MappingProxyType(
-    {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False, "rms_norm": False, "swiglu": False}
+# Liger's kernels llmft turns on by default: the fused output head + loss (which replaces its plain cross-entropy),
+# RMSNorm, SwiGLU and RoPE
+LIGER_DEFAULT = MappingProxyType(
+    {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": True, "rms_norm": True, "swiglu": True}
 )
 
 
@@ -53,7 +54,7 @@ class Kernels:
         """The choice in words, as the run's log line (llmft.plan.describe_plan) shows it."""
         liger = "off"
         if self.liger:
-            liger = "fused linear cross-entropy" if self.liger_config == FUSED_LOSS_ONLY else "on"
+            liger = "fused loss, RMSNorm, SwiGLU, RoPE" if self.liger_config == LIGER_DEFAULT else "on"
         attention = self.attention or "(transformers' default)"
         return f"attention {attention}{' (packed samples kept apart)' if packing else ''}; Liger {liger}"
 
@@ -93,7 +94,7 @@ def choose_kernels(
     liger, config = training_args.use_liger_kernel, training_args.liger_kernel_config
     if liger is None:
         liger = cuda and not sharded and importlib.util.find_spec("liger_kernel") is not None
-        config = FUSED_LOSS_ONLY if liger else None
+        config = LIGER_DEFAULT if liger else None
     if config is not None and not isinstance(config, MappingProxyType):
         config = MappingProxyType(dict(config))
     return Kernels(attention, pad_to, bool(liger), config)

@@ -144,17 +144,19 @@ def resolve_plan(
         gradient_checkpointing_kwargs=MappingProxyType(dict(kwargs)),
         kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
         packing=data_args.packing,
-        offload_activations=_offloads_activations(training_args, sharding),
+        offload_activations=_offloads_activations(training_args, sharding, mode),
     )
 
 
-def _offloads_activations(training_args: TrainingArguments, sharding: str) -> bool:
-    """--offload_activations as given (checked: checkpointing, one process); unset, on for checkpointed CUDA runs of
-    one process without DeepSpeed or FSDP."""
+def _offloads_activations(training_args: TrainingArguments, sharding: str, mode: str) -> bool:
+    """--offload_activations as given (checked: checkpointing, one process); unset, on for checkpointed adapter
+    training on CUDA in one process without DeepSpeed or FSDP. Not for full fine-tuning: its peak comes with the
+    gradients and optimizer states, not the activations, so offloading would cost time and save nothing there."""
     if training_args.offload_activations is not None:
         return bool(training_args.offload_activations)
     cuda = torch.cuda.is_available() and not training_args.use_cpu
-    return cuda and bool(training_args.gradient_checkpointing) and sharding == "none" and training_args.world_size == 1
+    one_process = sharding == "none" and training_args.world_size == 1
+    return cuda and bool(training_args.gradient_checkpointing) and one_process and mode != "full"
 
 
 def describe_plan(plan: RunPlan) -> str:

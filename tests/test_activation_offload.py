@@ -133,3 +133,14 @@ def test_a_run_with_offloaded_activations_trains_the_adapter_a_plain_checkpointe
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flag, expected", [(None, False), ("True", True), ("False", False)])
+def test_the_plan_offloads_as_asked_and_not_by_default_on_the_cpu(tiny_chat_model, tmp_path, flag, expected):
+    from llmft.args import parse_args
+    from llmft.plan import describe_plan, resolve_plan
+
+    extra = ["--gradient_checkpointing", "True"] + (["--offload_activations", flag] if flag else [])
+    plan = resolve_plan(*parse_args([str(f) for f in tiny_lora_flags(tiny_chat_model, tmp_path / "out", *extra)]))
+    assert plan.offload_activations is expected
+    assert ("offloaded to host memory" in describe_plan(plan)) is expected

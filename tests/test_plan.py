@@ -12,7 +12,7 @@ from transformers.training_args import FSDPOption
 
 from llmft.args import parse_args
 from llmft.distributed import sharding_of
-from llmft.kernels import FUSED_LOSS_ONLY, Kernels
+from llmft.kernels import LIGER_DEFAULT, Kernels
 from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import QuantizeOnLoad, apply_plan_to_training_args, describe_plan, resolve_plan
 from llmft.saving import describe_run
@@ -225,7 +225,7 @@ def test_the_plan_is_frozen(tiny_chat_model, tmp_path):
     with pytest.raises(TypeError):
         plan.gradient_checkpointing_kwargs["use_reentrant"] = True
     with pytest.raises(TypeError):
-        FUSED_LOSS_ONLY["rope"] = True  # the Liger choice a plan may hold
+        LIGER_DEFAULT["rope"] = True  # the Liger choice a plan may hold
     assert dict(plan.gradient_checkpointing_kwargs) == {"use_reentrant": False}
 
 
@@ -251,8 +251,8 @@ def test_resolving_and_building_leave_the_training_arguments_alone(tiny_chat_mod
 
 def test_liger_as_planned_reaches_the_training_arguments(tiny_chat_model, tmp_path):
     *_, training_args = arguments = settings(tmp_path, tiny_chat_model, "--use_lora", "True")
-    plan = dataclasses.replace(resolve_plan(*arguments), kernels=Kernels("sdpa", None, True, FUSED_LOSS_ONLY))
+    plan = dataclasses.replace(resolve_plan(*arguments), kernels=Kernels("sdpa", None, True, LIGER_DEFAULT))
     apply_plan_to_training_args(plan, training_args)
     assert training_args.use_liger_kernel is True
-    assert training_args.liger_kernel_config == dict(FUSED_LOSS_ONLY)
+    assert training_args.liger_kernel_config == dict(LIGER_DEFAULT)
     assert type(training_args.liger_kernel_config) is dict  # the Trainer's own type, not the plan's read-only view

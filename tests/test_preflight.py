@@ -453,7 +453,7 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
     """Liger's fused loss is the plan's choice (CUDA with liger-kernel installed): the preflight runs before the plan
     is written into the TrainingArguments, whose use_liger_kernel is still the flag's None."""
     from llmft.args import parse_args
-    from llmft.kernels import FUSED_LOSS_ONLY, Kernels
+    from llmft.kernels import LIGER_DEFAULT, Kernels
 
     args = parse_args(
         [
@@ -472,10 +472,9 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
     )
     assert args[-1].use_liger_kernel is None
     assert setup_of(args).fused_loss is False
-    assert setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).fused_loss is True
+    assert setup_of(args, {"kernels": Kernels("flex_attention", None, True, LIGER_DEFAULT)}).fused_loss is True
     assert (
-        setup_of(args, {"kernels": Kernels("flex_attention", None, True, FUSED_LOSS_ONLY)}).attention
-        == "flex_attention"
+        setup_of(args, {"kernels": Kernels("flex_attention", None, True, LIGER_DEFAULT)}).attention == "flex_attention"
     )
 
 
