@@ -264,7 +264,7 @@ def plot_report(report: dict, log_history: list[dict], path: str) -> None:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key.replace("_", " "))
         ax.set_xlabel("tokens seen")
         ax.set_title(" / ".join(k.replace("_", " ") for k in keys))
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(f"step {report['global_step']} of {report['max_steps']}, {report['trained_tokens']:,} trained tokens")
     partial = f"{path}.{os.getpid()}.tmp.png"
