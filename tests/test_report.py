@@ -106,3 +106,36 @@ def test_resumed_run_continues_the_counts(tiny_chat_model, tmp_path, datasets_ca
     # the first-step figures are the resumed session's: its first step is step 4
     assert_first_step_figures_agree(at_stop, first_step=1)
     assert_first_step_figures_agree(actual, first_step=4)
+
+
+@pytest.mark.gpu
+def test_counting_never_waits_for_the_gpu():
+    """The report's count of each micro-batch and its bookkeeping at each step after the first only queue GPU work:
+    under CUDA's sync debug mode "error" any wait for the GPU (a .item(), a copy of a host value onto the GPU) raises.
+    The first step's end waits once, on purpose (first_step_s)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmft.report import TrainingReportCallback, batch_token_counts
+
+    cuda = torch.device("cuda")
+    ids = torch.randint(5, 100, (2, 256), device=cuda)
+    labels = torch.where(torch.rand(2, 256, device=cuda) < 0.5, ids, IGNORE_INDEX)
+    positions = torch.cat([torch.arange(100), torch.arange(120), torch.arange(36)]).to(cuda).expand(2, -1)
+    packed = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    padded = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    callback = TrainingReportCallback()
+    args, module = SimpleNamespace(device=cuda), SimpleNamespace(training=True)
+    callback._pad_token_id = 0  # packed rows take the padding-tail branch
+    callback._count(module, (), packed)
+    callback.on_step_end(args, SimpleNamespace(global_step=1), None)  # the first step: its one wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 2 + 2 * report_module.PENDING_CHUNK):  # past the stacking of pending steps
+            callback._count(module, (), packed if step % 2 else padded)
+            callback.on_step_end(args, SimpleNamespace(global_step=step), None)
+        batch_token_counts(packed, pad_token_id=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
