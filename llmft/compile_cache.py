@@ -79,7 +79,8 @@ def describe_compile_plan(what: str, cache_dir: Optional[str] = None, cold_secon
     """The log line `log_compile_plan` writes."""
     cache_dir = cache_dir or inductor_cache_dir()
     try:
-        warm = any(True for _ in os.scandir(cache_dir))
+        with os.scandir(cache_dir) as entries:
+            warm = any(True for _ in entries)
     except OSError:
         warm = False
     cold = f"about {cold_seconds:.0f} s with an empty cache, " if cold_seconds is not None else ""
