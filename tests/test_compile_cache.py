@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
@@ -158,8 +159,44 @@ def test_compile_cache_module_loads_without_torch(tmp_path):
         "import sys; sys.modules['torch'] = None; import llmft.launcher, llmft.compile_cache; "
         "print(llmft.compile_cache.compile_cache_folder('o', {}))"
     )
-    import subprocess
-
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(REPO / "o" / ".compile_cache")
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun of one node: drops its own options (up to the task's command, bash) and runs the task as node 0
+while [[ $1 != bash ]]; do shift; done
+SLURM_NODEID=0 exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ $1 == show ]] && echo localhost
+exit 0
+"""
+
+
+def test_slurm_script_passes_the_shared_cache_to_each_node(data_file, tmp_path):
+    """slurm_finetune.sbatch (under stand-ins for srun and scontrol, one node): an exported LLMFT_COMPILE_CACHE is
+    said in the job's log and reaches the node's launcher, which points both caches at it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    shared = tmp_path / "shared-cache"
+    env = launcher_env(**{COMPILE_CACHE_ENV: shared})
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        SLURM_JOB_ID="7",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="n1",
+        SLURM_SUBMIT_DIR=str(REPO),
+    )
+    command = ["bash", "finetune/slurm_finetune.sbatch", "finetune/finetune_lora_ds.sh", "-m", "org/model"]
+    result = subprocess.run(
+        [*command, "-d", str(data_file), "--dry-run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"[llmft] job 7: compiled kernels in {shared}" in result.stderr
+    expected = f"TORCHINDUCTOR_CACHE_DIR={shared / 'inductor'} TRITON_CACHE_DIR={shared / 'triton'}"
+    assert f"[llmft] compiled kernels kept in {expected}" in result.stderr
