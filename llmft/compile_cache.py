@@ -6,8 +6,9 @@ own output) cache what they compile; by default inductor's cache lies in the nod
 compiles again before its first step. llmft points both caches at one folder on the run's own file system:
 
 - `LLMFT_COMPILE_CACHE` when set: a folder that every node mounts gives one cache to all runs of a cluster;
-- else `<output_dir>/.compile_cache`: the run's nodes, its resumed sessions and its requeued jobs share it, and
-  nothing the run writes lies outside its output folder;
+- else `<output_dir>/_compile_cache`: the run's nodes, its resumed sessions and its requeued jobs share it, and
+  nothing the run writes lies outside its output folder (the leading underscore keeps it out of what the Trainer's
+  `--push_to_hub` uploads, which is everything but `_*` and `checkpoint-*`; `--overwrite_output_dir` keeps it);
 
 with `TORCHINDUCTOR_CACHE_DIR=<folder>/inductor` and `TRITON_CACHE_DIR=<folder>/triton`. A variable the user has set
 is kept as it is. The launchers set them (`--dry-run` shows them), and finetune.py sets them before anything can
@@ -27,7 +28,7 @@ from typing import Dict, Mapping, MutableMapping, Optional
 logger = logging.getLogger(__name__)
 
 COMPILE_CACHE_ENV = "LLMFT_COMPILE_CACHE"  # the user's folder for compiled kernels (shared between runs)
-DEFAULT_FOLDER = ".compile_cache"  # inside the output folder when LLMFT_COMPILE_CACHE is not set
+DEFAULT_FOLDER = "_compile_cache"  # inside the output folder when LLMFT_COMPILE_CACHE is not set
 CACHE_VARIABLES = (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"))
 
 # What use_compile_cache put into this process's environment: a value still equal to it was not the user's, so a
@@ -36,7 +37,7 @@ _set_here: Dict[str, str] = {}
 
 
 def compile_cache_folder(output_dir: str, environ: Mapping[str, str]) -> str:
-    """The folder that holds the run's compiled kernels: LLMFT_COMPILE_CACHE, else <output_dir>/.compile_cache;
+    """The folder that holds the run's compiled kernels: LLMFT_COMPILE_CACHE, else <output_dir>/_compile_cache;
     an absolute path (the ranks may start elsewhere)."""
     chosen = environ.get(COMPILE_CACHE_ENV) or os.path.join(output_dir, DEFAULT_FOLDER)
     return os.path.abspath(os.path.expanduser(chosen))

@@ -465,7 +465,7 @@ MASTER_PORT={env("MASTER_PORT", "6001")}
       false): GPUs only
   PYTHON={env("PYTHON", "python")}  the interpreter with llmft's requirements
   {COMPILE_CACHE_ENV}={env(COMPILE_CACHE_ENV)}  where compiled kernels (flex attention, Triton) are kept; default
-      OUTPUT/.compile_cache, so the nodes and a resumed or requeued run compile once; a folder every node mounts
+      OUTPUT/_compile_cache, so the nodes and a resumed or requeued run compile once; a folder every node mounts
       shares them between runs. Sets TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, unless those are set already
   RESUME={env("RESUME")}  set: --resume_from_checkpoint RESUME; auto resumes the run in the output folder when it is
       this same run (its recorded settings match), starts fresh in an empty one, refuses another run; the Slurm

@@ -51,13 +51,13 @@ def launch(name, data_file, *args, **env):
 def test_launcher_keeps_compiled_kernels_in_the_output_folder(name, data_file, tmp_path):
     out = tmp_path / "run"
     assert launch(name, data_file, "-o", out) == {
-        "TORCHINDUCTOR_CACHE_DIR": str(out / ".compile_cache" / "inductor"),
-        "TRITON_CACHE_DIR": str(out / ".compile_cache" / "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": str(out / "_compile_cache" / "inductor"),
+        "TRITON_CACHE_DIR": str(out / "_compile_cache" / "triton"),
     }
     # an --output_dir after '--' is the one finetune.py writes to: the cache follows it
     later = tmp_path / "later"
     assert launch(name, data_file, "-o", out, "--", f"--output_dir={later}")["TRITON_CACHE_DIR"] == str(
-        later / ".compile_cache" / "triton"
+        later / "_compile_cache" / "triton"
     )
 
 
@@ -71,7 +71,7 @@ def test_launcher_keeps_what_the_user_set(data_file, tmp_path):
     seen = launch("finetune_lora_ds.sh", data_file, "-o", tmp_path / "out", TORCHINDUCTOR_CACHE_DIR=mine)
     assert seen == {
         "TORCHINDUCTOR_CACHE_DIR": str(mine),
-        "TRITON_CACHE_DIR": str(tmp_path / "out" / ".compile_cache" / "triton"),
+        "TRITON_CACHE_DIR": str(tmp_path / "out" / "_compile_cache" / "triton"),
     }
 
 
@@ -86,30 +86,30 @@ def test_ranks_start_with_the_cache_variables(data_file, tmp_path):
     result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", out, env=env)
     assert result.returncode == 0, result.stderr
     seen = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank*.json"))]
-    assert seen == [{"TORCHINDUCTOR_CACHE_DIR": str(out / ".compile_cache" / "inductor"),
-                     "TRITON_CACHE_DIR": str(out / ".compile_cache" / "triton")}] * 2  # fmt: skip
+    assert seen == [{"TORCHINDUCTOR_CACHE_DIR": str(out / "_compile_cache" / "inductor"),
+                     "TRITON_CACHE_DIR": str(out / "_compile_cache" / "triton")}] * 2  # fmt: skip
 
 
 def test_use_compile_cache_sets_only_what_is_unset(clean_environ, tmp_path):
     environ = {"TRITON_CACHE_DIR": "/mine/triton"}
     assert use_compile_cache(str(tmp_path / "out"), environ) == {
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "out" / ".compile_cache" / "inductor"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "out" / "_compile_cache" / "inductor"),
         "TRITON_CACHE_DIR": "/mine/triton",
     }
     assert environ["TRITON_CACHE_DIR"] == "/mine/triton"
     # a relative output folder becomes absolute (ranks may start elsewhere); an empty variable counts as unset
     relative = compile_cache_env("out", {"TORCHINDUCTOR_CACHE_DIR": ""})
-    assert relative["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(os.getcwd(), "out", ".compile_cache", "inductor")
+    assert relative["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(os.getcwd(), "out", "_compile_cache", "inductor")
 
 
 def test_a_second_run_in_the_same_process_gets_its_own_cache(clean_environ, tmp_path):
     use_compile_cache(str(tmp_path / "first"))
     use_compile_cache(str(tmp_path / "second"))  # what the first set was llmft's, not the user's
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "second" / ".compile_cache" / "triton")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "second" / "_compile_cache" / "triton")
     os.environ["TRITON_CACHE_DIR"] = "/the/user/s"
     use_compile_cache(str(tmp_path / "third"))
     assert os.environ["TRITON_CACHE_DIR"] == "/the/user/s"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "third" / ".compile_cache" / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "third" / "_compile_cache" / "inductor")
 
 
 def test_finetune_sets_the_cache_before_training(clean_environ, tiny_chat_model, tmp_path, datasets_cache):
@@ -117,7 +117,7 @@ def test_finetune_sets_the_cache_before_training(clean_environ, tiny_chat_model,
     first step leaves (its settings and compiled kernels) takes a fresh run, which keeps those kernels; on the CPU
     nothing compiles, so nothing more is written there."""
     out = tmp_path / "out"
-    kernel = out / ".compile_cache" / "inductor" / "kernel.py"
+    kernel = out / "_compile_cache" / "inductor" / "kernel.py"
     kernel.parent.mkdir(parents=True)
     kernel.write_text("compiled")
     seen = {}
@@ -133,10 +133,10 @@ def test_finetune_sets_the_cache_before_training(clean_environ, tiny_chat_model,
     flags = tiny_lora_flags(tiny_chat_model, out, "--max_steps", "1", "--save_strategy", "no")
     entry.main([str(f) for f in flags], callbacks=[Look()])
     assert seen == {
-        "TORCHINDUCTOR_CACHE_DIR": str(out / ".compile_cache" / "inductor"),
-        "TRITON_CACHE_DIR": str(out / ".compile_cache" / "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": str(out / "_compile_cache" / "inductor"),
+        "TRITON_CACHE_DIR": str(out / "_compile_cache" / "triton"),
     }
-    assert [p for p in (out / ".compile_cache").rglob("*") if p.is_file()] == [kernel]
+    assert [p for p in (out / "_compile_cache").rglob("*") if p.is_file()] == [kernel]
 
 
 def test_log_says_what_compiles_how_long_and_where(clean_environ, tmp_path, caplog):
@@ -161,7 +161,7 @@ def test_compile_cache_module_loads_without_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(REPO / "o" / ".compile_cache")
+    assert done.stdout.strip() == str(REPO / "o" / "_compile_cache")
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -200,3 +200,14 @@ def test_slurm_script_passes_the_shared_cache_to_each_node(data_file, tmp_path):
     assert f"[llmft] job 7: compiled kernels in {shared}" in result.stderr
     expected = f"TORCHINDUCTOR_CACHE_DIR={shared / 'inductor'} TRITON_CACHE_DIR={shared / 'triton'}"
     assert f"[llmft] compiled kernels kept in {expected}" in result.stderr
+
+
+def test_the_trainers_hub_upload_leaves_the_cache_out(tmp_path):
+    """The default folder's name is one that the Trainer's --push_to_hub skips (it uploads the output folder less
+    `_*` and `checkpoint-*`, through huggingface_hub's filter): compiled kernels never go up with the model."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = os.path.relpath(compile_cache_env(str(tmp_path), {})["TRITON_CACHE_DIR"], tmp_path)
+    files = [os.path.join(folder, "abc", "kernel.cubin"), "adapter_model.safetensors"]
+    kept = list(filter_repo_objects(files, ignore_patterns=["_*", "checkpoint-*"]))
+    assert kept == ["adapter_model.safetensors"]

@@ -66,9 +66,9 @@ case $suite in
     bench --shape 1.5b --label first-full-1.5b --cold -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True
     bench --shape 7b --label first-qlora-7b --cold -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
     bench --shape 7b --label first-lora-7b --cold -- "${lora[@]}" "${budget[@]}" --gradient_checkpointing True
-    # as a user runs it: the whole command; first with the run's own compile cache (OUTPUT/.compile_cache) empty,
+    # as a user runs it: the whole command; first with the run's own compile cache (OUTPUT/_compile_cache) empty,
     # then again into the same output folder, which reuses it
-    rm -rf "$work/out-end-to-end-e2e-qlora-1.5b/.compile_cache"
+    rm -rf "$work/out-end-to-end-e2e-qlora-1.5b/_compile_cache"
     for _ in cold cached; do
       bench --shape 1.5b --label e2e-qlora-1.5b --no_llmft --steps 26 --warmup 1 --end_to_end finetune_qlora_ds.sh
     done
