@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from llmft.attention import VARLEN
 from llmft.checkpoint import model_folder
+from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
 from llmft.distributed import shards_parameters
 
 if TYPE_CHECKING:
@@ -385,7 +386,7 @@ def _output_problems(training_args: TrainingArguments) -> list[str]:
             return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]
     elif (
         os.path.isdir(out)
-        and set(os.listdir(out)) - {RUN_SETTINGS_FILE}  # all a run cut short early leaves
+        and set(os.listdir(out)) - {RUN_SETTINGS_FILE, COMPILE_CACHE_FOLDER}  # all a run cut short early leaves
         and not training_args.overwrite_output_dir
     ):
         return [

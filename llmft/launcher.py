@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from llmft.checkpoint import looks_like_path
+from llmft.compile_cache import CACHE_VARIABLES, COMPILE_CACHE_ENV, compile_cache_env
 from llmft.errors import EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -463,6 +464,9 @@ MASTER_PORT={env("MASTER_PORT", "6001")}
       the default when no GPU is visible (PYTHON's torch finds none, or CUDA_VISIBLE_DEVICES is empty); 0 (or
       false): GPUs only
   PYTHON={env("PYTHON", "python")}  the interpreter with llmft's requirements
+  {COMPILE_CACHE_ENV}={env(COMPILE_CACHE_ENV)}  where compiled kernels (flex attention, Triton) are kept; default
+      OUTPUT/_compile_cache, so the nodes and a resumed or requeued run compile once; a folder every node mounts
+      shares them between runs. Sets TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, unless those are set already
   RESUME={env("RESUME")}  set: --resume_from_checkpoint RESUME; auto resumes the run in the output folder when it is
       this same run (its recorded settings match), starts fresh in an empty one, refuses another run; the Slurm
       script sets it, so a requeued job continues. SIGTERM or SIGUSR1 stops the run after its next optimizer step
@@ -491,6 +495,18 @@ class Launch:
     environ: dict  # the environment it runs in
     where: str  # the one line saying what runs on this node
     dry_run: bool  # print it only
+
+
+def last_value(args: list[str], flag: str) -> str | None:
+    """The value argparse keeps for `flag` in finetune.py arguments: its last occurrence, `--flag value` or
+    `--flag=value`."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
@@ -539,6 +555,8 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
     if node.resume:  # before the user's arguments, which may override it
         args += ["--resume_from_checkpoint", node.resume]
     args += options.passthrough
+    # compiled kernels kept with the run (the output folder the ranks will use), not in each node's /tmp
+    environ.update(compile_cache_env(last_value(args, "--output_dir"), environ))
 
     where = f"node {node.node_rank} of {node.nnodes}, {gpus} rank(s) per node"
     master_addr = node.master_addr or "localhost"
@@ -604,6 +622,8 @@ def main(argv: list[str] | None = None) -> None:
         print(launch, end="")
         sys.exit(0)
     print(f"[llmft] {launch.where}", file=sys.stderr)
+    caches = " ".join(f"{name}={launch.environ[name]}" for name, _ in CACHE_VARIABLES if launch.environ.get(name))
+    print(f"[llmft] compiled kernels kept in {caches}", file=sys.stderr)
     print("+ " + shlex.join(launch.command), file=sys.stderr, flush=True)
     if launch.dry_run:
         sys.exit(0)

@@ -5,8 +5,14 @@ The JSON holds (all counts over every rank, for the whole run, resumed parts inc
 - `tokens_seen`: input tokens of the training micro-batches, padding left out; `tokens_processed`: with padding;
   `trained_tokens`: the tokens that carry loss (labels other than -100). Counted from each micro-batch the model is
   given while training, so a run of whole epochs sees each sample's tokens once an epoch.
-- `tokens_per_second`: tokens_seen over the wall time of training (evaluations included), both of this process's
-  session (a resumed run counts from where it resumed); `wall_time_s`: training time of all sessions;
+- `tokens_per_second`: tokens_seen over the wall time of training (evaluations and checkpoints included), both of
+  this process's session (a resumed run counts from where it resumed); `wall_time_s`: training time of all sessions.
+  A session's time runs from the call of Trainer.train (the model loaded; its DeepSpeed or FSDP set-up, the
+  optimizer's creation and a resumed checkpoint's loading come after) to the report.
+- `first_step_s`: the session's time to the end of its first optimizer step (compiling kernels, the first batches'
+  loading and the first step itself: what a user waits before training runs at speed), the GPU's work finished;
+  `first_step_tokens_seen`: that step's tokens_seen; `tokens_per_second_after_first_step`: the session's tokens_seen
+  less the first step's, over its time less first_step_s (None until a second step ends): the speed once running.
   `peak_memory_bytes`: the largest of the ranks' peaks (CUDA memory allocated on GPUs, the process's peak resident
   memory on CPU).
 - `final` and `best` train and eval losses (from the Trainer's log), the run's settings (llmft_run_settings.json)
@@ -41,6 +47,7 @@ REPORT_JSON = "training_report.json"
 REPORT_PNG = "training_report.png"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets", "llmft")
 COUNTS = ("tokens_seen", "tokens_processed", "trained_tokens")
+PENDING_CHUNK = 256  # steps' counts kept as separate tensors before they are stacked into one
 
 
 def batch_token_counts(inputs: dict, pad_token_id: int | None) -> torch.Tensor | None:
@@ -51,7 +58,8 @@ def batch_token_counts(inputs: dict, pad_token_id: int | None) -> torch.Tensor |
     ids, labels = inputs.get("input_ids"), inputs.get("labels")
     if ids is None:
         return None
-    processed = torch.tensor(ids.numel(), device=ids.device)
+    # a fill, not torch.tensor(n, device=...): copying a host value onto the GPU waits for its queue to empty
+    processed = torch.full((), ids.numel(), dtype=torch.long, device=ids.device)
     trained = (labels != IGNORE_INDEX).sum() if labels is not None else torch.zeros((), device=ids.device)
     mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
     if mask is not None:
@@ -76,13 +84,23 @@ class TrainingReportCallback(TrainerCallback):
     def __init__(self) -> None:
         self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last report written
         self._step_counts = None  # this rank's, since the last finished step: a tensor on the batches' device
-        self._pending: list[tuple[int, torch.Tensor]] = []  # (global step, this rank's counts), not yet summed
+        # (global steps, this rank's counts of each: a [steps, COUNTS] tensor on the batches' device), not yet summed
+        self._pending: list[tuple[list[int], torch.Tensor]] = []
         self.tokens_at_step: dict[int, int] = {}  # global step -> tokens seen by its end: the plot's x axis
         self._hook = None
         self._pad_token_id = None
         self._started = None
+        self._train_called = None  # set by `start_clock` when Trainer.train is called
         self._session_tokens = 0
         self._earlier_wall_time = 0.0
+        self._first_step = None  # the global step that ended first in this session, and when (monotonic seconds)
+        self._first_step_end = None
+        self._first_step_tokens = None
+
+    def start_clock(self) -> None:
+        """The session's time counts from now (Trainer.train's call: PackingLoraPlusTrainer.train) rather than from
+        on_train_begin, which comes after the model's wrapping, the optimizer and a resumed checkpoint's loading."""
+        self._train_called = time.monotonic()
 
     # --- counting ---
 
@@ -114,24 +132,39 @@ class TrainingReportCallback(TrainerCallback):
                 self._earlier_wall_time = earlier.get("wall_time_s", 0.0)
         self._step_counts, self._pending = None, []
         self._session_tokens = 0
+        self._first_step = self._first_step_end = self._first_step_tokens = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self._started = time.monotonic()
+        self._started = self._train_called if self._train_called is not None else time.monotonic()
+        self._train_called = None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         counts = self._step_counts
         if counts is None:
             counts = torch.zeros(len(COUNTS), dtype=torch.long, device=args.device)
-        self._pending.append((state.global_step, counts.to(args.device)))
+        self._pending.append(([state.global_step], counts.to(args.device).reshape(1, len(COUNTS))))
         self._step_counts = None
+        if self._first_step is None:
+            # the session's one wait for the GPU: the first step ends when its work has run, not when it is queued
+            if args.device.type == "cuda":
+                torch.cuda.synchronize(args.device)
+            self._first_step, self._first_step_end = state.global_step, time.monotonic()
+        elif len(self._pending) >= PENDING_CHUNK:
+            self._fold_pending()
+
+    def _fold_pending(self) -> None:
+        """Stack the pending steps' counts into one tensor on their device (no synchronisation), so a run that
+        writes its report seldom keeps a few tensors, not one per step."""
+        steps = [step for chunk, _ in self._pending for step in chunk]
+        self._pending = [(steps, torch.cat([counts for _, counts in self._pending]))]
 
     def _sum_pending(self, args: TrainingArguments) -> None:
         """Fold the steps counted since the last report into the run's counts: one collective and one copy to the
         host per report, not per step. Every rank calls it."""
         if not self._pending:
             return
-        steps = [step for step, _ in self._pending]
-        counts = torch.stack([c for _, c in self._pending])
+        self._fold_pending()
+        (steps, counts), self._pending = self._pending[0], []
         if runs_on_several_ranks(args):
             torch.distributed.all_reduce(counts)
         for step, row in zip(steps, counts.tolist()):
@@ -139,7 +172,8 @@ class TrainingReportCallback(TrainerCallback):
                 self.counts[name] += int(n)
             self._session_tokens += int(row[0])
             self.tokens_at_step[step] = self.counts["tokens_seen"]
-        self._pending = []
+            if step == self._first_step:
+                self._first_step_tokens = int(row[0])
 
     # --- writing ---
 
@@ -171,6 +205,11 @@ class TrainingReportCallback(TrainerCallback):
 
     def report(self, args: TrainingArguments, state: TrainerState, peak_memory: int | None) -> dict:
         session = time.monotonic() - self._started if self._started is not None else 0.0
+        first_step = self._first_step_end - self._started if self._first_step_end is not None else None
+        after_first = None
+        if first_step is not None and self._first_step_tokens is not None and self._session_tokens > 0:
+            later_tokens, later_time = self._session_tokens - self._first_step_tokens, session - first_step
+            after_first = later_tokens / later_time if later_tokens > 0 and later_time > 0 else None
         history = state.log_history
         train = [e["loss"] for e in history if "loss" in e]
         evals = [e["eval_loss"] for e in history if "eval_loss" in e]
@@ -182,6 +221,9 @@ class TrainingReportCallback(TrainerCallback):
             **self.counts,
             "tokens_per_second": self._session_tokens / session if session > 0 else None,
             "wall_time_s": self._earlier_wall_time + session,
+            "first_step_s": first_step,
+            "first_step_tokens_seen": self._first_step_tokens,
+            "tokens_per_second_after_first_step": after_first,
             "peak_memory_bytes": peak_memory,
             "world_size": args.world_size,
             "loss": {"final": train[-1] if train else None, "best": min(train) if train else None},
@@ -222,7 +264,7 @@ def plot_report(report: dict, log_history: list[dict], path: str) -> None:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key.replace("_", " "))
         ax.set_xlabel("tokens seen")
         ax.set_title(" / ".join(k.replace("_", " ") for k in keys))
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(f"step {report['global_step']} of {report['max_steps']}, {report['trained_tokens']:,} trained tokens")
     partial = f"{path}.{os.getpid()}.tmp.png"

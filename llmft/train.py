@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from transformers import TrainerCallback, set_seed
 
 from llmft.args import parse_args
+from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
+    use_compile_cache(training_args.output_dir)  # before anything compiles: kernels kept with the run, not the node
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,

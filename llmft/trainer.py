@@ -53,14 +53,19 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
+        self.training_report = TrainingReportCallback()
         kwargs["callbacks"] = [
             FollowUmaskCallback(),
-            TrainingReportCallback(),
+            self.training_report,
             PreemptionCallback(),
             *([ActivationOffloadCallback()] if offload_activations else []),
             *(kwargs.get("callbacks") or []),
         ]
         super().__init__(*args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any) -> transformers.trainer_utils.TrainOutput:
+        self.training_report.start_clock()  # the run report's time to the first step counts the set-up in train()
+        return super().train(*args, **kwargs)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if self.packing is None:

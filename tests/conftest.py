@@ -281,6 +281,9 @@ def launcher_env(**overrides) -> dict:
             "USE_CPU",
             "MASTER_ADDR",
             "LLMFT_ENTRY",
+            "LLMFT_COMPILE_CACHE",
+            "TORCHINDUCTOR_CACHE_DIR",
+            "TRITON_CACHE_DIR",
         )
         and not k.startswith(("OMPI_", "PMI_", "SLURM_"))
     }

@@ -15,7 +15,7 @@ import pytest
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmft.tools.bench import SHAPES, lognormal_lengths, prepare
+from llmft.tools.bench import SHAPES, fresh_compile_cache, lognormal_lengths, parse_lengths, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,33 @@ def test_lengths_are_log_normal_and_capped():
     assert max(lengths) == 2048 and min(lengths) >= 32
     assert 370 <= statistics.median(lengths) <= 430
     assert sum(length == 2048 for length in lengths) > 0  # a long tail reaching the cap
+
+
+def test_fixed_lengths_give_long_samples_of_that_length(tmp_path):
+    """--lengths fixed:N: every conversation renders to about N tokens (of at most N), for how long one sample can be."""
+    model_dir, data = prepare(tmp_path, "tiny", samples=3, median=400, sigma=0.8, cap=2048, fixed=3000)
+    assert data.name == "chat-3-fixed-3000.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for line in data.read_text().splitlines():
+        turns = json.loads(line)["conversations"]
+        messages = [{"role": t["from"], "content": t["value"]} for t in turns]
+        length = len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        assert 2950 <= length <= 3000, length
+    assert parse_lengths("lognormal") is None and parse_lengths("fixed:32768") == 32768
+    for bad in ("fixed", "fixed:x", "fixed:10", "uniform:100"):
+        with pytest.raises(Exception, match="lognormal, or fixed:N"):
+            parse_lengths(bad)
+
+
+def test_cold_arm_starts_with_empty_compile_caches(tmp_path):
+    stale = tmp_path / "cold-compile-cache-llmft-run" / "inductor" / "kernel.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("compiled earlier")
+    env = fresh_compile_cache(tmp_path, "llmft-run")
+    folder = tmp_path / "cold-compile-cache-llmft-run"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor")
+    assert env["TRITON_CACHE_DIR"] == str(folder / "triton")
+    assert folder.is_dir() and list(folder.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -146,3 +173,31 @@ def test_a_stopped_benchmark_stops_its_arm(tmp_path):
     while time.time() < deadline and _processes_mentioning(str(workdir)):
         time.sleep(0.5)
     assert _processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.slow
+def test_cold_start_and_a_launcher_end_to_end_on_cpu(tmp_path):
+    """--cold --end_to_end: the finetune.py arm and a launcher's whole command, each from empty compile caches, report
+    their first optimizer step beside the whole run, from the run report they wrote."""
+    results = tmp_path / "results.jsonl"
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "benchmark.py"),
+        *("--shape", "tiny", "--workdir", str(tmp_path), "--steps", "3", "--warmup", "1", "--samples", "200"),
+        *("--median", "100", "--max_length", "256", "--cold", "--end_to_end", "finetune_lora_single_gpu.sh"),
+        *("--results", str(results), "--"),
+        *("--use_cpu", "True", "--use_lora", "True", "--max_tokens_per_batch", "1024", "--learning_rate", "1e-4"),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    arms = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(arms) == {"llmft", "end-to-end"}
+    measured, whole = arms["llmft"], arms["end-to-end"]
+    assert measured["cold_cache"] and whole["cold_cache"]
+    assert measured["first_step_s"] > 0 and measured["run_tokens_per_s_after_first_step"] > 0
+    assert whole["launcher"] == "finetune_lora_single_gpu.sh" and whole["steps"] == 3
+    assert 0 < whole["first_step_s"] < whole["command_s"]
+    assert whole["run_tokens_per_s"] > 0 and whole["run_tokens_per_s_after_first_step"] > 0
+    for name in ("llmft-run", "end-to-end-run"):  # each arm's caches: emptied before it started
+        assert (tmp_path / f"cold-compile-cache-{name}").is_dir()
+    assert "end-to-end finetune_lora_single_gpu.sh:" in done.stdout

@@ -10,6 +10,7 @@ import pytest
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import EXIT_PREEMPTED
 from llmft.preemption import RUN_SETTINGS_FILE
+from llmft import report as report_module
 from llmft.report import REPORT_JSON, REPORT_PNG
 from tests.conftest import SignalAtStep, finetune, tiny_lora_flags
 
@@ -60,6 +61,34 @@ def test_report_counts_what_the_data_holds(packing, tiny_chat_model, tmp_path, d
     assert first["trained_tokens"] == trained and first["tokens_seen"] == tokens
 
 
+def assert_first_step_figures_agree(report: dict, first_step: int) -> None:
+    """The first-step figures against the whole-run ones of the same report: the first step's tokens are what the
+    per-step counts say, and the speed after it is the rest of the tokens over the rest of the time."""
+    at_step = {int(k): v for k, v in report["tokens_at_step"].items()}
+    before = at_step.get(first_step - 1, 0)
+    assert report["first_step_tokens_seen"] == at_step[first_step] - before > 0
+    session_tokens = report["tokens_seen"] - before
+    session_s = session_tokens / report["tokens_per_second"]
+    assert 0 < report["first_step_s"] < session_s <= report["wall_time_s"] + 1e-9
+    later_tokens = session_tokens - report["first_step_tokens_seen"]
+    assert report["tokens_per_second_after_first_step"] * (session_s - report["first_step_s"]) == pytest.approx(
+        later_tokens, rel=1e-9
+    )
+
+
+def test_report_gives_the_first_step_beside_the_whole_run(tiny_chat_model, tmp_path, datasets_cache, monkeypatch):
+    """Time to the first optimizer step and tokens/s after it, consistent with the whole-run figures; with the
+    steps' counts stacked every 2 steps (on the device, unread) the counts are still exactly the data's."""
+    monkeypatch.setattr(report_module, "PENDING_CHUNK", 2)
+    out = tmp_path / "out"
+    trainer = finetune(*flags(tiny_chat_model, out, "--num_train_epochs", "1", "--save_strategy", "no"))
+    report = json.loads((out / REPORT_JSON).read_text())
+    tokens, trained = data_counts(trainer.train_dataset)
+    assert (report["tokens_seen"], report["trained_tokens"]) == (tokens, trained)
+    assert len(report["tokens_at_step"]) == report["global_step"] > 3
+    assert_first_step_figures_agree(report, first_step=1)
+
+
 def test_resumed_run_continues_the_counts(tiny_chat_model, tmp_path, datasets_cache):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "100")
@@ -74,3 +103,39 @@ def test_resumed_run_continues_the_counts(tiny_chat_model, tmp_path, datasets_ca
     for key in ("tokens_seen", "tokens_processed", "trained_tokens", "tokens_at_step"):
         assert actual[key] == expected[key], key
     assert at_stop["tokens_seen"] == expected["tokens_at_step"]["3"]
+    # the first-step figures are the resumed session's: its first step is step 4
+    assert_first_step_figures_agree(at_stop, first_step=1)
+    assert_first_step_figures_agree(actual, first_step=4)
+
+
+@pytest.mark.gpu
+def test_counting_never_waits_for_the_gpu():
+    """The report's count of each micro-batch and its bookkeeping at each step after the first only queue GPU work:
+    under CUDA's sync debug mode "error" any wait for the GPU (a .item(), a copy of a host value onto the GPU) raises.
+    The first step's end waits once, on purpose (first_step_s)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmft.report import TrainingReportCallback, batch_token_counts
+
+    cuda = torch.device("cuda")
+    ids = torch.randint(5, 100, (2, 256), device=cuda)
+    labels = torch.where(torch.rand(2, 256, device=cuda) < 0.5, ids, IGNORE_INDEX)
+    positions = torch.cat([torch.arange(100), torch.arange(120), torch.arange(36)]).to(cuda).expand(2, -1)
+    packed = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    padded = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    callback = TrainingReportCallback()
+    args, module = SimpleNamespace(device=cuda), SimpleNamespace(training=True)
+    callback._pad_token_id = 0  # packed rows take the padding-tail branch
+    callback._count(module, (), packed)
+    callback.on_step_end(args, SimpleNamespace(global_step=1), None)  # the first step: its one wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 2 + 2 * report_module.PENDING_CHUNK):  # past the stacking of pending steps
+            callback._count(module, (), packed if step % 2 else padded)
+            callback.on_step_end(args, SimpleNamespace(global_step=step), None)
+        batch_token_counts(packed, pad_token_id=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

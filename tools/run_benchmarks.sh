@@ -5,15 +5,18 @@
 #   bash tools/run_benchmarks.sh launchers RESULTS.jsonl # the launchers' own recipes on one GPU against finetune.py
 #   bash tools/run_benchmarks.sh scaling RESULTS.jsonl   # tokens/s per GPU through the launchers on 1 and 2 GPUs
 #   bash tools/run_benchmarks.sh memory RESULTS.jsonl    # the memory preflight's estimate beside the measured peak, 8 configurations
+#   bash tools/run_benchmarks.sh first-step RESULTS.jsonl  # the first optimizer step from empty compile caches, each speed
+#                                                           # row, and finetune_qlora_ds.sh end to end, cold then cached
+#   bash tools/run_benchmarks.sh long RESULTS.jsonl      # one 32,768-token conversation a step: LoRA and Q-LoRA 7B
 # Every line of RESULTS is one tools/benchmark.py result; each invocation also prints its table.
 # Data: log-normal chat lengths (median 400 tokens, sigma 0.8, capped at 2,048), real (non-padding) tokens counted.
 set -uo pipefail
-suite=${1:?usage: run_benchmarks.sh speed|variants|launchers|scaling|memory RESULTS.jsonl}
+suite=${1:?usage: run_benchmarks.sh speed|variants|launchers|scaling|memory|first-step|long RESULTS.jsonl}
 results=${2:-bench-results.jsonl}
 work=${BENCH_WORKDIR:-/tmp/llmft-bench}
 steps=(--steps "${BENCH_STEPS:-15}" --warmup "${BENCH_WARMUP:-4}")
 bench() { python3 tools/benchmark.py --workdir "$work" --results "$results" "${steps[@]}" "$@" 2>&1 \
-  | grep -E "^BENCH|^PROFILE|^[a-z]+ +[0-9,]+ |^arm |^(tiny|0.5b|1.5b|7b) |Error|error:|Traceback|out of memory" ; }
+  | grep -E "^BENCH|^PROFILE|^[a-z]+ +[0-9,]+ |^arm |^(tiny|0.5b|1.5b|7b) |^end-to-end |Error|error:|Traceback|out of memory" ; }
 full=(--bf16 True --learning_rate 1e-5)
 lora=(--bf16 True --use_lora True --learning_rate 2e-4)
 qlora=(--bf16 True --use_lora True --q_lora True --learning_rate 2e-4 --optim paged_adamw_8bit)
@@ -57,6 +60,24 @@ case $suite in
     bench --shape 7b --label mem-lora-7b-no-checkpointing -- "${lora[@]}" --max_tokens_per_batch 8192 --gradient_checkpointing False
     bench --shape 7b --label mem-qlora-7b -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
     GPUS_PER_NODE=1 bench --shape 1.5b --no_llmft --label mem-lora-zero2-1gpu --launcher finetune_lora_ds.sh -- --num_train_epochs 1
+    ;;
+  first-step)  # first_step_s: from Trainer.train's call to the end of the first optimizer step, nothing compiled before
+    steps=(--steps "${BENCH_STEPS:-3}" --warmup "${BENCH_WARMUP:-1}")
+    bench --shape 1.5b --label first-full-1.5b --cold -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label first-qlora-7b --cold -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True
+    bench --shape 7b --label first-lora-7b --cold -- "${lora[@]}" "${budget[@]}" --gradient_checkpointing True
+    # as a user runs it: the whole command; first with the run's own compile cache (OUTPUT/_compile_cache) empty,
+    # then again into the same output folder, which reuses it
+    rm -rf "$work/out-end-to-end-e2e-qlora-1.5b/_compile_cache"
+    for _ in cold cached; do
+      bench --shape 1.5b --label e2e-qlora-1.5b --no_llmft --steps 26 --warmup 1 --end_to_end finetune_qlora_ds.sh
+    done
+    ;;
+  long)  # how long a single sample can be: every micro-batch one conversation of 32,768 tokens
+    steps=(--steps "${BENCH_STEPS:-4}" --warmup "${BENCH_WARMUP:-2}")
+    long=(--lengths fixed:32768 --samples 16)
+    bench --shape 7b --label long-lora-7b "${long[@]}" -- "${lora[@]}" --max_tokens_per_batch 32768 --gradient_checkpointing True
+    bench --shape 7b --label long-qlora-7b "${long[@]}" -- "${qlora[@]}" --max_tokens_per_batch 32768 --gradient_checkpointing True
     ;;
   *) echo "unknown suite $suite" >&2; exit 2 ;;
 esac

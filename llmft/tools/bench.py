@@ -5,18 +5,28 @@
         --gradient_checkpointing True --max_tokens_per_batch 16384
     # a launcher's own recipe (one GPU or several) against the same settings through finetune.py
     python tools/benchmark.py --shape 0.5b --launcher finetune_qlora_ds.sh -- --max_tokens_per_batch 16384
+    # the first optimizer step on a machine that never compiled these kernels, and a launcher's whole command
+    python tools/benchmark.py --shape 1.5b --cold --end_to_end finetune_qlora_ds.sh -- --max_tokens_per_batch 16384
+    # how long one sample can be: every conversation 32,768 tokens
+    python tools/benchmark.py --shape 7b --lengths fixed:32768 --steps 4 --warmup 2 -- --use_lora True \
+        --bf16 True --gradient_checkpointing True --max_tokens_per_batch 32768
 
 The main process builds, once per --workdir, a random-weight model of the asked Qwen2.5 shape with Qwen's real
 vocabulary (on the GPU, in bf16) and a JSONL of chat conversations whose token lengths follow a log-normal law
-(median --median, sigma --sigma, capped at --max_length: most SFT sets look like this). Then each measured arm runs
-in a process of its own, so that its peak memory is its own:
+(median --median, sigma --sigma, capped at --max_length: most SFT sets look like this), or with `--lengths fixed:N`
+all of about N tokens. Then each measured arm runs in a process of its own, so that its peak memory is its own:
 - llmft: finetune.py's main() with the flags after `--` (the real data pipeline, model builder and Trainer);
 - plain (with --compare): the plain recipe people already have: transformers.Trainer, PEFT and bitsandbytes as
   their documentation sets them up (prepare_model_for_kbit_training for Q-LoRA, LoRA dropout 0.05, paged 8-bit AdamW
   for Q-LoRA), SDPA attention, each micro-batch of --plain_batch_size samples padded to its longest, no packing, no
   fused kernels; the same rendered samples, LoRA rank and targets, checkpointing and precision as the llmft arm;
 - launcher (with --launcher NAME): finetune/NAME run as a user runs it, with the flags after `--` added to its
-  recipe, and this file as its entry point so it is measured the same way.
+  recipe, and this file as its entry point so it is measured the same way;
+- end-to-end (with --end_to_end NAME): finetune/NAME run as a user runs it, finetune.py its entry point, for --steps
+  steps and its final save; timed as a whole command, its other figures from the run report it writes.
+With --cold every arm starts with empty compile caches (inductor's and Triton's in a new folder in --workdir), so
+its first step includes compiling every kernel, as on a fresh machine; without it, an arm reuses what earlier runs
+compiled (finetune.py keeps it in its output folder, llmft/compile_cache.py).
 
 Each arm times the optimizer steps after --warmup, counts the tokens every forward pass sees that are not padding
 (all ranks together), and prints one `BENCH {json}` line: real tokens/s per GPU, seconds per step, the share of
@@ -24,8 +34,10 @@ computed tokens that were padding, peak allocated and reserved GPU memory, the m
 peak allocated beside it (`est_gib`, `peak_gib`, `est_error_pct`; finetune.py arms, which run with --preflight False
 so that a pessimistic estimate does not stop what is being measured), and MFU (model FLOPs per real token — 6N
 for full fine-tuning, 4N for adapters, N the parameters of the matmuls including the output head, attention
-excluded — times tokens/s, over the GPU's dense bf16 peak). The table at the end gives each arm's ratio to the plain
-recipe. Random weights train at the speed real ones do.
+excluded — times tokens/s, over the GPU's dense bf16 peak), and the time from Trainer.train's call to the end of
+the first optimizer step (`first_step_s`: the run report's for finetune.py arms, with its tokens/s over the whole
+run and after the first step; the plain recipe's timed here). The table at the end gives each arm's ratio to the
+plain recipe. Random weights train at the speed real ones do.
 """
 
 from __future__ import annotations
@@ -121,12 +133,23 @@ def lognormal_lengths(count: int, median: int, sigma: float, cap: int, seed: int
     return [min(cap, max(32, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(count)]
 
 
-def write_data(path: Path, samples: int, median: int, sigma: float, cap: int) -> None:
-    """Conversations of one question and one answer whose rendered length is about a log-normal draw: about a tenth
-    of it question, the rest answer (each word is one token of Qwen's vocabulary, with the template's ~12)."""
+def parse_lengths(text: str) -> int | None:
+    """--lengths: "lognormal" (None: --median, --sigma, capped at --max_length) or "fixed:N" (N: every conversation
+    about N tokens long, for how long a single sample can be)."""
+    if text == "lognormal":
+        return None
+    kind, _, number = text.partition(":")
+    if kind != "fixed" or not number.isdigit() or int(number) < 64:
+        raise argparse.ArgumentTypeError(f"'{text}': give lognormal, or fixed:N with N tokens, at least 64")
+    return int(number)
+
+
+def write_data(path: Path, lengths: list[int]) -> None:
+    """Conversations of one question and one answer, one per length, each rendered to about that many tokens: about
+    a tenth of it question, the rest answer (each word is one token of Qwen's vocabulary, with the template's ~12)."""
     rng = random.Random(1)
     with open(path.with_suffix(".partial"), "w") as f:
-        for i, length in enumerate(lognormal_lengths(samples, median, sigma, cap - 16)):
+        for i, length in enumerate(lengths):
             words = max(length - 12, 4)
             question = " ".join(rng.choices(WORDS, k=max(words // 10, 2)))
             answer = " ".join(rng.choices(WORDS, k=words - max(words // 10, 2)))
@@ -142,14 +165,22 @@ def write_data(path: Path, samples: int, median: int, sigma: float, cap: int) ->
     path.with_suffix(".partial").rename(path)
 
 
-def prepare(workdir: Path, shape: str, samples: int, median: int, sigma: float, cap: int) -> tuple[Path, Path]:
+def prepare(
+    workdir: Path, shape: str, samples: int, median: int, sigma: float, cap: int, fixed: int | None = None
+) -> tuple[Path, Path]:
+    """The model of `shape` and the data in workdir, each built once: `samples` conversations of log-normal lengths
+    (`median`, `sigma`, at most `cap` tokens), or with `fixed` all of about that many tokens."""
     model = workdir / f"model-{shape}"
-    data = workdir / f"chat-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
+    if fixed is None:
+        data = workdir / f"chat-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
+    else:
+        data = workdir / f"chat-{samples}-fixed-{fixed}.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
     if not model_folder(model).is_model:
         build_random_model(model, shape)
-    if not data.exists():
-        write_data(data, samples, median, sigma, cap)
+    if not data.exists():  # a rendered conversation is the words plus about 12 template tokens: 16 keeps it in cap
+        lengths = lognormal_lengths(samples, median, sigma, cap - 16) if fixed is None else [fixed - 16] * samples
+        write_data(data, lengths)
     return model, data
 
 
@@ -165,6 +196,8 @@ class Meter(TrainerCallback):
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.start = self.real = self.computed = None
+        self.train_called = None  # perf_counter when Trainer.train was called (the plain recipe's arm sets it)
+        self.first_step_end = None  # perf_counter when the first optimizer step's work had run
 
     def on_train_begin(
         self,
@@ -196,6 +229,18 @@ class Meter(TrainerCallback):
             _synchronize()
             self.start = time.perf_counter()
             self.at_start = (self.real.item(), self.computed.item())
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.first_step_end is None:
+            _synchronize()
+            self.first_step_end = time.perf_counter()
+
+    @property
+    def first_step_s(self) -> float | None:
+        """Seconds from Trainer.train's call to the end of the first optimizer step, when the call was timed."""
+        if self.train_called is None or self.first_step_end is None:
+            return None
+        return self.first_step_end - self.train_called
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -268,7 +313,26 @@ def peak_flops() -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool) -> dict:
+def run_report_columns(output_dir: str | Path, meter: Meter | None = None) -> dict:
+    """The run report's (training_report.json in output_dir, llmft/report.py) time to the first optimizer step and
+    its tokens/s, whole run and after the first step; the first step as `meter` timed it where there is no report
+    (the plain recipe)."""
+    from llmft.report import REPORT_JSON
+
+    try:
+        run = json.loads((Path(output_dir) / REPORT_JSON).read_text())
+    except (OSError, ValueError):
+        run = {}
+    first = run.get("first_step_s", meter.first_step_s if meter is not None else None)
+    whole, after = run.get("tokens_per_second"), run.get("tokens_per_second_after_first_step")
+    return {
+        "first_step_s": round(first, 2) if first is not None else None,
+        "run_tokens_per_s": round(whole) if whole is not None else None,
+        "run_tokens_per_s_after_first_step": round(after) if after is not None else None,
+    }
+
+
+def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool, cold: bool = False) -> dict:
     world = trainer.args.world_size
     tokens_per_s = meter.real_tokens / meter.seconds
     model_config = trainer.accelerator.unwrap_model(trainer.model).config
@@ -290,6 +354,8 @@ def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool)
         "steps": meter.steps,
         "last_loss": losses[-1] if losses else None,
         **memory_columns(getattr(trainer, "memory_estimate", None)),
+        "cold_cache": cold,
+        **run_report_columns(trainer.args.output_dir, meter),
     }
 
 
@@ -334,7 +400,14 @@ def is_true(value: str | None) -> bool:
 
 
 def run_llmft(
-    model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], profile: int = 0
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    warmup: int,
+    flags: list[str],
+    profile: int = 0,
+    max_length: int = 2048,
 ) -> tuple[Meter, PackingLoraPlusTrainer | None]:
     from llmft.train import main as train
 
@@ -358,7 +431,7 @@ def run_llmft(
         "--report_to",
         "none",
         "--model_max_length",
-        "2048",
+        max_length,
         "--dataloader_num_workers",
         "2",
         "--preflight",
@@ -369,7 +442,15 @@ def run_llmft(
 
 
 def run_plain(
-    model: Path, data: Path, out: Path, steps: int, warmup: int, flags: list[str], batch_size: int, profile: int = 0
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    warmup: int,
+    flags: list[str],
+    batch_size: int,
+    profile: int = 0,
+    max_length: int = 2048,
 ) -> tuple[Meter, Trainer]:
     """The plain Hugging Face recipe on the same samples (see the module docstring)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq
@@ -397,8 +478,9 @@ def run_plain(
         report_to="none",
         dataloader_num_workers=2,
     )
-    tokenizer, _ = load_training_tokenizer(ModelArguments(str(model)), DataArguments(str(data), model_max_length=2048))
-    train_set, _ = build_datasets(DataArguments(str(data), model_max_length=2048), tokenizer, args)
+    data_args = DataArguments(str(data), model_max_length=max_length)
+    tokenizer, _ = load_training_tokenizer(ModelArguments(str(model)), data_args)
+    train_set, _ = build_datasets(data_args, tokenizer, args)
     quantization = (
         BitsAndBytesConfig(
             load_in_4bit=True,
@@ -446,6 +528,7 @@ def run_plain(
         processing_class=tokenizer,
         callbacks=[meter] + ([Profile(warmup, profile)] if profile else []),
     )
+    meter.train_called = time.perf_counter()
     trainer.train()
     return meter, trainer
 
@@ -459,31 +542,45 @@ def run_as_entry() -> None:
     trainer = train(sys.argv[1:], callbacks=[meter])
     if trainer.is_world_process_zero():
         adapters = is_true(flag_value(sys.argv[1:], "use_lora"))
-        emit(report(meter, trainer, "launcher", settings["label"], adapters), Path(settings["results"]))
+        row = report(meter, trainer, "launcher", settings["label"], adapters, settings.get("cold", False))
+        emit(row, Path(settings["results"]))
+
+
+def prepare_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    return prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length, args.lengths)
 
 
 def run_worker(args: argparse.Namespace, flags: list[str]) -> None:
-    model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
+    model, data = prepare_args(args)
     out = args.workdir / f"out-{args.worker}-{args.label or 'run'}"
     if args.worker == "plain":
         meter, trainer = run_plain(
-            model, data, out, args.steps, args.warmup, flags, args.plain_batch_size, args.profile
+            model, data, out, args.steps, args.warmup, flags, args.plain_batch_size, args.profile, args.max_length
         )
     else:
-        meter, trainer = run_llmft(model, data, out, args.steps, args.warmup, flags, args.profile)
+        meter, trainer = run_llmft(model, data, out, args.steps, args.warmup, flags, args.profile, args.max_length)
     if trainer.is_world_process_zero():
-        emit(report(meter, trainer, args.worker, args.label, is_true(flag_value(flags, "use_lora"))), args.results)
+        adapters = is_true(flag_value(flags, "use_lora"))
+        emit(report(meter, trainer, args.worker, args.label, adapters, args.cold), args.results)
 
 
 def launcher_command(
-    args: argparse.Namespace, flags: list[str], model: Path, data: Path, results: Path, dry_run: bool = False
+    args: argparse.Namespace,
+    flags: list[str],
+    model: Path,
+    data: Path,
+    results: Path,
+    dry_run: bool = False,
+    environ: dict | None = None,
 ) -> tuple[list[str], dict[str, str]]:
+    """finetune/LAUNCHER (--launcher) with this file as its entry point, measured as the other arms are."""
     out = args.workdir / f"out-launcher-{args.label or 'run'}"
+    settings = {"warmup": args.warmup, "label": args.label, "results": str(results), "cold": args.cold}
     env = {
-        **os.environ,
+        **(os.environ if environ is None else environ),
         "LLMFT_ENTRY": str(ENTRY),
         "PYTHON": sys.executable,
-        BENCH_ENV: json.dumps({"warmup": args.warmup, "label": args.label, "results": str(results)}),
+        BENCH_ENV: json.dumps(settings),
     }
     command = [
         "bash",
@@ -506,9 +603,75 @@ def launcher_command(
         "5",
         "--preflight",
         "False",
+        "--model_max_length",
+        str(args.max_length),
         *flags,
     ]
     return command, env
+
+
+def run_end_to_end(args: argparse.Namespace, flags: list[str], model: Path, data: Path, environ: dict) -> dict:
+    """finetune/LAUNCHER (--end_to_end) as a user runs it, finetune.py its entry point: --steps optimizer steps
+    (`-- --max_steps -1 --num_train_epochs 1` runs an epoch instead), no checkpoints, the final save included. The
+    row gives the whole command's wall time (start-up, loading, training and saving) and, from the run report the
+    run wrote, its time to the first optimizer step, tokens/s over the whole run and after the first step, and
+    peak memory."""
+    from llmft.report import REPORT_JSON
+
+    out = args.workdir / f"out-end-to-end-{args.label or 'run'}"
+    (out / REPORT_JSON).unlink(missing_ok=True)  # the row must come from this run's report
+    command = [
+        "bash",
+        str(REPO / "finetune" / args.end_to_end),
+        "-m",
+        str(model),
+        "-d",
+        str(data),
+        "-o",
+        str(out),
+        "--",
+        "--max_steps",
+        str(args.steps),
+        "--save_strategy",
+        "no",
+        "--overwrite_output_dir",
+        "True",
+        "--model_max_length",
+        str(args.max_length),
+        *flags,
+    ]
+    started = time.perf_counter()
+    run_arm(command, {**environ, "PYTHON": sys.executable})
+    seconds = time.perf_counter() - started
+    run = json.loads((out / REPORT_JSON).read_text())
+    peak = run.get("peak_memory_bytes")
+    return {
+        "arm": "end-to-end",
+        "label": args.label,
+        "launcher": args.end_to_end,
+        "gpus": run.get("world_size"),
+        "command_s": round(seconds, 1),
+        "steps": run.get("global_step"),
+        "tokens_seen": run.get("tokens_seen"),
+        "peak_gib": round(peak / 2**30, 2) if peak and torch.cuda.is_available() else None,
+        "cold_cache": args.cold,
+        **run_report_columns(out),
+    }
+
+
+def fresh_compile_cache(workdir: Path, name: str) -> dict[str, str]:
+    """The environment of an arm that starts with empty compile caches (--cold): inductor's and Triton's pointed at
+    a new, empty folder in workdir (what a machine that never compiled these kernels has)."""
+    import shutil
+
+    folder = workdir / f"cold-compile-cache-{name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"),
+        "TRITON_CACHE_DIR": str(folder / "triton"),
+    }
 
 
 def launcher_recipe(args: argparse.Namespace, flags: list[str], model: Path, data: Path, results: Path) -> list[str]:
@@ -568,14 +731,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="", help="name of this measurement in the results")
     parser.add_argument("--steps", type=int, default=25, help="optimizer steps in all, warm-up included")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument(
+        "--lengths",
+        type=parse_lengths,
+        default=None,
+        metavar="lognormal|fixed:N",
+        help="conversation lengths: log-normal (--median, --sigma; the default), or every one about N tokens",
+    )
+    parser.add_argument("--samples", type=int, default=None, help="conversations (default 6000; 64 with fixed:N)")
     parser.add_argument("--median", type=int, default=400, help="median conversation length in tokens")
     parser.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the lengths")
-    parser.add_argument("--max_length", type=int, default=2048, help="longest conversation in tokens")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="longest conversation in tokens, and the arms' --model_max_length (default 2048; N with fixed:N)",
+    )
     parser.add_argument("--compare", action="store_true", help="also run the plain recipe and print the ratio")
     parser.add_argument("--plain_batch_size", type=int, default=2, help="samples per micro-batch of the plain recipe")
     parser.add_argument("--launcher", default=None, help="also run finetune/LAUNCHER with these flags")
+    parser.add_argument(
+        "--end_to_end",
+        default=None,
+        metavar="LAUNCHER",
+        help="also run finetune/LAUNCHER as a user runs it, timing the whole command and, from its run report, "
+        "its first optimizer step",
+    )
     parser.add_argument("--no_llmft", action="store_true", help="skip the finetune.py arm")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start each arm with empty compile caches (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR at a new folder "
+        "in --workdir), as on a machine that never compiled these kernels; first_step_s is then the cold start",
+    )
     parser.add_argument("--results", type=Path, default=None, help="JSONL file the results are appended to")
     parser.add_argument(
         "--profile",
@@ -588,13 +776,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(ours)
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: only the steps after warm-up are timed")
+    if args.max_length is None:
+        args.max_length = args.lengths or 2048
+    if args.lengths is not None and args.lengths > args.max_length:
+        parser.error(f"--lengths fixed:{args.lengths} is longer than --max_length {args.max_length}")
+    if args.samples is None:
+        args.samples = 6000 if args.lengths is None else 64
+    for option, name in (("--launcher", args.launcher), ("--end_to_end", args.end_to_end)):
+        if name is not None and not (REPO / "finetune" / name).is_file():
+            launchers = " ".join(sorted(p.name for p in (REPO / "finetune").glob("finetune_*.sh")))
+            parser.error(f"{option} {name}: not a launcher in finetune/ (one of: {launchers})")
     if args.worker:
         return run_worker(args, flags)
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # run_arm then stops the arm running
-    model, data = prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length)
+    model, data = prepare_args(args)
     results = args.results or args.workdir / f"results-{os.getpid()}.jsonl"
     arms = ([] if args.no_llmft else ["llmft"]) + (["plain"] if args.compare else [])
+
+    def environ(arm: str) -> dict:
+        return fresh_compile_cache(args.workdir, f"{arm}-{args.label or 'run'}") if args.cold else dict(os.environ)
+
     llmft_flags = launcher_recipe(args, flags, model, data, results) if args.launcher else flags
     for arm in arms:
         command = [
@@ -608,27 +810,50 @@ def main(argv: list[str] | None = None) -> None:
             "--",
             *(llmft_flags if arm == "llmft" else flags),
         ]
-        run_arm(command)
+        run_arm(command, environ(arm))
     if args.launcher:
-        command, env = launcher_command(args, flags, model, data, results)
+        command, env = launcher_command(args, flags, model, data, results, environ=environ("launcher"))
         run_arm(command, env)
+    if args.end_to_end:
+        emit(run_end_to_end(args, flags, model, data, environ("end-to-end")), results)
+    measured = len(arms) + bool(args.launcher) + bool(args.end_to_end)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    rows = [r for r in rows if r["label"] == args.label][-len(arms) - bool(args.launcher) :]
+    rows = [r for r in rows if r["label"] == args.label][-measured:] if measured else []
+    print_table(args, llmft_flags, rows)
+
+
+def print_table(args: argparse.Namespace, flags: list[str], rows: list[dict]) -> None:
+    """The measured arms' table, each against the plain recipe; then each end-to-end run in a line of its own."""
+
+    def seconds(value: float | None) -> str:
+        return f"{value:.1f}" if value is not None else "-"
+
     plain = next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == "plain"), None)
-    print(f"\n{args.shape} {args.label}: {' '.join(llmft_flags)}")
+    cold = " (empty compile caches)" if args.cold else ""
+    print(f"\n{args.shape} {args.label}{cold}: {' '.join(flags)}")
     print(
         f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'est GiB':>8} "
-        f"{'est err':>8} {'MFU':>6} {'vs plain':>8}"
+        f"{'est err':>8} {'MFU':>6} {'vs plain':>8} {'first s':>8}"
     )
     for r in rows:
+        if r["arm"] == "end-to-end":
+            continue
         ratio = f"{r['tokens_per_s_per_gpu'] / plain:.2f}x" if plain else ""
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         est = f"{r['est_gib']:.2f}" if r.get("est_gib") is not None else "-"
         error = f"{r['est_error_pct']:+.1f}%" if r.get("est_error_pct") is not None else "-"
         print(
             f"{r['arm']:9} {r['tokens_per_s_per_gpu']:>10,} {r['step_s']:>7.3f} {r['tokens_per_step']:>9,} "
-            f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {est:>8} {error:>8} {mfu:>6} {ratio:>8}"
+            f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {est:>8} {error:>8} {mfu:>6} {ratio:>8} "
+            f"{seconds(r.get('first_step_s')):>8}"
         )
+    for r in rows:
+        if r["arm"] == "end-to-end":
+            print(
+                f"end-to-end {r['launcher']}: {r['command_s']:.1f} s the whole command, first optimizer step "
+                f"{seconds(r['first_step_s'])} s after Trainer.train's call, {r['steps']} steps; tokens/s "
+                f"{r['run_tokens_per_s']} over the run, {r['run_tokens_per_s_after_first_step']} after the first step"
+            )
 
 
 if __name__ == "__main__":
