@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmft.checkpoint import model_folder
+from llmft.compile_cache import log_compile_plan
 from llmft.distributed import bnb_4bit_storage_dtype, sharding_of
 from llmft.kernels import Kernels, choose_kernels
 
@@ -183,9 +185,14 @@ def describe_plan(plan: RunPlan) -> str:
 
 
 def log_plan(plan: RunPlan, training_args: TrainingArguments) -> None:
-    """The plan's one line in the log, from the ranks that log."""
-    if training_args.should_log:
-        logger.warning("%s", describe_plan(plan))
+    """The plan's one line in the log, from the ranks that log, and what it compiles before the first step."""
+    if not training_args.should_log:
+        return
+    logger.warning("%s", describe_plan(plan))
+    if plan.kernels.attention == "flex_attention":
+        log_compile_plan("flex attention's forward and backward kernels (max-autotune: minutes with an empty cache)")
+    if plan.kernels.liger:
+        log_compile_plan("Liger-Kernel's Triton kernels, on first use", cache_dir=os.environ.get("TRITON_CACHE_DIR"))
 
 
 def apply_plan_to_training_args(plan: RunPlan, training_args: TrainingArguments) -> None:
