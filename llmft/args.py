@@ -31,7 +31,7 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "Attention kernel: flash_attention_2, flex_attention, sdpa, eager, ... (default: chosen for "
+            "help": "Attention kernel: flash_attention_2, llmft_varlen, flex_attention, sdpa, eager, ... (default: chosen for "
             "packing, see llmft/kernels.py; without packing, transformers' choice)."
         },
     )
@@ -72,7 +72,7 @@ class DataArguments:
             "help": "Lay each micro-batch's samples end to end in one row, with position ids restarting per sample "
             "and attention kept inside each sample, instead of padding every sample to the longest: the same loss "
             "and gradients, without the padding's compute. Needs an attention kernel that isolates packed samples "
-            "(flash_attention_2/3, flex_attention, sdpa, eager); the one used is named in the log."
+            "(flash_attention_2/3, llmft_varlen, flex_attention, sdpa, eager); the one used is named in the log."
         },
     )
     max_tokens_per_batch: int | None = field(
