@@ -31,8 +31,8 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "Attention kernel: flash_attention_2, llmft_varlen, flex_attention, sdpa, eager, ... (default: chosen for "
-            "packing, see llmft/kernels.py; without packing, transformers' choice)."
+            "help": "Attention kernel: flash_attention_2, llmft_varlen, flex_attention, sdpa, eager, ... (default: "
+            "chosen for packing, see llmft/kernels.py; without packing, transformers' choice)."
         },
     )
     chat_template: str = field(

@@ -4,9 +4,8 @@
 (1, T), positions restarting at 0 for every sample, and no `attention_mask`. transformers reads restarting positions
 without a mask as packed samples and keeps each sample's attention inside itself: varlen kernels (flash attention,
 llmft_varlen) get the sample boundaries, flex attention a document mask, SDPA and eager a block-diagonal causal mask.
-The first
-label of every sample is ignored: in the row it would be predicted from the previous sample's last token, and
-unpacked it is never a target (causal LM losses shift labels by one). So a packed micro-batch trains exactly the
+The first label of every sample is ignored: in the row it would be predicted from the previous sample's last token,
+and unpacked it is never a target (causal LM losses shift labels by one). So a packed micro-batch trains exactly the
 targets the same samples padded would, with the same losses and gradients, and none of the padding's compute.
 
 `TokenBudgetBatchSampler` decides which samples share a micro-batch: each epoch it shuffles the samples (seeded by
