@@ -505,11 +505,13 @@ class Advice:
 
 def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, MemorySetup]]:
     """The changes advice tries on `s`, as (flags, the setup they give), in the order a user should try them: what
-    costs nothing in quality first (checkpointing, smaller micro-batches with more accumulation, sharding, offload, an
+    costs nothing in quality first (checkpointing, its inputs offloaded, smaller micro-batches with more accumulation, sharding, offload, an
     8-bit optimizer), then adapters instead of full training, then a quantized base."""
     changes: list[tuple[str, MemorySetup]] = []
     if not s.gradient_checkpointing:
         changes.append(("--gradient_checkpointing True", dataclasses.replace(s, gradient_checkpointing=True)))
+    elif not s.offload_activations and s.sharding == "none" and s.gpus == 1:
+        changes.append(("--offload_activations True", dataclasses.replace(s, offload_activations=True)))
     half, accumulation = s.tokens // 2, 2 * s.accumulation_steps
     if s.rows == 1 and half >= 64:
         flags = f"--max_tokens_per_batch {half} --gradient_accumulation_steps {accumulation}"

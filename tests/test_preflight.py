@@ -296,6 +296,13 @@ def test_advice_is_ordered_and_each_figure_is_the_estimate_of_that_change():
         t.change for t in one_gpu
     ]
     assert "--deepspeed ds_configs/zero3.json" not in [t.change for t in one_gpu]
+    # checkpointed on one GPU: offloading the checkpointed inputs comes first, and saves layers x tokens x hidden x 2
+    checkpointed = dataclasses.replace(setup, gpus=1, gradient_checkpointing=True)
+    first = advice(SHAPE_7B, estimate(SHAPE_7B, checkpointed, 80 * GIB))[0]
+    assert first.change == "--offload_activations True"
+    saved = estimate(SHAPE_7B, checkpointed).activations - first.estimate.activations
+    assert saved == SHAPE_7B.num_layers * 16384 * SHAPE_7B.hidden_size * 2
+    assert first.estimate.total < estimate(SHAPE_7B, checkpointed).total
     # a change that saves nothing is not offered: LoRA on a model no larger than its adapters
     tiny = ModelShape(
         vocab_size=64,
