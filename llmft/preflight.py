@@ -528,7 +528,10 @@ def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, Me
             )
         )
     if s.sharding in ("none", "zero1", "zero2") and s.gpus > 1 and s.quantization != "gptq":
-        changes.append(("--deepspeed ds_configs/zero3.json", dataclasses.replace(s, sharding="zero3")))
+        # DeepSpeed runs never offload activations (llmft.activation_offload), whatever the flags before said
+        changes.append(
+            ("--deepspeed ds_configs/zero3.json", dataclasses.replace(s, sharding="zero3", offload_activations=False))
+        )
     if s.sharding != "fsdp" and not s.offload_optimizer:
         stage = "zero3" if s.sharding == "zero3" else "zero2"
         config = "zero3_offload.json" if stage == "zero3" else "zero2_offload.json"
@@ -536,7 +539,12 @@ def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, Me
             (
                 f"--deepspeed ds_configs/{config}",
                 dataclasses.replace(
-                    s, sharding=stage, offload_optimizer=True, offload_params=stage == "zero3", optimizer="adamw"
+                    s,
+                    sharding=stage,
+                    offload_optimizer=True,
+                    offload_params=stage == "zero3",
+                    optimizer="adamw",
+                    offload_activations=False,
                 ),
             )
         )
@@ -586,6 +594,8 @@ def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length:
         done.add(step[0].split()[0])
         flags.append(step[0])
         current = estimate(shape, step[1], result.gpu_memory)
+    if any(f.startswith("--deepspeed") for f in flags):  # DeepSpeed turned the offloading back off
+        flags = [f for f in flags if f != "--offload_activations True"]
     return Advice(" ".join(flags), current) if len(flags) > 1 else None
 
 
