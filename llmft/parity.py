@@ -7,8 +7,9 @@ llama.cpp for a GGUF file, transformers for a GPTQ or merged folder). On held-ou
   both models reading the same ids (llmft's rendering), as a mean over all answer tokens and a maximum;
 - greedy agreement: both models continue the same prompt greedily for `greedy_tokens` tokens; the share of
   conversations whose continuations are identical, and the mean length of the common prefix over the reference's;
-- prompt match: the engine renders and tokenizes the conversation's prompt itself (llama.cpp: the chat template
-  embedded in the GGUF, through llama.cpp's own template code and tokenizer) and the ids are compared token for
+- prompt match: the engine renders and tokenizes the conversation's prompt itself, each way it can (llama.cpp: its
+  built-in template code, which recognises the embedded template's family, and the embedded Jinja template itself
+  as llama-cpp-python's chat handler renders it; both tokenized by llama.cpp), and the ids are compared token for
   token with llmft's rendering; conversations with tools or reasoning, which llama.cpp's built-in templates do not
   render, are left out of this comparison;
 - stops: the end-of-turn token of the chat template (`<|im_end|>` for ChatML) must be one the engine ends generation
@@ -48,8 +49,9 @@ class ServingEngine(Protocol):
 
     name: str
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The engine's own rendering and tokenization of `messages` followed by the generation prompt."""
+    def prompt_ids(self, messages: list[dict]) -> dict[str, list[int]]:
+        """The engine's own renderings and tokenizations of `messages` followed by the generation prompt, by the
+        name of each way it renders (an empty list: it cannot render them)."""
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         """float64 array of len(ids) - 1: entry t is log p(ids[t + 1] | ids[: t + 1])."""
@@ -76,8 +78,8 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.stops = model_generation_stops(tokenizer, model)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return render_prompt(messages, self.tokenizer)
+    def prompt_ids(self, messages: list[dict]) -> dict[str, list[int]]:
+        return {"chat template": render_prompt(messages, self.tokenizer)}
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         import torch
@@ -116,8 +118,8 @@ class ConversationParity:
     mean_logprob_diff: float
     max_logprob_diff: float
     prompt_tokens: int  # llmft's rendering of the prompt
-    prompt_match: bool | None  # None: not compared (tools or reasoning)
-    first_prompt_mismatch: int | None  # index of the first differing token
+    prompt_match: bool | None  # every rendering of the engine gives llmft's ids; None: not compared (tools, reasoning)
+    prompt_mismatches: dict[str, int]  # rendering -> index of its first token that differs from llmft's
     greedy_reference: list[int]
     greedy_exported: list[int]
     reference_stopped: bool  # the reference's continuation ended at one of its stop tokens
@@ -191,10 +193,11 @@ class ParityReport:
         mismatched = [c for c in self.conversations if c.prompt_match is False]
         if mismatched:
             first = mismatched[0]
+            where = ", ".join(f"{how} from token {index}" for how, index in first.prompt_mismatches.items())
             problems.append(
                 f"{self.engine} renders and tokenizes the prompt differently from the trained model's chat template "
-                f"in {len(mismatched)} of {self.prompts_compared} conversations (first: {first.id!r}, from token "
-                f"{first.first_prompt_mismatch}): the embedded chat template or special tokens are wrong"
+                f"in {len(mismatched)} of {self.prompts_compared} conversations (first: {first.id!r}, {where}): the "
+                "embedded chat template or special tokens are wrong"
             )
         if not self.engine_stops_at_end_of_turn:
             problems.append(
@@ -206,7 +209,9 @@ class ParityReport:
                 f"the exported model's EOS token is {self.engine_eos_token!r}, not the end-of-turn token "
                 f"{self.end_of_turn_token!r}: servers that stop at EOS would run on past the turn"
             )
-        if self.max_logprob_drift is not None and self.max_logprob_diff > self.max_logprob_drift:
+        if not math.isfinite(self.max_logprob_diff):
+            problems.append(f"{self.engine} gives non-finite log-probabilities: the exported weights are broken")
+        elif self.max_logprob_drift is not None and self.max_logprob_diff > self.max_logprob_drift:
             problems.append(
                 f"log-probability drift {self.max_logprob_diff:.4g} (max over {self.answer_tokens} answer tokens; "
                 f"mean {self.mean_logprob_diff:.4g}) is over --max_logprob_drift {self.max_logprob_drift:g}"
@@ -310,13 +315,14 @@ def compare(
         if sample is None:
             continue
         scored = np.array([label != IGNORE_INDEX for label in sample.labels[1:]])
-        diff = np.abs(reference.next_token_logprobs(sample.input_ids) - exported.next_token_logprobs(sample.input_ids))[
-            scored
-        ]
+        expected = reference.next_token_logprobs(sample.input_ids)[scored]
+        actual = exported.next_token_logprobs(sample.input_ids)[scored]
+        diff = np.nan_to_num(np.abs(expected - actual), nan=np.inf)  # a NaN is the largest drift there is
         messages = prompt_messages(conversation)
         ours = render_prompt(messages or conversation.as_dicts()[:-1], tokenizer)
-        theirs = exported.prompt_ids(messages) if messages is not None else None
-        mismatch = first_mismatch(ours, theirs) if theirs is not None else None
+        theirs = exported.prompt_ids(messages) if messages is not None else {}
+        mismatches = {how: first_mismatch(ours, ids) for how, ids in theirs.items()}
+        mismatches = {how: index for how, index in mismatches.items() if index is not None}
         greedy_reference = reference.greedy(ours, greedy_tokens)
         greedy_exported = exported.greedy(ours, greedy_tokens)
         report.conversations.append(
@@ -326,8 +332,8 @@ def compare(
                 mean_logprob_diff=float(diff.mean()) if diff.size else 0.0,
                 max_logprob_diff=float(diff.max()) if diff.size else 0.0,
                 prompt_tokens=len(ours),
-                prompt_match=None if theirs is None else mismatch is None,
-                first_prompt_mismatch=mismatch,
+                prompt_match=None if messages is None else not mismatches,
+                prompt_mismatches=mismatches,
                 greedy_reference=greedy_reference,
                 greedy_exported=greedy_exported,
                 reference_stopped=bool(greedy_reference) and greedy_reference[-1] in reference.stop_ids(),
@@ -336,6 +342,4 @@ def compare(
         )
     if not report.conversations:
         raise LlmftError(f"no conversation to check parity on leaves answer tokens within {max_tokens} tokens")
-    if not all(math.isfinite(c.max_logprob_diff) for c in report.conversations):
-        raise LlmftError(f"{exported_name}: {exported.name} gives non-finite log-probabilities")
     return report

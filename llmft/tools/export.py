@@ -193,6 +193,9 @@ def quantize_gguf(source: Path, target: Path, file_type: str, threads: int) -> N
     """llama.cpp's quantizer (`llama_model_quantize`): the GGUF `source` -> `target` of `file_type`."""
     import llama_cpp
 
+    # llama-cpp-python prints llama.cpp's log at every level until told otherwise: keep its warnings (tensors whose
+    # width the type cannot take, and the type used instead)
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, file_type)
@@ -267,12 +270,27 @@ class LlamaCppEngine:
             size = length
         return None
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.render(messages)
-        if text is None:
-            return []
-        # add_bos=True asks for the BOS only where the GGUF says its tokenizer adds one, as llama.cpp's tools do
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    def prompt_ids(self, messages: list[dict]) -> dict[str, list[int]]:
+        """Two renderings, tokenized by llama.cpp: its built-in template code (llama-cli, and llama-server without
+        --jinja), where the BOS comes as the GGUF's tokenizer asks; and the embedded Jinja template as
+        llama-cpp-python's chat handler renders it, the text carrying its own special tokens."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        built_in = self.render(messages)
+        renderings = {"llama.cpp's built-in template": [], "embedded template": []}
+        if built_in is not None:
+            built_in_ids = self.llm.tokenize(built_in.encode("utf-8"), add_bos=True, special=True)
+            renderings["llama.cpp's built-in template"] = built_in_ids
+        template = self.chat_template()
+        if template:
+            eos, bos = (self.llama_cpp.llama_vocab_eos(self.vocab), self.llama_cpp.llama_vocab_bos(self.vocab))
+            formatter = Jinja2ChatFormatter(template, self.token_text(eos), self.token_text(bos))
+            text = formatter(messages=messages).prompt
+            renderings["embedded template"] = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return renderings
+
+    def token_text(self, token: int) -> str:
+        return self.llm._model.token_get_text(token) if token >= 0 else ""
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
