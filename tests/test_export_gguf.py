@@ -1,7 +1,7 @@
 """`llmft export --format gguf`: llama.cpp's converter and quantizer on the tiny model, the Ollama Modelfile, and the
 parity report of the GGUF in llama.cpp against the model in transformers, including exports broken on purpose.
 
-Tests that run llama.cpp need `make gguf-deps`; without it they skip, unless LLMFT_REQUIRE_GGUF=1 (set by .ci/run,
+Tests that run llama.cpp need `make gguf-deps`; without it they skip, unless LLMFT_REQUIRE_SYSTEM_TESTS=1 (.ci/run,
 which installs it) makes that a failure."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def require_llama_cpp() -> None:
     if export.llama_cpp_available():
         return
     reason = "llama.cpp (llama-cpp-python and its converter) is not installed: make gguf-deps"
-    if os.environ.get("LLMFT_REQUIRE_GGUF") == "1":
-        pytest.fail(f"LLMFT_REQUIRE_GGUF=1 but {reason}")
+    if os.environ.get("LLMFT_REQUIRE_SYSTEM_TESTS") == "1":
+        pytest.fail(f"LLMFT_REQUIRE_SYSTEM_TESTS=1 but {reason}")
     pytest.skip(reason)
 
 
