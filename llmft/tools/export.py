@@ -40,6 +40,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -485,9 +486,7 @@ def export_gguf(
             quantize_gguf(unquantized, gguf_path, file_type, threads)
             unquantized.unlink()
         if is_adapter:
-            import shutil
-
-            shutil.rmtree(hf_model)
+            shutil.rmtree(hf_model)  # the merged folder is a step, not part of the export
 
         end = end_of_turn_token(tokenizer)
         previous = set_gguf_eos(gguf_path, tokenizer.convert_tokens_to_ids(end))
