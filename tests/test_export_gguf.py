@@ -303,3 +303,15 @@ def test_without_llama_cpp_says_how_to_install(tiny_chat_model, tmp_path, monkey
 def test_cli_lists_export():
     result = subprocess.run([sys.executable, "-m", "llmft.cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert "export" in result.stdout and "GGUF" in result.stdout
+
+
+def test_modelfile_of_a_template_that_is_not_chatml(tiny_chat_model):
+    """No Go template is written for a template llmft cannot translate: Ollama then reads the GGUF's own."""
+    from llmft.inference import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_chat_model)
+    chatml = export.ollama_modelfile("m.gguf", tokenizer)
+    assert 'TEMPLATE """' in chatml and chatml.splitlines()[-1] == 'PARAMETER stop "<|im_end|>"'
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    other = export.ollama_modelfile("m.gguf", tokenizer)
+    assert "TEMPLATE" not in other and other.splitlines()[0] == "FROM ./m.gguf"
