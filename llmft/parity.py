@@ -263,14 +263,25 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def prompt_messages(conversation: Conversation) -> list[dict] | None:
-    """The messages before the conversation's last assistant turn: the prompt it answers. None when the prompt is
-    not one llama.cpp's built-in templates render (tools, tool calls, reasoning)."""
+def plain_chat(conversation: Conversation) -> bool:
+    """Whether every message is plain system/user/assistant text, which llama.cpp's built-in templates render (no
+    tools, tool calls or reasoning)."""
     messages = conversation.as_dicts()
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = messages[:last]
     plain = all(set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant") for m in messages)
-    return prompt if plain and not conversation.tools else None
+    return plain and not conversation.tools
+
+
+def longest_prompt(
+    conversation: Conversation, tokenizer: PreTrainedTokenizerBase, max_tokens: int
+) -> tuple[list[dict], list[int]] | None:
+    """(messages, llmft's ids) of the prompt before the conversation's last assistant turn whose prompt fits in
+    `max_tokens`; None when none does."""
+    messages = conversation.as_dicts()
+    for turn in reversed([i for i, m in enumerate(messages) if m["role"] == "assistant"]):
+        ids = render_prompt(messages[:turn], tokenizer)
+        if len(ids) <= max_tokens:
+            return messages[:turn], ids
+    return None
 
 
 def first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -293,7 +304,10 @@ def compare(
     max_logprob_drift: float | None = None,
 ) -> ParityReport:
     """The parity report of `exported` against `reference` on `conversations` (see the module docstring).
-    `tokenizer` is the trained model's: it renders the conversations and names the end-of-turn token."""
+    `tokenizer` is the trained model's: it renders the conversations and names the end-of-turn token. Each
+    conversation is cut to `max_tokens` (whole turns kept) for the log-probabilities, and its prompt for the greedy
+    and prompt comparisons is the one before the last assistant turn that fits in `max_tokens`: an engine needs a
+    context of `max_tokens + greedy_tokens`."""
     end = end_of_turn_token(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(end)
     eos = exported.eos_id()
@@ -318,9 +332,11 @@ def compare(
         expected = reference.next_token_logprobs(sample.input_ids)[scored]
         actual = exported.next_token_logprobs(sample.input_ids)[scored]
         diff = np.nan_to_num(np.abs(expected - actual), nan=np.inf)  # a NaN is the largest drift there is
-        messages = prompt_messages(conversation)
-        ours = render_prompt(messages or conversation.as_dicts()[:-1], tokenizer)
-        theirs = exported.prompt_ids(messages) if messages is not None else {}
+        prompt = longest_prompt(conversation, tokenizer, max_tokens)
+        if prompt is None:
+            continue
+        messages, ours = prompt
+        theirs = exported.prompt_ids(messages) if plain_chat(conversation) else {}
         mismatches = {how: first_mismatch(ours, ids) for how, ids in theirs.items()}
         mismatches = {how: index for how, index in mismatches.items() if index is not None}
         greedy_reference = reference.greedy(ours, greedy_tokens)
@@ -332,7 +348,7 @@ def compare(
                 mean_logprob_diff=float(diff.mean()) if diff.size else 0.0,
                 max_logprob_diff=float(diff.max()) if diff.size else 0.0,
                 prompt_tokens=len(ours),
-                prompt_match=None if messages is None else not mismatches,
+                prompt_match=not mismatches if plain_chat(conversation) else None,
                 prompt_mismatches=mismatches,
                 greedy_reference=greedy_reference,
                 greedy_exported=greedy_exported,

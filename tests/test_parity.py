@@ -55,7 +55,10 @@ def test_drift_of_perturbed_weights_and_its_threshold(trained):
     assert 0 < report.mean_logprob_diff <= report.max_logprob_diff
     assert report.prompts_matching == 4  # the same tokenizer: only the weights moved
     [problem] = report.problems()
-    assert problem.startswith(f"log-probability drift {report.max_logprob_diff:.4g}") and "--max_logprob_drift 0.0001" in problem
+    assert (
+        problem.startswith(f"log-probability drift {report.max_logprob_diff:.4g}")
+        and "--max_logprob_drift 0.0001" in problem
+    )
     assert report_of(model, perturbed, tokenizer, max_logprob_drift=10.0).problems() == []
 
 
@@ -66,3 +69,30 @@ def test_nan_weights_are_a_problem(trained):
         broken.model.norm.weight.fill_(float("nan"))
     report = report_of(model, broken, tokenizer, max_logprob_drift=1.0)
     assert any("non-finite log-probabilities" in p for p in report.problems())
+
+
+def test_a_long_conversation_is_compared_at_a_turn_that_fits(trained):
+    """The greedy and prompt comparisons start before the last assistant turn whose prompt fits in max_tokens."""
+    from llmft.data.formats import parse_record
+    from llmft.data.render import render_prompt
+    from llmft.parity import longest_prompt
+
+    model, tokenizer = trained
+    turns = ["Tell me about the sea and the wind and the gulls that fly home. " * 3, "The waves rise. " * 4] * 3
+    messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+    conversation = parse_record({"messages": messages}, "test", "long")
+    second = len(render_prompt(messages[:3], tokenizer))
+    assert len(render_prompt(messages[:5], tokenizer)) > second + 20
+    chosen, ids = longest_prompt(conversation, tokenizer, second + 10)
+    assert chosen == messages[:3] and len(ids) == second
+    report = compare(
+        TransformersEngine(model, tokenizer),
+        TransformersEngine(model, tokenizer),
+        tokenizer,
+        [conversation],
+        exported_name="e",
+        reference_name="t",
+        max_tokens=second + 10,
+    )
+    [checked] = report.conversations
+    assert checked.prompt_tokens == second and checked.prompt_match and checked.greedy_same
