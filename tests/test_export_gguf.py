@@ -315,3 +315,14 @@ def test_modelfile_of_a_template_that_is_not_chatml(tiny_chat_model):
     tokenizer.chat_template = LLAMA3_TEMPLATE
     other = export.ollama_modelfile("m.gguf", tokenizer)
     assert "TEMPLATE" not in other and other.splitlines()[0] == "FROM ./m.gguf"
+
+
+def test_a_quantized_model_is_refused(tiny_chat_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"is quantized \(gptq\): export the unquantized model"):
+        export.export_gguf(str(model), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
