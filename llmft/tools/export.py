@@ -400,21 +400,22 @@ def validate(
             "unquantized model (llama.cpp quantizes it itself)"
         )
     if not problems and folder.is_model:
-        problems += architecture_problems(model_name_or_path, folder.config)
+        problems += architecture_problems("--model_name_or_path", model_name_or_path, folder.config)
     if not problems and not llama_cpp_available():
         problems.append(f"--format gguf needs llama.cpp: {INSTALL_HINT}")
     if problems:
         raise ConfigError(problems)
 
 
-def architecture_problems(name: str, config: dict | None) -> list[str]:
+def architecture_problems(what: str, name: str, config: dict | None) -> list[str]:
+    """Why llama.cpp's converter cannot take the model `name` (named `what` in the message), from its config.json."""
     if not llama_cpp_available():
         return []
     architectures = list((config or {}).get("architectures") or [])
     supported = converter_architectures()
     if not architectures or architectures[0] not in supported:
         return [
-            f"--model_name_or_path {name}: llama.cpp's converter does not support the architecture "
+            f"{what} {name}: llama.cpp's converter does not support the architecture "
             f"{architectures[0] if architectures else '(none named in config.json)'}"
         ]
     return []
@@ -430,13 +431,15 @@ def export_gguf(
     eval_data_path: str | None = None,
     eval_samples: int = 8,
     max_logprob_drift: float | None = None,
-    threads: int = 2,
+    threads: int | None = None,
     force: bool = False,
     allow_base_mismatch: bool = False,
     trust_remote_code: bool = False,
     fmt: str = "gguf",
 ) -> ExportResult:
-    """Export `model_name_or_path` (a model or an adapter folder) to `output` (see the module docstring)."""
+    """Export `model_name_or_path` (a model or an adapter folder) to `output` (see the module docstring). llama.cpp
+    runs on `threads` CPU threads, all cores when None."""
+    threads = (os.cpu_count() or 1) if threads is None else threads
     validate(
         model_name_or_path,
         fmt,
@@ -452,7 +455,7 @@ def export_gguf(
     is_adapter = model_folder(model_name_or_path).is_adapter
     base_path = merge_base(model_name_or_path, base, **trust) if is_adapter else None
     if base_path is not None:
-        problems = architecture_problems(base_path, model_folder(base_path).config)
+        problems = architecture_problems("the adapter's base", base_path, model_folder(base_path).config)
         if problems:
             raise ConfigError(problems)
     conversations, source = parity_conversations(data_path, eval_data_path, eval_samples)
@@ -576,7 +579,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="fail when an answer token's log-probability moves more than this (default: reported, not checked)",
     )
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for llama.cpp")
+    parser.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
     add_overwrite_output_dir_flag(parser, "the export succeeds")
     parser.add_argument(
         "--allow_base_mismatch", action="store_true", help="merge an adapter into a base of another fingerprint"
