@@ -4,6 +4,7 @@
 #   make lint   ruff: the layout (`ruff format --check`) and the checks (ruff.toml); `pre-commit install` runs the
 #               same ruff on each commit's files (.pre-commit-config.yaml, pinned to requirements-dev.txt's ruff)
 #   make system-deps   Open MPI and a local Slurm cluster for the mpirun/sbatch tests (root, apt; .ci/run calls it)
+#   make gguf-deps     llama.cpp's converter, quantizer and runtime for `llmft export --format gguf` (a C++ build)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system-deps demo test lint clean
+.PHONY: install system-deps gguf-deps demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,29 @@ system-deps:
 	tools/install_system_deps.sh
 	@command -v mpirun > /dev/null || { echo "error: no mpirun after tools/install_system_deps.sh" >&2; exit 1; }
 	PATH="$$PATH:/usr/sbin" tests/slurm_localhost.sh start
+
+# llama.cpp for `llmft export --format gguf`, into $(VENV): llama-cpp-python built from its pinned source release
+# (requirements-gguf.txt; PyPI has no Linux wheel of it), then, from the same release, llama.cpp's converter
+# (convert_hf_to_gguf.py with its conversion package) and the gguf-py it is written against, so converter, quantizer
+# and runtime are one llama.cpp version. Opt-in: the build takes minutes (README, Export). Only the library is built
+# (no tools, tests, server or multimodal library).
+GGUF_BUILD ?= build/gguf-deps
+GGUF_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF
+gguf-deps: $(VENV)/.gguf-installed
+
+$(VENV)/.gguf-installed: $(VENV)/.installed requirements-gguf.txt
+	rm -rf $(GGUF_BUILD) && mkdir -p $(GGUF_BUILD)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(GGUF_BUILD) \
+		$$(grep -E '^llama-cpp-python==' requirements-gguf.txt)
+	tar -xzf $(GGUF_BUILD)/llama_cpp_python-*.tar.gz -C $(GGUF_BUILD)
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q --no-deps $(GGUF_BUILD)/llama_cpp_python-*.tar.gz
+	$(PY) -m pip install -q --no-deps --force-reinstall $(GGUF_BUILD)/llama_cpp_python-*/vendor/llama.cpp/gguf-py \
+		$(GGUF_BUILD)/llama_cpp_python-*/vendor/llama.cpp
+	$(PY) -m pip install -q -r requirements-gguf.txt
+	$(PY) -c "import llama_cpp, convert_hf_to_gguf, conversion, gguf"
+	touch $@
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -4,6 +4,7 @@
     llmft merge --adapter out --output_dir merged                                # = python tools/merge_lora.py ...
     llmft quantize --model_name_or_path merged --data_path data.json --output_dir merged-gptq
     llmft chat --model_name_or_path merged-gptq
+    llmft export --model_name_or_path merged --output_dir merged-gguf --quantization q8_0
     llmft SUBCOMMAND --help                                                      # that subcommand's own flags
 
 Each subcommand is the `main(argv)` of one module, given the rest of the command line; its exit status is the
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
     "chat": "llmft.tools.chat",
     "check": "llmft.tools.check",
     "bench": "llmft.tools.bench",
+    "export": "llmft.tools.export",
     "make-tiny-model": "llmft.tools.tiny_model",
 }
 

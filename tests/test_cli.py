@@ -26,7 +26,7 @@ def test_help_lists_every_subcommand():
     proc = subprocess.run([str(LLMFT), "--help"], capture_output=True, text=True, env=script_env(), cwd="/")
     assert proc.returncode == 0, proc.stderr
     listed = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ")}
-    assert list(listed) == ["train", "merge", "quantize", "chat", "check", "bench", "make-tiny-model"]
+    assert list(listed) == ["train", "merge", "quantize", "chat", "check", "bench", "export", "make-tiny-model"]
     for name, module in cli.SUBCOMMANDS.items():
         assert listed[name].split(None, 1)[1] == cli.summary(module)
 
@@ -50,6 +50,7 @@ def test_each_subcommand_has_its_own_help(name, capsys):
         "chat": "--temperature",
         "check": "--show",
         "bench": "--shape",
+        "export": "--quantization",
         "make-tiny-model": "--hidden_size",
     }[name]
     assert flag in out
