@@ -39,7 +39,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmft.errors import EXIT_PREEMPTED, PREEMPTION_SIGNALS, ConfigError
-from llmft.run_folder import record_written, release_held_locks
+from llmft.run_folder import BOOKKEEPING, record_written, release_held_locks
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -307,8 +307,8 @@ def record_run_settings(record: dict, training_args: TrainingArguments) -> None:
 
 def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
     flag = "--resume_from_checkpoint auto"
-    if not os.path.isdir(out) or not os.listdir(out):
-        return  # a fresh run
+    if not os.path.isdir(out) or not set(os.listdir(out)) - BOOKKEEPING:
+        return  # a fresh run (this run's lock is there already)
     record = read_run_settings(out)
     if record is None:
         raise ConfigError(
