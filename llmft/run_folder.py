@@ -411,11 +411,20 @@ DISK_FULL_MESSAGES = ("no space left on device", "disk quota exceeded", "os erro
 NEARLY_FULL_BYTES = 64 * 1024 * 1024
 
 
+RESUME_ADVICE = (
+    "the save cut short is incomplete and is never resumed from, earlier checkpoints are whole: free some space and "
+    "run again with --resume_from_checkpoint True"
+)
+
+
 @contextlib.contextmanager
-def disk_full_is_user_error(output_dir: str | os.PathLike, flag: str = "--output_dir") -> Iterator[None]:
+def disk_full_is_user_error(
+    output_dir: str | os.PathLike, flag: str = "--output_dir", advice: str = RESUME_ADVICE
+) -> Iterator[None]:
     """Turn a write that failed because the disk (or the user's quota) is full into a LlmftError that says so and
-    how to go on: the save cut short is incomplete (resume skips it, llmft.saving.checkpoint_problem), the earlier
-    checkpoints are whole. Any other error passes through unchanged."""
+    how to go on (`advice`; a run's: the save cut short is incomplete, resume skips it as
+    llmft.saving.checkpoint_problem says, and the earlier checkpoints are whole). Any other error passes through
+    unchanged."""
     try:
         yield
     except Exception as e:
@@ -423,9 +432,7 @@ def disk_full_is_user_error(output_dir: str | os.PathLike, flag: str = "--output
             raise
         where = next((x.filename for x in _chain(e) if getattr(x, "filename", None)), None)
         raise LlmftError(
-            f"the disk of {flag} {output_dir} is full (writing {where or 'a checkpoint or the result'}: {e}); the "
-            "save cut short is incomplete and is never resumed from, earlier checkpoints are whole: free some space "
-            "and run again with --resume_from_checkpoint True"
+            f"the disk of {flag} {output_dir} is full (writing {where or 'a checkpoint or the result'}: {e}); {advice}"
         ) from None
 
 
@@ -565,7 +572,8 @@ def staged_output_dir(
             staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
             try:
                 follow_umask(staging)  # mkdtemp makes it private; the result should read like any new folder
-                yield staging
+                with disk_full_is_user_error(output, flag, f"nothing was written to {output}: free some space"):
+                    yield staging
                 follow_umask(staging)  # safetensors writes its files 0600
                 _write_record(staging, os.listdir(staging))
                 check_output_dir(output, force=force, flag=flag)  # nothing foreign arrived while it was written

@@ -335,6 +335,18 @@ def test_torch_save_on_a_full_disk_is_told_apart(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.json"))
 
 
+def test_a_tool_on_a_full_disk_says_so_and_leaves_nothing(tmp_path):
+    from llmft.run_folder import staged_output_dir
+
+    with pytest.raises(LlmftError, match="is full .*No space left on device.*nothing was written to"):
+        with staged_output_dir(tmp_path / "merged", force=False) as staging:
+            (staging / "config.json").write_text("{}")
+            from safetensors import SafetensorError
+
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- item 20: make-tiny-model's files read like any file the user makes ----------------------------------------------
 
 
