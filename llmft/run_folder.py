@@ -92,9 +92,9 @@ def inputs_overlap_problems(
     for what, path in inputs.items():
         if path is None or str(path) == "":
             continue
-        for resolved in _resolved_input(str(path)):
+        for resolved, itself in _resolved_input(str(path)):
             relation = _relation(output, resolved)
-            if relation is not None:
+            if relation is not None and (itself or relation != "lies inside"):
                 problems.append(
                     f"{flag} {output_dir} {relation} {what} {path}: a command's output folder must be apart from "
                     "its inputs (writing or overwriting there would destroy them); choose another folder"
@@ -103,8 +103,10 @@ def inputs_overlap_problems(
     return problems
 
 
-def _resolved_input(path: str) -> list[str]:
-    """The real paths an input stands for (see `inputs_overlap_problems`)."""
+def _resolved_input(path: str) -> list[tuple[str, bool]]:
+    """The real paths an input stands for (see `inputs_overlap_problems`), each with whether it is the input itself
+    (True) or the target of a link in it (False: an output inside such a target, which could be any folder, is
+    allowed)."""
     if not os.path.exists(path):
         from llmft.checkpoint import model_folder
 
@@ -112,10 +114,10 @@ def _resolved_input(path: str) -> list[str]:
         if folder is None:
             return []
         path = str(folder)
-    resolved = [os.path.realpath(path)]
+    resolved = [(os.path.realpath(path), True)]
     if os.path.isdir(path):
         with contextlib.suppress(OSError), os.scandir(path) as entries:
-            resolved += [os.path.realpath(e.path) for e in entries if e.is_symlink()]
+            resolved += [(os.path.realpath(e.path), False) for e in entries if e.is_symlink()]
     return resolved
 
 
@@ -180,7 +182,10 @@ class _FolderLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:  # never through a link: the lock file is llmft's own, in the folder itself
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise LlmftError(f"{self.describe}: cannot create the lock file {self.path}: {e.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -205,8 +210,9 @@ class _FolderLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300],
         }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode())
+        with contextlib.suppress(OSError):  # who holds it is for the message only; a full disk must not stop here
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
         self.fd = fd
         _HELD.add(self)
 
