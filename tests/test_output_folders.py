@@ -223,6 +223,23 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tiny_chat_mo
     assert holder.returncode == 0 and not out.exists()  # released, and the folder it made for nothing removed
 
 
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert holder.stdout.readline() == "locked\n"
+    holder.kill()  # kill -9: nothing of llmft runs, the kernel drops the lock
+    holder.wait()
+    assert (out / LOCK_FILE).exists()
+    with locked_output_dir(out):
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
 class SecondRunAtStart(TrainerCallback):
     """At the first step of a run, starts finetune.py on the same output folder and keeps what it said."""
 
@@ -268,6 +285,17 @@ def test_a_tool_refuses_an_output_folder_a_run_holds(tmp_path):
             with staged_output_dir(tmp_path / "merged", force=False):
                 pytest.fail("two tools wrote one result")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock or partial folder left behind
+
+
+def test_quantize_refuses_an_output_holding_its_calibration_data(tiny_chat_model, tmp_path):
+    from llmft.tools.quantize import run_gptq
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(EXAMPLES, project / "data.json")
+    with pytest.raises(LlmftError, match=f"--output_dir {project} contains --data_path {project / 'data.json'}"):
+        run_gptq(str(tiny_chat_model), str(project / "data.json"), project, force=True)
+    assert sorted(p.name for p in project.iterdir()) == ["data.json"]
 
 
 # --- item 14: a disk that fills up during a save --------------------------------------------------------------------
