@@ -31,6 +31,11 @@ from llmft.run_folder import (
 from tests.conftest import EXAMPLES, REPO, finetune, tiny_lora_flags
 
 
+@pytest.fixture(autouse=True)
+def private_datasets_cache(datasets_cache):
+    """The runs here tokenize into the session's private cache, as run_finetune's do."""
+
+
 def flags(model, out, *extra):
     return tiny_lora_flags(model, out, "--per_device_train_batch_size", "2", *extra)
 
@@ -343,6 +348,57 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_resume_is_exact(
     expected = load_file(reference / "adapter_model.safetensors")
     assert resumed.keys() == expected.keys()
     for key, tensor in expected.items():  # one process: the tolerance of tests/test_preemption.py
+        assert torch.allclose(resumed[key], tensor, atol=1e-6, rtol=0), (key, (resumed[key] - tensor).abs().max())
+
+
+ON_A_SMALL_TMPFS = """
+set -u
+mount -t tmpfs -o size=5m tmpfs "$DISK" || exit 90
+python "$REPO/finetune.py" "$@" --output_dir "$DISK/out" 2> "$LOGS/full.err"; echo $? > "$LOGS/full.rc"
+ls "$DISK/out/checkpoint-1" > "$LOGS/checkpoint-1.ls"
+mount -o remount,size=256m tmpfs "$DISK"  # space freed
+python "$REPO/finetune.py" "$@" --output_dir "$DISK/out" --resume_from_checkpoint True 2> "$LOGS/resume.err"
+echo $? > "$LOGS/resume.rc"
+cp "$DISK/out/adapter_model.safetensors" "$LOGS/"
+"""
+
+
+def can_mount_a_tmpfs(tmp_path) -> bool:
+    (tmp_path / "probe").mkdir()
+    probe = f"mount -t tmpfs -o size=1m tmpfs {tmp_path / 'probe'}"
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-rm", "sh", "-c", probe]).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_during_a_checkpoint(tiny_chat_model, tmp_path):
+    """The same on a 5 MB tmpfs (in a user and mount namespace of its own; skipped where the system refuses one): a
+    tiny model's checkpoint takes 3.2 MB, so the second one fills the disk inside torch.save, whose error carries no
+    errno."""
+    from safetensors.torch import load_file
+
+    if not can_mount_a_tmpfs(tmp_path):
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    run = flags(
+        tiny_chat_model, tmp_path / "reference", "--max_steps", "3", "--lora_dropout", "0", "--warmup_steps", "0"
+    )
+    finetune(*run, "--save_strategy", "no")
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir()
+    logs.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DISK": str(disk), "LOGS": str(logs), "REPO": str(REPO)}
+    args = [str(a) for a in run[:4] + run[6:]] + ["--save_steps", "1"]  # --output_dir: the tmpfs
+    subprocess.run(["unshare", "-rm", "sh", "-c", ON_A_SMALL_TMPFS, "sh", *args], env=env, timeout=900, check=True)
+
+    err = (logs / "full.err").read_text()
+    assert (logs / "full.rc").read_text().strip() == str(EXIT_USER_ERROR), err[-3000:]
+    assert f"error: the disk of --output_dir {disk / 'out'} is full" in err and "Traceback" not in err
+    assert "trainer_state.json" in (logs / "checkpoint-1.ls").read_text().split()
+    assert (logs / "resume.rc").read_text().strip() == "0", (logs / "resume.err").read_text()[-3000:]
+    resumed, expected = (
+        load_file(logs / "adapter_model.safetensors"),
+        load_file(tmp_path / "reference" / "adapter_model.safetensors"),
+    )
+    for key, tensor in expected.items():
         assert torch.allclose(resumed[key], tensor, atol=1e-6, rtol=0), (key, (resumed[key] - tensor).abs().max())
 
 
