@@ -52,9 +52,10 @@ WRITTEN_FILE = "llmft_written.json"
 # llmft's own bookkeeping in an output folder: never counted as a result, never listed as written
 BOOKKEEPING = frozenset({LOCK_FILE, WRITTEN_FILE, WRITTEN_FILE + ".tmp"})
 
-# What a run writes at the top of its output folder. Used only to refuse an overwrite: a folder holding one of these
-# that no llmft run recorded writing (an earlier version's run, or anything else) is not cleared by name, since the
-# name alone cannot say whose it is, and is not trained over either, since the result would mix with it.
+# What a run may write at the top of its output folder (the final save, the Trainer's summaries, PEFT's model card,
+# the run's records). Used only to refuse an overwrite: a folder holding one of these that no llmft run recorded
+# writing (an earlier version's run, or a file of the user's) is neither cleared by name, since the name alone cannot
+# say whose it is, nor trained over, since the final save would replace it or the result would mix with it.
 RESULT_NAMES = frozenset(
     {
         "config.json",
@@ -65,16 +66,28 @@ RESULT_NAMES = frozenset(
         "model.safetensors",
         "model.safetensors.index.json",
         "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
         "tokenizer.json",
         "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
         "chat_template.jinja",
+        "chat_template.json",
+        "README.md",
         "llmft_run.json",
         "llmft_run_settings.json",
+        "training_args.bin",
         "trainer_state.json",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
         "training_report.json",
+        "training_report.png",
     }
 )
-RESULT_PREFIXES = ("checkpoint-", "model-0", ".llmft-saving")
+RESULT_PREFIXES = ("checkpoint-", "model-0", "pytorch_model-0", ".llmft-saving")
 
 
 # ---------------------------------------------------------------- inputs and outputs apart
@@ -360,7 +373,7 @@ def overwrite_problems(output_dir: str | os.PathLike, flag: str = "--output_dir"
     why = (
         "a tool's result replaces the whole folder"
         if whole
-        else "they would mix with this run's result, and their names alone cannot say they are a run's to remove"
+        else "this run would replace them or mix its result with them, and their names cannot say they are a run's"
     )
     return [
         f"{flag} {output_dir} holds {shown}, which no llmft run or tool recorded writing there ({WRITTEN_FILE}); "

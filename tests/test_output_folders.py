@@ -117,12 +117,12 @@ def test_overwrite_removes_what_the_previous_run_recorded_and_nothing_else(tiny_
     finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
     recorded = json.loads((out / WRITTEN_FILE).read_text())["written"]
     assert {"checkpoint-1", "checkpoint-2", "adapter_model.safetensors", "llmft_run_settings.json"} <= set(recorded)
-    # files of the user's put there after the run, named as a run's files are (model*.json, runs/, vocab.json)
+    # files of the user's put there after the run, named as a run's files are (model*.json, runs/)
     shutil.copy(EXAMPLES, out / "model_train.json")
     (out / "runs" / "other").mkdir(parents=True)
     (out / "runs" / "other" / "events.out").write_text("logs of other work")
-    (out / "vocab.json").write_text('{"a": 0}')
-    theirs = {name: folder_contents(out).get(name) for name in ("model_train.json", "vocab.json")}
+    (out / "notes.txt").write_text("mine")
+    theirs = {name: folder_contents(out).get(name) for name in ("model_train.json", "notes.txt")}
 
     finetune(
         *flags(tiny_chat_model, out, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "True")
@@ -142,10 +142,13 @@ def test_overwrite_refuses_a_result_no_run_recorded(tiny_chat_model, tmp_path, c
     out.mkdir()
     (out / "config.json").write_text("{}")
     (out / "checkpoint-3").mkdir()
+    (out / "README.md").write_text("my notes")  # the final save would replace it with PEFT's model card
+    (out / "vocab.json").write_text('{"a": 0}')
     (out / "notes.txt").write_text("mine")
     before = folder_contents(out)
     err = refused(capsys, *flags(tiny_chat_model, out, "--max_steps", "1", "--overwrite_output_dir", "True"))
-    assert f"--output_dir {out} holds checkpoint-3, config.json, which no llmft run or tool recorded" in err, err
+    expected = "holds README.md, checkpoint-3, config.json, vocab.json, which no llmft run or tool recorded"
+    assert f"--output_dir {out} {expected}" in err, err
     assert folder_contents(out) == before and (out / "checkpoint-3").is_dir()
 
 
