@@ -20,7 +20,7 @@ from llmft.chat_template import CHATML_TEMPLATE, IM_END, IM_START
 from llmft.data.formats import parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import LlmftError
-from llmft.run_folder import WRITTEN_FILE, record_written
+from llmft.run_folder import LOCK_FILE, WRITTEN_FILE, record_written
 from llmft.tools.merge import merge_lora
 from llmft.tools.tiny_model import make_tiny_model
 
@@ -445,7 +445,8 @@ def test_sigterm_during_merge_leaves_no_partial_folder(lora_adapter, tmp_path):
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ready.exists(), child.communicate(timeout=10)
-        assert [p.name.startswith(".out.partial-") for p in work.iterdir()] == [True]  # the merge was under way
+        # the merge was under way: its partial folder, and the lock on its output (llmft/run_folder.py)
+        assert {p.name.split("-")[0] for p in work.iterdir()} == {".out.partial", f".out{LOCK_FILE}"}
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=60)
     finally:
