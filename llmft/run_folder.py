@@ -346,7 +346,10 @@ def _write_record(output_dir: str | os.PathLike, names: Iterable[str]) -> None:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, WRITTEN_FILE)
     partial = path + ".tmp"
-    with open(partial, "w", encoding="utf-8") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # left by a process killed while writing it; a link there goes, not what it points to
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with open(fd, "w", encoding="utf-8") as f:
         json.dump({"written": sorted(names)}, f, indent=1)
     os.replace(partial, path)
 

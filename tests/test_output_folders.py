@@ -163,8 +163,11 @@ def test_a_record_cannot_name_anything_outside_the_folder(tmp_path):
     assert clear_previous_run(str(out)) == ["checkpoint-1", "link"]
     assert (victim / "keep").read_text() == "mine"  # the link went, not what it points to
     assert sorted(p.name for p in out.iterdir()) == [WRITTEN_FILE]
+    (tmp_path / "precious").write_text("mine")
+    (out / f"{WRITTEN_FILE}.tmp").symlink_to(tmp_path / "precious")  # where the record is written before its rename
     record_written(out, "a", "../b", "c/d")
     assert json.loads((out / WRITTEN_FILE).read_text())["written"] == ["a"]
+    assert (tmp_path / "precious").read_text() == "mine"
 
 
 # --- item 6: file modes never change through a link -----------------------------------------------------------------
