@@ -534,7 +534,9 @@ def check_output_dir(
     tool's inputs (`inputs_overlap_problems`), a non-empty folder without --overwrite_output_dir, or one holding
     entries no llmft command recorded writing (`overwrite_problems`: the result replaces the whole folder)."""
     output = Path(output_dir)
-    if output.is_symlink() or (output.exists() and not output.is_dir()):
+    if output.is_symlink():  # replacing it would replace the link, and the result would land beside its target
+        raise LlmftError(f"{flag} {output} is a symbolic link: give the folder it points to, or a new folder")
+    if output.exists() and not output.is_dir():
         raise LlmftError(f"{flag} {output} exists and is not a folder")
     problems = inputs_overlap_problems(output, inputs or {}, flag)
     if problems:

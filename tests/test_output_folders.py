@@ -425,6 +425,17 @@ def test_torch_save_on_a_full_disk_is_told_apart(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.json"))
 
 
+def test_a_tool_refuses_a_linked_output_folder(tmp_path):
+    from llmft.run_folder import staged_output_dir
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target", target_is_directory=True)
+    with pytest.raises(LlmftError, match="is a symbolic link: give the folder it points to"):
+        with staged_output_dir(tmp_path / "link", force=True):
+            pytest.fail("wrote beside the link's target")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
 def test_a_tool_on_a_full_disk_says_so_and_leaves_nothing(tmp_path):
     from llmft.run_folder import staged_output_dir
 
