@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 from llmft.checks import validate
 from llmft.distributed import fsdp_flag_as_switch
 from llmft.errors import ConfigError
+from llmft.run_folder import output_dir_problems
 
 
 @dataclass
@@ -262,7 +263,9 @@ def parse_args(
 ) -> tuple[ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments]:
     """(model, data, lora, quant, training) arguments from a config file and flags, validated."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = None
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        config_file = argv[0]
         argv = config_file_flags(argv[0]) + argv[1:]
     argv = fsdp_flag_as_switch(argv)
     # allow_abbrev=False: a misspelt `--learning_rat` must be reported, not taken for --learning_rate
@@ -279,6 +282,8 @@ def parse_args(
             problems.append(str(e))
             parsed.append(None)
     problems += validate(*parsed)
+    if parsed[-1] is not None:
+        problems += output_dir_problems(parsed[0], parsed[1], parsed[-1], config_file)
     if problems:
         raise ConfigError(problems)
     model_args = parsed[0]

@@ -53,9 +53,16 @@ TRUST_FLAG = "--trust_checkpoint_pickles True"
 
 
 def checkpoint_pickles(checkpoint: str) -> list[str]:
-    """The pickle files under checkpoint folder `checkpoint` that resuming reads, sorted."""
-    found = []
-    for root, _, names in os.walk(checkpoint):
+    """The pickle files under checkpoint folder `checkpoint` that resuming reads, sorted. Symbolic links are
+    followed, as the loaders follow them (a `global_step*` folder that is a link holds what DeepSpeed unpickles);
+    each folder is listed once, so a link back up the tree ends there."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(checkpoint, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
         for name in names:
             if name.endswith(PICKLE_SUFFIXES) and not (root == checkpoint and name in NOT_READ_ON_RESUME):
                 found.append(os.path.join(root, name))

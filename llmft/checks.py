@@ -351,6 +351,7 @@ def _fsdp_problems(
 
 def _output_problems(training_args: TrainingArguments) -> list[str]:
     from llmft.preemption import RUN_SETTINGS_FILE
+    from llmft.run_folder import BOOKKEEPING
 
     out, resume = training_args.output_dir, training_args.resume_from_checkpoint
     if os.path.exists(out) and not os.path.isdir(out):
@@ -386,7 +387,7 @@ def _output_problems(training_args: TrainingArguments) -> list[str]:
             return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]
     elif (
         os.path.isdir(out)
-        and set(os.listdir(out)) - {RUN_SETTINGS_FILE, COMPILE_CACHE_FOLDER}  # all a run cut short early leaves
+        and set(os.listdir(out)) - {RUN_SETTINGS_FILE, COMPILE_CACHE_FOLDER} - BOOKKEEPING  # a run cut short early
         and not training_args.overwrite_output_dir
     ):
         return [

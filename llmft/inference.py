@@ -23,9 +23,7 @@ since GPTQModel imports those files whatever trust_remote_code says. Weight file
 header against the file's size, `llmft.checkpoint`) before loading, so a truncated or garbage file is named instead of
 failing deep inside a load.
 
-Results are written by the tools through `staged_output_dir`: into a hidden sibling folder that becomes the output
-only once complete, so an interrupted merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a
-folder that looks finished, nor a partial one behind. Its files follow the umask, as any file the user writes does.
+The tools write their results through `llmft.run_folder.staged_output_dir`.
 """
 
 from __future__ import annotations
@@ -34,16 +32,11 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
 import sys
-import tempfile
-import threading
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -52,7 +45,6 @@ from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, requ
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
 from llmft.quiet import without_unused_gptqmodel
-from llmft.saving import follow_umask
 
 if TYPE_CHECKING:
     import argparse
@@ -355,82 +347,3 @@ def require_tools_shown(tokenizer: PreTrainedTokenizerBase, tools: list[dict], f
             f"{flag}: the model's chat template does not show the tools ({', '.join(map(repr, hidden))})"
             " in the prompt: it ignores tools=, so this model was not trained to call them"
         )
-
-
-# ---------------------------------------------------------------- writing results
-
-
-def check_output_dir(
-    output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs: Iterable[str | Path | None] = ()
-) -> None:
-    """Fail before any work when `output_dir` cannot take a result: a non-empty folder without --overwrite_output_dir,
-    a file, or one of the tool's own inputs (replacing it would destroy what is being read)."""
-    output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise LlmftError(f"{flag} {output} exists and is not a folder")
-    for source in inputs:
-        if source is not None and os.path.exists(source) and output.exists() and output.samefile(source):
-            raise LlmftError(f"{flag} {output} is also an input of this command: choose another folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise LlmftError(
-            f"{flag} {output} is not empty: choose a new folder, or pass --overwrite_output_dir True to replace it"
-        )
-
-
-class Terminated(SystemExit):
-    """Raised in the main thread when a SIGTERM arrives while a result is being written, so that the partial
-    folder is removed on the way out; exits with the status a shell gives a process killed by SIGTERM."""
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def _sigterm_as(action: Callable[[int, FrameType | None], object]) -> Iterator[None]:
-    """Call `action(signum, frame)` on SIGTERM inside the block (main thread only: elsewhere signals cannot be
-    handled, and the block runs unprotected), restoring the previous handler after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, action)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def staged_output_dir(
-    output_dir: str | Path, *, force: bool, flag: str = "--output_dir", inputs: Iterable[str | Path | None] = ()
-) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `output_dir` to write a result into; when the block completes it becomes
-    `output_dir` (with `force`, replacing what was there only then), its files readable as the umask allows. On any
-    error, an interrupt or a SIGTERM, the partial folder is removed and `output_dir` is left as it was; a SIGTERM
-    during the final swap waits for the swap to finish."""
-    output = Path(output_dir)
-    check_output_dir(output, force=force, flag=flag, inputs=inputs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with _sigterm_as(_raise_terminated):
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-        try:
-            follow_umask(staging)  # mkdtemp makes it private; the result should read like any new folder
-            yield staging
-            follow_umask(staging)  # safetensors writes its files 0600 (see llmft.saving.follow_umask)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    deferred = []
-    with _sigterm_as(lambda signum, frame: deferred.append(signum)):
-        if output.exists():
-            replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-            os.replace(output, replaced / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(replaced)
-        else:
-            os.replace(staging, output)
-    if deferred:
-        raise Terminated()

@@ -39,6 +39,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmft.errors import EXIT_PREEMPTED, PREEMPTION_SIGNALS, ConfigError
+from llmft.run_folder import BOOKKEEPING, record_written, release_held_locks
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -150,6 +151,7 @@ def exit_on_signal() -> Iterator[None]:
             sig.name,
             128 + sig.value,
         )
+        release_held_locks()  # the process ends without unwinding: leave --output_dir without a lock file
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
 
@@ -292,6 +294,10 @@ def record_run_settings(record: dict, training_args: TrainingArguments) -> None:
         return
     fingerprint, settings = record["fingerprint"], record["settings"]
     os.makedirs(out, exist_ok=True)
+    # what this run writes at the top of the folder besides checkpoints, reports and the final save (which record
+    # themselves): these settings, and TensorBoard's runs/ unless something else made that folder
+    tensorboard = "tensorboard" in (training_args.report_to or []) and not os.path.lexists(os.path.join(out, "runs"))
+    record_written(out, RUN_SETTINGS_FILE, *(["runs"] if tensorboard else []))
     path = os.path.join(out, RUN_SETTINGS_FILE)
     partial = f"{path}.{os.getpid()}.tmp"
     with open(partial, "w", encoding="utf-8") as f:
@@ -301,8 +307,8 @@ def record_run_settings(record: dict, training_args: TrainingArguments) -> None:
 
 def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
     flag = "--resume_from_checkpoint auto"
-    if not os.path.isdir(out) or not os.listdir(out):
-        return  # a fresh run
+    if not os.path.isdir(out) or not set(os.listdir(out)) - BOOKKEEPING:
+        return  # a fresh run (this run's lock is there already)
     record = read_run_settings(out)
     if record is None:
         raise ConfigError(

@@ -505,8 +505,8 @@ class Advice:
 
 def _changes(s: MemorySetup, model_max_length: int | None) -> list[tuple[str, MemorySetup]]:
     """The changes advice tries on `s`, as (flags, the setup they give), in the order a user should try them: what
-    costs nothing in quality first (checkpointing, its inputs offloaded, smaller micro-batches with more accumulation, sharding, offload, an
-    8-bit optimizer), then adapters instead of full training, then a quantized base."""
+    costs nothing in quality first (checkpointing, its inputs offloaded, smaller micro-batches with more accumulation,
+    sharding, offload, an 8-bit optimizer), then adapters instead of full training, then a quantized base."""
     changes: list[tuple[str, MemorySetup]] = []
     if not s.gradient_checkpointing:
         changes.append(("--gradient_checkpointing True", dataclasses.replace(s, gradient_checkpointing=True)))

@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from llmft.data.render import IGNORE_INDEX
 from llmft.distributed import runs_on_several_ranks
 from llmft.preemption import read_run_settings
+from llmft.run_folder import record_written
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments
@@ -195,6 +196,7 @@ class TrainingReportCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         report = self.report(args, state, peak)
+        record_written(args.output_dir, REPORT_JSON, REPORT_PNG)
         for folder in (args.output_dir, also_into):
             if folder is not None:
                 _write_json(os.path.join(folder, REPORT_JSON), report)

@@ -11,7 +11,7 @@ finished.
 
 Every file a save writes follows the umask (0644 under the usual 022), so a team on shared storage can read each
 other's results: safetensors (0.8) writes through a temporary file that it creates 0600 and renames into place,
-which would leave the weights, and only the weights, private (`follow_umask`).
+which would leave the weights, and only the weights, private (`llmft.run_folder.follow_umask`).
 
 `llmft_run.json` records a fingerprint of the base the run trained on (`base_fingerprint`), which tools/merge_lora.py
 compares with the base it is asked to merge into.
@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from transformers import TrainerCallback
 from llmft.checkpoint import model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
+from llmft.run_folder import follow_umask, record_written, remove_entry
 
 if TYPE_CHECKING:
     import torch
@@ -115,23 +115,6 @@ def base_fingerprint(model: str | os.PathLike) -> str | None:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def follow_umask(path: str | os.PathLike) -> None:
-    """Give `path` (a folder, recursively, or a file) the modes a plain open() or mkdir() would: 0666 / 0777 less
-    the umask. Used on what llmft itself just wrote: safetensors creates its files 0600 and tempfile.mkdtemp its
-    folders 0700, which would keep a result from the rest of a team on shared storage."""
-    umask = os.umask(0)
-    os.umask(umask)
-    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
-    path = Path(path)
-    entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
-    for entry in entries:
-        if entry.is_symlink():
-            continue
-        mode = dir_mode if entry.is_dir() else file_mode
-        if entry.stat().st_mode & 0o777 != mode:
-            os.chmod(entry, mode)
-
-
 class FollowUmaskCallback(TrainerCallback):
     """Make each checkpoint's files follow the umask as soon as it is saved (see `follow_umask`); the Trainer writes
     the weights of a checkpoint through safetensors, 0600 otherwise."""
@@ -151,6 +134,8 @@ def save_for_inference(
     """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
     `describe_run` record) into output_dir."""
     staging = os.path.join(output_dir, STAGING)
+    if trainer.is_world_process_zero():
+        record_written(output_dir, STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
     trainer.save_model(staging)  # every rank takes part: ZeRO-3 and FSDP gather the sharded weights here
@@ -173,14 +158,16 @@ def save_for_inference(
             follow_umask(checkpoint)
         # the weights last, their index after them: a kill -9 between two renames leaves a result that does not
         # load (no weights), never one that loads with some of them
-        for name in sorted(
+        names = sorted(
             os.listdir(staging),
             key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")), n.endswith(".index.json"), n),
-        ):
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+        )
+        record_written(output_dir, *names)
+        for name in names:
+            source, target = os.path.join(staging, name), os.path.join(output_dir, name)
+            if os.path.isdir(source) or (os.path.isdir(target) and not os.path.islink(target)):
+                remove_entry(output_dir, name)  # rename cannot put a folder over an entry (a link: only the link goes)
+            os.replace(source, target)
         os.rmdir(staging)
         logger.warning("saved %s to %s", "adapter" if hasattr(model, "peft_config") else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
@@ -261,79 +248,9 @@ def check_model_written(path: str) -> None:
         raise LlmftError(f"the model weights written to {path} are not usable: {'; '.join(problems)}")
 
 
-# --- the run folder: what a previous run left, and which checkpoints are complete -----------------------------------
+# --- the run folder: which checkpoints are complete ---------------------------------------------------------------
 
 PREFIX_CHECKPOINT = "checkpoint-"
-# What a run writes at the top of its output_dir (the final save, the Trainer's summaries, PEFT's model card); with
-# checkpoint-*, runs/ (TensorBoard) and the staging folder, this is what --overwrite_output_dir replaces.
-RUN_OUTPUTS = {
-    "config.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    RUN_FILE,
-    "training_args.bin",
-    "trainer_state.json",
-    "all_results.json",
-    "train_results.json",
-    "eval_results.json",
-    "training_report.json",
-    "training_report.png",
-    "llmft_run_settings.json",
-}
-
-
-def previous_run_outputs(output_dir: str) -> list[str]:
-    """Names in output_dir that a previous run wrote (see RUN_OUTPUTS); anything else is left alone."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in sorted(os.listdir(output_dir)):
-        path = os.path.join(output_dir, name)
-        if (
-            name in RUN_OUTPUTS
-            or name.startswith((PREFIX_CHECKPOINT, STAGING))
-            or (name == "runs" and os.path.isdir(path))
-            or (name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".json")))
-            or (name == "README.md" and "library_name: peft" in Path(path).read_text(errors="replace"))
-        ):
-            found.append(name)
-    return found
-
-
-def replace_previous_run(training_args: TrainingArguments) -> None:
-    """--overwrite_output_dir: rank 0 removes what a previous run left in output_dir before this run writes there,
-    so that neither resume nor a reload can mix the two runs; the log lists what went."""
-    with training_args.main_process_first(local=False, desc="replacing the previous run"):
-        if training_args.process_index == 0:
-            removed = clear_previous_run(training_args.output_dir)
-            if removed:
-                logger.warning(
-                    "--overwrite_output_dir: replacing the previous run in %s (removed %s)",
-                    training_args.output_dir,
-                    ", ".join(removed),
-                )
-
-
-def clear_previous_run(output_dir: str) -> list[str]:
-    """Remove what a previous run left in output_dir (checkpoints, weights, configs, logs); returns the names."""
-    removed = previous_run_outputs(output_dir)
-    for name in removed:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    return removed
 
 
 def checkpoint_problem(path: str) -> str | None:

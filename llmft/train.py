@@ -14,7 +14,8 @@ Every flag of transformers.TrainingArguments is accepted; `python finetune.py --
 several GPUs and nodes are in finetune/.
 
 Exit status: 0 when trained and saved (or, with --preflight_only True, when the memory estimate is printed and fits);
-2 on a settings or data error, or an estimate above the GPU's memory (one message, no traceback); 75 when SIGTERM or
+2 on a settings or data error, an estimate above the GPU's memory, an --output_dir another run holds
+(llmft/run_folder.py) or a disk that filled up during a save (one message, no traceback); 75 when SIGTERM or
 SIGUSR1 stopped the run after an optimizer step with a checkpoint (llmft/preemption.py): run it again with
 `--resume_from_checkpoint auto` (or True) to continue; 128 + N when signal N came before training started (no
 checkpoint). A signal during the final save waits for it to finish.
@@ -37,7 +38,8 @@ from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
 from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
 from llmft.preflight import preflight
-from llmft.saving import describe_run, replace_previous_run, resume_checkpoint, save_for_inference
+from llmft.run_folder import disk_full_is_user_error, lock_run_output_dir, replace_previous_run
+from llmft.saving import describe_run, resume_checkpoint, save_for_inference
 from llmft.trainer import PackingLoraPlusTrainer
 
 
@@ -52,50 +54,52 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
-    set_seed(training_args.seed)
-    plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)  # mode, sharding, kernels
-    run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
-    resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
+    with lock_run_output_dir(training_args):  # one run at a time in --output_dir; released however this ends
+        set_seed(training_args.seed)
+        plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)  # mode, sharding, kernels
+        run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
+        resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
-    tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
-    plan = plan.with_added_tokens(added_tokens)  # complete: whether the embeddings train
-    log_plan(plan, training_args)
-    # the memory preflight reads the vocabulary, not the weights or the data; it may stop the run here
-    memory = preflight(model_args, data_args, lora_args, training_args, plan, tokenizer)
-    if training_args.preflight_only:
-        return None
-    train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
+        tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
+        plan = plan.with_added_tokens(added_tokens)  # complete: whether the embeddings train
+        log_plan(plan, training_args)
+        # the memory preflight reads the vocabulary, not the weights or the data; it may stop the run here
+        memory = preflight(model_args, data_args, lora_args, training_args, plan, tokenizer)
+        if training_args.preflight_only:
+            return None
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
-    model = build_model(model_args, lora_args, training_args, tokenizer, plan)
-    if training_args.should_log and hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+        model = build_model(model_args, lora_args, training_args, tokenizer, plan)
+        if training_args.should_log and hasattr(model, "print_trainable_parameters"):
+            model.print_trainable_parameters()
 
-    # evaluation pads; training packs when --packing True (llmft/data/packing.py)
-    padding = PaddingCollator(tokenizer)
-    apply_plan_to_training_args(plan, training_args)  # Liger and checkpointing as planned, read by the Trainer
-    trainer = PackingLoraPlusTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=padding,
-        packing=Packing.from_args(data_args, tokenizer, plan.kernels),
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
-        offload_activations=plan.offload_activations,
-    )
-    trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
-    # only now, when nothing in the data or the model has stopped the run, does it touch --output_dir
-    if training_args.overwrite_output_dir:
-        replace_previous_run(training_args)
-    record_run_settings(run_settings, training_args)
-    trainer.train(resume_from_checkpoint=resume_from)
+        # evaluation pads; training packs when --packing True (llmft/data/packing.py)
+        padding = PaddingCollator(tokenizer)
+        apply_plan_to_training_args(plan, training_args)  # Liger and checkpointing as planned, read by the Trainer
+        trainer = PackingLoraPlusTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=padding,
+            packing=Packing.from_args(data_args, tokenizer, plan.kernels),
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
+            offload_activations=plan.offload_activations,
+        )
+        trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
+        # only now, when nothing in the data or the model has stopped the run, does it write into --output_dir
+        with disk_full_is_user_error(training_args.output_dir):
+            if training_args.overwrite_output_dir:
+                replace_previous_run(training_args)
+            record_run_settings(run_settings, training_args)
+            trainer.train(resume_from_checkpoint=resume_from)
 
-    with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
-        run = describe_run(plan)
-        save_for_inference(trainer, tokenizer, training_args.output_dir, run)
-    return trainer
+            with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
+                run = describe_run(plan)
+                save_for_inference(trainer, tokenizer, training_args.output_dir, run)
+        return trainer
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmft.activation_offload import ActivationOffloadCallback
 from llmft.data.packing import LongestFirstSampler, Packing, TokenBudgetBatchSampler, sample_lengths
 from llmft.distributed import dataloader_order_options, enable_fsdp_on_cpu_ranks
 from llmft.preemption import PreemptionCallback
 from llmft.report import TrainingReportCallback
+from llmft.run_folder import record_written
 from llmft.saving import FollowUmaskCallback
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,12 @@ class PackingLoraPlusTrainer(transformers.Trainer):
     def train(self, *args: Any, **kwargs: Any) -> transformers.trainer_utils.TrainOutput:
         self.training_report.start_clock()  # the run report's time to the first step counts the set-up in train()
         return super().train(*args, **kwargs)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # recorded before the Trainer creates the folder: --overwrite_output_dir removes only what a run recorded
+        if self.args.should_save and trial is None:
+            record_written(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        super()._save_checkpoint(model, trial)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if self.packing is None:

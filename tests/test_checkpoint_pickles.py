@@ -83,6 +83,23 @@ def test_which_files_are_checked(tmp_path):
         check_checkpoint_pickles(str(tmp_path))
 
 
+def test_a_linked_folder_or_file_is_checked_too(tmp_path):
+    """Issue 16.5: os.walk did not follow a global_step* link, whose pickles DeepSpeed unpickles all the same."""
+    elsewhere, checkpoint = tmp_path / "elsewhere", tmp_path / "checkpoint-1"
+    write_payload(elsewhere / "mp_rank_00_model_states.pt", tmp_path / "ran")
+    checkpoint.mkdir()
+    (checkpoint / "global_step1").symlink_to(elsewhere, target_is_directory=True)
+    (checkpoint / "rng_state.pth").symlink_to(elsewhere / "mp_rank_00_model_states.pt")
+    (elsewhere / "loop").symlink_to(checkpoint, target_is_directory=True)  # listed once, not forever
+    assert [p.removeprefix(f"{checkpoint}/") for p in checkpoint_pickles(str(checkpoint))] == [
+        "global_step1/mp_rank_00_model_states.pt",
+        "rng_state.pth",
+    ]
+    with pytest.raises(LlmftError, match="global_step1/mp_rank_00_model_states.pt: imports io.open"):
+        check_checkpoint_pickles(str(checkpoint))
+    assert not (tmp_path / "ran").exists()
+
+
 def flags(model, out, *extra):
     return tiny_lora_flags(model, out, "--per_device_train_batch_size", "2", "--save_steps", "1", *extra)
 
@@ -96,14 +113,19 @@ def checkpointed_run(tiny_chat_model, tmp_path, run_finetune):
     return out
 
 
-@pytest.mark.parametrize("planted", ["global_step1/mp_rank_00_model_states.pt", "rng_state.pth"])
+@pytest.mark.parametrize("planted", ["global_step1/mp_rank_00_model_states.pt", "rng_state.pth", "linked global_step1"])
 @pytest.mark.parametrize("resume", ["True", "auto", "path"])
 def test_resume_refuses_a_crafted_checkpoint_naming_the_file(
     planted, resume, checkpointed_run, tiny_chat_model, run_finetune, tmp_path, capsys
 ):
     out = checkpointed_run
     marker = tmp_path / "code-ran"
-    write_payload(out / "checkpoint-1" / planted, marker)
+    if planted == "linked global_step1":  # issue 16.5: a link to a folder elsewhere that holds the crafted file
+        write_payload(tmp_path / "elsewhere" / "mp_rank_00_model_states.pt", marker)
+        (out / "checkpoint-1" / "global_step1").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        planted = "global_step1/mp_rank_00_model_states.pt"
+    else:
+        write_payload(out / "checkpoint-1" / planted, marker)
     (out / "checkpoint-1" / "latest").write_text("global_step1")  # a DeepSpeed checkpoint is complete with it
     resume = str(out / "checkpoint-1") if resume == "path" else resume
     with pytest.raises(SystemExit) as exit_info:

@@ -20,6 +20,7 @@ from llmft.chat_template import CHATML_TEMPLATE, IM_END, IM_START
 from llmft.data.formats import parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import LlmftError
+from llmft.run_folder import LOCK_FILE, WRITTEN_FILE, record_written
 from llmft.tools.merge import merge_lora
 from llmft.tools.tiny_model import make_tiny_model
 
@@ -192,9 +193,33 @@ def test_refuses_non_empty_output_without_force(lora_adapter, tmp_path):
         merge_lora(lora_adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
 
-    merge_lora(lora_adapter, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # a result replaces the whole folder: one holding a file no llmft command wrote is not replaced
+    with pytest.raises(LlmftError, match="holds keep.txt, which no llmft run or tool recorded writing"):
+        merge_lora(lora_adapter, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+    (out / "keep.txt").unlink()
+    merge_lora(lora_adapter, out)
+    merge_lora(lora_adapter, out, force=True)  # over its own earlier result, which it recorded
+    assert (out / "config.json").is_file() and "config.json" in json.loads((out / WRITTEN_FILE).read_text())["written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_around_its_inputs_is_refused(lora_adapter, tmp_path):
+    """Issue 16.3: merging into a parent of the adapter replaced the folder, the adapter and the data in it."""
+    project = tmp_path / "project"
+    shutil.copytree(lora_adapter, project / "lora")
+    (project / "data.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
+    before = sorted(str(p) for p in project.rglob("*"))
+    with pytest.raises(LlmftError, match=f"--output_dir {project} contains --adapter {project / 'lora'}"):
+        merge_lora(project / "lora", project, force=True)
+    with pytest.raises(LlmftError, match=f"--output_dir {project / 'lora' / 'm'} lies inside --adapter"):
+        merge_lora(project / "lora", project / "lora" / "m", force=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "data.json").symlink_to(project / "data.json")
+    with pytest.raises(LlmftError, match="contains --data_path"):
+        merge_lora(lora_adapter, project, data_path=str(tmp_path / "elsewhere" / "data.json"), force=True)
+    assert sorted(str(p) for p in project.rglob("*")) == before
 
 
 def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatch):
@@ -209,6 +234,7 @@ def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []  # neither the output nor a partial folder
 
     (tmp_path / "old").mkdir()
+    record_written(tmp_path / "old", "config.json")  # an earlier result of llmft's
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(KeyboardInterrupt):
         merge_lora(lora_adapter, tmp_path / "old", force=True)
@@ -419,7 +445,8 @@ def test_sigterm_during_merge_leaves_no_partial_folder(lora_adapter, tmp_path):
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ready.exists(), child.communicate(timeout=10)
-        assert [p.name.startswith(".out.partial-") for p in work.iterdir()] == [True]  # the merge was under way
+        # the merge was under way: its partial folder, and the lock on its output (llmft/run_folder.py)
+        assert {p.name.split("-")[0] for p in work.iterdir()} == {".out.partial", f".out{LOCK_FILE}"}
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=60)
     finally:

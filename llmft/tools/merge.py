@@ -53,8 +53,8 @@ from llmft.inference import (
     load_model,
     load_tokenizer,
     set_generation_stops,
-    staged_output_dir,
 )
+from llmft.run_folder import staged_output_dir
 from llmft.saving import RUN_FILE, base_fingerprint
 
 if TYPE_CHECKING:
@@ -267,7 +267,8 @@ def merge_lora(
     check_base_fingerprint(adapter, base_path, allow_mismatch=allow_base_mismatch)
     torch_dtype = DTYPES.get(dtype, "auto")
 
-    with staged_output_dir(output, force=force, flag="--output_dir", inputs=(adapter, base_path)) as staging:
+    inputs = {"--adapter": adapter, "the base": base_path, "--data_path": data_path}
+    with staged_output_dir(output, force=force, inputs=inputs) as staging:
         tokenizer = load_tokenizer(adapter, base=base_path, **trust)
         inputs = parity_inputs(tokenizer, data_path, parity_samples)
         logger.info("merging %s into the unquantized weights of %s%s", adapter, base_path, _quantized_note(adapter))

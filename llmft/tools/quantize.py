@@ -51,9 +51,9 @@ from llmft.inference import (
     load_for_inference,
     load_tokenizer,
     set_generation_stops,
-    staged_output_dir,
     stdout_to_stderr,
 )
+from llmft.run_folder import staged_output_dir
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -241,7 +241,8 @@ def run_gptq(
     validate(model_name_or_path, data_path, eval_data_path, settings, eval_samples, trust_remote_code)
     trust = {"trust_remote_code": trust_remote_code}
 
-    with staged_output_dir(out_path, force=force, flag="--output_dir", inputs=(model_name_or_path,)) as staging:
+    inputs = {"--model_name_or_path": model_name_or_path, "--data_path": data_path, "--eval_data_path": eval_data_path}
+    with staged_output_dir(out_path, force=force, inputs=inputs) as staging:
         tokenizer = load_tokenizer(model_name_or_path, **trust)
         calibration_data, eval_data = split_data(data_path, eval_data_path, settings, eval_samples)
         calibration = render_samples(calibration_data, tokenizer, max_len)

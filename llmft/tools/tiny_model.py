@@ -365,6 +365,9 @@ def make_tiny_model(
     _prepare_output_dir(output_dir)
     model.save_pretrained(output_dir)
     tok.save_pretrained(output_dir)
+    from llmft.run_folder import follow_umask
+
+    follow_umask(output_dir)  # safetensors writes the weights 0600: the model should read like any file the user makes
     return output_dir
 
 
