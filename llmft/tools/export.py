@@ -59,8 +59,8 @@ from llmft.inference import (
     load_adapter_model,
     load_model,
     load_tokenizer,
-    staged_output_dir,
 )
+from llmft.run_folder import staged_output_dir
 from llmft.parity import GREEDY_TOKENS, MAX_TOKENS, REPORT_FILE, ParityReport, TransformersEngine, compare
 from llmft.tools.merge import BUILTIN_CONVERSATIONS, merge_base, merge_lora
 
@@ -463,7 +463,13 @@ def export_gguf(
     output = Path(output)
     gguf_name = f"model-{quantization}.gguf"
 
-    with staged_output_dir(output, force=force, inputs=(model_name_or_path, base_path)) as staging:
+    inputs = {
+        "--model_name_or_path": model_name_or_path,
+        "the base": base_path,
+        "--data_path": data_path,
+        "--eval_data_path": eval_data_path,
+    }
+    with staged_output_dir(output, force=force, inputs=inputs) as staging:
         if is_adapter:
             hf_model = staging / "merged"
             merge_lora(
