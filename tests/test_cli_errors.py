@@ -850,3 +850,27 @@ def test_liger_kernel_config_that_is_not_a_json_object_is_named(data, model_dir,
         ]
     )
     assert len(problems) == 1 and problems[0].startswith(f"--liger_kernel_config {value}: ") and says in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "problem"),
+    [
+        ("weight_decay", "nan", "--weight_decay nan: must be a finite number, 0 or more"),
+        ("num_train_epochs", "nan", "--num_train_epochs nan: must be a finite number, 0 or more"),
+        ("adam_epsilon", "nan", "--adam_epsilon nan: must be a finite number, 0 or more"),
+        ("adam_epsilon", "0", "--adam_epsilon 0.0: must be above 0 (it keeps Adam's update from dividing by zero)"),
+        ("adam_beta1", "-0.1", "--adam_beta1 -0.1: must be in [0, 1)"),
+        ("adam_beta2", "nan", "--adam_beta2 nan: must be in [0, 1)"),
+        ("adam_beta2", "1", "--adam_beta2 1.0: must be in [0, 1)"),
+        ("max_grad_norm", "inf", "--max_grad_norm inf: must be a finite number, 0 or more"),
+        ("warmup_steps", "nan", "--warmup_steps nan: must be a finite number, 0 or more"),
+        ("label_smoothing_factor", "1", "--label_smoothing_factor 1.0: must be in [0, 1)"),
+        ("logging_steps", "inf", "--logging_steps inf: must be a finite number, 0 or more"),
+        ("save_steps", "nan", "--save_steps nan: must be a finite number, 0 or more"),
+    ],
+)
+def test_training_numbers_that_are_not_finite_or_out_of_range(data, model_dir, tmp_path, flag, value, problem):
+    """Before, --weight_decay nan trained an all-NaN adapter with exit 0, NaN epochs, epsilon or beta2 failed with a
+    traceback once the model had loaded, and an infinite --logging_steps with an OverflowError in transformers."""
+    flags = ["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out"]
+    assert problems_of([*flags, f"--{flag}", value]) == [problem]
