@@ -299,3 +299,16 @@ def test_bad_flags_are_reported_together(tiny_chat_model, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "missing.json: no such file" in err and "--world_size must be at least 1" in err and "--bogus" in err
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_data_path_that_is_no_regular_file_is_named_for_what_it_is(tiny_chat_model, tmp_path, capsys, kind):
+    import os
+
+    path = tmp_path / "data.json"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    with pytest.raises(SystemExit) as info:
+        main([str(path), "--model_name_or_path", str(tiny_chat_model)])
+    assert info.value.code == 2
+    what = "is a directory, not a data file" if kind == "directory" else "is a FIFO (named pipe), not a regular file"
+    assert f"--data_path {path}: {what}" in capsys.readouterr().err

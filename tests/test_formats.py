@@ -549,6 +549,15 @@ BAD_RECORDS = {
         {"messages": [{"role": "user", "content": [" ", "\n"]}, {"role": "assistant", "content": "b"}]},
         "turn 0: the user turn is empty (or whitespace only)",
     ),
+    "zero-width-answer": (
+        {"conversations": turns(("user", "a"), ("assistant", "\u200b\u200b\u2060\ufeff\u3164 "))},
+        "turn 1: the assistant turn is empty (or whitespace only): it would train the model to reply with nothing",
+    ),
+    "zero-width-user-turn": (
+        {"conversations": turns(("user", "\u200b\u200c\u200d"), ("assistant", "b"))},
+        "turn 0: the user turn is empty (or whitespace only)",
+    ),
+    "zero-width-text": ({"text": "\u200b\n"}, "'text' must be a non-empty string"),
     "empty-answer": (
         {"conversations": turns(("user", "a"), ("assistant", ""))},
         "turn 1: the assistant turn is empty (or whitespace only): it would train the model to reply with nothing",
@@ -735,6 +744,13 @@ def test_malformed_jsonl_names_line_and_record(tmp_path):
     message = load_error(path)
     assert message.startswith(f"{path}: line 4 (record #2): malformed JSON: ")
     assert message.endswith("at column 14")  # the "}" after the trailing comma
+
+
+def test_malformed_jsonl_with_an_open_string_says_at_once(tmp_path):
+    # json's message for it ends in "starting at"; the column follows it without a second "at"
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b}\n', encoding="utf-8")
+    assert load_error(path) == f"{path}: line 2 (record #1): malformed JSON: Unterminated string starting at column 10"
 
 
 def test_pretty_printed_json_object_is_not_a_list(tmp_path):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
@@ -183,12 +184,30 @@ def iter_raw_records(
         raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
+def data_file_problem(path: str) -> str | None:
+    """Why `path` is not a data file ("is a directory ...", "is a FIFO ...", "no such file"), or None when it is a
+    regular file (or a link to one)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a data file (give the path of a .json or .jsonl file)"
+    kind = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    what = next((name for test, name in kind.items() if test(mode)), "a block device")
+    return f"is {what}, not a regular file: give the path of a .json or .jsonl file"
+
+
 def check_data_file(path: str) -> None:
     """Raises a DataError unless `path` is a file this process can open for reading."""
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, not a data file (give the path of a .json or .jsonl file)")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+    if (problem := data_file_problem(path)) is not None:
+        raise DataError(f"{path}: {problem}")
     try:
         with open(path, "rb"):
             pass
@@ -222,8 +241,7 @@ def _iter_jsonl(
             except json.JSONDecodeError as e:
                 spread = _spread_over_lines(f, line, line_no, e)
                 raise DataError(
-                    f"{path}: line {line_no} (record #{index}): "
-                    f"{spread or f'malformed JSON: {e.msg} at column {e.colno}'}"
+                    f"{path}: line {line_no} (record #{index}): {spread or f'malformed JSON: {_json_problem(e)}'}"
                 ) from None
             except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's
                 raise DataError(
@@ -266,6 +284,12 @@ def _spread_over_lines(f: BinaryIO, line: str, line_no: int, error: json.JSONDec
         f"a JSON record spread over lines {line_no}-{last} (pretty-printed JSON): in JSONL each record must be "
         "on one line"
     )
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    """What is wrong and where in the line, e.g. "Expecting value at column 15"; json's message for an open string
+    already ends in "starting at", which gets the column without a second "at"."""
+    return f"{error.msg}{'' if error.msg.endswith(' at') else ' at'} column {error.colno}"
 
 
 def _json_limit(error: BaseException) -> str:
@@ -320,7 +344,7 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
         return Conversation(id=record_id, messages=_parse_alpaca(record, where))
     if "text" in record:
         text = record["text"]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or is_blank(text):
             raise DataError(f"{where}: 'text' must be a non-empty string")
         return Conversation(id=record_id, text=text)
     raise DataError(
@@ -372,7 +396,7 @@ def parse_tools(tools: object, where: str) -> tuple[dict, ...]:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({_json_problem(e)})") from None
     if not isinstance(tools, list):
         raise DataError(f"{where}: 'tools' must be a list of function schemas, got {type(tools).__name__}")
     schemas = []
@@ -526,8 +550,7 @@ def _tool_call(function: dict, where: str, call_id: str | None = None) -> ToolCa
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{where} ({name!r}): arguments are not valid JSON ({e.msg} at column {e.colno}): "
-                f"{_clip(function['arguments'])}"
+                f"{where} ({name!r}): arguments are not valid JSON ({_json_problem(e)}): {_clip(function['arguments'])}"
             ) from None
     if not isinstance(arguments, dict):
         raise DataError(f"{where} ({name!r}): arguments must be a JSON object, got {type(arguments).__name__}")
@@ -541,7 +564,7 @@ def _parse_function_call_value(value: str, where: str) -> tuple[ToolCall, ...]:
     except json.JSONDecodeError as e:
         raise DataError(
             f'{where}: a function_call value must be JSON {{"name", "arguments"}} (or a list of '
-            f"them); not valid JSON ({e.msg} at column {e.colno}): {_clip(value)}"
+            f"them); not valid JSON ({_json_problem(e)}): {_clip(value)}"
         ) from None
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls or not all(isinstance(c, dict) for c in calls):
@@ -570,6 +593,18 @@ def _split_think(content: str, where: str) -> tuple[str, str | None]:
     return after.lstrip("\n"), before.strip("\n")
 
 
+# Characters that show nothing but are neither whitespace to str.strip() nor format characters (Unicode category Cf,
+# the zero-width space and joiners, the word joiner, the byte-order mark): the Hangul fillers and the blank Braille
+# pattern, which render as empty space.
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace and invisible characters (a reply of zero-width spaces would
+    train the model to answer with nothing, like an empty one)."""
+    return all(c.isspace() or c in INVISIBLE_LETTERS or unicodedata.category(c) == "Cf" for c in text)
+
+
 def _clip(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -580,7 +615,7 @@ def _parse_alpaca(record: dict, where: str) -> tuple[Message, ...]:
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: '{key}' must be a string")
     prompt = "\n\n".join(part for part in (fields["instruction"], fields["input"]) if part)
-    if not prompt.strip() or not (fields["output"] or "").strip():
+    if is_blank(prompt) or is_blank(fields["output"] or ""):
         raise DataError(f"{where}: Alpaca record needs a non-empty 'instruction' and 'output'")
     messages = [Message(USER, prompt), Message(ASSISTANT, fields["output"])]
     if fields["system"]:
@@ -627,10 +662,10 @@ def _check_order(messages: tuple[Message, ...], tools: tuple[dict, ...], where: 
                 f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must "
                 "alternate, starting with the user)"
             )
-        if message.role == USER and not message.content.strip():
+        if message.role == USER and is_blank(message.content):
             raise DataError(f"{where}: turn {position}: the user turn is empty (or whitespace only)")
         if message.role == ASSISTANT and not (
-            message.content.strip() or message.tool_calls or (message.reasoning or "").strip()
+            not is_blank(message.content) or message.tool_calls or not is_blank(message.reasoning or "")
         ):
             raise DataError(
                 f"{where}: turn {position}: the assistant turn is empty (or whitespace only): it would "
