@@ -152,6 +152,7 @@ def save_for_inference(
     `describe_run` record) into output_dir."""
     staging = os.path.join(output_dir, STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    check_trained_weights_finite(model, trainer.args)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
     trainer.save_model(staging)  # every rank takes part: ZeRO-3 and FSDP gather the sharded weights here
     if trainer.is_world_process_zero():
@@ -184,6 +185,35 @@ def save_for_inference(
         os.rmdir(staging)
         logger.warning("saved %s to %s", "adapter" if hasattr(model, "peft_config") else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def check_trained_weights_finite(model: torch.nn.Module, args: transformers.TrainingArguments) -> None:
+    """Refuse to save a result whose trained weights hold NaN or inf (a diverged run: every prediction NaN), on every
+    rank together: each checks its own part of the trainable weights (ZeRO-3's partition, FSDP's shard), and one
+    all-reduce shares the verdict, so that no rank waits for a save the others abandoned. The checkpoints stay."""
+    import torch
+
+    bad = None
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps only this rank's partition
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2's DTensor shard
+        if local.numel() and not torch.isfinite(local).all():
+            bad = name
+            break
+    found = bad is not None
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if found else 0.0], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        found = bool(flag.item())
+    if found:
+        where = f" (first in {bad})" if bad is not None else " (on another rank)"
+        raise LlmftError(
+            f"the trained weights hold NaN or infinite values{where}, so the result was not saved: training "
+            "diverged; lower --learning_rate, check --max_grad_norm and the data, and train again"
+        )
 
 
 def check_adapter_complete(path: str, model: torch.nn.Module) -> None:

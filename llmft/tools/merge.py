@@ -49,6 +49,7 @@ from llmft.inference import (
     DTYPES,
     add_overwrite_output_dir_flag,
     add_trust_remote_code_flag,
+    check_weights_finite,
     load_adapter_model,
     load_model,
     load_tokenizer,
@@ -232,6 +233,9 @@ def compare_logits(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> 
     """(max abs difference, fraction of positions with the same argmax, positions compared)."""
     diff, same, total = 0.0, 0, 0
     for a, b in zip(expected, actual, strict=True):
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # max(0.0, nan) would report a diff of 0
+            which = "the adapter unmerged" if not torch.isfinite(a).all() else "the merged model"
+            raise LlmftError(f"the parity check got NaN or infinite logits from {which}: the merge is not usable")
         diff = max(diff, (a - b).abs().max().item())
         same += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[0]
@@ -272,6 +276,7 @@ def merge_lora(
         inputs = parity_inputs(tokenizer, data_path, parity_samples)
         logger.info("merging %s into the unquantized weights of %s%s", adapter, base_path, _quantized_note(adapter))
         model = load_adapter_model(adapter, base=base_path, dtype=torch_dtype, **trust)
+        check_weights_finite(model, f"the adapter {adapter} on its base {base_path}")
         expected = all_logits(model, inputs)
 
         merged = model.merge_and_unload()
