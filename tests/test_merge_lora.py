@@ -382,6 +382,39 @@ def test_merge_refuses_a_recorded_base_replaced_since_training(
         merge_lora(adapter, tmp_path / "out")
 
 
+def test_base_fingerprint_covers_every_tensor(tiny_chat_model, same_shape_model, tmp_path):
+    """Before, the fingerprint sampled 4 tensors: a base differing from the trained one only in one layer's q_proj and
+    v_proj passed as the same base."""
+    from safetensors.torch import load_file, save_file
+
+    from llmft.saving import base_fingerprint
+
+    ours, theirs = load_file(tiny_chat_model / "model.safetensors"), load_file(same_shape_model / "model.safetensors")
+    base = shutil.copytree(tiny_chat_model, tmp_path / "base")
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        ours[name] = theirs[name]
+    save_file(ours, base / "model.safetensors", metadata={"format": "pt"})
+    assert base_fingerprint(base) != base_fingerprint(tiny_chat_model)
+    # one value, anywhere a run of the sample reads (here the tensor's last), is enough
+    last = load_file(tiny_chat_model / "model.safetensors")
+    last["model.norm.weight"][-1] += 1
+    save_file(last, base / "model.safetensors", metadata={"format": "pt"})
+    assert base_fingerprint(base) != base_fingerprint(tiny_chat_model)
+
+
+def test_an_adapter_with_an_earlier_fingerprint_is_still_checked(
+    lora_adapter, tiny_chat_model, same_shape_model, tmp_path
+):
+    from llmft.saving import RUN_FILE, base_fingerprint_v1
+
+    adapter = adapter_recording_base(lora_adapter, tiny_chat_model, tmp_path / "adapter")
+    run = json.loads((adapter / RUN_FILE).read_text())
+    (adapter / RUN_FILE).write_text(json.dumps({**run, "base_fingerprint": base_fingerprint_v1(tiny_chat_model)}))
+    with pytest.raises(LlmftError, match="not the model the adapter .* was trained on"):
+        merge_lora(adapter, tmp_path / "out", base=str(same_shape_model))
+    assert merge_lora(adapter, tmp_path / "right", base=str(tiny_chat_model)).max_abs_diff < 1e-4
+
+
 # --- interrupted and shared results -----------------------------------------------------------------------------
 
 SIGTERM_CHILD = """

@@ -12,8 +12,8 @@ An adapter trained on a GPTQ checkpoint needs `--base` with the unquantized mode
 `merge_base`). Embeddings are grown first when training added tokens.
 
 The base must be the model the adapter was trained on: finetune.py records a fingerprint of it in the adapter's
-llmft_run.json (`llmft.saving.base_fingerprint`: its config and a sample of its weights), and a base whose
-fingerprint differs (another model of the same shape, or the recorded folder since overwritten) is refused unless
+llmft_run.json (`llmft.saving.base_fingerprint`: its config, and the shape and a sample of every tensor), and a base
+whose fingerprint differs (another model of the same shape, or the recorded folder since overwritten) is refused unless
 `--allow_base_mismatch`. The parity check below cannot catch this: it compares the adapter on that same base. A base
 that ships its own Python code (`auto_map`) is refused unless `--trust_remote_code True`.
 
@@ -56,7 +56,7 @@ from llmft.inference import (
     set_generation_stops,
     staged_output_dir,
 )
-from llmft.saving import RUN_FILE, base_fingerprint
+from llmft.saving import FINGERPRINT_SCHEME, RUN_FILE, base_fingerprint, base_fingerprint_v1
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -179,13 +179,13 @@ def check_base_fingerprint(adapter_dir: str | Path, base_path: str, *, allow_mis
         return
     if (run.get("base_quantization") or {}).get("method") not in (None, "bitsandbytes"):
         return
-    actual = base_fingerprint(base_path)
+    actual = (base_fingerprint if recorded.startswith(FINGERPRINT_SCHEME) else base_fingerprint_v1)(base_path)
     if actual == recorded:
         return
     trained_on = run.get("base_model") or model_folder(adapter_dir).adapter_base
     message = (
         f"the base {base_path} is not the model the adapter {adapter_dir} was trained on ({trained_on}): "
-        f"its fingerprint (config and a sample of weights) is {actual or 'unreadable'}, training recorded "
+        f"its fingerprint (config and a sample of every weight) is {actual or 'unreadable'}, training recorded "
         f"{recorded} in {RUN_FILE}"
     )
     if allow_mismatch:
