@@ -312,3 +312,15 @@ def test_a_data_path_that_is_no_regular_file_is_named_for_what_it_is(tiny_chat_m
     assert info.value.code == 2
     what = "is a directory, not a data file" if kind == "directory" else "is a FIFO (named pipe), not a regular file"
     assert f"--data_path {path}: {what}" in capsys.readouterr().err
+
+
+def test_a_chat_template_jinja_refuses_is_a_clear_error(tiny_chat_model, tmp_path, capsys):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}", encoding="utf-8")
+    data = write_records(tmp_path / "data.json", GOOD)
+    with pytest.raises(SystemExit) as info:
+        main([str(data), "--model_name_or_path", str(tiny_chat_model), "--chat_template", str(template)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "the chat template cannot render a one-turn conversation (SecurityError: access to attribute" in err

@@ -874,3 +874,22 @@ def test_training_numbers_that_are_not_finite_or_out_of_range(data, model_dir, t
     traceback once the model had loaded, and an infinite --logging_steps with an OverflowError in transformers."""
     flags = ["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out"]
     assert problems_of([*flags, f"--{flag}", value]) == [problem]
+
+
+BROKEN_TEMPLATES = {
+    "sandbox": "{% for m in messages %}{{ m.content.__class__.__mro__[1].__subclasses__() }}{% endfor %}",
+    "syntax": "{% for m in messages %}{{ m.content }{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_TEMPLATES))
+def test_a_chat_template_jinja_refuses_is_a_clear_error(fails, tiny_chat_model, data, tmp_path, kind):
+    """Before, Jinja's SecurityError or TemplateSyntaxError came out as a traceback, from loading the tokenizer."""
+    template = tmp_path / "template.jinja"
+    template.write_text(BROKEN_TEMPLATES[kind], encoding="utf-8")
+    block = fails(
+        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out",
+        "--use_cpu", "True", "--max_steps", "1", "--report_to", "none", "--chat_template", template,
+    )  # fmt: skip
+    error = "SecurityError: access to attribute '__class__'" if kind == "sandbox" else "TemplateSyntaxError: unexpected"
+    assert f"the chat template cannot render a one-turn conversation ({error}" in block
