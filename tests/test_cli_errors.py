@@ -893,3 +893,22 @@ def test_a_chat_template_jinja_refuses_is_a_clear_error(fails, tiny_chat_model, 
     )  # fmt: skip
     error = "SecurityError: access to attribute '__class__'" if kind == "sandbox" else "TemplateSyntaxError: unexpected"
     assert f"the chat template cannot render a one-turn conversation ({error}" in block
+
+
+def test_deepspeed_without_a_launcher_is_refused_before_the_model_loads(
+    fails, tiny_chat_model, data, tmp_path, monkeypatch
+):
+    """Before, DeepSpeed looked for MPI itself and failed with mpi4py's ImportError once the model had loaded."""
+    import llmft.train
+
+    for name in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(llmft.train, "build_model", lambda *args: pytest.fail("the model was loaded"))
+    block = fails(
+        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out",
+        "--use_cpu", "True", "--max_steps", "1", "--report_to", "none", "--deepspeed", REPO / "ds_configs" / "zero2.json",
+    )  # fmt: skip
+    assert block.startswith(
+        f"error: invalid settings (1):\n  - --deepspeed {REPO / 'ds_configs' / 'zero2.json'} runs in a process group "
+        "that a launcher starts: use finetune/finetune_ds.sh"
+    )
