@@ -78,6 +78,23 @@ def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(
     assert_same_adapter(adapter(uninterrupted), adapter(out), atol=1e-6)
 
 
+def test_a_signal_during_the_last_step_resumes_to_max_steps_not_past_it(
+    uninterrupted, tiny_chat_model, tmp_path, datasets_cache
+):
+    """Before, resuming from the checkpoint of step --max_steps (here mid-epoch) trained one step more."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(*flags(tiny_chat_model, out), callbacks=[SignalAtStep(STEPS - 1)])
+    assert exit_info.value.code == EXIT_PREEMPTED
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+    trainer = finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "True"))
+    assert trainer.state.global_step == STEPS
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == list(range(1, STEPS + 1))
+    assert_same_adapter(adapter(uninterrupted), adapter(out), atol=1e-6)
+
+
 def test_uninterrupted_run_restores_the_signal_handlers(tiny_chat_model, tmp_path, datasets_cache):
     before = signal.getsignal(signal.SIGUSR1)
     finetune(*flags(tiny_chat_model, tmp_path / "out", "--max_steps", "1"))
