@@ -228,6 +228,35 @@ FORMATS = {
         },
         conversation("1", (U, "2+3?"), Message(A, "5", reasoning="Two and three.")),
     ),
+    "llama-factory-v1-reasoning-and-tool-call-parts": (  # the shape of LLaMA-Factory's reason_tool_use_demo data
+        {
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "value": "Use tools."}]},
+                {"role": "user", "content": [{"type": "text", "value": "Areas of radius 1 and 2?"}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "reasoning", "value": "Two calls."},
+                        {"type": "tool_call", "value": '{"name": "area", "arguments": {"r": 1}}'},
+                        {"type": "tool_call", "value": {"name": "area", "arguments": {"r": 2}}},
+                    ],
+                },
+                {"role": "tool", "content": [{"type": "text", "value": "[3.14, 12.57]"}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "reasoning", "value": "Round."}, {"type": "text", "value": "3.1 and 12.6."}],
+                },
+            ],
+        },
+        conversation(
+            "1",
+            (S, "Use tools."),
+            (U, "Areas of radius 1 and 2?"),
+            Message(A, "", tool_calls=(ToolCall("area", {"r": 1}), ToolCall("area", {"r": 2})), reasoning="Two calls."),
+            (T, "[3.14, 12.57]"),
+            Message(A, "3.1 and 12.6.", reasoning="Round."),
+        ),
+    ),
     "per-message-train-and-loss-weight": (
         {
             "messages": [
@@ -489,6 +518,24 @@ BAD_RECORDS = {
             ),
         }.items()
     },
+    "reasoning-part-on-a-user-turn": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "reasoning", "value": "r"}, {"type": "text", "value": "a"}]},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+        "turn 0: only assistant turns may have content parts of type 'reasoning'",
+    ),
+    "tool-call-part-not-json": (
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": [{"type": "tool_call", "value": "area(1)"}]},
+            ]
+        },
+        "turn 1: content part 0: a function_call value must be JSON",
+    ),
     "reasoning-twice": (
         {
             "messages": [

@@ -444,10 +444,15 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
         raise DataError(f"{where}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
     role = ROLE_ALIASES[role.lower()]
-    content = _text_of(content, where)
+    content, part_reasoning, part_calls = _content_parts(content, where)
     train = _train_flag(turn, where)
+    if role not in (ASSISTANT, FUNCTION_CALL) and (part_reasoning is not None or part_calls):
+        kind = "reasoning" if part_reasoning is not None else "tool_call"
+        raise DataError(f"{where}: only assistant turns may have content parts of type {kind!r}")
 
     if role == FUNCTION_CALL:
+        if part_reasoning is not None or part_calls:
+            raise DataError(f"{where}: a function_call turn holds its calls in its value, not in content parts")
         if tool_calls:
             raise DataError(f"{where}: a function_call turn holds its calls in its value, not in 'tool_calls'")
         calls = _parse_function_call_value(content, where)
@@ -467,14 +472,20 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     if role != ASSISTANT:
         return Message(role, content)
 
-    calls = ()
+    calls = part_calls
     if tool_calls is not None:
         if not isinstance(tool_calls, list):
             raise DataError(f"{where}: 'tool_calls' must be a list")
+        if part_calls:
+            raise DataError(f"{where}: has both 'tool_calls' and content parts of type 'tool_call'")
         calls = tuple(_parse_tool_call(call, j, where) for j, call in enumerate(tool_calls))
     reasoning = turn.get("reasoning_content")
     if reasoning is not None and not isinstance(reasoning, str):
         raise DataError(f"{where}: 'reasoning_content' must be a string")
+    if part_reasoning is not None:
+        if reasoning is not None:
+            raise DataError(f"{where}: has both 'reasoning_content' and content parts of type 'reasoning'")
+        reasoning = part_reasoning
     content, inline = _split_think(content, where)
     if inline is not None:
         if reasoning is not None:
@@ -483,27 +494,39 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     return Message(ASSISTANT, content, tool_calls=calls, reasoning=reasoning, train=train)
 
 
-def _text_of(content: object, where: str) -> str:
-    """A message's text: a string as is, a list of text parts joined with newlines (as vLLM joins them)."""
+def _content_parts(content: object, where: str) -> tuple[str, str | None, tuple[ToolCall, ...]]:
+    """(text, reasoning or None, tool calls) of a message's content: a string is all text; a list holds text parts
+    (joined with newlines, as vLLM joins them) and, as in LLaMA-Factory's v1 format, parts of type "reasoning" (joined
+    likewise) and "tool_call" (a call {"name", "arguments"}, as a JSON string or an object), each with its "text" or
+    "value"."""
     if isinstance(content, str):
-        return content
+        return content, None, ()
     if not isinstance(content, list):
         raise DataError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
-    texts = []
+    texts, reasoning, calls = [], [], []
     for j, part in enumerate(content):
         if isinstance(part, str):
             texts.append(part)
             continue
         kind = part.get("type", "text") if isinstance(part, dict) else None
-        text = part.get("text", part.get("value")) if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(text, str):
+        value = part.get("text", part.get("value")) if isinstance(part, dict) else None
+        if kind == "tool_call" and isinstance(value, dict):
+            calls.append(_tool_call(value, f"{where}: content part {j}"))
+            continue
+        if kind == "tool_call" and isinstance(value, str):
+            calls += _parse_function_call_value(value, f"{where}: content part {j}")
+            continue
+        if kind not in CONTENT_PART_TYPES or not isinstance(value, str):
             what = f"type {kind!r}" if kind is not None else type(part).__name__
             raise DataError(
-                f"{where}: content part {j} ({what}) is not a text part: only text parts "
+                f"{where}: content part {j} ({what}) is not a text part: only text, reasoning and tool_call parts "
                 '({"type": "text", "text": ...}) are supported'
             )
-        texts.append(text)
-    return "\n".join(texts)
+        (reasoning if kind == "reasoning" else texts).append(value)
+    return "\n".join(texts), "\n".join(reasoning) if reasoning else None, tuple(calls)
+
+
+CONTENT_PART_TYPES = ("text", "reasoning")  # besides "tool_call", whose value is a call
 
 
 def _train_flag(turn: dict, where: str) -> bool | None:
