@@ -324,3 +324,17 @@ def test_a_chat_template_jinja_refuses_is_a_clear_error(tiny_chat_model, tmp_pat
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "the chat template cannot render a one-turn conversation (SecurityError: access to attribute" in err
+
+
+def test_a_huge_string_is_measured_only_to_a_multiple_of_the_limit(tiny_chat_model, tmp_path, capsys):
+    data = write_records(
+        tmp_path / "data.jsonl",
+        [chat_record("word " * 400_000, "ok", id="huge"), chat_record("Hi", "Hello!", id="a")],
+        jsonl=True,
+    )
+    main([str(data), "--model_name_or_path", str(tiny_chat_model), "--model_max_length", "256"])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "data.jsonl.check.json").read_text())
+    assert report["measured_to"] == 1024 and report["longer_than_measured"] == 1
+    assert report["longest"] == 1024 and report["dropped"] == 1  # its prompt alone is over the limit
+    assert "1 samples longer than 1024 tokens, 4 x --model_max_length, counted at 1024" in out

@@ -206,6 +206,37 @@ def test_special_token_strings_in_plain_text_are_text_on_qwen_vocab(qwen_tokeniz
     assert sample.input_ids.count(151643) == 1
 
 
+class RecordingTokenizer:
+    """A tokenizer that remembers the longest text it was asked to encode."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.longest = max([self.longest] + [len(t) for t in ([text] if isinstance(text, str) else text)])
+        return self._tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["chat", "plain-text"])
+def test_encode_limit_bounds_the_text_encoded_and_keeps_the_first_tokens_exact(qwen_tokenizer, plain):
+    """Before, a 50 MB string was tokenized whole (minutes, gigabytes) before being cut to the sequence limit."""
+    words = ["lorem ", "ipsum", " dolor", "\n", "中文", "x" * 40, "  ", "123"]
+    text = "".join(words[(i * 7919) % len(words)] for i in range(200_000))  # 1.4M characters, ~400k tokens
+    record = {"text": text} if plain else chat_record(text, "ok")
+    conversation = parse_record(record, default_id="long")
+    whole = render_samples(conversation, qwen_tokenizer)[0]
+    recording = RecordingTokenizer(qwen_tokenizer)
+    cut = render_samples(conversation, recording, encode_limit=4096)[0]
+    assert cut.cut_at_limit and not whole.cut_at_limit
+    assert cut.input_ids == whole.input_ids[:4096] and cut.labels == whole.labels[:4096]
+    assert recording.longest < 100_000  # characters: bounded by the limit, not by the 1.4M of the text
+    short = render_samples(conv("Hi", "Hello."), qwen_tokenizer, encode_limit=4096)[0]
+    assert not short.cut_at_limit and short == render_samples(conv("Hi", "Hello."), qwen_tokenizer)[0]
+
+
 REWRITING_TEMPLATE = (  # like Qwen3's: earlier assistant turns are rendered differently from the last one
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.role == 'assistant' and not loop.last %}[old]{% else %}{{ m.content }}{% endif %}<|im_end|>\n"

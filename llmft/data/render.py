@@ -42,6 +42,8 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmft.chat_template import document_end_token
@@ -66,6 +68,7 @@ class RenderedSample:
     truncated: bool = False
     trained_turns: int = 0  # assistant turns whose tokens carry loss in this sample (before truncation)
     reasoning_not_rendered: int = 0  # of those, turns whose reasoning_content the template left out
+    cut_at_limit: bool = False  # encoded only to `render_samples`' encode_limit tokens: longer than that
 
 
 @dataclass
@@ -98,33 +101,88 @@ def render_samples(
     train_turns: TrainTurns = "all",
     max_length: int | None = None,
     overlong: OverlongPolicy = "truncate",
+    encode_limit: int | None = None,
 ) -> list[RenderedSample | None]:
     """The samples of one conversation (see the module docstring), in turn order; one that is dropped as over-long
     is None in its place.
+
+    `encode_limit`: encode at most about that many tokens of each sample, so that time and memory stay bounded by it
+    whatever the text's length (a 50 MB string is not tokenized whole); a longer sample keeps its first
+    `encode_limit` tokens, as the whole text would have them, and is marked `cut_at_limit`.
 
     Over `max_length` tokens: "drop" drops it; "truncate" keeps the leading whole turns that fit, cutting after an
     assistant turn's end-of-turn token, and cuts inside the first answer only when not even that fits. A sample whose
     prompt alone is too long has nothing left to train on and is dropped in both cases.
     """
     if conversation.is_plain_text:
-        ids = tokenizer(conversation.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        encode = partial(tokenizer, add_special_tokens=False, split_special_tokens=True)
+        ids, cut = _encode_within(lambda text: encode(text)["input_ids"], conversation.text, encode_limit)
         end = document_end_token(tokenizer)
-        if end is not None:
+        if end is not None and not cut:
             ids = ids + [tokenizer.convert_tokens_to_ids(end)]
-        return [fit_to_length(RenderedSample(ids, list(ids)), max_length, overlong, plain_text=True)]
+        sample = RenderedSample(ids, list(ids), cut_at_limit=cut)
+        return [fit_to_length(sample, max_length, overlong, plain_text=True)]
     texts = sample_texts(conversation, tokenizer, default_system=default_system, train_turns=train_turns)
     samples = []
     for text in texts:
-        token_lists = encode_rendered(tokenizer, [piece for piece, _ in text.segments])
+        pieces = [piece for piece, _ in text.segments]
+        if encode_limit is None or sum(map(len, pieces)) <= encode_limit:  # short: cheap to encode whole
+            token_lists, cut = encode_rendered(tokenizer, pieces), False
+        else:
+            token_lists, cut = _encode_pieces_within(tokenizer, pieces, encode_limit)
         input_ids, labels = [], []
         for ids, (_, trained) in zip(token_lists, text.segments):
             input_ids.extend(ids)
             labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
         sample = RenderedSample(
-            input_ids, labels, trained_turns=text.trained_turns, reasoning_not_rendered=text.reasoning_not_rendered
+            input_ids,
+            labels,
+            trained_turns=text.trained_turns,
+            reasoning_not_rendered=text.reasoning_not_rendered,
+            cut_at_limit=cut,
         )
         samples.append(fit_to_length(sample, max_length, overlong))
     return samples
+
+
+# Tokens encoded past the limit before the encoding of a cut text is trusted: BPE merges reach only a few tokens back
+# from where a text is cut, so the tokens this far before the cut are those of the whole text.
+CUT_MARGIN = 64
+
+
+def _encode_within(encode: Callable[[str], list[int]], text: str, limit: int | None) -> tuple[list[int], bool]:
+    """(ids, cut): all of `text`'s ids, or, when it has more than `limit`, its first `limit` ones and True. A text of
+    at most `limit` characters is encoded whole; a longer one by growing prefixes until one has enough tokens (a
+    token may cover many characters, so how long a prefix must be is not known in advance), which keeps the work
+    within a few times what its first `limit` tokens take."""
+    if limit is None or len(text) <= limit:
+        return encode(text), False
+    size = 2 * (limit + CUT_MARGIN)
+    while True:
+        if size >= len(text):
+            ids = encode(text)
+            return (ids, False) if len(ids) <= limit else (ids[:limit], True)
+        ids = encode(text[:size])
+        if len(ids) >= limit + CUT_MARGIN:
+            return ids[:limit], True
+        size *= 4
+
+
+def _encode_pieces_within(
+    tokenizer: PreTrainedTokenizerBase, pieces: list[str], limit: int
+) -> tuple[list[list[int]], bool]:
+    """`encode_rendered` of each piece in turn until `limit` tokens are reached (`_encode_within`); the pieces after
+    that get no tokens."""
+    lists, total = [], 0
+    for piece in pieces:
+        if total >= limit:
+            return lists + [[] for _ in range(len(pieces) - len(lists))], True
+        ids, cut = _encode_within(lambda text: encode_rendered(tokenizer, [text])[0], piece, limit - total)
+        lists.append(ids)
+        total += len(ids)
+        if cut:
+            return lists + [[] for _ in range(len(pieces) - len(lists))], True
+    return lists, False
 
 
 def render_conversation(
