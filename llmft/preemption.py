@@ -276,7 +276,8 @@ def check_run_settings(
     training_args: TrainingArguments,
 ) -> dict:
     """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
-    auto`, a ConfigError naming the settings that differ when the output folder holds another run."""
+    auto`, a ConfigError naming the settings that differ when the output folder holds another run; with True or a
+    checkpoint's path, one naming those of SHAPE_SETTINGS that differ from the run that wrote the checkpoints."""
     settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
     record = {"fingerprint": settings_fingerprint(settings), "settings": settings}
     resume = str(training_args.resume_from_checkpoint)
