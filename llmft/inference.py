@@ -169,6 +169,8 @@ def load_adapter_model(
         with stdout_to_stderr(), without_unused_gptqmodel():  # no GPTQModel import for a base without its layers
             model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:  # PEFT's words for a bad adapter
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
         raise LlmftError(f"the adapter {adapter_dir} does not load onto its base {base}: {_first_lines(e)}") from None
     check_adapter_weights_used(model, adapter_dir)
     return model.eval()
