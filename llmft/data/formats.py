@@ -9,7 +9,9 @@ Accepted files: a JSON list of records, or JSONL (one record a line); formats ma
 - OpenAI: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}], "tools"?: [...]}`; an
   assistant message may carry `tool_calls` (`{"type": "function", "function": {"name", "arguments"}}`, arguments an
   object or a JSON string of one, several per message) and `reasoning_content`; `content` may be a list of text
-  parts (`{"type": "text", "text": ...}`, or `"value"` for `"text"`), which are joined with newlines as vLLM does.
+  parts (`{"type": "text", "text": ...}`, or `"value"` for `"text"`), which are joined with newlines as vLLM does;
+  an assistant's may also hold LLaMA-Factory v1's parts of type `"reasoning"` and `"tool_call"` (a call
+  `{"name", "arguments"}`, or a JSON string of one), read as its reasoning and tool calls.
 - Alpaca: `{"instruction", "input"?, "output", "system"?}`.
 - Plain text for continued pre-training: `{"text": ...}` (every token carries loss).
 
@@ -22,10 +24,10 @@ Tool data is checked: a call's arguments must be a JSON object, a tool result mu
 turn before it (and its `tool_call_id` / `name`, when given, must match one), and when the record lists `tools`, a
 call to a function not among them is an error (it would teach the model to call tools it was never shown).
 
-Content is checked too: a user or assistant turn that is empty or whitespace only is an error, as an Alpaca record
-with an empty output is (an empty answer would train the model to reply with nothing: only its end-of-turn token
-carries loss). An assistant turn may have empty content when it calls tools or holds reasoning; system and tool turns
-may be empty. Text must be valid Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
+Content is checked too: a user or assistant turn that is empty or whitespace only (invisible characters such as
+zero-width spaces count as whitespace, `is_blank`) is an error, as an Alpaca record with an empty output is (an empty
+answer would train the model to reply with nothing: only its end-of-turn token carries loss). An assistant turn may
+have empty content when it calls tools or holds reasoning; system and tool turns may be empty. Text must be valid Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
 cannot encode, is an error naming the field that holds it.
 
 Every problem is reported as a `DataError` that names the file and the record (its `id` when it has one, its
