@@ -27,7 +27,8 @@ call to a function not among them is an error (it would teach the model to call 
 Content is checked too: a user or assistant turn that is empty or whitespace only (invisible characters such as
 zero-width spaces count as whitespace, `is_blank`) is an error, as an Alpaca record with an empty output is (an empty
 answer would train the model to reply with nothing: only its end-of-turn token carries loss). An assistant turn may
-have empty content when it calls tools or holds reasoning; system and tool turns may be empty. Text must be valid Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
+have empty content when it calls tools or holds reasoning; system and tool turns may be empty. Text must be valid
+Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
 cannot encode, is an error naming the field that holds it.
 
 Every problem is reported as a `DataError` that names the file and the record (its `id` when it has one, its
