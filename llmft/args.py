@@ -17,7 +17,7 @@ from typing import Literal, NoReturn
 import transformers
 from transformers import HfArgumentParser
 
-from llmft.checks import validate
+from llmft.checks import training_number_problems, validate
 from llmft.distributed import fsdp_flag_as_switch
 from llmft.errors import ConfigError
 from llmft.run_folder import output_dir_problems
@@ -273,14 +273,17 @@ def parse_args(
     parser.error = _raise_config_error  # one clear line, not argparse's usage text of several hundred flags
     namespace, unknown = parser.parse_known_args(argv)
     problems = _unknown_argument_problems(unknown)
+    number_problems = training_number_problems(vars(namespace))
     parsed = []
     for cls in ARGUMENT_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         try:
             parsed.append(cls(**{k: v for k, v in vars(namespace).items() if k in names}))
-        except ValueError as e:  # TrainingArguments.__post_init__ rejects some combinations itself
-            problems.append(str(e))
+        except (ValueError, OverflowError) as e:  # TrainingArguments.__post_init__ rejects some values itself
+            if not (cls is TrainingArguments and number_problems):  # those say which flag, its own may not
+                problems.append(str(e))
             parsed.append(None)
+    problems += number_problems
     problems += validate(*parsed)
     if parsed[-1] is not None:
         problems += output_dir_problems(parsed[0], parsed[1], parsed[-1], config_file)

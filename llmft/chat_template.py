@@ -125,10 +125,20 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     Found by rendering a one-turn conversation with a sentinel answer and reading the first special token after it,
     so it holds for ChatML (`<|im_end|>`), Llama 3 (`<|eot_id|>`) and others alike; falls back to the EOS token.
     """
+    from jinja2 import TemplateError
+
     sentinel = "LLMFT_SENTINEL_ANSWER"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
+        )
+    except (TemplateError, TypeError) as e:  # a syntax error, Jinja's sandbox refusing an attribute, raise_exception()
+        raise ConfigError(
+            [
+                f"the chat template cannot render a one-turn conversation ({type(e).__name__}: {e}): fix the "
+                "template, or choose another with --chat_template (chatml, or the path of a .jinja file)"
+            ]
+        ) from None
     after = text[text.find(sentinel) + len(sentinel) :]
     for token in sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True):
         if token and after.lstrip(" ").startswith(token):

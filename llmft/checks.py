@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from llmft.attention import VARLEN
 from llmft.checkpoint import model_folder
 from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
+from llmft.data.formats import data_file_problem
 from llmft.distributed import shards_parameters
 
 if TYPE_CHECKING:
@@ -35,12 +36,8 @@ def validate(
     problems = model.problems("--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
-        if path is not None and os.path.isdir(path):
-            problems.append(
-                f"--{flag} {path}: is a directory, not a data file (give the path of a .json or .jsonl file)"
-            )
-        elif path is not None and not os.path.isfile(path):
-            problems.append(f"--{flag} {path}: no such file")
+        if path is not None and (problem := data_file_problem(path)) is not None:
+            problems.append(f"--{flag} {path}: {problem}")
     if data_args.model_max_length < 16:
         problems.append("--model_max_length must be at least 16")
     # Above the model's context is warned, not refused: the default is above many models' context, and a run whose
@@ -74,7 +71,7 @@ def validate(
     if quant_args.quant_bits == 8 and quant_args.quant_type != "nf4":
         problems.append("--quant_type applies to 4-bit quantization only; leave it out with --quant_bits 8")
     if lora_args.use_lora:
-        if lora_args.lora_r <= 0 or lora_args.lora_alpha <= 0:
+        if lora_args.lora_r <= 0 or not (math.isfinite(lora_args.lora_alpha) and lora_args.lora_alpha > 0):
             problems.append("--lora_r and --lora_alpha must be positive")
         if not 0 <= lora_args.lora_dropout < 1:
             problems.append("--lora_dropout must be in [0, 1)")
@@ -301,6 +298,44 @@ def _number_problems(data_args: DataArguments, training_args: TrainingArguments)
         value = getattr(training_args, flag)
         if value is not None and not 0 <= value < 2**32:
             problems.append(f"--{flag} {value}: must be in [0, 2**32 - 1]")
+    return problems
+
+
+# Optimizer and schedule settings that transformers passes on unchecked: NaN trains an all-NaN model with exit 0, and
+# an epsilon of 0 or a beta of 1 fail (or divide by zero) only once the model has loaded. Each must be finite and at
+# least 0; those named in UNIT_INTERVAL below 1 as well.
+TRAINING_NUMBERS = (
+    "num_train_epochs",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "warmup_steps",
+    "label_smoothing_factor",
+    "neftune_noise_alpha",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+    "eval_delay",
+)
+UNIT_INTERVAL = ("adam_beta1", "adam_beta2", "label_smoothing_factor")
+
+
+def training_number_problems(values: dict) -> list[str]:
+    """The TRAINING_NUMBERS among `values` (flag name -> parsed value) that are not finite or out of range. Called
+    on the parsed flags before TrainingArguments is built: its own checks fail with an OverflowError on inf."""
+    problems = []
+    for flag in TRAINING_NUMBERS:
+        value = values.get(flag)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if flag in UNIT_INTERVAL and not 0 <= value < 1:  # False for NaN too
+            problems.append(f"--{flag} {value}: must be in [0, 1)")
+        elif not (math.isfinite(value) and value >= 0):
+            problems.append(f"--{flag} {value}: must be a finite number, 0 or more")
+        elif flag == "adam_epsilon" and value == 0:
+            problems.append(f"--{flag} {value}: must be above 0 (it keeps Adam's update from dividing by zero)")
     return problems
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.errors import LlmftError
+from llmft.errors import ConfigError, LlmftError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -98,6 +98,27 @@ def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]
         )
         return "fsdp", ("optimizer", "parameters") if offload else ()
     return ("ddp" if training_args.world_size > 1 else "none"), ()
+
+
+def require_launcher(training_args: TrainingArguments) -> None:
+    """Refuse --deepspeed in a process no launcher started (ConfigError), before anything loads: DeepSpeed then looks
+    for MPI itself and fails with mpi4py's ImportError once the model has loaded. Launched means RANK / LOCAL_RANK
+    (torchrun, the DeepSpeed launcher) or --local_rank are set, or mpirun's variables with mpi4py to read them."""
+    import importlib.util
+
+    if not training_args.deepspeed or training_args.fsdp:  # --fsdp with --deepspeed is refused by llmft.checks
+        return
+    if training_args.local_rank != -1 or os.environ.get("LOCAL_RANK") or os.environ.get("RANK"):
+        return
+    if os.environ.get("OMPI_COMM_WORLD_SIZE") and importlib.util.find_spec("mpi4py") is not None:
+        return
+    raise ConfigError(
+        [
+            f"--deepspeed {training_args.deepspeed} runs in a process group that a launcher starts: use "
+            "finetune/finetune_ds.sh (or finetune_lora_single_gpu.sh --deepspeed ...), torchrun, or for one "
+            "process `python -m llmft.launch --standalone --nproc_per_node 1 finetune.py ...`"
+        ]
+    )
 
 
 def init_deepspeed_on_cpu_ranks(training_args: TrainingArguments) -> None:

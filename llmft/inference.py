@@ -156,9 +156,92 @@ def load_adapter_model(
     if wanted is not None and wanted > rows:
         logger.info("growing the base embeddings from %d to %d rows, as training did", rows, wanted)
         model.resize_token_embeddings(wanted, mean_resizing=False)  # the adapter's saved rows replace them
-    with stdout_to_stderr(), without_unused_gptqmodel():  # no GPTQModel import for a base that has none of its layers
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    check_adapter_config(adapter_dir)
+    try:
+        with stdout_to_stderr(), without_unused_gptqmodel():  # no GPTQModel import for a base without its layers
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:  # PEFT's words for a bad adapter
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise LlmftError(f"the adapter {adapter_dir} does not load onto its base {base}: {_first_lines(e)}") from None
+    check_adapter_weights_used(model, adapter_dir)
     return model.eval()
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter_config(adapter_dir: str | Path) -> None:
+    """Refuse an adapter folder whose adapter_config.json PEFT would fail on with a traceback, or which holds no
+    weights: an unknown peft_type, a rank or target_modules of the wrong kind, no adapter_model file."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LlmftError(f"{path}: cannot be read: {e}") from None
+    problems = []
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type not in {str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING}:
+        problems.append(f"peft_type {peft_type!r} is not one PEFT knows")
+    elif peft_type == "LORA":
+        rank = config.get("r")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            problems.append(f"r {rank!r} is not a positive whole number")
+        targets = config.get("target_modules")
+        if targets is not None and not (
+            isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+        ):
+            problems.append(f"target_modules {targets!r} is neither a module name pattern nor a list of names")
+    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ADAPTER_WEIGHTS):
+        problems.append(f"it holds no weights (no {' or '.join(ADAPTER_WEIGHTS)})")
+    if problems:
+        raise LlmftError(f"the adapter {adapter_dir} is not usable: {'; '.join(problems)}")
+
+
+def check_adapter_weights_used(model: PeftModel, adapter_dir: str | Path) -> None:
+    """Refuse an adapter whose weight file does not match the modules its config made: PEFT only warns about
+    weights the file lacks (left at their initial values, so the adapter silently does less) or holds for modules
+    that do not exist (never used)."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(model))
+    file = os.path.join(adapter_dir, ADAPTER_WEIGHTS[0])
+    if os.path.isfile(file):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            saved = set(f.keys())
+    else:
+        saved = set(torch.load(os.path.join(adapter_dir, ADAPTER_WEIGHTS[1]), map_location="meta", weights_only=True))
+    missing, unused = sorted(expected - saved), sorted(saved - expected)
+    if missing or unused:
+        example = f"e.g. {missing[0]} missing" if missing else f"e.g. {unused[0]} unused"
+        raise LlmftError(
+            f"the adapter {adapter_dir} does not match its {ADAPTER_CONFIG}: {len(missing)} of the "
+            f"{len(expected)} weights its config makes are not in its weight file, and {len(unused)} weights of the "
+            f"file fit none of them ({example})"
+        )
+
+
+def _first_lines(error: BaseException, lines: int = 2) -> str:
+    """The start of a library's error message (a state dict's size mismatches run to one line per tensor)."""
+    text = str(error).strip().strip("'\"") or type(error).__name__
+    kept = text.splitlines()[:lines]
+    return " ".join(line.strip() for line in kept) + (" ..." if len(text.splitlines()) > lines else "")
+
+
+def check_weights_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model (or adapter) holding a NaN or infinite weight, naming the first: it predicts NaN for every
+    token, and merging, quantizing or comparing it would give numbers that look like results (max(0, nan) is 0)."""
+    for name, param in model.named_parameters():
+        if param.numel() and not torch.isfinite(param).all():
+            raise LlmftError(
+                f"{what} holds NaN or infinite weights (first in {name}): the training that wrote it diverged "
+                "(a NaN or too high a learning rate, weight decay, ...); train it again"
+            )
 
 
 def load_for_inference(

@@ -241,6 +241,22 @@ def integer(problems: list[str], name: str, value: str | None, minimum: int, max
     return None
 
 
+HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+
+
+def is_host(value: str) -> bool:
+    """Whether `value` is a host name (letters, digits, '-' and '_' in dot-separated labels, none starting with '-')
+    or an IPv4 / IPv6 address (bracketed or not): what torchrun and DeepSpeed can connect to, and nothing that
+    another program could take for an option."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        return len(value) <= 253 and HOST_NAME.fullmatch(value) is not None
+
+
 def read_environment(environ: dict) -> NodeEnvironment:
     """Every environment variable a launcher reads, each checked; raises one UsageError listing all bad ones.
     One launcher runs per node: its place in the job is NNODES/NODE_RANK, else Open MPI's, else PMI's (MPICH,
@@ -262,6 +278,9 @@ def read_environment(environ: dict) -> NodeEnvironment:
     if nnodes is not None and node_rank is not None and node_rank >= nnodes:
         problems.append(f"{rank_name}={node_rank} is not below {nnodes_name}={nnodes} (node ranks count from 0)")
     port = integer(problems, "MASTER_PORT", env_value(environ, "MASTER_PORT", default="6001"), 1, 65535)
+    master_addr = env_value(environ, "MASTER_ADDR")
+    if master_addr is not None and not is_host(master_addr):
+        problems.append(f"MASTER_ADDR must be a host name or an IP address, got {master_addr!r}")
     resume = env_value(environ, "RESUME")
     if resume is not None and resume.lower() not in RESUME_WORDS and not os.path.isdir(resume):
         problems.append(f"RESUME must be auto, True, False or a checkpoint folder, got {resume!r} (no such folder)")
@@ -275,7 +294,7 @@ def read_environment(environ: dict) -> NodeEnvironment:
         gpus_per_node=gpus,
         nnodes=nnodes,
         node_rank=node_rank,
-        master_addr=env_value(environ, "MASTER_ADDR"),
+        master_addr=master_addr,
         master_port=port,
         resume=resume,
         hostfile=hostfile,
@@ -569,6 +588,8 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
         # DeepSpeed's MPI and Slurm launchers set only MPI's variables, which transformers does not read: under MPI
         # or Slurm, run one launcher per node instead (mpirun -npernode 1 ..., slurm_finetune.sbatch).
         master_addr = node.master_addr or first_host(node.hostfile) or "localhost"
+        if not is_host(master_addr):
+            raise UsageError(f"the first host of HOSTFILE {node.hostfile}, {master_addr!r}, is not a host name")
         command = [
             node.python,
             "-m",

@@ -278,12 +278,30 @@ def check_run_settings(
     training_args: TrainingArguments,
 ) -> dict:
     """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
-    auto`, a ConfigError naming the settings that differ when the output folder holds another run."""
+    auto`, a ConfigError naming the settings that differ when the output folder holds another run; with True or a
+    checkpoint's path, one naming those of SHAPE_SETTINGS that differ from the run that wrote the checkpoints."""
     settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
     record = {"fingerprint": settings_fingerprint(settings), "settings": settings}
-    if str(training_args.resume_from_checkpoint).lower() == "auto":
+    resume = str(training_args.resume_from_checkpoint)
+    if resume.lower() == "auto":
         _check_same_run(training_args.output_dir, settings, record["fingerprint"])
+    elif training_args.resume_from_checkpoint is not None and resume.lower() != "false":
+        folder = training_args.output_dir if resume.lower() == "true" else os.path.dirname(os.path.abspath(resume))
+        _check_same_shapes(f"--resume_from_checkpoint {resume}", folder, settings)
     return record
+
+
+# Settings that decide which tensors a checkpoint holds and their shapes: a run resumed with other values cannot load
+# its checkpoint (PEFT and the Trainer fail with a size-mismatch traceback), whatever else may change on a resume.
+SHAPE_SETTINGS = (
+    "use_lora",
+    "lora_r",
+    "lora_target_modules",
+    "lora_modules_to_save",
+    "lora_bias",
+    "use_dora",
+    "lora_init",
+)
 
 
 def record_run_settings(record: dict, training_args: TrainingArguments) -> None:
@@ -321,10 +339,7 @@ def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
     if record["fingerprint"] == fingerprint:
         return
     recorded = record.get("settings") or {}
-    differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-    shown = ", ".join(
-        f"{k} ({json.dumps(recorded.get(k))} there, {json.dumps(settings.get(k))} now)" for k in differ[:6]
-    ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+    shown = _differences(recorded, settings, set(recorded) | set(settings))
     raise ConfigError(
         [
             f"{flag}: --output_dir {out} holds a different run: {shown or 'its fingerprint differs'}; "
@@ -332,3 +347,29 @@ def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
             "--resume_from_checkpoint True to continue it with these settings"
         ]
     )
+
+
+def _differences(recorded: dict, settings: dict, keys: set[str]) -> str:
+    """The settings among `keys` that differ, as "name (value there, value now)", the first six."""
+    differ = sorted(k for k in keys if recorded.get(k) != settings.get(k))
+    return ", ".join(
+        f"{k} ({json.dumps(recorded.get(k))} there, {json.dumps(settings.get(k))} now)" for k in differ[:6]
+    ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+
+
+def _check_same_shapes(flag: str, folder: str, settings: dict) -> None:
+    """With a resume other than auto (which checks every setting), refuse settings whose checkpoint tensors differ
+    from the ones the run recorded in `folder` (SHAPE_SETTINGS); nothing to check without a record."""
+    record = read_run_settings(folder) if os.path.isdir(folder) else None
+    if record is None:
+        return
+    recorded = record.get("settings") or {}
+    shown = _differences(recorded, settings, {k for k in SHAPE_SETTINGS if k in recorded})
+    if shown:
+        raise ConfigError(
+            [
+                f"{flag}: the run in {folder} was trained with other adapter settings: {shown}; its checkpoints "
+                "hold tensors of other shapes, which this run cannot load: resume with the settings it had, or "
+                "start a new run (another --output_dir, or --overwrite_output_dir True)"
+            ]
+        )

@@ -73,34 +73,95 @@ def describe_run(plan: RunPlan) -> dict:
 # config.json keys that differ between copies of the same weights (where it was loaded from, which transformers
 # wrote it, the dtype it was stored in), left out of the fingerprint.
 FINGERPRINT_IGNORED_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
-FINGERPRINT_TENSORS = 4  # tensors sampled, spread over the sorted tensor names
-FINGERPRINT_VALUES = 4096  # leading values read from each sampled tensor
+FINGERPRINT_SCHEME = "sha256-all:"  # every tensor sampled (`base_fingerprint`)
+FINGERPRINT_RUNS = 16  # runs of values read from each tensor, spread evenly from its first value to its last
+FINGERPRINT_RUN = 16  # values in each run
+# safetensors float dtypes, read as float32 so that the same weights stored in a wider float dtype hash the same
+FINGERPRINT_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def base_fingerprint(model: str | os.PathLike) -> str | None:
     """A short hash that tells a model's weights apart from another model of the same shape, cheaply: its
-    config.json (less FINGERPRINT_IGNORED_KEYS) and the first FINGERPRINT_VALUES values, as float32, of
-    FINGERPRINT_TENSORS tensors spread over its safetensors files (a few KB read, whatever the model's size). The
-    same weights stored in another float dtype that holds them exactly give the same fingerprint. None when the model
-    is neither a local folder nor in the local hub cache, or has no safetensors weights."""
+    config.json (less FINGERPRINT_IGNORED_KEYS), and for every tensor of its safetensors files its name, shape and
+    FINGERPRINT_RUNS runs of FINGERPRINT_RUN values spread from the first value to the last (read straight from the
+    file, a few KB a tensor whatever the model's size), so that a base differing in any one tensor's values at those
+    places, or in any tensor's name or shape, differs. Float values are hashed as float32: the same weights stored in
+    another float dtype that holds them exactly give the same fingerprint. None when the model is neither a local
+    folder nor in the local hub cache, or has no whole safetensors weights."""
+    import torch
+
+    from llmft.checkpoint import _safetensors_header
+
+    inspected = model_folder(model)
+    if inspected.folder is None or inspected.config is None:
+        return None
+    digest = _config_digest(inspected.config)
+    tensors = []  # (name, file, header entry, where the data starts)
+    for file in sorted(inspected.folder.glob("*.safetensors")):
+        header = _safetensors_header(file)
+        if isinstance(header, str):
+            return None
+        with open(file, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")  # the data follow the header and its length
+        tensors += [(name, file, entry, start) for name, entry in header.items() if name != "__metadata__"]
+    if not tensors:
+        return None
+    handles = {}
+    try:
+        for name, file, entry, start in sorted(tensors, key=lambda t: t[0]):
+            shape, dtype = entry.get("shape") or [], entry.get("dtype")
+            begin, end = entry["data_offsets"]
+            count = math.prod(shape)
+            width = (end - begin) // count if count else 0
+            digest.update(f"{name}{shape}".encode())
+            if not width:
+                continue
+            f = handles.get(file) or handles.setdefault(file, open(file, "rb"))
+            run = min(FINGERPRINT_RUN, count)
+            for first in sorted(
+                {round(i * (count - run) / max(FINGERPRINT_RUNS - 1, 1)) for i in range(FINGERPRINT_RUNS)}
+            ):
+                f.seek(start + begin + first * width)
+                raw = f.read(run * width)
+                if dtype in FINGERPRINT_FLOATS:
+                    values = torch.frombuffer(bytearray(raw), dtype=getattr(torch, FINGERPRINT_FLOATS[dtype]))
+                    raw = values.float().numpy().tobytes()
+                digest.update(raw)
+    finally:
+        for f in handles.values():
+            f.close()
+    return FINGERPRINT_SCHEME + digest.hexdigest()[:32]
+
+
+def _config_digest(config: dict) -> hashlib._Hash:
+    config = dict(config)
+    for key in FINGERPRINT_IGNORED_KEYS:
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+
+
+FINGERPRINT_V1_TENSORS = 4  # tensors sampled, spread over the sorted tensor names
+FINGERPRINT_V1_VALUES = 4096  # leading values read from each sampled tensor
+
+
+def base_fingerprint_v1(model: str | os.PathLike) -> str | None:
+    """The fingerprint earlier llmft versions recorded ("sha256:..."), kept to check their adapters' bases: the
+    config and the first FINGERPRINT_V1_VALUES values of FINGERPRINT_V1_TENSORS tensors, spread over the sorted
+    names."""
     inspected = model_folder(model)
     if inspected.folder is None or inspected.config is None:
         return None
     from safetensors import safe_open
 
-    folder, config = inspected.folder, dict(inspected.config)
-    for key in FINGERPRINT_IGNORED_KEYS:
-        config.pop(key, None)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    files = sorted(folder.glob("*.safetensors"))
+    digest = _config_digest(inspected.config)
     names = []
-    for file in files:
+    for file in sorted(inspected.folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             names += [(name, file) for name in f.keys()]
     if not names:
         return None
     names.sort()
-    count = min(FINGERPRINT_TENSORS, len(names))
+    count = min(FINGERPRINT_V1_TENSORS, len(names))
     picked = sorted({round(i * (len(names) - 1) / max(count - 1, 1)) for i in range(count)})
     for index in picked:
         name, file = names[index]
@@ -108,8 +169,8 @@ def base_fingerprint(model: str | os.PathLike) -> str | None:
             tensor_slice = f.get_slice(name)
             shape = list(tensor_slice.get_shape())
             row = math.prod(shape[1:]) if len(shape) > 1 else 1
-            sample = tensor_slice[: max(1, FINGERPRINT_VALUES // max(row, 1))] if shape else f.get_tensor(name)
-        values = sample.reshape(-1)[:FINGERPRINT_VALUES].float().contiguous()
+            sample = tensor_slice[: max(1, FINGERPRINT_V1_VALUES // max(row, 1))] if shape else f.get_tensor(name)
+        values = sample.reshape(-1)[:FINGERPRINT_V1_VALUES].float().contiguous()
         digest.update(f"{name}{shape}".encode())
         digest.update(values.numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:32]
@@ -137,6 +198,7 @@ def save_for_inference(
     if trainer.is_world_process_zero():
         record_written(output_dir, STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    check_trained_weights_finite(model, trainer.args)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
     trainer.save_model(staging)  # every rank takes part: ZeRO-3 and FSDP gather the sharded weights here
     if trainer.is_world_process_zero():
@@ -171,6 +233,35 @@ def save_for_inference(
         os.rmdir(staging)
         logger.warning("saved %s to %s", "adapter" if hasattr(model, "peft_config") else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def check_trained_weights_finite(model: torch.nn.Module, args: transformers.TrainingArguments) -> None:
+    """Refuse to save a result whose trained weights hold NaN or inf (a diverged run: every prediction NaN), on every
+    rank together: each checks its own part of the trainable weights (ZeRO-3's partition, FSDP's shard), and one
+    all-reduce shares the verdict, so that no rank waits for a save the others abandoned. The checkpoints stay."""
+    import torch
+
+    bad = None
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps only this rank's partition
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2's DTensor shard
+        if local.numel() and not torch.isfinite(local).all():
+            bad = name
+            break
+    found = bad is not None
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if found else 0.0], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        found = bool(flag.item())
+    if found:
+        where = f" (first in {bad})" if bad is not None else " (on another rank)"
+        raise LlmftError(
+            f"the trained weights hold NaN or infinite values{where}, so the result was not saved: training "
+            "diverged; lower --learning_rate, check --max_grad_norm and the data, and train again"
+        )
 
 
 def check_adapter_complete(path: str, model: torch.nn.Module) -> None:

@@ -33,6 +33,7 @@ from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
+from llmft.distributed import require_launcher
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
     use_compile_cache(training_args.output_dir)  # before anything compiles: kernels kept with the run, not the node
+    require_launcher(training_args)  # --deepspeed in a process of its own would fail only once the model has loaded
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,

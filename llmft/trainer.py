@@ -183,6 +183,15 @@ class PackingLoraPlusTrainer(transformers.Trainer):
             )
         return self.optimizer
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' epoch, unless the run resumed from a checkpoint at --max_steps (a SIGTERM during the last
+        step, a kill during the final save): transformers checks for the end only after a step, so it would train
+        one step past --max_steps when that falls inside an epoch. Then training is over before it starts."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if enable_fsdp_on_cpu_ranks(self.accelerator, self.args):

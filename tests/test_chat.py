@@ -404,3 +404,29 @@ def test_template_that_ignores_tools_is_refused(answering_model, tmp_path, capsy
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "the model's chat template does not show the tools ('get_weather')" in err
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"r": 8}, "does not load onto its base"),
+        ({"target_modules": ["no_such_proj"]}, "does not load onto its base"),
+        ({"peft_type": "BOGUS"}, "is not usable: peft_type 'BOGUS' is not one PEFT knows"),
+    ],
+    ids=["rank", "target-modules", "peft-type"],
+)
+def test_an_adapter_that_does_not_fit_its_base_is_named(answering_adapter, tmp_path, capsys, config, message):
+    """Before, PEFT's KeyError or size-mismatch traceback."""
+    import json
+    import shutil
+
+    from llmft.tools.chat import main
+
+    adapter = shutil.copytree(answering_adapter, tmp_path / "adapter")
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(adapter), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"error: the adapter {adapter} {message}" in err

@@ -299,3 +299,42 @@ def test_bad_flags_are_reported_together(tiny_chat_model, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "missing.json: no such file" in err and "--world_size must be at least 1" in err and "--bogus" in err
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_data_path_that_is_no_regular_file_is_named_for_what_it_is(tiny_chat_model, tmp_path, capsys, kind):
+    import os
+
+    path = tmp_path / "data.json"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    with pytest.raises(SystemExit) as info:
+        main([str(path), "--model_name_or_path", str(tiny_chat_model)])
+    assert info.value.code == 2
+    what = "is a directory, not a data file" if kind == "directory" else "is a FIFO (named pipe), not a regular file"
+    assert f"--data_path {path}: {what}" in capsys.readouterr().err
+
+
+def test_a_chat_template_jinja_refuses_is_a_clear_error(tiny_chat_model, tmp_path, capsys):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}", encoding="utf-8")
+    data = write_records(tmp_path / "data.json", GOOD)
+    with pytest.raises(SystemExit) as info:
+        main([str(data), "--model_name_or_path", str(tiny_chat_model), "--chat_template", str(template)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "the chat template cannot render a one-turn conversation (SecurityError: access to attribute" in err
+
+
+def test_a_huge_string_is_measured_only_to_a_multiple_of_the_limit(tiny_chat_model, tmp_path, capsys):
+    data = write_records(
+        tmp_path / "data.jsonl",
+        [chat_record("word " * 400_000, "ok", id="huge"), chat_record("Hi", "Hello!", id="a")],
+        jsonl=True,
+    )
+    main([str(data), "--model_name_or_path", str(tiny_chat_model), "--model_max_length", "256"])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "data.jsonl.check.json").read_text())
+    assert report["measured_to"] == 1024 and report["longer_than_measured"] == 1
+    assert report["longest"] == 1024 and report["dropped"] == 1  # its prompt alone is over the limit
+    assert "1 samples longer than 1024 tokens, 4 x --model_max_length, counted at 1024" in out

@@ -408,6 +408,6 @@ def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkey
     plan = plan.with_added_tokens(added)
     build_model(model_args, lora_args, training_args, tokenizer, plan)
     run = describe_run(plan)
-    assert run["base_fingerprint"].startswith("sha256:")
+    assert run["base_fingerprint"].startswith("sha256-all:")
     assert json_reads.count("config.json") == 1, json_reads
     assert json_reads == ["config.json", "tokenizer_config.json"]

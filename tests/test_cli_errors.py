@@ -850,3 +850,65 @@ def test_liger_kernel_config_that_is_not_a_json_object_is_named(data, model_dir,
         ]
     )
     assert len(problems) == 1 and problems[0].startswith(f"--liger_kernel_config {value}: ") and says in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "problem"),
+    [
+        ("weight_decay", "nan", "--weight_decay nan: must be a finite number, 0 or more"),
+        ("num_train_epochs", "nan", "--num_train_epochs nan: must be a finite number, 0 or more"),
+        ("adam_epsilon", "nan", "--adam_epsilon nan: must be a finite number, 0 or more"),
+        ("adam_epsilon", "0", "--adam_epsilon 0.0: must be above 0 (it keeps Adam's update from dividing by zero)"),
+        ("adam_beta1", "-0.1", "--adam_beta1 -0.1: must be in [0, 1)"),
+        ("adam_beta2", "nan", "--adam_beta2 nan: must be in [0, 1)"),
+        ("adam_beta2", "1", "--adam_beta2 1.0: must be in [0, 1)"),
+        ("max_grad_norm", "inf", "--max_grad_norm inf: must be a finite number, 0 or more"),
+        ("warmup_steps", "nan", "--warmup_steps nan: must be a finite number, 0 or more"),
+        ("label_smoothing_factor", "1", "--label_smoothing_factor 1.0: must be in [0, 1)"),
+        ("logging_steps", "inf", "--logging_steps inf: must be a finite number, 0 or more"),
+        ("save_steps", "nan", "--save_steps nan: must be a finite number, 0 or more"),
+    ],
+)
+def test_training_numbers_that_are_not_finite_or_out_of_range(data, model_dir, tmp_path, flag, value, problem):
+    """Before, --weight_decay nan trained an all-NaN adapter with exit 0, NaN epochs, epsilon or beta2 failed with a
+    traceback once the model had loaded, and an infinite --logging_steps with an OverflowError in transformers."""
+    flags = ["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", tmp_path / "out"]
+    assert problems_of([*flags, f"--{flag}", value]) == [problem]
+
+
+BROKEN_TEMPLATES = {
+    "sandbox": "{% for m in messages %}{{ m.content.__class__.__mro__[1].__subclasses__() }}{% endfor %}",
+    "syntax": "{% for m in messages %}{{ m.content }{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_TEMPLATES))
+def test_a_chat_template_jinja_refuses_is_a_clear_error(fails, tiny_chat_model, data, tmp_path, kind):
+    """Before, Jinja's SecurityError or TemplateSyntaxError came out as a traceback, from loading the tokenizer."""
+    template = tmp_path / "template.jinja"
+    template.write_text(BROKEN_TEMPLATES[kind], encoding="utf-8")
+    block = fails(
+        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out",
+        "--use_cpu", "True", "--max_steps", "1", "--report_to", "none", "--chat_template", template,
+    )  # fmt: skip
+    error = "SecurityError: access to attribute '__class__'" if kind == "sandbox" else "TemplateSyntaxError: unexpected"
+    assert f"the chat template cannot render a one-turn conversation ({error}" in block
+
+
+def test_deepspeed_without_a_launcher_is_refused_before_the_model_loads(
+    fails, tiny_chat_model, data, tmp_path, monkeypatch
+):
+    """Before, DeepSpeed looked for MPI itself and failed with mpi4py's ImportError once the model had loaded."""
+    import llmft.train
+
+    for name in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(llmft.train, "build_model", lambda *args: pytest.fail("the model was loaded"))
+    block = fails(
+        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out",
+        "--use_cpu", "True", "--max_steps", "1", "--report_to", "none", "--deepspeed", REPO / "ds_configs" / "zero2.json",
+    )  # fmt: skip
+    assert block.startswith(
+        f"error: invalid settings (1):\n  - --deepspeed {REPO / 'ds_configs' / 'zero2.json'} runs in a process group "
+        "that a launcher starts: use finetune/finetune_ds.sh"
+    )

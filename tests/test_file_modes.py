@@ -84,7 +84,7 @@ def test_run_records_the_fingerprint_of_its_base(tiny_chat_model, data, tmp_path
     run_finetune(*lora_flags(tiny_chat_model, data, out, "--save_strategy", "no"))
     run = json.loads((out / RUN_FILE).read_text())
     assert run["base_fingerprint"] == base_fingerprint(tiny_chat_model)
-    assert run["base_fingerprint"].startswith("sha256:")
+    assert run["base_fingerprint"].startswith("sha256-all:")
 
 
 class CheckpointModes(TrainerCallback):

@@ -8,7 +8,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import ANSWER, assert_loss_falls, chat_record, sample_inputs, train_flags, write_records
+from transformers import TrainerCallback
+
+from tests.conftest import (
+    ANSWER,
+    assert_loss_falls,
+    chat_record,
+    finetune,
+    sample_inputs,
+    tiny_lora_flags,
+    train_flags,
+    write_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +274,24 @@ def test_evaluation_on_eval_data(tiny_chat_model, repeated_data, tmp_path, run_f
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert [entry["step"] for entry in evaluations] == [2, 4]
     assert all(entry["eval_loss"] > 0 for entry in evaluations)
+
+
+class PoisonAtTrainEnd(TrainerCallback):
+    """Sets one trained LoRA weight to NaN after the last step, as a diverged run leaves it."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+        with torch.no_grad():
+            param.view(-1)[0] = float("nan")
+
+
+def test_final_save_refuses_nan_weights(tiny_chat_model, tmp_path, capsys):
+    """Before, a run whose weights had turned NaN saved them with exit 0, as a result that predicts NaN."""
+    out = tmp_path / "out"
+    flags = tiny_lora_flags(tiny_chat_model, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    with pytest.raises(SystemExit) as info:
+        finetune(*flags, callbacks=[PoisonAtTrainEnd()])
+    assert info.value.code == 2
+    assert "the trained weights hold NaN or infinite values (first in " in capsys.readouterr().err
+    assert not (out / "adapter_model.safetensors").exists()
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()  # the checkpoints stay

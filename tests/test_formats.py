@@ -228,6 +228,35 @@ FORMATS = {
         },
         conversation("1", (U, "2+3?"), Message(A, "5", reasoning="Two and three.")),
     ),
+    "llama-factory-v1-reasoning-and-tool-call-parts": (  # the shape of LLaMA-Factory's reason_tool_use_demo data
+        {
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "value": "Use tools."}]},
+                {"role": "user", "content": [{"type": "text", "value": "Areas of radius 1 and 2?"}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "reasoning", "value": "Two calls."},
+                        {"type": "tool_call", "value": '{"name": "area", "arguments": {"r": 1}}'},
+                        {"type": "tool_call", "value": {"name": "area", "arguments": {"r": 2}}},
+                    ],
+                },
+                {"role": "tool", "content": [{"type": "text", "value": "[3.14, 12.57]"}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "reasoning", "value": "Round."}, {"type": "text", "value": "3.1 and 12.6."}],
+                },
+            ],
+        },
+        conversation(
+            "1",
+            (S, "Use tools."),
+            (U, "Areas of radius 1 and 2?"),
+            Message(A, "", tool_calls=(ToolCall("area", {"r": 1}), ToolCall("area", {"r": 2})), reasoning="Two calls."),
+            (T, "[3.14, 12.57]"),
+            Message(A, "3.1 and 12.6.", reasoning="Round."),
+        ),
+    ),
     "per-message-train-and-loss-weight": (
         {
             "messages": [
@@ -489,6 +518,24 @@ BAD_RECORDS = {
             ),
         }.items()
     },
+    "reasoning-part-on-a-user-turn": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "reasoning", "value": "r"}, {"type": "text", "value": "a"}]},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+        "turn 0: only assistant turns may have content parts of type 'reasoning'",
+    ),
+    "tool-call-part-not-json": (
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": [{"type": "tool_call", "value": "area(1)"}]},
+            ]
+        },
+        "turn 1: content part 0: a function_call value must be JSON",
+    ),
     "reasoning-twice": (
         {
             "messages": [
@@ -549,6 +596,15 @@ BAD_RECORDS = {
         {"messages": [{"role": "user", "content": [" ", "\n"]}, {"role": "assistant", "content": "b"}]},
         "turn 0: the user turn is empty (or whitespace only)",
     ),
+    "zero-width-answer": (
+        {"conversations": turns(("user", "a"), ("assistant", "\u200b\u200b\u2060\ufeff\u3164 "))},
+        "turn 1: the assistant turn is empty (or whitespace only): it would train the model to reply with nothing",
+    ),
+    "zero-width-user-turn": (
+        {"conversations": turns(("user", "\u200b\u200c\u200d"), ("assistant", "b"))},
+        "turn 0: the user turn is empty (or whitespace only)",
+    ),
+    "zero-width-text": ({"text": "\u200b\n"}, "'text' must be a non-empty string"),
     "empty-answer": (
         {"conversations": turns(("user", "a"), ("assistant", ""))},
         "turn 1: the assistant turn is empty (or whitespace only): it would train the model to reply with nothing",
@@ -735,6 +791,13 @@ def test_malformed_jsonl_names_line_and_record(tmp_path):
     message = load_error(path)
     assert message.startswith(f"{path}: line 4 (record #2): malformed JSON: ")
     assert message.endswith("at column 14")  # the "}" after the trailing comma
+
+
+def test_malformed_jsonl_with_an_open_string_says_at_once(tmp_path):
+    # json's message for it ends in "starting at"; the column follows it without a second "at"
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b}\n', encoding="utf-8")
+    assert load_error(path) == f"{path}: line 2 (record #1): malformed JSON: Unterminated string starting at column 10"
 
 
 def test_pretty_printed_json_object_is_not_a_list(tmp_path):

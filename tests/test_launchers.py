@@ -313,6 +313,9 @@ def test_use_cpu_is_not_evaluated_as_shell_code(data_file, tmp_path):
         ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a positive integer up to 65535, got '70000'"),
         ({"RESUME": "yes"}, "RESUME must be auto, True, False or a checkpoint folder, got 'yes'"),
         ({"HOSTFILE": "/no/such/hostfile"}, "HOSTFILE '/no/such/hostfile' does not exist"),
+        ({"MASTER_ADDR": "node1 --x"}, "MASTER_ADDR must be a host name or an IP address, got 'node1 --x'"),
+        ({"MASTER_ADDR": "--help"}, "MASTER_ADDR must be a host name or an IP address, got '--help'"),
+        ({"MASTER_ADDR": "a;touch b"}, "MASTER_ADDR must be a host name or an IP address, got 'a;touch b'"),
     ],
 )
 def test_bad_environment_variable_fails_with_its_name(env, message, data_file):
@@ -620,3 +623,10 @@ def test_launcher_trains_tiny_model_on_cpu_ranks(name, config, saves, tiny_chat_
     else:
         assert_adapter_trained(tiny_chat_model, out)  # ZeRO-3 gathered it whole
     assert_reloads_and_generates(out)
+
+
+@pytest.mark.parametrize("addr", ["node-1.cluster.local", "10.0.0.7", "fe80::1", "[fe80::1]", "gpu_node3"])
+def test_master_addr_takes_host_names_and_addresses(addr):
+    from llmft.launcher import is_host
+
+    assert is_host(addr)

@@ -408,6 +408,39 @@ def test_merge_refuses_a_recorded_base_replaced_since_training(
         merge_lora(adapter, tmp_path / "out")
 
 
+def test_base_fingerprint_covers_every_tensor(tiny_chat_model, same_shape_model, tmp_path):
+    """Before, the fingerprint sampled 4 tensors: a base differing from the trained one only in one layer's q_proj and
+    v_proj passed as the same base."""
+    from safetensors.torch import load_file, save_file
+
+    from llmft.saving import base_fingerprint
+
+    ours, theirs = load_file(tiny_chat_model / "model.safetensors"), load_file(same_shape_model / "model.safetensors")
+    base = shutil.copytree(tiny_chat_model, tmp_path / "base")
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        ours[name] = theirs[name]
+    save_file(ours, base / "model.safetensors", metadata={"format": "pt"})
+    assert base_fingerprint(base) != base_fingerprint(tiny_chat_model)
+    # one value, anywhere a run of the sample reads (here the tensor's last), is enough
+    last = load_file(tiny_chat_model / "model.safetensors")
+    last["model.norm.weight"][-1] += 1
+    save_file(last, base / "model.safetensors", metadata={"format": "pt"})
+    assert base_fingerprint(base) != base_fingerprint(tiny_chat_model)
+
+
+def test_an_adapter_with_an_earlier_fingerprint_is_still_checked(
+    lora_adapter, tiny_chat_model, same_shape_model, tmp_path
+):
+    from llmft.saving import RUN_FILE, base_fingerprint_v1
+
+    adapter = adapter_recording_base(lora_adapter, tiny_chat_model, tmp_path / "adapter")
+    run = json.loads((adapter / RUN_FILE).read_text())
+    (adapter / RUN_FILE).write_text(json.dumps({**run, "base_fingerprint": base_fingerprint_v1(tiny_chat_model)}))
+    with pytest.raises(LlmftError, match="not the model the adapter .* was trained on"):
+        merge_lora(adapter, tmp_path / "out", base=str(same_shape_model))
+    assert merge_lora(adapter, tmp_path / "right", base=str(tiny_chat_model)).max_abs_diff < 1e-4
+
+
 # --- interrupted and shared results -----------------------------------------------------------------------------
 
 SIGTERM_CHILD = """
@@ -470,3 +503,65 @@ def test_merged_files_follow_the_umask(lora_adapter, tmp_path):
     assert sum(name.endswith(".safetensors") for name in modes) > 1
     assert set(modes.values()) == {"0o644"}, modes
     assert oct((tmp_path / "out").stat().st_mode & 0o777) == "0o755"
+
+
+# --- adapters that cannot be merged: one error naming what is wrong, and no output -------------------------------
+
+
+def broken_adapter(adapter: Path, dest: Path, config: dict | None = None, weights=None) -> Path:
+    """A copy of `adapter` with `config` keys replaced in its adapter_config.json and `weights` (a function of the
+    tensors dict) applied to its adapter_model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, dest)
+    if config:
+        path = dest / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if weights:
+        tensors = load_file(dest / "adapter_model.safetensors")
+        weights(tensors)
+        save_file(tensors, dest / "adapter_model.safetensors")
+    return dest
+
+
+def first_lora_b_nan(tensors: dict) -> None:
+    name = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[name][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "message"),
+    [
+        (None, first_lora_b_nan, r"holds NaN or infinite weights \(first in .*lora_B"),
+        ({"target_modules": ["no_such_proj"]}, None, r"does not load onto its base .*no_such_proj.* not found"),
+        ({"r": 8}, None, r"does not load onto its base .*size mismatch"),
+        ({"r": "eight"}, None, r"is not usable: r 'eight' is not a positive whole number"),
+        ({"peft_type": "BOGUS"}, None, r"is not usable: peft_type 'BOGUS' is not one PEFT knows"),
+        ({"peft_type": "IA3"}, None, r"does not match its adapter_config.json: .* weights of the file fit none"),
+        (None, lambda t: t.pop(sorted(t)[0]), r"does not match its adapter_config.json: 1 of the 28 weights"),
+        (None, lambda t: t.clear(), r"does not match its adapter_config.json: 28 of the 28 weights"),
+    ],
+    ids=["nan-weight", "target-modules", "rank", "rank-type", "peft-type", "other-peft-type", "missing", "none"],
+)
+def test_a_broken_adapter_is_refused_by_name(lora_adapter, tmp_path, config, weights, message):
+    """Before, a NaN adapter merged with exit 0 and the parity check printed a max diff of 0; the others failed with
+    PEFT's traceback, or merged an adapter with weights missing (PEFT only warns)."""
+    adapter = broken_adapter(lora_adapter, tmp_path / "adapter", config, weights)
+    with pytest.raises(LlmftError, match=message):
+        merge_lora(adapter, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_an_adapter_without_weights_is_refused(lora_adapter, tmp_path):
+    adapter = broken_adapter(lora_adapter, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(LlmftError, match="holds no weights"):
+        merge_lora(adapter, tmp_path / "out")
+
+
+def test_parity_check_does_not_take_nan_logits_for_no_difference():
+    from llmft.tools.merge import compare_logits
+
+    logits = torch.zeros(3, 5)
+    with pytest.raises(LlmftError, match="NaN or infinite logits from the merged model"):
+        compare_logits([logits], [torch.full((3, 5), float("nan"))])

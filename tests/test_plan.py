@@ -148,7 +148,7 @@ def test_a_base_stored_quantized(tiny_chat_model, tmp_path, method):
 def test_the_run_record_says_what_the_plan_says(tiny_chat_model, tmp_path, flags, record):
     run = describe_run(plan_of(tmp_path, tiny_chat_model, *flags))
     assert (run["mode"], run["base_quantization"]) == record
-    assert run["added_tokens"] == [] and run["base_fingerprint"].startswith("sha256:")
+    assert run["added_tokens"] == [] and run["base_fingerprint"].startswith("sha256-all:")
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,23 @@ def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(
     assert_same_adapter(adapter(uninterrupted), adapter(out), atol=1e-6)
 
 
+def test_a_signal_during_the_last_step_resumes_to_max_steps_not_past_it(
+    uninterrupted, tiny_chat_model, tmp_path, datasets_cache
+):
+    """Before, resuming from the checkpoint of step --max_steps (here mid-epoch) trained one step more."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(*flags(tiny_chat_model, out), callbacks=[SignalAtStep(STEPS - 1)])
+    assert exit_info.value.code == EXIT_PREEMPTED
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+    trainer = finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "True"))
+    assert trainer.state.global_step == STEPS
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == list(range(1, STEPS + 1))
+    assert_same_adapter(adapter(uninterrupted), adapter(out), atol=1e-6)
+
+
 def test_uninterrupted_run_restores_the_signal_handlers(tiny_chat_model, tmp_path, datasets_cache):
     before = signal.getsignal(signal.SIGUSR1)
     finetune(*flags(tiny_chat_model, tmp_path / "out", "--max_steps", "1"))
@@ -122,6 +139,30 @@ def test_auto_refuses_a_folder_holding_a_different_run(tiny_chat_model, tmp_path
         name = different[0].removeprefix("--")
         assert "holds a different run" in err and name in err, err
     assert (out / RUN_SETTINGS_FILE).read_text() == recorded  # refused runs record nothing
+
+
+def test_true_and_a_path_refuse_other_adapter_shapes_as_auto_does(tiny_chat_model, tmp_path, datasets_cache, capsys):
+    """Before, `True` (or the checkpoint's path) with another lora_r or lora_target_modules failed with PEFT's
+    size-mismatch traceback once the model had loaded. Settings that keep the tensors' shapes may still change."""
+    out = tmp_path / "out"
+    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
+    recorded = (out / RUN_SETTINGS_FILE).read_text()
+    for resume in ("True", str(out / "checkpoint-2")):
+        for different in (["--lora_r", "8"], ["--lora_target_modules", "q_proj", "v_proj"]):
+            with pytest.raises(SystemExit) as exit_info:
+                finetune(
+                    *flags(tiny_chat_model, out, "--max_steps", "3", "--resume_from_checkpoint", resume, *different)
+                )
+            assert exit_info.value.code == EXIT_USER_ERROR
+            err = capsys.readouterr().err
+            name = different[0].removeprefix("--")
+            assert f"--resume_from_checkpoint {resume}: the run in " in err, err
+            assert f"was trained with other adapter settings: {name} (" in err and "Traceback" not in err, err
+    assert (out / RUN_SETTINGS_FILE).read_text() == recorded
+    finetune(
+        *flags(tiny_chat_model, out, "--max_steps", "3", "--resume_from_checkpoint", "True", "--learning_rate", "2e-3")
+    )
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_auto_refuses_a_folder_of_unknown_origin(tiny_chat_model, tmp_path, datasets_cache, capsys):

@@ -122,6 +122,23 @@ def test_refuses_non_empty_out_path(tiny_chat_model, chat_data, tmp_path):
     assert (tmp_path / "out" / "x").read_text() == "keep"
 
 
+def test_a_model_with_nan_weights_is_refused_before_quantizing(tiny_chat_model, chat_data, tmp_path):
+    """Before, it quantized with exit 0 and reported a loss increase of "+nan"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(tiny_chat_model, model)
+    tensors = load_file(model / "model.safetensors")
+    name = sorted(k for k in tensors if "q_proj" in k)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LlmftError, match=r"--model_name_or_path .* holds NaN or infinite weights \(first in .*q_proj"):
+        run_gptq(str(model), str(chat_data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_quantized_model_reloads_and_generates(quantized):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig

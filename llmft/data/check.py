@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from llmft.data.formats import Conversation
 
 PERCENTILES = (50, 90, 95, 99)
+# Samples are encoded to at most this many times --model_max_length tokens: enough for the lengths above the limit to
+# show in the histogram, while a huge string costs time and memory by the limit, not by its size.
+MEASURE_FACTOR = 4
 
 
 @dataclass
@@ -86,6 +89,8 @@ class CheckReport:
     zero_trained_samples: int = 0
     truncated: int = 0
     dropped: int = 0
+    measured_to: int = 0  # tokens a sample is encoded to at most (the sequence limit x MEASURE_FACTOR)
+    longer_than_measured: int = 0  # samples longer than that, counted at measured_to in the lengths
     duplicate_records: int = 0
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (index, index of its first copy), the first 100
     length_percentiles: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
@@ -131,7 +136,13 @@ class CheckReport:
             f"{self.truncated} truncated, {self.dropped} dropped",
             "sample length (tokens, untruncated): "
             + ", ".join(f"p{k[1:]} {v}" for k, v in self.length_percentiles.items())
-            + f", max {self.longest}, mean {self.mean_length:.1f}",
+            + f", max {self.longest}, mean {self.mean_length:.1f}"
+            + (
+                f" ({self.longer_than_measured} samples longer than {self.measured_to} tokens, "
+                f"{MEASURE_FACTOR} x --model_max_length, counted at {self.measured_to})"
+                if self.longer_than_measured
+                else ""
+            ),
             f"duplicate records: {self.duplicate_records}"
             + (
                 ""
@@ -153,7 +164,8 @@ def check_data(
     path: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, batch: BatchSettings, show: int = 0
 ) -> CheckReport:
     """The report on one file (see the module docstring); `show` keeps that many rendered samples for display."""
-    report = CheckReport(path=path, max_length=settings.max_length, overlong=settings.overlong)
+    measured_to = MEASURE_FACTOR * settings.max_length
+    report = CheckReport(path=path, max_length=settings.max_length, overlong=settings.overlong, measured_to=measured_to)
     first_copy: dict[str, int] = {}
     kept_lengths = []
 
@@ -165,7 +177,7 @@ def check_data(
         record_id = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else None
         try:
             conversation = parse_record(raw, where, default_id=str(index))
-            samples = settings.render(conversation, tokenizer, cut=False)
+            samples = settings.render(conversation, tokenizer, cut=False, encode_limit=measured_to)
         except DataError as e:
             message = str(e) if str(e).startswith(path) else f"{where}: {e}"
             report.problems.append(Problem(index, line, record_id, message))
@@ -185,6 +197,7 @@ def check_data(
             report.split_samples += len(samples)
         for part, full in enumerate(samples):
             report.lengths.append(len(full.input_ids))
+            report.longer_than_measured += full.cut_at_limit
             report.reasoning_not_rendered += full.reasoning_not_rendered
             sample = fit_to_length(full, settings.max_length, settings.overlong, plain_text=conversation.is_plain_text)
             if sample is None:

@@ -53,9 +53,15 @@ class RenderSettings:
         )
 
     def render(
-        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase, *, cut: bool = True
+        self,
+        conversation: Conversation,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        cut: bool = True,
+        encode_limit: int | None = None,
     ) -> list[RenderedSample | None]:
-        """The conversation's samples under these settings (`cut=False`: at full length)."""
+        """The conversation's samples under these settings (`cut=False`: at full length, or up to `encode_limit`
+        tokens, see `render_samples`)."""
         return render_samples(
             conversation,
             tokenizer,
@@ -63,6 +69,7 @@ class RenderSettings:
             train_turns=self.train_turns,
             max_length=self.max_length if cut else None,
             overlong=self.overlong,
+            encode_limit=encode_limit,
         )
 
 

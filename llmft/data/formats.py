@@ -9,7 +9,9 @@ Accepted files: a JSON list of records, or JSONL (one record a line); formats ma
 - OpenAI: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}], "tools"?: [...]}`; an
   assistant message may carry `tool_calls` (`{"type": "function", "function": {"name", "arguments"}}`, arguments an
   object or a JSON string of one, several per message) and `reasoning_content`; `content` may be a list of text
-  parts (`{"type": "text", "text": ...}`, or `"value"` for `"text"`), which are joined with newlines as vLLM does.
+  parts (`{"type": "text", "text": ...}`, or `"value"` for `"text"`), which are joined with newlines as vLLM does;
+  an assistant's may also hold LLaMA-Factory v1's parts of type `"reasoning"` and `"tool_call"` (a call
+  `{"name", "arguments"}`, or a JSON string of one), read as its reasoning and tool calls.
 - Alpaca: `{"instruction", "input"?, "output", "system"?}`.
 - Plain text for continued pre-training: `{"text": ...}` (every token carries loss).
 
@@ -22,10 +24,11 @@ Tool data is checked: a call's arguments must be a JSON object, a tool result mu
 turn before it (and its `tool_call_id` / `name`, when given, must match one), and when the record lists `tools`, a
 call to a function not among them is an error (it would teach the model to call tools it was never shown).
 
-Content is checked too: a user or assistant turn that is empty or whitespace only is an error, as an Alpaca record
-with an empty output is (an empty answer would train the model to reply with nothing: only its end-of-turn token
-carries loss). An assistant turn may have empty content when it calls tools or holds reasoning; system and tool turns
-may be empty. Text must be valid Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
+Content is checked too: a user or assistant turn that is empty or whitespace only (invisible characters such as
+zero-width spaces count as whitespace, `is_blank`) is an error, as an Alpaca record with an empty output is (an empty
+answer would train the model to reply with nothing: only its end-of-turn token carries loss). An assistant turn may
+have empty content when it calls tools or holds reasoning; system and tool turns may be empty. Text must be valid
+Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-8
 cannot encode, is an error naming the field that holds it.
 
 Every problem is reported as a `DataError` that names the file and the record (its `id` when it has one, its
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
@@ -183,12 +187,30 @@ def iter_raw_records(
         raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
+def data_file_problem(path: str) -> str | None:
+    """Why `path` is not a data file ("is a directory ...", "is a FIFO ...", "no such file"), or None when it is a
+    regular file (or a link to one)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a data file (give the path of a .json or .jsonl file)"
+    kind = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    what = next((name for test, name in kind.items() if test(mode)), "a block device")
+    return f"is {what}, not a regular file: give the path of a .json or .jsonl file"
+
+
 def check_data_file(path: str) -> None:
     """Raises a DataError unless `path` is a file this process can open for reading."""
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, not a data file (give the path of a .json or .jsonl file)")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+    if (problem := data_file_problem(path)) is not None:
+        raise DataError(f"{path}: {problem}")
     try:
         with open(path, "rb"):
             pass
@@ -222,8 +244,7 @@ def _iter_jsonl(
             except json.JSONDecodeError as e:
                 spread = _spread_over_lines(f, line, line_no, e)
                 raise DataError(
-                    f"{path}: line {line_no} (record #{index}): "
-                    f"{spread or f'malformed JSON: {e.msg} at column {e.colno}'}"
+                    f"{path}: line {line_no} (record #{index}): {spread or f'malformed JSON: {_json_problem(e)}'}"
                 ) from None
             except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's
                 raise DataError(
@@ -266,6 +287,12 @@ def _spread_over_lines(f: BinaryIO, line: str, line_no: int, error: json.JSONDec
         f"a JSON record spread over lines {line_no}-{last} (pretty-printed JSON): in JSONL each record must be "
         "on one line"
     )
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    """What is wrong and where in the line, e.g. "Expecting value at column 15"; json's message for an open string
+    already ends in "starting at", which gets the column without a second "at"."""
+    return f"{error.msg}{'' if error.msg.endswith(' at') else ' at'} column {error.colno}"
 
 
 def _json_limit(error: BaseException) -> str:
@@ -320,7 +347,7 @@ def parse_record(record: object, where: str = "record", default_id: str = "0") -
         return Conversation(id=record_id, messages=_parse_alpaca(record, where))
     if "text" in record:
         text = record["text"]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or is_blank(text):
             raise DataError(f"{where}: 'text' must be a non-empty string")
         return Conversation(id=record_id, text=text)
     raise DataError(
@@ -372,7 +399,7 @@ def parse_tools(tools: object, where: str) -> tuple[dict, ...]:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({_json_problem(e)})") from None
     if not isinstance(tools, list):
         raise DataError(f"{where}: 'tools' must be a list of function schemas, got {type(tools).__name__}")
     schemas = []
@@ -420,10 +447,15 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
         raise DataError(f"{where}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
     role = ROLE_ALIASES[role.lower()]
-    content = _text_of(content, where)
+    content, part_reasoning, part_calls = _content_parts(content, where)
     train = _train_flag(turn, where)
+    if role not in (ASSISTANT, FUNCTION_CALL) and (part_reasoning is not None or part_calls):
+        kind = "reasoning" if part_reasoning is not None else "tool_call"
+        raise DataError(f"{where}: only assistant turns may have content parts of type {kind!r}")
 
     if role == FUNCTION_CALL:
+        if part_reasoning is not None or part_calls:
+            raise DataError(f"{where}: a function_call turn holds its calls in its value, not in content parts")
         if tool_calls:
             raise DataError(f"{where}: a function_call turn holds its calls in its value, not in 'tool_calls'")
         calls = _parse_function_call_value(content, where)
@@ -443,14 +475,20 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     if role != ASSISTANT:
         return Message(role, content)
 
-    calls = ()
+    calls = part_calls
     if tool_calls is not None:
         if not isinstance(tool_calls, list):
             raise DataError(f"{where}: 'tool_calls' must be a list")
+        if part_calls:
+            raise DataError(f"{where}: has both 'tool_calls' and content parts of type 'tool_call'")
         calls = tuple(_parse_tool_call(call, j, where) for j, call in enumerate(tool_calls))
     reasoning = turn.get("reasoning_content")
     if reasoning is not None and not isinstance(reasoning, str):
         raise DataError(f"{where}: 'reasoning_content' must be a string")
+    if part_reasoning is not None:
+        if reasoning is not None:
+            raise DataError(f"{where}: has both 'reasoning_content' and content parts of type 'reasoning'")
+        reasoning = part_reasoning
     content, inline = _split_think(content, where)
     if inline is not None:
         if reasoning is not None:
@@ -459,27 +497,39 @@ def _parse_turn(turn: object, i: int, where: str) -> Message:
     return Message(ASSISTANT, content, tool_calls=calls, reasoning=reasoning, train=train)
 
 
-def _text_of(content: object, where: str) -> str:
-    """A message's text: a string as is, a list of text parts joined with newlines (as vLLM joins them)."""
+def _content_parts(content: object, where: str) -> tuple[str, str | None, tuple[ToolCall, ...]]:
+    """(text, reasoning or None, tool calls) of a message's content: a string is all text; a list holds text parts
+    (joined with newlines, as vLLM joins them) and, as in LLaMA-Factory's v1 format, parts of type "reasoning" (joined
+    likewise) and "tool_call" (a call {"name", "arguments"}, as a JSON string or an object), each with its "text" or
+    "value"."""
     if isinstance(content, str):
-        return content
+        return content, None, ()
     if not isinstance(content, list):
         raise DataError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
-    texts = []
+    texts, reasoning, calls = [], [], []
     for j, part in enumerate(content):
         if isinstance(part, str):
             texts.append(part)
             continue
         kind = part.get("type", "text") if isinstance(part, dict) else None
-        text = part.get("text", part.get("value")) if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(text, str):
+        value = part.get("text", part.get("value")) if isinstance(part, dict) else None
+        if kind == "tool_call" and isinstance(value, dict):
+            calls.append(_tool_call(value, f"{where}: content part {j}"))
+            continue
+        if kind == "tool_call" and isinstance(value, str):
+            calls += _parse_function_call_value(value, f"{where}: content part {j}")
+            continue
+        if kind not in CONTENT_PART_TYPES or not isinstance(value, str):
             what = f"type {kind!r}" if kind is not None else type(part).__name__
             raise DataError(
-                f"{where}: content part {j} ({what}) is not a text part: only text parts "
+                f"{where}: content part {j} ({what}) is not a text part: only text, reasoning and tool_call parts "
                 '({"type": "text", "text": ...}) are supported'
             )
-        texts.append(text)
-    return "\n".join(texts)
+        (reasoning if kind == "reasoning" else texts).append(value)
+    return "\n".join(texts), "\n".join(reasoning) if reasoning else None, tuple(calls)
+
+
+CONTENT_PART_TYPES = ("text", "reasoning")  # besides "tool_call", whose value is a call
 
 
 def _train_flag(turn: dict, where: str) -> bool | None:
@@ -526,8 +576,7 @@ def _tool_call(function: dict, where: str, call_id: str | None = None) -> ToolCa
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{where} ({name!r}): arguments are not valid JSON ({e.msg} at column {e.colno}): "
-                f"{_clip(function['arguments'])}"
+                f"{where} ({name!r}): arguments are not valid JSON ({_json_problem(e)}): {_clip(function['arguments'])}"
             ) from None
     if not isinstance(arguments, dict):
         raise DataError(f"{where} ({name!r}): arguments must be a JSON object, got {type(arguments).__name__}")
@@ -541,7 +590,7 @@ def _parse_function_call_value(value: str, where: str) -> tuple[ToolCall, ...]:
     except json.JSONDecodeError as e:
         raise DataError(
             f'{where}: a function_call value must be JSON {{"name", "arguments"}} (or a list of '
-            f"them); not valid JSON ({e.msg} at column {e.colno}): {_clip(value)}"
+            f"them); not valid JSON ({_json_problem(e)}): {_clip(value)}"
         ) from None
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls or not all(isinstance(c, dict) for c in calls):
@@ -570,6 +619,18 @@ def _split_think(content: str, where: str) -> tuple[str, str | None]:
     return after.lstrip("\n"), before.strip("\n")
 
 
+# Characters that show nothing but are neither whitespace to str.strip() nor format characters (Unicode category Cf,
+# the zero-width space and joiners, the word joiner, the byte-order mark): the Hangul fillers and the blank Braille
+# pattern, which render as empty space.
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace and invisible characters (a reply of zero-width spaces would
+    train the model to answer with nothing, like an empty one)."""
+    return all(c.isspace() or c in INVISIBLE_LETTERS or unicodedata.category(c) == "Cf" for c in text)
+
+
 def _clip(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -580,7 +641,7 @@ def _parse_alpaca(record: dict, where: str) -> tuple[Message, ...]:
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: '{key}' must be a string")
     prompt = "\n\n".join(part for part in (fields["instruction"], fields["input"]) if part)
-    if not prompt.strip() or not (fields["output"] or "").strip():
+    if is_blank(prompt) or is_blank(fields["output"] or ""):
         raise DataError(f"{where}: Alpaca record needs a non-empty 'instruction' and 'output'")
     messages = [Message(USER, prompt), Message(ASSISTANT, fields["output"])]
     if fields["system"]:
@@ -627,10 +688,10 @@ def _check_order(messages: tuple[Message, ...], tools: tuple[dict, ...], where: 
                 f"{where}: turn {position}: expected a {expected} turn, got {message.role} (turns must "
                 "alternate, starting with the user)"
             )
-        if message.role == USER and not message.content.strip():
+        if message.role == USER and is_blank(message.content):
             raise DataError(f"{where}: turn {position}: the user turn is empty (or whitespace only)")
         if message.role == ASSISTANT and not (
-            message.content.strip() or message.tool_calls or (message.reasoning or "").strip()
+            not is_blank(message.content) or message.tool_calls or not is_blank(message.reasoning or "")
         ):
             raise DataError(
                 f"{where}: turn {position}: the assistant turn is empty (or whitespace only): it would "

@@ -24,6 +24,13 @@ covered) as the template renders it then, and trains every turn that rendering s
 so the tokens trained are always the tokens inference would have seen and produced, and Qwen3 conversations become
 one sample per user message. The dataset's log says how many samples the conversations became.
 
+Text that spells a special token (a literal `<|im_end|>` or `<|im_start|>` inside a message, or in a plain-text
+sample) is encoded as the text it is, never as the control token: otherwise a record could forge turns, and the model
+would learn to emit control tokens wherever such strings appear. Meta's Llama 3 and Mistral's reference encoders and
+nanochat do the same; `render_prompt` encodes chat's prompt the same way, so training and inference agree. How: such
+strings are swapped for private-use stand-ins before the template renders, and each rendered segment is cut at the
+special tokens the template wrote, its pieces encoded with the stand-ins back as plain text (`encode_rendered`).
+
 A template that drops what the data holds is an error, not a silent loss: tool calls or tool results missing from
 the rendering (a template without tool support), tools given that the prompt does not show. Reasoning a template
 does not render (Qwen2.5's) is not trained; that is logged once, and `tools/check_data.py` counts such turns.
@@ -33,7 +40,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmft.chat_template import document_end_token
@@ -58,6 +68,7 @@ class RenderedSample:
     truncated: bool = False
     trained_turns: int = 0  # assistant turns whose tokens carry loss in this sample (before truncation)
     reasoning_not_rendered: int = 0  # of those, turns whose reasoning_content the template left out
+    cut_at_limit: bool = False  # encoded only to `render_samples`' encode_limit tokens: longer than that
 
 
 @dataclass
@@ -90,33 +101,88 @@ def render_samples(
     train_turns: TrainTurns = "all",
     max_length: int | None = None,
     overlong: OverlongPolicy = "truncate",
+    encode_limit: int | None = None,
 ) -> list[RenderedSample | None]:
     """The samples of one conversation (see the module docstring), in turn order; one that is dropped as over-long
     is None in its place.
+
+    `encode_limit`: encode at most about that many tokens of each sample, so that time and memory stay bounded by it
+    whatever the text's length (a 50 MB string is not tokenized whole); a longer sample keeps its first
+    `encode_limit` tokens, as the whole text would have them, and is marked `cut_at_limit`.
 
     Over `max_length` tokens: "drop" drops it; "truncate" keeps the leading whole turns that fit, cutting after an
     assistant turn's end-of-turn token, and cuts inside the first answer only when not even that fits. A sample whose
     prompt alone is too long has nothing left to train on and is dropped in both cases.
     """
     if conversation.is_plain_text:
-        ids = tokenizer(conversation.text, add_special_tokens=False)["input_ids"]
+        encode = partial(tokenizer, add_special_tokens=False, split_special_tokens=True)
+        ids, cut = _encode_within(lambda text: encode(text)["input_ids"], conversation.text, encode_limit)
         end = document_end_token(tokenizer)
-        if end is not None:
+        if end is not None and not cut:
             ids = ids + [tokenizer.convert_tokens_to_ids(end)]
-        return [fit_to_length(RenderedSample(ids, list(ids)), max_length, overlong, plain_text=True)]
+        sample = RenderedSample(ids, list(ids), cut_at_limit=cut)
+        return [fit_to_length(sample, max_length, overlong, plain_text=True)]
     texts = sample_texts(conversation, tokenizer, default_system=default_system, train_turns=train_turns)
     samples = []
     for text in texts:
-        token_lists = tokenizer([piece for piece, _ in text.segments], add_special_tokens=False)["input_ids"]
+        pieces = [piece for piece, _ in text.segments]
+        if encode_limit is None or sum(map(len, pieces)) <= encode_limit:  # short: cheap to encode whole
+            token_lists, cut = encode_rendered(tokenizer, pieces), False
+        else:
+            token_lists, cut = _encode_pieces_within(tokenizer, pieces, encode_limit)
         input_ids, labels = [], []
         for ids, (_, trained) in zip(token_lists, text.segments):
             input_ids.extend(ids)
             labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
         sample = RenderedSample(
-            input_ids, labels, trained_turns=text.trained_turns, reasoning_not_rendered=text.reasoning_not_rendered
+            input_ids,
+            labels,
+            trained_turns=text.trained_turns,
+            reasoning_not_rendered=text.reasoning_not_rendered,
+            cut_at_limit=cut,
         )
         samples.append(fit_to_length(sample, max_length, overlong))
     return samples
+
+
+# Tokens encoded past the limit before the encoding of a cut text is trusted: BPE merges reach only a few tokens back
+# from where a text is cut, so the tokens this far before the cut are those of the whole text.
+CUT_MARGIN = 64
+
+
+def _encode_within(encode: Callable[[str], list[int]], text: str, limit: int | None) -> tuple[list[int], bool]:
+    """(ids, cut): all of `text`'s ids, or, when it has more than `limit`, its first `limit` ones and True. A text of
+    at most `limit` characters is encoded whole; a longer one by growing prefixes until one has enough tokens (a
+    token may cover many characters, so how long a prefix must be is not known in advance), which keeps the work
+    within a few times what its first `limit` tokens take."""
+    if limit is None or len(text) <= limit:
+        return encode(text), False
+    size = 2 * (limit + CUT_MARGIN)
+    while True:
+        if size >= len(text):
+            ids = encode(text)
+            return (ids, False) if len(ids) <= limit else (ids[:limit], True)
+        ids = encode(text[:size])
+        if len(ids) >= limit + CUT_MARGIN:
+            return ids[:limit], True
+        size *= 4
+
+
+def _encode_pieces_within(
+    tokenizer: PreTrainedTokenizerBase, pieces: list[str], limit: int
+) -> tuple[list[list[int]], bool]:
+    """`encode_rendered` of each piece in turn until `limit` tokens are reached (`_encode_within`); the pieces after
+    that get no tokens."""
+    lists, total = [], 0
+    for piece in pieces:
+        if total >= limit:
+            return lists + [[] for _ in range(len(pieces) - len(lists))], True
+        ids, cut = _encode_within(lambda text: encode_rendered(tokenizer, [text])[0], piece, limit - total)
+        lists.append(ids)
+        total += len(ids)
+        if cut:
+            return lists + [[] for _ in range(len(pieces) - len(lists))], True
+    return lists, False
 
 
 def render_conversation(
@@ -158,6 +224,7 @@ def sample_texts(
     train_turns: TrainTurns = "all",
 ) -> list[SampleText]:
     """The conversation's samples as text segments, before tokenization (see the module docstring)."""
+    conversation = _with_literal_specials(conversation, special_tokens(tokenizer))
     messages = conversation.as_dicts(default_system)
     shift = len(messages) - len(conversation.messages)  # a default system message inserted in front
     tools = [dict(tool) for tool in conversation.tools] or None
@@ -288,6 +355,69 @@ def _warn_once(key: str, message: str) -> None:
 def render_prompt(
     messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None
 ) -> list[int]:
-    """Token ids of a conversation followed by the generation prompt: what a model answers at inference."""
+    """Token ids of a conversation followed by the generation prompt: what a model answers at inference. Text in
+    the messages that spells a special token is encoded as text, as in training (see the module docstring)."""
+    specials = special_tokens(tokenizer)
+    messages = [
+        {k: _hide_specials(v, specials) if k in LITERAL_FIELDS and isinstance(v, str) else v for k, v in m.items()}
+        for m in messages
+    ]
     text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_rendered(tokenizer, [text])[0]
+
+
+# --- text that spells a special token (see the module docstring) ------------------------------------------------
+
+STAND_IN_OPEN, STAND_IN_CLOSE = "\ue000", "\ue001"  # private-use characters around a special token's index
+STAND_IN = re.compile(f"{STAND_IN_OPEN}(\\d+){STAND_IN_CLOSE}")
+LITERAL_FIELDS = ("content", "reasoning_content")  # the message fields whose text comes from the data
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special tokens, longest first (so that one containing another is matched whole)."""
+    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    found |= set(tokenizer.all_special_tokens)
+    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
+
+
+def _hide_specials(text: str, specials: list[str]) -> str:
+    for k, token in enumerate(specials):
+        if token in text:
+            text = text.replace(token, f"{STAND_IN_OPEN}{k}{STAND_IN_CLOSE}")
+    return text
+
+
+def _with_literal_specials(conversation: Conversation, specials: list[str]) -> Conversation:
+    """The conversation with every special-token string in its texts swapped for a stand-in."""
+    if not any(token in m.content or token in (m.reasoning or "") for m in conversation.messages for token in specials):
+        return conversation
+    messages = tuple(
+        dataclasses.replace(
+            m,
+            content=_hide_specials(m.content, specials),
+            reasoning=None if m.reasoning is None else _hide_specials(m.reasoning, specials),
+        )
+        for m in conversation.messages
+    )
+    return dataclasses.replace(conversation, messages=messages)
+
+
+def encode_rendered(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each rendered text: the special tokens the template wrote as themselves, the stand-ins of
+    `_hide_specials` as the plain text they stand for. Cutting at special tokens and encoding the pieces between
+    them is what the tokenizer itself does with added tokens, so texts without stand-ins encode as they always did."""
+    if not any(STAND_IN_OPEN in text for text in texts):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    specials = special_tokens(tokenizer)
+    at_special = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+    encoded = []
+    for text in texts:
+        ids = []
+        for i, piece in enumerate(at_special.split(text)):
+            if i % 2:
+                ids.append(tokenizer.convert_tokens_to_ids(piece))
+            elif piece:
+                piece = STAND_IN.sub(lambda m: specials[int(m.group(1))], piece)
+                ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        encoded.append(ids)
+    return encoded

@@ -33,6 +33,7 @@ from transformers import HfArgumentParser
 
 from llmft.args import DataArguments, ModelArguments
 from llmft.checkpoint import model_folder
+from llmft.data.formats import data_file_problem
 from llmft.errors import ConfigError, exit_on_user_error
 
 EXIT_PROBLEMS = 1
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     problems += model_folder(model_args.model_name_or_path).problems(
         "--model_name_or_path", trust_remote_code=model_args.trust_remote_code
     )
-    if not os.path.isfile(data_args.data_path):
-        problems.append(f"--data_path {data_args.data_path}: no such file")
+    if (problem := data_file_problem(data_args.data_path)) is not None:
+        problems.append(f"--data_path {data_args.data_path}: {problem}")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size"):
         if getattr(check_args, name) < 1:
             problems.append(f"--{name} must be at least 1")

@@ -12,8 +12,8 @@ An adapter trained on a GPTQ checkpoint needs `--base` with the unquantized mode
 `merge_base`). Embeddings are grown first when training added tokens.
 
 The base must be the model the adapter was trained on: finetune.py records a fingerprint of it in the adapter's
-llmft_run.json (`llmft.saving.base_fingerprint`: its config and a sample of its weights), and a base whose
-fingerprint differs (another model of the same shape, or the recorded folder since overwritten) is refused unless
+llmft_run.json (`llmft.saving.base_fingerprint`: its config, and the shape and a sample of every tensor), and a base
+whose fingerprint differs (another model of the same shape, or the recorded folder since overwritten) is refused unless
 `--allow_base_mismatch`. The parity check below cannot catch this: it compares the adapter on that same base. A base
 that ships its own Python code (`auto_map`) is refused unless `--trust_remote_code True`.
 
@@ -49,13 +49,14 @@ from llmft.inference import (
     DTYPES,
     add_overwrite_output_dir_flag,
     add_trust_remote_code_flag,
+    check_weights_finite,
     load_adapter_model,
     load_model,
     load_tokenizer,
     set_generation_stops,
 )
 from llmft.run_folder import staged_output_dir
-from llmft.saving import RUN_FILE, base_fingerprint
+from llmft.saving import FINGERPRINT_SCHEME, RUN_FILE, base_fingerprint, base_fingerprint_v1
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -178,13 +179,13 @@ def check_base_fingerprint(adapter_dir: str | Path, base_path: str, *, allow_mis
         return
     if (run.get("base_quantization") or {}).get("method") not in (None, "bitsandbytes"):
         return
-    actual = base_fingerprint(base_path)
+    actual = (base_fingerprint if recorded.startswith(FINGERPRINT_SCHEME) else base_fingerprint_v1)(base_path)
     if actual == recorded:
         return
     trained_on = run.get("base_model") or model_folder(adapter_dir).adapter_base
     message = (
         f"the base {base_path} is not the model the adapter {adapter_dir} was trained on ({trained_on}): "
-        f"its fingerprint (config and a sample of weights) is {actual or 'unreadable'}, training recorded "
+        f"its fingerprint (config and a sample of every weight) is {actual or 'unreadable'}, training recorded "
         f"{recorded} in {RUN_FILE}"
     )
     if allow_mismatch:
@@ -232,6 +233,9 @@ def compare_logits(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> 
     """(max abs difference, fraction of positions with the same argmax, positions compared)."""
     diff, same, total = 0.0, 0, 0
     for a, b in zip(expected, actual, strict=True):
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # max(0.0, nan) would report a diff of 0
+            which = "the adapter unmerged" if not torch.isfinite(a).all() else "the merged model"
+            raise LlmftError(f"the parity check got NaN or infinite logits from {which}: the merge is not usable")
         diff = max(diff, (a - b).abs().max().item())
         same += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[0]
@@ -273,6 +277,7 @@ def merge_lora(
         inputs = parity_inputs(tokenizer, data_path, parity_samples)
         logger.info("merging %s into the unquantized weights of %s%s", adapter, base_path, _quantized_note(adapter))
         model = load_adapter_model(adapter, base=base_path, dtype=torch_dtype, **trust)
+        check_weights_finite(model, f"the adapter {adapter} on its base {base_path}")
         expected = all_logits(model, inputs)
 
         merged = model.merge_and_unload()

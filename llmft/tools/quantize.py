@@ -48,6 +48,7 @@ from llmft.checkpoint import model_folder, require_model
 from llmft.inference import (
     add_overwrite_output_dir_flag,
     add_trust_remote_code_flag,
+    check_weights_finite,
     load_for_inference,
     load_tokenizer,
     set_generation_stops,
@@ -189,6 +190,10 @@ def evaluate(model: PreTrainedModel | PeftModel, samples: list[RenderedSample]) 
     if tokens == 0:
         raise LlmftError("the evaluation conversations have no assistant tokens to score")
     loss = total / tokens
+    if math.isnan(loss):  # an infinite loss is a real (if awful) score; NaN is none
+        raise LlmftError(
+            "the model's loss on the evaluation conversations is NaN: its weights or logits are not finite"
+        )
     return Evaluation(loss, math.exp(min(loss, 700.0)), tokens)  # exp overflows a float past ~709
 
 
@@ -251,6 +256,7 @@ def run_gptq(
             raise LlmftError(f"--data_path {data_path}: no conversation leaves any tokens within --max_len {max_len}")
 
         model, _ = load_for_inference(model_name_or_path, what="--model_name_or_path", **trust)
+        check_weights_finite(model, f"--model_name_or_path {model_name_or_path}")
         original = evaluate(model, held_out)
         del model
         gc.collect()
