@@ -91,7 +91,9 @@ def test_f16_export_files(exports, tiny_chat_model):
 
     result = exports("f16")
     out = result.output_dir
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f16.gguf", "parity_report.json"]
+    files = ["Modelfile", "model-f16.gguf", "parity_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "llmft_written.json"])
+    assert set(files) <= set(json.loads((out / "llmft_written.json").read_text())["written"])  # what overwrite removes
     assert leftovers(out.parent) == []
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     metadata = gguf_metadata(result.gguf)
@@ -232,7 +234,9 @@ def test_adapter_export_merges_inside_the_output(tiny_chat_model, tmp_path, run_
     run_finetune(*tiny_lora_flags(tiny_chat_model, adapter, "--max_steps", "6", "--learning_rate", "1e-2"))
     out = tmp_path / "gguf"
     result = export.export_gguf(str(adapter), out, quantization="f16", data_path=str(EXAMPLES), eval_samples=3)
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f16.gguf", "parity_report.json"]
+    files = ["Modelfile", "model-f16.gguf", "parity_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "llmft_written.json"])
+    assert set(files) <= set(json.loads((out / "llmft_written.json").read_text())["written"])  # what overwrite removes
     assert result.report.reference == str(adapter)  # the trained adapter, unmerged, is the reference
     assert result.report.greedy_same == 3 and result.report.mean_logprob_diff < 1e-3
     assert leftovers(tmp_path) == []
