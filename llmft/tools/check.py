@@ -14,9 +14,9 @@ takes at the batch flags given; writes the same as JSON, NAME.check.json (NAME: 
 histogram of sample lengths, NAME.check.png, into `--output_dir` (default: the current directory), or to the file
 `--report` names with the histogram beside it, and says where. Data often sits in read-only or shared folders, so
 nothing is written beside it unless asked; a report path that is an input (the data, the evaluation data, the chat
-template file) or lies inside one (the model folder) is refused before anything is read. `--show N` prints the first N samples as training renders them, trained tokens in
-bold green on a terminal and between [[ ]] otherwise. Exit status: 0 when the file has no problem, 1 when it has
-some, 2 for a bad flag.
+template file) or lies inside one (the model folder) is refused before anything is read. `--show N` prints the first
+N samples as training renders them, trained tokens in bold green on a terminal and between [[ ]] otherwise. Exit
+status: 0 when the file has no problem, 1 when it has some, 2 for a bad flag.
 """
 
 from __future__ import annotations
