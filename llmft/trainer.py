@@ -49,7 +49,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
         kwargs["callbacks"] = [
             FollowUmaskCallback(),
-            TrainingReportCallback(),
+            TrainingReportCallback({"train": kwargs.get("train_dataset"), "eval": kwargs.get("eval_dataset")}),
             PreemptionCallback(),
             *(kwargs.get("callbacks") or []),
         ]

@@ -44,6 +44,7 @@ import torch
 from llmft.data.formats import load_conversations
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
+from llmft.model_card import derived_card_facts, write_model_card
 from llmft.checkpoint import model_folder, require_model
 from llmft.inference import (
     add_overwrite_output_dir_flag,
@@ -284,6 +285,9 @@ def run_gptq(
         )
         with open(os.path.join(staging, REPORT_FILE), "w", encoding="utf-8") as f:
             json.dump(report.to_json(), f, indent=2)
+        write_model_card(
+            staging, derived_card_facts("gptq", model_name_or_path, staging, quantization=report.to_json())
+        )
 
     print(f"quantized {model_name_or_path} -> {out_path} in {seconds:.1f}s")
     print(report.table())
