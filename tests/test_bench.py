@@ -146,3 +146,14 @@ def test_a_stopped_benchmark_stops_its_arm(tmp_path):
     while time.time() < deadline and _processes_mentioning(str(workdir)):
         time.sleep(0.5)
     assert _processes_mentioning(str(workdir)) == []
+
+
+def test_a_launcher_that_is_not_there_is_refused_before_anything_runs(tmp_path, capsys):
+    """The launcher arm needs a checkout's finetune/ launchers; an installed wheel has none."""
+    from llmft.tools.bench import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", str(tmp_path), "--launcher", "no_such_launcher.sh"])
+    assert info.value.code == 2
+    assert "--launcher no_such_launcher.sh: no such launcher in" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no model or data prepared
