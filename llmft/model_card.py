@@ -261,7 +261,8 @@ def _training(facts: CardFacts) -> str | None:
         rows.append(("LoRA", lora + (f" ({', '.join(variants)})" if variants else "")))
     if facts.base_quantization:
         q = facts.base_quantization
-        rows.append(("base weights", " ".join(str(q[k]) for k in ("method", "bits", "type") if q.get(k))))
+        bits = f"{q['bits']}-bit" if q.get("bits") else None
+        rows.append(("base weights", " ".join(str(part) for part in (q.get("method"), bits, q.get("type")) if part)))
     precision = "bf16" if settings.get("bf16") else "fp16" if settings.get("fp16") else "fp32"
     rows.append(("precision", precision))
     schedule = f"{settings.get('learning_rate')}, {settings.get('lr_scheduler_type')} schedule"
@@ -269,12 +270,13 @@ def _training(facts: CardFacts) -> str | None:
         schedule += f", warm-up {settings['warmup_steps']}"
     rows.append(("learning rate", schedule))
     rows.append(("optimizer", f"{settings.get('optim')}, weight decay {settings.get('weight_decay')}"))
-    batch = (
-        f"{settings.get('per_device_train_batch_size')} per device x {settings.get('gradient_accumulation_steps')} "
-        f"accumulation x {_plural(settings.get('world_size', report.get('world_size')), 'rank')}"
+    micro_batch = (
+        f"up to {settings['max_tokens_per_batch']} tokens"
+        if settings.get("max_tokens_per_batch")
+        else f"{settings.get('per_device_train_batch_size')} samples"
     )
-    if settings.get("max_tokens_per_batch"):
-        batch = f"up to {settings['max_tokens_per_batch']} tokens per micro-batch, " + batch.split(" per device ")[1]
+    ranks = _plural(settings.get("world_size", report.get("world_size")), "rank")
+    batch = f"{micro_batch} per micro-batch x {settings.get('gradient_accumulation_steps')} accumulation x {ranks}"
     rows.append(("batch", batch))
     rows.append(
         (
@@ -284,7 +286,8 @@ def _training(facts: CardFacts) -> str | None:
         )
     )
     if settings.get("deepspeed") or settings.get("fsdp"):
-        rows.append(("sharding", str(settings.get("deepspeed") or f"FSDP {settings.get('fsdp')}")))
+        deepspeed = settings.get("deepspeed")
+        rows.append(("sharding", f"DeepSpeed {deepspeed}" if deepspeed else f"FSDP {settings.get('fsdp')}"))
     epochs = report.get("epoch")
     rows.append(("epochs, steps", f"{_number(epochs)} epochs, {report.get('global_step')} optimizer steps"))
     rows.append(("seed", str(settings.get("seed"))))
