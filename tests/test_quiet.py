@@ -179,6 +179,7 @@ GPTQMODEL_INFO = {
     "saved file list": "Files in directory:",
     "banner": "GPT-QModel   :",
     "GIL notice": "Python GIL is enabled",
+    "its tokenizer helper": "Tokenicer: Auto fixed",
 }
 
 

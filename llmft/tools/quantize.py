@@ -333,8 +333,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run_gptq(**vars(parse_args(argv)))
+    args = parse_args(argv)
+    # this tool's own progress lines at INFO; the libraries' (GPTQModel's tokenizer helper, ...) only with --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    run_gptq(**vars(args))
 
 
 if __name__ == "__main__":
