@@ -140,8 +140,18 @@ def quiet_gptqmodel(verbose: bool = False) -> Iterator[None]:
     try:
         if "gptqmodel" not in sys.modules:
             logbar.setLevel(logging.ERROR)
-            with contextlib.redirect_stdout(sys.stderr):
-                import gptqmodel  # noqa: F401  (its import-time notices, at ERROR)
+            # GPTQModel's import looks for a CUDA toolkit to build its kernels with, and torch then warns, on every
+            # machine without a GPU that has one installed, "No CUDA runtime is found": nothing a user acts on
+            extension_logger = logging.getLogger("torch.utils.cpp_extension")
+            no_cuda_note = _DropKnownNoise(
+                (KnownNoise("torch.utils.cpp_extension", "No CUDA runtime is found", "GPTQModel's kernel lookup"),)
+            )
+            extension_logger.addFilter(no_cuda_note)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    import gptqmodel  # noqa: F401  (its import-time notices, at ERROR)
+            finally:
+                extension_logger.removeFilter(no_cuda_note)
         logbar.setLevel(logging.WARNING)
         yield
     finally:

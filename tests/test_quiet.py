@@ -180,6 +180,7 @@ GPTQMODEL_INFO = {
     "banner": "GPT-QModel   :",
     "GIL notice": "Python GIL is enabled",
     "its tokenizer helper": "Tokenicer: Auto fixed",
+    "its kernel lookup on a machine without a GPU": "No CUDA runtime is found",
 }
 
 
