@@ -20,4 +20,7 @@ RUN python3 -m venv /opt/venv \
 ENV PATH=/opt/venv/bin:$PATH
 
 COPY . .
+# Last, llmft itself (editable, as `make install` does): the `llmft` command, and the package that tools/*.py import
+# from any directory. Its build backend, setuptools, comes with torch.
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation -e .
 CMD ["bash", "finetune/finetune_lora_single_gpu.sh", "-h"]

@@ -13,15 +13,20 @@ accelerate's or the environment's state itself:
 - `enable_fsdp_on_cpu_ranks`: FSDP on CPU ranks, which accelerate never turns on (a patch of its private state,
   guarded by the accelerate versions it was checked on);
 - `runs_on_several_ranks`, `whole_parameter_name_and_shape`: collectives only where there are ranks to talk to, and a
-  sharded parameter's own name and whole shape.
+  sharded parameter's own name and whole shape;
+- `shut_down_ranks`, `ranks_shut_down_when_done`: the end of a run on every rank, DeepSpeed and the process group
+  torn down before the interpreter exits.
 
 Launching the ranks (torchrun, MPI, Slurm, DeepSpeed's pdsh runner) is llmft/launch.py's and llmft/launcher.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +35,7 @@ from llmft.errors import ConfigError, LlmftError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +168,49 @@ def dataloader_order_options(training_args: TrainingArguments) -> dict:
 def runs_on_several_ranks(training_args: TrainingArguments) -> bool:
     """Whether collectives have other ranks to reach: more than one process, with the process group started."""
     return training_args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def shut_down_ranks(trainer: Trainer | None = None) -> None:
+    """End this process's part in a distributed run, on every rank once all of them are done with their collectives:
+    the trainer's DeepSpeed engine destroyed (DeepSpeed 0.19's `DeepSpeedEngine.destroy`: ZeRO-3's parameter hooks
+    and the optimizer's state released while the process group still works), a barrier, then the process group
+    destroyed, through `deepspeed.comm` when DeepSpeed set it up (which also drops DeepSpeed's own references to it).
+
+    Why: a rank whose gloo process group is still alive when the interpreter finalizes can abort at exit (PyTorch
+    2.x: gloo's worker threads still own work whose tensors hold Python references; `terminate called without an
+    active exception`, SIGABRT), so the launcher reports a failure for a run that finished and saved; NCCL ranks warn
+    `destroy_process_group() was not called`. PyTorch asks for `destroy_process_group()` at the end of every trainer
+    process. Only where every rank gets to it: after one rank failed, the barrier would wait for ranks that never
+    come. Nothing to do in a single process."""
+    engine = getattr(trainer, "deepspeed", None) if trainer is not None else None
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # no rank leaves while another still waits on it in a collective
+    if "deepspeed" in sys.modules:
+        from deepspeed import comm as deepspeed_comm
+
+        if deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ranks_shut_down_when_done(trainer: Trainer | None = None) -> Iterator[None]:
+    """Run the block, then `shut_down_ranks(trainer)` when it ends where every rank ends: normally, or with
+    `llmft.preemption.Preempted` (raised on all ranks together once the checkpoint is on disk). Any other exception
+    leaves the process group as it is: other ranks may never reach the barrier."""
+    from llmft.preemption import Preempted
+
+    try:
+        yield
+    except Preempted:
+        shut_down_ranks(trainer)
+        raise
+    shut_down_ranks(trainer)
 
 
 # Wrappers whose names PyTorch puts into a wrapped module's parameter names (FSDP1, activation checkpointing).

@@ -8,12 +8,15 @@ place before transformers, bitsandbytes or torchao is imported.
 
 GPTQModel's start-up banner is not filtered but avoided: GPTQModel is imported only where it is used
 (`llmft.tools.quantize`, and transformers/PEFT for a GPTQ base), and `without_unused_gptqmodel` keeps PEFT from
-importing it for a base that has none of its layers.
+importing it for a base that has none of its layers. Where it is used, `quiet_gptqmodel` keeps its informational
+output (the banner, environment notes, the per-stage timing tables, the saved configs) off the screen and lets its
+warnings, errors and progress bars through; `llmft quantize --verbose` shows everything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 import warnings
@@ -114,3 +117,58 @@ def without_unused_gptqmodel() -> Iterator[None]:
         if "gptqmodel" in sys.modules and sys.modules["gptqmodel"] is None:
             del sys.modules["gptqmodel"]
         forget()
+
+
+@contextlib.contextmanager
+def quiet_gptqmodel(verbose: bool = False) -> Iterator[None]:
+    """GPTQModel (7.3) without its informational output, for the block; a no-op with `verbose`.
+
+    GPTQModel logs through LogBar (the `logbar` package), a logger of its own that writes to stdout and that LogBar
+    creates at level INFO: its banner, environment notes and GIL notice at import, a per-stage timing table (about
+    40 lines) as it quantizes and the JSON of every config it saves come at INFO or on import, so the block runs at
+    WARNING (ERROR while GPTQModel is first imported: the GIL notice, a WARN, is about free-threaded Python, and
+    tells a user of llmft nothing to do), and the previous level comes back after it. What GPTQModel prints with
+    print() while saving (`debug_saved_config`: the folder's file list and configs) goes through `saving_quietly`."""
+    if verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # LogBar prints a blank line when it is created
+        from logbar import LogBar
+
+        logbar = LogBar.shared()  # GPTQModel's logger; created here at INFO if GPTQModel has not made it yet
+    previous = logbar.level
+    try:
+        if "gptqmodel" not in sys.modules:
+            logbar.setLevel(logging.ERROR)
+            # GPTQModel's import looks for a CUDA toolkit to build its kernels with, and torch then warns, on every
+            # machine without a GPU that has one installed, "No CUDA runtime is found": nothing a user acts on
+            extension_logger = logging.getLogger("torch.utils.cpp_extension")
+            no_cuda_note = _DropKnownNoise(
+                (KnownNoise("torch.utils.cpp_extension", "No CUDA runtime is found", "GPTQModel's kernel lookup"),)
+            )
+            extension_logger.addFilter(no_cuda_note)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    import gptqmodel  # noqa: F401  (its import-time notices, at ERROR)
+            finally:
+                extension_logger.removeFilter(no_cuda_note)
+        logbar.setLevel(logging.WARNING)
+        yield
+    finally:
+        logbar.setLevel(previous)
+
+
+@contextlib.contextmanager
+def saving_quietly(verbose: bool = False) -> Iterator[None]:
+    """Hold what is printed to stdout during the block (GPTQModel's `save` prints the saved folder's file list and
+    configs) and show it only if the block fails, where it may tell why; a no-op with `verbose`."""
+    if verbose:
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise

@@ -15,8 +15,11 @@ The JSON holds (all counts over every rank, for the whole run, resumed parts inc
   less the first step's, over its time less first_step_s (None until a second step ends): the speed once running.
   `peak_memory_bytes`: the largest of the ranks' peaks (CUDA memory allocated on GPUs, the process's peak resident
   memory on CPU).
-- `final` and `best` train and eval losses (from the Trainer's log), the run's settings (llmft_run_settings.json)
+- `final` and `best` train and eval losses (from the Trainer's log; `loss.mean`, the Trainer's mean train loss over
+  the run, once training has ended), the run's settings (llmft_run_settings.json)
   and the versions of the libraries that trained it.
+- `data`: for the train and eval files, the records in the file and the samples, tokens and trained tokens training
+  had from them (tokens None for --lazy_preprocess, whose samples are tokenized only as they are used).
 The PNG plots train and eval loss, learning rate and gradient norm against tokens seen.
 """
 
@@ -80,9 +83,12 @@ def batch_token_counts(inputs: dict, pad_token_id: int | None) -> torch.Tensor |
 
 
 class TrainingReportCallback(TrainerCallback):
-    """Counts tokens from the training micro-batches (a forward pre-hook on the model) and writes the report."""
+    """Counts tokens from the training micro-batches (a forward pre-hook on the model) and writes the report.
+    `datasets` ({"train": dataset, "eval": dataset or None}) are summarised in the report's `data`."""
 
-    def __init__(self) -> None:
+    def __init__(self, datasets: dict | None = None) -> None:
+        self.datasets = datasets or {}
+        self._data_summary: dict | None = None  # computed at the first report: the datasets do not change
         self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last report written
         self._step_counts = None  # this rank's, since the last finished step: a tensor on the batches' device
         # (global steps, this rank's counts of each: a [steps, COUNTS] tensor on the batches' device), not yet summed
@@ -214,8 +220,12 @@ class TrainingReportCallback(TrainerCallback):
             after_first = later_tokens / later_time if later_tokens > 0 and later_time > 0 else None
         history = state.log_history
         train = [e["loss"] for e in history if "loss" in e]
+        # the Trainer's mean over the whole run, logged once training ends (before on_train_end)
+        run_mean = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
         evals = [e["eval_loss"] for e in history if "eval_loss" in e]
         record = read_run_settings(args.output_dir) or {}
+        if self._data_summary is None:
+            self._data_summary = data_summary(self.datasets, record.get("settings") or {})
         return {
             "global_step": state.global_step,
             "max_steps": state.max_steps,
@@ -228,13 +238,42 @@ class TrainingReportCallback(TrainerCallback):
             "tokens_per_second_after_first_step": after_first,
             "peak_memory_bytes": peak_memory,
             "world_size": args.world_size,
-            "loss": {"final": train[-1] if train else None, "best": min(train) if train else None},
+            "loss": {"final": train[-1] if train else None, "best": min(train) if train else None, "mean": run_mean},
             "eval_loss": {"final": evals[-1] if evals else None, "best": min(evals) if evals else None},
             "settings": record.get("settings"),
             "settings_fingerprint": record.get("fingerprint"),
             "versions": library_versions(),
+            "data": self._data_summary,
             "tokens_at_step": {str(k): v for k, v in sorted(self.tokens_at_step.items())},
         }
+
+
+def data_summary(datasets: dict, settings: dict) -> dict:
+    """{"train": {...}, "eval": {...}} for the datasets given: the data file, the records it holds, and the samples,
+    tokens and trained tokens training had from it (samples differ from records where a conversation became
+    several samples or an over-long one was dropped)."""
+    from llmft.data.formats import iter_raw_records
+
+    summary = {}
+    for name, setting in (("train", "data_path"), ("eval", "eval_data_path")):
+        dataset = datasets.get(name)
+        path = (settings.get(setting) or {}).get("path")
+        if dataset is None or path is None:
+            continue
+        entry = {"path": path, "records": None, "samples": len(dataset), "tokens": None, "trained_tokens": None}
+        try:
+            entry["records"] = sum(1 for _ in iter_raw_records(path))
+        except Exception as e:  # a report must never stop a run (the file may have moved since training read it)
+            logger.warning("training report: cannot count the records of %s (%s)", path, e)
+        if "labels" in (getattr(dataset, "column_names", None) or ()):  # a datasets.Dataset; lazy ones have none
+            import pyarrow.compute as pc
+
+            # the column as Arrow (dropped samples' rows left out), counted without making Python lists
+            labels = pc.list_flatten(dataset.with_format("arrow")["labels"])
+            entry["tokens"] = len(labels)
+            entry["trained_tokens"] = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+        summary[name] = entry
+    return summary
 
 
 def library_versions() -> dict:

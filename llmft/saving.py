@@ -33,6 +33,7 @@ from llmft.checkpoint import model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
 from llmft.run_folder import follow_umask, record_written, remove_entry
+from llmft.model_card import training_card_facts, write_model_card
 
 if TYPE_CHECKING:
     import torch
@@ -207,6 +208,7 @@ def save_for_inference(
         if run is not None:
             with open(os.path.join(staging, RUN_FILE), "w", encoding="utf-8") as f:
                 json.dump(run, f, indent=2)
+        write_model_card(staging, training_card_facts(staging, output_dir))  # replaces PEFT's empty card
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
             if getattr(model, "initial_adapter_state", None) is not None:  # PiSSA / OLoRA trained on a residual base

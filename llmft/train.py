@@ -33,7 +33,7 @@ from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
-from llmft.distributed import require_launcher
+from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             if training_args.overwrite_output_dir:
                 replace_previous_run(training_args)
             record_run_settings(run_settings, training_args)
-            trainer.train(resume_from_checkpoint=resume_from)
-
-            with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
-                run = describe_run(plan)
-                save_for_inference(trainer, tokenizer, training_args.output_dir, run)
+            with ranks_shut_down_when_done(trainer):  # so that no rank aborts at exit after a finished or preempted run
+                trainer.train(resume_from_checkpoint=resume_from)
+                with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
+                    run = describe_run(plan)
+                    save_for_inference(trainer, tokenizer, training_args.output_dir, run)
         return trainer
 
 

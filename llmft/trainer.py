@@ -55,7 +55,8 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         self.packing = packing
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
-        self.training_report = TrainingReportCallback()
+        datasets = {"train": kwargs.get("train_dataset"), "eval": kwargs.get("eval_dataset")}
+        self.training_report = TrainingReportCallback(datasets)
         kwargs["callbacks"] = [
             FollowUmaskCallback(),
             self.training_report,

@@ -201,3 +201,14 @@ def test_cold_start_and_a_launcher_end_to_end_on_cpu(tmp_path):
     for name in ("llmft-run", "end-to-end-run"):  # each arm's caches: emptied before it started
         assert (tmp_path / f"cold-compile-cache-{name}").is_dir()
     assert "end-to-end finetune_lora_single_gpu.sh:" in done.stdout
+
+
+def test_a_launcher_that_is_not_there_is_refused_before_anything_runs(tmp_path, capsys):
+    """The launcher arm needs a checkout's finetune/ launchers; an installed wheel has none."""
+    from llmft.tools.bench import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", str(tmp_path), "--launcher", "no_such_launcher.sh"])
+    assert info.value.code == 2
+    assert "--launcher no_such_launcher.sh: no such launcher in" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no model or data prepared

@@ -332,9 +332,81 @@ def test_a_huge_string_is_measured_only_to_a_multiple_of_the_limit(tiny_chat_mod
         [chat_record("word " * 400_000, "ok", id="huge"), chat_record("Hi", "Hello!", id="a")],
         jsonl=True,
     )
-    main([str(data), "--model_name_or_path", str(tiny_chat_model), "--model_max_length", "256"])
+    main(
+        [
+            str(data),
+            "--model_name_or_path",
+            str(tiny_chat_model),
+            "--model_max_length",
+            "256",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "data.jsonl.check.json").read_text())
     assert report["measured_to"] == 1024 and report["longer_than_measured"] == 1
     assert report["longest"] == 1024 and report["dropped"] == 1  # its prompt alone is over the limit
     assert "1 samples longer than 1024 tokens, 4 x --model_max_length, counted at 1024" in out
+
+
+def test_report_goes_to_the_current_directory_by_default_and_says_where(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """Data often sits in a read-only or shared folder: nothing is written beside it unless asked."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    data = write_records(shared / "train.json", [chat_record("Hi", "Hello!")])
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    assert main([str(data), "--model_name_or_path", str(tiny_chat_model)]) == 0
+    assert sorted(p.name for p in shared.iterdir()) == ["train.json"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["train.json.check.json", "train.json.check.png"]
+    assert json.loads((workdir / "train.json.check.json").read_text())["records"] == 1
+    out = capsys.readouterr().out
+    assert f"report: {workdir / 'train.json.check.json'}; length histogram: {workdir / 'train.json.check.png'}" in out
+
+
+def test_report_goes_into_output_dir(tiny_chat_model, tmp_path, capsys):
+    data = write_records(tmp_path / "train.jsonl", [chat_record("Hi", "Hello!")], jsonl=True)
+    out_dir = tmp_path / "checks" / "new"  # created when missing
+    assert main([str(data), "--model_name_or_path", str(tiny_chat_model), "--output_dir", str(out_dir)]) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["train.jsonl.check.json", "train.jsonl.check.png"]
+    assert f"report: {out_dir / 'train.jsonl.check.json'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("data_name", "flags", "input_flag"),
+    [
+        ("D.json", ["--report", "D.json"], "--data_path"),
+        ("D.json", ["--report", "./sub/../D.json"], "--data_path"),  # the same file by another path
+        ("D.png", ["--report", "D.json"], "--data_path"),  # the histogram beside the report, D.png, is the data
+        ("D.json", ["--output_dir", "MODEL/reports"], "--model_name_or_path"),
+    ],
+    ids=["data", "data-by-another-path", "histogram-is-the-data", "inside-the-model"],
+)
+def test_report_never_replaces_or_lands_inside_an_input(
+    tiny_chat_model, tmp_path, capsys, monkeypatch, data_name, flags, input_flag
+):
+    """issue 16.4: `check D.json --report D.json` overwrote the data. Refused before anything is read or written."""
+    data = write_records(tmp_path / data_name, [chat_record("Hi", "Hello!")])
+    before = data.read_bytes()
+    (tmp_path / "sub").mkdir()
+    model_files = sorted(p.name for p in tiny_chat_model.iterdir())
+    monkeypatch.chdir(tmp_path)
+    flags = [flag.replace("MODEL", str(tiny_chat_model)) for flag in flags]
+    with pytest.raises(SystemExit) as info:
+        main([data_name, "--model_name_or_path", str(tiny_chat_model), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "it would overwrite an input" in err and input_flag in err
+    assert data.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data_name, "sub"])
+    assert sorted(p.name for p in tiny_chat_model.iterdir()) == model_files
+
+
+def test_report_and_output_dir_together_are_refused(tiny_chat_model, tmp_path, capsys):
+    data = write_records(tmp_path / "D.json", [chat_record("Hi", "Hello!")])
+    with pytest.raises(SystemExit) as info:
+        main([str(data), "--model_name_or_path", str(tiny_chat_model), "--report", "r.json", "--output_dir", "x"])
+    assert info.value.code == 2
+    assert "--report and --output_dir" in capsys.readouterr().err

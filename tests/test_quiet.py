@@ -170,3 +170,48 @@ print("ok")
     proc = run("-c", code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+# What GPTQModel prints of its own while `llmft quantize` runs: informational, off the screen unless --verbose.
+GPTQMODEL_INFO = {
+    "timing table": "+-------------+",
+    "saved config": "Saved Quantize Config",
+    "saved file list": "Files in directory:",
+    "banner": "GPT-QModel   :",
+    "GIL notice": "Python GIL is enabled",
+    "its tokenizer helper": "Tokenicer: Auto fixed",
+    "its kernel lookup on a machine without a GPU": "No CUDA runtime is found",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_quantize_keeps_gptqmodels_info_off_the_screen_unless_verbose(verbose, tiny_chat_model, tmp_path):
+    proc = run(
+        "-m",
+        "llmft.cli",
+        "quantize",
+        "--model_name_or_path",
+        str(tiny_chat_model),
+        "--data_path",
+        str(EXAMPLES),
+        "--output_dir",
+        str(tmp_path / "gptq"),
+        "--num_samples",
+        "8",
+        "--eval_samples",
+        "4",
+        *(["--verbose"] if verbose else []),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    screen = proc.stdout + proc.stderr
+    shown = {name for name, line in GPTQMODEL_INFO.items() if line in screen}
+    if verbose:  # the baseline: GPTQModel does print these, so their absence below means something
+        assert {"timing table", "saved config", "saved file list"} <= shown, screen[-4000:]
+    else:
+        assert shown == set(), screen[-4000:]
+        assert not any(line.startswith("INFO ") for line in screen.splitlines())
+    # llmft's own lines: the result and the quality report, on stdout
+    assert proc.stdout.startswith(f"quantized {tiny_chat_model} -> {tmp_path / 'gptq'} in ")
+    assert "loss increase" in proc.stdout

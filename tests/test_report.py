@@ -12,7 +12,7 @@ from llmft.errors import EXIT_PREEMPTED
 from llmft.preemption import RUN_SETTINGS_FILE
 from llmft import report as report_module
 from llmft.report import REPORT_JSON, REPORT_PNG
-from tests.conftest import SignalAtStep, finetune, tiny_lora_flags
+from tests.conftest import EXAMPLES, SignalAtStep, finetune, tiny_lora_flags
 
 EPOCHS = 2
 
@@ -48,7 +48,18 @@ def test_report_counts_what_the_data_holds(packing, tiny_chat_model, tmp_path, d
     assert report["tokens_processed"] >= report["tokens_seen"]  # padding: to a multiple of 64 or of the longest
     assert report["global_step"] == trainer.state.global_step == report["max_steps"]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert report["loss"] == {"final": losses[-1], "best": min(losses)}
+    mean = next(e["train_loss"] for e in trainer.state.log_history if "train_loss" in e)
+    assert report["loss"] == {"final": losses[-1], "best": min(losses), "mean": mean}
+    # the data the run had: records in the file, and the samples and tokens of one pass over them
+    assert report["data"] == {
+        "train": {
+            "path": str(EXAMPLES),
+            "records": len(json.loads(EXAMPLES.read_text())),
+            "samples": len(trainer.train_dataset),
+            "tokens": tokens,
+            "trained_tokens": trained,
+        }
+    }
     assert report["eval_loss"] == {"final": None, "best": None}
     assert report["tokens_per_second"] > 0 and report["wall_time_s"] > 0 and report["peak_memory_bytes"] > 2**20
     assert report["settings_fingerprint"] == json.loads((out / RUN_SETTINGS_FILE).read_text())["fingerprint"]

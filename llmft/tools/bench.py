@@ -75,7 +75,9 @@ if TYPE_CHECKING:
     from llmft.trainer import PackingLoraPlusTrainer
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY = REPO / "tools" / "benchmark.py"  # what the launcher arm runs as its entry point, and each arm's process
+ENTRY = REPO / "tools" / "benchmark.py"  # the launcher arm's entry point: launchers come with a checkout
+# Each measured arm's process: this module, found wherever llmft is installed (a wheel has no tools/ folder).
+ARM = ("-m", "llmft.tools.bench")
 SHAPES = {  # Qwen2.5 shapes: hidden, intermediate, layers, heads, kv heads, tied embeddings
     "tiny": dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, tied=True),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, tied=True),
@@ -788,6 +790,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{option} {name}: not a launcher in finetune/ (one of: {launchers})")
     if args.worker:
         return run_worker(args, flags)
+    if args.launcher and not (REPO / "finetune" / args.launcher).is_file():
+        parser.error(
+            f"--launcher {args.launcher}: no such launcher in {REPO / 'finetune'} (the launchers come with a "
+            "checkout of llmft, not with an installed wheel)"
+        )
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # run_arm then stops the arm running
     model, data = prepare_args(args)
@@ -801,7 +808,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm in arms:
         command = [
             sys.executable,
-            str(ENTRY),
+            *ARM,
             *ours,
             "--worker",
             arm,

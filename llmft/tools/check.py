@@ -3,17 +3,20 @@
     python tools/check_data.py data.jsonl --model_name_or_path /models/Qwen2.5-7B-Instruct
     python tools/check_data.py data.json --model_name_or_path M --model_max_length 4096 --show 3
     python tools/check_data.py data.json --model_name_or_path M --per_device_train_batch_size 4 \
-        --gradient_accumulation_steps 8 --world_size 8 --report out/data-check.json
+        --gradient_accumulation_steps 8 --world_size 8 --output_dir checks/
 
 Every record is parsed, rendered and masked by the code finetune.py uses, with the same data flags
 (`--chat_template`, `--model_max_length`, `--overlong_samples`, `--system_prompt`, `--train_turns`, ...: any flag of
 finetune.py's data and model settings); unlike training, it goes on past a bad record and lists them all, each with
 its record index, line and id. It prints counts (records, samples, turns, tool calls, tokens, trained tokens, samples
 with no trained token, truncated and dropped samples, duplicates), sample-length percentiles and the steps one epoch
-takes at the batch flags given; writes the same as JSON to `--report` (default: DATA.check.json) and a histogram of
-sample lengths beside it (.png). `--show N` prints the first N samples as training renders them, trained tokens in
-bold green on a terminal and between [[ ]] otherwise. Exit status: 0 when the file has no problem, 1 when it has
-some, 2 for a bad flag.
+takes at the batch flags given; writes the same as JSON, NAME.check.json (NAME: the data file's name), and a
+histogram of sample lengths, NAME.check.png, into `--output_dir` (default: the current directory), or to the file
+`--report` names with the histogram beside it, and says where. Data often sits in read-only or shared folders, so
+nothing is written beside it unless asked; a report path that is an input (the data, the evaluation data, the chat
+template file) or lies inside one (the model folder) is refused before anything is read. `--show N` prints the first
+N samples as training renders them, trained tokens in bold green on a terminal and between [[ ]] otherwise. Exit
+status: 0 when the file has no problem, 1 when it has some, 2 for a bad flag.
 """
 
 from __future__ import annotations
@@ -47,11 +50,17 @@ def _training_default(name: str) -> Any:
 @dataclass
 class CheckArguments:
     show: int = field(default=0, metadata={"help": "Print this many samples as rendered, trained tokens highlighted."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder for the JSON report and the length histogram, NAME.check.json and NAME.check.png for "
+            "data file NAME (default: the current directory)."
+        },
+    )
     report: str | None = field(
         default=None,
         metadata={
-            "help": "Where to write the JSON report (default: DATA.check.json); the length "
-            "histogram goes beside it, as .png."
+            "help": "The JSON report's file, instead of --output_dir; the length histogram goes beside it, .png."
         },
     )
     per_device_train_batch_size: int = field(
@@ -88,9 +97,43 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             problems.append(f"--{name} must be at least 1")
     if check_args.show < 0:
         problems.append("--show must be 0 or more")
+    if check_args.report is not None and check_args.output_dir is not None:
+        problems.append("--report and --output_dir both name where the report goes: give one")
+    else:
+        problems += output_path_problems(report_paths(data_args.data_path, check_args), model_args, data_args)
     if problems:
         raise ConfigError(problems)
     return model_args, data_args, check_args
+
+
+def report_paths(data_path: str, check_args: CheckArguments) -> tuple[str, str]:
+    """(JSON report, length histogram) that `check` writes: --report and a .png beside it, else NAME.check.json and
+    NAME.check.png in --output_dir or the current directory."""
+    if check_args.report is not None:
+        return check_args.report, os.path.splitext(check_args.report)[0] + ".png"
+    stem = os.path.join(check_args.output_dir or os.curdir, os.path.basename(data_path) + ".check")
+    return stem + ".json", stem + ".png"
+
+
+def output_path_problems(outputs: tuple[str, ...], model_args: ModelArguments, data_args: DataArguments) -> list[str]:
+    """Each output file that would replace an input file or be written inside an input folder (symlinks and
+    relative paths resolved), named with the input's flag."""
+    inputs = [
+        ("--data_path", data_args.data_path),
+        ("--eval_data_path", data_args.eval_data_path),
+        ("--chat_template", model_args.chat_template),
+        ("--model_name_or_path", model_args.model_name_or_path),
+    ]
+    inputs = [(flag, os.path.realpath(path)) for flag, path in inputs if path and os.path.exists(path)]
+    problems = []
+    for output in outputs:
+        real = os.path.realpath(output)
+        for flag, path in inputs:
+            if real == path or real.startswith(path.rstrip(os.sep) + os.sep):
+                where = "is" if real == path else "lies inside"
+                problems.append(f"the report file {output} {where} {flag} {path}: it would overwrite an input")
+                break
+    return problems
 
 
 @exit_on_user_error
@@ -114,18 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     report = check_data(
         data_args.data_path, tokenizer, RenderSettings.from_args(data_args), batch, show=check_args.show
     )
-    report_path = check_args.report or f"{data_args.data_path}.check.json"
-    histogram_path = os.path.splitext(report_path)[0] + ".png"
+    report_path, histogram_path = report_paths(data_args.data_path, check_args)
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-    with open(report_path, "w", encoding="utf-8") as f:
+    partial = f"{report_path}.{os.getpid()}.tmp"  # a report is whole or absent, never cut short
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(report.to_json(), f, indent=1, ensure_ascii=False)
+    os.replace(partial, report_path)
     write_histogram(report, histogram_path)
     if check_args.show:
         show_samples(report, tokenizer)
         print()
     print(report.summary())
     print(
-        f"report: {report_path}; length histogram: {histogram_path}; checked in {time.perf_counter() - started:.1f} s"
+        f"report: {os.path.abspath(report_path)}; length histogram: {os.path.abspath(histogram_path)}; "
+        f"checked in {time.perf_counter() - started:.1f} s"
     )
     return EXIT_PROBLEMS if report.problems else 0
 

@@ -43,6 +43,7 @@ import torch
 from llmft.data.formats import load_conversations, parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
+from llmft.model_card import derived_card_facts, write_model_card
 from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
 from llmft.inference import (
     DTYPE_CHOICES,
@@ -301,6 +302,8 @@ def merge_lora(
             )
         max_diff, agreement, num_tokens = compare_logits(expected, all_logits(reloaded, inputs))
         del reloaded
+        parity = {"max_diff": max_diff, "agreement": agreement, "tokens": num_tokens}
+        write_model_card(staging, derived_card_facts("merged", adapter, staging, base_model=base_path, merge=parity))
 
     print(f"merged {adapter} into {base_path} -> {output}")
     print(

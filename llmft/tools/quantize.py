@@ -44,6 +44,8 @@ import torch
 from llmft.data.formats import load_conversations
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
+from llmft.model_card import derived_card_facts, write_model_card
+from llmft.quiet import quiet_gptqmodel, saving_quietly
 from llmft.checkpoint import model_folder, require_model
 from llmft.inference import (
     add_overwrite_output_dir_flag,
@@ -203,8 +205,10 @@ def quantize_with_gptqmodel(
     settings: GptqSettings,
     out_dir: str | Path,
     trust_remote_code: bool = False,
+    verbose: bool = False,
 ) -> None:
-    """Quantize with GPTQModel and save into out_dir. GPTQModel prints its progress on stdout: sent to stderr.
+    """Quantize with GPTQModel and save into out_dir. GPTQModel prints its progress on stdout: sent to stderr; what
+    it prints while saving is shown only with `verbose` (llmft.quiet.saving_quietly).
     GPTQModel imports a model's own code (`auto_map`) even with trust_remote_code=False: callers check first
     (`require_model`)."""
     # GPTQModel gives its CPU pool (cores + 1) // 2 workers, but its model loader asks that pool for 2: with 2 cores
@@ -221,7 +225,8 @@ def quantize_with_gptqmodel(
             [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids)} for s in calibration],
             batch_size=1,
         )
-        model.save(str(out_dir))
+        with saving_quietly(verbose):
+            model.save(str(out_dir))
     del model
     gc.collect()
 
@@ -240,14 +245,19 @@ def run_gptq(
     eval_data_path: str | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
+    verbose: bool = False,
 ) -> QuantizationReport:
-    """Quantize `model_name_or_path` to `out_path` and return the quality report (see the module docstring)."""
+    """Quantize `model_name_or_path` to `out_path` and return the quality report (see the module docstring).
+    GPTQModel's informational output shows only with `verbose` (llmft.quiet.quiet_gptqmodel)."""
     settings = GptqSettings(bits, group_size, desc_act, max_len, num_samples)
     validate(model_name_or_path, data_path, eval_data_path, settings, eval_samples, trust_remote_code)
     trust = {"trust_remote_code": trust_remote_code}
 
     inputs = {"--model_name_or_path": model_name_or_path, "--data_path": data_path, "--eval_data_path": eval_data_path}
-    with staged_output_dir(out_path, force=force, inputs=inputs) as staging:
+    with (
+        quiet_gptqmodel(verbose),
+        staged_output_dir(out_path, force=force, inputs=inputs) as staging,
+    ):
         tokenizer = load_tokenizer(model_name_or_path, **trust)
         calibration_data, eval_data = split_data(data_path, eval_data_path, settings, eval_samples)
         calibration = render_samples(calibration_data, tokenizer, max_len)
@@ -266,7 +276,7 @@ def run_gptq(
         # A hub id's config.json is in the local cache only now that it has loaded: check it again right before
         # GPTQModel, which imports a model's own code whatever trust_remote_code says.
         require_model(model_name_or_path, "--model_name_or_path", **trust)
-        quantize_with_gptqmodel(model_name_or_path, calibration, settings, staging, **trust)
+        quantize_with_gptqmodel(model_name_or_path, calibration, settings, staging, **trust, verbose=verbose)
         seconds = time.perf_counter() - started
 
         # Reloading the way users will (plain transformers) both checks the output and scores what they get.
@@ -291,6 +301,9 @@ def run_gptq(
         )
         with open(os.path.join(staging, REPORT_FILE), "w", encoding="utf-8") as f:
             json.dump(report.to_json(), f, indent=2)
+        write_model_card(
+            staging, derived_card_facts("gptq", model_name_or_path, staging, quantization=report.to_json())
+        )
 
     print(f"quantized {model_name_or_path} -> {out_path} in {seconds:.1f}s")
     print(report.table())
@@ -319,13 +332,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_data_path", help="conversations for the quality report (default: --data_path's last)")
     add_overwrite_output_dir_flag(parser, "the quantization succeeds")
     add_trust_remote_code_flag(parser)
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show GPTQModel's own informational output (timings, configs)"
+    )
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run_gptq(**vars(parse_args(argv)))
+    args = parse_args(argv)
+    # this tool's own progress lines at INFO; the libraries' (GPTQModel's tokenizer helper, ...) only with --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    run_gptq(**vars(args))
 
 
 if __name__ == "__main__":
