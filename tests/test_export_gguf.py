@@ -91,9 +91,12 @@ def test_f16_export_files(exports, tiny_chat_model):
 
     result = exports("f16")
     out = result.output_dir
-    files = ["Modelfile", "model-f16.gguf", "parity_report.json"]
+    files = ["Modelfile", "README.md", "model-f16.gguf", "parity_report.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*files, "llmft_written.json"])
     assert set(files) <= set(json.loads((out / "llmft_written.json").read_text())["written"])  # what overwrite removes
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and "llama-cli -m PATH/model-f16.gguf" in card
+    assert "| type | f16 |" in card and "| same greedy answer |" in card
     assert leftovers(out.parent) == []
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     metadata = gguf_metadata(result.gguf)
@@ -149,14 +152,18 @@ def test_drift_over_the_threshold_fails_and_writes_nothing(tiny_chat_model, tmp_
 
 def test_failed_export_keeps_the_previous_output(tiny_chat_model, tmp_path):
     require_llama_cpp()
+    from llmft.run_folder import WRITTEN_FILE, record_written
+
     out = tmp_path / "gguf"
     out.mkdir()
+    record_written(out, "keep.txt")  # a previous llmft result, as its record says
     (out / "keep.txt").write_text("previous export")
     with pytest.raises(LlmftError, match="max_logprob_drift"):
         export.export_gguf(
             str(tiny_chat_model), out, quantization="q4_k_m", eval_samples=1, max_logprob_drift=0.0, force=True
         )
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == sorted(["keep.txt", WRITTEN_FILE]) and leftovers(tmp_path) == []
+    assert (out / "keep.txt").read_text() == "previous export"
 
 
 # ---------------------------------------------------------------- broken exports are caught
@@ -234,9 +241,12 @@ def test_adapter_export_merges_inside_the_output(tiny_chat_model, tmp_path, run_
     run_finetune(*tiny_lora_flags(tiny_chat_model, adapter, "--max_steps", "6", "--learning_rate", "1e-2"))
     out = tmp_path / "gguf"
     result = export.export_gguf(str(adapter), out, quantization="f16", data_path=str(EXAMPLES), eval_samples=3)
-    files = ["Modelfile", "model-f16.gguf", "parity_report.json"]
+    files = ["Modelfile", "README.md", "model-f16.gguf", "parity_report.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*files, "llmft_written.json"])
     assert set(files) <= set(json.loads((out / "llmft_written.json").read_text())["written"])  # what overwrite removes
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and "llama-cli -m PATH/model-f16.gguf" in card
+    assert "| type | f16 |" in card and "| same greedy answer |" in card
     assert result.report.reference == str(adapter)  # the trained adapter, unmerged, is the reference
     assert result.report.greedy_same == 3 and result.report.mean_logprob_diff < 1e-3
     assert leftovers(tmp_path) == []

@@ -360,10 +360,10 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_resume_is_exact(
 ON_A_SMALL_TMPFS = """
 set -u
 mount -t tmpfs -o size=5m tmpfs "$DISK" || exit 90
-python "$REPO/finetune.py" "$@" --output_dir "$DISK/out" 2> "$LOGS/full.err"; echo $? > "$LOGS/full.rc"
+"$PYTHON" "$REPO/finetune.py" "$@" --output_dir "$DISK/out" 2> "$LOGS/full.err"; echo $? > "$LOGS/full.rc"
 ls "$DISK/out/checkpoint-1" > "$LOGS/checkpoint-1.ls"
 mount -o remount,size=256m tmpfs "$DISK"  # space freed
-python "$REPO/finetune.py" "$@" --output_dir "$DISK/out" --resume_from_checkpoint True 2> "$LOGS/resume.err"
+"$PYTHON" "$REPO/finetune.py" "$@" --output_dir "$DISK/out" --resume_from_checkpoint True 2> "$LOGS/resume.err"
 echo $? > "$LOGS/resume.rc"
 cp "$DISK/out/adapter_model.safetensors" "$LOGS/"
 """
@@ -392,6 +392,7 @@ def test_a_real_full_disk_during_a_checkpoint(tiny_chat_model, tmp_path):
     disk.mkdir()
     logs.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "DISK": str(disk), "LOGS": str(logs), "REPO": str(REPO)}
+    env["PYTHON"] = sys.executable
     args = [str(a) for a in run[:4] + run[6:]] + ["--save_steps", "1"]  # --output_dir: the tmpfs
     subprocess.run(["unshare", "-rm", "sh", "-c", ON_A_SMALL_TMPFS, "sh", *args], env=env, timeout=900, check=True)
 

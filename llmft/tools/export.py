@@ -60,6 +60,7 @@ from llmft.inference import (
     load_model,
     load_tokenizer,
 )
+from llmft.model_card import derived_card_facts, write_model_card
 from llmft.run_folder import staged_output_dir
 from llmft.parity import GREEDY_TOKENS, MAX_TOKENS, REPORT_FILE, ParityReport, TransformersEngine, compare
 from llmft.tools.merge import BUILTIN_CONVERSATIONS, merge_base, merge_lora
@@ -522,6 +523,18 @@ def export_gguf(
             raise LlmftError(
                 "the export is not fit to serve, nothing was written:\n  - " + "\n  - ".join(report.problems())
             )
+        drift = {
+            "type": quantization,
+            "answer tokens compared": report.answer_tokens,
+            "mean log-prob difference": f"{report.mean_logprob_diff:.3g}",
+            "max log-prob difference": f"{report.max_logprob_diff:.3g}",
+            "same greedy answer": f"{report.greedy_same} of {len(report.conversations)}",
+            "whole record": REPORT_FILE,
+        }
+        facts = derived_card_facts(
+            "gguf", model_name_or_path, staging, base_model=base_path, quantization=drift, files=[gguf_name]
+        )
+        write_model_card(staging, facts)
 
     print(f"exported {model_name_or_path} -> {output / gguf_name} ({quantization}), {output / MODELFILE}")
     return ExportResult(output, output / gguf_name, report)
