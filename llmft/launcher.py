@@ -514,6 +514,7 @@ class Launch:
     environ: dict  # the environment it runs in
     where: str  # the one line saying what runs on this node
     dry_run: bool  # print it only
+    compile_caches: dict  # where the ranks will keep compiled kernels (they point their caches there themselves)
 
 
 def last_value(args: list[str], flag: str) -> str | None:
@@ -574,8 +575,10 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
     if node.resume:  # before the user's arguments, which may override it
         args += ["--resume_from_checkpoint", node.resume]
     args += options.passthrough
-    # compiled kernels kept with the run (the output folder the ranks will use), not in each node's /tmp
-    environ.update(compile_cache_env(last_value(args, "--output_dir"), environ))
+    # compiled kernels kept with the run (the output folder the ranks will use), not in each node's /tmp: each rank
+    # points its caches there itself once its settings have passed (llmft.compile_cache.use_compile_cache), so a
+    # refused run leaves no folder behind; LLMFT_COMPILE_CACHE and any cache variable the user set pass through
+    cache = compile_cache_env(last_value(args, "--output_dir"), environ)
 
     where = f"node {node.node_rank} of {node.nnodes}, {gpus} rank(s) per node"
     master_addr = node.master_addr or "localhost"
@@ -627,7 +630,8 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
         ]
     if use_cpu:
         where += ", on CPU in fp32 (gloo between ranks)"
-    return Launch(command, environ, where, options.dry_run)
+    caches = {name: environ.get(name) or cache[name] for name, _ in CACHE_VARIABLES}
+    return Launch(command, environ, where, options.dry_run, caches)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -643,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         print(launch, end="")
         sys.exit(0)
     print(f"[llmft] {launch.where}", file=sys.stderr)
-    caches = " ".join(f"{name}={launch.environ[name]}" for name, _ in CACHE_VARIABLES if launch.environ.get(name))
+    caches = " ".join(f"{name}={path}" for name, path in launch.compile_caches.items())
     print(f"[llmft] compiled kernels kept in {caches}", file=sys.stderr)
     print("+ " + shlex.join(launch.command), file=sys.stderr, flush=True)
     if launch.dry_run:

@@ -75,7 +75,10 @@ def test_launcher_keeps_what_the_user_set(data_file, tmp_path):
     }
 
 
-def test_ranks_start_with_the_cache_variables(data_file, tmp_path):
+def test_ranks_point_their_caches_there_themselves(data_file, tmp_path):
+    """The launcher passes no cache variables of its own: each rank sets them once its settings have passed
+    (finetune.py, test_finetune_sets_the_cache_before_training), so a run refused by its settings leaves no folder
+    (libraries make the cache folder as they import)."""
     stub = tmp_path / "stub_entry.py"
     stub.write_text(STUB)
     (tmp_path / "ranks").mkdir()
@@ -86,8 +89,12 @@ def test_ranks_start_with_the_cache_variables(data_file, tmp_path):
     result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", out, env=env)
     assert result.returncode == 0, result.stderr
     seen = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank*.json"))]
-    assert seen == [{"TORCHINDUCTOR_CACHE_DIR": str(out / "_compile_cache" / "inductor"),
-                     "TRITON_CACHE_DIR": str(out / "_compile_cache" / "triton")}] * 2  # fmt: skip
+    assert seen == [{"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None}] * 2
+    assert not out.exists()
+    shared = tmp_path / "shared"  # the user's folder reaches every rank as it is
+    env[COMPILE_CACHE_ENV] = str(shared)
+    assert run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", out, env=env).returncode == 0
+    assert compile_cache_env(str(out), {COMPILE_CACHE_ENV: str(shared)})["TRITON_CACHE_DIR"] == str(shared / "triton")
 
 
 def test_use_compile_cache_sets_only_what_is_unset(clean_environ, tmp_path):

@@ -241,7 +241,9 @@ def test_adapter_export_merges_inside_the_output(tiny_chat_model, tmp_path, run_
     run_finetune(*tiny_lora_flags(tiny_chat_model, adapter, "--max_steps", "6", "--learning_rate", "1e-2"))
     out = tmp_path / "gguf"
     result = export.export_gguf(str(adapter), out, quantization="f16", data_path=str(EXAMPLES), eval_samples=3)
-    files = ["Modelfile", "README.md", "model-f16.gguf", "parity_report.json"]
+    # the training run's report and plot come along, so the export still tells how it was trained
+    files = ["Modelfile", "README.md", "model-f16.gguf", "parity_report.json", "training_report.json"]
+    files.append("training_report.png")
     assert sorted(p.name for p in out.iterdir()) == sorted([*files, "llmft_written.json"])
     assert set(files) <= set(json.loads((out / "llmft_written.json").read_text())["written"])  # what overwrite removes
     card = (out / "README.md").read_text()

@@ -787,14 +787,12 @@ def main(argv: list[str] | None = None) -> None:
     for option, name in (("--launcher", args.launcher), ("--end_to_end", args.end_to_end)):
         if name is not None and not (REPO / "finetune" / name).is_file():
             launchers = " ".join(sorted(p.name for p in (REPO / "finetune").glob("finetune_*.sh")))
-            parser.error(f"{option} {name}: not a launcher in finetune/ (one of: {launchers})")
+            parser.error(
+                f"{option} {name}: no such launcher in {REPO / 'finetune'} (one of: {launchers or 'none'}; the "
+                "launchers come with a checkout of llmft, not with an installed wheel)"
+            )
     if args.worker:
         return run_worker(args, flags)
-    if args.launcher and not (REPO / "finetune" / args.launcher).is_file():
-        parser.error(
-            f"--launcher {args.launcher}: no such launcher in {REPO / 'finetune'} (the launchers come with a "
-            "checkout of llmft, not with an installed wheel)"
-        )
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # run_arm then stops the arm running
     model, data = prepare_args(args)
