@@ -584,32 +584,27 @@ def launcher_command(
         "PYTHON": sys.executable,
         BENCH_ENV: json.dumps(settings),
     }
-    command = [
-        "bash",
-        str(REPO / "finetune" / args.launcher),
-        "-m",
-        str(model),
-        "-d",
-        str(data),
-        "-o",
-        str(out),
-        *(["--dry-run"] if dry_run else []),
-        "--",
-        "--max_steps",
-        str(args.steps),
-        "--save_strategy",
-        "no",
-        "--overwrite_output_dir",
-        "True",
-        "--logging_steps",
-        "5",
-        "--preflight",
-        "False",
-        "--model_max_length",
-        str(args.max_length),
-        *flags,
-    ]
+    extra = ["--logging_steps", "5", "--preflight", "False", *flags]
+    command = _launcher_argv(args.launcher, model, data, out, args, extra, dry_run=dry_run)
     return command, env
+
+
+def _launcher_argv(
+    launcher: str,
+    model: Path,
+    data: Path,
+    out: Path,
+    args: argparse.Namespace,
+    flags: list[str],
+    dry_run: bool = False,
+) -> list[str]:
+    """finetune/LAUNCHER on the benchmark's model and data into `out`: --steps optimizer steps, no checkpoints, the
+    output folder replaced, the benchmark's --max_length; `flags` last (they override)."""
+    trainer_flags = ["--max_steps", str(args.steps), "--save_strategy", "no", "--overwrite_output_dir", "True"]
+    trainer_flags += ["--model_max_length", str(args.max_length), *flags]
+    script = str(REPO / "finetune" / launcher)
+    paths = ["-m", str(model), "-d", str(data), "-o", str(out)]
+    return ["bash", script, *paths, *(["--dry-run"] if dry_run else []), "--", *trainer_flags]
 
 
 def run_end_to_end(args: argparse.Namespace, flags: list[str], model: Path, data: Path, environ: dict) -> dict:
@@ -622,26 +617,7 @@ def run_end_to_end(args: argparse.Namespace, flags: list[str], model: Path, data
 
     out = args.workdir / f"out-end-to-end-{args.label or 'run'}"
     (out / REPORT_JSON).unlink(missing_ok=True)  # the row must come from this run's report
-    command = [
-        "bash",
-        str(REPO / "finetune" / args.end_to_end),
-        "-m",
-        str(model),
-        "-d",
-        str(data),
-        "-o",
-        str(out),
-        "--",
-        "--max_steps",
-        str(args.steps),
-        "--save_strategy",
-        "no",
-        "--overwrite_output_dir",
-        "True",
-        "--model_max_length",
-        str(args.max_length),
-        *flags,
-    ]
+    command = _launcher_argv(args.end_to_end, model, data, out, args, flags)
     started = time.perf_counter()
     run_arm(command, {**environ, "PYTHON": sys.executable})
     seconds = time.perf_counter() - started
