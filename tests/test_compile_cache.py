@@ -28,7 +28,7 @@ STUB = """
 import json, os
 path = os.path.join(os.environ["STUB_OUT"], "rank%s.json" % os.environ.get("RANK", "0"))
 with open(path, "w") as f:
-    json.dump({k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}, f)
+    json.dump({k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "LLMFT_COMPILE_CACHE")}, f)
 """
 
 
@@ -89,12 +89,15 @@ def test_ranks_point_their_caches_there_themselves(data_file, tmp_path):
     result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", out, env=env)
     assert result.returncode == 0, result.stderr
     seen = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank*.json"))]
-    assert seen == [{"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None}] * 2
+    unset = {"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None, COMPILE_CACHE_ENV: None}
+    assert seen == [unset] * 2
     assert not out.exists()
-    shared = tmp_path / "shared"  # the user's folder reaches every rank as it is
+    shared = tmp_path / "shared"  # the user's folder reaches every rank as it is, for the rank to point its caches at
     env[COMPILE_CACHE_ENV] = str(shared)
     assert run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "-o", out, env=env).returncode == 0
-    assert compile_cache_env(str(out), {COMPILE_CACHE_ENV: str(shared)})["TRITON_CACHE_DIR"] == str(shared / "triton")
+    seen = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank*.json"))]
+    assert seen == [{**unset, COMPILE_CACHE_ENV: str(shared)}] * 2
+    assert not out.exists()
 
 
 def test_use_compile_cache_sets_only_what_is_unset(clean_environ, tmp_path):
