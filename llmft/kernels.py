@@ -61,7 +61,7 @@ class Kernels:
     @property
     def takes_sample_boundaries(self) -> bool:
         """The attention kernel reads packed samples' offsets from the batch (llmft.data.packing.PackedCollator)."""
-        return self.attention in (VARLEN, "flash_attention_2", "flash_attention_3")
+        return self.attention == VARLEN  # transformers' flash attention finds them from the positions itself
 
 
 def choose_kernels(
