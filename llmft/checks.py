@@ -3,7 +3,7 @@ as messages naming the flags, and llmft.args.parse_args raises them together in 
 heavy loads. The checks read the flags as given, contradictions included; what a run that passes them does is
 resolved afterwards, once, by llmft/plan.py.
 
-What they probe on disk: the base model folder (through llmft.checkpoint), the data files, and --output_dir with
+What they probe on disk: the base model folder (through llmft.model_folder), the data files, and --output_dir with
 the checkpoint to resume from (`_output_problems`).
 """
 
@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from llmft.attention import VARLEN
-from llmft.checkpoint import model_folder
+from llmft.model_folder import model_folder
 from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
 from llmft.data.formats import data_file_problem
 from llmft.distributed import shards_parameters

@@ -16,7 +16,7 @@ compile (`use_compile_cache`), so a plain `python finetune.py` gets the same. Th
 temporary name and rename it into place, so the ranks and nodes of a run can share one folder; nothing is written
 there unless something compiles.
 
-Standard library only: llmft.launcher imports this module before any heavy package loads.
+Standard library only: llmft.launch.launcher imports this module before any heavy package loads.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ accelerate's or the environment's state itself:
 - `shut_down_ranks`, `ranks_shut_down_when_done`: the end of a run on every rank, DeepSpeed and the process group
   torn down before the interpreter exits.
 
-Launching the ranks (torchrun, MPI, Slurm, DeepSpeed's pdsh runner) is llmft/launch.py's and llmft/launcher.py's.
+Launching the ranks (torchrun, MPI, Slurm, DeepSpeed's pdsh runner) is llmft/launch/torchrun.py's and llmft/launch/launcher.py's.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def require_launcher(training_args: TrainingArguments) -> None:
         [
             f"--deepspeed {training_args.deepspeed} runs in a process group that a launcher starts: use "
             "finetune/finetune_ds.sh (or finetune_lora_single_gpu.sh --deepspeed ...), torchrun, or for one "
-            "process `python -m llmft.launch --standalone --nproc_per_node 1 finetune.py ...`"
+            "process `python -m llmft.launch.torchrun --standalone --nproc_per_node 1 finetune.py ...`"
         ]
     )
 

@@ -1,6 +1,6 @@
 """Loading any result of a run for inference, and generating one reply with it.
 
-What a path can hold, and how it loads (`load_for_inference` asks `llmft.checkpoint`, which tells them apart by their
+What a path can hold, and how it loads (`load_for_inference` asks `llmft.model_folder`, which tells them apart by their
 files):
 - a PEFT adapter (LoRA / Q-LoRA output: `adapter_config.json`): its base, found from `base_model_name_or_path` or
   given, loaded as stored (a Q-LoRA base is the original unquantized model), its embeddings grown to the rows the
@@ -20,7 +20,7 @@ to `generate`, so a model whose saved generation config stops only at EOS still 
 Code shipped with a model (`auto_map` in its config.json or tokenizer_config.json, pointing at the folder's own .py
 files) is never run unless the user passes `--trust_remote_code True`: every loader here refuses such a folder first,
 since GPTQModel imports those files whatever trust_remote_code says. Weight files are checked cheaply (the safetensors
-header against the file's size, `llmft.checkpoint`) before loading, so a truncated or garbage file is named instead of
+header against the file's size, `llmft.model_folder`) before loading, so a truncated or garbage file is named instead of
 failing deep inside a load.
 
 The tools write their results through `llmft.run_folder.staged_output_dir`.
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmft.chat_template import GenerationStops, choose_chat_template, generation_stops
-from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
+from llmft.model_folder import ADAPTER_CONFIG, model_folder, require_adapter, require_model
 from llmft.data.render import render_prompt
 from llmft.errors import ConfigError, LlmftError
 from llmft.quiet import without_unused_gptqmodel

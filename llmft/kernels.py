@@ -116,7 +116,7 @@ def _check_packing_isolates(model_args: ModelArguments) -> None:
 
     import transformers
 
-    from llmft.checkpoint import model_folder
+    from llmft.model_folder import model_folder
 
     config = model_folder(model_args.model_name_or_path).config
     if config is None:

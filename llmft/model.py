@@ -27,7 +27,7 @@ from transformers import (
 
 from llmft.attention import VARLEN, register_varlen_attention
 from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_turn_token, generation_stops, uses_chatml
-from llmft.checkpoint import quant_method
+from llmft.model_folder import quant_method
 from llmft.distributed import init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
 from llmft.quiet import without_unused_gptqmodel
@@ -275,7 +275,7 @@ def _quantized_linear_names(model: PreTrainedModel) -> list[str]:
 def embedding_module_names(model: torch.nn.Module) -> list[str]:
     """Names (last component) of the model's input embeddings and, when it is another module, its output head: what
     training saves in full for added tokens, and what an adapter's saved rows are looked up by
-    (`llmft.checkpoint.ModelFolder.saved_embedding_rows`)."""
+    (`llmft.model_folder.ModelFolder.saved_embedding_rows`)."""
     names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     found = [names[model.get_input_embeddings()]]
     output = model.get_output_embeddings()

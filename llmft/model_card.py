@@ -95,7 +95,7 @@ def base_model_license(model: str | None) -> dict[str, str]:
     id in the local cache; {} when it has no card or the card names no license."""
     if not model:
         return {}
-    from llmft.checkpoint import model_folder
+    from llmft.model_folder import model_folder
 
     folder = model_folder(model).folder
     if folder is None:

@@ -13,7 +13,7 @@ Modes (`RunPlan.mode`):
 - `lora`: LoRA adapters on a frozen base in the compute dtype;
 - `qlora-4bit`, `qlora-8bit`: adapters on a base that bitsandbytes quantizes on load (--q_lora True, --quant_bits);
 - `lora-on-<method>` (`lora-on-gptq`, `lora-on-awq`, ...): adapters on a base stored quantized, as its config.json's
-  quantization_config says (llmft.checkpoint).
+  quantization_config says (llmft.model_folder).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.checkpoint import model_folder
+from llmft.model_folder import model_folder
 from llmft.compile_cache import log_compile_plan
 from llmft.distributed import bnb_4bit_storage_dtype, sharding_of
 from llmft.kernels import Kernels, choose_kernels
@@ -59,7 +59,7 @@ class RunPlan:
 
     mode: str  # full, lora, qlora-4bit, qlora-8bit, lora-on-<method>
     base_model: str  # --model_name_or_path as parse_args left it (a local folder made absolute)
-    base_quantization: str | None  # how the base is stored quantized (gptq, awq, ...; llmft.checkpoint); None: not
+    base_quantization: str | None  # how the base is stored quantized (gptq, awq, ...; llmft.model_folder); None: not
     quantize_on_load: QuantizeOnLoad | None  # Q-LoRA's bitsandbytes settings; None otherwise
     compute_dtype: torch.dtype  # bf16 / fp16 / fp32 from the precision flags
     sharding: str  # none, ddp, zero0..zero3, fsdp (llmft.distributed.sharding_of)

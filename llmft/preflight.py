@@ -701,7 +701,7 @@ def preflight(
     larger than the checkpoint's grows the embeddings (to a multiple of 64, as build_model resizes them).
     None when the model's config.json is not at hand (a Hub id not in the local cache), or is not modelled and
     --preflight False."""
-    from llmft.checkpoint import model_folder
+    from llmft.model_folder import model_folder
 
     config = model_folder(model_args.model_name_or_path).config
     if config is None:

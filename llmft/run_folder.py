@@ -121,7 +121,7 @@ def _resolved_input(path: str) -> list[tuple[str, bool]]:
     (True) or the target of a link in it (False: an output inside such a target, which could be any folder, is
     allowed)."""
     if not os.path.exists(path):
-        from llmft.checkpoint import model_folder
+        from llmft.model_folder import model_folder
 
         folder = model_folder(path).folder  # a Hub id in the local cache; None for anything else
         if folder is None:

@@ -10,7 +10,7 @@ multiple of ranks x accumulation steps. Loss normalisation needs nothing of its 
 targets of all micro-batches of an optimizer step (over all ranks) and divides each micro-batch's summed loss by that
 count.
 
-FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see finetune/common.sh for the choices in that
+FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see llmft/launch/launcher.py for the choices in that
 file). transformers hands the config to accelerate, which wraps the model with PyTorch's FSDP2 (`fully_shard`) on GPU
 ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate never turns FSDP on, and PackingLoraPlusTrainer takes that
 step itself (`llmft.distributed.enable_fsdp_on_cpu_ranks`, which says why and on which accelerate versions), so CPU runs

@@ -166,7 +166,7 @@ def test_log_says_what_compiles_how_long_and_where(clean_environ, tmp_path, capl
 def test_compile_cache_module_loads_without_torch(tmp_path):
     """The launchers import it with any python3, before torch: standard library only."""
     code = (
-        "import sys; sys.modules['torch'] = None; import llmft.launcher, llmft.compile_cache; "
+        "import sys; sys.modules['torch'] = None; import llmft.launch.launcher, llmft.compile_cache; "
         "print(llmft.compile_cache.compile_cache_folder('o', {}))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

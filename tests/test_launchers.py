@@ -160,7 +160,7 @@ def test_single_gpu_launchers_run_one_plain_process(name, data_file):
     assert "--deepspeed" not in argv
     # asked for DeepSpeed, one rank still needs a process group
     argv = dry_run(name, "-m", "org/model", "-d", data_file, "--deepspeed", "zero2_offload")
-    assert argv[1:3] == ["-m", "llmft.launch"] and flag_value(argv, "--nproc_per_node") == "1"
+    assert argv[1:3] == ["-m", "llmft.launch.torchrun"] and flag_value(argv, "--nproc_per_node") == "1"
     assert flag_value(argv, "--deepspeed") == str(DS_CONFIGS / "zero2_offload.json")
 
 
@@ -221,7 +221,7 @@ def test_deepspeed_config_by_path_and_equals_form(data_file):
 
 def test_cpu_mode_without_gpu(data_file):
     argv = dry_run("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, GPUS_PER_NODE=2)
-    assert argv[:3] == [sys.executable, "-m", "llmft.launch"]
+    assert argv[:3] == [sys.executable, "-m", "llmft.launch.torchrun"]
     assert flag_value(argv, "--nproc_per_node") == "2"
     assert flag_value(argv, "--use_cpu") == "True"
     assert flag_value(argv, "--bf16") == "False" and flag_value(argv, "--fp16") == "False"
@@ -353,7 +353,7 @@ def test_hostfile_master_addr_defaults_to_its_first_host(data_file, tmp_path):
 
 
 def test_precision_needs_bf16_on_every_visible_gpu():
-    from llmft.launcher import precision_args
+    from llmft.launch.launcher import precision_args
 
     assert precision_args([(9, 0), (8, 0)]) == ["--bf16", "True"]
     assert precision_args([(9, 0), (7, 0)]) == ["--fp16", "True"]
@@ -380,7 +380,7 @@ print(json.dumps(host if visible is None else [host[int(i)] for i in visible.spl
     ],
 )
 def test_bf16_decision_reads_the_gpus_cuda_visible_devices_shows(name, visible, precision, ranks, data_file, tmp_path):
-    from llmft.launcher import visible_gpu_capabilities
+    from llmft.launch.launcher import visible_gpu_capabilities
 
     python = tmp_path / "python"
     python.write_text(FAKE_TORCH_PYTHON.format(python=sys.executable))
@@ -627,6 +627,6 @@ def test_launcher_trains_tiny_model_on_cpu_ranks(name, config, saves, tiny_chat_
 
 @pytest.mark.parametrize("addr", ["node-1.cluster.local", "10.0.0.7", "fe80::1", "[fe80::1]", "gpu_node3"])
 def test_master_addr_takes_host_names_and_addresses(addr):
-    from llmft.launcher import is_host
+    from llmft.launch.launcher import is_host
 
     assert is_host(addr)

@@ -182,7 +182,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tiny_chat_mod
     assert finetune(*flags(tiny_chat_model, out, "--max_steps", "1")).state.global_step == 1
 
 
-# --- through llmft.launch: the signal reaches the ranks, the status comes back ------------------------------------
+# --- through llmft.launch.torchrun: the signal reaches the ranks, the status comes back ------------------------------------
 
 SIGNAL_STUB = """\
 import json, os, signal, sys, time
@@ -222,7 +222,7 @@ def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_pa
         stderr=subprocess.PIPE,
     )
     wait_for_ranks(process, tmp_path)
-    process.send_signal(sig)  # to the launcher only: it exec'd llmft.launch
+    process.send_signal(sig)  # to the launcher only: it exec'd llmft.launch.torchrun
     _, err = process.communicate(timeout=60)
     assert process.returncode == EXIT_PREEMPTED, err
     assert sorted(p.read_text() for p in tmp_path.glob("rank*.signal")) == [sig.name, sig.name]

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from transformers import TrainerCallback
 
-from llmft.checkpoint import model_folder
+from llmft.model_folder import model_folder
 
 if TYPE_CHECKING:
     from transformers import (

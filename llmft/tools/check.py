@@ -35,7 +35,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from llmft.args import DataArguments, ModelArguments
-from llmft.checkpoint import model_folder
+from llmft.model_folder import model_folder
 from llmft.data.formats import data_file_problem
 from llmft.errors import ConfigError, exit_on_user_error
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmft.chat_template import CHATML_TEMPLATE, end_of_turn_token
-from llmft.checkpoint import model_folder, require_model
+from llmft.model_folder import model_folder, require_model
 from llmft.data.formats import load_conversations, parse_record
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.inference import (

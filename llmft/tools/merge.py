@@ -44,7 +44,7 @@ from llmft.data.formats import load_conversations, parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.model_card import derived_card_facts, write_model_card
-from llmft.checkpoint import ADAPTER_CONFIG, model_folder, require_adapter, require_model
+from llmft.model_folder import ADAPTER_CONFIG, model_folder, require_adapter, require_model
 from llmft.inference import (
     DTYPE_CHOICES,
     DTYPES,

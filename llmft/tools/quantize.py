@@ -46,7 +46,7 @@ from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.model_card import derived_card_facts, write_model_card
 from llmft.quiet import quiet_gptqmodel, saving_quietly
-from llmft.checkpoint import model_folder, require_model
+from llmft.model_folder import model_folder, require_model
 from llmft.inference import (
     add_overwrite_output_dir_flag,
     add_trust_remote_code_flag,

@@ -44,7 +44,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2T
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from llmft.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, generation_stops
-from llmft.checkpoint import model_folder
+from llmft.model_folder import model_folder
 from llmft.errors import ConfigError, exit_on_user_error
 
 TOKENIZER_KINDS = ("bpe", "qwen")

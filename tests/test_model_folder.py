@@ -1,4 +1,4 @@
-"""llmft.checkpoint: what a model path or Hub id is, answered once, with one rule for finetune.py and every tool.
+"""llmft.model_folder: what a model path or Hub id is, answered once, with one rule for finetune.py and every tool.
 
 The folders are built here from literal files (configs, small safetensors files); nothing is loaded.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import llmft.checkpoint as checkpoint
-from llmft.checkpoint import FolderError, model_folder, quant_method, require_adapter, require_model
+import llmft.model_folder as checkpoint
+from llmft.model_folder import FolderError, model_folder, quant_method, require_adapter, require_model
 from llmft.errors import ConfigError, LlmftError
 from tests.conftest import chat_record, write_records
 
@@ -63,7 +63,7 @@ def hub(monkeypatch, tmp_path):
 
 @pytest.fixture
 def json_reads(monkeypatch):
-    """The config files llmft.checkpoint parses, in order (file names only)."""
+    """The config files llmft.model_folder parses, in order (file names only)."""
     reads = []
     read = checkpoint._read_json
 
@@ -276,7 +276,7 @@ def test_path_looking_names(tmp_path, monkeypatch, hub, name, expected):
 
 
 def test_launcher_uses_the_same_path_rule(tmp_path, monkeypatch):
-    from llmft.launcher import LAUNCHERS, UsageError, parse_options
+    from llmft.launch.launcher import LAUNCHERS, UsageError, parse_options
 
     monkeypatch.chdir(tmp_path)
     data = write_records(tmp_path / "train.json", [chat_record("Hi?", "Hello.")])
@@ -316,7 +316,7 @@ def model_line(err: str, name: str) -> str:
     ids=["one-part-hub-id-offline", "dot-relative", "three-parts", "invalid-id"],
 )
 def test_finetune_and_quantize_say_the_same(run_finetune, tmp_path, monkeypatch, hub, capsys, name, expected):
-    """Before llmft.checkpoint, finetune.py said `no such directory, ...` and the tools `no such model folder`."""
+    """Before llmft.model_folder, finetune.py said `no such directory, ...` and the tools `no such model folder`."""
     from llmft.tools.quantize import main as quantize
 
     hub.offline(True)

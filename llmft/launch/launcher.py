@@ -1,9 +1,9 @@
-"""The finetune/*.sh launchers: `python -m llmft.launcher LAUNCHER [options] [-- finetune.py arguments...]`.
+"""The finetune/*.sh launchers: `python -m llmft.launch.launcher LAUNCHER [options] [-- finetune.py arguments...]`.
 
 Each shell launcher is a few lines that run this module with its own name; everything it does is here: its recipe
 (`LAUNCHERS`, data), its options (argparse), the checks of every environment variable it reads (one error that lists
 each bad one), the devices of this node (torch.cuda, which honours CUDA_VISIBLE_DEVICES) and the command it starts.
-Ranks start through `llmft.launch` (torchrun that turns a rank's user error into exit status 2 and a preemption into
+Ranks start through `llmft.launch.torchrun` (torchrun that turns a rank's user error into exit status 2 and a preemption into
 75, and passes SIGTERM/SIGUSR1 on to the ranks); this process becomes it, so a signal sent to the launcher reaches it.
 With HOSTFILE, DeepSpeed's pdsh launcher starts every node from this one instead (see `build_command`).
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from llmft.checkpoint import looks_like_path
+from llmft.model_folder import looks_like_path
 from llmft.compile_cache import CACHE_VARIABLES, COMPILE_CACHE_ENV, compile_cache_env
 from llmft.errors import EXIT_USER_ERROR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = ROOT / "ds_configs"
 # ds_configs/ holds both kinds of config, told apart by name: DeepSpeed's zero*.json, FSDP's fsdp*.json.
 DS_CONFIG_PREFIX, FSDP_CONFIG_PREFIX = "zero", "fsdp"
@@ -400,7 +400,7 @@ def parse_options(launcher: Launcher, argv: list[str], environ: dict) -> argpars
     if not os.path.exists(options.data):
         raise UsageError(f"training data '{options.data}' does not exist")
     # A Hub id also contains '/', so only a model written as a path must exist here; finetune.py checks the rest
-    # (llmft.checkpoint: the one rule for what names a folder and what a Hub id)
+    # (llmft.model_folder: the one rule for what names a folder and what a Hub id)
     if looks_like_path(options.model) and not os.path.exists(options.model):
         raise UsageError(f"model folder '{options.model}' does not exist")
     if options.fsdp:
@@ -475,7 +475,7 @@ MASTER_PORT={env("MASTER_PORT", "6001")}
       PMI_SIZE/RANK when present (mpirun -npernode 1 ...); for Slurm see finetune/slurm_finetune.sbatch
   HOSTFILE={env("HOSTFILE")}  set: start all nodes from this one with 'deepspeed --hostfile HOSTFILE' (pdsh over
       passwordless ssh; lines like 'node1 slots=8'); MASTER_ADDR defaults to its first host. The nodes then run
-      DeepSpeed's launcher, not llmft.launch: a rank's failure is reported as DeepSpeed and pdsh report it (with
+      DeepSpeed's launcher, not llmft.launch.torchrun: a rank's failure is reported as DeepSpeed and pdsh report it (with
       tracebacks; exit statuses 2 and 75 are not guaranteed), and SIGTERM/SIGUSR1 are not passed on to the ranks
 """
     text += f"""\
@@ -585,7 +585,7 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
     if not launcher.distributed and not options.deepspeed:
         command = [node.python, node.entry, *args]
     elif not launcher.distributed:  # DeepSpeed wants a process group, even of one rank
-        command = [node.python, "-m", "llmft.launch", "--standalone", "--nproc_per_node", "1", node.entry, *args]
+        command = [node.python, "-m", "llmft.launch.torchrun", "--standalone", "--nproc_per_node", "1", node.entry, *args]
     elif node.hostfile:
         # pdsh: its ranks start with RANK/LOCAL_RANK/WORLD_SIZE set (so no --local_rank argument is needed).
         # DeepSpeed's MPI and Slurm launchers set only MPI's variables, which transformers does not read: under MPI
@@ -614,7 +614,7 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
         command = [
             node.python,
             "-m",
-            "llmft.launch",
+            "llmft.launch.torchrun",
             "--nproc_per_node",
             str(gpus),
             "--nnodes",
@@ -635,7 +635,7 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m llmft.launcher LAUNCHER [options]`: print what runs, then become it (or exit, on --dry-run)."""
+    """`python -m llmft.launch.launcher LAUNCHER [options]`: print what runs, then become it (or exit, on --dry-run)."""
     argv = sys.argv[1:] if argv is None else argv
     name, args = argv[0], argv[1:]
     try:

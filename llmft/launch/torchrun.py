@@ -1,4 +1,4 @@
-"""torchrun for llmft's launchers: `python -m llmft.launch [torchrun options] finetune.py [arguments]`.
+"""torchrun for llmft's launchers: `python -m llmft.launch.torchrun [torchrun options] finetune.py [arguments]`.
 
 It is torchrun (same options, same elastic agent), with two differences:
 - When the ranks stop on a user error (a bad flag, a broken record: finetune.py has printed the message and exited
