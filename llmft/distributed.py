@@ -17,7 +17,7 @@ accelerate's or the environment's state itself:
 - `shut_down_ranks`, `ranks_shut_down_when_done`: the end of a run on every rank, DeepSpeed and the process group
   torn down before the interpreter exits.
 
-Launching the ranks (torchrun, MPI, Slurm, DeepSpeed's pdsh runner) is llmft/launch/torchrun.py's and llmft/launch/launcher.py's.
+Launching the ranks (torchrun, MPI, Slurm, DeepSpeed's pdsh runner) is the llmft/launch/ package's.
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ EXIT_USER_ERROR = 2  # the exit status of a run stopped by a user error (argpars
 # sysexits.h's EX_TEMPFAIL ("temporary failure, the user is invited to retry"), apart from 128 + N, which a shell
 # reports for a process killed by signal N, checkpoint or not.
 EXIT_PREEMPTED = 75
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers send before a kill; llmft.launch.torchrun passes them on
+PREEMPTION_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGUSR1,
+)  # what schedulers send before a kill; llmft.launch.torchrun passes them on
 
 
 class LlmftError(Exception):

@@ -3,8 +3,9 @@
 Each shell launcher is a few lines that run this module with its own name; everything it does is here: its recipe
 (`LAUNCHERS`, data), its options (argparse), the checks of every environment variable it reads (one error that lists
 each bad one), the devices of this node (torch.cuda, which honours CUDA_VISIBLE_DEVICES) and the command it starts.
-Ranks start through `llmft.launch.torchrun` (torchrun that turns a rank's user error into exit status 2 and a preemption into
-75, and passes SIGTERM/SIGUSR1 on to the ranks); this process becomes it, so a signal sent to the launcher reaches it.
+Ranks start through `llmft.launch.torchrun` (torchrun that turns a rank's user error into exit status 2 and a
+preemption into 75, and passes SIGTERM/SIGUSR1 on to the ranks); this process becomes it, so a signal sent to the
+launcher reaches it.
 With HOSTFILE, DeepSpeed's pdsh launcher starts every node from this one instead (see `build_command`).
 """
 
@@ -475,8 +476,9 @@ MASTER_PORT={env("MASTER_PORT", "6001")}
       PMI_SIZE/RANK when present (mpirun -npernode 1 ...); for Slurm see finetune/slurm_finetune.sbatch
   HOSTFILE={env("HOSTFILE")}  set: start all nodes from this one with 'deepspeed --hostfile HOSTFILE' (pdsh over
       passwordless ssh; lines like 'node1 slots=8'); MASTER_ADDR defaults to its first host. The nodes then run
-      DeepSpeed's launcher, not llmft.launch.torchrun: a rank's failure is reported as DeepSpeed and pdsh report it (with
-      tracebacks; exit statuses 2 and 75 are not guaranteed), and SIGTERM/SIGUSR1 are not passed on to the ranks
+      DeepSpeed's launcher, not llmft.launch.torchrun: a rank's failure is reported as DeepSpeed and pdsh report it
+      (with tracebacks; exit statuses 2 and 75 are not guaranteed), and SIGTERM/SIGUSR1 are not passed on to the
+      ranks
 """
     text += f"""\
   USE_CPU={env("USE_CPU")}  1 (or true): train on CPU ranks over gloo in fp32 (DeepSpeed's CPU accelerator, or FSDP2);
@@ -585,7 +587,16 @@ def build_launch(name: str, argv: list[str], environ: dict) -> Launch | str:
     if not launcher.distributed and not options.deepspeed:
         command = [node.python, node.entry, *args]
     elif not launcher.distributed:  # DeepSpeed wants a process group, even of one rank
-        command = [node.python, "-m", "llmft.launch.torchrun", "--standalone", "--nproc_per_node", "1", node.entry, *args]
+        command = [
+            node.python,
+            "-m",
+            "llmft.launch.torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            node.entry,
+            *args,
+        ]
     elif node.hostfile:
         # pdsh: its ranks start with RANK/LOCAL_RANK/WORLD_SIZE set (so no --local_rank argument is needed).
         # DeepSpeed's MPI and Slurm launchers set only MPI's variables, which transformers does not read: under MPI
