@@ -109,8 +109,8 @@ class LoraArguments:
     lora_dropout: float = field(
         default=0.0,
         metadata={
-            "help": "Dropout on the LoRA input. Off by default, as in most LoRA recipes: on an H100 0.05 cost "
-            "Q-LoRA a fifth of its throughput (README, Speed)."
+            "help": "Dropout on the LoRA input. Off by default, as in most LoRA recipes: it slows Q-LoRA "
+            "(BENCHMARKS.md)."
         },
     )
     lora_target_modules: list[str] = field(

@@ -37,11 +37,8 @@ the estimate assumes every layer checkpointed), optimizer-step temporaries (torc
 makes none), bitsandbytes' one dequantized weight at a time, LoRA dropout's copy of each adapted layer's input (off
 by default), and NCCL's own buffers beyond the fixed allowance.
 
-Measured against (README, Speed and memory: peak allocated on an H200, Qwen2.5 shapes, bf16, packed micro-batches,
-flex attention): full 1.5B with checkpointing 13.56 GiB estimated / 13.8 measured, without Liger 39.52 / 38.0,
-without checkpointing 54.67 / 56.2 and at 8,192 tokens 31.65 / 32.7, with SDPA 14.31 / 14.6; LoRA 7B 23.73 / 25.3,
-without checkpointing at 8,192 tokens 66.42 / 71.6; Q-LoRA 7B 13.81 / 13.6: from -7.2% to +4.0%, 3.6% on average
-(`bash tools/run_benchmarks.sh memory` measures the estimate beside the peak).
+How far the estimate is from measured peaks is in BENCHMARKS.md (`bash tools/run_benchmarks.sh memory` measures the
+estimate beside the peak).
 """
 
 from __future__ import annotations
