@@ -32,8 +32,8 @@ def trains(launcher: Launcher) -> str:
     return "LoRA" if flags.get("--use_lora") == "True" else "full"
 
 
-def code_flags(pairs: list[tuple[str, str]]) -> str:
-    return " ".join(f"`{flag} {value}`" for flag, value in pairs)
+def code_spans(pairs: list[tuple[str, str]]) -> list[str]:
+    return [f"`{flag} {value}`" for flag, value in pairs]
 
 
 def recipe_table() -> str:
@@ -46,10 +46,23 @@ def recipe_table() -> str:
     for name, launcher in LAUNCHERS.items():
         processes = "torchrun on each node" if launcher.distributed else "one"
         config = f"`{launcher.ds_config}`" if launcher.ds_config else "none"
-        recipe = code_flags([pair for pair in flag_pairs(launcher.recipe) if pair[0] not in MODE_FLAGS])
+        recipe = " ".join(code_spans([pair for pair in flag_pairs(launcher.recipe) if pair[0] not in MODE_FLAGS]))
         lines.append(f"| `{name}` | {trains(launcher)} | {processes} | {config} | `{launcher.output_dir}` | {recipe} |")
-    lines += ["", f"Every recipe also passes {code_flags(flag_pairs(SHARED_RECIPE))}.", END]
+    shared = wrap(["Every recipe also passes", *code_spans(flag_pairs(SHARED_RECIPE))])
+    lines += ["", *shared, END]
     return "\n".join(lines)
+
+
+def wrap(words: list[str], width: int = 120) -> list[str]:
+    """`words` joined by spaces, never split, in lines of at most `width` characters; a full stop at the end."""
+    words = [*words[:-1], words[-1] + "."]
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] += " " + word
+    return lines
 
 
 def test_readme_recipe_table_is_the_launchers_data():
