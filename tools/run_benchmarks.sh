@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's figures. On a GPU machine, from the repo root:
+# The GPU measurements behind the README's speed table and BENCHMARKS.md. On a GPU machine, from the repo root:
 #   bash tools/run_benchmarks.sh speed RESULTS.jsonl     # the speed table: full 1.5B, Q-LoRA 7B, LoRA 7B vs the plain recipe
 #   bash tools/run_benchmarks.sh variants RESULTS.jsonl  # what each default costs or saves (attention, Liger, checkpointing, dropout)
 #   bash tools/run_benchmarks.sh launchers RESULTS.jsonl # the launchers' own recipes on one GPU against finetune.py
