@@ -399,9 +399,9 @@ def generate_reply(
 def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
     """The function schemas in a JSON file, for the prompt: a list (or a JSON string of one) of OpenAI schemas,
     `{"type": "function", "function": {"name", "description", "parameters"}}`, or bare `{"name", ...}` functions,
-    read exactly as training reads a record's `"tools"` (llmft.data.formats), so the model sees them as it was
+    read exactly as training reads a record's `"tools"` (llmft.data.records), so the model sees them as it was
     trained to."""
-    from llmft.data.formats import parse_tools as _parse_tools
+    from llmft.data.records import parse_tools as _parse_tools
 
     if not os.path.isfile(path):
         raise ConfigError([f"{flag} {path}: no such file"])
@@ -419,7 +419,7 @@ def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
 def require_tools_shown(tokenizer: PreTrainedTokenizerBase, tools: list[dict], flag: str = "--tools") -> None:
     """Fail when the chat template leaves the tools out of the prompt (one that ignores `tools=`): the model would
     be asked to call functions it is never shown. Training refuses such data the same way."""
-    from llmft.data.formats import tool_names
+    from llmft.data.conversation import tool_names
 
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "?"}], tools=tools, tokenize=False, add_generation_prompt=True

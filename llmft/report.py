@@ -252,7 +252,7 @@ def data_summary(datasets: dict, settings: dict) -> dict:
     """{"train": {...}, "eval": {...}} for the datasets given: the data file, the records it holds, and the samples,
     tokens and trained tokens training had from it (samples differ from records where a conversation became
     several samples or an over-long one was dropped)."""
-    from llmft.data.formats import iter_raw_records
+    from llmft.data.reading import iter_raw_records
 
     summary = {}
     for name, setting in (("train", "data_path"), ("eval", "eval_data_path")):

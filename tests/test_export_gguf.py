@@ -177,7 +177,7 @@ def rewrite_gguf(source: Path, target: Path, *flags: str) -> Path:
 
 
 def parity_of(gguf_path: Path, model: Path) -> export.ParityReport:
-    from llmft.data.formats import load_conversations
+    from llmft.data.records import load_conversations
     from llmft.inference import load_tokenizer
 
     return export.gguf_parity(gguf_path, str(model), load_tokenizer(model), load_conversations(str(EXAMPLES))[-3:])

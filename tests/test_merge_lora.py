@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from llmft.chat_template import CHATML_TEMPLATE, IM_END, IM_START
-from llmft.data.formats import parse_record
+from llmft.data.records import parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import LlmftError
 from llmft.run_folder import LOCK_FILE, WRITTEN_FILE, record_written

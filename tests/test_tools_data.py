@@ -19,7 +19,7 @@ import pytest
 from tokenizers import AddedToken
 
 from llmft.chat_template import CHATML_TEMPLATE
-from llmft.data.formats import parse_record
+from llmft.data.records import parse_record
 from llmft.data.render import IGNORE_INDEX, render_prompt, render_samples
 from llmft.errors import DataError
 from tests.conftest import expected_from_pieces

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser
 
 from llmft.args import DataArguments, ModelArguments
 from llmft.model_folder import model_folder
-from llmft.data.formats import data_file_problem
+from llmft.data.reading import data_file_problem
 from llmft.errors import ConfigError, exit_on_user_error
 
 EXIT_PROBLEMS = 1

@@ -51,7 +51,7 @@ import numpy as np
 
 from llmft.chat_template import CHATML_TEMPLATE, end_of_turn_token
 from llmft.model_folder import model_folder, require_model
-from llmft.data.formats import load_conversations, parse_record
+from llmft.data.records import load_conversations, parse_record
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.inference import (
     add_overwrite_output_dir_flag,
@@ -68,7 +68,7 @@ from llmft.tools.merge import BUILTIN_CONVERSATIONS, merge_base, merge_lora
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
 
 logger = logging.getLogger("export")
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.data.formats import load_conversations, parse_record
+from llmft.data.records import load_conversations, parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.model_card import derived_card_facts, write_model_card

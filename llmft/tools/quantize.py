@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.data.formats import load_conversations
+from llmft.data.records import load_conversations
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.model_card import derived_card_facts, write_model_card
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
 
 logger = logging.getLogger("run_gptq")
 
