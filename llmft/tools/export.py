@@ -53,13 +53,8 @@ from llmft.chat_template import CHATML_TEMPLATE, end_of_turn_token
 from llmft.model_folder import model_folder, require_model
 from llmft.data.records import load_conversations, parse_record
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
-from llmft.inference import (
-    add_overwrite_output_dir_flag,
-    add_trust_remote_code_flag,
-    load_adapter_model,
-    load_model,
-    load_tokenizer,
-)
+from llmft.inference import load_adapter_model, load_model, load_tokenizer
+from llmft.tools.cli_flags import add_overwrite_output_dir_flag, add_trust_remote_code_flag
 from llmft.model_card import derived_card_facts, write_model_card
 from llmft.run_folder import staged_output_dir
 from llmft.parity import GREEDY_TOKENS, MAX_TOKENS, REPORT_FILE, ParityReport, TransformersEngine, compare

@@ -48,14 +48,13 @@ from llmft.model_folder import ADAPTER_CONFIG, model_folder, require_adapter, re
 from llmft.inference import (
     DTYPE_CHOICES,
     DTYPES,
-    add_overwrite_output_dir_flag,
-    add_trust_remote_code_flag,
     check_weights_finite,
     load_adapter_model,
     load_model,
     load_tokenizer,
     set_generation_stops,
 )
+from llmft.tools.cli_flags import add_overwrite_output_dir_flag, add_trust_remote_code_flag
 from llmft.run_folder import staged_output_dir
 from llmft.saving import FINGERPRINT_SCHEME, RUN_FILE, base_fingerprint, base_fingerprint_v1
 

@@ -48,14 +48,13 @@ from llmft.model_card import derived_card_facts, write_model_card
 from llmft.quiet import quiet_gptqmodel, saving_quietly
 from llmft.model_folder import model_folder, require_model
 from llmft.inference import (
-    add_overwrite_output_dir_flag,
-    add_trust_remote_code_flag,
     check_weights_finite,
     load_for_inference,
     load_tokenizer,
     set_generation_stops,
     stdout_to_stderr,
 )
+from llmft.tools.cli_flags import add_overwrite_output_dir_flag, add_trust_remote_code_flag
 from llmft.run_folder import staged_output_dir
 
 if TYPE_CHECKING:
