@@ -22,7 +22,7 @@ def add_overwrite_output_dir_flag(parser: argparse.ArgumentParser, done: str) ->
     parser.add_argument(
         "--overwrite_output_dir",
         "--force",
-        dest="force",
+        dest="overwrite_output_dir",
         type=parse_flag_bool,
         nargs="?",
         const=True,
