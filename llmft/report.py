@@ -105,7 +105,7 @@ class TrainingReportCallback(TrainerCallback):
         self._first_step_tokens = None
 
     def start_clock(self) -> None:
-        """The session's time counts from now (Trainer.train's call: PackingLoraPlusTrainer.train) rather than from
+        """The session's time counts from now (Trainer.train's call: LlmftTrainer.train) rather than from
         on_train_begin, which comes after the model's wrapping, the optimizer and a resumed checkpoint's loading."""
         self._train_called = time.monotonic()
 

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     )
 
     from llmft.preflight import MemoryEstimate
-    from llmft.trainer import PackingLoraPlusTrainer
+    from llmft.trainer import LlmftTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "tools" / "benchmark.py"  # the launcher arm's entry point: launchers come with a checkout
@@ -410,7 +410,7 @@ def run_llmft(
     flags: list[str],
     profile: int = 0,
     max_length: int = 2048,
-) -> tuple[Meter, PackingLoraPlusTrainer | None]:
+) -> tuple[Meter, LlmftTrainer | None]:
     from llmft.train import main as train
 
     meter = Meter(warmup)
