@@ -1,4 +1,5 @@
-"""What a training file holds and what the loss will cover, before any GPU time is spent (`tools/check_data.py`).
+"""A survey of a training file: what it holds and what the loss will cover, before any GPU time is spent (the
+command line is `llmft check`, llmft/tools/check.py; settings are checked elsewhere, in llmft/checks.py).
 
 `check_data(path, tokenizer, settings)` reads every record with the code training uses (`llmft.data.records` to
 parse, `RenderSettings.render` to render and mask, the same over-long policy) but does not stop at the first bad
