@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from llmft.attention import VARLEN
 from llmft.model_folder import model_folder
 from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
-from llmft.data.formats import data_file_problem
+from llmft.data.reading import data_file_problem
 from llmft.distributed import shards_parameters
 
 if TYPE_CHECKING:

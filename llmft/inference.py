@@ -47,8 +47,6 @@ from llmft.errors import ConfigError, LlmftError
 from llmft.quiet import without_unused_gptqmodel
 
 if TYPE_CHECKING:
-    import argparse
-
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from transformers.generation.streamers import BaseStreamer
@@ -270,47 +268,6 @@ def load_for_inference(
     return model, tokenizer
 
 
-def parse_flag_bool(value: str) -> bool:
-    """argparse type for `--flag True` / `--flag False`, as finetune.py's flags are written."""
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    import argparse
-
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def add_overwrite_output_dir_flag(parser: argparse.ArgumentParser, done: str) -> None:
-    """The tools' `--overwrite_output_dir [True|False]` (old name `--force`, kept), finetune.py's name; the help says
-    when the replacing happens: once `done` (the staged output takes the folder's place only then)."""
-    parser.add_argument(
-        "--overwrite_output_dir",
-        "--force",
-        dest="force",
-        type=parse_flag_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="True|False",
-        help=f"replace a non-empty --output_dir once {done}",
-    )
-
-
-def add_trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
-    """The tools' `--trust_remote_code [True|False]`, off unless given, worded like finetune.py's."""
-    parser.add_argument(
-        "--trust_remote_code",
-        type=parse_flag_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="True|False",
-        help="run Python code shipped with the model (auto_map in its config); off unless you trust it",
-    )
-
-
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Send library chatter printed while loading (GPTQModel's banner and kernel choice) to stderr, keeping
@@ -399,9 +356,9 @@ def generate_reply(
 def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
     """The function schemas in a JSON file, for the prompt: a list (or a JSON string of one) of OpenAI schemas,
     `{"type": "function", "function": {"name", "description", "parameters"}}`, or bare `{"name", ...}` functions,
-    read exactly as training reads a record's `"tools"` (llmft.data.formats), so the model sees them as it was
+    read exactly as training reads a record's `"tools"` (llmft.data.records), so the model sees them as it was
     trained to."""
-    from llmft.data.formats import parse_tools as _parse_tools
+    from llmft.data.records import parse_tools as _parse_tools
 
     if not os.path.isfile(path):
         raise ConfigError([f"{flag} {path}: no such file"])
@@ -419,7 +376,7 @@ def load_tools(path: str | Path, flag: str = "--tools") -> list[dict]:
 def require_tools_shown(tokenizer: PreTrainedTokenizerBase, tools: list[dict], flag: str = "--tools") -> None:
     """Fail when the chat template leaves the tools out of the prompt (one that ignores `tools=`): the model would
     be asked to call functions it is never shown. Training refuses such data the same way."""
-    from llmft.data.formats import tool_names
+    from llmft.data.conversation import tool_names
 
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "?"}], tools=tools, tokenize=False, add_generation_prompt=True

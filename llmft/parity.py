@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
 
 REPORT_FILE = "parity_report.json"
 GREEDY_TOKENS = 32  # continuation length compared greedily

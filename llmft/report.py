@@ -82,20 +82,46 @@ def batch_token_counts(inputs: dict, pad_token_id: int | None) -> torch.Tensor |
     return torch.stack([seen, processed, trained]).long()
 
 
+class TrainingTokenCounter:
+    """Sums `batch_token_counts` over a model's training forward passes, through a forward pre-hook on the model;
+    passes without gradients (evaluation's) are left out. The sum stays on the batches' device, so counting adds no
+    synchronisation; `take` hands it over and starts again. The run report and the benchmark count with it."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int | None) -> None:
+        self.pad_token_id = pad_token_id
+        self._counts: torch.Tensor | None = None  # since the last `take`
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            counts = batch_token_counts(kwargs, self.pad_token_id)
+            if counts is not None:
+                self._counts = counts if self._counts is None else self._counts + counts
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        """[tokens seen, tokens processed, trained tokens] since the last take, on `device` (zeros when no training
+        micro-batch went through), and the count starts again from zero."""
+        counts, self._counts = self._counts, None
+        if counts is None:
+            return torch.zeros(len(COUNTS), dtype=torch.long, device=device)
+        return counts.to(device)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
 class TrainingReportCallback(TrainerCallback):
-    """Counts tokens from the training micro-batches (a forward pre-hook on the model) and writes the report.
+    """Counts tokens from the training micro-batches (`TrainingTokenCounter`) and writes the report.
     `datasets` ({"train": dataset, "eval": dataset or None}) are summarised in the report's `data`."""
 
     def __init__(self, datasets: dict | None = None) -> None:
         self.datasets = datasets or {}
         self._data_summary: dict | None = None  # computed at the first report: the datasets do not change
         self.counts = dict.fromkeys(COUNTS, 0)  # the run's, over all ranks, up to the last report written
-        self._step_counts = None  # this rank's, since the last finished step: a tensor on the batches' device
         # (global steps, this rank's counts of each: a [steps, COUNTS] tensor on the batches' device), not yet summed
         self._pending: list[tuple[list[int], torch.Tensor]] = []
         self.tokens_at_step: dict[int, int] = {}  # global step -> tokens seen by its end: the plot's x axis
-        self._hook = None
-        self._pad_token_id = None
+        self._tokens: TrainingTokenCounter | None = None  # this rank's, since the last finished step
         self._started = None
         self._train_called = None  # set by `start_clock` when Trainer.train is called
         self._session_tokens = 0
@@ -105,17 +131,11 @@ class TrainingReportCallback(TrainerCallback):
         self._first_step_tokens = None
 
     def start_clock(self) -> None:
-        """The session's time counts from now (Trainer.train's call: PackingLoraPlusTrainer.train) rather than from
+        """The session's time counts from now (Trainer.train's call: LlmftTrainer.train) rather than from
         on_train_begin, which comes after the model's wrapping, the optimizer and a resumed checkpoint's loading."""
         self._train_called = time.monotonic()
 
     # --- counting ---
-
-    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if module.training and torch.is_grad_enabled():
-            counts = batch_token_counts(kwargs, self._pad_token_id)
-            if counts is not None:
-                self._step_counts = counts if self._step_counts is None else self._step_counts + counts
 
     def on_train_begin(
         self,
@@ -126,9 +146,9 @@ class TrainingReportCallback(TrainerCallback):
         processing_class: PreTrainedTokenizerBase | None = None,
         **kwargs: Any,
     ) -> None:
-        self._pad_token_id = getattr(processing_class, "pad_token_id", None)
-        if model is not None and self._hook is None:
-            self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        pad_token_id = getattr(processing_class, "pad_token_id", None)
+        if model is not None and self._tokens is None:
+            self._tokens = TrainingTokenCounter(model, pad_token_id)
         self.counts, self.tokens_at_step = dict.fromkeys(COUNTS, 0), {}
         self._earlier_wall_time = 0.0
         if state.global_step > 0:  # resumed: the counts so far are in the checkpoint's copy of the report
@@ -137,7 +157,10 @@ class TrainingReportCallback(TrainerCallback):
                 self.counts.update({k: earlier.get(k, 0) for k in COUNTS})
                 self.tokens_at_step = {int(k): v for k, v in earlier.get("tokens_at_step", {}).items()}
                 self._earlier_wall_time = earlier.get("wall_time_s", 0.0)
-        self._step_counts, self._pending = None, []
+        if self._tokens is not None:
+            self._tokens.pad_token_id = pad_token_id
+            self._tokens.take(args.device)  # this session counts from zero
+        self._pending = []
         self._session_tokens = 0
         self._first_step = self._first_step_end = self._first_step_tokens = None
         if torch.cuda.is_available():
@@ -146,11 +169,11 @@ class TrainingReportCallback(TrainerCallback):
         self._train_called = None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        counts = self._step_counts
-        if counts is None:
+        if self._tokens is not None:
+            counts = self._tokens.take(args.device)
+        else:
             counts = torch.zeros(len(COUNTS), dtype=torch.long, device=args.device)
-        self._pending.append(([state.global_step], counts.to(args.device).reshape(1, len(COUNTS))))
-        self._step_counts = None
+        self._pending.append(([state.global_step], counts.reshape(1, len(COUNTS))))
         if self._first_step is None:
             # the session's one wait for the GPU: the first step ends when its work has run, not when it is queued
             if args.device.type == "cuda":
@@ -192,9 +215,9 @@ class TrainingReportCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._write(args, state)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self._tokens is not None:
+            self._tokens.remove()
+            self._tokens = None
 
     def _write(self, args: TrainingArguments, state: TrainerState, also_into: str | None = None) -> None:
         self._sum_pending(args)  # collectives: every rank takes part
@@ -252,7 +275,7 @@ def data_summary(datasets: dict, settings: dict) -> dict:
     """{"train": {...}, "eval": {...}} for the datasets given: the data file, the records it holds, and the samples,
     tokens and trained tokens training had from it (samples differ from records where a conversation became
     several samples or an over-long one was dropped)."""
-    from llmft.data.formats import iter_raw_records
+    from llmft.data.reading import iter_raw_records
 
     summary = {}
     for name, setting in (("train", "data_path"), ("eval", "eval_data_path")):

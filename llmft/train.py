@@ -41,12 +41,12 @@ from llmft.preemption import check_run_settings, exit_on_signal, record_run_sett
 from llmft.preflight import preflight
 from llmft.run_folder import disk_full_is_user_error, lock_run_output_dir, replace_previous_run
 from llmft.saving import describe_run, resume_checkpoint, save_for_inference
-from llmft.trainer import PackingLoraPlusTrainer
+from llmft.trainer import LlmftTrainer
 
 
 @exit_on_user_error
 @exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
-def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer | None:
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> LlmftTrainer | None:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
     model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         # evaluation pads; training packs when --packing True (llmft/data/packing.py)
         padding = PaddingCollator(tokenizer)
         apply_plan_to_training_args(plan, training_args)  # Liger and checkpointing as planned, read by the Trainer
-        trainer = PackingLoraPlusTrainer(
+        trainer = LlmftTrainer(
             model=model,
             args=training_args,
             train_dataset=train_dataset,

@@ -1,4 +1,4 @@
-"""The Trainer finetune.py trains with, `PackingLoraPlusTrainer`: transformers' own, plus packed micro-batches, LoRA+
+"""The Trainer finetune.py trains with, `LlmftTrainer`: transformers' own, plus packed micro-batches, LoRA+
 optimizer groups, checkpoints whose files follow the umask as soon as they are written
 (llmft.saving.FollowUmaskCallback), the run report and preemption callbacks, and FSDP on CPU ranks.
 
@@ -12,7 +12,7 @@ count.
 
 FSDP comes from `--fsdp True --fsdp_config ds_configs/fsdp.json` (see llmft/launch/launcher.py for the choices in that
 file). transformers hands the config to accelerate, which wraps the model with PyTorch's FSDP2 (`fully_shard`) on GPU
-ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate never turns FSDP on, and PackingLoraPlusTrainer takes that
+ranks. On CPU ranks (`--use_cpu True`, gloo) accelerate never turns FSDP on, and LlmftTrainer takes that
 step itself (`llmft.distributed.enable_fsdp_on_cpu_ranks`, which says why and on which accelerate versions), so CPU runs
 (the tests, a laptop) go through the same FSDP wrapping, training and saving as GPU runs.
 """
@@ -39,10 +39,17 @@ from llmft.saving import FollowUmaskCallback
 logger = logging.getLogger(__name__)
 
 
-class PackingLoraPlusTrainer(transformers.Trainer):
-    """transformers' Trainer plus what llmft adds to it: packed (and token-budget) training micro-batches, LoRA+
-    optimizer groups (`loraplus_lr_ratio`), llmft's callbacks (checkpoint file modes, the run report, preemption)
-    ahead of the caller's, and FSDP on CPU ranks."""
+class LlmftTrainer(transformers.Trainer):
+    """transformers' Trainer plus what llmft adds to it:
+
+    - packed training micro-batches (`packing`), with a token budget per micro-batch when it sets `max_tokens`;
+    - the longest samples in the first optimizer step, so an out-of-memory shows at once (`_get_train_sampler`);
+    - LoRA+ optimizer groups (`loraplus_lr_ratio`);
+    - llmft's callbacks ahead of the caller's: checkpoint file modes, the run report, preemption, and activation
+      offloading (`offload_activations`); each checkpoint recorded in the run folder before it is written;
+    - no step past --max_steps when resuming from a checkpoint taken at it (`_run_epoch`);
+    - FSDP on CPU ranks (`create_accelerator_and_postprocess`).
+    """
 
     def __init__(
         self,

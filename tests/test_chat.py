@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llmft.chat_template import ENDOFTEXT, IM_END
-from llmft.data.formats import parse_record
+from llmft.data.records import parse_record
 from llmft.data.render import render_conversation
 from llmft.inference import Reply, generate_reply, load_for_inference
 from llmft.tools.merge import merge_lora

@@ -66,9 +66,9 @@ def test_merge_takes_the_common_flag_names_and_the_old_ones_alike(monkeypatch, t
     assert cli.main(["merge", "--adapter", adapter, "--output", out, "--force"]) == 0
     assert cli.main(["merge", "--adapter", adapter, "--output_dir", out, "--overwrite_output_dir", "True"]) == 0
     assert calls[0] == calls[1] == calls[2]
-    assert calls[0]["output"] == out and calls[0]["force"] is True
+    assert calls[0]["output_dir"] == out and calls[0]["overwrite_output_dir"] is True
     assert cli.main(["merge", "--adapter", adapter, "--output", out, "--overwrite_output_dir", "False"]) == 0
-    assert calls[3]["force"] is False
+    assert calls[3]["overwrite_output_dir"] is False
 
 
 def test_quantize_and_chat_take_the_common_flag_names_and_the_old_ones_alike():
@@ -77,7 +77,7 @@ def test_quantize_and_chat_take_the_common_flag_names_and_the_old_ones_alike():
     common = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "q", "--overwrite_output_dir"]
     old = ["--model_name_or_path", "m", "--data_path", "d.json", "--out_path", "q", "--force"]
     assert vars(quantize.parse_args(common)) == vars(quantize.parse_args(old))
-    assert quantize.parse_args(common).out_path == "q"
+    assert quantize.parse_args(common).output_dir == "q"
     assert vars(chat.parse_args(["--model_name_or_path", "m"])) == vars(chat.parse_args(["--model", "m"]))
 
 

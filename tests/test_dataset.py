@@ -48,7 +48,7 @@ def finetune_trainer_kwargs(tiny_chat_model, datasets_cache, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("collator") / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(finetune, "PackingLoraPlusTrainer", trainer)
+        mp.setattr(finetune, "LlmftTrainer", trainer)
         with pytest.raises(_TrainerReached):
             finetune.main(
                 [

@@ -160,7 +160,12 @@ def test_failed_export_keeps_the_previous_output(tiny_chat_model, tmp_path):
     (out / "keep.txt").write_text("previous export")
     with pytest.raises(LlmftError, match="max_logprob_drift"):
         export.export_gguf(
-            str(tiny_chat_model), out, quantization="q4_k_m", eval_samples=1, max_logprob_drift=0.0, force=True
+            str(tiny_chat_model),
+            out,
+            quantization="q4_k_m",
+            eval_samples=1,
+            max_logprob_drift=0.0,
+            overwrite_output_dir=True,
         )
     assert sorted(p.name for p in out.iterdir()) == sorted(["keep.txt", WRITTEN_FILE]) and leftovers(tmp_path) == []
     assert (out / "keep.txt").read_text() == "previous export"
@@ -177,7 +182,7 @@ def rewrite_gguf(source: Path, target: Path, *flags: str) -> Path:
 
 
 def parity_of(gguf_path: Path, model: Path) -> export.ParityReport:
-    from llmft.data.formats import load_conversations
+    from llmft.data.records import load_conversations
     from llmft.inference import load_tokenizer
 
     return export.gguf_parity(gguf_path, str(model), load_tokenizer(model), load_conversations(str(EXAMPLES))[-3:])

@@ -6,17 +6,8 @@ import json
 
 import pytest
 
-from llmft.data.formats import (
-    ASSISTANT,
-    SYSTEM,
-    TOOL,
-    USER,
-    Conversation,
-    Message,
-    ToolCall,
-    load_conversations,
-    parse_record,
-)
+from llmft.data.conversation import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, ToolCall
+from llmft.data.records import load_conversations, parse_record
 from llmft.errors import DataError
 from tests.conftest import chat_record, write_records
 

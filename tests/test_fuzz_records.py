@@ -13,7 +13,8 @@ from datetime import timedelta
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from llmft.data.formats import ROLE_ALIASES, Conversation, load_conversations, parse_record
+from llmft.data.conversation import Conversation
+from llmft.data.records import ROLE_ALIASES, load_conversations, parse_record
 from llmft.errors import DataError
 
 WHERE = "fuzz.jsonl: record #7 (line 9)"

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from llmft.chat_template import CHATML_TEMPLATE, IM_END, IM_START
-from llmft.data.formats import parse_record
+from llmft.data.records import parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import LlmftError
 from llmft.run_folder import LOCK_FILE, WRITTEN_FILE, record_written
@@ -195,12 +195,12 @@ def test_refuses_non_empty_output_without_force(lora_adapter, tmp_path):
 
     # a result replaces the whole folder: one holding a file no llmft command wrote is not replaced
     with pytest.raises(LlmftError, match="holds keep.txt, which no llmft run or tool recorded writing"):
-        merge_lora(lora_adapter, out, force=True)
+        merge_lora(lora_adapter, out, overwrite_output_dir=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
     (out / "keep.txt").unlink()
     merge_lora(lora_adapter, out)
-    merge_lora(lora_adapter, out, force=True)  # over its own earlier result, which it recorded
+    merge_lora(lora_adapter, out, overwrite_output_dir=True)  # over its own earlier result, which it recorded
     assert (out / "config.json").is_file() and "config.json" in json.loads((out / WRITTEN_FILE).read_text())["written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -212,13 +212,15 @@ def test_an_output_around_its_inputs_is_refused(lora_adapter, tmp_path):
     (project / "data.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
     before = sorted(str(p) for p in project.rglob("*"))
     with pytest.raises(LlmftError, match=f"--output_dir {project} contains --adapter {project / 'lora'}"):
-        merge_lora(project / "lora", project, force=True)
+        merge_lora(project / "lora", project, overwrite_output_dir=True)
     with pytest.raises(LlmftError, match=f"--output_dir {project / 'lora' / 'm'} lies inside --adapter"):
-        merge_lora(project / "lora", project / "lora" / "m", force=True)
+        merge_lora(project / "lora", project / "lora" / "m", overwrite_output_dir=True)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "data.json").symlink_to(project / "data.json")
     with pytest.raises(LlmftError, match="contains --data_path"):
-        merge_lora(lora_adapter, project, data_path=str(tmp_path / "elsewhere" / "data.json"), force=True)
+        merge_lora(
+            lora_adapter, project, data_path=str(tmp_path / "elsewhere" / "data.json"), overwrite_output_dir=True
+        )
     assert sorted(str(p) for p in project.rglob("*")) == before
 
 
@@ -237,7 +239,7 @@ def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatc
     record_written(tmp_path / "old", "config.json")  # an earlier result of llmft's
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(KeyboardInterrupt):
-        merge_lora(lora_adapter, tmp_path / "old", force=True)
+        merge_lora(lora_adapter, tmp_path / "old", overwrite_output_dir=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
     assert (tmp_path / "old" / "config.json").read_text() == "{}"
 

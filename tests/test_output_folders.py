@@ -305,7 +305,7 @@ def test_quantize_refuses_an_output_holding_its_calibration_data(tiny_chat_model
     project.mkdir()
     shutil.copy(EXAMPLES, project / "data.json")
     with pytest.raises(LlmftError, match=f"--output_dir {project} contains --data_path {project / 'data.json'}"):
-        run_gptq(str(tiny_chat_model), str(project / "data.json"), project, force=True)
+        run_gptq(str(tiny_chat_model), str(project / "data.json"), project, overwrite_output_dir=True)
     assert sorted(p.name for p in project.iterdir()) == ["data.json"]
 
 

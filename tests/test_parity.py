@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from llmft.data.formats import load_conversations
+from llmft.data.records import load_conversations
 from llmft.inference import load_model, load_tokenizer
 from llmft.parity import TransformersEngine, compare
 from tests.conftest import EXAMPLES
@@ -73,7 +73,7 @@ def test_nan_weights_are_a_problem(trained):
 
 def test_a_long_conversation_is_compared_at_a_turn_that_fits(trained):
     """The greedy and prompt comparisons start before the last assistant turn whose prompt fits in max_tokens."""
-    from llmft.data.formats import parse_record
+    from llmft.data.records import parse_record
     from llmft.data.render import render_prompt
     from llmft.parity import longest_prompt
 

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from llmft.data.formats import Conversation, Message, parse_record
+from llmft.data.conversation import Conversation, Message
+from llmft.data.records import parse_record
 from llmft.data.render import IGNORE_INDEX, render_conversation, render_prompt, render_samples
 from tests.conftest import chat_record, expected_from_pieces
 

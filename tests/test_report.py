@@ -136,16 +136,21 @@ def test_counting_never_waits_for_the_gpu():
     positions = torch.cat([torch.arange(100), torch.arange(120), torch.arange(36)]).to(cuda).expand(2, -1)
     packed = {"input_ids": ids, "labels": labels, "position_ids": positions}
     padded = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    callback = TrainingReportCallback()
-    args, module = SimpleNamespace(device=cuda), SimpleNamespace(training=True)
-    callback._pad_token_id = 0  # packed rows take the padding-tail branch
-    callback._count(module, (), packed)
+
+    class Model(torch.nn.Module):
+        def forward(self, **batch: torch.Tensor) -> None:
+            return None
+
+    model, callback, args = Model(), TrainingReportCallback(), SimpleNamespace(device=cuda)
+    tokenizer = SimpleNamespace(pad_token_id=0)  # packed rows take the padding-tail branch
+    callback.on_train_begin(args, SimpleNamespace(global_step=0), None, model=model, processing_class=tokenizer)
+    model(**packed)
     callback.on_step_end(args, SimpleNamespace(global_step=1), None)  # the first step: its one wait
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 2 + 2 * report_module.PENDING_CHUNK):  # past the stacking of pending steps
-            callback._count(module, (), packed if step % 2 else padded)
+            model(**(packed if step % 2 else padded))
             callback.on_step_end(args, SimpleNamespace(global_step=step), None)
         batch_token_counts(packed, pad_token_id=0)
     finally:

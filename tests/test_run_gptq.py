@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llmft.chat_template import IM_END
-from llmft.data.formats import load_conversations
+from llmft.data.records import load_conversations
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError
 from llmft.inference import generate_reply, load_for_inference

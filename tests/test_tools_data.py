@@ -19,7 +19,7 @@ import pytest
 from tokenizers import AddedToken
 
 from llmft.chat_template import CHATML_TEMPLATE
-from llmft.data.formats import parse_record
+from llmft.data.records import parse_record
 from llmft.data.render import IGNORE_INDEX, render_prompt, render_samples
 from llmft.errors import DataError
 from tests.conftest import expected_from_pieces
@@ -597,7 +597,7 @@ def test_a_template_that_raises_is_a_data_error_naming_the_sample(qwen25):
 def test_show_in_colour_on_a_terminal(bpe_tokenizer):
     import io
 
-    from llmft.data.check import CheckReport, ShownSample, show_samples
+    from llmft.data.survey import CheckReport, ShownSample, show_samples
 
     (sample,) = render_samples(
         parse_record({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}),

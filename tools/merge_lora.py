@@ -2,7 +2,7 @@
 
 from llmft.tools.merge import MergeResult, main, merge_lora
 
-__all__ = ["MergeResult", "main", "merge_lora"]  # the names this module had before the code moved
+__all__ = ["MergeResult", "main", "merge_lora"]  # what callers import from this script
 
 if __name__ == "__main__":
     main()

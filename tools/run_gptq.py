@@ -2,7 +2,7 @@
 
 from llmft.tools.quantize import GptqSettings, QuantizationReport, main, run_gptq
 
-__all__ = ["GptqSettings", "QuantizationReport", "main", "run_gptq"]  # the names this module had before the code moved
+__all__ = ["GptqSettings", "QuantizationReport", "main", "run_gptq"]  # what callers import from this script
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import datasets
 import torch
 
-from llmft.data.formats import check_data_file, iter_conversations, parse_record
+from llmft.data.reading import check_data_file
+from llmft.data.records import iter_conversations, parse_record
 from llmft.data.render import IGNORE_INDEX, render_samples, sample_texts
 from llmft.errors import DataError
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from llmft.args import DataArguments
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
     from llmft.data.render import RenderedSample
 
 logger = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmft.chat_template import document_end_token
-from llmft.data.formats import ASSISTANT, TOOL, Conversation, tool_names
+from llmft.data.conversation import ASSISTANT, TOOL, Conversation, tool_names
 from llmft.errors import DataError
 
 if TYPE_CHECKING:

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     )
 
     from llmft.preflight import MemoryEstimate
-    from llmft.trainer import PackingLoraPlusTrainer
+    from llmft.trainer import LlmftTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "tools" / "benchmark.py"  # the launcher arm's entry point: launchers come with a checkout
@@ -190,14 +190,14 @@ def prepare(
 
 
 class Meter(TrainerCallback):
-    """Times the optimizer steps after `warmup` and counts what every forward pass computes: all tokens, and those
-    that are not padding (llmft.report.batch_token_counts, as the run report counts them: the attention mask of a
-    padded batch, a packed row's padding tail). Counters stay on the GPU until the end, so counting adds no
+    """Times the optimizer steps after `warmup` and counts what every training forward pass computes: all tokens,
+    and those that are not padding (llmft.report.TrainingTokenCounter, the run report's own count: the attention mask
+    of a padded batch, a packed row's padding tail). Counters stay on the GPU until the end, so counting adds no
     synchronisation."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.start = self.real = self.computed = None
+        self.start = self.tokens = None
         self.train_called = None  # perf_counter when Trainer.train was called (the plain recipe's arm sets it)
         self.first_step_end = None  # perf_counter when the first optimizer step's work had run
 
@@ -210,19 +210,9 @@ class Meter(TrainerCallback):
         processing_class: PreTrainedTokenizerBase | None = None,
         **kwargs: Any,
     ) -> None:
-        from llmft.report import batch_token_counts
+        from llmft.report import TrainingTokenCounter
 
-        pad = processing_class.pad_token_id
-        self.real = torch.zeros((), dtype=torch.long, device=args.device)
-        self.computed = torch.zeros((), dtype=torch.long, device=args.device)
-
-        def count(module: torch.nn.Module, positional: tuple, named: dict) -> None:
-            counts = batch_token_counts(named, pad) if module.training else None  # the run report's own count
-            if counts is not None:
-                self.real += counts[0]
-                self.computed += counts[1]
-
-        model.register_forward_pre_hook(count, with_kwargs=True)
+        self.tokens = TrainingTokenCounter(model, processing_class.pad_token_id)  # the run report's own count
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -230,7 +220,7 @@ class Meter(TrainerCallback):
         if state.global_step == self.warmup:
             _synchronize()
             self.start = time.perf_counter()
-            self.at_start = (self.real.item(), self.computed.item())
+            self.tokens.take(args.device)  # the warm-up steps' tokens are not timed
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.first_step_end is None:
@@ -250,10 +240,11 @@ class Meter(TrainerCallback):
         _synchronize()
         self.seconds = time.perf_counter() - self.start
         self.steps = state.global_step - self.warmup
-        counts = torch.stack([self.real - self.at_start[0], self.computed - self.at_start[1]])
+        counts = self.tokens.take(args.device)
+        self.tokens.remove()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
-        self.real_tokens, self.computed_tokens = counts.tolist()
+        self.real_tokens, self.computed_tokens = counts.tolist()[:2]
 
 
 class Profile(TrainerCallback):
@@ -410,7 +401,7 @@ def run_llmft(
     flags: list[str],
     profile: int = 0,
     max_length: int = 2048,
-) -> tuple[Meter, PackingLoraPlusTrainer | None]:
+) -> tuple[Meter, LlmftTrainer | None]:
     from llmft.train import main as train
 
     meter = Meter(warmup)

@@ -33,12 +33,12 @@ from llmft.errors import ConfigError, exit_on_user_error
 from llmft.inference import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
-    add_trust_remote_code_flag,
     generate_reply,
     load_for_inference,
     load_tools,
     require_tools_shown,
 )
+from llmft.tools.cli_flags import add_trust_remote_code_flag
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser
 
 from llmft.args import DataArguments, ModelArguments
 from llmft.model_folder import model_folder
-from llmft.data.formats import data_file_problem
+from llmft.data.reading import data_file_problem
 from llmft.errors import ConfigError, exit_on_user_error
 
 EXIT_PROBLEMS = 1
@@ -140,7 +140,7 @@ def output_path_problems(outputs: tuple[str, ...], model_args: ModelArguments, d
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, check_args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    from llmft.data.check import BatchSettings, check_data, show_samples, write_histogram
+    from llmft.data.survey import BatchSettings, check_data, show_samples, write_histogram
     from llmft.data.dataset import RenderSettings
     from llmft.model import load_training_tokenizer
 

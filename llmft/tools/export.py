@@ -51,15 +51,10 @@ import numpy as np
 
 from llmft.chat_template import CHATML_TEMPLATE, end_of_turn_token
 from llmft.model_folder import model_folder, require_model
-from llmft.data.formats import load_conversations, parse_record
+from llmft.data.records import load_conversations, parse_record
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
-from llmft.inference import (
-    add_overwrite_output_dir_flag,
-    add_trust_remote_code_flag,
-    load_adapter_model,
-    load_model,
-    load_tokenizer,
-)
+from llmft.inference import load_adapter_model, load_model, load_tokenizer
+from llmft.tools.cli_flags import add_overwrite_output_dir_flag, add_trust_remote_code_flag
 from llmft.model_card import derived_card_facts, write_model_card
 from llmft.run_folder import staged_output_dir
 from llmft.parity import GREEDY_TOKENS, MAX_TOKENS, REPORT_FILE, ParityReport, TransformersEngine, compare
@@ -68,7 +63,7 @@ from llmft.tools.merge import BUILTIN_CONVERSATIONS, merge_base, merge_lora
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
 
 logger = logging.getLogger("export")
 
@@ -424,7 +419,7 @@ def architecture_problems(what: str, name: str, config: dict | None) -> list[str
 
 def export_gguf(
     model_name_or_path: str,
-    output: str | Path,
+    output_dir: str | Path,
     *,
     quantization: str = "f16",
     base: str | None = None,
@@ -433,12 +428,12 @@ def export_gguf(
     eval_samples: int = 8,
     max_logprob_drift: float | None = None,
     threads: int | None = None,
-    force: bool = False,
+    overwrite_output_dir: bool = False,
     allow_base_mismatch: bool = False,
     trust_remote_code: bool = False,
     fmt: str = "gguf",
 ) -> ExportResult:
-    """Export `model_name_or_path` (a model or an adapter folder) to `output` (see the module docstring). llama.cpp
+    """Export `model_name_or_path` (a model or an adapter folder) to `output_dir` (see the module docstring). llama.cpp
     runs on `threads` CPU threads, all cores when None."""
     threads = (os.cpu_count() or 1) if threads is None else threads
     validate(
@@ -461,7 +456,7 @@ def export_gguf(
             raise ConfigError(problems)
     conversations, source = parity_conversations(data_path, eval_data_path, eval_samples)
     outtype, file_type = QUANTIZATIONS[quantization]
-    output = Path(output)
+    output_dir = Path(output_dir)
     gguf_name = f"model-{quantization}.gguf"
 
     inputs = {
@@ -470,7 +465,7 @@ def export_gguf(
         "--data_path": data_path,
         "--eval_data_path": eval_data_path,
     }
-    with staged_output_dir(output, force=force, inputs=inputs) as staging:
+    with staged_output_dir(output_dir, force=overwrite_output_dir, inputs=inputs) as staging:
         if is_adapter:
             hf_model = staging / "merged"
             merge_lora(
@@ -513,7 +508,7 @@ def export_gguf(
             base=base_path,
             max_logprob_drift=max_logprob_drift,
             threads=threads,
-            exported_name=str(output / gguf_name),
+            exported_name=str(output_dir / gguf_name),
             **trust,
         )
         print(report.table())
@@ -536,8 +531,8 @@ def export_gguf(
         )
         write_model_card(staging, facts)
 
-    print(f"exported {model_name_or_path} -> {output / gguf_name} ({quantization}), {output / MODELFILE}")
-    return ExportResult(output, output / gguf_name, report)
+    print(f"exported {model_name_or_path} -> {output_dir / gguf_name} ({quantization}), {output_dir / MODELFILE}")
+    return ExportResult(output_dir, output_dir / gguf_name, report)
 
 
 def gguf_parity(
@@ -585,7 +580,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model_name_or_path", required=True, help="model folder (merged or full fine-tune) or adapter folder"
     )
     parser.add_argument(
-        "--output_dir", "--output", dest="output", required=True, metavar="DIR", help="folder for the export"
+        "--output_dir", "--output", dest="output_dir", required=True, metavar="DIR", help="folder for the export"
     )
     parser.add_argument("--format", dest="fmt", default="gguf", help=f"one of {FORMATS}")
     parser.add_argument("--quantization", default="f16", help=f"llama.cpp type: one of {', '.join(QUANTIZATIONS)}")

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.data.formats import load_conversations, parse_record
+from llmft.data.records import load_conversations, parse_record
 from llmft.data.render import render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.model_card import derived_card_facts, write_model_card
@@ -48,14 +48,13 @@ from llmft.model_folder import ADAPTER_CONFIG, model_folder, require_adapter, re
 from llmft.inference import (
     DTYPE_CHOICES,
     DTYPES,
-    add_overwrite_output_dir_flag,
-    add_trust_remote_code_flag,
     check_weights_finite,
     load_adapter_model,
     load_model,
     load_tokenizer,
     set_generation_stops,
 )
+from llmft.tools.cli_flags import add_overwrite_output_dir_flag, add_trust_remote_code_flag
 from llmft.run_folder import staged_output_dir
 from llmft.saving import FINGERPRINT_SCHEME, RUN_FILE, base_fingerprint, base_fingerprint_v1
 
@@ -245,18 +244,18 @@ def compare_logits(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> 
 
 def merge_lora(
     adapter: str | Path,
-    output: str | Path,
+    output_dir: str | Path,
     *,
     base: str | None = None,
     dtype: str = "auto",
     max_shard_size: str = "5GB",
     data_path: str | None = None,
     parity_samples: int = 4,
-    force: bool = False,
+    overwrite_output_dir: bool = False,
     allow_base_mismatch: bool = False,
     trust_remote_code: bool = False,
 ) -> MergeResult:
-    """Merge `adapter` into its base and write the result to `output` (see the module docstring)."""
+    """Merge `adapter` into its base and write the result to `output_dir` (see the module docstring)."""
     problems = []
     if dtype not in DTYPE_CHOICES:
         problems.append(f"--dtype {dtype!r}: choose one of {DTYPE_CHOICES}")
@@ -273,7 +272,7 @@ def merge_lora(
     torch_dtype = DTYPES.get(dtype, "auto")
 
     inputs = {"--adapter": adapter, "the base": base_path, "--data_path": data_path}
-    with staged_output_dir(output, force=force, inputs=inputs) as staging:
+    with staged_output_dir(output_dir, force=overwrite_output_dir, inputs=inputs) as staging:
         tokenizer = load_tokenizer(adapter, base=base_path, **trust)
         inputs = parity_inputs(tokenizer, data_path, parity_samples)
         logger.info("merging %s into the unquantized weights of %s%s", adapter, base_path, _quantized_note(adapter))
@@ -305,19 +304,19 @@ def merge_lora(
         parity = {"max_diff": max_diff, "agreement": agreement, "tokens": num_tokens}
         write_model_card(staging, derived_card_facts("merged", adapter, staging, base_model=base_path, merge=parity))
 
-    print(f"merged {adapter} into {base_path} -> {output}")
+    print(f"merged {adapter} into {base_path} -> {output_dir}")
     print(
         f"parity on {len(inputs)} conversations ({num_tokens} tokens), adapter unmerged vs merged model: "
         f"max |logit diff| {max_diff:.3g}, argmax agreement {agreement:.2%}"
     )
-    return MergeResult(Path(output), base_path, max_diff, agreement, num_tokens)
+    return MergeResult(Path(output_dir), base_path, max_diff, agreement, num_tokens)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter folder written by LoRA / Q-LoRA training")
     parser.add_argument(
-        "--output_dir", "--output", dest="output", required=True, metavar="DIR", help="folder for the merged model"
+        "--output_dir", "--output", dest="output_dir", required=True, metavar="DIR", help="folder for the merged model"
     )
     parser.add_argument("--base", help="unquantized base model to merge into (default: the adapter's recorded base)")
     parser.add_argument(

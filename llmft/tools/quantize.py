@@ -41,28 +41,27 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.data.formats import load_conversations
+from llmft.data.records import load_conversations
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_conversation
 from llmft.errors import ConfigError, LlmftError, exit_on_user_error
 from llmft.model_card import derived_card_facts, write_model_card
 from llmft.quiet import quiet_gptqmodel, saving_quietly
 from llmft.model_folder import model_folder, require_model
 from llmft.inference import (
-    add_overwrite_output_dir_flag,
-    add_trust_remote_code_flag,
     check_weights_finite,
     load_for_inference,
     load_tokenizer,
     set_generation_stops,
     stdout_to_stderr,
 )
+from llmft.tools.cli_flags import add_overwrite_output_dir_flag, add_trust_remote_code_flag
 from llmft.run_folder import staged_output_dir
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
 
 logger = logging.getLogger("run_gptq")
 
@@ -234,7 +233,7 @@ def quantize_with_gptqmodel(
 def run_gptq(
     model_name_or_path: str,
     data_path: str,
-    out_path: str | Path,
+    output_dir: str | Path,
     *,
     bits: int = 4,
     group_size: int = 128,
@@ -243,11 +242,11 @@ def run_gptq(
     desc_act: bool = False,
     eval_samples: int = 16,
     eval_data_path: str | None = None,
-    force: bool = False,
+    overwrite_output_dir: bool = False,
     trust_remote_code: bool = False,
     verbose: bool = False,
 ) -> QuantizationReport:
-    """Quantize `model_name_or_path` to `out_path` and return the quality report (see the module docstring).
+    """Quantize `model_name_or_path` to `output_dir` and return the quality report (see the module docstring).
     GPTQModel's informational output shows only with `verbose` (llmft.quiet.quiet_gptqmodel)."""
     settings = GptqSettings(bits, group_size, desc_act, max_len, num_samples)
     validate(model_name_or_path, data_path, eval_data_path, settings, eval_samples, trust_remote_code)
@@ -256,7 +255,7 @@ def run_gptq(
     inputs = {"--model_name_or_path": model_name_or_path, "--data_path": data_path, "--eval_data_path": eval_data_path}
     with (
         quiet_gptqmodel(verbose),
-        staged_output_dir(out_path, force=force, inputs=inputs) as staging,
+        staged_output_dir(output_dir, force=overwrite_output_dir, inputs=inputs) as staging,
     ):
         tokenizer = load_tokenizer(model_name_or_path, **trust)
         calibration_data, eval_data = split_data(data_path, eval_data_path, settings, eval_samples)
@@ -305,7 +304,7 @@ def run_gptq(
             staging, derived_card_facts("gptq", model_name_or_path, staging, quantization=report.to_json())
         )
 
-    print(f"quantized {model_name_or_path} -> {out_path} in {seconds:.1f}s")
+    print(f"quantized {model_name_or_path} -> {output_dir} in {seconds:.1f}s")
     print(report.table())
     return report
 
@@ -318,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output_dir",
         "--out_path",
-        dest="out_path",
+        dest="output_dir",
         required=True,
         metavar="DIR",
         help="folder for the quantized model",

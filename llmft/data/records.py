@@ -1,6 +1,6 @@
-"""Reading conversation files into one internal type, `Conversation`.
+"""Parsing records of the supported formats into one internal type, `Conversation` (`llmft.data.conversation`).
 
-Accepted files: a JSON list of records, or JSONL (one record a line); formats may be mixed in one file. Records:
+Files are read by `llmft.data.reading` (a JSON list or JSONL); formats may be mixed in one file. Records:
 
 - Qwen / ShareGPT: `{"id", "conversations": [{"from": "user"|"assistant"|"system", "value": ...}]}`, with the
   ShareGPT aliases `human`/`gpt`, and an optional record-level `"system"`. LLaMA-Factory's tool turns are read too:
@@ -32,20 +32,19 @@ Unicode: a lone surrogate escape such as `"\\ud800"`, which JSON allows but UTF-
 cannot encode, is an error naming the field that holds it.
 
 Every problem is reported as a `DataError` that names the file and the record (its `id` when it has one, its
-position and line otherwise), so a bad record in a million is found in seconds.
+position and line otherwise).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import Iterator
 
+from llmft.data.conversation import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, ToolCall, tool_names
+from llmft.data.reading import iter_records, json_problem
 from llmft.errors import DataError
 
-SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
 FUNCTION_CALL = "function_call"  # LLaMA-Factory's ShareGPT role for an assistant turn that calls tools
 
 ROLE_ALIASES = {
@@ -66,86 +65,6 @@ ROLE_ALIASES = {
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: dict = field(default_factory=dict)  # the parsed JSON object
-    id: str | None = None
-
-    def as_dict(self) -> dict:
-        """OpenAI's shape, arguments as an object (Qwen2.5's and Llama 3's templates serialise it themselves)."""
-        call = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-        if self.id is not None:
-            call["id"] = self.id
-        return call
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str  # one of SYSTEM, USER, ASSISTANT, TOOL
-    content: str
-    tool_calls: tuple[ToolCall, ...] = ()  # assistant only
-    reasoning: str | None = None  # assistant only: its reasoning_content
-    train: bool | None = None  # assistant only: the message's own say; None leaves it to --train_turns
-    name: str | None = None  # tool results: the function that produced it, when the data says
-    tool_call_id: str | None = None  # tool results: the call it answers, when the data says
-
-    def as_dict(self) -> dict:
-        """The message as chat templates read it (OpenAI's keys); `train` is llmft's business, not the template's."""
-        message = {"role": self.role, "content": self.content}
-        if self.reasoning is not None:
-            message["reasoning_content"] = self.reasoning
-        if self.tool_calls:
-            message["tool_calls"] = [call.as_dict() for call in self.tool_calls]
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        return message
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One record.
-
-    A chat record has `messages`: an optional system message, then user turns each answered by the assistant, where
-    an assistant turn that calls tools is followed by the tools' results and then the assistant again; it holds at
-    least one assistant message. `tools` are the function schemas the model is shown, in OpenAI's shape
-    (`{"type": "function", "function": {...}}`), empty when none are given. A plain-text record has `text` only.
-    """
-
-    id: str
-    messages: tuple[Message, ...] = ()
-    text: str | None = None
-    tools: tuple[dict, ...] = ()
-
-    @property
-    def is_plain_text(self) -> bool:
-        return self.text is not None
-
-    def as_dicts(self, default_system: str | None = None) -> list[dict]:
-        """Messages as `apply_chat_template` takes them; `default_system` fills in a missing system message."""
-        dicts = [m.as_dict() for m in self.messages]
-        if default_system and (not dicts or dicts[0]["role"] != SYSTEM):
-            dicts.insert(0, {"role": SYSTEM, "content": default_system})
-        return dicts
-
-    def to_record(self) -> dict:
-        """The canonical OpenAI-style record; `parse_record` reads it back to an equal Conversation."""
-        if self.is_plain_text:
-            return {"id": self.id, "text": self.text}
-        messages = []
-        for m in self.messages:
-            message = m.as_dict()
-            if m.train is not None:
-                message["train"] = m.train
-            messages.append(message)
-        record = {"id": self.id, "messages": messages}
-        if self.tools:
-            record["tools"] = list(self.tools)
-        return record
-
-
 def load_conversations(path: str) -> list[Conversation]:
     """Every conversation in a file, validated. Raises DataError naming the first bad record."""
     return list(iter_conversations(path))
@@ -155,168 +74,6 @@ def iter_conversations(path: str) -> Iterator[Conversation]:
     """Conversations one at a time, so a large file never sits in memory whole (JSONL is read line by line)."""
     for index, where, record in iter_records(path):
         yield parse_record(record, where, default_id=str(index))
-
-
-def iter_records(path: str) -> Iterator[tuple[int, str, object]]:
-    """(index, where, raw record) triples; `where` names the file, the record's position and line for error messages."""
-    for index, _, where, record in iter_raw_records(path):
-        yield index, where, record
-
-
-BadLineHandler = Callable[[DataError, int, int], None]  # on_bad_line(error, record index, line number)
-
-
-def iter_raw_records(
-    path: str, on_bad_line: BadLineHandler | None = None
-) -> Iterator[tuple[int, int | None, str, object]]:
-    """(index, line or None, where, raw record) for every record. A JSONL line that is not UTF-8 or not JSON raises
-    a DataError, unless `on_bad_line(error, index, line)` is given: then it is told and reading goes on (the line
-    still takes its record index). A JSON list is parsed whole, so a malformed one always raises."""
-    check_data_file(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(BOM).lstrip()
-            f.seek(0)
-            if not head:
-                raise DataError(f"{path}: the file is empty")
-            if head.startswith(b"["):
-                yield from _iter_json_list(f, path)
-            else:
-                yield from _iter_jsonl(f, path, on_bad_line)
-    except OSError as e:  # e.g. a read error on a network file system after the open succeeded
-        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
-
-
-def data_file_problem(path: str) -> str | None:
-    """Why `path` is not a data file ("is a directory ...", "is a FIFO ...", "no such file"), or None when it is a
-    regular file (or a link to one)."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "no such file"
-    except OSError as e:
-        return f"cannot be read: {e.strerror or e}"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a data file (give the path of a .json or .jsonl file)"
-    kind = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
-    what = next((name for test, name in kind.items() if test(mode)), "a block device")
-    return f"is {what}, not a regular file: give the path of a .json or .jsonl file"
-
-
-def check_data_file(path: str) -> None:
-    """Raises a DataError unless `path` is a file this process can open for reading."""
-    if (problem := data_file_problem(path)) is not None:
-        raise DataError(f"{path}: {problem}")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
-
-
-BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write: not part of the first record
-
-
-def _decode(raw: bytes, path: str, where: str) -> str:
-    """UTF-8 text of `raw` without a leading byte-order mark; byte offsets in errors count the mark."""
-    skipped = len(BOM) if raw.startswith(BOM) else 0
-    try:
-        return raw[skipped:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: {where}: not UTF-8 text ({e.reason} at byte {e.start + skipped})") from None
-
-
-def _iter_jsonl(
-    f: BinaryIO, path: str, on_bad_line: BadLineHandler | None = None
-) -> Iterator[tuple[int, int, str, object]]:
-    index = 0
-    for line_no, raw in enumerate(f, start=1):
-        try:
-            line = _decode(raw, path, f"line {line_no}")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # so a record cut short is at its line's end, not the next
-            except json.JSONDecodeError as e:
-                spread = _spread_over_lines(f, line, line_no, e)
-                raise DataError(
-                    f"{path}: line {line_no} (record #{index}): {spread or f'malformed JSON: {_json_problem(e)}'}"
-                ) from None
-            except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's
-                raise DataError(
-                    f"{path}: line {line_no} (record #{index}): unreadable JSON: {_json_limit(e)}"
-                ) from None
-        except DataError as e:
-            if on_bad_line is None:
-                raise
-            on_bad_line(e, index, line_no)
-            index += 1
-            continue
-        yield index, line_no, f"{path}: record #{index} (line {line_no})", record
-        index += 1
-
-
-PRETTY_PRINT_SCAN = 16 << 20  # bytes read past a bad JSONL line to see whether a record continues on later lines
-
-
-def _spread_over_lines(f: BinaryIO, line: str, line_no: int, error: json.JSONDecodeError) -> str | None:
-    """Why a JSONL line that is cut short does not parse, when the reason is that its record goes on over the lines
-    after it (pretty-printed JSON); None otherwise. Leaves `f` where it was."""
-    if error.pos < len(line.rstrip()):
-        return None  # the line is wrong before its end, not merely incomplete
-    position = f.tell()
-    rest = f.read(PRETTY_PRINT_SCAN).decode("utf-8", errors="replace")
-    f.seek(position)
-    text = line + rest
-    try:
-        _, end = json.JSONDecoder().raw_decode(text.lstrip(), 0)
-    except (ValueError, RecursionError):
-        return None
-    last = line_no + text.lstrip()[:end].count("\n")
-    whole = line_no == 1 and not text.lstrip()[end:].strip()
-    if whole:
-        return (
-            f"the file is one whole JSON document spread over lines 1-{last} (pretty-printed JSON), neither a "
-            "JSON list of records nor JSONL: give a list ([{...}, {...}]), or JSONL with each record on one line"
-        )
-    return (
-        f"a JSON record spread over lines {line_no}-{last} (pretty-printed JSON): in JSONL each record must be "
-        "on one line"
-    )
-
-
-def _json_problem(error: json.JSONDecodeError) -> str:
-    """What is wrong and where in the line, e.g. "Expecting value at column 15"; json's message for an open string
-    already ends in "starting at", which gets the column without a second "at"."""
-    return f"{error.msg}{'' if error.msg.endswith(' at') else ' at'} column {error.colno}"
-
-
-def _json_limit(error: BaseException) -> str:
-    if isinstance(error, RecursionError):
-        return "nested too deeply"
-    return str(error)
-
-
-def _iter_json_list(f: BinaryIO, path: str) -> Iterator[tuple[int, None, str, object]]:
-    # The whole list is parsed at once: a JSON list cannot be split without parsing it. Use JSONL for files too
-    # large for memory.
-    text = _decode(f.read(), path, "file")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(f"{path}: unreadable JSON: {_json_limit(e)}") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records")
-    if not records:
-        raise DataError(f"{path}: the file holds an empty JSON list: no records to train on")
-    for index, record in enumerate(records):
-        yield index, None, f"{path}: record #{index}", record
 
 
 def parse_record(record: object, where: str = "record", default_id: str = "0") -> Conversation:
@@ -399,7 +156,7 @@ def parse_tools(tools: object, where: str) -> tuple[dict, ...]:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({_json_problem(e)})") from None
+            raise DataError(f"{where}: 'tools' is a string but not valid JSON ({json_problem(e)})") from None
     if not isinstance(tools, list):
         raise DataError(f"{where}: 'tools' must be a list of function schemas, got {type(tools).__name__}")
     schemas = []
@@ -414,10 +171,6 @@ def parse_tools(tools: object, where: str) -> tuple[dict, ...]:
             )
         schemas.append(tool)
     return tuple(schemas)
-
-
-def tool_names(tools: tuple[dict, ...]) -> list[str]:
-    return [tool["function"]["name"] for tool in tools]
 
 
 def _parse_turns(turns: object, key: str, where: str) -> tuple[Message, ...]:
@@ -576,7 +329,7 @@ def _tool_call(function: dict, where: str, call_id: str | None = None) -> ToolCa
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{where} ({name!r}): arguments are not valid JSON ({_json_problem(e)}): {_clip(function['arguments'])}"
+                f"{where} ({name!r}): arguments are not valid JSON ({json_problem(e)}): {_clip(function['arguments'])}"
             ) from None
     if not isinstance(arguments, dict):
         raise DataError(f"{where} ({name!r}): arguments must be a JSON object, got {type(arguments).__name__}")
@@ -590,7 +343,7 @@ def _parse_function_call_value(value: str, where: str) -> tuple[ToolCall, ...]:
     except json.JSONDecodeError as e:
         raise DataError(
             f'{where}: a function_call value must be JSON {{"name", "arguments"}} (or a list of '
-            f"them); not valid JSON ({_json_problem(e)}): {_clip(value)}"
+            f"them); not valid JSON ({json_problem(e)}): {_clip(value)}"
         ) from None
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls or not all(isinstance(c, dict) for c in calls):

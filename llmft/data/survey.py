@@ -1,6 +1,7 @@
-"""What a training file holds and what the loss will cover, before any GPU time is spent (`tools/check_data.py`).
+"""A survey of a training file: what it holds and what the loss will cover, before any GPU time is spent (the
+command line is `llmft check`, llmft/tools/check.py; settings are checked elsewhere, in llmft/checks.py).
 
-`check_data(path, tokenizer, settings)` reads every record with the code training uses (`llmft.data.formats` to
+`check_data(path, tokenizer, settings)` reads every record with the code training uses (`llmft.data.records` to
 parse, `RenderSettings.render` to render and mask, the same over-long policy) but does not stop at the first bad
 record: every problem is listed with its record index, line (JSONL) and id. It counts records, samples (a template
 that rewrites history splits a conversation into several), assistant and trained turns, tool calls, tokens and
@@ -20,14 +21,16 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from llmft.data.dataset import RenderSettings
-from llmft.data.formats import ASSISTANT, TOOL, iter_raw_records, parse_record
+from llmft.data.conversation import ASSISTANT, TOOL
+from llmft.data.reading import iter_raw_records
+from llmft.data.records import parse_record
 from llmft.data.render import IGNORE_INDEX, RenderedSample, fit_to_length, trained_turn_indices
 from llmft.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from llmft.data.formats import Conversation
+    from llmft.data.conversation import Conversation
 
 PERCENTILES = (50, 90, 95, 99)
 # Samples are encoded to at most this many times --model_max_length tokens: enough for the lengths above the limit to
