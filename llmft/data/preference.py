@@ -47,6 +47,7 @@ import torch
 
 from llmft.data.formats import (
     ASSISTANT,
+    ROLE_ALIASES,
     TOOL,
     USER,
     Conversation,
@@ -253,6 +254,11 @@ def _turns(value: object, role: str, where: str) -> list:
     raise DataError(f"{where} must be a string, a message or a list of messages, got {type(value).__name__}")
 
 
+def _role(turn: object) -> str | None:
+    role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+    return ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+
+
 def _parse_answer(
     record: dict, prompt: list | None, answer: object, where: str, record_id: str, what: str
 ) -> tuple[tuple[Message, ...], tuple[Message, ...], tuple[dict, ...]]:
@@ -266,6 +272,8 @@ def _parse_answer(
             f"{where}: without a 'prompt', {what} must be a whole conversation (a list of messages) whose turns "
             "up to the last user turn are the prompt"
         )
+    if prompt is None and _role(turns[-1]) == USER:
+        raise DataError(f"{where}: {what} is empty (the conversation ends with the user's turn)")
     raw = {"messages": (prompt or []) + turns}
     for key in ("system", "tools"):
         if key in record:
