@@ -393,3 +393,67 @@ def test_all_problems_are_listed_at_once():
     settings = PreferenceArguments(objective="dpo", beta=-1.0, loss_type="sigmoid", label_smoothing=0.7)
     problems = preference_problems(settings)
     assert [p.split()[0] for p in problems] == ["--beta", "--label_smoothing"]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_through_the_model_equals_trl_on_the_same_pairs(tiny_chat_model, qwen_tokenizer, loss_type):
+    """End to end on the tiny model: TRL's DPOTrainer loss over its padded batch (its fused LM head on the model)
+    against llmft's over the packed row of the same rendered pairs: the loss and every parameter's gradient."""
+    from tests.test_packing import tiny_model
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from llmft.data.preference import PairPackedCollator, parse_preference_record, render_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    records = [
+        {"prompt": "Who are you?", "chosen": "I am Pico.", "rejected": "No idea at all, sorry."},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello! How can I help?", "rejected": "Go away."},
+        {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "Three."},
+    ]
+    rows = [render_pair(parse_preference_record(r), tokenizer).features() for r in records]
+    sequences = [(row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in ("chosen", "rejected") for row in rows]
+    width = max(len(ids) for ids, _ in sequences)
+    inputs = {
+        "input_ids": torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in sequences]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sequences]),
+        "completion_mask": torch.tensor(
+            [[int(t != X) for t in labels] + [0] * (width - len(labels)) for _, labels in sequences]
+        ),
+    }
+    reference = torch.tensor([-40.0, -30.0, -35.0, -45.0, -50.0, -38.0])  # TRL's order: chosen..., rejected...
+    inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = reference[:3], reference[3:]
+
+    model = tiny_model(tiny_chat_model, "sdpa", lora=False)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    trainer = trl_self(
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=0.1,
+        label_smoothing=0.0,
+        use_weighting=False,
+        args=types.SimpleNamespace(),
+    )
+    trainer.model = model
+    theirs = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    theirs.backward()
+    their_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.zero_grad()
+    settings = PreferenceArguments(objective="dpo", beta=0.1, loss_type=loss_type)
+    batch = PairPackedCollator()(rows)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    policy = sequence_log_probs(
+        token_log_probs(logits, batch["labels"], batch["position_ids"]), batch["labels"], batch["position_ids"]
+    )
+    ours, _ = compute_preference_loss(settings, policy, batch, reference[[0, 3, 1, 4, 2, 5]])
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-7)
+    for name, param in model.named_parameters():  # float32 through a model: agreement to 1e-5 of each's largest
+        scale = their_grads[name].abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(param.grad, their_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
