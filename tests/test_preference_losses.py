@@ -457,3 +457,94 @@ def test_dpo_through_the_model_equals_trl_on_the_same_pairs(tiny_chat_model, qwe
         scale = their_grads[name].abs().max()
         assert scale > 0, name
         torch.testing.assert_close(param.grad, their_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+# --- the reference model -------------------------------------------------------------------------------------------
+
+
+def one_at_a_time(model, sequences) -> torch.Tensor:
+    """Summed answer log-probabilities of each (input_ids, labels) run on its own."""
+    sums = []
+    with torch.no_grad():
+        for ids, labels in sequences:
+            ids, labels = torch.tensor([ids]), torch.tensor([labels])
+            positions = torch.arange(ids.shape[1])[None]
+            logps = token_log_probs(model(input_ids=ids).logits, labels, positions)
+            sums.append(sequence_log_probs(logps, labels, positions).sums)
+    return torch.cat(sums)
+
+
+def example_pair_rows(model_dir) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from llmft.data.preference import parse_preference_record, render_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [
+        {"prompt": "Who are you?", "chosen": "I am Pico.", "rejected": "No idea at all, sorry."},
+        {"prompt": "Hi", "chosen": "Hello! How can I help?", "rejected": "Go away."},
+        {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "Three."},
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A number: 7."},
+    ]
+    return [render_pair(parse_preference_record(r), tokenizer).features() for r in records]
+
+
+def test_lora_reference_is_the_base_with_its_adapters_off(tiny_chat_model):
+    from tests.test_packing import tiny_model
+
+    from llmft.data.preference import PairPackedCollator
+    from llmft.objectives.reference import packed_log_probs, reference_log_probs
+
+    rows = example_pair_rows(tiny_chat_model)
+    sequences = [(row[f"{side}_input_ids"], row[f"{side}_labels"]) for row in rows for side in ("chosen", "rejected")]
+    base = one_at_a_time(tiny_model(tiny_chat_model, "sdpa", lora=False), sequences)
+    model = tiny_model(tiny_chat_model, "sdpa", lora=True)  # adapters that change the outputs from the start
+    batch = PairPackedCollator()(rows)
+    reference = reference_log_probs(model, batch)
+    assert not reference.requires_grad
+    torch.testing.assert_close(reference, base, rtol=1e-5, atol=1e-5)
+    policy = packed_log_probs(model, batch)
+    assert policy.sums.requires_grad
+    assert (policy.sums - base).abs().min() > 1e-3  # the adapters are on again after the block
+
+
+def test_full_fine_tuning_reference_is_precomputed_once_per_row(tiny_chat_model):
+    from tests.test_packing import tiny_model
+
+    from llmft.data.preference import PairPackedCollator, pair_lengths
+    from llmft.objectives.reference import precompute_pair_reference
+
+    model = tiny_model(tiny_chat_model, "sdpa", lora=False)
+    rows = example_pair_rows(tiny_chat_model)
+    budget = max(pair_lengths(rows)) + 1  # several packed groups
+    with_reference = precompute_pair_reference(model, rows, max_tokens=budget)
+    sequences = [(row[f"{side}_input_ids"], row[f"{side}_labels"]) for row in rows for side in ("chosen", "rejected")]
+    expected = one_at_a_time(model, sequences)
+    got = torch.tensor([row[f"ref_{side}_logps"] for row in with_reference for side in ("chosen", "rejected")])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    batch = PairPackedCollator()(with_reference)
+    torch.testing.assert_close(batch["reference_logps"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kto_reference_covers_the_kl_sequences(tiny_chat_model):
+    from tests.test_packing import tiny_model
+    from transformers import AutoTokenizer
+
+    from llmft.data.preference import parse_kto_record, render_kto_example, with_kl_sequences
+    from llmft.objectives.reference import precompute_kto_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    records = [
+        {"prompt": "Who are you?", "completion": "I am Pico.", "label": True},
+        {"prompt": "Hi", "completion": "Go away.", "label": False},
+        {"prompt": "Count to three.", "completion": "One, two, three.", "label": True},
+    ]
+    rows = [render_kto_example(parse_kto_record(r)[0], tokenizer) for r in records]
+    rows = with_kl_sequences(rows, block=3)
+    model = tiny_model(tiny_chat_model, "sdpa", lora=False)
+    out = precompute_kto_reference(model, rows, max_tokens=60)
+    main = one_at_a_time(model, [(row["input_ids"], row["labels"]) for row in rows])
+    kl = one_at_a_time(model, [(row["kl_input_ids"], row["kl_labels"]) for row in rows])
+    torch.testing.assert_close(torch.tensor([row["ref_logps"] for row in out]), main, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([row["ref_kl_logps"] for row in out]), kl, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(main, kl)
