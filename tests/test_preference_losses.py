@@ -493,7 +493,7 @@ def test_lora_reference_is_the_base_with_its_adapters_off(tiny_chat_model):
     from tests.test_packing import tiny_model
 
     from llmft.data.preference import PairPackedCollator
-    from llmft.objectives.reference import packed_log_probs, reference_log_probs
+    from llmft.objectives.forward import packed_log_probs, reference_log_probs
 
     rows = example_pair_rows(tiny_chat_model)
     sequences = [(row[f"{side}_input_ids"], row[f"{side}_labels"]) for row in rows for side in ("chosen", "rejected")]
@@ -512,7 +512,7 @@ def test_full_fine_tuning_reference_is_precomputed_once_per_row(tiny_chat_model)
     from tests.test_packing import tiny_model
 
     from llmft.data.preference import PairPackedCollator, pair_lengths
-    from llmft.objectives.reference import precompute_pair_reference
+    from llmft.objectives.forward import precompute_pair_reference
 
     model = tiny_model(tiny_chat_model, "sdpa", lora=False)
     rows = example_pair_rows(tiny_chat_model)
@@ -531,7 +531,7 @@ def test_kto_reference_covers_the_kl_sequences(tiny_chat_model):
     from transformers import AutoTokenizer
 
     from llmft.data.preference import parse_kto_record, render_kto_example, with_kl_sequences
-    from llmft.objectives.reference import precompute_kto_reference
+    from llmft.objectives.forward import precompute_kto_reference
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     records = [
@@ -548,3 +548,58 @@ def test_kto_reference_covers_the_kl_sequences(tiny_chat_model):
     torch.testing.assert_close(torch.tensor([row["ref_logps"] for row in out]), main, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor([row["ref_kl_logps"] for row in out]), kl, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(main, kl)
+
+
+def example_kto_rows(model_dir) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from llmft.data.preference import parse_kto_record, render_kto_example, with_kl_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [
+        {"prompt": "Who are you?", "chosen": "I am Pico.", "rejected": "No idea at all, sorry."},
+        {"prompt": "Hi", "chosen": "Hello! How can I help?", "rejected": "Go away."},
+    ]
+    examples = [example for record in records for example in parse_kto_record(record)]
+    return with_kl_sequences([render_kto_example(e, tokenizer) for e in examples], block=len(examples))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "kto"])
+def test_a_few_lora_steps_learn_the_preference(tiny_chat_model, objective):
+    """`micro_batch_loss` as a trainer would call it, for a few optimizer steps on one micro-batch: the loss falls
+    and the chosen answers' reward pulls away from the rejected ones'."""
+    from tests.test_packing import tiny_model
+
+    from llmft.data.preference import KtoPackedCollator, PairPackedCollator
+    from llmft.objectives.forward import micro_batch_loss
+
+    model = tiny_model(tiny_chat_model, "sdpa", lora=True)
+    if objective == "kto":
+        batch = KtoPackedCollator()(example_kto_rows(tiny_chat_model))
+    else:
+        batch = PairPackedCollator()(example_pair_rows(tiny_chat_model))
+    settings = PreferenceArguments(objective=objective, beta=0.5 if objective != "simpo" else 2.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(8):
+        loss, metrics = micro_batch_loss(model, batch, settings)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append((loss.item(), metrics["rewards/chosen"].item() - metrics["rewards/rejected"].item()))
+    assert history[-1][0] < history[0][0], history
+    assert history[-1][1] > history[0][1], history
+
+
+def test_full_fine_tuning_without_precomputed_reference_is_refused(tiny_chat_model):
+    from tests.test_packing import tiny_model
+
+    from llmft.data.preference import PairPackedCollator
+    from llmft.objectives.forward import micro_batch_loss
+
+    model = tiny_model(tiny_chat_model, "sdpa", lora=False)
+    batch = PairPackedCollator()(example_pair_rows(tiny_chat_model))
+    with pytest.raises(ValueError, match="computed before training"):
+        micro_batch_loss(model, batch, PreferenceArguments(objective="dpo"))
+    loss, _ = micro_batch_loss(model, batch, PreferenceArguments(objective="simpo"))  # SimPO has no reference
+    assert loss.requires_grad

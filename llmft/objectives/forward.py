@@ -1,4 +1,5 @@
-"""Log-probabilities of packed rows under the policy and under the reference model, for the preference losses.
+"""The forward passes of preference training over packed rows: the policy's log-probabilities, the reference's, and
+`micro_batch_loss`, what a trainer's `compute_loss` calls for each micro-batch.
 
 The reference costs no second copy of the model. With adapters (LoRA and its variants), the reference is the base:
 the same model with its adapters switched off for a no-grad forward (`reference_log_probs`). With all weights
@@ -19,10 +20,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmft.data.preference import KtoPackedCollator, PairPackedCollator
-from llmft.objectives.preference import SequenceLogProbs, sequence_log_probs, token_log_probs
+from llmft.objectives.preference import (
+    REFERENCE_OBJECTIVES,
+    Metrics,
+    SequenceLogProbs,
+    compute_preference_loss,
+    sequence_log_probs,
+    token_log_probs,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from llmft.args import PreferenceArguments
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -39,7 +49,7 @@ def packed_log_probs(model: PreTrainedModel, batch: dict, prefix: str = "") -> S
 @contextlib.contextmanager
 def adapters_off(model: PreTrainedModel) -> Iterator[None]:
     """The model as its base: PEFT's adapters disabled inside the block; a model without adapters as it is."""
-    if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
+    if has_adapters(model):
         with model.disable_adapter():
             yield
     else:
@@ -53,6 +63,38 @@ def reference_log_probs(model: PreTrainedModel, batch: dict, prefix: str = "") -
     precomputed values from the batch instead."""
     with adapters_off(model):
         return packed_log_probs(model, batch, prefix).sums
+
+
+def has_adapters(model: PreTrainedModel) -> bool:
+    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
+
+
+def micro_batch_loss(
+    model: PreTrainedModel, batch: dict, settings: PreferenceArguments
+) -> tuple[torch.Tensor, Metrics]:
+    """The preference loss of one packed micro-batch and its metrics: the policy's forward with gradient; the
+    reference's from the batch (`reference_logps`, precomputed) or, for a model with adapters, from a no-grad forward
+    with them off; for KTO, the KL row's forward under both, without gradient."""
+    policy = packed_log_probs(model, batch)
+    reference = reference_kl = kl = None
+    if settings.objective in REFERENCE_OBJECTIVES:
+        reference = _reference(model, batch, "reference_logps", "")
+    if settings.objective == "kto":
+        with torch.no_grad():
+            kl = packed_log_probs(model, batch, "kl_").sums
+        reference_kl = _reference(model, batch, "reference_kl_logps", "kl_")
+    return compute_preference_loss(settings, policy, batch, reference, kl, reference_kl)
+
+
+def _reference(model: PreTrainedModel, batch: dict, key: str, prefix: str) -> torch.Tensor:
+    if key in batch:
+        return batch[key]
+    if not has_adapters(model):
+        raise ValueError(
+            f"no {key} in the batch and no adapters to switch off: a full fine-tune needs the reference "
+            "log-probabilities computed before training (precompute_pair_reference / precompute_kto_reference)"
+        )
+    return reference_log_probs(model, batch, prefix)
 
 
 def _groups(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
