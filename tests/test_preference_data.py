@@ -26,7 +26,7 @@ from llmft.data.preference import (
     with_kl_sequences,
 )
 from llmft.errors import DataError
-from tests.conftest import expected_from_pieces, write_records
+from tests.conftest import REPO, expected_from_pieces, write_records
 
 X = -100
 QUESTION, GOOD, BAD = "Who are you?", "I am Pico.", "No idea."
@@ -332,3 +332,21 @@ def test_kto_rows_and_collator(qwen_tokenizer):
     assert batch["kl_input_ids"].shape[1] == len(rows[0]["kl_input_ids"]) + len(rows[1]["kl_input_ids"])
     assert batch["kl_position_ids"][0, len(rows[0]["kl_input_ids"])] == 0
     assert batch["reference_logps"].tolist() == [-1.0, -1.0] and batch["reference_kl_logps"].tolist() == [-2.0, -2.0]
+
+
+EXAMPLE_PAIRS = REPO / "examples" / "preference_pairs.jsonl"
+
+
+def test_the_example_pairs_load_render_and_unpair(tiny_chat_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    pairs = load_preference_pairs(str(EXAMPLE_PAIRS))
+    assert len(pairs) == 7 and len({p.id for p in pairs}) == 7
+    for pair in pairs:
+        rendered = render_pair(pair, tokenizer)
+        for sample, answer in ((rendered.chosen, pair.chosen), (rendered.rejected, pair.rejected)):
+            trained = tokenizer.decode([t for t in sample.labels if t != X])
+            assert answer[-1].content in trained and trained.endswith("<|im_end|>"), (pair.id, trained)
+    examples = load_kto_examples(str(EXAMPLE_PAIRS))
+    assert [e.desirable for e in examples] == [True, False] * 7

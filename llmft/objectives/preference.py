@@ -16,8 +16,9 @@ log-probabilities (DPOTrainer, CPOTrainer with loss_type="simpo" and cpo_alpha=0
 and gradients, which tests/test_preference_losses.py checks. One deliberate difference: ORPO's NLL term scores the
 chosen answer's tokens only (the paper's L_SFT, and SFT's masks), where TRL's ORPOTrainer also scores the prompt.
 
-`compute_preference_loss(settings, policy, batch, reference, ...)` is what a trainer calls per micro-batch, with
-`settings` a `PreferenceArguments` (llmft/args.py); `preference_problems(settings)` lists what is wrong with them.
+`compute_preference_loss(settings, policy, batch, reference, ...)` turns a micro-batch's log-probabilities into its
+loss, with `settings` a `PreferenceArguments` (llmft/args.py); `llmft.objectives.forward.micro_batch_loss` runs the
+forward passes that produce them. `preference_problems(settings)` lists what is wrong with the settings.
 """
 
 from __future__ import annotations
