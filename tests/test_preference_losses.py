@@ -603,3 +603,78 @@ def test_full_fine_tuning_without_precomputed_reference_is_refused(tiny_chat_mod
         micro_batch_loss(model, batch, PreferenceArguments(objective="dpo"))
     loss, _ = micro_batch_loss(model, batch, PreferenceArguments(objective="simpo"))  # SimPO has no reference
     assert loss.requires_grad
+
+
+def padded(sequences: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, completion_mask) of TRL's right-padded batch of (input_ids, labels) sequences."""
+    width = max(len(ids) for ids, _ in sequences)
+    pad = [width - len(ids) for ids, _ in sequences]
+    return (
+        torch.tensor([ids + [0] * n for (ids, _), n in zip(sequences, pad)]),
+        torch.tensor([[1] * len(ids) + [0] * n for (ids, _), n in zip(sequences, pad)]),
+        torch.tensor([[int(t != X) for t in labels] + [0] * n for (_, labels), n in zip(sequences, pad)]),
+    )
+
+
+def test_kto_through_the_model_equals_trl_on_the_same_examples(tiny_chat_model):
+    """End to end on the tiny model: TRL's KTOTrainer loss (its fused LM head, its KL batch given as our KL
+    sequences) against llmft's `micro_batch_loss` over the packed rows: the loss, the KL estimate and every
+    parameter's gradient."""
+    from tests.test_packing import tiny_model
+    from trl import KTOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from llmft.data.preference import KtoPackedCollator
+    from llmft.objectives.forward import micro_batch_loss
+
+    from llmft.objectives.forward import packed_log_probs
+
+    rows = example_kto_rows(tiny_chat_model)
+    model = tiny_model(tiny_chat_model, "sdpa", lora=False)
+    with torch.no_grad():  # references near the policy (no saturated sigmoid), below it on the KL row (KL > 0)
+        packed = KtoPackedCollator()(rows)
+        policy, kl_policy = packed_log_probs(model, packed).sums, packed_log_probs(model, packed, "kl_").sums
+    shifts = torch.tensor([1.5, -2.0, 0.5, -1.0])
+    rows = [
+        {**row, "ref_logps": (policy[i] + shifts[i]).item(), "ref_kl_logps": (kl_policy[i] - 2 - i).item()}
+        for i, row in enumerate(rows)
+    ]
+    input_ids, attention_mask, completion_mask = padded([(r["input_ids"], r["labels"]) for r in rows])
+    kl_ids, kl_attention, kl_completion = padded([(r["kl_input_ids"], r["kl_labels"]) for r in rows])
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": kl_attention,
+        "KL_completion_mask": kl_completion,
+        "label": torch.tensor([r["desirable"] for r in rows]),
+        "ref_logps": torch.tensor([r["ref_logps"] for r in rows]),
+        "ref_KL_logps": torch.tensor([r["ref_kl_logps"] for r in rows]),
+    }
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    settings = PreferenceArguments(objective="kto", beta=0.1, desirable_weight=1.5, undesirable_weight=0.8)
+    trainer = trl_self(
+        calculate_KL=True,
+        precompute_ref_logps=True,
+        loss_type="kto",
+        beta=settings.beta,
+        desirable_weight=settings.desirable_weight,
+        undesirable_weight=settings.undesirable_weight,
+    )
+    trainer.model = model
+    trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
+    theirs = KTOTrainer._compute_loss(trainer, model, batch, return_outputs=False)
+    theirs.backward()
+    their_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.zero_grad()
+    ours, metrics = micro_batch_loss(model, KtoPackedCollator()(rows), settings)
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-7)
+    assert metrics["kl"].item() > 0
+    assert metrics["kl"].item() == pytest.approx(trainer._metrics["train"]["kl"][-1], rel=1e-5)
+    for name, param in model.named_parameters():  # float32 through a model: agreement to 1e-5 of each's largest
+        scale = their_grads[name].abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(param.grad, their_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
