@@ -350,3 +350,53 @@ def test_the_example_pairs_load_render_and_unpair(tiny_chat_model):
             assert answer[-1].content in trained and trained.endswith("<|im_end|>"), (pair.id, trained)
     examples = load_kto_examples(str(EXAMPLE_PAIRS))
     assert [e.desirable for e in examples] == [True, False] * 7
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen_tokenizer):
+    """Qwen3's vocabulary and chat template (TRL ships the template)."""
+    from tests.test_tools_data import QWEN3_ADDED, qwen_with, trl_template
+
+    return qwen_with(qwen_tokenizer, QWEN3_ADDED, trl_template("qwen3"))
+
+
+def test_qwen3_pair_with_reasoning_and_tool_calls_renders_as_inference_sees_it(qwen3):
+    """Qwen3's template drops the reasoning of turns before the last user turn: the prompt's history shows none, the
+    answer keeps its own (reasoning, tool call, result, final answer) and is one sequence, trained on the assistant's
+    parts only."""
+    tools = [{"type": "function", "function": {"name": "is_prime", "parameters": {"type": "object"}}}]
+    call = {
+        "role": "assistant",
+        "content": "<think>Check with the tool.</think>",
+        "tool_calls": [{"function": {"name": "is_prime", "arguments": {"n": 97}}}],
+    }
+    record = {
+        "tools": tools,
+        "prompt": [user("Is 91 prime?"), assistant("<think>91 = 7 x 13.</think>No."), user("And 97?")],
+        "chosen": [call, {"role": "tool", "content": "true"}, assistant("<think>The tool says so.</think>Yes.")],
+        "rejected": [assistant("<think>Odd numbers are prime.</think>Yes, as all odd numbers are.")],
+    }
+    rendered = render_pair(parse_preference_record(record), qwen3)
+    for sample in (rendered.chosen, rendered.rejected):
+        text = qwen3.decode(sample.input_ids)
+        assert "91 = 7 x 13." not in text  # the history's reasoning, as inference renders the prompt
+        trained = [qwen3.decode(t) for t in runs(sample.input_ids, sample.labels)]
+        assert all(part.endswith("<|im_end|>") or "<tool_call>" in part for part in trained), trained
+    chosen = [qwen3.decode(t) for t in runs(rendered.chosen.input_ids, rendered.chosen.labels)]
+    assert len(chosen) == 2 and "Check with the tool." in chosen[0] and '"n": 97' in chosen[0]
+    assert "The tool says so." in chosen[1] and chosen[1].endswith("Yes.<|im_end|>")
+    assert "true" not in "".join(chosen)  # the tool's result is not trained
+    (rejected,) = [qwen3.decode(t) for t in runs(rendered.rejected.input_ids, rendered.rejected.labels)]
+    assert "Odd numbers are prime." in rejected and rejected.endswith("all odd numbers are.<|im_end|>")
+
+
+def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The trained stretches of a sample's ids, in order."""
+    out, current = [], []
+    for token, label in zip(ids, labels):
+        if label != X:
+            current.append(token)
+        elif current:
+            out.append(current)
+            current = []
+    return out + ([current] if current else [])
