@@ -19,6 +19,7 @@ from llmft.data.preference import (
     load_kto_examples,
     load_preference_pairs,
     pair_lengths,
+    preference_rows,
     parse_kto_record,
     parse_preference_record,
     render_kto_example,
@@ -311,8 +312,11 @@ def test_token_budget_keeps_each_pair_whole_in_one_micro_batch():
 
 
 def test_kl_partners_rotate_within_blocks_as_trl_does():
-    assert kl_partners(7, 3) == [2, 0, 1, 5, 3, 4, 6]
-    assert kl_partners(4, 4) == [3, 0, 1, 2]
+    assert kl_partners("abcdefg", 3) == [2, 0, 1, 5, 3, 4, 6]
+    assert kl_partners("abcd", 4) == [3, 0, 1, 2]
+    # a pair unpaired into two neighbours: never a prompt with its own other answer
+    assert kl_partners("aabbcc", 6) == [5, 5, 1, 1, 3, 3]
+    assert kl_partners("aa", 2) == [0, 1]  # no other prompt in the block
 
 
 def test_kto_rows_and_collator(qwen_tokenizer):
@@ -400,3 +404,20 @@ def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
             out.append(current)
             current = []
     return out + ([current] if current else [])
+
+
+def test_preference_rows_of_a_file_for_each_objective(qwen_tokenizer):
+    pairs = preference_rows(str(EXAMPLE_PAIRS), qwen_tokenizer, "dpo")
+    assert len(pairs.rows) == 7 and pairs.dropped == 0
+    assert set(pairs.rows[0]) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
+    longest = max(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in pairs.rows)
+    fewer = preference_rows(str(EXAMPLE_PAIRS), qwen_tokenizer, "orpo", max_length=longest - 1)
+    assert len(fewer.rows) + fewer.dropped == 7 and fewer.dropped >= 1
+    kto = preference_rows(str(EXAMPLE_PAIRS), qwen_tokenizer, "kto", kl_block=4)
+    assert len(kto.rows) == 14 and [r["desirable"] for r in kto.rows] == [True, False] * 7
+    # rows 0..3 form a block, two pairs unpaired: rows 0 and 1 take the answer of row 3 (the other prompt's)
+    for row in kto.rows[:2]:
+        last = kto.rows[3]
+        assert row["kl_input_ids"][row["answer_start"] :] == last["input_ids"][last["answer_start"] :]
+    batch = KtoPackedCollator()(kto.rows)
+    assert batch["kl_input_ids"].shape[1] == sum(len(r["kl_input_ids"]) for r in kto.rows)

@@ -381,23 +381,28 @@ def render_kto_example(
     }
 
 
-def kl_partners(count: int, block: int) -> list[int]:
-    """For each of `count` examples in dataset order, the example whose answer follows its prompt in its KL sequence:
-    the one before it in its block of `block` consecutive examples, the block's first taking the block's last. This is
-    TRL's KTOTrainer's rotation (its block is the per-device batch size); a block of one pairs an example with
-    itself, so the block must be at least 2 for the estimate to mean anything."""
+def kl_partners(prompts: Sequence[object], block: int) -> list[int]:
+    """For each example in dataset order (`prompts`: one key per example, equal for examples of the same prompt), the
+    example whose answer follows its prompt in its KL sequence: within its block of `block` consecutive examples, the
+    nearest one before it (the block's first looking from the block's last) whose prompt differs. With distinct
+    prompts that is TRL's KTOTrainer's rotation (its block is the per-device batch size); the skipping keeps a pair
+    unpaired into two neighbouring examples from matching a prompt with its own other answer. An example whose block
+    holds no other prompt is its own partner, so blocks should be at least 2."""
     partners = []
-    for start in range(0, count, block):
-        members = list(range(start, min(start + block, count)))
-        partners += members[-1:] + members[:-1]
+    for start in range(0, len(prompts), block):
+        members = list(range(start, min(start + block, len(prompts))))
+        for k, i in enumerate(members):
+            earlier = [members[(k - step) % len(members)] for step in range(1, len(members))]
+            partners.append(next((j for j in earlier if prompts[j] != prompts[i]), i))
     return partners
 
 
 def with_kl_sequences(rows: Sequence[dict], block: int) -> list[dict]:
     """KTO rows with their KL sequence added (`kl_input_ids`, `kl_labels`): the row's prompt followed by its
     `kl_partners` answer, labelled as that answer was."""
+    prompts = [tuple(row["input_ids"][: row["answer_start"]]) for row in rows]
     out = []
-    for row, partner in zip(rows, kl_partners(len(rows), block)):
+    for row, partner in zip(rows, kl_partners(prompts, block)):
         other = rows[partner]
         start, other_start = row["answer_start"], other["answer_start"]
         out.append(
@@ -408,6 +413,40 @@ def with_kl_sequences(rows: Sequence[dict], block: int) -> list[dict]:
             }
         )
     return out
+
+
+@dataclass
+class PreferenceRows:
+    """A preference file rendered: dataset rows for the objective's collator, and how many records were dropped as
+    longer than the length limit."""
+
+    rows: list[dict]
+    dropped: int = 0
+
+
+def preference_rows(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    objective: str,
+    *,
+    default_system: str | None = None,
+    max_length: int | None = None,
+    kl_block: int = 8,
+) -> PreferenceRows:
+    """Every record of `path` rendered for `objective`: pair rows (`RenderedPair.features`) for dpo, simpo and orpo;
+    for kto, example rows with their KL sequences (`with_kl_sequences` in blocks of `kl_block`, dataset order)."""
+    rows, dropped = [], 0
+    if objective == "kto":
+        for example in iter_kto_examples(path):
+            row = render_kto_example(example, tokenizer, default_system=default_system, max_length=max_length)
+            dropped += row is None
+            rows += [row] if row is not None else []
+        return PreferenceRows(with_kl_sequences(rows, kl_block), dropped)
+    for pair in iter_preference_pairs(path):
+        rendered = render_pair(pair, tokenizer, default_system=default_system, max_length=max_length)
+        dropped += rendered is None
+        rows += [rendered.features()] if rendered is not None else []
+    return PreferenceRows(rows, dropped)
 
 
 # --- packing -------------------------------------------------------------------------------------------------------
