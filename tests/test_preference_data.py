@@ -194,7 +194,8 @@ def assert_names_the_record(load, tmp_path, record: dict, message: str) -> None:
     with pytest.raises(DataError) as error:
         load(str(path))
     text = str(error.value)
-    assert text.startswith(f"{path}: record #1 (line 2) (id 'bad-one')"), text
+    assert text.startswith(f"{path}: record #1 (line 2) (id 'bad-one'): "), text
+    assert text.count("bad-one") == 1, text
     assert message in text, text
 
 

@@ -163,13 +163,14 @@ def parse_preference_record(record: object, where: str = "record", default_id: s
 
 def parse_kto_record(record: object, where: str = "record", default_id: str = "0") -> list[KtoExample]:
     """One raw KTO record as a validated KtoExample, or a pair record as two (chosen desirable, rejected not)."""
-    record_id, where = _identify(record, where, default_id)
-    if _pair_keys(record, where) is not None:
-        pair = parse_preference_record(record, where, default_id=record_id)
+    record_id, named = _identify(record, where, default_id)
+    if _pair_keys(record, named) is not None:
+        pair = parse_preference_record(record, where, default_id=default_id)
         return [
             KtoExample(f"{pair.id}/{CHOSEN}", pair.prompt, pair.chosen, True, pair.tools),
             KtoExample(f"{pair.id}/{REJECTED}", pair.prompt, pair.rejected, False, pair.tools),
         ]
+    where = named
     if "kto_tag" in record:
         label = _label(record, "kto_tag", where)
         if "instruction" in record:
