@@ -346,3 +346,46 @@ def config_file_flags(path: str) -> list[str]:
         else:
             flags.append(str(value))
     return flags
+
+
+@dataclass
+class PreferenceArguments:
+    """What the run optimises: supervised fine-tuning, or a preference objective over pairs (DPO, SimPO, ORPO) or
+    labelled answers (KTO); see llmft/objectives/preference.py. Checked by its `preference_problems`."""
+
+    objective: Literal["sft", "dpo", "simpo", "orpo", "kto"] = field(
+        default="sft",
+        metadata={
+            "help": "sft: the answers' likelihood; dpo, simpo, orpo: prefer each pair's chosen answer to its rejected "
+            "one; kto: answers labelled desirable or not. Preference data: see README, Preference data."
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "dpo and kto: how far the policy may move from the reference (higher: less); for --loss_type ipo "
+            "the regulariser tau. simpo: the reward scale. orpo: lambda, the weight of the odds-ratio term."
+        },
+    )
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = field(
+        default="sigmoid",
+        metadata={
+            "help": "The DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO, log-ratios averaged per token) or robust "
+            "(rDPO, for preferences flipped with probability --label_smoothing)."
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "The probability, in [0, 0.5), that a preference label is flipped: dpo with --loss_type robust, "
+            "and simpo (conservative smoothing)."
+        },
+    )
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata={"help": "simpo: the target reward margin gamma (the loss subtracts gamma / beta from the margin)."},
+    )
+    desirable_weight: float = field(default=1.0, metadata={"help": "kto: the weight of the desirable answers' losses."})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "kto: the weight of the undesirable answers' losses."}
+    )

@@ -1,0 +1,1 @@
+"""Training objectives over packed rows: the preference losses live in `llmft.objectives.preference`."""
