@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from llmft.data.formats import ASSISTANT, TOOL, USER, Message, ToolCall
+from llmft.data.conversation import ASSISTANT, TOOL, USER, Message, ToolCall
 from llmft.data.packing import TokenBudgetBatchSampler
 from llmft.data.preference import (
     KtoExample,

@@ -11,7 +11,7 @@ Pair records (one pair a record; a file may mix the forms, JSON list or JSONL as
 - LLaMA-Factory's `{"chosen_messages", "rejected_messages"}`: whole conversations as in the implicit form, or the
   answers alone next to a `prompt` / `conversations` / `messages`.
 - Alpaca ranking: `{"instruction", "input"?, "chosen", "rejected", "system"?}`, answers as strings.
-Every form may carry `id`, `system` and `tools` as SFT records do; messages are read by `llmft.data.formats`, so
+Every form may carry `id`, `system` and `tools` as SFT records do; messages are read by `llmft.data.records`, so
 tool calls, tool results, reasoning and multi-turn prompts mean what they mean in SFT data.
 
 KTO records: TRL's `{"prompt", "completion", "label"}` (`label` true for a desirable answer, false otherwise; the
@@ -45,17 +45,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.data.formats import (
-    ASSISTANT,
-    ROLE_ALIASES,
-    TOOL,
-    USER,
-    Conversation,
-    Message,
-    is_blank,
-    iter_records,
-    parse_record,
-)
+from llmft.data.conversation import ASSISTANT, TOOL, USER, Conversation, Message
+from llmft.data.reading import iter_records
+from llmft.data.records import ROLE_ALIASES, is_blank, parse_record
 from llmft.data.packing import PackedCollator
 from llmft.data.render import IGNORE_INDEX, RenderedSample, render_samples
 from llmft.errors import DataError
