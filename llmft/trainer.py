@@ -50,6 +50,7 @@ class PackingLoraPlusTrainer(transformers.Trainer):
         packing: Packing | None = None,
         loraplus_lr_ratio: float | None = None,
         offload_activations: bool = False,
+        lean_recompute: bool = False,
         **kwargs: Any,
     ) -> None:
         self.packing = packing
@@ -61,7 +62,11 @@ class PackingLoraPlusTrainer(transformers.Trainer):
             FollowUmaskCallback(),
             self.training_report,
             PreemptionCallback(),
-            *([ActivationOffloadCallback()] if offload_activations else []),
+            *(
+                [ActivationOffloadCallback(offload_activations, lean_recompute)]
+                if offload_activations or lean_recompute
+                else []
+            ),
             *(kwargs.get("callbacks") or []),
         ]
         super().__init__(*args, **kwargs)
