@@ -148,7 +148,7 @@ def resolve_plan(
         kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
         packing=data_args.packing,
         offload_activations=_offloads_activations(training_args, sharding, mode),
-        lean_recompute=_recomputes_lean(training_args, sharding, lora_args),
+        lean_recompute=_recomputes_lean(training_args, sharding, mode, lora_args),
     )
 
 
@@ -163,15 +163,17 @@ def _offloads_activations(training_args: TrainingArguments, sharding: str, mode:
     return cuda and bool(training_args.gradient_checkpointing) and one_process and mode != "full"
 
 
-def _recomputes_lean(training_args: TrainingArguments, sharding: str, lora_args: LoraArguments) -> bool:
+def _recomputes_lean(training_args: TrainingArguments, sharding: str, mode: str, lora_args: LoraArguments) -> bool:
     """--lean_recompute as given (checked: checkpointing, one process, no LoRA dropout); unset, on for checkpointed
-    runs on CUDA in one process without DeepSpeed or FSDP and without LoRA dropout."""
+    adapter training (LoRA, Q-LoRA) on CUDA in one process without DeepSpeed or FSDP and without LoRA dropout, where
+    the MLP's intermediate activations are a large share of the peak. Full fine-tuning's peak is its gradients and
+    optimizer states, and its own weight gradients, summed chunk by chunk, take longer there."""
     if training_args.lean_recompute is not None:
         return bool(training_args.lean_recompute)
     cuda = torch.cuda.is_available() and not training_args.use_cpu
     one_process = sharding == "none" and training_args.world_size == 1
     no_dropout = not (lora_args.use_lora and lora_args.lora_dropout > 0)
-    return cuda and bool(training_args.gradient_checkpointing) and one_process and no_dropout
+    return cuda and bool(training_args.gradient_checkpointing) and one_process and no_dropout and mode != "full"
 
 
 def describe_plan(plan: RunPlan) -> str:

@@ -200,6 +200,7 @@ class Meter(TrainerCallback):
         self.start = self.real = self.computed = None
         self.train_called = None  # perf_counter when Trainer.train was called (the plain recipe's arm sets it)
         self.first_step_end = None  # perf_counter when the first optimizer step's work had run
+        self.end_counts = None  # real and computed tokens of the timed steps, once the last has run
 
     def on_train_begin(
         self,
@@ -236,6 +237,14 @@ class Meter(TrainerCallback):
         if self.first_step_end is None:
             _synchronize()
             self.first_step_end = time.perf_counter()
+        if state.global_step == state.max_steps:  # the clock stops here, not after the callbacks' end of training
+            self._stop(state)
+
+    def _stop(self, state: TrainerState) -> None:
+        _synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.steps = state.global_step - self.warmup
+        self.end_counts = torch.stack([self.real - self.at_start[0], self.computed - self.at_start[1]])
 
     @property
     def first_step_s(self) -> float | None:
@@ -247,10 +256,9 @@ class Meter(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        _synchronize()
-        self.seconds = time.perf_counter() - self.start
-        self.steps = state.global_step - self.warmup
-        counts = torch.stack([self.real - self.at_start[0], self.computed - self.at_start[1]])
+        if self.end_counts is None:  # stopped before --max_steps (a SIGTERM): timed until here
+            self._stop(state)
+        counts = self.end_counts
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         self.real_tokens, self.computed_tokens = counts.tolist()
