@@ -1,18 +1,23 @@
-"""Activation checkpointing with each decoder layer's input kept in host memory (`--offload_activations`).
+"""Activation checkpointing with each decoder layer's input kept in host memory (`--offload_activations`), and
+llmft's own checkpoint function behind it, which also serves the lean recompute (`--lean_recompute`,
+llmft.recompute) with the input kept on the GPU.
 
 Under gradient checkpointing a decoder layer keeps only its input hidden state for backward, and recomputes the rest
 there; over all layers those inputs are most of the activation memory left (layers x tokens x hidden x 2 bytes: 3.3
 GB for a 7B shape at 16,384 tokens). `offloaded_checkpoint` is a checkpoint function that copies the input to pinned
 host memory on a side stream as the layer's forward starts (the copy overlaps the layer's compute), lets the GPU copy
 go once the copy is done, and in backward brings it back, recomputes the layer under the forward's autocast and
-random-number state, and back-propagates through it. The gradients equal those of plain checkpointing.
+random-number state, and back-propagates through it. Each layer's backward first starts copying back, on the side
+stream, the input of the layer before it (the next to run backward), so that copy overlaps this layer's recompute and
+backward instead of stalling the next one: one more layer input on the GPU at a time. The gradients equal those of
+plain checkpointing.
 
-The plan turns it on by default for adapter training (LoRA, Q-LoRA) on one CUDA GPU, where those inputs are a large
-share of the peak; full fine-tuning peaks with its gradients and optimizer states instead (llmft.plan).
-`ActivationOffloadCallback` installs it when training begins, after the Trainer has enabled gradient checkpointing
-(which sets transformers' own checkpoint function on every checkpointed layer). It is for one process without
-parameter sharding (the plan decides, llmft.plan): the backward pass inside backward is the reentrant pattern, which
-DDP's and ZeRO's gradient hooks are not written for.
+The plan turns offloading on by default for adapter training (LoRA, Q-LoRA) on one CUDA GPU, where those inputs are
+a large share of the peak; full fine-tuning peaks with its gradients and optimizer states instead (llmft.plan).
+`ActivationOffloadCallback` installs the function when training begins, after the Trainer has enabled gradient
+checkpointing (which sets transformers' own checkpoint function on every checkpointed layer). It is for one process
+without parameter sharding (the plan decides, llmft.plan): the backward pass inside backward is the reentrant
+pattern, which DDP's and ZeRO's gradient hooks are not written for.
 """
 
 from __future__ import annotations
