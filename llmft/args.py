@@ -188,6 +188,15 @@ class TrainingArguments(transformers.TrainingArguments):
             "there (or on the CPU) only."
         },
     )
+    lean_recompute: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Under --gradient_checkpointing True, recompute each decoder layer in backward with llmft's own "
+            "checkpoint function, which runs the MLP a chunk of tokens at a time once its output gradient is known and "
+            "skips the down projection's forward product, whose value backward never reads (llmft/recompute.py). "
+            "Unset: on for LoRA and Q-LoRA CUDA runs of one process without DeepSpeed or FSDP; needs --lora_dropout 0."
+        },
+    )
     use_liger_kernel: bool | None = field(
         default=None,
         metadata={

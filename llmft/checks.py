@@ -75,6 +75,11 @@ def validate(
             problems.append("--lora_r and --lora_alpha must be positive")
         if not 0 <= lora_args.lora_dropout < 1:
             problems.append("--lora_dropout must be in [0, 1)")
+        if lora_args.lora_dropout > 0 and training_args is not None and training_args.lean_recompute:
+            problems.append(
+                "--lean_recompute True recomputes the MLP in chunks, which would draw other dropout masks than the "
+                "forward did: use --lora_dropout 0, or --lean_recompute False"
+            )
 
     quant_method = model.quant_method
     if quant_method == "gptq":
@@ -262,6 +267,16 @@ def _training_problems(
             problems.append(
                 "--offload_activations True runs in one process without DeepSpeed or FSDP (their gradient hooks "
                 "do not expect the backward pass it runs inside backward): drop it, or train on one GPU"
+            )
+    if training_args.lean_recompute:
+        if not training_args.gradient_checkpointing:
+            problems.append(
+                "--lean_recompute True changes the checkpointed recompute: add --gradient_checkpointing True"
+            )
+        if training_args.deepspeed or training_args.fsdp or training_args.world_size > 1:
+            problems.append(
+                "--lean_recompute True runs in one process without DeepSpeed or FSDP (their gradient hooks do not "
+                "expect the backward pass it runs inside backward): drop it, or train on one GPU"
             )
     if quant_method == "gptq" and shards_parameters(training_args):
         problems.append(

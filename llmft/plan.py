@@ -69,6 +69,7 @@ class RunPlan:
     kernels: Kernels  # attention kernel, packed rows' padding, Liger (llmft.kernels)
     packing: bool  # --packing: what the attention kernel was chosen for
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
+    lean_recompute: bool = False  # llmft's checkpoint function with the lean recompute (llmft.recompute)
     added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
 
     @property
@@ -147,6 +148,7 @@ def resolve_plan(
         kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
         packing=data_args.packing,
         offload_activations=_offloads_activations(training_args, sharding, mode),
+        lean_recompute=_recomputes_lean(training_args, sharding, mode, lora_args),
     )
 
 
@@ -161,6 +163,19 @@ def _offloads_activations(training_args: TrainingArguments, sharding: str, mode:
     return cuda and bool(training_args.gradient_checkpointing) and one_process and mode != "full"
 
 
+def _recomputes_lean(training_args: TrainingArguments, sharding: str, mode: str, lora_args: LoraArguments) -> bool:
+    """--lean_recompute as given (checked: checkpointing, one process, no LoRA dropout); unset, on for checkpointed
+    adapter training (LoRA, Q-LoRA) on CUDA in one process without DeepSpeed or FSDP and without LoRA dropout, where
+    the MLP's intermediate activations are a large share of the peak. Full fine-tuning's peak is its gradients and
+    optimizer states, and its own weight gradients, summed chunk by chunk, take longer there."""
+    if training_args.lean_recompute is not None:
+        return bool(training_args.lean_recompute)
+    cuda = torch.cuda.is_available() and not training_args.use_cpu
+    one_process = sharding == "none" and training_args.world_size == 1
+    no_dropout = not (lora_args.use_lora and lora_args.lora_dropout > 0)
+    return cuda and bool(training_args.gradient_checkpointing) and one_process and no_dropout and mode != "full"
+
+
 def describe_plan(plan: RunPlan) -> str:
     """The plan as one log line."""
     base = plan.mode
@@ -173,6 +188,8 @@ def describe_plan(plan: RunPlan) -> str:
         checkpointing = "on, layer inputs offloaded to host memory"
     elif plan.gradient_checkpointing:
         checkpointing = "on " + ", ".join(f"{k}={v}" for k, v in plan.gradient_checkpointing_kwargs.items())
+    if plan.lean_recompute:
+        checkpointing += ", lean recompute"
     embeddings = (
         f"trained in full for the added {' '.join(plan.added_tokens)}"
         if plan.train_embeddings and plan.uses_lora

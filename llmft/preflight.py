@@ -202,6 +202,7 @@ class MemorySetup:
     rows: int = 1
     gradient_checkpointing: bool = False
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
+    lean_recompute: bool = False  # the recomputed layer's MLP runs a chunk of tokens at a time (llmft.recompute)
     fused_loss: bool = False  # Liger's fused linear cross-entropy
     attention: str = "flash_attention_2"  # eager stores the attention probabilities
     accumulation_steps: int = 1
@@ -379,6 +380,10 @@ def activation_bytes(shape: ModelShape, setup: MemorySetup) -> int:
     if setup.gradient_checkpointing:
         # offloaded, the layer inputs live in host memory; the one being copied back and recomputed is in per_layer
         held = 0 if setup.offload_activations else layers * tokens * b * h
+        if setup.lean_recompute:  # the MLP's 4 b i a token (activation_bytes_per_token_layer) for one chunk only
+            from llmft.recompute import CHUNK_TOKENS
+
+            per_layer -= (tokens - min(tokens, CHUNK_TOKENS)) * 4 * b * shape.intermediate_size
         return held + per_layer + outside
     return layers * per_layer + outside
 
@@ -664,6 +669,7 @@ def setup_from_args(
         rows=rows,
         gradient_checkpointing=plan.gradient_checkpointing,
         offload_activations=plan.offload_activations,
+        lean_recompute=plan.lean_recompute,
         fused_loss=plan.kernels.liger,
         attention=plan.kernels.attention or "sdpa",
         accumulation_steps=training_args.gradient_accumulation_steps,

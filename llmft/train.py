@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             callbacks=list(callbacks),
             loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
             offload_activations=plan.offload_activations,
+            lean_recompute=plan.lean_recompute,
         )
         trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
         # only now, when nothing in the data or the model has stopped the run, does it write into --output_dir

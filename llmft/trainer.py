@@ -57,6 +57,7 @@ class LlmftTrainer(transformers.Trainer):
         packing: Packing | None = None,
         loraplus_lr_ratio: float | None = None,
         offload_activations: bool = False,
+        lean_recompute: bool = False,
         **kwargs: Any,
     ) -> None:
         self.packing = packing
@@ -68,7 +69,11 @@ class LlmftTrainer(transformers.Trainer):
             FollowUmaskCallback(),
             self.training_report,
             PreemptionCallback(),
-            *([ActivationOffloadCallback()] if offload_activations else []),
+            *(
+                [ActivationOffloadCallback(offload_activations, lean_recompute)]
+                if offload_activations or lean_recompute
+                else []
+            ),
             *(kwargs.get("callbacks") or []),
         ]
         super().__init__(*args, **kwargs)

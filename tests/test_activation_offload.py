@@ -92,6 +92,11 @@ def test_offloaded_checkpoint_frees_nothing_it_needs_and_keeps_input_gradients()
     "extra, message",
     [
         (["--offload_activations", "True"], "add --gradient_checkpointing True"),
+        (["--lean_recompute", "True"], "--lean_recompute True changes the checkpointed recompute"),
+        (
+            ["--lean_recompute", "True", "--gradient_checkpointing", "True", "--lora_dropout", "0.05"],
+            "--lean_recompute True recomputes the MLP in chunks.*--lora_dropout 0",
+        ),
         (
             [
                 "--offload_activations",
@@ -121,13 +126,13 @@ def test_a_run_with_offloaded_activations_trains_the_adapter_a_plain_checkpointe
     steps = ["--max_steps", "3", "--learning_rate", "5e-3", "--gradient_checkpointing", "True", "--save_strategy", "no"]
     plain = finetune(*tiny_lora_flags(tiny_chat_model, tmp_path / "plain", *steps, "--offload_activations", "False"))
     offloaded = finetune(*tiny_lora_flags(tiny_chat_model, tmp_path / "off", *steps, "--offload_activations", "True"))
-    functions = {m._gradient_checkpointing_func for m in offloaded.model.modules() if hasattr(m, "self_attn")}
-    assert functions == {offloaded_checkpoint}
-    assert all(
-        m._gradient_checkpointing_func is not offloaded_checkpoint
-        for m in plain.model.modules()
-        if hasattr(m, "self_attn")
-    )
+
+    def checkpoint_functions(model):  # install_offloaded_checkpointing binds its options with functools.partial
+        layers = [m for m in model.modules() if hasattr(m, "self_attn")]
+        return {getattr(m._gradient_checkpointing_func, "func", m._gradient_checkpointing_func) for m in layers}
+
+    assert checkpoint_functions(offloaded.model) == {offloaded_checkpoint}
+    assert offloaded_checkpoint not in checkpoint_functions(plain.model)
     a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     b = load_file(tmp_path / "off" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -212,3 +212,38 @@ def test_a_launcher_that_is_not_there_is_refused_before_anything_runs(tmp_path, 
     assert info.value.code == 2
     assert "--launcher no_such_launcher.sh: no such launcher in" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no model or data prepared
+
+
+def test_the_clock_stops_at_the_last_step_not_after_the_end_of_training_callbacks():
+    """What runs once training ends (the run report, its plot) is not counted as time of the timed steps."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from llmft.tools.bench import Meter
+
+    class Counter:  # TrainingTokenCounter's interface, fed by hand: [seen, processed, trained] since the last take
+        def __init__(self) -> None:
+            self.counts = torch.zeros(3, dtype=torch.long)
+
+        def take(self, device: str) -> torch.Tensor:
+            counts, self.counts = self.counts, torch.zeros(3, dtype=torch.long)
+            return counts
+
+        def remove(self) -> None:
+            pass
+
+    meter, args = Meter(warmup=1), SimpleNamespace(device="cpu")
+    meter.tokens = Counter()
+    meter.tokens.counts += torch.tensor([7, 9, 5])  # the warm-up step's tokens, not timed
+    state, control = TrainerState(global_step=1, max_steps=3), TrainerControl()
+    meter.on_step_begin(args, state, control)
+    for step in (2, 3):
+        meter.tokens.counts += torch.tensor([100, 128, 60])
+        state.global_step = step
+        meter.on_step_end(args, state, control)
+    time.sleep(0.5)  # the end of training's own work
+    meter.on_train_end(args, state, control)
+    assert meter.seconds < 0.5 and meter.steps == 2
+    assert (meter.real_tokens, meter.computed_tokens) == (200, 256)

@@ -143,6 +143,22 @@ def test_fused_loss_removes_the_vocabulary_wide_logits():
     assert estimate(SHAPE_7B, setup).logits == 256 * 152064 * 8 + T * 3584 * 2 == 370_147_328
 
 
+def test_lean_recompute_holds_one_chunk_of_the_recomputed_mlp():
+    from llmft.recompute import CHUNK_TOKENS
+
+    tokens = 16384
+    setup = MemorySetup(mode="lora", tokens=tokens, gradient_checkpointing=True, offload_activations=True)
+    plain = estimate(SHAPE_7B, setup).activations
+    lean = estimate(SHAPE_7B, dataclasses.replace(setup, lean_recompute=True)).activations
+    # the gate, SiLU, up and product tensors (4 b i a token) for one chunk of tokens instead of all of them
+    assert plain - lean == (tokens - CHUNK_TOKENS) * 4 * 2 * 18944
+    short = dataclasses.replace(setup, tokens=CHUNK_TOKENS // 2)  # a micro-batch within one chunk: no change
+    assert (
+        estimate(SHAPE_7B, short).activations
+        == estimate(SHAPE_7B, dataclasses.replace(short, lean_recompute=True)).activations
+    )
+
+
 def test_lora_r64_all_linear_on_a_bf16_base():
     setup = MemorySetup(mode="lora", lora_r=64, tokens=T, gradient_checkpointing=False)
     e = estimate(SHAPE_7B, setup)

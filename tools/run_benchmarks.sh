@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's speed table and BENCHMARKS.md. On a GPU machine, from the repo root:
 #   bash tools/run_benchmarks.sh speed RESULTS.jsonl     # the speed table: full 1.5B, Q-LoRA 7B, LoRA 7B vs the plain recipe
-#   bash tools/run_benchmarks.sh variants RESULTS.jsonl  # what each default costs or saves (attention, Liger, checkpointing, dropout)
+#   bash tools/run_benchmarks.sh variants RESULTS.jsonl  # what each default costs or saves (attention, Liger, checkpointing,
+#                                                         # dropout, the lean recompute)
 #   bash tools/run_benchmarks.sh launchers RESULTS.jsonl # the launchers' own recipes on one GPU against finetune.py
 #   bash tools/run_benchmarks.sh scaling RESULTS.jsonl   # tokens/s per GPU through the launchers on 1 and 2 GPUs
 #   bash tools/run_benchmarks.sh memory RESULTS.jsonl    # the memory preflight's estimate beside the measured peak, 8 configurations
@@ -35,6 +36,12 @@ case $suite in
     bench --shape 1.5b --label full-1.5b-sdpa -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --attn_implementation sdpa
     bench --shape 1.5b --label full-1.5b-no-liger -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True --use_liger_kernel False
     bench --shape 7b --label qlora-7b-dropout -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True --lora_dropout 0.05
+    bench --shape 7b --label qlora-7b-no-lean-recompute -- "${qlora[@]}" "${budget[@]}" --gradient_checkpointing True \
+      --lean_recompute False
+    bench --shape 7b --label lora-7b-no-lean-recompute -- "${lora[@]}" "${budget[@]}" --gradient_checkpointing True \
+      --lean_recompute False
+    bench --shape 1.5b --label full-1.5b-lean-recompute -- "${full[@]}" "${budget[@]}" --gradient_checkpointing True \
+      --lean_recompute True
     ;;
   launchers)
     for launcher in finetune_qlora_ds.sh finetune_qlora_single_gpu.sh finetune_lora_single_gpu.sh finetune_lora_ds.sh; do

@@ -200,6 +200,7 @@ class Meter(TrainerCallback):
         self.start = self.tokens = None
         self.train_called = None  # perf_counter when Trainer.train was called (the plain recipe's arm sets it)
         self.first_step_end = None  # perf_counter when the first optimizer step's work had run
+        self.end_counts = None  # real and computed tokens of the timed steps, once the last has run
 
     def on_train_begin(
         self,
@@ -226,6 +227,15 @@ class Meter(TrainerCallback):
         if self.first_step_end is None:
             _synchronize()
             self.first_step_end = time.perf_counter()
+        if state.global_step == state.max_steps:  # the clock stops here, not after the callbacks' end of training
+            self._stop(args, state)
+
+    def _stop(self, args: TrainingArguments, state: TrainerState) -> None:
+        _synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.steps = state.global_step - self.warmup
+        self.end_counts = self.tokens.take(args.device)
+        self.tokens.remove()
 
     @property
     def first_step_s(self) -> float | None:
@@ -237,11 +247,9 @@ class Meter(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        _synchronize()
-        self.seconds = time.perf_counter() - self.start
-        self.steps = state.global_step - self.warmup
-        counts = self.tokens.take(args.device)
-        self.tokens.remove()
+        if self.end_counts is None:  # stopped before --max_steps (a SIGTERM): timed until here
+            self._stop(args, state)
+        counts = self.end_counts
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         self.real_tokens, self.computed_tokens = counts.tolist()[:2]
