@@ -3,19 +3,17 @@ as messages naming the flags, and llmft.args.parse_args raises them together in 
 heavy loads. The checks read the flags as given, contradictions included; what a run that passes them does is
 resolved afterwards, once, by llmft/plan.py.
 
-What they probe on disk: the base model folder (through llmft.model_folder), the data files, and --output_dir with
-the checkpoint to resume from (`_output_problems`).
+What they probe on disk: the base model folder (through llmft.model_folder) and the data files; what --output_dir
+and the checkpoint to resume from allow is llmft.run_folder's (`output_dir_problems`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 from llmft.attention import VARLEN
 from llmft.model_folder import model_folder
-from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
 from llmft.data.formats import data_file_problem
 from llmft.distributed import shards_parameters
 
@@ -269,7 +267,7 @@ def _training_problems(
             "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
             "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP"
         )
-    return problems + _number_problems(data_args, training_args) + _output_problems(training_args)
+    return problems + _number_problems(data_args, training_args)
 
 
 def _number_problems(data_args: DataArguments, training_args: TrainingArguments) -> list[str]:
@@ -382,51 +380,3 @@ def _fsdp_problems(
                 "false and use --gradient_checkpointing True"
             )
     return problems
-
-
-def _output_problems(training_args: TrainingArguments) -> list[str]:
-    from llmft.preemption import RUN_SETTINGS_FILE
-    from llmft.run_folder import BOOKKEEPING
-
-    out, resume = training_args.output_dir, training_args.resume_from_checkpoint
-    if os.path.exists(out) and not os.path.isdir(out):
-        return [f"--output_dir {out} is a file, not a directory"]
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):  # the nearest part of the path that exists is where it will be created
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return [f"--output_dir {out} cannot be created: {existing} is a file"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"--output_dir {out} cannot be written: no write permission on {existing}"]
-    resuming = resume is not None and resume.lower() != "false"
-    if resuming and training_args.overwrite_output_dir:
-        return [
-            "--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
-            "choose one"
-        ]
-    if resuming and resume.lower() == "auto":
-        pass  # checkpoints of this same run, or a fresh start: llmft.preemption.record_run_settings tells which
-    elif resuming and resume.lower() == "true":
-        from llmft.saving import checkpoints
-
-        complete, incomplete = checkpoints(out)
-        if not complete:
-            skipped = "".join(f"; {os.path.basename(p)} is incomplete: {why}" for p, why in incomplete)
-            return [f"--resume_from_checkpoint True: no complete checkpoint-* directory in --output_dir {out}{skipped}"]
-    elif resuming and not os.path.isdir(resume):
-        return [f"--resume_from_checkpoint {resume}: no such checkpoint directory"]
-    elif resuming:
-        from llmft.saving import checkpoint_problem
-
-        if (problem := checkpoint_problem(resume)) is not None:
-            return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]
-    elif (
-        os.path.isdir(out)
-        and set(os.listdir(out)) - {RUN_SETTINGS_FILE, COMPILE_CACHE_FOLDER} - BOOKKEEPING  # a run cut short early
-        and not training_args.overwrite_output_dir
-    ):
-        return [
-            f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
-            "--overwrite_output_dir True to train over it, or choose another directory"
-        ]
-    return []

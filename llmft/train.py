@@ -37,10 +37,17 @@ from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer
 from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
-from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
+from llmft.preemption import exit_on_signal, signals_deferred
 from llmft.preflight import preflight
-from llmft.run_folder import disk_full_is_user_error, lock_run_output_dir, replace_previous_run
-from llmft.saving import describe_run, resume_checkpoint, save_for_inference
+from llmft.run_folder import (
+    check_run_settings,
+    disk_full_is_user_error,
+    lock_run_output_dir,
+    record_run_settings,
+    replace_previous_run,
+    resume_checkpoint,
+)
+from llmft.saving import describe_run, save_for_inference
 from llmft.trainer import PackingLoraPlusTrainer
 
 
