@@ -1,5 +1,5 @@
 """The settings checks of a training run, in one place: `validate` collects every problem with the parsed settings,
-as messages naming the flags, and llmft.args.parse_args raises them together in one ConfigError before anything
+as messages naming the flags, and llmft.config.parse_args raises them together in one ConfigError before anything
 heavy loads. The checks read the flags as given, contradictions included; what a run that passes them does is
 resolved afterwards, once, by llmft/plan.py.
 

@@ -3,7 +3,7 @@ model, activation checkpointing and the kernels, as one frozen `RunPlan` that th
 memory preflight and the Trainer's settings read instead of each deriving it again from the flags.
 
 `resolve_plan(...)` builds it from arguments that passed the settings checks (llmft/checks.py, which
-llmft.args.parse_args runs), before anything heavy loads; whether the embeddings train is known only once the
+llmft.config.parse_args runs), before anything heavy loads; whether the embeddings train is known only once the
 tokenizer has loaded (ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan,
 a new frozen one. `describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the
 one place where the plan writes into TrainingArguments: the settings the Trainer reads from there.

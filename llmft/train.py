@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback, set_seed
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.training_args import FSDPOption
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.distributed import sharding_of
 from llmft.kernels import LIGER_DEFAULT, Kernels
 from llmft.model import build_model, load_training_tokenizer

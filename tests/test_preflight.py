@@ -372,7 +372,7 @@ def setup_of(args, plan_changes=None, **kwargs):
 
 
 def test_setup_from_flags(tiny_chat_model, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
 
     base = [
         "--model_name_or_path",
@@ -459,7 +459,7 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
 def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat_model, tmp_path):
     """Liger's fused loss is the plan's choice (CUDA with liger-kernel installed): the preflight runs before the plan
     is written into the TrainingArguments, whose use_liger_kernel is still the flag's None."""
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.kernels import LIGER_DEFAULT, Kernels
 
     args = parse_args(
@@ -486,7 +486,7 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
 
 
 def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
 
     with pytest.raises(ConfigError, match="--preflight_gpu_memory -1.0: must be a positive number of GiB"):
         parse_args(
@@ -670,7 +670,7 @@ def test_benchmark_puts_the_estimate_beside_the_measured_peak():
     ids=["full", "lora", "lora-added-tokens"],
 )
 def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(model, flags, request, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.model import build_model, load_training_tokenizer
     from llmft.plan import resolve_plan
     from llmft.preflight import preflight
