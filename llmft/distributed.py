@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmft.errors import ConfigError, LlmftError
+from llmft.preemption import Preempted
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -203,8 +204,6 @@ def ranks_shut_down_when_done(trainer: Trainer | None = None) -> Iterator[None]:
     """Run the block, then `shut_down_ranks(trainer)` when it ends where every rank ends: normally, or with
     `llmft.preemption.Preempted` (raised on all ranks together once the checkpoint is on disk). Any other exception
     leaves the process group as it is: other ranks may never reach the barrier."""
-    from llmft.preemption import Preempted
-
     try:
         yield
     except Preempted:

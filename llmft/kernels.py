@@ -32,6 +32,7 @@ import torch
 
 from llmft.attention import VARLEN, varlen_available
 from llmft.errors import ConfigError
+from llmft.model_folder import model_folder
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, ModelArguments, TrainingArguments
@@ -115,8 +116,6 @@ def _check_packing_isolates(model_args: ModelArguments) -> None:
     import sys
 
     import transformers
-
-    from llmft.model_folder import model_folder
 
     config = model_folder(model_args.model_name_or_path).config
     if config is None:

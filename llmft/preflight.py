@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmft.errors import ConfigError
+from llmft.model_folder import model_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -701,8 +702,6 @@ def preflight(
     larger than the checkpoint's grows the embeddings (to a multiple of 64, as build_model resizes them).
     None when the model's config.json is not at hand (a Hub id not in the local cache), or is not modelled and
     --preflight False."""
-    from llmft.model_folder import model_folder
-
     config = model_folder(model_args.model_name_or_path).config
     if config is None:
         logger.warning("memory preflight skipped: no config.json of %s at hand", model_args.model_name_or_path)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from llmft.model_folder import model_folder, safetensors_header_problem
+from llmft.model_folder import _safetensors_header, model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
 from llmft.run_folder import follow_umask, record_written, remove_entry
@@ -89,8 +89,6 @@ def base_fingerprint(model: str | os.PathLike) -> str | None:
     another float dtype that holds them exactly give the same fingerprint. None when the model is neither a local
     folder nor in the local hub cache, or has no whole safetensors weights."""
     import torch
-
-    from llmft.model_folder import _safetensors_header
 
     inspected = model_folder(model)
     if inspected.folder is None or inspected.config is None:
