@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from llmft.model_card import training_card_facts, write_model_card
 if TYPE_CHECKING:
     import torch
     import transformers
+    from peft import PeftModel
     from transformers import PreTrainedTokenizerBase, Trainer, TrainerControl, TrainerState
 
     from llmft.plan import RunPlan
@@ -209,8 +211,6 @@ def save_for_inference(
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
             if getattr(model, "initial_adapter_state", None) is not None:  # PiSSA / OLoRA trained on a residual base
-                from llmft.model import save_adapter_for_original_base
-
                 save_adapter_for_original_base(model, staging)
         else:
             check_model_written(staging)
@@ -232,6 +232,37 @@ def save_for_inference(
         os.rmdir(staging)
         logger.warning("saved %s to %s", "adapter" if hasattr(model, "peft_config") else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
+    """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
+    run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
+    the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
+    Needs the whole adapter in memory (no ZeRO-3 or FSDP: llmft.checks refuses those).
+
+    PEFT 0.21's conversion writes only the lora_A / lora_B tensors; the others are put back unchanged: modules_to_save
+    (whole copies, independent of the base) and DoRA's magnitudes (W_res + BA, which they scale, equals the converted
+    W + B'A' exactly)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    kept = {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in get_peft_model_state_dict(model).items()
+        if ".lora_A." not in name and ".lora_B." not in name
+    }
+    with tempfile.TemporaryDirectory(prefix="llmft-initial-adapter-") as scratch:
+        initial = os.path.join(scratch, "initial")
+        os.makedirs(initial)
+        # PEFT loads this back as a second adapter and subtracts only its lora_A / lora_B; loading needs the other
+        # tensors to be there too, and the trained ones serve
+        save_file({**kept, **model.initial_adapter_state}, os.path.join(initial, "adapter_model.safetensors"))
+        # PEFT writes the initial adapter's config there itself
+        model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial)
+    if kept:
+        file = os.path.join(folder, "adapter_model.safetensors")
+        converted = load_file(file)
+        save_file({**converted, **kept}, file, metadata={"format": "pt"})
 
 
 def check_trained_weights_finite(model: torch.nn.Module, args: transformers.TrainingArguments) -> None:
