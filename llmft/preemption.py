@@ -19,6 +19,9 @@ The handlers are installed while training runs (between on_train_begin and on_tr
   moves into place whole, the log says so, and the run ends with status 0 (`signals_deferred`). A scheduler's grace
   time before its kill is meant for such a save; a kill -9 during it leaves the staging folder or, while the files
   move into place (the weights last), a result without its weights: never one that loads half-written.
+
+`signals_handled` and `signals_deferred` are the one way llmft changes what a signal does for the length of a block;
+the tools use them too while their results move into place (llmft.run_folder.staged_output_dir).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -35,7 +38,6 @@ import torch
 from transformers import TrainerCallback
 
 from llmft.errors import EXIT_PREEMPTED, PREEMPTION_SIGNALS
-from llmft.run_folder import release_held_locks
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -117,11 +119,16 @@ class PreemptionCallback(TrainerCallback):
         return requested
 
 
-def _install_handler(handler: Callable[[int, FrameType | None], None]) -> dict[signal.Signals, Any]:
-    """`handler` for every PREEMPTION_SIGNALS; the handlers it replaced, for `_restore_handlers`. Outside the main
-    thread (a notebook's worker thread) Python refuses handlers: the signals keep their usual effect, and {}."""
+SignalHandler = Callable[[int, FrameType | None], object]
+
+
+def _install_handler(
+    handler: SignalHandler, signals: Sequence[signal.Signals] = PREEMPTION_SIGNALS
+) -> dict[signal.Signals, Any]:
+    """`handler` for each of `signals`; the handlers it replaced, for `_restore_handlers`. Outside the main thread (a
+    notebook's worker thread) Python refuses handlers: the signals keep their usual effect, and {}."""
     try:
-        return {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+        return {sig: signal.signal(sig, handler) for sig in signals}
     except ValueError:
         return {}
 
@@ -132,10 +139,22 @@ def _restore_handlers(previous: dict[signal.Signals, Any]) -> None:
 
 
 @contextmanager
-def exit_on_signal() -> Iterator[None]:
+def signals_handled(handler: SignalHandler, signals: Sequence[signal.Signals] = PREEMPTION_SIGNALS) -> Iterator[None]:
+    """`handler(signum, frame)` for each of `signals` while the block runs (main thread only: elsewhere the block
+    runs with the signals' usual effect), the previous handlers restored after."""
+    previous = _install_handler(handler, signals)
+    try:
+        yield
+    finally:
+        _restore_handlers(previous)
+
+
+@contextmanager
+def exit_on_signal(before_exit: Callable[[], object] = lambda: None) -> Iterator[None]:
     """While the run is not training (PreemptionCallback takes the signals over while it is): SIGTERM / SIGUSR1 end
-    the process at once, as their default action would, after one log line saying that no checkpoint was written.
-    Also a decorator; the previous handlers come back after."""
+    the process at once, as their default action would, after one log line saying that no checkpoint was written
+    and `before_exit()` (the process ends without unwinding: what must not be left behind, such as an output
+    folder's lock file, goes there). Also a decorator; the previous handlers come back after."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
@@ -145,31 +164,28 @@ def exit_on_signal() -> Iterator[None]:
             sig.name,
             128 + sig.value,
         )
-        release_held_locks()  # the process ends without unwinding: leave --output_dir without a lock file
+        before_exit()
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
 
-    previous = _install_handler(stop)
-    try:
+    with signals_handled(stop):
         yield
-    finally:
-        _restore_handlers(previous)
 
 
 @contextmanager
-def signals_deferred(what: str) -> Iterator[None]:
-    """Hold SIGTERM / SIGUSR1 off while `what` runs (the final save: stopping halfway would lose the trained result,
-    which a checkpoint may not hold); the log says when one came, and the previous handlers come back after."""
+def signals_deferred(
+    what: str, signals: Sequence[signal.Signals] = PREEMPTION_SIGNALS
+) -> Iterator[list[signal.Signals]]:
+    """Hold `signals` off while `what` runs (a run's final save, a tool's result taking its folder's place: stopping
+    halfway would lose or half-write the result); yields the list of those that came, for the caller to act on once
+    the block is done. The log says when one came, and the previous handlers come back after."""
     received: list[signal.Signals] = []
 
     def defer(signum: int, frame: FrameType | None) -> None:
         received.append(signal.Signals(signum))
         logger.warning("%s during %s: finishing it first", received[-1].name, what)
 
-    previous = _install_handler(defer)
-    try:
-        yield
-    finally:
-        _restore_handlers(previous)
+    with signals_handled(defer, signals):
+        yield received
     if received:
         logger.warning("%s is complete; stopping as %s asked", what, received[0].name)

@@ -22,9 +22,11 @@ RUN_SETTINGS_FILE once training is about to start (`record_run_settings`), so th
 continues only the same run, and True or a path only a run whose checkpoints hold tensors of the same shapes
 (`check_run_settings`).
 
-Tools write their result through `staged_output_dir`: into a hidden sibling folder that becomes the output only once
-complete, so an interrupted merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a folder that
-looks finished, nor a partial one behind.
+Results are staged, and moved into place whole by `place_staged` with SIGTERM held off (llmft.preemption): a run's
+final save is written into RUN_STAGING inside the folder and its files then join the checkpoints; a tool writes its
+result through `staged_output_dir`, into a hidden sibling folder that becomes the output only once complete. So an
+interrupted save, merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a folder that looks
+finished, nor a partial one behind.
 """
 
 from __future__ import annotations
@@ -44,10 +46,9 @@ import socket
 import stat
 import sys
 import tempfile
-import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -57,6 +58,7 @@ from llmft.checkpoint_pickles import check_checkpoint_pickles
 from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
 from llmft.errors import ConfigError, LlmftError
 from llmft.model_folder import model_folder, safetensors_header_problem
+from llmft.preemption import signals_deferred, signals_handled
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
@@ -103,7 +105,7 @@ RESULT_NAMES = frozenset(
         "training_report.png",
     }
 )
-RESULT_PREFIXES = ("checkpoint-", "model-0", "pytorch_model-0", ".llmft-saving")
+RESULT_PREFIXES = ("checkpoint-", "model-0", "pytorch_model-0", ".llmft-saving")  # the last: RUN_STAGING
 
 
 # ---------------------------------------------------------------- inputs and outputs apart
@@ -921,7 +923,7 @@ def _set_mode(path: str, modes: dict[int, int]) -> bool:
         os.close(fd)
 
 
-# ---------------------------------------------------------------- tools: staged results
+# ---------------------------------------------------------------- staged results
 
 
 def check_output_dir(
@@ -951,6 +953,10 @@ def check_output_dir(
             raise LlmftError(problems[0])
 
 
+# what ends a tool cleanly while it writes its result (SIGUSR1 keeps its default: it is a training run's request)
+TOOL_SIGNALS = (signal.SIGTERM,)
+
+
 class Terminated(SystemExit):
     """Raised in the main thread when a SIGTERM arrives while a result is being written, so that the partial
     folder is removed on the way out; exits with the status a shell gives a process killed by SIGTERM."""
@@ -959,22 +965,43 @@ class Terminated(SystemExit):
         super().__init__(128 + signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _sigterm_as(action: Callable[[int, FrameType | None], object]) -> Iterator[None]:
-    """Call `action(signum, frame)` on SIGTERM inside the block (main thread only: elsewhere signals cannot be
-    handled, and the block runs unprotected), restoring the previous handler after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, action)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated()
+
+
+RUN_STAGING = ".llmft-saving"  # a run's final save is written here inside --output_dir, then `place_staged`
+
+
+def place_staged(staging: str | os.PathLike, output_dir: str | os.PathLike, *, whole: bool) -> None:
+    """Move a complete result from its staging folder into place, and remove the staging folder: the one way llmft
+    puts a result where a reader finds it, so that an interrupted save never leaves a folder that looks finished.
+    Callers hold SIGTERM off meanwhile (llmft.preemption.signals_deferred).
+    - `whole` (a tool's result, staged in a sibling folder): the staging folder becomes `output_dir`, replacing what
+      was there (`staged_output_dir` has checked that llmft wrote all of it);
+    - otherwise (a run's final save, beside its checkpoints): each entry replaces the entry of that name in
+      `output_dir`, recorded in WRITTEN_FILE first, the weights last and their index after them: a kill -9 between
+      two renames leaves a result that does not load (no weights), never one that loads with some of them."""
+    staging, output = Path(staging), Path(output_dir)
+    if whole:
+        if output.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+            os.replace(output, replaced / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(staging, output)
+        return
+    names = sorted(
+        os.listdir(staging),
+        key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")), n.endswith(".index.json"), n),
+    )
+    record_written(output, *names)
+    for name in names:
+        source, target = staging / name, output / name
+        if source.is_dir() or (target.is_dir() and not target.is_symlink()):
+            remove_entry(output, name)  # rename cannot put a folder over an entry (a link: only the link goes)
+        os.replace(source, target)
+    os.rmdir(staging)
 
 
 @contextlib.contextmanager
@@ -993,7 +1020,7 @@ def staged_output_dir(
     output = Path(output_dir)
     check_output_dir(output, force=force, flag=flag, inputs=inputs)
     with locked_output_dir(output, flag=flag, staged=True):
-        with _sigterm_as(_raise_terminated):
+        with signals_handled(_raise_terminated, TOOL_SIGNALS):
             staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
             try:
                 follow_umask(staging)  # mkdtemp makes it private; the result should read like any new folder
@@ -1005,14 +1032,7 @@ def staged_output_dir(
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        deferred = []
-        with _sigterm_as(lambda signum, frame: deferred.append(signum)):
-            if output.exists():
-                replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-                os.replace(output, replaced / output.name)
-                os.replace(staging, output)
-                shutil.rmtree(replaced)
-            else:
-                os.replace(staging, output)
+        with signals_deferred(f"moving the result into {flag} {output}", TOOL_SIGNALS) as deferred:
+            place_staged(staging, output, whole=True)
     if deferred:
         raise Terminated()

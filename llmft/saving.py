@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from llmft.model_folder import _safetensors_header, model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
-from llmft.run_folder import follow_umask, record_written, remove_entry
+from llmft.run_folder import RUN_STAGING, follow_umask, place_staged, record_written
 from llmft.model_card import training_card_facts, write_model_card
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STAGING = ".llmft-saving"
 RUN_FILE = "llmft_run.json"
 
 
@@ -194,9 +193,9 @@ def save_for_inference(
 ) -> None:
     """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
     `describe_run` record) into output_dir."""
-    staging = os.path.join(output_dir, STAGING)
+    staging = os.path.join(output_dir, RUN_STAGING)  # the same on every rank: each writes its part there
     if trainer.is_world_process_zero():
-        record_written(output_dir, STAGING)
+        record_written(output_dir, RUN_STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
     check_trained_weights_finite(model, trainer.args)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
@@ -217,19 +216,7 @@ def save_for_inference(
         follow_umask(staging)
         for checkpoint in Path(output_dir).glob("checkpoint-*"):  # in case no FollowUmaskCallback saw them saved
             follow_umask(checkpoint)
-        # the weights last, their index after them: a kill -9 between two renames leaves a result that does not
-        # load (no weights), never one that loads with some of them
-        names = sorted(
-            os.listdir(staging),
-            key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")), n.endswith(".index.json"), n),
-        )
-        record_written(output_dir, *names)
-        for name in names:
-            source, target = os.path.join(staging, name), os.path.join(output_dir, name)
-            if os.path.isdir(source) or (os.path.isdir(target) and not os.path.islink(target)):
-                remove_entry(output_dir, name)  # rename cannot put a folder over an entry (a link: only the link goes)
-            os.replace(source, target)
-        os.rmdir(staging)
+        place_staged(staging, output_dir, whole=False)  # file by file beside the checkpoints, the weights last
         logger.warning("saved %s to %s", "adapter" if hasattr(model, "peft_config") else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
 

@@ -44,6 +44,7 @@ from llmft.run_folder import (
     disk_full_is_user_error,
     lock_run_output_dir,
     record_run_settings,
+    release_held_locks,
     replace_previous_run,
     resume_checkpoint,
 )
@@ -52,7 +53,7 @@ from llmft.trainer import PackingLoraPlusTrainer
 
 
 @exit_on_user_error
-@exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
+@exit_on_signal(before_exit=release_held_locks)  # before and after training, SIGTERM ends the run at once
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer | None:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
