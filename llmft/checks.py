@@ -1,7 +1,8 @@
-"""The settings checks of a training run, in one place: `validate` collects every problem with the parsed settings,
-as messages naming the flags, and llmft.config.parse_args raises them together in one ConfigError before anything
-heavy loads. The checks read the flags as given, contradictions included; what a run that passes them does is
-resolved afterwards, once, by llmft/plan.py.
+"""The settings checks of a training run, in one place: `validate` collects every problem with the parsed settings
+and the run's plan (llmft/plan.py), as messages naming the flags, and llmft.config.parse_run raises them together in
+one ConfigError before anything heavy loads. The checks read the flags as given, contradictions included, and what
+the plan resolved from them (the base's quantization, the sharding, the optimizer, the kernels: kernel_problems)
+instead of working it out again.
 
 What they probe on disk: the base model folder (through llmft.model_folder) and the data files; what --output_dir
 and the checkpoint to resume from allow is llmft.run_folder's (`output_dir_problems`).
@@ -13,12 +14,13 @@ import math
 from typing import TYPE_CHECKING
 
 from llmft.attention import VARLEN
-from llmft.model_folder import model_folder
 from llmft.data.formats import data_file_problem
-from llmft.distributed import shards_parameters
+from llmft.kernels import kernel_problems
+from llmft.model_folder import model_folder
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+    from llmft.plan import RunPlan
 
 
 def validate(
@@ -27,10 +29,12 @@ def validate(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments | None,
+    plan: RunPlan | None,
 ) -> list[str]:
-    """Every problem with these settings, as messages naming the flags; empty when the run can start.
-    `training_args` may be None (they failed their own checks): the other settings are still checked."""
-    model = model_folder(model_args.model_name_or_path)
+    """Every problem with these settings and their plan, as messages naming the flags; empty when the run can start.
+    `training_args` and `plan` may be None (the training arguments failed their own checks, so there is no plan):
+    the other settings are still checked."""
+    model = plan.model if plan is not None else model_folder(model_args.model_name_or_path)
     problems = model.problems("--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
@@ -74,7 +78,7 @@ def validate(
         if not 0 <= lora_args.lora_dropout < 1:
             problems.append("--lora_dropout must be in [0, 1)")
 
-    quant_method = model.quant_method
+    quant_method = plan.base_quantization if plan is not None else model.quant_method
     if quant_method == "gptq":
         if not lora_args.use_lora:
             problems.append(
@@ -86,10 +90,11 @@ def validate(
         problems.append(
             f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it"
         )
-    problems += _lora_variant_problems(lora_args, quant_args, training_args, quant_method)
-    if training_args is not None:
+    problems += _lora_variant_problems(lora_args, quant_args, training_args, plan, quant_method)
+    if training_args is not None and plan is not None:
+        problems += kernel_problems(plan.kernels, model_args, data_args, training_args)
         problems += _report_to_problems(training_args)
-        problems += _training_problems(data_args, quant_args, training_args, quant_method)
+        problems += _training_problems(data_args, quant_args, training_args, plan)
         if training_args.fsdp:
             problems += _fsdp_problems(lora_args, quant_args, training_args)
     return problems
@@ -104,6 +109,7 @@ def _lora_variant_problems(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments | None,
+    plan: RunPlan | None,
     quant_method: str | None,
 ) -> list[str]:
     """DoRA, rsLoRA, PiSSA/OLoRA initialisation and LoRA+ against each other and against the base and sharding,
@@ -151,23 +157,21 @@ def _lora_variant_problems(
                 "(bitsandbytes has already quantized them on load); train PiSSA on the bf16/fp16 base, "
                 "or use --lora_init olora, which PEFT supports on a 4-/8-bit base"
             )
-        if training_args is not None and shards_parameters(training_args):
+        if plan is not None and plan.shards_parameters:
             problems.append(
                 f"--lora_init {init} cannot be sharded with ZeRO-3 or FSDP: {name} needs each whole base "
                 "weight where the adapter is created, and the final save compares the whole adapter "
                 "with its starting point to convert it for the original base; use --deepspeed "
                 "ds_configs/zero2.json or plain DDP"
             )
-    if ratio is not None and training_args is not None:
-        optim = str(getattr(training_args.optim, "value", training_args.optim))
-        if any(name in optim for name in LORAPLUS_INCOMPATIBLE_OPTIM):
+    if ratio is not None and training_args is not None and plan is not None:
+        if any(name in plan.optimizer for name in LORAPLUS_INCOMPATIBLE_OPTIM):
             problems.append(
-                f"--loraplus_lr_ratio with --optim {optim}: that optimizer builds its own parameter "
+                f"--loraplus_lr_ratio with --optim {plan.optimizer}: that optimizer builds its own parameter "
                 "groups, so LoRA+'s learning rate for the B matrices would be lost; choose an AdamW, "
                 "Lion, SGD, ... optimizer"
             )
-        ds_config = getattr(training_args, "hf_deepspeed_config", None)
-        if training_args.deepspeed and ds_config is not None and "optimizer" in ds_config.config:
+        if plan.optimizer_from_deepspeed:
             problems.append(
                 f"--loraplus_lr_ratio with --deepspeed {training_args.deepspeed}: that config defines "
                 "its own optimizer, which DeepSpeed builds over one group of all trainable weights, so "
@@ -242,7 +246,7 @@ def _training_problems(
     data_args: DataArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
-    quant_method: str | None,
+    plan: RunPlan,
 ) -> list[str]:
     problems = []
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
@@ -261,7 +265,7 @@ def _training_problems(
                 "--offload_activations True runs in one process without DeepSpeed or FSDP (their gradient hooks "
                 "do not expect the backward pass it runs inside backward): drop it, or train on one GPU"
             )
-    if quant_method == "gptq" and shards_parameters(training_args):
+    if plan.base_quantization == "gptq" and plan.shards_parameters:
         problems.append(
             "LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
             "are buffers, not parameters, and both shard only parameters, so every rank would hold the "

@@ -1,9 +1,12 @@
-"""Reading a training run's settings: flags and an optional YAML/JSON config file, then every check in one list.
+"""Reading a training run's settings: flags and an optional YAML/JSON config file, then the plan, then every check
+in one list.
 
-`parse_args(argv)` reads `finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]` into the dataclasses of
-llmft/args.py: the config file's keys are the flag names, flags given on the command line override it. Unknown flags
-or keys, values out of range, settings that contradict each other (llmft/checks.py) and an output folder that cannot
-take the run (llmft/run_folder.py) are all reported together in one `ConfigError` before anything heavy is loaded.
+`parse_run(argv)` reads `finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]` into the dataclasses of
+llmft/args.py: the config file's keys are the flag names, flags given on the command line override it. It resolves
+the run's plan (llmft/plan.py) from them; unknown flags or keys, values out of range, settings that contradict each
+other or that the plan cannot serve (llmft/checks.py) and an output folder that cannot take the run
+(llmft/run_folder.py) are all reported together in one `ConfigError` before anything heavy is loaded.
+`parse_args(argv)` is the same without the plan.
 
 `parse_bool` is how every llmft command reads a boolean flag's value.
 """
@@ -30,6 +33,7 @@ from llmft.args import (
 from llmft.checks import training_number_problems, validate
 from llmft.distributed import fsdp_flag_as_switch
 from llmft.errors import ConfigError
+from llmft.plan import RunPlan, resolve_plan
 from llmft.run_folder import output_dir_problems
 
 
@@ -43,7 +47,17 @@ def parse_bool(value: str | bool) -> bool:
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments]:
-    """(model, data, lora, quant, training) arguments from a config file and flags, validated."""
+    """(model, data, lora, quant, training) arguments from a config file and flags, checked (`parse_run`)."""
+    return parse_run(argv)[:5]
+
+
+def parse_run(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments, RunPlan]:
+    """(model, data, lora, quant, training arguments, plan) from a config file and flags: the arguments parsed, the
+    run's plan resolved from them (llmft/plan.py), then every check of both (llmft/checks.py) and of the output
+    folder (llmft/run_folder.py) collected into one ConfigError. A local --model_name_or_path is made absolute (it
+    is recorded in adapter_config.json, and must resolve from anywhere)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_file = None
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
@@ -66,15 +80,21 @@ def parse_args(
                 problems.append(str(e))
             parsed.append(None)
     problems += number_problems
-    problems += validate(*parsed)
-    if parsed[-1] is not None:
-        problems += output_dir_problems(parsed[0], parsed[1], parsed[-1], config_file)
+    model_args, data_args, lora_args, quant_args, training_args = parsed
+    model_path = model_args.model_name_or_path
+    if os.path.isdir(model_path):
+        model_path = os.path.abspath(model_path)
+    plan = None
+    if training_args is not None:
+        planned = dataclasses.replace(model_args, model_name_or_path=model_path)
+        plan = resolve_plan(planned, data_args, lora_args, quant_args, training_args)
+    problems += validate(*parsed, plan)  # the messages name the model as it was given
+    if training_args is not None:
+        problems += output_dir_problems(model_args, data_args, training_args, config_file)
     if problems:
         raise ConfigError(problems)
-    model_args = parsed[0]
-    if os.path.isdir(model_args.model_name_or_path):  # recorded in adapter_config.json: must resolve from anywhere
-        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
-    return tuple(parsed)
+    model_args.model_name_or_path = model_path
+    return model_args, data_args, lora_args, quant_args, training_args, plan
 
 
 def _is_number(token: str) -> bool:

@@ -7,6 +7,7 @@ accelerate's or the environment's state itself:
 - `fsdp_flag_as_switch`: `--fsdp True` written as transformers 5 parses it;
 - `uses_zero3`, `shards_parameters`: whether this run partitions its parameters over the ranks;
 - `sharding_of`: how the run spreads over its ranks (none / ddp / zero1-3 / fsdp) and what it offloads to the CPU;
+- `deepspeed_optimizer`: the optimizer a DeepSpeed config builds itself instead of --optim's;
 - `init_deepspeed_on_cpu_ranks`: DeepSpeed's communication layer for ZeRO-3 loading on gloo ranks;
 - `quantized_weights_device_map`, `bnb_4bit_storage_dtype`: where and in what dtype a quantized base is loaded;
 - `dataloader_order_options`: the Trainer's `dataloader_in_order`, on the transformers versions that have it;
@@ -72,11 +73,20 @@ def uses_zero3(training_args: TrainingArguments) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def shards_parameters(training_args: TrainingArguments) -> bool:
-    """Whether each rank holds only a shard of every parameter (ZeRO-3 or FSDP), so nothing may need a whole weight
-    outside the module call that gathers it (Liger's fused output head, PiSSA's decomposition, a GPTQ base's packed
-    buffers, which neither shards)."""
-    return uses_zero3(training_args) or bool(training_args.fsdp)
+def shards_parameters(sharding: str) -> bool:
+    """Whether a run of this sharding (`sharding_of`) holds on each rank only a shard of every parameter (ZeRO-3 or
+    FSDP), so nothing may need a whole weight outside the module call that gathers it (Liger's fused output head,
+    PiSSA's decomposition, a GPTQ base's packed buffers, which neither shards)."""
+    return sharding in ("zero3", "fsdp")
+
+
+def deepspeed_optimizer(training_args: TrainingArguments) -> str | None:
+    """The optimizer the DeepSpeed config --deepspeed names builds itself (its "optimizer" section's type, lower
+    case; the offload configs' AdamW), which then replaces --optim; None without DeepSpeed or such a section."""
+    config = getattr(training_args, "hf_deepspeed_config", None) if training_args.deepspeed else None
+    if config is None or "optimizer" not in config.config:
+        return None
+    return str(config.config["optimizer"].get("type", "adamw")).lower()
 
 
 def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]:

@@ -29,6 +29,7 @@ from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_t
 from llmft.model_folder import quant_method
 from llmft.distributed import init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
+from llmft.kernels import PAD_MULTIPLE
 from llmft.quiet import without_unused_gptqmodel
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def build_model(
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_MULTIPLE)
     _stop_at_end_of_turn(model, tokenizer)
 
     if plan.quantized:

@@ -1,12 +1,14 @@
-"""The run resolved once: what is trained (the mode), how the base is stored and loaded, how the ranks share the
-model, activation checkpointing and the kernels, as one frozen `RunPlan` that the model builder, the saver, the
-memory preflight and the Trainer's settings read instead of each deriving it again from the flags.
+"""The run resolved once: what is trained (the mode), the model folder read, how the base is stored and loaded, how
+the ranks share the model, the optimizer, the micro-batch's size, activation checkpointing and the kernels, as one
+frozen `RunPlan` that the settings checks, the model builder, the saver, the memory preflight and the Trainer's
+settings read instead of each deriving it again from the flags.
 
-`resolve_plan(...)` builds it from arguments that passed the settings checks (llmft/checks.py, which
-llmft.config.parse_args runs), before anything heavy loads; whether the embeddings train is known only once the
-tokenizer has loaded (ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan,
-a new frozen one. `describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the
-one place where the plan writes into TrainingArguments: the settings the Trainer reads from there.
+`resolve_plan(...)` builds it from the parsed arguments, before anything heavy loads and before the settings checks
+(llmft/checks.py), which read it; llmft.config.parse_run does both. It never raises: what keeps a plan from serving
+the run is for the checks to list. Whether the embeddings train is known only once the tokenizer has loaded
+(ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan, a new frozen one.
+`describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the one place where
+the plan writes into TrainingArguments: the settings the Trainer reads from there.
 
 Modes (`RunPlan.mode`):
 - `full`: every weight trains, in the compute dtype;
@@ -28,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.model_folder import model_folder
 from llmft.compile_cache import log_compile_plan
-from llmft.distributed import bnb_4bit_storage_dtype, sharding_of
-from llmft.kernels import Kernels, choose_kernels
+from llmft.distributed import bnb_4bit_storage_dtype, deepspeed_optimizer, shards_parameters, sharding_of
+from llmft.kernels import Kernels, choose_kernels, padded
+from llmft.model_folder import ModelFolder, model_folder
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
@@ -59,6 +61,7 @@ class RunPlan:
 
     mode: str  # full, lora, qlora-4bit, qlora-8bit, lora-on-<method>
     base_model: str  # --model_name_or_path as parse_args left it (a local folder made absolute)
+    model: ModelFolder  # what --model_name_or_path holds, as read when the plan was made (llmft.model_folder)
     base_quantization: str | None  # how the base is stored quantized (gptq, awq, ...; llmft.model_folder); None: not
     quantize_on_load: QuantizeOnLoad | None  # Q-LoRA's bitsandbytes settings; None otherwise
     compute_dtype: torch.dtype  # bf16 / fp16 / fp32 from the precision flags
@@ -68,6 +71,10 @@ class RunPlan:
     gradient_checkpointing_kwargs: Mapping  # what torch.utils.checkpoint gets
     kernels: Kernels  # attention kernel, packed rows' padding, Liger (llmft.kernels)
     packing: bool  # --packing: what the attention kernel was chosen for
+    optimizer: str  # what builds the optimizer: --optim's name, or DeepSpeed's own (`optimizer_from_deepspeed`)
+    optimizer_from_deepspeed: bool  # the --deepspeed config's "optimizer" section replaces --optim
+    micro_batch_tokens: int  # tokens of one micro-batch at most, padding included (the memory preflight's worst case)
+    micro_batch_rows: int  # the sequences those tokens are laid out in (1 when packed)
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
 
@@ -82,8 +89,8 @@ class RunPlan:
 
     @property
     def shards_parameters(self) -> bool:
-        """Each rank holds only a shard of every parameter (ZeRO-3 or FSDP)."""
-        return self.sharding in ("zero3", "fsdp")
+        """Each rank holds only a shard of every parameter (ZeRO-3 or FSDP: llmft.distributed.shards_parameters)."""
+        return shards_parameters(self.sharding)
 
     @property
     def train_embeddings(self) -> bool:
@@ -111,9 +118,10 @@ def resolve_plan(
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
 ) -> RunPlan:
-    """The plan of a run whose settings parse_args has checked; reads the arguments and changes none of them. Raises
-    ConfigError where the kernels cannot serve the run (llmft.kernels.choose_kernels)."""
-    base_quantization = model_folder(model_args.model_name_or_path).quant_method
+    """The plan of a run from its parsed arguments; reads them and changes none of them, and never raises (the
+    settings checks, llmft/checks.py, list what keeps it from serving the run)."""
+    model = model_folder(model_args.model_name_or_path)
+    base_quantization = model.quant_method
     dtype = compute_dtype(training_args)
     sharding, offloaded = sharding_of(training_args)
     quantize_on_load = None
@@ -134,9 +142,12 @@ def resolve_plan(
     else:
         mode = "lora"
     kwargs = training_args.gradient_checkpointing_kwargs or DEFAULT_CHECKPOINTING_KWARGS
+    from_deepspeed = deepspeed_optimizer(training_args)
+    tokens, rows = _micro_batch(data_args, training_args)
     return RunPlan(
         mode=mode,
         base_model=model_args.model_name_or_path,
+        model=model,
         base_quantization=base_quantization,
         quantize_on_load=quantize_on_load,
         compute_dtype=dtype,
@@ -144,10 +155,25 @@ def resolve_plan(
         offloaded=offloaded,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
         gradient_checkpointing_kwargs=MappingProxyType(dict(kwargs)),
-        kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
+        kernels=choose_kernels(model_args, data_args, training_args, sharded=shards_parameters(sharding)),
         packing=data_args.packing,
+        optimizer=from_deepspeed or str(getattr(training_args.optim, "value", training_args.optim)),
+        optimizer_from_deepspeed=from_deepspeed is not None,
+        micro_batch_tokens=tokens,
+        micro_batch_rows=rows,
         offload_activations=_offloads_activations(training_args, sharding, mode),
     )
+
+
+def _micro_batch(data_args: DataArguments, training_args: TrainingArguments) -> tuple[int, int]:
+    """(tokens, rows) of a micro-batch at most: --max_tokens_per_batch when set, in one packed row; else
+    --per_device_train_batch_size samples of up to --model_max_length tokens, in one packed row or one row each.
+    Packed rows are padded (llmft.kernels.padded)."""
+    if data_args.max_tokens_per_batch:
+        return padded(data_args.max_tokens_per_batch), 1
+    rows = training_args.per_device_train_batch_size
+    tokens = rows * data_args.model_max_length
+    return (padded(tokens), 1) if data_args.packing else (tokens, rows)
 
 
 def _offloads_activations(training_args: TrainingArguments, sharding: str, mode: str) -> bool:

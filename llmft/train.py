@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback, set_seed
 
-from llmft.config import parse_args
+from llmft.config import parse_run
 from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
@@ -36,7 +36,7 @@ from llmft.data.padding import PaddingCollator
 from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer
-from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
+from llmft.plan import apply_plan_to_training_args, log_plan
 from llmft.preemption import exit_on_signal, signals_deferred
 from llmft.preflight import preflight
 from llmft.run_folder import (
@@ -57,7 +57,8 @@ from llmft.trainer import PackingLoraPlusTrainer
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> PackingLoraPlusTrainer | None:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
-    model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
+    # the settings, their plan (mode, sharding, optimizer, kernels) and every check of both
+    model_args, data_args, lora_args, quant_args, training_args, plan = parse_run(argv)
     use_compile_cache(training_args.output_dir)  # before anything compiles: kernels kept with the run, not the node
     require_launcher(training_args)  # --deepspeed in a process of its own would fail only once the model has loaded
     logging.basicConfig(
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     )
     with lock_run_output_dir(training_args):  # one run at a time in --output_dir; released however this ends
         set_seed(training_args.seed)
-        plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)  # mode, sharding, kernels
         run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
         resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 

@@ -256,3 +256,45 @@ def test_liger_as_planned_reaches_the_training_arguments(tiny_chat_model, tmp_pa
     assert training_args.use_liger_kernel is True
     assert training_args.liger_kernel_config == dict(LIGER_DEFAULT)
     assert type(training_args.liger_kernel_config) is dict  # the Trainer's own type, not the plan's read-only view
+
+
+def test_what_the_kernels_cannot_serve_joins_the_one_list_of_problems(tiny_chat_model, tmp_path):
+    """A kernel this machine cannot train with is one problem among the others, before anything loads."""
+    from llmft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        settings(
+            tmp_path,
+            tiny_chat_model,
+            "--attn_implementation",
+            "flex_attention",
+            "--use_lora",
+            "True",
+            "--lora_dropout",
+            "2",
+        )
+    problems = raised.value.problems
+    assert any(p.startswith("--attn_implementation flex_attention trains on CUDA only") for p in problems), problems
+    assert "--lora_dropout must be in [0, 1)" in problems
+
+
+def test_the_plan_carries_the_optimizer_and_the_micro_batch(tiny_chat_model, tmp_path):
+    plan = plan_of(tmp_path, tiny_chat_model, "--per_device_train_batch_size", "3", "--model_max_length", "100")
+    assert (plan.optimizer, plan.optimizer_from_deepspeed) == ("adamw_torch_fused", False)
+    assert (plan.micro_batch_tokens, plan.micro_batch_rows) == (320, 1)  # 300 packed tokens, padded to 64's multiple
+    plan = plan_of(
+        tmp_path,
+        tiny_chat_model,
+        "--per_device_train_batch_size",
+        "3",
+        "--model_max_length",
+        "100",
+        "--packing",
+        "False",
+    )
+    assert (plan.micro_batch_tokens, plan.micro_batch_rows) == (300, 3)
+    plan = plan_of(tmp_path, tiny_chat_model, "--max_tokens_per_batch", "1000", "--model_max_length", "100")
+    assert (plan.micro_batch_tokens, plan.micro_batch_rows) == (1024, 1)
+    assert (
+        plan.model.config["model_type"] == json.loads((Path(tiny_chat_model) / "config.json").read_text())["model_type"]
+    )

@@ -366,9 +366,9 @@ def setup_of(args, plan_changes=None, **kwargs):
     """setup_from_args for parse_args' settings, through their plan (with `plan_changes` made to it)."""
     from llmft.plan import resolve_plan
 
-    _, data_args, lora_args, _, training_args = args
+    _, _, lora_args, _, training_args = args
     plan = dataclasses.replace(resolve_plan(*args), **(plan_changes or {}))
-    return setup_from_args(data_args, lora_args, training_args, plan, **kwargs)
+    return setup_from_args(lora_args, training_args, plan, **kwargs)
 
 
 def test_setup_from_flags(tiny_chat_model, tmp_path):
