@@ -190,8 +190,8 @@ def lora_config(
 
 def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embeddings: bool = False) -> PeftModel:
     """The model wrapped in a PEFT LoRA adapter. With PiSSA / OLoRA initialisation the base weights now hold the
-    residual of their decomposition, and the starting adapter is kept (`initial_adapter_state`) so that the final
-    save can be converted into an adapter for the original base (llmft.saving.save_adapter_for_original_base)."""
+    residual of their decomposition: the starting adapter (`lora_weights`, taken before training) is what converts
+    the final save into an adapter for the original base (llmft.saving.save_adapter_for_original_base)."""
     from peft import get_peft_model
 
     try:
@@ -200,7 +200,6 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
     if lora_args.changes_base_weights:
-        model.initial_adapter_state = _lora_weights(model)
         logger.warning(
             "--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
             "adapter will be converted to rank %d so that it applies to the original base",
@@ -212,7 +211,7 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     return model
 
 
-def _lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+def lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's lora_A / lora_B tensors as the adapter file names them, copied to the CPU."""
     from peft import get_peft_model_state_dict
 

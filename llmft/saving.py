@@ -189,10 +189,15 @@ class FollowUmaskCallback(TrainerCallback):
 
 
 def save_for_inference(
-    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, output_dir: str, run: dict | None = None
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str,
+    run: dict | None = None,
+    initial_adapter: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
-    `describe_run` record) into output_dir."""
+    `describe_run` record) into output_dir. `initial_adapter`: a PiSSA / OLoRA run's adapter as it started
+    (llmft.model.lora_weights), with which the saved adapter is converted into one for the original base."""
     staging = os.path.join(output_dir, RUN_STAGING)  # the same on every rank: each writes its part there
     if trainer.is_world_process_zero():
         record_written(output_dir, RUN_STAGING)
@@ -209,8 +214,8 @@ def save_for_inference(
         write_model_card(staging, training_card_facts(staging, output_dir))  # replaces PEFT's empty card
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
-            if getattr(model, "initial_adapter_state", None) is not None:  # PiSSA / OLoRA trained on a residual base
-                save_adapter_for_original_base(model, staging)
+            if initial_adapter is not None:  # PiSSA / OLoRA trained on a residual base
+                save_adapter_for_original_base(model, staging, initial_adapter)
         else:
             check_model_written(staging)
         follow_umask(staging)
@@ -221,9 +226,10 @@ def save_for_inference(
     trainer.accelerator.wait_for_everyone()
 
 
-def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
+def save_adapter_for_original_base(model: PeftModel, folder: str, initial_adapter: dict[str, torch.Tensor]) -> None:
     """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
-    run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
+    run trained on) with PEFT's conversion: trained minus initial adapter (`initial_adapter`, its lora_A / lora_B
+    tensors as llmft.model.lora_weights took them before training), written as a plain LoRA adapter of twice
     the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
     Needs the whole adapter in memory (no ZeRO-3 or FSDP: llmft.checks refuses those).
 
@@ -243,7 +249,7 @@ def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
         os.makedirs(initial)
         # PEFT loads this back as a second adapter and subtracts only its lora_A / lora_B; loading needs the other
         # tensors to be there too, and the trained ones serve
-        save_file({**kept, **model.initial_adapter_state}, os.path.join(initial, "adapter_model.safetensors"))
+        save_file({**kept, **initial_adapter}, os.path.join(initial, "adapter_model.safetensors"))
         # PEFT writes the initial adapter's config there itself
         model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial)
     if kept:

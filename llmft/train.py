@@ -35,7 +35,7 @@ from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
 from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
-from llmft.model import build_model, load_training_tokenizer
+from llmft.model import build_model, load_training_tokenizer, lora_weights
 from llmft.plan import apply_plan_to_training_args, log_plan
 from llmft.preemption import exit_on_signal, signals_deferred
 from llmft.preflight import preflight
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
         model = build_model(model_args, lora_args, training_args, tokenizer, plan)
+        # PiSSA / OLoRA: the adapter as it starts, to convert the final save into one for the original base
+        initial_adapter = lora_weights(model) if plan.uses_lora and lora_args.changes_base_weights else None
         if training_args.should_log and hasattr(model, "print_trainable_parameters"):
             model.print_trainable_parameters()
 
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             callbacks=list(callbacks),
             loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
             offload_activations=plan.offload_activations,
+            memory_estimate=memory,
         )
-        trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
         # only now, when nothing in the data or the model has stopped the run, does it write into --output_dir
         with disk_full_is_user_error(training_args.output_dir):
             if training_args.overwrite_output_dir:
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
                 trainer.train(resume_from_checkpoint=resume_from)
                 with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
                     run = describe_run(plan)
-                    save_for_inference(trainer, tokenizer, training_args.output_dir, run)
+                    save_for_inference(trainer, tokenizer, training_args.output_dir, run, initial_adapter)
         return trainer
 
 
