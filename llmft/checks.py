@@ -10,6 +10,7 @@ and the checkpoint to resume from allow is llmft.run_folder's (`output_dir_probl
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from llmft.attention import VARLEN
 from llmft.data.formats import data_file_problem
 from llmft.kernels import kernel_problems
 from llmft.model_folder import model_folder
+from llmft.plan import matches_module
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
@@ -50,8 +52,6 @@ def validate(
         original = rope.get("original_max_position_embeddings")
         context = max(context, int((original if isinstance(original, int) else context) * rope["factor"]))
     if isinstance(context, int) and data_args.model_max_length > context:
-        import logging
-
         logging.getLogger(__name__).warning(
             "--model_max_length %d is above the model's context of %d tokens (max_position_embeddings in its "
             "config.json): samples longer than %d tokens would train positions the model never learned; lower "
@@ -72,6 +72,8 @@ def validate(
         problems.append("--q_lora True trains LoRA adapters on a quantized base: add --use_lora True")
     if quant_args.quant_bits == 8 and quant_args.quant_type != "nf4":
         problems.append("--quant_type applies to 4-bit quantization only; leave it out with --quant_bits 8")
+    if lora_args.use_lora and plan is not None:
+        problems += _lora_target_problems(lora_args, plan)
     if lora_args.use_lora:
         if lora_args.lora_r <= 0 or not (math.isfinite(lora_args.lora_alpha) and lora_args.lora_alpha > 0):
             problems.append("--lora_r and --lora_alpha must be positive")
@@ -98,6 +100,30 @@ def validate(
         if training_args.fsdp:
             problems += _fsdp_problems(lora_args, quant_args, training_args)
     return problems
+
+
+def _lora_target_problems(lora_args: LoraArguments, plan: RunPlan) -> list[str]:
+    """Target names the base has no module for, checked against its architecture before the weights load (the
+    plan's `model_modules`). As PEFT does, a run is refused only when no name matches any module (PEFT would fail
+    once the model had loaded); names that match nothing beside others that do are named in a warning."""
+    given = list(lora_args.lora_target_modules)
+    if plan.model_modules is None or given in (["all-linear"], ["default"]):
+        return []
+    unmatched = [name for name in given if not any(matches_module(name, m) for m in plan.model_modules)]
+    if not unmatched:
+        return []
+    known = sorted({last for m in plan.model_modules if not (last := m.rsplit(".", 1)[-1]).isdigit()})
+    if len(unmatched) == len(given):
+        return [
+            f"--lora_target_modules {' '.join(given)}: the model has no module of that name; its modules include "
+            f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''} (or use all-linear, or default)"
+        ]
+    logging.getLogger(__name__).warning(
+        "--lora_target_modules: the model has no module named %s; LoRA adapts %s only",
+        ", ".join(unmatched),
+        ", ".join(n for n in given if n not in unmatched),
+    )
+    return []
 
 
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")

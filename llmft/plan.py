@@ -75,6 +75,13 @@ class RunPlan:
     optimizer_from_deepspeed: bool  # the --deepspeed config's "optimizer" section replaces --optim
     micro_batch_tokens: int  # tokens of one micro-batch at most, padding included (the memory preflight's worst case)
     micro_batch_rows: int  # the sequences those tokens are laid out in (1 when packed)
+    # the base's module names (dotted paths), from its architecture built without weights; None where it cannot be
+    # built so (remote code, no config.json at hand): what --lora_target_modules is checked against
+    model_modules: frozenset[str] | None = None
+    # the module names (last component) LoRA adapts: --lora_target_modules with all-linear (the linear layers but
+    # the output head) and default (PEFT's choice for the architecture) resolved; None without LoRA, or where it
+    # cannot be told before the weights load
+    lora_targets: tuple[str, ...] | None = None
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
 
@@ -144,6 +151,8 @@ def resolve_plan(
     kwargs = training_args.gradient_checkpointing_kwargs or DEFAULT_CHECKPOINTING_KWARGS
     from_deepspeed = deepspeed_optimizer(training_args)
     tokens, rows = _micro_batch(data_args, training_args)
+    modules, linears = _architecture_modules(model, model_args.trust_remote_code)
+    targets = _lora_targets(lora_args, model, linears) if mode != "full" else None
     return RunPlan(
         mode=mode,
         base_model=model_args.model_name_or_path,
@@ -161,8 +170,63 @@ def resolve_plan(
         optimizer_from_deepspeed=from_deepspeed is not None,
         micro_batch_tokens=tokens,
         micro_batch_rows=rows,
+        model_modules=modules,
+        lora_targets=targets,
         offload_activations=_offloads_activations(training_args, sharding, mode),
     )
+
+
+def _architecture_modules(
+    model: ModelFolder, trust_remote_code: bool
+) -> tuple[frozenset[str] | None, tuple[str, ...] | None]:
+    """(every module's dotted name, the linear layers' last name components but the output head's) of the base's
+    architecture built on the meta device from its config.json: no weights are read and no memory is taken. (None,
+    None) for remote code (llmft runs none of it before the weights load), a model without a local config.json, or
+    an architecture transformers cannot build so."""
+    config = model.config
+    if config is None or model.folder is None or (trust_remote_code and config.get("auto_map")):
+        return None, None
+    import transformers
+
+    try:
+        architecture = transformers.AutoConfig.for_model(
+            **{k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
+        )
+        with torch.device("meta"):
+            built = transformers.AutoModelForCausalLM.from_config(architecture)
+    except Exception:  # an architecture this transformers does not know: loading the weights will say so
+        return None, None
+    head = built.get_output_embeddings()
+    names = frozenset(name for name, _ in built.named_modules() if name)
+    linears = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in built.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
+    return names, tuple(linears)
+
+
+def _lora_targets(
+    lora_args: LoraArguments, model: ModelFolder, linears: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """--lora_target_modules as the module names LoRA adapts (see RunPlan.lora_targets)."""
+    given = list(lora_args.lora_target_modules)
+    if given == ["all-linear"]:
+        return linears
+    if given == ["default"]:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get((model.config or {}).get("model_type"))
+        return tuple(default) if default else None
+    return tuple(given)
+
+
+def matches_module(target: str, module: str) -> bool:
+    """Whether LoRA target name `target` adapts the module of dotted name `module`, as PEFT matches a list of
+    target names: the whole name, or its last components."""
+    return module == target or module.endswith("." + target)
 
 
 def _micro_batch(data_args: DataArguments, training_args: TrainingArguments) -> tuple[int, int]:

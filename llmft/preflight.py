@@ -633,9 +633,11 @@ def setup_from_args(
         quantization = "int8" if on_load.bits == 8 else on_load.quant_type
         options = dict(double_quant=on_load.double_quant) if on_load.bits == 4 else {}
     mode = "full" if not plan.uses_lora else ("qlora" if quantization else "lora")
-    targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
-        " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules)
-    )
+    targets = plan.lora_targets  # None where the plan could not tell them before the weights load: the usual ones
+    if targets is None:
+        targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
+            " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules)
+        )
 
     # the estimate's sharding: DDP and ZeRO stage 0 keep a whole model on each GPU, as one process does
     sharding = plan.sharding if plan.sharding in ("zero1", "zero2", "zero3", "fsdp") else "none"

@@ -298,3 +298,29 @@ def test_the_plan_carries_the_optimizer_and_the_micro_batch(tiny_chat_model, tmp
     assert (
         plan.model.config["model_type"] == json.loads((Path(tiny_chat_model) / "config.json").read_text())["model_type"]
     )
+
+
+def test_lora_targets_are_resolved_and_checked_before_the_weights_load(tiny_chat_model, tmp_path, monkeypatch):
+    import transformers
+
+    from llmft.errors import ConfigError
+
+    loads = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: loads.append(a)))
+    plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True")
+    assert set(plan.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert plan_of(
+        tmp_path, tiny_chat_model, "--use_lora", "True", "--lora_target_modules", "default"
+    ).lora_targets == (
+        "q_proj",
+        "v_proj",
+    )
+    assert plan_of(tmp_path, tiny_chat_model).lora_targets is None  # full fine-tuning
+    # a dotted name matches as PEFT matches it: by its last components
+    settings(tmp_path, tiny_chat_model, "--use_lora", "True", "--lora_target_modules", "self_attn.q_proj", "v_proj")
+    with pytest.raises(ConfigError) as raised:
+        settings(tmp_path, tiny_chat_model, "--use_lora", "True", "--lora_target_modules", "q_prj", "--lora_r", "0")
+    problems = raised.value.problems
+    assert any(p.startswith("--lora_target_modules q_prj: the model has no module of that name") for p in problems)
+    assert "--lora_r and --lora_alpha must be positive" in problems  # in the same list
+    assert loads == []  # no weights were read
