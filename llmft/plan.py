@@ -16,6 +16,7 @@ Modes (`RunPlan.mode`):
 - `qlora-4bit`, `qlora-8bit`: adapters on a base that bitsandbytes quantizes on load (--q_lora True, --quant_bits);
 - `lora-on-<method>` (`lora-on-gptq`, `lora-on-awq`, ...): adapters on a base stored quantized, as its config.json's
   quantization_config says (llmft.model_folder).
+What is written down for later readers uses the coarser words of `RunPlan.coarse_mode` (full, lora, qlora).
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ class RunPlan:
     @property
     def uses_lora(self) -> bool:
         return self.mode != "full"
+
+    @property
+    def coarse_mode(self) -> str:
+        """`mode` in the run record's words (llmft_run.json and model cards, llmft.saving.describe_run; the memory
+        preflight's MemorySetup): full, lora, or qlora for a base bitsandbytes quantizes on load. A base stored
+        quantized trains as lora there, told apart by its `base_quantization`."""
+        if not self.uses_lora:
+            return "full"
+        return "qlora" if self.quantize_on_load is not None else "lora"
 
     @property
     def quantized(self) -> bool:

@@ -185,9 +185,10 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemorySetup:
-    """The settings memory depends on. `mode`: full, lora (a float base) or qlora (any quantized base, see
-    `quantization`). `tokens`: tokens of one micro-batch; `rows`: the sequences they are laid out in (1 when packed),
-    each of `row_tokens`, the span attention covers."""
+    """The settings memory depends on. `mode`: full, lora or qlora, in the words of the run's plan
+    (llmft.plan.RunPlan.coarse_mode: qlora for a base bitsandbytes quantizes on load); how the base is stored is
+    `quantization`, and only full fine-tuning or not changes the estimate. `tokens`: tokens of one micro-batch;
+    `rows`: the sequences they are laid out in (1 when packed), each of `row_tokens`, the span attention covers."""
 
     mode: str = "full"
     dtype: str = "bf16"  # the compute dtype: bf16, fp16 or fp32
@@ -632,7 +633,6 @@ def setup_from_args(
     elif (on_load := plan.quantize_on_load) is not None:
         quantization = "int8" if on_load.bits == 8 else on_load.quant_type
         options = dict(double_quant=on_load.double_quant) if on_load.bits == 4 else {}
-    mode = "full" if not plan.uses_lora else ("qlora" if quantization else "lora")
     targets = plan.lora_targets  # None where the plan could not tell them before the weights load: the usual ones
     if targets is None:
         targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
@@ -642,7 +642,7 @@ def setup_from_args(
     # the estimate's sharding: DDP and ZeRO stage 0 keep a whole model on each GPU, as one process does
     sharding = plan.sharding if plan.sharding in ("zero1", "zero2", "zero3", "fsdp") else "none"
     return MemorySetup(
-        mode=mode,
+        mode=plan.coarse_mode,
         dtype=dtype,
         quantization=quantization,
         lora_r=lora_args.lora_r,

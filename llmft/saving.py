@@ -51,7 +51,7 @@ RUN_FILE = "llmft_run.json"
 
 def describe_run(plan: RunPlan) -> dict:
     """What tools after training need to know and cannot read from the adapter: how the base was loaded. `mode` is
-    the record's own coarser one (full, lora or qlora; a quantized base is told by `base_quantization`)."""
+    the plan's `coarse_mode` (full, lora or qlora; a base stored quantized is told by `base_quantization`)."""
     quantization = None
     if (on_load := plan.quantize_on_load) is not None:
         quantization = {
@@ -61,9 +61,8 @@ def describe_run(plan: RunPlan) -> dict:
         }
     elif plan.base_quantization is not None:
         quantization = {"method": plan.base_quantization}
-    mode = "full" if not plan.uses_lora else ("qlora" if on_load is not None else "lora")
     return {
-        "mode": mode,
+        "mode": plan.coarse_mode,
         "base_model": plan.base_model,
         "base_quantization": quantization,
         "base_fingerprint": base_fingerprint(plan.base_model),

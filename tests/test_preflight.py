@@ -442,7 +442,8 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
     args = parse_args([str(f) for f in base + ["--use_lora", "True", "--bf16", "True"]])
     gptq = {"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1}, "hidden_size": 896}
     setup = setup_of(args, {"base_quantization": "gptq", "mode": "lora-on-gptq"}, model_config=gptq)
-    assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("qlora", "gptq", 8, 896)
+    # the plan's coarse mode: a base stored quantized trains as lora, told apart by its quantization
+    assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("lora", "gptq", 8, 896)
     # DeepSpeed's stage and offload are read from its config
     for config, expected in [
         ("zero2.json", ("zero2", False, False)),
