@@ -36,7 +36,7 @@ def validate(
     """Every problem with these settings and their plan, as messages naming the flags; empty when the run can start.
     `training_args` and `plan` may be None (the training arguments failed their own checks, so there is no plan):
     the other settings are still checked."""
-    model = plan.model if plan is not None else model_folder(model_args.model_name_or_path)
+    model = model_folder(model_args.model_name_or_path)  # the plan's, read once (cached), named as it was given
     problems = model.problems("--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
