@@ -197,13 +197,16 @@ def _architecture_modules(
     if config is None or model.folder is None or (trust_remote_code and config.get("auto_map")):
         return None, None
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         architecture = transformers.AutoConfig.for_model(
             **{k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
         )
+        # the class itself, not from_config: under ZeRO-3 that would partition the model (deepspeed.zero.Init)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(architecture)]
         with torch.device("meta"):
-            built = transformers.AutoModelForCausalLM.from_config(architecture)
+            built = model_class(architecture)
     except Exception:  # an architecture this transformers does not know: loading the weights will say so
         return None, None
     head = built.get_output_embeddings()

@@ -163,6 +163,12 @@ def test_the_run_record_says_what_the_plan_says(tiny_chat_model, tmp_path, flags
 def test_deepspeed_sharding(tiny_chat_model, tmp_path, config, sharding, offloaded):
     plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True", "--deepspeed", REPO / "ds_configs" / config)
     assert (plan.sharding, plan.offloaded, plan.shards_parameters) == (sharding, offloaded, sharding == "zero3")
+    # the optimizer: DeepSpeed's own where the config has an "optimizer" section (the offload configs' AdamW)
+    ds_optimizer = json.loads((REPO / "ds_configs" / config).read_text()).get("optimizer")
+    assert plan.optimizer_from_deepspeed == (ds_optimizer is not None)
+    if ds_optimizer is not None:
+        assert plan.optimizer == ds_optimizer.get("type", "adamw").lower()
+    assert plan.lora_targets is not None  # the architecture built without weights, not partitioned by ZeRO-3
 
 
 def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype(tiny_chat_model, tmp_path):
