@@ -8,7 +8,7 @@ other or that the plan cannot serve (llmft/checks.py) and an output folder that 
 (llmft/run_folder.py) are all reported together in one `ConfigError` before anything heavy is loaded.
 `parse_args(argv)` is the same without the plan.
 
-`parse_bool` is how every llmft command reads a boolean flag's value.
+`parse_bool` is how every llmft command reads a boolean flag's value (`fsdp_flag_as_switch` included).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+from argparse import ArgumentTypeError
 from typing import NoReturn
 
 from transformers import HfArgumentParser
@@ -31,7 +32,6 @@ from llmft.args import (
     TrainingArguments,
 )
 from llmft.checks import training_number_problems, validate
-from llmft.distributed import fsdp_flag_as_switch
 from llmft.errors import ConfigError
 from llmft.plan import RunPlan, resolve_plan
 from llmft.run_folder import output_dir_problems
@@ -42,6 +42,35 @@ def parse_bool(value: str | bool) -> bool:
     reads its boolean fields with transformers' `string_to_bool`): true/false, yes/no, t/f, y/n, 1/0, in any case.
     argparse.ArgumentTypeError for anything else, so that it serves as an argparse `type`."""
     return string_to_bool(value)
+
+
+def fsdp_flag_as_switch(argv: list[str]) -> list[str]:
+    """`--fsdp True` / `--fsdp False` (any `parse_bool` word, and a config file's `fsdp: true`) as transformers 5
+    reads them: the bare switch `--fsdp`, or nothing. transformers 5.23's `TrainingArguments.fsdp` takes any word
+    after --fsdp for a legacy sharding option and rejects `True` ("Unknown `fsdp` option: True"); every other boolean
+    flag of finetune.py is written `--flag True`."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--fsdp" and i + 1 < len(argv) and _bool_word(argv[i + 1]) is not None:
+            value, i = _bool_word(argv[i + 1]), i + 2
+        elif token.startswith("--fsdp=") and _bool_word(token.split("=", 1)[1]) is not None:
+            value, i = _bool_word(token.split("=", 1)[1]), i + 1
+        else:
+            out.append(token)
+            i += 1
+            continue
+        if value:
+            out.append("--fsdp")
+    return out
+
+
+def _bool_word(token: str) -> bool | None:
+    """`parse_bool(token)`, or None when the token is not a boolean word (a legacy --fsdp option, say)."""
+    try:
+        return parse_bool(token)
+    except ArgumentTypeError:
+        return None
 
 
 def parse_args(

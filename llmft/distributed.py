@@ -4,7 +4,6 @@ One function per concern; each docstring says which library (and version: those 
 otherwise) it answers to, and why. The rest of llmft asks these functions instead of reading DeepSpeed's,
 accelerate's or the environment's state itself:
 
-- `fsdp_flag_as_switch`: `--fsdp True` written as transformers 5 parses it;
 - `uses_zero3`, `shards_parameters`: whether this run partitions its parameters over the ranks;
 - `sharding_of`: how the run spreads over its ranks (none / ddp / zero1-3 / fsdp) and what it offloads to the CPU;
 - `deepspeed_optimizer`: the optimizer a DeepSpeed config builds itself instead of --optim's;
@@ -40,28 +39,6 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
-
-
-def fsdp_flag_as_switch(argv: list[str]) -> list[str]:
-    """`--fsdp True` / `--fsdp False` (and a config file's `fsdp: true`) as transformers 5 reads them: the bare
-    switch `--fsdp`, or nothing. transformers 5.23's `TrainingArguments.fsdp` takes any word after --fsdp for a legacy
-    sharding option and rejects `True` ("Unknown `fsdp` option: True"); every other boolean flag of finetune.py is
-    written `--flag True`."""
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        value = None
-        if token == "--fsdp" and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
-            value, i = argv[i + 1].lower(), i + 2
-        elif token.lower() in ("--fsdp=true", "--fsdp=false"):
-            value, i = token.split("=", 1)[1].lower(), i + 1
-        else:
-            out.append(token)
-            i += 1
-            continue
-        if value == "true":
-            out.append("--fsdp")
-    return out
 
 
 def uses_zero3(training_args: TrainingArguments) -> bool:
