@@ -1,26 +1,15 @@
-"""Settings of a training run: one dataclass per concern, parsed from flags and an optional YAML/JSON config file.
+"""Settings of a training run: one dataclass per concern, each field's help written once beside it.
 
-`parse_args(argv)` reads `finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]`: the config file's keys are the
-flag names, flags given on the command line override it. Unknown flags or keys, and settings that contradict each
-other (llmft/checks.py), are all reported together in one `ConfigError` before anything heavy is loaded.
+Declarations only: llmft/config.py parses them from flags and config files and runs the checks (llmft/checks.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import sys
 from dataclasses import dataclass, field
-from typing import Literal, NoReturn
+from typing import Literal
 
 import transformers
-from transformers import HfArgumentParser
-
-from llmft.checks import training_number_problems, validate
-from llmft.distributed import fsdp_flag_as_switch
-from llmft.errors import ConfigError
-from llmft.run_folder import output_dir_problems
 
 
 @dataclass
@@ -265,96 +254,6 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments)
-
-
-def parse_args(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments]:
-    """(model, data, lora, quant, training) arguments from a config file and flags, validated."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = None
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        config_file = argv[0]
-        argv = config_file_flags(argv[0]) + argv[1:]
-    argv = fsdp_flag_as_switch(argv)
-    # allow_abbrev=False: a misspelt `--learning_rat` must be reported, not taken for --learning_rate
-    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
-    parser.error = _raise_config_error  # one clear line, not argparse's usage text of several hundred flags
-    namespace, unknown = parser.parse_known_args(argv)
-    problems = _unknown_argument_problems(unknown)
-    number_problems = training_number_problems(vars(namespace))
-    parsed = []
-    for cls in ARGUMENT_CLASSES:
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        try:
-            parsed.append(cls(**{k: v for k, v in vars(namespace).items() if k in names}))
-        except (ValueError, OverflowError) as e:  # TrainingArguments.__post_init__ rejects some values itself
-            if not (cls is TrainingArguments and number_problems):  # those say which flag, its own may not
-                problems.append(str(e))
-            parsed.append(None)
-    problems += number_problems
-    problems += validate(*parsed)
-    if parsed[-1] is not None:
-        problems += output_dir_problems(parsed[0], parsed[1], parsed[-1], config_file)
-    if problems:
-        raise ConfigError(problems)
-    model_args = parsed[0]
-    if os.path.isdir(model_args.model_name_or_path):  # recorded in adapter_config.json: must resolve from anywhere
-        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
-    return tuple(parsed)
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
-
-
-def _unknown_argument_problems(unknown: list[str]) -> list[str]:
-    problems, after_flag = [], False
-    for token in unknown:
-        if token.startswith("-") and not _is_number(token):
-            problems.append(f"unknown flag or key: {token.split('=', 1)[0]}")
-            after_flag = "=" not in token
-        elif not after_flag:
-            problems.append(f"unexpected argument: {token}")
-    return problems
-
-
-def _raise_config_error(message: str) -> NoReturn:
-    raise ConfigError([message])
-
-
-def config_file_flags(path: str) -> list[str]:
-    """A YAML/JSON config as the flags it stands for; lists become repeated values, booleans True/False."""
-    if not os.path.isfile(path):
-        raise ConfigError([f"config file {path}: no such file"])
-    with open(path, encoding="utf-8") as f:
-        try:
-            if path.endswith(".json"):
-                values = json.load(f)
-            else:
-                import yaml
-
-                values = yaml.safe_load(f) or {}
-        except Exception as e:  # yaml and json errors both say where in the file
-            raise ConfigError([f"config file {path}: cannot parse: {e}"]) from None
-    if not isinstance(values, dict):
-        raise ConfigError([f"config file {path}: expected a mapping of flag names to values"])
-    flags = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        flags.append(f"--{key}")
-        if isinstance(value, list):
-            flags.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            flags.append(json.dumps(value))
-        else:
-            flags.append(str(value))
-    return flags
 
 
 @dataclass

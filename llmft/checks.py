@@ -1,26 +1,28 @@
-"""The settings checks of a training run, in one place: `validate` collects every problem with the parsed settings,
-as messages naming the flags, and llmft.args.parse_args raises them together in one ConfigError before anything
-heavy loads. The checks read the flags as given, contradictions included; what a run that passes them does is
-resolved afterwards, once, by llmft/plan.py.
+"""The settings checks of a training run, in one place: `validate` collects every problem with the parsed settings
+and the run's plan (llmft/plan.py), as messages naming the flags, and llmft.config.parse_run raises them together in
+one ConfigError before anything heavy loads. The checks read the flags as given, contradictions included, and what
+the plan resolved from them (the base's quantization, the sharding, the optimizer, the kernels: kernel_problems)
+instead of working it out again.
 
-What they probe on disk: the base model folder (through llmft.model_folder), the data files, and --output_dir with
-the checkpoint to resume from (`_output_problems`).
+What they probe on disk: the base model folder (through llmft.model_folder) and the data files; what --output_dir
+and the checkpoint to resume from allow is llmft.run_folder's (`output_dir_problems`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 from typing import TYPE_CHECKING
 
 from llmft.attention import VARLEN
-from llmft.model_folder import model_folder
-from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
 from llmft.data.reading import data_file_problem
-from llmft.distributed import shards_parameters
+from llmft.kernels import kernel_problems
+from llmft.model_folder import model_folder
+from llmft.plan import matches_module
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+    from llmft.plan import RunPlan
 
 
 def validate(
@@ -29,10 +31,12 @@ def validate(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments | None,
+    plan: RunPlan | None,
 ) -> list[str]:
-    """Every problem with these settings, as messages naming the flags; empty when the run can start.
-    `training_args` may be None (they failed their own checks): the other settings are still checked."""
-    model = model_folder(model_args.model_name_or_path)
+    """Every problem with these settings and their plan, as messages naming the flags; empty when the run can start.
+    `training_args` and `plan` may be None (the training arguments failed their own checks, so there is no plan):
+    the other settings are still checked."""
+    model = model_folder(model_args.model_name_or_path)  # the plan's, read once (cached), named as it was given
     problems = model.problems("--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     for flag in ("data_path", "eval_data_path"):
         path = getattr(data_args, flag)
@@ -48,8 +52,6 @@ def validate(
         original = rope.get("original_max_position_embeddings")
         context = max(context, int((original if isinstance(original, int) else context) * rope["factor"]))
     if isinstance(context, int) and data_args.model_max_length > context:
-        import logging
-
         logging.getLogger(__name__).warning(
             "--model_max_length %d is above the model's context of %d tokens (max_position_embeddings in its "
             "config.json): samples longer than %d tokens would train positions the model never learned; lower "
@@ -70,6 +72,8 @@ def validate(
         problems.append("--q_lora True trains LoRA adapters on a quantized base: add --use_lora True")
     if quant_args.quant_bits == 8 and quant_args.quant_type != "nf4":
         problems.append("--quant_type applies to 4-bit quantization only; leave it out with --quant_bits 8")
+    if lora_args.use_lora and plan is not None:
+        problems += _lora_target_problems(lora_args, plan)
     if lora_args.use_lora:
         if lora_args.lora_r <= 0 or not (math.isfinite(lora_args.lora_alpha) and lora_args.lora_alpha > 0):
             problems.append("--lora_r and --lora_alpha must be positive")
@@ -81,7 +85,7 @@ def validate(
                 "forward did: use --lora_dropout 0, or --lean_recompute False"
             )
 
-    quant_method = model.quant_method
+    quant_method = plan.base_quantization if plan is not None else model.quant_method
     if quant_method == "gptq":
         if not lora_args.use_lora:
             problems.append(
@@ -93,13 +97,38 @@ def validate(
         problems.append(
             f"the base model is already quantized ({quant_method}): only --use_lora True without --q_lora can train it"
         )
-    problems += _lora_variant_problems(lora_args, quant_args, training_args, quant_method)
-    if training_args is not None:
+    problems += _lora_variant_problems(lora_args, quant_args, training_args, plan, quant_method)
+    if training_args is not None and plan is not None:
+        problems += kernel_problems(plan.kernels, model_args, data_args, training_args)
         problems += _report_to_problems(training_args)
-        problems += _training_problems(data_args, quant_args, training_args, quant_method)
+        problems += _training_problems(data_args, quant_args, training_args, plan)
         if training_args.fsdp:
             problems += _fsdp_problems(lora_args, quant_args, training_args)
     return problems
+
+
+def _lora_target_problems(lora_args: LoraArguments, plan: RunPlan) -> list[str]:
+    """Target names the base has no module for, checked against its architecture before the weights load (the
+    plan's `model_modules`). As PEFT does, a run is refused only when no name matches any module (PEFT would fail
+    once the model had loaded); names that match nothing beside others that do are named in a warning."""
+    given = list(lora_args.lora_target_modules)
+    if plan.model_modules is None or given in (["all-linear"], ["default"]):
+        return []
+    unmatched = [name for name in given if not any(matches_module(name, m) for m in plan.model_modules)]
+    if not unmatched:
+        return []
+    known = sorted({last for m in plan.model_modules if not (last := m.rsplit(".", 1)[-1]).isdigit()})
+    if len(unmatched) == len(given):
+        return [
+            f"--lora_target_modules {' '.join(given)}: the model has no module of that name; its modules include "
+            f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''} (or use all-linear, or default)"
+        ]
+    logging.getLogger(__name__).warning(
+        "--lora_target_modules: the model has no module named %s; LoRA adapts %s only",
+        ", ".join(unmatched),
+        ", ".join(n for n in given if n not in unmatched),
+    )
+    return []
 
 
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")
@@ -111,6 +140,7 @@ def _lora_variant_problems(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments | None,
+    plan: RunPlan | None,
     quant_method: str | None,
 ) -> list[str]:
     """DoRA, rsLoRA, PiSSA/OLoRA initialisation and LoRA+ against each other and against the base and sharding,
@@ -158,23 +188,21 @@ def _lora_variant_problems(
                 "(bitsandbytes has already quantized them on load); train PiSSA on the bf16/fp16 base, "
                 "or use --lora_init olora, which PEFT supports on a 4-/8-bit base"
             )
-        if training_args is not None and shards_parameters(training_args):
+        if plan is not None and plan.shards_parameters:
             problems.append(
                 f"--lora_init {init} cannot be sharded with ZeRO-3 or FSDP: {name} needs each whole base "
                 "weight where the adapter is created, and the final save compares the whole adapter "
                 "with its starting point to convert it for the original base; use --deepspeed "
                 "ds_configs/zero2.json or plain DDP"
             )
-    if ratio is not None and training_args is not None:
-        optim = str(getattr(training_args.optim, "value", training_args.optim))
-        if any(name in optim for name in LORAPLUS_INCOMPATIBLE_OPTIM):
+    if ratio is not None and training_args is not None and plan is not None:
+        if any(name in plan.optimizer for name in LORAPLUS_INCOMPATIBLE_OPTIM):
             problems.append(
-                f"--loraplus_lr_ratio with --optim {optim}: that optimizer builds its own parameter "
+                f"--loraplus_lr_ratio with --optim {plan.optimizer}: that optimizer builds its own parameter "
                 "groups, so LoRA+'s learning rate for the B matrices would be lost; choose an AdamW, "
                 "Lion, SGD, ... optimizer"
             )
-        ds_config = getattr(training_args, "hf_deepspeed_config", None)
-        if training_args.deepspeed and ds_config is not None and "optimizer" in ds_config.config:
+        if plan.optimizer_from_deepspeed:
             problems.append(
                 f"--loraplus_lr_ratio with --deepspeed {training_args.deepspeed}: that config defines "
                 "its own optimizer, which DeepSpeed builds over one group of all trainable weights, so "
@@ -249,7 +277,7 @@ def _training_problems(
     data_args: DataArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
-    quant_method: str | None,
+    plan: RunPlan,
 ) -> list[str]:
     problems = []
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
@@ -278,13 +306,13 @@ def _training_problems(
                 "--lean_recompute True runs in one process without DeepSpeed or FSDP (their gradient hooks do not "
                 "expect the backward pass it runs inside backward): drop it, or train on one GPU"
             )
-    if quant_method == "gptq" and shards_parameters(training_args):
+    if plan.base_quantization == "gptq" and plan.shards_parameters:
         problems.append(
             "LoRA on a GPTQ base cannot be sharded with ZeRO-3 or FSDP: the base's packed int4 weights "
             "are buffers, not parameters, and both shard only parameters, so every rank would hold the "
             "whole base anyway; train it with --deepspeed ds_configs/zero2.json or plain DDP"
         )
-    return problems + _number_problems(data_args, training_args) + _output_problems(training_args)
+    return problems + _number_problems(data_args, training_args)
 
 
 def _number_problems(data_args: DataArguments, training_args: TrainingArguments) -> list[str]:
@@ -397,51 +425,3 @@ def _fsdp_problems(
                 "false and use --gradient_checkpointing True"
             )
     return problems
-
-
-def _output_problems(training_args: TrainingArguments) -> list[str]:
-    from llmft.preemption import RUN_SETTINGS_FILE
-    from llmft.run_folder import BOOKKEEPING
-
-    out, resume = training_args.output_dir, training_args.resume_from_checkpoint
-    if os.path.exists(out) and not os.path.isdir(out):
-        return [f"--output_dir {out} is a file, not a directory"]
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):  # the nearest part of the path that exists is where it will be created
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return [f"--output_dir {out} cannot be created: {existing} is a file"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"--output_dir {out} cannot be written: no write permission on {existing}"]
-    resuming = resume is not None and resume.lower() != "false"
-    if resuming and training_args.overwrite_output_dir:
-        return [
-            "--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
-            "choose one"
-        ]
-    if resuming and resume.lower() == "auto":
-        pass  # checkpoints of this same run, or a fresh start: llmft.preemption.record_run_settings tells which
-    elif resuming and resume.lower() == "true":
-        from llmft.saving import checkpoints
-
-        complete, incomplete = checkpoints(out)
-        if not complete:
-            skipped = "".join(f"; {os.path.basename(p)} is incomplete: {why}" for p, why in incomplete)
-            return [f"--resume_from_checkpoint True: no complete checkpoint-* directory in --output_dir {out}{skipped}"]
-    elif resuming and not os.path.isdir(resume):
-        return [f"--resume_from_checkpoint {resume}: no such checkpoint directory"]
-    elif resuming:
-        from llmft.saving import checkpoint_problem
-
-        if (problem := checkpoint_problem(resume)) is not None:
-            return [f"--resume_from_checkpoint {resume}: incomplete checkpoint: {problem}"]
-    elif (
-        os.path.isdir(out)
-        and set(os.listdir(out)) - {RUN_SETTINGS_FILE, COMPILE_CACHE_FOLDER} - BOOKKEEPING  # a run cut short early
-        and not training_args.overwrite_output_dir
-    ):
-        return [
-            f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
-            "--overwrite_output_dir True to train over it, or choose another directory"
-        ]
-    return []

@@ -4,9 +4,9 @@ One function per concern; each docstring says which library (and version: those 
 otherwise) it answers to, and why. The rest of llmft asks these functions instead of reading DeepSpeed's,
 accelerate's or the environment's state itself:
 
-- `fsdp_flag_as_switch`: `--fsdp True` written as transformers 5 parses it;
 - `uses_zero3`, `shards_parameters`: whether this run partitions its parameters over the ranks;
 - `sharding_of`: how the run spreads over its ranks (none / ddp / zero1-3 / fsdp) and what it offloads to the CPU;
+- `deepspeed_optimizer`: the optimizer a DeepSpeed config builds itself instead of --optim's;
 - `init_deepspeed_on_cpu_ranks`: DeepSpeed's communication layer for ZeRO-3 loading on gloo ranks;
 - `quantized_weights_device_map`, `bnb_4bit_storage_dtype`: where and in what dtype a quantized base is loaded;
 - `dataloader_order_options`: the Trainer's `dataloader_in_order`, on the transformers versions that have it;
@@ -32,34 +32,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmft.errors import ConfigError, LlmftError
+from llmft.preemption import Preempted
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
-
-
-def fsdp_flag_as_switch(argv: list[str]) -> list[str]:
-    """`--fsdp True` / `--fsdp False` (and a config file's `fsdp: true`) as transformers 5 reads them: the bare
-    switch `--fsdp`, or nothing. transformers 5.23's `TrainingArguments.fsdp` takes any word after --fsdp for a legacy
-    sharding option and rejects `True` ("Unknown `fsdp` option: True"); every other boolean flag of finetune.py is
-    written `--flag True`."""
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        value = None
-        if token == "--fsdp" and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
-            value, i = argv[i + 1].lower(), i + 2
-        elif token.lower() in ("--fsdp=true", "--fsdp=false"):
-            value, i = token.split("=", 1)[1].lower(), i + 1
-        else:
-            out.append(token)
-            i += 1
-            continue
-        if value == "true":
-            out.append("--fsdp")
-    return out
 
 
 def uses_zero3(training_args: TrainingArguments) -> bool:
@@ -71,11 +50,20 @@ def uses_zero3(training_args: TrainingArguments) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def shards_parameters(training_args: TrainingArguments) -> bool:
-    """Whether each rank holds only a shard of every parameter (ZeRO-3 or FSDP), so nothing may need a whole weight
-    outside the module call that gathers it (Liger's fused output head, PiSSA's decomposition, a GPTQ base's packed
-    buffers, which neither shards)."""
-    return uses_zero3(training_args) or bool(training_args.fsdp)
+def shards_parameters(sharding: str) -> bool:
+    """Whether a run of this sharding (`sharding_of`) holds on each rank only a shard of every parameter (ZeRO-3 or
+    FSDP), so nothing may need a whole weight outside the module call that gathers it (Liger's fused output head,
+    PiSSA's decomposition, a GPTQ base's packed buffers, which neither shards)."""
+    return sharding in ("zero3", "fsdp")
+
+
+def deepspeed_optimizer(training_args: TrainingArguments) -> str | None:
+    """The optimizer the DeepSpeed config --deepspeed names builds itself (its "optimizer" section's type, lower
+    case; the offload configs' AdamW), which then replaces --optim; None without DeepSpeed or such a section."""
+    config = getattr(training_args, "hf_deepspeed_config", None) if training_args.deepspeed else None
+    if config is None or "optimizer" not in config.config:
+        return None
+    return str(config.config["optimizer"].get("type", "adamw")).lower()
 
 
 def sharding_of(training_args: TrainingArguments) -> tuple[str, tuple[str, ...]]:
@@ -203,8 +191,6 @@ def ranks_shut_down_when_done(trainer: Trainer | None = None) -> Iterator[None]:
     """Run the block, then `shut_down_ranks(trainer)` when it ends where every rank ends: normally, or with
     `llmft.preemption.Preempted` (raised on all ranks together once the checkpoint is on disk). Any other exception
     leaves the process group as it is: other ranks may never reach the barrier."""
-    from llmft.preemption import Preempted
-
     try:
         yield
     except Preempted:

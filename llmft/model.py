@@ -13,7 +13,6 @@ output head train with the adapter (PEFT modules_to_save), since the new rows st
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +29,7 @@ from llmft.chat_template import IM_END, IM_START, choose_chat_template, end_of_t
 from llmft.model_folder import quant_method
 from llmft.distributed import init_deepspeed_on_cpu_ranks, quantized_weights_device_map
 from llmft.errors import ConfigError
+from llmft.kernels import PAD_MULTIPLE
 from llmft.quiet import without_unused_gptqmodel
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def build_model(
     )
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_MULTIPLE)
     _stop_at_end_of_turn(model, tokenizer)
 
     if plan.quantized:
@@ -190,8 +190,8 @@ def lora_config(
 
 def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embeddings: bool = False) -> PeftModel:
     """The model wrapped in a PEFT LoRA adapter. With PiSSA / OLoRA initialisation the base weights now hold the
-    residual of their decomposition, and the starting adapter is kept (`initial_adapter_state`) so that the final
-    save can be converted into an adapter for the original base (`save_adapter_for_original_base`)."""
+    residual of their decomposition: the starting adapter (`lora_weights`, taken before training) is what converts
+    the final save into an adapter for the original base (llmft.saving.save_adapter_for_original_base)."""
     from peft import get_peft_model
 
     try:
@@ -200,7 +200,6 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError([f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {e}"]) from None
     if lora_args.changes_base_weights:
-        model.initial_adapter_state = _lora_weights(model)
         logger.warning(
             "--lora_init %s: the base weights now hold the residual of the decomposition; the saved "
             "adapter will be converted to rank %d so that it applies to the original base",
@@ -212,7 +211,7 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, train_embedding
     return model
 
 
-def _lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+def lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's lora_A / lora_B tensors as the adapter file names them, copied to the CPU."""
     from peft import get_peft_model_state_dict
 
@@ -221,39 +220,6 @@ def _lora_weights(model: PeftModel) -> dict[str, torch.Tensor]:
         for name, tensor in get_peft_model_state_dict(model).items()
         if ".lora_A." in name or ".lora_B." in name
     }
-
-
-def save_adapter_for_original_base(model: PeftModel, folder: str) -> None:
-    """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
-    run trained on) with PEFT's conversion: trained minus initial adapter, written as a plain LoRA adapter of twice
-    the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
-    Needs the whole adapter in memory (no ZeRO-3 or FSDP: llmft.checks refuses those).
-
-    PEFT 0.21's conversion writes only the lora_A / lora_B tensors; the others are put back unchanged: modules_to_save
-    (whole copies, independent of the base) and DoRA's magnitudes (W_res + BA, which they scale, equals the converted
-    W + B'A' exactly)."""
-    import tempfile
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    kept = {
-        name: tensor.detach().to("cpu", copy=True).contiguous()
-        for name, tensor in get_peft_model_state_dict(model).items()
-        if ".lora_A." not in name and ".lora_B." not in name
-    }
-    with tempfile.TemporaryDirectory(prefix="llmft-initial-adapter-") as scratch:
-        initial = os.path.join(scratch, "initial")
-        os.makedirs(initial)
-        # PEFT loads this back as a second adapter and subtracts only its lora_A / lora_B; loading needs the other
-        # tensors to be there too, and the trained ones serve
-        save_file({**kept, **model.initial_adapter_state}, os.path.join(initial, "adapter_model.safetensors"))
-        # PEFT writes the initial adapter's config there itself
-        model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial)
-    if kept:
-        file = os.path.join(folder, "adapter_model.safetensors")
-        converted = load_file(file)
-        save_file({**converted, **kept}, file, metadata={"format": "pt"})
 
 
 def _is_gptq(model: PreTrainedModel) -> bool:

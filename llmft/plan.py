@@ -1,12 +1,14 @@
-"""The run resolved once: what is trained (the mode), how the base is stored and loaded, how the ranks share the
-model, activation checkpointing and the kernels, as one frozen `RunPlan` that the model builder, the saver, the
-memory preflight and the Trainer's settings read instead of each deriving it again from the flags.
+"""The run resolved once: what is trained (the mode), the model folder read, how the base is stored and loaded, how
+the ranks share the model, the optimizer, the micro-batch's size, activation checkpointing and the kernels, as one
+frozen `RunPlan` that the settings checks, the model builder, the saver, the memory preflight and the Trainer's
+settings read instead of each deriving it again from the flags.
 
-`resolve_plan(...)` builds it from arguments that passed the settings checks (llmft/checks.py, which
-llmft.args.parse_args runs), before anything heavy loads; whether the embeddings train is known only once the
-tokenizer has loaded (ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan,
-a new frozen one. `describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the
-one place where the plan writes into TrainingArguments: the settings the Trainer reads from there.
+`resolve_plan(...)` builds it from the parsed arguments, before anything heavy loads and before the settings checks
+(llmft/checks.py), which read it; llmft.config.parse_run does both. It never raises: what keeps a plan from serving
+the run is for the checks to list. Whether the embeddings train is known only once the tokenizer has loaded
+(ChatML tokens it lacked are added), and `RunPlan.with_added_tokens` returns the completed plan, a new frozen one.
+`describe_plan` is the run's one log line for it (`log_plan`). `apply_plan_to_training_args` is the one place where
+the plan writes into TrainingArguments: the settings the Trainer reads from there.
 
 Modes (`RunPlan.mode`):
 - `full`: every weight trains, in the compute dtype;
@@ -14,6 +16,7 @@ Modes (`RunPlan.mode`):
 - `qlora-4bit`, `qlora-8bit`: adapters on a base that bitsandbytes quantizes on load (--q_lora True, --quant_bits);
 - `lora-on-<method>` (`lora-on-gptq`, `lora-on-awq`, ...): adapters on a base stored quantized, as its config.json's
   quantization_config says (llmft.model_folder).
+What is written down for later readers uses the coarser words of `RunPlan.coarse_mode` (full, lora, qlora).
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmft.model_folder import model_folder
 from llmft.compile_cache import log_compile_plan
-from llmft.distributed import bnb_4bit_storage_dtype, sharding_of
-from llmft.kernels import Kernels, choose_kernels
+from llmft.distributed import bnb_4bit_storage_dtype, deepspeed_optimizer, shards_parameters, sharding_of
+from llmft.kernels import Kernels, choose_kernels, padded
+from llmft.model_folder import ModelFolder, model_folder
 
 if TYPE_CHECKING:
     from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
@@ -59,6 +62,7 @@ class RunPlan:
 
     mode: str  # full, lora, qlora-4bit, qlora-8bit, lora-on-<method>
     base_model: str  # --model_name_or_path as parse_args left it (a local folder made absolute)
+    model: ModelFolder  # what --model_name_or_path holds, as read when the plan was made (llmft.model_folder)
     base_quantization: str | None  # how the base is stored quantized (gptq, awq, ...; llmft.model_folder); None: not
     quantize_on_load: QuantizeOnLoad | None  # Q-LoRA's bitsandbytes settings; None otherwise
     compute_dtype: torch.dtype  # bf16 / fp16 / fp32 from the precision flags
@@ -68,6 +72,17 @@ class RunPlan:
     gradient_checkpointing_kwargs: Mapping  # what torch.utils.checkpoint gets
     kernels: Kernels  # attention kernel, packed rows' padding, Liger (llmft.kernels)
     packing: bool  # --packing: what the attention kernel was chosen for
+    optimizer: str  # what builds the optimizer: --optim's name, or DeepSpeed's own (`optimizer_from_deepspeed`)
+    optimizer_from_deepspeed: bool  # the --deepspeed config's "optimizer" section replaces --optim
+    micro_batch_tokens: int  # tokens of one micro-batch at most, padding included (the memory preflight's worst case)
+    micro_batch_rows: int  # the sequences those tokens are laid out in (1 when packed)
+    # the base's module names (dotted paths), from its architecture built without weights; None where it cannot be
+    # built so (remote code, no config.json at hand): what --lora_target_modules is checked against
+    model_modules: frozenset[str] | None = None
+    # the module names (last component) LoRA adapts: --lora_target_modules with all-linear (the linear layers but
+    # the output head) and default (PEFT's choice for the architecture) resolved; None without LoRA, or where it
+    # cannot be told before the weights load
+    lora_targets: tuple[str, ...] | None = None
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     lean_recompute: bool = False  # llmft's checkpoint function with the lean recompute (llmft.recompute)
     added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
@@ -77,14 +92,23 @@ class RunPlan:
         return self.mode != "full"
 
     @property
+    def coarse_mode(self) -> str:
+        """`mode` in the run record's words (llmft_run.json and model cards, llmft.saving.describe_run; the memory
+        preflight's MemorySetup): full, lora, or qlora for a base bitsandbytes quantizes on load. A base stored
+        quantized trains as lora there, told apart by its `base_quantization`."""
+        if not self.uses_lora:
+            return "full"
+        return "qlora" if self.quantize_on_load is not None else "lora"
+
+    @property
     def quantized(self) -> bool:
         """The base is quantized, stored so or on load: loaded with a device map, prepared for k-bit training."""
         return self.quantize_on_load is not None or self.base_quantization is not None
 
     @property
     def shards_parameters(self) -> bool:
-        """Each rank holds only a shard of every parameter (ZeRO-3 or FSDP)."""
-        return self.sharding in ("zero3", "fsdp")
+        """Each rank holds only a shard of every parameter (ZeRO-3 or FSDP: llmft.distributed.shards_parameters)."""
+        return shards_parameters(self.sharding)
 
     @property
     def train_embeddings(self) -> bool:
@@ -112,9 +136,10 @@ def resolve_plan(
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
 ) -> RunPlan:
-    """The plan of a run whose settings parse_args has checked; reads the arguments and changes none of them. Raises
-    ConfigError where the kernels cannot serve the run (llmft.kernels.choose_kernels)."""
-    base_quantization = model_folder(model_args.model_name_or_path).quant_method
+    """The plan of a run from its parsed arguments; reads them and changes none of them, and never raises (the
+    settings checks, llmft/checks.py, list what keeps it from serving the run)."""
+    model = model_folder(model_args.model_name_or_path)
+    base_quantization = model.quant_method
     dtype = compute_dtype(training_args)
     sharding, offloaded = sharding_of(training_args)
     quantize_on_load = None
@@ -135,9 +160,14 @@ def resolve_plan(
     else:
         mode = "lora"
     kwargs = training_args.gradient_checkpointing_kwargs or DEFAULT_CHECKPOINTING_KWARGS
+    from_deepspeed = deepspeed_optimizer(training_args)
+    tokens, rows = _micro_batch(data_args, training_args)
+    modules, linears = _architecture_modules(model, model_args.trust_remote_code)
+    targets = _lora_targets(lora_args, model, linears) if mode != "full" else None
     return RunPlan(
         mode=mode,
         base_model=model_args.model_name_or_path,
+        model=model,
         base_quantization=base_quantization,
         quantize_on_load=quantize_on_load,
         compute_dtype=dtype,
@@ -145,11 +175,84 @@ def resolve_plan(
         offloaded=offloaded,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
         gradient_checkpointing_kwargs=MappingProxyType(dict(kwargs)),
-        kernels=choose_kernels(model_args, data_args, training_args, sharded=sharding in ("zero3", "fsdp")),
+        kernels=choose_kernels(model_args, data_args, training_args, sharded=shards_parameters(sharding)),
         packing=data_args.packing,
+        optimizer=from_deepspeed or str(getattr(training_args.optim, "value", training_args.optim)),
+        optimizer_from_deepspeed=from_deepspeed is not None,
+        micro_batch_tokens=tokens,
+        micro_batch_rows=rows,
+        model_modules=modules,
+        lora_targets=targets,
         offload_activations=_offloads_activations(training_args, sharding, mode),
         lean_recompute=_recomputes_lean(training_args, sharding, mode, lora_args),
     )
+
+
+def _architecture_modules(
+    model: ModelFolder, trust_remote_code: bool
+) -> tuple[frozenset[str] | None, tuple[str, ...] | None]:
+    """(every module's dotted name, the linear layers' last name components but the output head's) of the base's
+    architecture built on the meta device from its config.json: no weights are read and no memory is taken. (None,
+    None) for remote code (llmft runs none of it before the weights load), a model without a local config.json, or
+    an architecture transformers cannot build so."""
+    config = model.config
+    if config is None or model.folder is None or (trust_remote_code and config.get("auto_map")):
+        return None, None
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        architecture = transformers.AutoConfig.for_model(
+            **{k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
+        )
+        # the class itself, not from_config: under ZeRO-3 that would partition the model (deepspeed.zero.Init)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(architecture)]
+        with torch.device("meta"):
+            built = model_class(architecture)
+    except Exception:  # an architecture this transformers does not know: loading the weights will say so
+        return None, None
+    head = built.get_output_embeddings()
+    names = frozenset(name for name, _ in built.named_modules() if name)
+    linears = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in built.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
+    return names, tuple(linears)
+
+
+def _lora_targets(
+    lora_args: LoraArguments, model: ModelFolder, linears: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """--lora_target_modules as the module names LoRA adapts (see RunPlan.lora_targets)."""
+    given = list(lora_args.lora_target_modules)
+    if given == ["all-linear"]:
+        return linears
+    if given == ["default"]:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get((model.config or {}).get("model_type"))
+        return tuple(default) if default else None
+    return tuple(given)
+
+
+def matches_module(target: str, module: str) -> bool:
+    """Whether LoRA target name `target` adapts the module of dotted name `module`, as PEFT matches a list of
+    target names: the whole name, or its last components."""
+    return module == target or module.endswith("." + target)
+
+
+def _micro_batch(data_args: DataArguments, training_args: TrainingArguments) -> tuple[int, int]:
+    """(tokens, rows) of a micro-batch at most: --max_tokens_per_batch when set, in one packed row; else
+    --per_device_train_batch_size samples of up to --model_max_length tokens, in one packed row or one row each.
+    Packed rows are padded (llmft.kernels.padded)."""
+    if data_args.max_tokens_per_batch:
+        return padded(data_args.max_tokens_per_batch), 1
+    rows = training_args.per_device_train_batch_size
+    tokens = rows * data_args.model_max_length
+    return (padded(tokens), 1) if data_args.packing else (tokens, rows)
 
 
 def _offloads_activations(training_args: TrainingArguments, sharding: str, mode: str) -> bool:

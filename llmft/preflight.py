@@ -49,7 +49,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llmft.distributed import shards_parameters
 from llmft.errors import ConfigError
+from llmft.kernels import padded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -180,9 +182,10 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemorySetup:
-    """The settings memory depends on. `mode`: full, lora (a float base) or qlora (any quantized base, see
-    `quantization`). `tokens`: tokens of one micro-batch; `rows`: the sequences they are laid out in (1 when packed),
-    each of `row_tokens`, the span attention covers."""
+    """The settings memory depends on. `mode`: full, lora or qlora, in the words of the run's plan
+    (llmft.plan.RunPlan.coarse_mode: qlora for a base bitsandbytes quantizes on load); how the base is stored is
+    `quantization`, and only full fine-tuning or not changes the estimate. `tokens`: tokens of one micro-batch;
+    `rows`: the sequences they are laid out in (1 when packed), each of `row_tokens`, the span attention covers."""
 
     mode: str = "full"
     dtype: str = "bf16"  # the compute dtype: bf16, fp16 or fp32
@@ -449,7 +452,7 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
             grad, optim = weight, optimizer_state_bytes(setup.optimizer, weight)
         weights, gradients, optimizer = weights + count * weight, gradients + count * grad, optimizer + count * optim
 
-    shard_weights = gpus if setup.sharding in ("zero3", "fsdp") else 1
+    shard_weights = gpus if shards_parameters(setup.sharding) else 1
     shard_grads = gpus if setup.sharding in ("zero2", "zero3", "fsdp") else 1
     shard_optim = gpus if setup.sharding != "none" else 1
     weights /= shard_weights
@@ -605,17 +608,15 @@ def combined_advice(shape: ModelShape, result: MemoryEstimate, model_max_length:
 
 
 def setup_from_args(
-    data_args: DataArguments,
     lora_args: LoraArguments,
     training_args: TrainingArguments,
     plan: RunPlan,
     model_config: dict | None = None,
 ) -> MemorySetup:
-    """The MemorySetup of a finetune.py run as its plan (llmft/plan.py) resolved it: mode, base quantization, dtype,
-    sharding and offload, checkpointing, kernels, and whether LoRA trains the embeddings and head too (added
-    tokens). `model_config`: the base's config.json, for a GPTQ base's bits and group size. Tokens per micro-batch:
-    --max_tokens_per_batch when set (packed rows are padded to a multiple of 64), else --per_device_train_batch_size
-    x --model_max_length, the worst case."""
+    """The MemorySetup of a finetune.py run, converted from its plan (llmft/plan.py): mode, base quantization, dtype,
+    sharding and offload, optimizer, tokens and rows per micro-batch, checkpointing, kernels, and whether LoRA trains
+    the embeddings and head too (added tokens). `model_config`: the base's config.json, for a GPTQ base's bits and
+    group size."""
     import torch
 
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(plan.compute_dtype, "fp32")
@@ -634,39 +635,28 @@ def setup_from_args(
     elif (on_load := plan.quantize_on_load) is not None:
         quantization = "int8" if on_load.bits == 8 else on_load.quant_type
         options = dict(double_quant=on_load.double_quant) if on_load.bits == 4 else {}
-    mode = "full" if not plan.uses_lora else ("qlora" if quantization else "lora")
-    targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
-        " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules)
-    )
+    targets = plan.lora_targets  # None where the plan could not tell them before the weights load: the usual ones
+    if targets is None:
+        targets = {"all-linear": LINEAR_NAMES, "default": PEFT_DEFAULT_TARGETS}.get(
+            " ".join(lora_args.lora_target_modules), tuple(lora_args.lora_target_modules)
+        )
 
     # the estimate's sharding: DDP and ZeRO stage 0 keep a whole model on each GPU, as one process does
     sharding = plan.sharding if plan.sharding in ("zero1", "zero2", "zero3", "fsdp") else "none"
-    optimizer = str(getattr(training_args.optim, "value", training_args.optim))
-    ds = getattr(training_args, "hf_deepspeed_config", None) if training_args.deepspeed else None
-    if ds is not None and "optimizer" in ds.config:  # DeepSpeed builds its own (the offload configs' AdamW)
-        optimizer = str(ds.config["optimizer"].get("type", "adamw")).lower()
-
-    if data_args.max_tokens_per_batch:
-        tokens, rows = math.ceil(data_args.max_tokens_per_batch / 64) * 64, 1
-    else:
-        rows = training_args.per_device_train_batch_size
-        tokens = rows * data_args.model_max_length
-        if data_args.packing:
-            tokens, rows = math.ceil(tokens / 64) * 64, 1
     return MemorySetup(
-        mode=mode,
+        mode=plan.coarse_mode,
         dtype=dtype,
         quantization=quantization,
         lora_r=lora_args.lora_r,
         lora_targets=targets,
         train_embeddings=plan.train_embeddings and plan.uses_lora,
-        optimizer=optimizer,
+        optimizer=plan.optimizer,
         sharding=sharding,
         offload_optimizer="optimizer" in plan.offloaded,
         offload_params="parameters" in plan.offloaded,
         gpus=max(1, training_args.world_size),
-        tokens=tokens,
-        rows=rows,
+        tokens=plan.micro_batch_tokens,
+        rows=plan.micro_batch_rows,
         gradient_checkpointing=plan.gradient_checkpointing,
         offload_activations=plan.offload_activations,
         lean_recompute=plan.lean_recompute,
@@ -701,12 +691,10 @@ def preflight(
     stdout with --preflight_only, logged otherwise), and a ConfigError with the advice when it does not fit the GPU,
     unless --preflight False (then only a warning). `plan`: the run's, completed with its added tokens (they make
     LoRA train the embeddings and head); `tokenizer` as llmft.model.load_training_tokenizer returns it: a vocabulary
-    larger than the checkpoint's grows the embeddings (to a multiple of 64, as build_model resizes them).
+    larger than the checkpoint's grows the embeddings (`padded`, as build_model resizes them).
     None when the model's config.json is not at hand (a Hub id not in the local cache), or is not modelled and
     --preflight False."""
-    from llmft.model_folder import model_folder
-
-    config = model_folder(model_args.model_name_or_path).config
+    config = plan.model.config
     if config is None:
         logger.warning("memory preflight skipped: no config.json of %s at hand", model_args.model_name_or_path)
         return None
@@ -717,8 +705,8 @@ def preflight(
             raise
         return None
     if tokenizer is not None and len(tokenizer) > shape.vocab_size:
-        shape = dataclasses.replace(shape, vocab_size=math.ceil(len(tokenizer) / 64) * 64)
-    setup = setup_from_args(data_args, lora_args, training_args, plan, config)
+        shape = dataclasses.replace(shape, vocab_size=padded(len(tokenizer)))
+    setup = setup_from_args(lora_args, training_args, plan, config)
     result = estimate(shape, setup, gpu_memory_bytes(training_args))
     if training_args.should_log:
         if training_args.preflight_only:

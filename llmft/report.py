@@ -39,8 +39,7 @@ from transformers import TrainerCallback
 
 from llmft.data.render import IGNORE_INDEX
 from llmft.distributed import runs_on_several_ranks
-from llmft.preemption import read_run_settings
-from llmft.run_folder import record_written
+from llmft.run_folder import read_run_settings, record_written
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments

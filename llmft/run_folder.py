@@ -1,4 +1,6 @@
-"""The output folder of a run or a tool: who holds it, what llmft wrote there, and what an overwrite may remove.
+"""The output folder of a run or a tool: who holds it, what llmft wrote there, what an overwrite may remove, which
+checkpoints in it are complete, where a run starts (`--resume_from_checkpoint`, read once by `resume_choice`), and
+which run's settings it holds (RUN_SETTINGS_FILE). Nothing outside the folder is ever touched.
 
 Rules every entry (finetune.py, merge, quantize) follows, and the functions that keep them:
 - An output folder never is, contains or lies inside one of the command's inputs (model, adapter, its base, data
@@ -14,36 +16,52 @@ Rules every entry (finetune.py, merge, quantize) follows, and the functions that
 - Nothing llmft does to files here follows a symbolic link: removal unlinks a link itself, `follow_umask` changes the
   modes of the regular files and folders it reaches without going through one.
 
-Tools write their result through `staged_output_dir`: into a hidden sibling folder that becomes the output only once
-complete, so an interrupted merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a folder that
-looks finished, nor a partial one behind.
+A run's checkpoints are complete when `checkpoint_problem` finds nothing missing or cut short; a resume takes the
+newest complete one (`resume_checkpoint`). The settings that define a run (`run_settings`) are recorded in
+RUN_SETTINGS_FILE once training is about to start (`record_run_settings`), so that `--resume_from_checkpoint auto`
+continues only the same run, and True or a path only a run whose checkpoints hold tensors of the same shapes
+(`check_run_settings`).
+
+Results are staged, and moved into place whole by `place_staged` with SIGTERM held off (llmft.preemption): a run's
+final save is written into RUN_STAGING inside the folder and its files then join the checkpoints; a tool writes its
+result through `staged_output_dir`, into a hidden sibling folder that becomes the output only once complete. So an
+interrupted save, merge or quantization (Ctrl-C, or a SIGTERM from a scheduler) never leaves a folder that looks
+finished, nor a partial one behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
-from llmft.errors import LlmftError
+from llmft.checkpoint_pickles import check_checkpoint_pickles
+from llmft.compile_cache import DEFAULT_FOLDER as COMPILE_CACHE_FOLDER
+from llmft.errors import ConfigError, LlmftError
+from llmft.model_folder import model_folder, safetensors_header_problem
+from llmft.preemption import signals_deferred, signals_handled
 
 if TYPE_CHECKING:
-    from llmft.args import DataArguments, ModelArguments, TrainingArguments
+    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +105,7 @@ RESULT_NAMES = frozenset(
         "training_report.png",
     }
 )
-RESULT_PREFIXES = ("checkpoint-", "model-0", "pytorch_model-0", ".llmft-saving")
+RESULT_PREFIXES = ("checkpoint-", "model-0", "pytorch_model-0", ".llmft-saving")  # the last: RUN_STAGING
 
 
 # ---------------------------------------------------------------- inputs and outputs apart
@@ -121,8 +139,6 @@ def _resolved_input(path: str) -> list[tuple[str, bool]]:
     (True) or the target of a link in it (False: an output inside such a target, which could be any folder, is
     allowed)."""
     if not os.path.exists(path):
-        from llmft.model_folder import model_folder
-
         folder = model_folder(path).folder  # a Hub id in the local cache; None for anything else
         if folder is None:
             return []
@@ -171,14 +187,401 @@ def training_inputs(
 def output_dir_problems(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, config_file: str | None
 ) -> list[str]:
-    """What keeps a training run from writing into --output_dir, for the settings checks: an input there
-    (`inputs_overlap_problems`), or, with --overwrite_output_dir, a previous result it may not remove
-    (`overwrite_problems`)."""
+    """What keeps a training run from writing into --output_dir, for the settings checks: a folder that cannot take
+    the run as --resume_from_checkpoint asks (`_resume_problems`), an input there (`inputs_overlap_problems`), or,
+    with --overwrite_output_dir, a previous result it may not remove (`overwrite_problems`)."""
     out = training_args.output_dir
     problems = inputs_overlap_problems(out, training_inputs(model_args, data_args, training_args, config_file))
     if not problems and training_args.overwrite_output_dir:
         problems += overwrite_problems(out)
-    return problems
+    return _resume_problems(training_args) + problems
+
+
+# ---------------------------------------------------------------- checkpoints and their completeness
+
+PREFIX_CHECKPOINT = "checkpoint-"
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from, or None when it is complete. The Trainer writes
+    trainer_state.json last, after the weights, optimizer, scheduler and RNG states, so a checkpoint is complete once
+    that file parses and the weights it holds are whole (a kill -9 mid-save leaves neither)."""
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json (its save was interrupted)"
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is cut short (its save was interrupted)"
+    names = os.listdir(path)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights and not any(n.endswith(".bin") or n.startswith("global_step") for n in names):
+        return "no weights"
+    for name in weights:
+        if (problem := safetensors_header_problem(os.path.join(path, name))) is not None:
+            return problem
+    return _rank_files_problem(path, names)
+
+
+def _rank_files_problem(path: str, names: list[str]) -> str | None:
+    """What a kill -9 of a run of several ranks can leave behind trainer_state.json: rank 0 writes that file once its
+    own part is saved, without waiting for the other ranks' rng_state_N.pth (DeepSpeed's barrier comes before them).
+    So each rank's file must be there (rng_state_0..N-1, N the number of ZeRO optimizer shards under DeepSpeed) and
+    every torch.save file whole (a zip whose directory, written last, reads); a DeepSpeed checkpoint's `latest`
+    must name its global_step folder, which holds the model states."""
+    rng = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n)))
+    if rng != list(range(len(rng))):
+        missing = sorted(set(range(max(rng) + 1)) - set(rng))
+        return f"rng_state_{missing[0]}.pth is missing (a rank's save was interrupted)"
+    tags = [n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))]
+    if tags:
+        try:
+            with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+                tag = f.read().strip()
+        except OSError:
+            return f"DeepSpeed's latest file is missing (beside {', '.join(sorted(tags))})"
+        if tag not in tags:
+            return f"DeepSpeed's latest names {tag!r}, which is not there"
+        shards = os.listdir(os.path.join(path, tag))
+        if not any(n.endswith("model_states.pt") for n in shards):
+            return f"{tag} holds no model states"
+        optim = sorted(
+            int(m.group(1))
+            for n in shards
+            if (m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", n))
+        )
+        if rng and optim == list(range(len(optim))) and len(rng) < len(optim):
+            return f"rng_state_{len(rng)}.pth is missing (a rank's save was interrupted)"
+        if optim != list(range(len(optim))) or (rng and len(rng) != len(optim)):
+            return (
+                f"{tag} holds the optimizer shards of ranks {optim or 'none'}, beside the RNG states of "
+                f"{len(rng)} ranks (a rank's save was interrupted)"
+            )
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip files (FSDP's model and optimizer: .bin)
+                file = os.path.join(root, name)
+                try:
+                    with zipfile.ZipFile(file):
+                        pass
+                except (OSError, zipfile.BadZipFile):
+                    return f"{os.path.relpath(file, path)} is cut short (its save was interrupted)"
+    return None
+
+
+def checkpoints(output_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(complete checkpoint folders, oldest first; [(incomplete folder, why)]) in output_dir."""
+    if not os.path.isdir(output_dir):
+        return [], []
+    found = []
+    for name in os.listdir(output_dir):
+        step = name[len(PREFIX_CHECKPOINT) :]
+        if name.startswith(PREFIX_CHECKPOINT) and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(step), os.path.join(output_dir, name)))
+    complete, incomplete = [], []
+    for _, path in sorted(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append(path)
+        else:
+            incomplete.append((path, problem))
+    return complete, incomplete
+
+
+# ---------------------------------------------------------------- where a run starts: --resume_from_checkpoint
+
+
+@dataclass(frozen=True)
+class Resume:
+    """--resume_from_checkpoint, read once (`resume_choice`) for the settings checks, the settings record and the
+    resume itself:
+    - `fresh` (unset or False): start from step 0, in an empty --output_dir (or one --overwrite_output_dir clears);
+    - `newest` (True): the newest complete checkpoint of --output_dir, which must hold one;
+    - `auto`: the same when --output_dir holds a complete checkpoint, which must then be of this same run (its
+      settings record, RUN_SETTINGS_FILE, says so), a fresh start when it holds none;
+    - `path`: the checkpoint folder given."""
+
+    kind: Literal["fresh", "newest", "auto", "path"]
+    given: str | None = None  # the flag's value as written, for messages; for `path`, the folder
+
+    @property
+    def flag(self) -> str:
+        return f"--resume_from_checkpoint {self.given}"
+
+
+def resume_choice(value: str | None) -> Resume:
+    """What `--resume_from_checkpoint value` asks for (see `Resume`); True, False and auto in any case."""
+    word = None if value is None else str(value).lower()
+    if word is None or word == "false":
+        return Resume("fresh", value)
+    if word == "true":
+        return Resume("newest", value)
+    if word == "auto":
+        return Resume("auto", value)
+    return Resume("path", value)
+
+
+def resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` takes: the checkpoint folder to resume from, or None (see
+    `Resume`). Incomplete checkpoints (a save cut short by kill -9) are skipped, and the log says which and why;
+    `check_run_settings` has checked before that `auto`'s are of this same run. A checkpoint whose pickles could run
+    code is refused (LlmftError) unless --trust_checkpoint_pickles True (llmft/checkpoint_pickles.py)."""
+    resume = resume_choice(training_args.resume_from_checkpoint)
+    if resume.kind == "fresh":
+        return None
+    if resume.kind == "path":
+        check_checkpoint_pickles(resume.given, trust=training_args.trust_checkpoint_pickles)
+        return resume.given
+    complete, incomplete = checkpoints(training_args.output_dir)
+    for path, why in incomplete:
+        logger.warning("not resuming from %s: %s", path, why)
+    if not complete:  # only with auto: `output_dir_problems` refuses True without a complete checkpoint
+        logger.warning(
+            "--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
+            training_args.output_dir,
+        )
+        return None
+    check_checkpoint_pickles(complete[-1], trust=training_args.trust_checkpoint_pickles)
+    logger.warning("resuming from %s", complete[-1])
+    return complete[-1]
+
+
+def _resume_problems(training_args: TrainingArguments) -> list[str]:
+    """Why --output_dir cannot take this run as --resume_from_checkpoint asks (see `Resume`): a file there, a folder
+    that cannot be created or written, a resume with an overwrite, no complete checkpoint to resume from, or a fresh
+    start over what a previous run left."""
+    out, resume = training_args.output_dir, resume_choice(training_args.resume_from_checkpoint)
+    if os.path.exists(out) and not os.path.isdir(out):
+        return [f"--output_dir {out} is a file, not a directory"]
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest part of the path that exists is where it will be created
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [f"--output_dir {out} cannot be created: {existing} is a file"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--output_dir {out} cannot be written: no write permission on {existing}"]
+    if resume.kind != "fresh" and training_args.overwrite_output_dir:
+        return [
+            "--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir replaces it: "
+            "choose one"
+        ]
+    if resume.kind == "newest":
+        complete, incomplete = checkpoints(out)
+        if not complete:
+            skipped = "".join(f"; {os.path.basename(p)} is incomplete: {why}" for p, why in incomplete)
+            return [f"{resume.flag}: no complete checkpoint-* directory in --output_dir {out}{skipped}"]
+    elif resume.kind == "path" and not os.path.isdir(resume.given):
+        return [f"{resume.flag}: no such checkpoint directory"]
+    elif resume.kind == "path":
+        if (problem := checkpoint_problem(resume.given)) is not None:
+            return [f"{resume.flag}: incomplete checkpoint: {problem}"]
+    elif (
+        resume.kind == "fresh"
+        and os.path.isdir(out)
+        and set(os.listdir(out)) - {RUN_SETTINGS_FILE, COMPILE_CACHE_FOLDER} - BOOKKEEPING  # a run cut short early
+        and not training_args.overwrite_output_dir
+    ):
+        return [
+            f"--output_dir {out} is not empty: pass --resume_from_checkpoint True to continue that run, "
+            "--overwrite_output_dir True to train over it, or choose another directory"
+        ]
+    return []  # auto: checkpoints of this same run, or a fresh start; `check_run_settings` tells which
+
+
+# ---------------------------------------------------------------- which run an output folder holds
+
+RUN_SETTINGS_FILE = "llmft_run_settings.json"
+
+# TrainingArguments that change what is trained or in what order. Left out: where outputs go, logging, saving,
+# evaluation, speed-only switches (gradient checkpointing, dataloader workers) and the resume flags themselves.
+TRAINING_SETTINGS = (
+    "seed",
+    "data_seed",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+    "optim_args",
+    "bf16",
+    "fp16",
+    "deepspeed",
+    "fsdp",
+    "label_smoothing_factor",
+    "neftune_noise_alpha",
+    "group_by_length",
+)
+# Fields of llmft's own settings that do not change the run.
+IGNORED_SETTINGS = ("trust_remote_code", "preprocessing_num_workers")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    value = getattr(value, "value", value)  # transformers' string enums
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _data_file(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
+
+
+def run_settings(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments,
+) -> dict:
+    """The settings that define a run: model, data (each file's absolute path and size), LoRA, quantization, seed,
+    batch and schedule. Two runs with the same settings train the same weights in the same order."""
+    settings = {}
+    for args in (model_args, data_args, lora_args, quant_args):
+        for f in dataclasses.fields(args):
+            if f.name not in IGNORED_SETTINGS:
+                settings[f.name] = _plain(getattr(args, f.name))
+    settings["data_path"] = _data_file(data_args.data_path)
+    settings["eval_data_path"] = _data_file(data_args.eval_data_path)
+    for name in TRAINING_SETTINGS:
+        if hasattr(training_args, name):
+            settings[name] = _plain(getattr(training_args, name))
+    return settings
+
+
+def settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def read_run_settings(output_dir: str) -> dict | None:
+    """The settings recorded in output_dir ({"fingerprint", "settings"}), or None when it holds no readable record."""
+    try:
+        with open(os.path.join(output_dir, RUN_SETTINGS_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "fingerprint" in record else None
+
+
+def check_run_settings(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    quant_args: QuantizationArguments,
+    training_args: TrainingArguments,
+) -> dict:
+    """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
+    auto`, a ConfigError naming the settings that differ when the output folder holds another run; with True or a
+    checkpoint's path, one naming those of SHAPE_SETTINGS that differ from the run that wrote the checkpoints."""
+    settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
+    record = {"fingerprint": settings_fingerprint(settings), "settings": settings}
+    resume = resume_choice(training_args.resume_from_checkpoint)
+    if resume.kind == "auto":
+        _check_same_run(training_args.output_dir, settings, record["fingerprint"])
+    elif resume.kind == "newest":
+        _check_same_shapes(resume.flag, training_args.output_dir, settings)
+    elif resume.kind == "path":
+        _check_same_shapes(resume.flag, os.path.dirname(os.path.abspath(resume.given)), settings)
+    return record
+
+
+# Settings that decide which tensors a checkpoint holds and their shapes: a run resumed with other values cannot load
+# its checkpoint (PEFT and the Trainer fail with a size-mismatch traceback), whatever else may change on a resume.
+SHAPE_SETTINGS = (
+    "use_lora",
+    "lora_r",
+    "lora_target_modules",
+    "lora_modules_to_save",
+    "lora_bias",
+    "use_dora",
+    "lora_init",
+)
+
+
+def record_run_settings(record: dict, training_args: TrainingArguments) -> None:
+    """Rank 0 writes `check_run_settings`' record into RUN_SETTINGS_FILE once training is about to start, so a run
+    stopped earlier by a data or model error leaves the output folder as it was."""
+    out = training_args.output_dir
+    if training_args.process_index != 0:
+        return
+    fingerprint, settings = record["fingerprint"], record["settings"]
+    os.makedirs(out, exist_ok=True)
+    # what this run writes at the top of the folder besides checkpoints, reports and the final save (which record
+    # themselves): these settings, and TensorBoard's runs/ unless something else made that folder
+    tensorboard = "tensorboard" in (training_args.report_to or []) and not os.path.lexists(os.path.join(out, "runs"))
+    record_written(out, RUN_SETTINGS_FILE, *(["runs"] if tensorboard else []))
+    path = os.path.join(out, RUN_SETTINGS_FILE)
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump({"fingerprint": fingerprint, "settings": settings}, f, indent=2, sort_keys=True)
+    os.replace(partial, path)  # whole or not at all: other ranks may be reading it
+
+
+def _check_same_run(out: str, settings: dict, fingerprint: str) -> None:
+    flag = "--resume_from_checkpoint auto"
+    if not os.path.isdir(out) or not set(os.listdir(out)) - BOOKKEEPING:
+        return  # a fresh run (this run's lock is there already)
+    record = read_run_settings(out)
+    if record is None:
+        raise ConfigError(
+            [
+                f"{flag}: --output_dir {out} holds files but no {RUN_SETTINGS_FILE}, so which run they "
+                "belong to is unknown: pass --resume_from_checkpoint True to continue it anyway, "
+                "--overwrite_output_dir True to replace it, or choose another directory"
+            ]
+        )
+    if record["fingerprint"] == fingerprint:
+        return
+    recorded = record.get("settings") or {}
+    shown = _differences(recorded, settings, set(recorded) | set(settings))
+    raise ConfigError(
+        [
+            f"{flag}: --output_dir {out} holds a different run: {shown or 'its fingerprint differs'}; "
+            "choose another directory, --overwrite_output_dir True to replace that run, or "
+            "--resume_from_checkpoint True to continue it with these settings"
+        ]
+    )
+
+
+def _differences(recorded: dict, settings: dict, keys: set[str]) -> str:
+    """The settings among `keys` that differ, as "name (value there, value now)", the first six."""
+    differ = sorted(k for k in keys if recorded.get(k) != settings.get(k))
+    return ", ".join(
+        f"{k} ({json.dumps(recorded.get(k))} there, {json.dumps(settings.get(k))} now)" for k in differ[:6]
+    ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+
+
+def _check_same_shapes(flag: str, folder: str, settings: dict) -> None:
+    """With a resume other than auto (which checks every setting), refuse settings whose checkpoint tensors differ
+    from the ones the run recorded in `folder` (SHAPE_SETTINGS); nothing to check without a record."""
+    record = read_run_settings(folder) if os.path.isdir(folder) else None
+    if record is None:
+        return
+    recorded = record.get("settings") or {}
+    shown = _differences(recorded, settings, {k for k in SHAPE_SETTINGS if k in recorded})
+    if shown:
+        raise ConfigError(
+            [
+                f"{flag}: the run in {folder} was trained with other adapter settings: {shown}; its checkpoints "
+                "hold tensors of other shapes, which this run cannot load: resume with the settings it had, or "
+                "start a new run (another --output_dir, or --overwrite_output_dir True)"
+            ]
+        )
 
 
 # ---------------------------------------------------------------- one process at a time
@@ -445,7 +848,7 @@ def disk_full_is_user_error(
 ) -> Iterator[None]:
     """Turn a write that failed because the disk (or the user's quota) is full into a LlmftError that says so and
     how to go on (`advice`; a run's: the save cut short is incomplete, resume skips it as
-    llmft.saving.checkpoint_problem says, and the earlier checkpoints are whole). Any other error passes through
+    `checkpoint_problem` says, and the earlier checkpoints are whole). Any other error passes through
     unchanged."""
     try:
         yield
@@ -520,7 +923,7 @@ def _set_mode(path: str, modes: dict[int, int]) -> bool:
         os.close(fd)
 
 
-# ---------------------------------------------------------------- tools: staged results
+# ---------------------------------------------------------------- staged results
 
 
 def check_output_dir(
@@ -550,6 +953,10 @@ def check_output_dir(
             raise LlmftError(problems[0])
 
 
+# what ends a tool cleanly while it writes its result (SIGUSR1 keeps its default: it is a training run's request)
+TOOL_SIGNALS = (signal.SIGTERM,)
+
+
 class Terminated(SystemExit):
     """Raised in the main thread when a SIGTERM arrives while a result is being written, so that the partial
     folder is removed on the way out; exits with the status a shell gives a process killed by SIGTERM."""
@@ -558,22 +965,43 @@ class Terminated(SystemExit):
         super().__init__(128 + signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _sigterm_as(action: Callable[[int, FrameType | None], object]) -> Iterator[None]:
-    """Call `action(signum, frame)` on SIGTERM inside the block (main thread only: elsewhere signals cannot be
-    handled, and the block runs unprotected), restoring the previous handler after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, action)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated()
+
+
+RUN_STAGING = ".llmft-saving"  # a run's final save is written here inside --output_dir, then `place_staged`
+
+
+def place_staged(staging: str | os.PathLike, output_dir: str | os.PathLike, *, whole: bool) -> None:
+    """Move a complete result from its staging folder into place, and remove the staging folder: the one way llmft
+    puts a result where a reader finds it, so that an interrupted save never leaves a folder that looks finished.
+    Callers hold SIGTERM off meanwhile (llmft.preemption.signals_deferred).
+    - `whole` (a tool's result, staged in a sibling folder): the staging folder becomes `output_dir`, replacing what
+      was there (`staged_output_dir` has checked that llmft wrote all of it);
+    - otherwise (a run's final save, beside its checkpoints): each entry replaces the entry of that name in
+      `output_dir`, recorded in WRITTEN_FILE first, the weights last and their index after them: a kill -9 between
+      two renames leaves a result that does not load (no weights), never one that loads with some of them."""
+    staging, output = Path(staging), Path(output_dir)
+    if whole:
+        if output.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+            os.replace(output, replaced / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(staging, output)
+        return
+    names = sorted(
+        os.listdir(staging),
+        key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")), n.endswith(".index.json"), n),
+    )
+    record_written(output, *names)
+    for name in names:
+        source, target = staging / name, output / name
+        if source.is_dir() or (target.is_dir() and not target.is_symlink()):
+            remove_entry(output, name)  # rename cannot put a folder over an entry (a link: only the link goes)
+        os.replace(source, target)
+    os.rmdir(staging)
 
 
 @contextlib.contextmanager
@@ -592,7 +1020,7 @@ def staged_output_dir(
     output = Path(output_dir)
     check_output_dir(output, force=force, flag=flag, inputs=inputs)
     with locked_output_dir(output, flag=flag, staged=True):
-        with _sigterm_as(_raise_terminated):
+        with signals_handled(_raise_terminated, TOOL_SIGNALS):
             staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
             try:
                 follow_umask(staging)  # mkdtemp makes it private; the result should read like any new folder
@@ -604,14 +1032,7 @@ def staged_output_dir(
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        deferred = []
-        with _sigterm_as(lambda signum, frame: deferred.append(signum)):
-            if output.exists():
-                replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-                os.replace(output, replaced / output.name)
-                os.replace(staging, output)
-                shutil.rmtree(replaced)
-            else:
-                os.replace(staging, output)
+        with signals_deferred(f"moving the result into {flag} {output}", TOOL_SIGNALS) as deferred:
+            place_staged(staging, output, whole=True)
     if deferred:
         raise Terminated()

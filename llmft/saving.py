@@ -24,34 +24,34 @@ import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from llmft.model_folder import model_folder, safetensors_header_problem
+from llmft.model_folder import _safetensors_header, model_folder, safetensors_header_problem
 from llmft.distributed import whole_parameter_name_and_shape
 from llmft.errors import LlmftError
-from llmft.run_folder import follow_umask, record_written, remove_entry
+from llmft.run_folder import RUN_STAGING, follow_umask, place_staged, record_written
 from llmft.model_card import training_card_facts, write_model_card
 
 if TYPE_CHECKING:
     import torch
     import transformers
+    from peft import PeftModel
     from transformers import PreTrainedTokenizerBase, Trainer, TrainerControl, TrainerState
 
-    from llmft.args import TrainingArguments
     from llmft.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
-STAGING = ".llmft-saving"
 RUN_FILE = "llmft_run.json"
 
 
 def describe_run(plan: RunPlan) -> dict:
     """What tools after training need to know and cannot read from the adapter: how the base was loaded. `mode` is
-    the record's own coarser one (full, lora or qlora; a quantized base is told by `base_quantization`)."""
+    the plan's `coarse_mode` (full, lora or qlora; a base stored quantized is told by `base_quantization`)."""
     quantization = None
     if (on_load := plan.quantize_on_load) is not None:
         quantization = {
@@ -61,9 +61,8 @@ def describe_run(plan: RunPlan) -> dict:
         }
     elif plan.base_quantization is not None:
         quantization = {"method": plan.base_quantization}
-    mode = "full" if not plan.uses_lora else ("qlora" if on_load is not None else "lora")
     return {
-        "mode": mode,
+        "mode": plan.coarse_mode,
         "base_model": plan.base_model,
         "base_quantization": quantization,
         "base_fingerprint": base_fingerprint(plan.base_model),
@@ -90,8 +89,6 @@ def base_fingerprint(model: str | os.PathLike) -> str | None:
     another float dtype that holds them exactly give the same fingerprint. None when the model is neither a local
     folder nor in the local hub cache, or has no whole safetensors weights."""
     import torch
-
-    from llmft.model_folder import _safetensors_header
 
     inspected = model_folder(model)
     if inspected.folder is None or inspected.config is None:
@@ -191,13 +188,18 @@ class FollowUmaskCallback(TrainerCallback):
 
 
 def save_for_inference(
-    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, output_dir: str, run: dict | None = None
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str,
+    run: dict | None = None,
+    initial_adapter: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Save the trained model (or adapter) with its tokenizer, generation config and `llmft_run.json` (the
-    `describe_run` record) into output_dir."""
-    staging = os.path.join(output_dir, STAGING)
+    `describe_run` record) into output_dir. `initial_adapter`: a PiSSA / OLoRA run's adapter as it started
+    (llmft.model.lora_weights), with which the saved adapter is converted into one for the original base."""
+    staging = os.path.join(output_dir, RUN_STAGING)  # the same on every rank: each writes its part there
     if trainer.is_world_process_zero():
-        record_written(output_dir, STAGING)
+        record_written(output_dir, RUN_STAGING)
     model = trainer.accelerator.unwrap_model(trainer.model)
     check_trained_weights_finite(model, trainer.args)
     model.config.use_cache = True  # training turned the KV cache off; inference wants it back
@@ -211,30 +213,48 @@ def save_for_inference(
         write_model_card(staging, training_card_facts(staging, output_dir))  # replaces PEFT's empty card
         if hasattr(model, "peft_config"):
             check_adapter_complete(staging, model)
-            if getattr(model, "initial_adapter_state", None) is not None:  # PiSSA / OLoRA trained on a residual base
-                from llmft.model import save_adapter_for_original_base
-
-                save_adapter_for_original_base(model, staging)
+            if initial_adapter is not None:  # PiSSA / OLoRA trained on a residual base
+                save_adapter_for_original_base(model, staging, initial_adapter)
         else:
             check_model_written(staging)
         follow_umask(staging)
         for checkpoint in Path(output_dir).glob("checkpoint-*"):  # in case no FollowUmaskCallback saw them saved
             follow_umask(checkpoint)
-        # the weights last, their index after them: a kill -9 between two renames leaves a result that does not
-        # load (no weights), never one that loads with some of them
-        names = sorted(
-            os.listdir(staging),
-            key=lambda n: (n.endswith((".safetensors", ".bin", ".index.json")), n.endswith(".index.json"), n),
-        )
-        record_written(output_dir, *names)
-        for name in names:
-            source, target = os.path.join(staging, name), os.path.join(output_dir, name)
-            if os.path.isdir(source) or (os.path.isdir(target) and not os.path.islink(target)):
-                remove_entry(output_dir, name)  # rename cannot put a folder over an entry (a link: only the link goes)
-            os.replace(source, target)
-        os.rmdir(staging)
+        place_staged(staging, output_dir, whole=False)  # file by file beside the checkpoints, the weights last
         logger.warning("saved %s to %s", "adapter" if hasattr(model, "peft_config") else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def save_adapter_for_original_base(model: PeftModel, folder: str, initial_adapter: dict[str, torch.Tensor]) -> None:
+    """Overwrite the adapter saved in `folder` (from a PiSSA / OLoRA run: it applies only to the residual base the
+    run trained on) with PEFT's conversion: trained minus initial adapter (`initial_adapter`, its lora_A / lora_B
+    tensors as llmft.model.lora_weights took them before training), written as a plain LoRA adapter of twice
+    the rank (`init_lora_weights` true) that applies to the original base, as `--lora_init default` adapters do.
+    Needs the whole adapter in memory (no ZeRO-3 or FSDP: llmft.checks refuses those).
+
+    PEFT 0.21's conversion writes only the lora_A / lora_B tensors; the others are put back unchanged: modules_to_save
+    (whole copies, independent of the base) and DoRA's magnitudes (W_res + BA, which they scale, equals the converted
+    W + B'A' exactly)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    kept = {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in get_peft_model_state_dict(model).items()
+        if ".lora_A." not in name and ".lora_B." not in name
+    }
+    with tempfile.TemporaryDirectory(prefix="llmft-initial-adapter-") as scratch:
+        initial = os.path.join(scratch, "initial")
+        os.makedirs(initial)
+        # PEFT loads this back as a second adapter and subtracts only its lora_A / lora_B; loading needs the other
+        # tensors to be there too, and the trained ones serve
+        save_file({**kept, **initial_adapter}, os.path.join(initial, "adapter_model.safetensors"))
+        # PEFT writes the initial adapter's config there itself
+        model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial)
+    if kept:
+        file = os.path.join(folder, "adapter_model.safetensors")
+        converted = load_file(file)
+        save_file({**converted, **kept}, file, metadata={"format": "pt"})
 
 
 def check_trained_weights_finite(model: torch.nn.Module, args: transformers.TrainingArguments) -> None:
@@ -339,127 +359,3 @@ def check_model_written(path: str) -> None:
         problems.append(f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} no tensor")
     if problems:
         raise LlmftError(f"the model weights written to {path} are not usable: {'; '.join(problems)}")
-
-
-# --- the run folder: which checkpoints are complete ---------------------------------------------------------------
-
-PREFIX_CHECKPOINT = "checkpoint-"
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """Why checkpoint folder `path` cannot be resumed from, or None when it is complete. The Trainer writes
-    trainer_state.json last, after the weights, optimizer, scheduler and RNG states, so a checkpoint is complete once
-    that file parses and the weights it holds are whole (a kill -9 mid-save leaves neither)."""
-    state = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state):
-        return "no trainer_state.json (its save was interrupted)"
-    try:
-        with open(state, encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "trainer_state.json is cut short (its save was interrupted)"
-    names = os.listdir(path)
-    weights = [n for n in names if n.endswith(".safetensors")]
-    if not weights and not any(n.endswith(".bin") or n.startswith("global_step") for n in names):
-        return "no weights"
-    for name in weights:
-        if (problem := safetensors_header_problem(os.path.join(path, name))) is not None:
-            return problem
-    return _rank_files_problem(path, names)
-
-
-def _rank_files_problem(path: str, names: list[str]) -> str | None:
-    """What a kill -9 of a run of several ranks can leave behind trainer_state.json: rank 0 writes that file once its
-    own part is saved, without waiting for the other ranks' rng_state_N.pth (DeepSpeed's barrier comes before them).
-    So each rank's file must be there (rng_state_0..N-1, N the number of ZeRO optimizer shards under DeepSpeed) and
-    every torch.save file whole (a zip whose directory, written last, reads); a DeepSpeed checkpoint's `latest`
-    must name its global_step folder, which holds the model states."""
-    import re
-    import zipfile
-
-    rng = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n)))
-    if rng != list(range(len(rng))):
-        missing = sorted(set(range(max(rng) + 1)) - set(rng))
-        return f"rng_state_{missing[0]}.pth is missing (a rank's save was interrupted)"
-    tags = [n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))]
-    if tags:
-        try:
-            with open(os.path.join(path, "latest"), encoding="utf-8") as f:
-                tag = f.read().strip()
-        except OSError:
-            return f"DeepSpeed's latest file is missing (beside {', '.join(sorted(tags))})"
-        if tag not in tags:
-            return f"DeepSpeed's latest names {tag!r}, which is not there"
-        shards = os.listdir(os.path.join(path, tag))
-        if not any(n.endswith("model_states.pt") for n in shards):
-            return f"{tag} holds no model states"
-        optim = sorted(
-            int(m.group(1))
-            for n in shards
-            if (m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", n))
-        )
-        if rng and optim == list(range(len(optim))) and len(rng) < len(optim):
-            return f"rng_state_{len(rng)}.pth is missing (a rank's save was interrupted)"
-        if optim != list(range(len(optim))) or (rng and len(rng) != len(optim)):
-            return (
-                f"{tag} holds the optimizer shards of ranks {optim or 'none'}, beside the RNG states of "
-                f"{len(rng)} ranks (a rank's save was interrupted)"
-            )
-    for root, _, files in os.walk(path):
-        for name in files:
-            if name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip files (FSDP's model and optimizer: .bin)
-                file = os.path.join(root, name)
-                try:
-                    with zipfile.ZipFile(file):
-                        pass
-                except (OSError, zipfile.BadZipFile):
-                    return f"{os.path.relpath(file, path)} is cut short (its save was interrupted)"
-    return None
-
-
-def checkpoints(output_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(complete checkpoint folders, oldest first; [(incomplete folder, why)]) in output_dir."""
-    if not os.path.isdir(output_dir):
-        return [], []
-    found = []
-    for name in os.listdir(output_dir):
-        step = name[len(PREFIX_CHECKPOINT) :]
-        if name.startswith(PREFIX_CHECKPOINT) and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(step), os.path.join(output_dir, name)))
-    complete, incomplete = [], []
-    for _, path in sorted(found):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            complete.append(path)
-        else:
-            incomplete.append((path, problem))
-    return complete, incomplete
-
-
-def resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """What `Trainer.train(resume_from_checkpoint=...)` takes: the checkpoint folder to resume from, or None.
-    `--resume_from_checkpoint True` means the newest complete checkpoint of --output_dir; incomplete ones (a save cut
-    short by kill -9) are skipped, and the log says which and why. `auto` means the same when --output_dir holds a
-    complete checkpoint (llmft.preemption.record_run_settings has checked that they are of this same run), and a
-    fresh start when it holds none. A checkpoint whose pickles could run code is refused (LlmftError) unless
-    --trust_checkpoint_pickles True (llmft/checkpoint_pickles.py)."""
-    from llmft.checkpoint_pickles import check_checkpoint_pickles
-
-    resume = training_args.resume_from_checkpoint
-    if resume is None or resume.lower() == "false":
-        return None
-    if resume.lower() not in ("true", "auto"):
-        check_checkpoint_pickles(resume, trust=training_args.trust_checkpoint_pickles)
-        return resume
-    complete, incomplete = checkpoints(training_args.output_dir)
-    for path, why in incomplete:
-        logger.warning("not resuming from %s: %s", path, why)
-    if not complete:  # only with auto: llmft.checks refuses True without a complete checkpoint
-        logger.warning(
-            "--resume_from_checkpoint auto: no complete checkpoint in %s, starting from step 0",
-            training_args.output_dir,
-        )
-        return None
-    check_checkpoint_pickles(complete[-1], trust=training_args.trust_checkpoint_pickles)
-    logger.warning("resuming from %s", complete[-1])
-    return complete[-1]

@@ -28,28 +28,37 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback, set_seed
 
-from llmft.args import parse_args
+from llmft.config import parse_run
 from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
 from llmft.data.padding import PaddingCollator
 from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
-from llmft.model import build_model, load_training_tokenizer
-from llmft.plan import apply_plan_to_training_args, log_plan, resolve_plan
-from llmft.preemption import check_run_settings, exit_on_signal, record_run_settings, signals_deferred
+from llmft.model import build_model, load_training_tokenizer, lora_weights
+from llmft.plan import apply_plan_to_training_args, log_plan
+from llmft.preemption import exit_on_signal, signals_deferred
 from llmft.preflight import preflight
-from llmft.run_folder import disk_full_is_user_error, lock_run_output_dir, replace_previous_run
-from llmft.saving import describe_run, resume_checkpoint, save_for_inference
+from llmft.run_folder import (
+    check_run_settings,
+    disk_full_is_user_error,
+    lock_run_output_dir,
+    record_run_settings,
+    release_held_locks,
+    replace_previous_run,
+    resume_checkpoint,
+)
+from llmft.saving import describe_run, save_for_inference
 from llmft.trainer import LlmftTrainer
 
 
 @exit_on_user_error
-@exit_on_signal()  # before and after training, SIGTERM ends the run at once (llmft/preemption.py)
+@exit_on_signal(before_exit=release_held_locks)  # before and after training, SIGTERM ends the run at once
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> LlmftTrainer | None:
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
-    model_args, data_args, lora_args, quant_args, training_args = parse_args(argv)
+    # the settings, their plan (mode, sharding, optimizer, kernels) and every check of both
+    model_args, data_args, lora_args, quant_args, training_args, plan = parse_run(argv)
     use_compile_cache(training_args.output_dir)  # before anything compiles: kernels kept with the run, not the node
     require_launcher(training_args)  # --deepspeed in a process of its own would fail only once the model has loaded
     logging.basicConfig(
@@ -58,7 +67,6 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     )
     with lock_run_output_dir(training_args):  # one run at a time in --output_dir; released however this ends
         set_seed(training_args.seed)
-        plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)  # mode, sharding, kernels
         run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
         resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
 
         model = build_model(model_args, lora_args, training_args, tokenizer, plan)
+        # PiSSA / OLoRA: the adapter as it starts, to convert the final save into one for the original base
+        initial_adapter = lora_weights(model) if plan.uses_lora and lora_args.changes_base_weights else None
         if training_args.should_log and hasattr(model, "print_trainable_parameters"):
             model.print_trainable_parameters()
 
@@ -90,8 +100,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
             offload_activations=plan.offload_activations,
             lean_recompute=plan.lean_recompute,
+            memory_estimate=memory,
         )
-        trainer.memory_estimate = memory  # what the preflight expected, beside the measured peak (tools/benchmark.py)
         # only now, when nothing in the data or the model has stopped the run, does it write into --output_dir
         with disk_full_is_user_error(training_args.output_dir):
             if training_args.overwrite_output_dir:
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
                 trainer.train(resume_from_checkpoint=resume_from)
                 with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole
                     run = describe_run(plan)
-                    save_for_inference(trainer, tokenizer, training_args.output_dir, run)
+                    save_for_inference(trainer, tokenizer, training_args.output_dir, run, initial_adapter)
         return trainer
 
 

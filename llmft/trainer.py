@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -35,6 +35,9 @@ from llmft.preemption import PreemptionCallback
 from llmft.report import TrainingReportCallback
 from llmft.run_folder import record_written
 from llmft.saving import FollowUmaskCallback
+
+if TYPE_CHECKING:
+    from llmft.preflight import MemoryEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +61,12 @@ class LlmftTrainer(transformers.Trainer):
         loraplus_lr_ratio: float | None = None,
         offload_activations: bool = False,
         lean_recompute: bool = False,
+        memory_estimate: MemoryEstimate | None = None,
         **kwargs: Any,
     ) -> None:
         self.packing = packing
+        # what the memory preflight expected, read beside the measured peak (tools/benchmark.py)
+        self.memory_estimate = memory_estimate
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # before the caller's callbacks, so that anything reading a checkpoint sees its final file modes
         datasets = {"train": kwargs.get("train_dataset"), "eval": kwargs.get("eval_dataset")}

@@ -111,7 +111,7 @@ def test_offloaded_checkpoint_frees_nothing_it_needs_and_keeps_input_gradients()
     ],
 )
 def test_contradictory_offload_flags_are_named(tiny_chat_model, tmp_path, extra, message):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
@@ -142,7 +142,7 @@ def test_a_run_with_offloaded_activations_trains_the_adapter_a_plain_checkpointe
 
 @pytest.mark.parametrize("flag, expected", [(None, False), ("True", True), ("False", False)])
 def test_the_plan_offloads_as_asked_and_not_by_default_on_the_cpu(tiny_chat_model, tmp_path, flag, expected):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.plan import describe_plan, resolve_plan
 
     extra = ["--gradient_checkpointing", "True"] + (["--offload_activations", flag] if flag else [])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llmft.args import ARGUMENT_CLASSES, parse_args
+from llmft.args import ARGUMENT_CLASSES
+from llmft.config import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import REPO, chat_record, write_records
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.data.dataset import DataStats, RenderSettings, eager_dataset, lazy_dataset
 from llmft.errors import DataError
 from tests.conftest import TINY_RUN, chat_record, launcher_env, run_launcher, write_records

@@ -440,3 +440,34 @@ def test_build_datasets_with_nothing_left_is_a_data_error(bpe_tokenizer, dataset
     path = str(write_records(tmp_path / "train.json", OVERLONG_RECORDS[2:]))
     with pytest.raises(DataError, match=r"train.json: no sample left to train on \(3 dropped as over-long\)"):
         build_datasets(data_args(data_path=path, overlong_samples="drop"), bpe_tokenizer, training_args)
+
+
+# --- a record is parsed and validated once --------------------------------------------------------------------------
+
+
+def test_conversations_kept_between_reading_and_rendering_come_back_equal():
+    from tests.test_formats import FORMATS
+
+    for name, (_, conversation) in FORMATS.items():
+        kept = json.loads(
+            json.dumps(dataset_module.conversation_fields(conversation))
+        )  # as Arrow and the spool keep it
+        assert dataset_module.conversation_from_fields(kept) == conversation, name
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_each_record_is_parsed_once(bpe_tokenizer, datasets_cache, tmp_path, monkeypatch, lazy):
+    import llmft.data.records as records
+
+    parse_record, parsed = records.parse_record, []
+
+    def counted(*args, **kwargs):
+        parsed.append(1)
+        return parse_record(*args, **kwargs)
+
+    for module in (records, dataset_module):  # wherever the name is looked up
+        monkeypatch.setattr(module, "parse_record", counted, raising=False)
+    path = str(write_records(tmp_path / "train.jsonl", RECORDS, jsonl=True))
+    dataset, _ = (lazy_dataset if lazy else eager_dataset)(path, bpe_tokenizer, PLAIN)
+    assert [dataset[i]["input_ids"] for i in range(len(dataset))]
+    assert len(parsed) == len(RECORDS)

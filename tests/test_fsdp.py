@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.errors import ConfigError, LlmftError
 from llmft.saving import check_adapter_complete, check_model_written
 from tests.conftest import (

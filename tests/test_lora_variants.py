@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import EXAMPLES, chat_record, write_records
 from tests.conftest import ANSWER, assert_loss_falls, sample_inputs, train_flags

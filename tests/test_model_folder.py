@@ -341,7 +341,7 @@ def test_one_part_hub_id_reaches_loading_in_finetune_and_in_chat(hub, tmp_path, 
     """`gpt2` online is a Hub id for both: finetune.py's settings accept it, and chat goes on to load it."""
     import transformers
 
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.tools.chat import main as chat
 
     hub.offline(False)
@@ -378,7 +378,7 @@ def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkey
     """The settings check (path, weights, remote code, context length, quantization), the plan, the model
     build and the run record used to read config.json eight times between them; now once. The run gives the model
     relative, which parse_args makes absolute: still the same folder."""
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.model import build_model, load_training_tokenizer
     from llmft.plan import resolve_plan
     from llmft.saving import describe_run

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.training_args import FSDPOption
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.distributed import sharding_of
 from llmft.kernels import LIGER_DEFAULT, Kernels
 from llmft.model import build_model, load_training_tokenizer
@@ -163,6 +163,12 @@ def test_the_run_record_says_what_the_plan_says(tiny_chat_model, tmp_path, flags
 def test_deepspeed_sharding(tiny_chat_model, tmp_path, config, sharding, offloaded):
     plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True", "--deepspeed", REPO / "ds_configs" / config)
     assert (plan.sharding, plan.offloaded, plan.shards_parameters) == (sharding, offloaded, sharding == "zero3")
+    # the optimizer: DeepSpeed's own where the config has an "optimizer" section (the offload configs' AdamW)
+    ds_optimizer = json.loads((REPO / "ds_configs" / config).read_text()).get("optimizer")
+    assert plan.optimizer_from_deepspeed == (ds_optimizer is not None)
+    if ds_optimizer is not None:
+        assert plan.optimizer == ds_optimizer.get("type", "adamw").lower()
+    assert plan.lora_targets is not None  # the architecture built without weights, not partitioned by ZeRO-3
 
 
 def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype(tiny_chat_model, tmp_path):
@@ -256,3 +262,71 @@ def test_liger_as_planned_reaches_the_training_arguments(tiny_chat_model, tmp_pa
     assert training_args.use_liger_kernel is True
     assert training_args.liger_kernel_config == dict(LIGER_DEFAULT)
     assert type(training_args.liger_kernel_config) is dict  # the Trainer's own type, not the plan's read-only view
+
+
+def test_what_the_kernels_cannot_serve_joins_the_one_list_of_problems(tiny_chat_model, tmp_path):
+    """A kernel this machine cannot train with is one problem among the others, before anything loads."""
+    from llmft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        settings(
+            tmp_path,
+            tiny_chat_model,
+            "--attn_implementation",
+            "flex_attention",
+            "--use_lora",
+            "True",
+            "--lora_dropout",
+            "2",
+        )
+    problems = raised.value.problems
+    assert any(p.startswith("--attn_implementation flex_attention trains on CUDA only") for p in problems), problems
+    assert "--lora_dropout must be in [0, 1)" in problems
+
+
+def test_the_plan_carries_the_optimizer_and_the_micro_batch(tiny_chat_model, tmp_path):
+    plan = plan_of(tmp_path, tiny_chat_model, "--per_device_train_batch_size", "3", "--model_max_length", "100")
+    assert (plan.optimizer, plan.optimizer_from_deepspeed) == ("adamw_torch_fused", False)
+    assert (plan.micro_batch_tokens, plan.micro_batch_rows) == (320, 1)  # 300 packed tokens, padded to 64's multiple
+    plan = plan_of(
+        tmp_path,
+        tiny_chat_model,
+        "--per_device_train_batch_size",
+        "3",
+        "--model_max_length",
+        "100",
+        "--packing",
+        "False",
+    )
+    assert (plan.micro_batch_tokens, plan.micro_batch_rows) == (300, 3)
+    plan = plan_of(tmp_path, tiny_chat_model, "--max_tokens_per_batch", "1000", "--model_max_length", "100")
+    assert (plan.micro_batch_tokens, plan.micro_batch_rows) == (1024, 1)
+    assert (
+        plan.model.config["model_type"] == json.loads((Path(tiny_chat_model) / "config.json").read_text())["model_type"]
+    )
+
+
+def test_lora_targets_are_resolved_and_checked_before_the_weights_load(tiny_chat_model, tmp_path, monkeypatch):
+    import transformers
+
+    from llmft.errors import ConfigError
+
+    loads = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: loads.append(a)))
+    plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True")
+    assert set(plan.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert plan_of(
+        tmp_path, tiny_chat_model, "--use_lora", "True", "--lora_target_modules", "default"
+    ).lora_targets == (
+        "q_proj",
+        "v_proj",
+    )
+    assert plan_of(tmp_path, tiny_chat_model).lora_targets is None  # full fine-tuning
+    # a dotted name matches as PEFT matches it: by its last components
+    settings(tmp_path, tiny_chat_model, "--use_lora", "True", "--lora_target_modules", "self_attn.q_proj", "v_proj")
+    with pytest.raises(ConfigError) as raised:
+        settings(tmp_path, tiny_chat_model, "--use_lora", "True", "--lora_target_modules", "q_prj", "--lora_r", "0")
+    problems = raised.value.problems
+    assert any(p.startswith("--lora_target_modules q_prj: the model has no module of that name") for p in problems)
+    assert "--lora_r and --lora_alpha must be positive" in problems  # in the same list
+    assert loads == []  # no weights were read

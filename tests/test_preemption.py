@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 
 from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
-from llmft.preemption import RUN_SETTINGS_FILE
-from llmft.saving import checkpoint_problem
+from llmft.run_folder import RUN_SETTINGS_FILE, checkpoint_problem
 from tests.conftest import EXAMPLES, REPO, SignalAtStep, finetune, launcher_env, run_launcher, tiny_lora_flags
 
 STEPS = 6

@@ -382,13 +382,13 @@ def setup_of(args, plan_changes=None, **kwargs):
     """setup_from_args for parse_args' settings, through their plan (with `plan_changes` made to it)."""
     from llmft.plan import resolve_plan
 
-    _, data_args, lora_args, _, training_args = args
+    _, _, lora_args, _, training_args = args
     plan = dataclasses.replace(resolve_plan(*args), **(plan_changes or {}))
-    return setup_from_args(data_args, lora_args, training_args, plan, **kwargs)
+    return setup_from_args(lora_args, training_args, plan, **kwargs)
 
 
 def test_setup_from_flags(tiny_chat_model, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
 
     base = [
         "--model_name_or_path",
@@ -458,7 +458,8 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
     args = parse_args([str(f) for f in base + ["--use_lora", "True", "--bf16", "True"]])
     gptq = {"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1}, "hidden_size": 896}
     setup = setup_of(args, {"base_quantization": "gptq", "mode": "lora-on-gptq"}, model_config=gptq)
-    assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("qlora", "gptq", 8, 896)
+    # the plan's coarse mode: a base stored quantized trains as lora, told apart by its quantization
+    assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("lora", "gptq", 8, 896)
     # DeepSpeed's stage and offload are read from its config
     for config, expected in [
         ("zero2.json", ("zero2", False, False)),
@@ -475,7 +476,7 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
 def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat_model, tmp_path):
     """Liger's fused loss is the plan's choice (CUDA with liger-kernel installed): the preflight runs before the plan
     is written into the TrainingArguments, whose use_liger_kernel is still the flag's None."""
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.kernels import LIGER_DEFAULT, Kernels
 
     args = parse_args(
@@ -502,7 +503,7 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
 
 
 def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
 
     with pytest.raises(ConfigError, match="--preflight_gpu_memory -1.0: must be a positive number of GiB"):
         parse_args(
@@ -686,7 +687,7 @@ def test_benchmark_puts_the_estimate_beside_the_measured_peak():
     ids=["full", "lora", "lora-added-tokens"],
 )
 def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(model, flags, request, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.model import build_model, load_training_tokenizer
     from llmft.plan import resolve_plan
     from llmft.preflight import preflight

@@ -9,7 +9,7 @@ import pytest
 
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import EXIT_PREEMPTED
-from llmft.preemption import RUN_SETTINGS_FILE
+from llmft.run_folder import RUN_SETTINGS_FILE
 from llmft import report as report_module
 from llmft.report import REPORT_JSON, REPORT_PNG
 from tests.conftest import EXAMPLES, SignalAtStep, finetune, tiny_lora_flags

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmft.args import parse_args
+from llmft.config import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import EXAMPLES, chat_record, write_records
 from tests.conftest import ANSWER, logged_losses, train_flags

@@ -250,7 +250,7 @@ def deepspeed_checkpoint(path, ranks: int = 2, step: int = 2):
     ],
 )
 def test_an_incomplete_deepspeed_checkpoint_is_not_resumed_from(breakage, problem, tmp_path):
-    from llmft.saving import checkpoint_problem, checkpoints
+    from llmft.run_folder import checkpoint_problem, checkpoints
 
     out = tmp_path / "out"
     deepspeed_checkpoint(out / "checkpoint-1", step=1)

@@ -559,7 +559,7 @@ def test_eager_and_lazy_datasets_hold_one_row_per_sample(qwen3, datasets_cache, 
 
 
 def test_train_turns_flag(tiny_chat_model, tmp_path):
-    from llmft.args import parse_args
+    from llmft.config import parse_args
     from llmft.errors import ConfigError
     from tests.conftest import chat_record, write_records
 

@@ -7,10 +7,15 @@ settings, so a second run with the same inputs tokenizes nothing. Samples droppe
 Lazy (`--lazy_preprocess True`): one streaming pass validates every record and spools it as a line of JSONL whose
 byte offset is kept; a sample is read back and rendered only when the trainer asks for it, so memory stays flat
 however large the file (a JSON list is parsed once for that pass; JSONL is streamed line by line).
+
+Either way a record is parsed and validated once, when the file is read (llmft.data.records); what is stored between
+reading and rendering is the validated `Conversation` itself (`conversation_fields`), rebuilt without parsing the
+record again (`conversation_from_fields`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,8 +28,9 @@ from typing import TYPE_CHECKING
 import datasets
 import torch
 
+from llmft.data.conversation import Conversation, Message, ToolCall
 from llmft.data.reading import check_data_file
-from llmft.data.records import iter_conversations, parse_record
+from llmft.data.records import iter_conversations
 from llmft.data.render import IGNORE_INDEX, render_samples, sample_texts
 from llmft.errors import DataError
 
@@ -32,12 +38,26 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from llmft.args import DataArguments
-    from llmft.data.conversation import Conversation
     from llmft.data.render import RenderedSample
 
 logger = logging.getLogger(__name__)
 
 RENDER_VERSION = "2"  # bump when rendering changes, so cached tokenizations are not reused
+SPOOL_FORMAT = "conversation-1"  # the lazy spool's line format (`conversation_fields`), part of the spool's name
+
+
+def conversation_fields(conversation: Conversation) -> dict:
+    """A validated conversation as its own fields (JSON-ready), kept between reading a file and rendering it (the
+    Arrow rows, the lazy spool); `conversation_from_fields` gives back an equal Conversation."""
+    return dataclasses.asdict(conversation)
+
+
+def conversation_from_fields(fields: dict) -> Conversation:
+    """The Conversation `conversation_fields` took apart, rebuilt as it was: no record is parsed or validated again."""
+    messages = tuple(
+        Message(**{**m, "tool_calls": tuple(ToolCall(**call) for call in m["tool_calls"])}) for m in fields["messages"]
+    )
+    return Conversation(id=fields["id"], messages=messages, text=fields["text"], tools=tuple(fields["tools"]))
 
 
 @dataclass(frozen=True)
@@ -145,9 +165,10 @@ def data_fingerprint(path: str, tokenizer: PreTrainedTokenizerBase, settings: Re
 
 
 def _records(path: str, stamp: str) -> Iterator[dict[str, str]]:
-    """Arrow rows of a file's conversations (`stamp` is only there to key the cache to the file's contents)."""
+    """Arrow rows of a file's conversations, validated as they are read (`stamp` is only there to key the cache to
+    the file's contents)."""
     for conversation in iter_conversations(path):
-        yield {"record": json.dumps(conversation.to_record(), ensure_ascii=False)}
+        yield {"conversation": json.dumps(conversation_fields(conversation), ensure_ascii=False)}
 
 
 def _render_batch(
@@ -155,9 +176,8 @@ def _render_batch(
 ) -> dict[str, list]:
     """One row per sample; `parts` is the number of samples a conversation became, on its first row (0 after)."""
     out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "parts": []}
-    for raw in batch["record"]:
-        record = json.loads(raw)
-        samples = settings.render(parse_record(record, default_id=record["id"]), tokenizer)
+    for encoded in batch["conversation"]:
+        samples = settings.render(conversation_from_fields(json.loads(encoded)), tokenizer)
         for part, sample in enumerate(samples):
             out["input_ids"].append(sample.input_ids if sample else [])
             out["labels"].append(sample.labels if sample else [])
@@ -184,7 +204,7 @@ def eager_dataset(
             _render_batch,
             batched=True,
             fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-            remove_columns=["record"],
+            remove_columns=["conversation"],
             new_fingerprint=fingerprint,
             num_proc=num_proc,
             desc="rendering",
@@ -231,7 +251,7 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         check_data_file(path)
         spool_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "llmft-lazy")
         os.makedirs(spool_dir, exist_ok=True)
-        self.spool = os.path.join(spool_dir, data_fingerprint(path, tokenizer, settings) + ".jsonl")
+        self.spool = os.path.join(spool_dir, f"{data_fingerprint(path, tokenizer, settings)}-{SPOOL_FORMAT}.jsonl")
         self.offsets = array("q")
         if not os.path.isfile(self.spool):
             self._write_spool(path)
@@ -243,8 +263,8 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         self.stats = DataStats(samples=len(self.offsets), tokens_known=False)
 
     def _write_spool(self, path: str) -> None:
-        """One line per sample: {"part": j, "record": ...}; a conversation the template splits (see
-        llmft.data.render) has a line for each of its samples, counted by rendering its text (not tokenizing it)."""
+        """One line per sample: {"part": j, "conversation": `conversation_fields`}; a conversation the template splits
+        (see llmft.data.render) has a line for each of its samples, counted by rendering its text, not tokenizing it."""
         partial = f"{self.spool}.{os.getpid()}.partial"
         settings, split = self.settings, []
         try:
@@ -263,9 +283,9 @@ class LazyConversationDataset(torch.utils.data.Dataset):
                                 )
                             ),
                         )
-                    record = conversation.to_record()
+                    fields = conversation_fields(conversation)
                     for part in range(parts):
-                        out.write(json.dumps({"part": part, "record": record}, ensure_ascii=False) + "\n")
+                        out.write(json.dumps({"part": part, "conversation": fields}, ensure_ascii=False) + "\n")
                     if parts > 1:
                         split.append(parts)
         except BaseException:
@@ -288,7 +308,7 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         with open(self.spool, "rb") as f:
             f.seek(self.offsets[index])
             entry = json.loads(f.readline())
-        conversation = parse_record(entry["record"], default_id=entry["record"]["id"])
+        conversation = conversation_from_fields(entry["conversation"])
         settings, part = self.settings, entry["part"]
         sample = settings.render(conversation, self.tokenizer)[part]
         if sample is None:

@@ -41,6 +41,7 @@ import torch
 
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import ConfigError, DataError
+from llmft.kernels import PAD_MULTIPLE
 
 if TYPE_CHECKING:
     import datasets
@@ -64,7 +65,7 @@ class PackedCollator:
     on the GPU in every layer."""
 
     pad_token_id: int
-    pad_to_multiple_of: int = 64
+    pad_to_multiple_of: int = PAD_MULTIPLE
     pad_to: int | None = None
     sample_boundaries: bool = False
 
