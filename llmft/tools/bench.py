@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from transformers import TrainerCallback
 
+from llmft.config import parse_bool
 from llmft.model_folder import model_folder
 
 if TYPE_CHECKING:
@@ -393,10 +394,6 @@ def flag_value(flags: list[str], name: str, default: str | None = None) -> str |
     return value
 
 
-def is_true(value: str | None) -> bool:
-    return str(value).lower() in ("true", "1", "yes")
-
-
 # --- the arms ------------------------------------------------------------------------------------------------------
 
 
@@ -462,8 +459,8 @@ def run_plain(
     from llmft.data.render import IGNORE_INDEX
     from llmft.model import load_training_tokenizer
 
-    lora, qlora = is_true(flag_value(flags, "use_lora")), is_true(flag_value(flags, "q_lora"))
-    checkpointing = is_true(flag_value(flags, "gradient_checkpointing", "True"))
+    lora, qlora = parse_bool(flag_value(flags, "use_lora", "False")), parse_bool(flag_value(flags, "q_lora", "False"))
+    checkpointing = parse_bool(flag_value(flags, "gradient_checkpointing", "True"))
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=steps,
@@ -542,7 +539,7 @@ def run_as_entry() -> None:
     meter = Meter(settings["warmup"])
     trainer = train(sys.argv[1:], callbacks=[meter])
     if trainer.is_world_process_zero():
-        adapters = is_true(flag_value(sys.argv[1:], "use_lora"))
+        adapters = parse_bool(flag_value(sys.argv[1:], "use_lora", "False"))
         row = report(meter, trainer, "launcher", settings["label"], adapters, settings.get("cold", False))
         emit(row, Path(settings["results"]))
 
@@ -561,7 +558,7 @@ def run_worker(args: argparse.Namespace, flags: list[str]) -> None:
     else:
         meter, trainer = run_llmft(model, data, out, args.steps, args.warmup, flags, args.profile, args.max_length)
     if trainer.is_world_process_zero():
-        adapters = is_true(flag_value(flags, "use_lora"))
+        adapters = parse_bool(flag_value(flags, "use_lora", "False"))
         emit(report(meter, trainer, args.worker, args.label, adapters, args.cold), args.results)
 
 

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def parse_flag_bool(value: str) -> bool:
-    """argparse type for `--flag True` / `--flag False`, as finetune.py's flags are written."""
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+from llmft.config import parse_bool
 
 
 def add_overwrite_output_dir_flag(parser: argparse.ArgumentParser, done: str) -> None:
@@ -23,7 +15,7 @@ def add_overwrite_output_dir_flag(parser: argparse.ArgumentParser, done: str) ->
         "--overwrite_output_dir",
         "--force",
         dest="overwrite_output_dir",
-        type=parse_flag_bool,
+        type=parse_bool,
         nargs="?",
         const=True,
         default=False,
@@ -36,7 +28,7 @@ def add_trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
     """The tools' `--trust_remote_code [True|False]`, off unless given, worded like finetune.py's."""
     parser.add_argument(
         "--trust_remote_code",
-        type=parse_flag_bool,
+        type=parse_bool,
         nargs="?",
         const=True,
         default=False,
