@@ -23,6 +23,7 @@ from llmft.errors import LlmftError
 from llmft.run_folder import LOCK_FILE, WRITTEN_FILE, record_written
 from llmft.tools.merge import merge_lora
 from llmft.tools.tiny_model import make_tiny_model
+from tests.conftest import argv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -245,14 +246,12 @@ def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatc
 def test_cli_without_adapter_config_exits_2(tmp_path):
     (tmp_path / "not-an-adapter").mkdir()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/merge_lora.py",
-            "--adapter",
-            str(tmp_path / "not-an-adapter"),
-            "--output",
-            str(tmp_path / "out"),
-        ],
+        argv(
+            "{python} tools/merge_lora.py --adapter {not_an_adapter} --output {out}",
+            python=sys.executable,
+            not_an_adapter=tmp_path / "not-an-adapter",
+            out=tmp_path / "out",
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
