@@ -202,19 +202,6 @@ def test_added_tokens_complete_a_new_plan(tiny_base_model, tmp_path):
     assert describe_run(completed)["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
 
 
-def test_the_plan_is_frozen(tiny_chat_model, tmp_path):
-    plan = plan_of(tmp_path, tiny_chat_model, "--use_lora", "True")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.mode = "full"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.kernels.attention = "eager"
-    with pytest.raises(TypeError):
-        plan.gradient_checkpointing_kwargs["use_reentrant"] = True
-    with pytest.raises(TypeError):
-        LIGER_DEFAULT["rope"] = True  # the Liger choice a plan may hold
-    assert dict(plan.gradient_checkpointing_kwargs) == {"use_reentrant": False}
-
-
 def test_resolving_and_building_leave_the_training_arguments_alone(tiny_chat_model, tmp_path):
     model_args, data_args, lora_args, quant_args, training_args = settings(
         tmp_path, tiny_chat_model, "--use_lora", "True", "--gradient_checkpointing", "True"
