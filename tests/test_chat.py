@@ -153,6 +153,7 @@ def test_loads_adapter_and_merged_folders(answering_adapter, answering_merged):
             assert reply.text == ANSWER and reply.finished
 
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_only_the_reply(answering_adapter):
     proc = run_chat(
         "--model", str(answering_adapter), "--prompt", "Who are you?", "--temperature", "0", "--max_new_tokens", "20"
@@ -161,6 +162,7 @@ def test_one_shot_prompt_prints_only_the_reply(answering_adapter):
     assert proc.stdout == ANSWER + "\n"
 
 
+@pytest.mark.slow
 def test_interactive_session_over_stdin(answering_merged):
     proc = run_chat(
         *argv(

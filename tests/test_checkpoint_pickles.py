@@ -114,7 +114,9 @@ def checkpointed_run(tiny_chat_model, tmp_path, run_finetune):
 
 
 @pytest.mark.parametrize("planted", ["global_step1/mp_rank_00_model_states.pt", "rng_state.pth", "linked global_step1"])
-@pytest.mark.parametrize("resume", ["True", "auto", "path"])
+@pytest.mark.parametrize(
+    "resume", ["True", pytest.param("auto", marks=pytest.mark.slow), pytest.param("path", marks=pytest.mark.slow)]
+)
 def test_resume_refuses_a_crafted_checkpoint_naming_the_file(
     planted, resume, checkpointed_run, tiny_chat_model, run_finetune, tmp_path, capsys
 ):

@@ -109,6 +109,7 @@ def hub(monkeypatch, tmp_path):
 # --- through the real script -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_script_malformed_record_is_named_without_traceback(tiny_chat_model, tmp_path):
     path = write_records(tmp_path / "train.jsonl", GOOD + [chat_record("Only a question?", id="lonely")], jsonl=True)
     out = tmp_path / "out"
@@ -128,6 +129,7 @@ def test_script_malformed_record_is_named_without_traceback(tiny_chat_model, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_unknown_flag(data, model_dir, tmp_path):
     out = tmp_path / "out"
     result = run_script(
@@ -144,6 +146,7 @@ def test_script_unknown_flag(data, model_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_yaml_config_with_unknown_key(data, model_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -157,6 +160,7 @@ def test_script_yaml_config_with_unknown_key(data, model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_script_wrong_model_and_data_paths_reported_together(tmp_path):
     out = tmp_path / "out"
     result = run_script(
@@ -177,6 +181,7 @@ def test_script_wrong_model_and_data_paths_reported_together(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_contradictory_flags_reported_together(model_dir, tmp_path):
     out = tmp_path / "out"
     result = run_script(

@@ -75,6 +75,7 @@ def test_launcher_keeps_what_the_user_set(data_file, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_ranks_point_their_caches_there_themselves(data_file, tmp_path):
     """The launcher passes no cache variables of its own: each rank sets them once its settings have passed
     (finetune.py, test_finetune_sets_the_cache_before_training), so a run refused by its settings leaves no folder

@@ -146,6 +146,7 @@ def test_lora_target_modules_list_and_per_architecture_default(tiny_chat_model, 
     assert adapted == {"q_proj", "v_proj"}  # PEFT's default for Qwen2
 
 
+@pytest.mark.slow
 def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     import bitsandbytes as bnb
     from peft import AutoPeftModelForCausalLM
@@ -174,6 +175,7 @@ def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data,
     assert_generation_stops_at_end_of_turn(out)
 
 
+@pytest.mark.slow
 def test_lora_on_8bit_base(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     import bitsandbytes as bnb
 

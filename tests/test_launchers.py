@@ -400,6 +400,7 @@ def read_ranks(folder: Path) -> dict[int, dict]:
     return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
     env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=2)
     result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "--", "--seed", "7", env=env)
@@ -412,6 +413,7 @@ def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
         assert seen["argv"][-2:] == ["--seed", "7"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "failure, status, traceback",
     [

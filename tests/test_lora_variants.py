@@ -108,7 +108,10 @@ def test_gaussian_init(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+@pytest.mark.parametrize(
+    "init",
+    [pytest.param("pissa", marks=pytest.mark.slow), "pissa_niter_4", pytest.param("olora", marks=pytest.mark.slow)],
+)
 def test_decomposing_inits_save_an_adapter_for_the_original_base(
     init, tiny_chat_model, repeated_data, tmp_path, run_finetune
 ):
@@ -132,6 +135,7 @@ def test_decomposing_inits_save_an_adapter_for_the_original_base(
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
+@pytest.mark.slow
 def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     """PEFT's conversion writes only lora_A / lora_B; llmft puts DoRA's trained magnitudes back, and rsLoRA's alpha
     is rescaled by PEFT so that alpha / sqrt(r) stays the same."""
@@ -151,6 +155,7 @@ def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeat
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
+@pytest.mark.slow
 def test_pissa_on_a_base_with_added_tokens_keeps_the_trained_embeddings(
     tiny_base_model, repeated_data, tmp_path, run_finetune
 ):
@@ -161,6 +166,7 @@ def test_pissa_on_a_base_with_added_tokens_keeps_the_trained_embeddings(
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_base_model)
 
 
+@pytest.mark.slow
 def test_loraplus_trains_b_faster_with_the_optimizer_optim_names(
     tiny_chat_model, repeated_data, tmp_path, run_finetune
 ):

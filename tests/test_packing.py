@@ -353,7 +353,7 @@ def uneven_data(tmp_path, count: int = 6):
     return write_records(tmp_path / "uneven.json", records)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_token_budget_accumulation_gives_the_gradient_of_one_batch(tiny_chat_model, tmp_path, datasets_cache, mode):
     import finetune
 

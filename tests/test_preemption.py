@@ -55,7 +55,7 @@ def uninterrupted(tiny_chat_model, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(
     sig, uninterrupted, tiny_chat_model, tmp_path, datasets_cache
 ):
@@ -212,6 +212,7 @@ def wait_for_ranks(process, folder: Path) -> None:
     time.sleep(0.5)  # the ready file is written before the stub sleeps; let torchrun's agent settle too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_path, data_file):
     entry = tmp_path / "signal_entry.py"
@@ -232,6 +233,7 @@ def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_pa
     assert "llmft: preempted" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_launch_reports_ranks_the_signal_ended_before_training(tmp_path, data_file):
     """Ranks that a forwarded SIGTERM ends at once (as before training: llmft.preemption.exit_on_signal) make the
     launcher exit 143 after one line, not torchrun's traceback."""
@@ -269,6 +271,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_path, data_file):
     """The batch script under stand-ins for srun and scontrol: Slurm's SIGUSR1 to the batch shell reaches both
     ranks, the job exits 75 and asks to be requeued, and the ranks were started with --resume_from_checkpoint auto."""
@@ -455,6 +458,7 @@ def folder_contents(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it_was(
     tiny_chat_model, tmp_path, datasets_cache
 ):
@@ -474,6 +478,7 @@ def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it
     assert folder_contents(out) == before
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_save_lets_it_finish_whole(tiny_chat_model, tmp_path, datasets_cache):
     out = tmp_path / "out"
     # the signal comes in the middle of the staged save: the adapter is in the staging folder, not yet in place

@@ -475,6 +475,7 @@ def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing(tiny_chat_model, tmp_path):
     out = tmp_path / "out"
     flags = argv(

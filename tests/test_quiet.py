@@ -43,6 +43,7 @@ def assert_no_known_noise(output: str, baseline: str) -> None:
     assert leaked == [], output[-4000:]
 
 
+@pytest.mark.slow
 def test_chat_help_shows_no_known_noise(noise_without_llmft):
     proc = run("-m", "llmft.cli", "chat", "--help")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,6 +52,7 @@ def test_chat_help_shows_no_known_noise(noise_without_llmft):
     assert proc.stderr == ""
 
 
+@pytest.mark.slow
 def test_training_run_shows_llmfts_warnings_and_no_known_noise(noise_without_llmft, tiny_chat_model, tmp_path):
     proc = run(
         "finetune.py",
@@ -113,6 +115,7 @@ def test_filters_drop_only_the_known_message(logger, message, args, shown):
     assert len(records) == (1 if shown else 0)
 
 
+@pytest.mark.slow
 def test_lora_does_not_import_gptqmodel_and_a_gptq_check_afterwards_still_finds_it(tiny_chat_model):
     """Run in a fresh process: in this one another test may have imported GPTQModel already."""
     code = f"""
@@ -138,6 +141,7 @@ print("ok")
     assert proc.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_loading_an_adapter_for_chat_does_not_import_gptqmodel(tiny_chat_model, tmp_path):
     """`llmft chat` / `merge` on a LoRA folder: PEFT's load path asks about GPTQModel layers too."""
     code = f"""

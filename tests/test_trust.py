@@ -60,6 +60,7 @@ def refused(capsys, main, argv) -> str:
     return err[err.index("error: ") :]
 
 
+@pytest.mark.slow
 def test_run_gptq_refuses_model_code_without_the_flag(evil, tmp_path):
     """Through the real script: GPTQModel.load imported evil.py here before the fix."""
     model, marker = evil
