@@ -106,6 +106,7 @@ def test_contradictory_offload_flags_are_named(tiny_chat_model, tmp_path, extra,
         parse_args(argv(TINY_LORA, extra, model=tiny_chat_model, out=tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_a_run_with_offloaded_activations_trains_the_adapter_a_plain_checkpointed_run_does(tiny_chat_model, tmp_path):
     from safetensors.torch import load_file
 

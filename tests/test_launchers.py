@@ -446,8 +446,8 @@ def test_mpirun_starts_one_launcher_per_node(stub_entry, data_file):
         *argv("mpirun --allow-run-as-root --oversubscribe -np 2"),
         *exports,
         *argv(
-            "{finetune_lora_ds} -m org/model -d {data_file}",
-            finetune_lora_ds=FINETUNE / "finetune_lora_ds.sh",
+            "{launcher} -m org/model -d {data_file}",
+            launcher=FINETUNE / "finetune_lora_ds.sh",
             data_file=data_file,
         ),
     ]
@@ -477,11 +477,11 @@ def test_slurm_batch_script_starts_one_launcher_per_node(stub_entry, data_file, 
     )
     command = argv(
         "sbatch --wait --nodes {nodes} --gpus-per-node=0 --cpus-per-task=1 --output {log}",
-        "{slurm_finetune} {finetune_lora_ds} -m org/model -d {data_file}",
+        "{batch_script} {launcher} -m org/model -d {data_file}",
         nodes=nodes,
         log=tmp_path / "slurm-%j.out",
-        slurm_finetune=FINETUNE / "slurm_finetune.sbatch",
-        finetune_lora_ds=FINETUNE / "finetune_lora_ds.sh",
+        batch_script=FINETUNE / "slurm_finetune.sbatch",
+        launcher=FINETUNE / "finetune_lora_ds.sh",
         data_file=data_file,
     )
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -73,6 +73,7 @@ def assert_reloads_and_merges(trainer, out, tmp_path, base):
     return tmp_path / "merged"
 
 
+@pytest.mark.slow
 def test_dora_trains_magnitudes_and_merges(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "dora"
     trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--use_dora True", steps=12)
@@ -91,6 +92,7 @@ def test_dora_trains_magnitudes_and_merges(tiny_chat_model, repeated_data, tmp_p
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
+@pytest.mark.slow
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "rslora"
     trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--use_rslora True")
@@ -317,29 +319,17 @@ def test_loraplus_under_deepspeed_two_ranks(config, tiny_chat_model, tmp_path):
     about ratio times further out than in the same run without LoRA+."""
     from tests.conftest import launcher_env, run_launcher
 
-    flags = argv(
-        "--max_steps 3 --per_device_train_batch_size 1 --max_tokens_per_batch 0 --model_max_length 128",
-        "--learning_rate 1e-4 --warmup_steps 0 --weight_decay 0 --lr_scheduler_type constant",
-        "--save_strategy no --seed 0 --report_to none",
+    run = (
+        "-m {model} -d {examples} -o {out} --deepspeed {config} -- --max_steps 3 --per_device_train_batch_size 1"
+        " --max_tokens_per_batch 0 --model_max_length 128 --learning_rate 1e-4 --warmup_steps 0 --weight_decay 0"
+        " --lr_scheduler_type constant --save_strategy no --seed 0 --report_to none"
     )
     norms = {}
-    for name, extra in (("plain", []), ("loraplus", ["--loraplus_lr_ratio", "16"])):
+    for name, extra in (("plain", ""), ("loraplus", "--loraplus_lr_ratio 16")):
         out = tmp_path / name
         env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / f"{name}-datasets")
-        result = run_launcher(
-            "finetune_lora_ds.sh",
-            *argv(
-                "-m {model} -d {examples} -o {out} --deepspeed {config} --",
-                model=tiny_chat_model,
-                examples=EXAMPLES,
-                out=out,
-                config=config,
-            ),
-            *flags,
-            *extra,
-            env=env,
-            timeout=1200,
-        )
+        args = argv(run, extra, model=tiny_chat_model, examples=EXAMPLES, out=out, config=config)
+        result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
         assert result.returncode == 0, result.stderr[-6000:]
         norms[name] = lora_b_norm(out)
     assert "LoRA+: 14 tensors at learning rate 0.0001, 14 (B side) at 0.0016" in result.stderr

@@ -297,9 +297,9 @@ def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_p
     )
     process = subprocess.Popen(
         argv(
-            "bash {slurm_finetune} {finetune_lora_ds} -m org/model -d {data_file}",
-            slurm_finetune=REPO / "finetune" / "slurm_finetune.sbatch",
-            finetune_lora_ds=REPO / "finetune" / "finetune_lora_ds.sh",
+            "bash {batch_script} {launcher} -m org/model -d {data_file}",
+            batch_script=REPO / "finetune" / "slurm_finetune.sbatch",
+            launcher=REPO / "finetune" / "finetune_lora_ds.sh",
             data_file=data_file,
         ),
         env=env,

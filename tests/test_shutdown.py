@@ -63,10 +63,10 @@ main()
 def smallest_zero3_launch(model: Path, out: Path, *extra: str) -> list[str]:
     return [
         *argv(
-            "{finetune_lora_ds} -m {model} -d {examples} -o {out} --deepspeed zero3 --",
+            "{launcher} -m {model} -d {examples} -o {out} --deepspeed zero3 --",
             "--per_device_train_batch_size 1 --max_tokens_per_batch 0 --model_max_length 64",
             "--gradient_checkpointing False --report_to none",
-            finetune_lora_ds=FINETUNE / "finetune_lora_ds.sh",
+            launcher=FINETUNE / "finetune_lora_ds.sh",
             model=model,
             examples=EXAMPLES,
             out=out,
