@@ -741,16 +741,13 @@ def test_shipped_demo_config_with_overrides(tiny_chat_model, tmp_path, monkeypat
 def test_liger_kernel_config_is_given_as_json(data, model_dir, tmp_path):
     """transformers declares liger_kernel_config a dict, which its flag parser cannot fill from a command line."""
     *_, training_args = parse_args(
-        [
-            *argv(
-                "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_liger_kernel True",
-                "--liger_kernel_config",
-                model=model_dir,
-                data=data,
-                out=tmp_path / "out",
-            ),
-            '{"rms_norm": true, "swiglu": false}',
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_liger_kernel True",
+            """--liger_kernel_config '{"rms_norm": true, "swiglu": false}'""",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        )
     )
     assert training_args.liger_kernel_config == {"rms_norm": True, "swiglu": False}
 

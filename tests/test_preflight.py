@@ -378,15 +378,12 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
         out=tmp_path / "out",
     )
     args = parse_args(
-        [
-            str(f)
-            for f in base
-            + argv(
-                "--use_lora True --q_lora True --lora_r 16 --lora_target_modules q_proj v_proj --bf16 True",
-                "--max_tokens_per_batch 8200 --gradient_checkpointing True --optim paged_adamw_8bit",
-                "--gradient_accumulation_steps 3",
-            )
-        ]
+        base
+        + argv(
+            "--use_lora True --q_lora True --lora_r 16 --lora_target_modules q_proj v_proj --bf16 True",
+            "--max_tokens_per_batch 8200 --gradient_checkpointing True --optim paged_adamw_8bit",
+            "--gradient_accumulation_steps 3",
+        )
     )
     setup = setup_of(args)
     assert setup == MemorySetup(
@@ -405,18 +402,13 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
         accumulation_steps=3,
     )  # 8200 tokens padded to a multiple of 64
     # no token budget: per-device batch x model_max_length, the worst case; unpacked: that many rows
-    args = parse_args(
-        [
-            str(f)
-            for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000", "--packing", "False"]
-        ]
-    )
+    args = parse_args(base + argv("--per_device_train_batch_size 3 --model_max_length 1000 --packing False"))
     setup = setup_of(args)
     assert (setup.mode, setup.dtype, setup.tokens, setup.rows, setup.row_tokens) == ("full", "fp32", 3000, 3, 1000)
-    args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000"]])
+    args = parse_args(base + argv("--per_device_train_batch_size 3 --model_max_length 1000"))
     assert (setup_of(args).tokens, setup_of(args).rows) == (3008, 1)  # packed in one row
     # a GPTQ checkpoint's bits and group size come from its config.json (group_size -1: one group a row)
-    args = parse_args([str(f) for f in base + ["--use_lora", "True", "--bf16", "True"]])
+    args = parse_args(base + argv("--use_lora True --bf16 True"))
     gptq = {"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1}, "hidden_size": 896}
     setup = setup_of(args, {"base_quantization": "gptq", "mode": "lora-on-gptq"}, model_config=gptq)
     assert (setup.mode, setup.quantization, setup.gptq_bits, setup.gptq_group_size) == ("qlora", "gptq", 8, 896)
@@ -427,7 +419,7 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
         ("zero3_offload.json", ("zero3", True, True)),
         ("zero2_offload.json", ("zero2", True, False)),
     ]:
-        args = parse_args([str(f) for f in base + ["--bf16", "True", "--deepspeed", REPO / "ds_configs" / config]])
+        args = parse_args(base + argv("--bf16 True --deepspeed {config}", config=REPO / "ds_configs" / config))
         setup = setup_of(args)
         assert (setup.sharding, setup.offload_optimizer, setup.offload_params) == expected, config
         assert setup.optimizer == ("adamw" if "offload" in config else "adamw_torch_fused"), config
@@ -440,15 +432,12 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
     from llmft.kernels import LIGER_DEFAULT, Kernels
 
     args = parse_args(
-        [
-            str(f)
-            for f in argv(
-                "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
-                model=tiny_chat_model,
-                examples=EXAMPLES,
-                out=tmp_path / "out",
-            )
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
+            model=tiny_chat_model,
+            examples=EXAMPLES,
+            out=tmp_path / "out",
+        )
     )
     assert args[-1].use_liger_kernel is None
     assert setup_of(args).fused_loss is False
@@ -463,15 +452,12 @@ def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
 
     with pytest.raises(ConfigError, match="--preflight_gpu_memory -1.0: must be a positive number of GiB"):
         parse_args(
-            [
-                str(f)
-                for f in argv(
-                    "--model_name_or_path {model} --data_path {examples} --output_dir {out} --preflight_gpu_memory -1",
-                    model=tiny_chat_model,
-                    examples=EXAMPLES,
-                    out=tmp_path / "out",
-                )
-            ]
+            argv(
+                "--model_name_or_path {model} --data_path {examples} --output_dir {out} --preflight_gpu_memory -1",
+                model=tiny_chat_model,
+                examples=EXAMPLES,
+                out=tmp_path / "out",
+            )
         )
 
 
