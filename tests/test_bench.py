@@ -21,6 +21,7 @@ from tests.conftest import argv
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_prepare_builds_the_shape_and_the_data(tmp_path):
     model_dir, data = prepare(tmp_path, "tiny", samples=200, median=120, sigma=0.8, cap=512)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -47,6 +48,7 @@ def test_lengths_are_log_normal_and_capped():
     assert sum(length == 2048 for length in lengths) > 0  # a long tail reaching the cap
 
 
+@pytest.mark.slow
 def test_fixed_lengths_give_long_samples_of_that_length(tmp_path):
     """--lengths fixed:N: every conversation renders to about N tokens (of at most N), for how long one sample can be."""
     model_dir, data = prepare(tmp_path, "tiny", samples=3, median=400, sigma=0.8, cap=2048, fixed=3000)

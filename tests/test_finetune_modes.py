@@ -73,6 +73,7 @@ def test_full_fine_tuning_changes_every_weight_and_reloads(tiny_chat_model, repe
     assert generated.shape[1] > sample_inputs(tokenizer)["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_in_bf16_saves_bf16(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "full-bf16"
     trainer = run_finetune(

@@ -126,6 +126,7 @@ def test_adapter_card_replaces_peft_template(adapter, licensed_base, check_count
     run_card_code(adapter)
 
 
+@pytest.mark.slow
 def test_full_model_card(licensed_base, tmp_path, datasets_cache, check_counts):
     out = train(licensed_base, tmp_path / "full")
     header, body = card_of(out)

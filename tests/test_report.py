@@ -105,6 +105,7 @@ def test_report_gives_the_first_step_beside_the_whole_run(tiny_chat_model, tmp_p
     assert_first_step_figures_agree(report, first_step=1)
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_counts(tiny_chat_model, tmp_path, datasets_cache):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run = RUN + " --max_steps 6 --save_strategy steps --save_steps 100"
