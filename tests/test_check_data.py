@@ -173,10 +173,10 @@ def test_steps_with_a_token_budget_and_several_ranks(tiny_chat_model, tmp_path):
         tmp_path,
         data,
         *argv(
-            "--model_name_or_path {model} --max_tokens_per_batch {value} --model_max_length {value}",
+            "--model_name_or_path {model} --max_tokens_per_batch {tokens} --model_max_length {tokens}",
             "--world_size 2",
             model=tiny_chat_model,
-            value=4 * sample,
+            tokens=4 * sample,
         ),
     )
     # every sample has the same length: 4 fit a micro-batch, so 10 micro-batches over 2 ranks

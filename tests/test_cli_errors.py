@@ -409,10 +409,10 @@ def test_model_directory_with_unreadable_config(data, tmp_path):
 def test_missing_data_and_eval_paths(fails, model_dir, tmp_path):
     block = fails(
         *argv(
-            "--model_name_or_path {model} --data_path {a} --eval_data_path {b} --output_dir {out}",
+            "--model_name_or_path {model} --data_path {train} --eval_data_path {eval} --output_dir {out}",
             model=model_dir,
-            a=tmp_path / "a.json",
-            b=tmp_path / "b.jsonl",
+            train=tmp_path / "a.json",
+            eval=tmp_path / "b.jsonl",
             out=tmp_path / "out",
         ),
     )
@@ -756,10 +756,10 @@ def test_liger_kernel_config_is_given_as_json(data, model_dir, tmp_path):
 def test_liger_kernel_config_that_is_not_a_json_object_is_named(data, model_dir, tmp_path, value, says):
     problems = problems_of(
         argv(
-            "--model_name_or_path {model} --data_path {data} --output_dir {o} --liger_kernel_config {value}",
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --liger_kernel_config {value}",
             model=model_dir,
             data=data,
-            o=tmp_path / "o",
+            out=tmp_path / "o",
             value=value,
         )
     )
