@@ -16,10 +16,12 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.tools.bench import SHAPES, fresh_compile_cache, lognormal_lengths, parse_lengths, prepare
+from tests.conftest import argv
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_prepare_builds_the_shape_and_the_data(tmp_path):
     model_dir, data = prepare(tmp_path, "tiny", samples=200, median=120, sigma=0.8, cap=512)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -46,6 +48,7 @@ def test_lengths_are_log_normal_and_capped():
     assert sum(length == 2048 for length in lengths) > 0  # a long tail reaching the cap
 
 
+@pytest.mark.slow
 def test_fixed_lengths_give_long_samples_of_that_length(tmp_path):
     """--lengths fixed:N: every conversation renders to about N tokens (of at most N), for how long one sample can be."""
     model_dir, data = prepare(tmp_path, "tiny", samples=3, median=400, sigma=0.8, cap=2048, fixed=3000)
@@ -77,38 +80,15 @@ def test_cold_arm_starts_with_empty_compile_caches(tmp_path):
 def test_benchmark_runs_both_arms_end_to_end_on_cpu(tmp_path):
     """tools/benchmark.py as the GPU suite runs it, on the tiny shape: both arms train and report."""
     results = tmp_path / "results.jsonl"
-    command = [
-        sys.executable,
-        str(REPO / "tools" / "benchmark.py"),
-        "--shape",
-        "tiny",
-        "--workdir",
-        str(tmp_path),
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--samples",
-        "200",
-        "--median",
-        "100",
-        "--max_length",
-        "256",
-        "--compare",
-        "--results",
-        str(results),
-        "--",
-        "--use_cpu",
-        "True",
-        "--use_lora",
-        "True",
-        "--max_tokens_per_batch",
-        "1024",
-        "--model_max_length",
-        "256",
-        "--learning_rate",
-        "1e-4",
-    ]
+    command = argv(
+        "{python} {benchmark} --shape tiny --workdir {tmp_path} --steps 3 --warmup 1 --samples 200",
+        "--median 100 --max_length 256 --compare --results {results} -- --use_cpu True --use_lora True",
+        "--max_tokens_per_batch 1024 --model_max_length 256 --learning_rate 1e-4",
+        python=sys.executable,
+        benchmark=REPO / "tools" / "benchmark.py",
+        tmp_path=tmp_path,
+        results=results,
+    )
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     arms = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
@@ -135,31 +115,13 @@ def test_a_stopped_benchmark_stops_its_arm(tmp_path):
     """SIGTERM to the benchmark (what `timeout` or a scheduler sends) ends the arm it is running too: an arm left
     training would keep the GPU, and the pipe a caller reads the results from, busy."""
     workdir = tmp_path / "bench-stopped"
-    command = [
-        sys.executable,
-        str(REPO / "tools" / "benchmark.py"),
-        "--shape",
-        "tiny",
-        "--workdir",
-        str(workdir),
-        "--steps",
-        "400",
-        "--warmup",
-        "1",
-        "--samples",
-        "200",
-        "--median",
-        "100",
-        "--max_length",
-        "256",
-        "--",
-        "--use_cpu",
-        "True",
-        "--max_tokens_per_batch",
-        "1024",
-        "--model_max_length",
-        "256",
-    ]
+    command = argv(
+        "{python} {benchmark} --shape tiny --workdir {workdir} --steps 400 --warmup 1 --samples 200",
+        "--median 100 --max_length 256 -- --use_cpu True --max_tokens_per_batch 1024 --model_max_length 256",
+        python=sys.executable,
+        benchmark=REPO / "tools" / "benchmark.py",
+        workdir=workdir,
+    )
     bench = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not [p for p in _processes_mentioning(str(workdir)) if p != bench.pid]:
