@@ -130,7 +130,7 @@ def assert_entry_points_work(venv: Path, clone: Path, elsewhere: Path, only: tup
 def readme_gpu_steps() -> list[str]:
     """The pip commands of the README's GPU set-up block."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("On a GPU machine") :]
+    section = readme[re.search(r"On a GPU\s+machine", readme).start() :]  # wherever the line breaks
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("pip ")]
 
