@@ -22,26 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmft.objectives.forward import micro_batch_loss
+from llmft.report import PREFERENCE_METRICS
 from llmft.trainer import LlmftTrainer
 
 if TYPE_CHECKING:
     from llmft.args import PreferenceArguments
 
-# every metric the objectives log, in one fixed order, so that ranks can sum them in one collective whatever subset
-# their micro-batches produced (a KTO micro-batch without an undesirable example has no rewards/rejected)
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-    "kl",
-    "loss",
-)
+# every metric the objectives log and the loss, in one fixed order, so that ranks sum them in one collective whatever
+# subset their micro-batches produced (a KTO micro-batch without an undesirable example has no rewards/rejected)
+METRICS = (*PREFERENCE_METRICS, "loss")
 
 
 def items_in(batch: dict) -> int:
