@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -412,3 +413,26 @@ def test_lora_dpo_trains_and_saves_under_deepspeed_and_fsdp(sharding, tiny_chat_
     )
     assert_adapter_trained(tiny_chat_model, out)
     assert len(step_losses(out, 3)) == 3
+
+
+def test_preflight_counts_pairs_and_the_reference_forward(tiny_chat_model, pair_files, tmp_path):
+    """The memory estimate of a LoRA DPO run: micro-batches of pairs (twice the tokens of SFT's samples), the whole
+    logits (no fused loss), and the reference's logits beside the policy's; a full DPO run's reference is computed
+    before training and adds nothing."""
+    from llmft.config import parse_run
+    from llmft.preflight import ModelShape, estimate, setup_from_args
+
+    shape = ModelShape.from_config(json.loads((tiny_chat_model / "config.json").read_text()))
+
+    def setup(*extra: str):
+        *args, preference, plan = parse_run(run_flags(tiny_chat_model, pair_files[0], tmp_path / "out", *extra))
+        return setup_from_args(args[2], args[4], plan)
+
+    sft = setup("--use_lora True --max_steps 2")
+    dpo = setup("--use_lora True --max_steps 2 --objective dpo")
+    full = setup("--max_steps 2 --objective dpo")
+    assert dpo.tokens >= 2 * sft.tokens and dpo.reference_forward and not full.reference_forward
+    same_tokens = estimate(shape, dataclasses.replace(dpo, reference_forward=False))
+    with_reference = estimate(shape, dpo)
+    assert with_reference.logits - same_tokens.logits == dpo.tokens * shape.vocab_size * dpo.dtype_bytes
+    assert any("reference" in note for note in with_reference.notes)
