@@ -354,63 +354,30 @@ def step_losses(out: Path, steps: int) -> list[float]:
 EQUIVALENCE = (
     "--objective dpo --use_lora True --lora_dropout 0 --model_max_length 64 --learning_rate 1e-3 --warmup_steps 0"
     " --weight_decay 0 --gradient_checkpointing False --logging_steps 1 --max_steps 3 --save_strategy steps"
-    " --save_steps 3 --seed 0 --max_tokens_per_batch 0"
+    " --save_steps 3 --seed 0"
 )
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_accumulation(tiny_chat_model, pair_files, tmp_path):
-    """The same pairs in every optimizer step (2 micro-batches of 2 pairs: accumulated on one rank, one on each of
-    two ranks): the same per-pair mean loss, step by step."""
+    """The same pairs in every optimizer step (2 token-budget micro-batches, of different numbers of pairs: both
+    accumulated on one rank, or one on each of two ranks): the same per-pair mean loss, step by step."""
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = "--per_device_train_batch_size 2 --gradient_accumulation_steps {accumulation}"
-    launched(
-        "finetune_lora_ds.sh",
-        tiny_chat_model,
-        pair_files[0],
-        one,
-        1,
-        "--deepspeed",
-        "zero2",
-        "--",
-        *shlex.split(EQUIVALENCE),
-        *argv(flags, accumulation=2),
-    )
-    launched(
-        "finetune_lora_ds.sh",
-        tiny_chat_model,
-        pair_files[0],
-        two,
-        2,
-        "--deepspeed",
-        "zero2",
-        "--",
-        *shlex.split(EQUIVALENCE),
-        *argv(flags, accumulation=1),
-    )
+    flags = "--deepspeed zero2 --", EQUIVALENCE, "--max_tokens_per_batch 160 --gradient_accumulation_steps {n}"
+    launched("finetune_lora_ds.sh", tiny_chat_model, pair_files[0], one, 1, *argv(*flags, n=2))
+    launched("finetune_lora_ds.sh", tiny_chat_model, pair_files[0], two, 2, *argv(*flags, n=1))
     expected = step_losses(one, 3)
     assert len(expected) == 3 and expected[0] == pytest.approx(0.693147, abs=1e-5)
     assert step_losses(two, 3) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["--deepspeed zero2", "--fsdp True --fsdp_config ds_configs/fsdp.json"])
+@pytest.mark.parametrize("sharding", ["zero2", "fsdp"])
 def test_lora_dpo_trains_and_saves_under_deepspeed_and_fsdp(sharding, tiny_chat_model, pair_files, tmp_path):
     out = tmp_path / "out"
-    launcher_flags, entry_flags = (sharding.split(), []) if "deepspeed" in sharding else ([], sharding.split())
-    launched(
-        "finetune_lora_ds.sh",
-        tiny_chat_model,
-        pair_files[0],
-        out,
-        2,
-        *launcher_flags,
-        "--",
-        *shlex.split(EQUIVALENCE),
-        "--per_device_train_batch_size",
-        "2",
-        *entry_flags,
-    )
+    option = "--deepspeed zero2" if sharding == "zero2" else "--fsdp fsdp"
+    extra = argv(option, "--", EQUIVALENCE, "--max_tokens_per_batch 0 --per_device_train_batch_size 2")
+    launched("finetune_lora_ds.sh", tiny_chat_model, pair_files[0], out, 2, *extra)
     assert_adapter_trained(tiny_chat_model, out)
     assert len(step_losses(out, 3)) == 3
 
