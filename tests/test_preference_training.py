@@ -190,6 +190,28 @@ def test_other_objectives_train_and_log_their_metrics(objective, own_metric, tin
     assert json.loads((out / "training_report.json").read_text())["preference"][own_metric] == logged[-1][own_metric]
 
 
+# --- quantized bases: the reference is the quantized base with the adapters off -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base, flags",
+    [
+        ("tiny_chat_model", "--q_lora True --gradient_checkpointing True"),
+        pytest.param("tiny_gptq_model", "", marks=pytest.mark.slow),
+    ],
+    ids=["qlora-nf4", "lora-on-gptq"],
+)
+def test_dpo_on_a_quantized_base(base, flags, request, pair_files, tmp_path):
+    model = request.getfixturevalue(base)
+    out = tmp_path / "out"
+    trainer = finetune(*run_flags(model, pair_files[0], out, "--objective dpo --use_lora True --max_steps 4", flags))
+    logged = reward_entries(trainer)
+    assert logged[0]["rewards/margins"] == 0 and logged[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert logged[-1]["rewards/margins"] > 0 and logged[-1]["loss"] < logged[0]["loss"], logged
+    assert (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "llmft_run.json").read_text())["mode"] in ("qlora", "lora")
+
+
 # --- full fine-tuning: the reference computed once, kept, read back on resume ---------------------------------------
 
 
