@@ -1,10 +1,12 @@
-"""Fine-tune a chat LLM on conversations: full, LoRA or Q-LoRA.
+"""Fine-tune a chat LLM on conversations (or preference pairs): full, LoRA or Q-LoRA.
 
     # LoRA on one GPU
     python finetune.py --model_name_or_path /models/Qwen2.5-7B-Instruct --data_path data.json \
         --output_dir out --use_lora True --bf16 True --num_train_epochs 3 --learning_rate 3e-4
     # Q-LoRA (4-bit NF4 base)
     python finetune.py ... --use_lora True --q_lora True --gradient_checkpointing True --optim paged_adamw_8bit
+    # DPO with LoRA on preference pairs (--objective dpo|simpo|orpo|kto; sft is the default)
+    python finetune.py ... --data_path pairs.jsonl --use_lora True --objective dpo --beta 0.1 --learning_rate 5e-6
     # full fine-tuning, settings from a file, one flag overridden
     python finetune.py config.yaml --learning_rate 1e-5
     # full fine-tuning sharded with FSDP over 8 GPUs (finetune/finetune_ds.sh --fsdp fsdp does the same)

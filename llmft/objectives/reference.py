@@ -4,8 +4,8 @@ step and kept in the run folder, so that a resumed run reads them back instead o
 `REFERENCE_FILE` in --output_dir holds {"fingerprint", "train", "eval"}: for each dataset, each row's reference
 values (pairs: [chosen, rejected] summed log-probabilities; KTO: [answer, KL sequence]). The fingerprint covers the
 rendered rows themselves (so the data files, tokenizer, chat template and length limit), the objective, the base
-model (its path, and the names, sizes and modification times of its files) and the compute dtype: values computed
-for anything else are computed again. Rank 0 computes and writes (recorded as written by the run,
+model (its weights' fingerprint, llmft.saving.base_fingerprint, or its name where it has none) and the compute
+dtype: values computed for anything else are computed again. Rank 0 computes and writes (recorded as written by the run,
 llmft.run_folder.record_written); the other ranks wait for it and read the file.
 """
 
@@ -37,12 +37,11 @@ PAIR_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 def reference_fingerprint(datasets: dict[str, PreferenceDataset | None], plan: RunPlan) -> str:
     """What the reference values depend on (see the module docstring), as a hex digest."""
+    from llmft.saving import base_fingerprint
+
+    base = base_fingerprint(plan.base_model) or plan.base_model
     h = hashlib.sha256()
-    h.update(json.dumps([plan.objective, plan.base_model, str(plan.compute_dtype)]).encode())
-    if os.path.isdir(plan.base_model):
-        for name in sorted(os.listdir(plan.base_model)):
-            stat = os.stat(os.path.join(plan.base_model, name))
-            h.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    h.update(json.dumps([plan.objective, base, str(plan.compute_dtype)]).encode())
     for name in sorted(datasets):
         dataset = datasets[name]
         h.update(name.encode())
