@@ -168,6 +168,11 @@ def _preference_training_problems(
             f"full fine-tuning with {flag} computes the reference log-probabilities with the whole model before "
             "training, which ZeRO-3 has already partitioned as it loaded: use ds_configs/zero2.json or FSDP"
         )
+    if training_args is not None and training_args.neftune_noise_alpha:
+        problems.append(
+            f"--neftune_noise_alpha adds noise to the embeddings of every forward, the reference's included, which "
+            f"{flag} compares the policy with: drop it"
+        )
     if training_args is not None and training_args.label_smoothing_factor:
         problems.append(
             f"--label_smoothing_factor smooths SFT's token loss, which {flag} does not compute: for flipped "

@@ -308,6 +308,7 @@ def test_contradictory_preference_flags_give_one_error_naming_each(tiny_chat_mod
         tmp_path / "out",
         "--objective dpo --use_lora True --lora_dropout 0.05 --packing False --simpo_gamma 1",
         "--label_smoothing 0.1 --desirable_weight 2 --train_turns last --lora_init olora --max_steps 2",
+        "--neftune_noise_alpha 5",
     )
     with pytest.raises(ConfigError) as info:
         parse_args(flags)
@@ -320,6 +321,7 @@ def test_contradictory_preference_flags_give_one_error_naming_each(tiny_chat_mod
         "--desirable_weight",
         "--train_turns",
         "--lora_init",
+        "--neftune_noise_alpha",
     ):
         assert flag in message, (flag, message)
     # preference settings on an SFT run are refused too, not silently unused
