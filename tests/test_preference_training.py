@@ -295,6 +295,36 @@ def test_packed_pairs_equal_each_pair_alone(tiny_chat_model, pair_files):
         assert torch.allclose(packed, alone, atol=1e-6), (packed - alone).abs().max()
 
 
+def test_an_optimizer_steps_loss_is_the_mean_over_its_pairs(lora_dpo, tiny_chat_model, pair_files):
+    """Micro-batches of 1 and 3 pairs accumulated into one step weigh each pair alike: their weighted losses add up to
+    the 4 pairs' mean loss, with its gradients (not the mean of the two micro-batches' means)."""
+    from transformers import AutoTokenizer
+
+    from llmft.data.preference import PairPackedCollator, preference_rows
+
+    _, trainer = lora_dpo
+    model = trainer.model
+    model.train()
+    rows = preference_rows(str(pair_files[0]), AutoTokenizer.from_pretrained(tiny_chat_model), "dpo").rows[:4]
+    collate, trained = PairPackedCollator(), [p for p in model.parameters() if p.requires_grad]
+
+    def step(batches: list[list[dict]]) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        total = 0.0
+        for batch in batches:
+            loss = trainer.compute_loss(model, collate(batch), num_items_in_batch=torch.tensor(4.0))
+            loss.backward()
+            total += loss.item()
+        return total, [p.grad.clone() for p in trained]
+
+    whole_loss, whole_grads = step([rows])
+    split_loss, split_grads = step([rows[:1], rows[1:]])
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    for whole, split in zip(whole_grads, split_grads):
+        assert torch.allclose(whole, split, atol=1e-6)
+    model.zero_grad()
+
+
 # --- errors ----------------------------------------------------------------------------------------------------------
 
 
