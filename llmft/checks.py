@@ -163,11 +163,6 @@ def _preference_training_problems(
             f"--lora_init {lora_args.lora_init} changes the base weights as training starts, so the base with its "
             f"adapters off is no longer the reference model {flag} needs: use --lora_init default or gaussian"
         )
-    if plan is not None and plan.reference == "precomputed" and plan.sharding == "zero3":
-        problems.append(
-            f"full fine-tuning with {flag} computes the reference log-probabilities with the whole model before "
-            "training, which ZeRO-3 has already partitioned as it loaded: use ds_configs/zero2.json or FSDP"
-        )
     if training_args is not None and training_args.neftune_noise_alpha:
         problems.append(
             f"--neftune_noise_alpha adds noise to the embeddings of every forward, the reference's included, which "

@@ -11,6 +11,10 @@ The objective's metrics (rewards chosen / rejected, margins, accuracy, log-proba
 llmft.objectives.preference names them) are averaged over the pairs of every rank since the last log, and logged
 with the loss (evaluation's with the `eval_` prefix), so they reach the log history and the run report.
 
+A full fine-tune's reference log-probabilities (`reference_plan`) are added to the datasets' rows as training starts,
+before the first step, through the model as training wraps it (`ReferenceBeforeFirstStep`): computed once and kept in
+the run folder, read back from there on a resume (llmft.objectives.reference).
+
 Dropout is switched off in the model: the policy's log-probabilities are compared with the reference's, which dropout
 would blur with noise (the checks refuse --lora_dropout > 0 for the same reason).
 """
@@ -20,13 +24,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerCallback
 
 from llmft.objectives.forward import micro_batch_loss
+from llmft.objectives.reference import keep_reference_log_probs
 from llmft.report import PREFERENCE_METRICS
 from llmft.trainer import LlmftTrainer
 
 if TYPE_CHECKING:
     from llmft.args import PreferenceArguments
+    from llmft.plan import RunPlan
 
 # every metric the objectives log and the loss, in one fixed order, so that ranks sum them in one collective whatever
 # subset their micro-batches produced (a KTO micro-batch without an undesirable example has no rewards/rejected)
@@ -44,9 +51,13 @@ class PreferenceTrainer(LlmftTrainer):
     # compute_loss weights the loss for accumulation and ranks itself (see the module docstring)
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, preference: PreferenceArguments, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, preference: PreferenceArguments, reference_plan: RunPlan | None = None, **kwargs: Any
+    ) -> None:
         self.preference = preference
         self._metric_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        if reference_plan is not None:
+            kwargs["callbacks"] = [ReferenceBeforeFirstStep(self, reference_plan), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         for module in self.model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -121,3 +132,19 @@ class PreferenceTrainer(LlmftTrainer):
         elif "loss" in logs:
             logs = {**logs, **self._take_metrics("train")}
         super().log(logs, *args, **kwargs)
+
+
+class ReferenceBeforeFirstStep(TrainerCallback):
+    """At the start of training, on every rank: the precomputed reference's values added to the trainer's datasets
+    (llmft.objectives.reference.keep_reference_log_probs), computed with the model as training wraps it."""
+
+    def __init__(self, trainer: PreferenceTrainer, plan: RunPlan) -> None:
+        self.trainer, self.plan = trainer, plan
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **_: Any
+    ) -> None:
+        trainer = self.trainer
+        datasets = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+        resumed = state.global_step > 0
+        keep_reference_log_probs(model, datasets, self.plan, args, self.plan.micro_batch_tokens, resumed=resumed)

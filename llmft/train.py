@@ -39,7 +39,6 @@ from llmft.data.padding import PaddingCollator
 from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer, lora_weights
-from llmft.objectives.reference import keep_reference_log_probs
 from llmft.plan import apply_plan_to_training_args, log_plan
 from llmft.preemption import exit_on_signal, signals_deferred
 from llmft.preference_trainer import PreferenceTrainer
@@ -101,7 +100,12 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             trainer_class, objective = LlmftTrainer, {}
             collator, packing = PaddingCollator(tokenizer), Packing.from_args(data_args, tokenizer, plan.kernels)
         else:
-            trainer_class, objective = PreferenceTrainer, {"preference": preference_args}
+            # a full fine-tune's reference: computed as training starts, kept in the run folder for a resume
+            reference_plan = plan if plan.reference == "precomputed" else None
+            trainer_class, objective = (
+                PreferenceTrainer,
+                {"preference": preference_args, "reference_plan": reference_plan},
+            )
             collator, packing = preference_packing(data_args, plan.objective, plan.kernels)
         trainer = trainer_class(
             model=model,
@@ -123,9 +127,6 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             if training_args.overwrite_output_dir:
                 replace_previous_run(training_args)
             record_run_settings(run_settings, training_args)
-            if plan.reference == "precomputed":  # once before the first step, kept in the run folder for a resume
-                datasets = {"train": train_dataset, "eval": eval_dataset}
-                keep_reference_log_probs(trainer.model, datasets, plan, training_args, plan.micro_batch_tokens)
             with ranks_shut_down_when_done(trainer):  # so that no rank aborts at exit after a finished or preempted run
                 trainer.train(resume_from_checkpoint=resume_from)
                 with signals_deferred("the final save"):  # a SIGTERM now waits until the result is in place, whole

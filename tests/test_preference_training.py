@@ -251,6 +251,14 @@ def test_full_dpo_keeps_its_reference_and_a_resume_does_not_recompute_it(
     err = capsys.readouterr().err
     assert "holds a different run" in err and "beta" in err, err
 
+    kept_text = (out / reference.REFERENCE_FILE).read_text()
+    (out / reference.REFERENCE_FILE).unlink()  # a resume cannot compute them from trained weights: it stops
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(*flags, *argv("--resume_from_checkpoint auto"))
+    assert exit_info.value.code == EXIT_USER_ERROR and computed == [16]
+    assert "cannot compute them from trained weights" in capsys.readouterr().err
+    (out / reference.REFERENCE_FILE).write_text(kept_text)
+
     trainer = finetune(*flags, *argv("--resume_from_checkpoint auto"))
     assert computed == [16]  # read back, not computed again
     assert trainer.state.global_step == 4
@@ -359,20 +367,17 @@ def test_contradictory_preference_flags_give_one_error_naming_each(tiny_chat_mod
         parse_args(run_flags(tiny_chat_model, pair_files[0], tmp_path / "out", "--beta 0.3 --max_steps 2"))
 
 
-def test_full_dpo_under_zero3_is_refused_before_loading(tiny_chat_model, pair_files, tmp_path):
+def test_the_plan_says_where_the_reference_comes_from(tiny_chat_model, pair_files, tmp_path):
     from llmft.config import parse_run
-    from llmft.errors import ConfigError
 
-    zero3 = REPO / "ds_configs" / "zero3.json"
-    with pytest.raises(ConfigError, match="ZeRO-3"):
-        parse_run(
-            run_flags(tiny_chat_model, pair_files[0], tmp_path / "out", "--objective dpo --max_steps 2")
-            + argv("--deepspeed {zero3}", zero3=zero3)
-        )
-    *_, preference, plan = parse_run(
-        run_flags(tiny_chat_model, pair_files[0], tmp_path / "out", "--objective kto --use_lora True --max_steps 2")
-    )
-    assert (preference.objective, plan.objective, plan.reference) == ("kto", "kto", "adapters-off")
+    def planned(*extra: str) -> tuple[str, str, str | None]:
+        *_, preference, plan = parse_run(run_flags(tiny_chat_model, pair_files[0], tmp_path / "out", *extra))
+        return preference.objective, plan.objective, plan.reference
+
+    assert planned("--objective kto --use_lora True --max_steps 2") == ("kto", "kto", "adapters-off")
+    assert planned("--objective dpo --max_steps 2") == ("dpo", "dpo", "precomputed")
+    assert planned("--objective simpo --max_steps 2") == ("simpo", "simpo", None)
+    assert planned("--max_steps 2") == ("sft", "sft", None)
 
 
 def test_bad_preference_record_exits_2_naming_it(tiny_chat_model, tmp_path, capsys):
@@ -423,6 +428,19 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_chat_model, pair_files,
     expected = step_losses(one, 3)
     assert len(expected) == 3 and expected[0] == pytest.approx(0.693147, abs=1e-5)
     assert step_losses(two, 3) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_full_dpo_under_zero3_computes_its_reference_with_every_rank(tiny_chat_model, pair_files, tmp_path):
+    """ZeRO-3 shards the model as it loads: the reference's forwards run through the sharded model on both ranks."""
+    out = tmp_path / "out"
+    flags = EQUIVALENCE.replace("--use_lora True ", "") + " --max_tokens_per_batch 0 --per_device_train_batch_size 2"
+    flags += " --learning_rate 1e-4"
+    launched("finetune_ds.sh", tiny_chat_model, pair_files[0], out, 2, *argv("--deepspeed zero3 --", flags))
+    assert len(json.loads((out / "reference_logps.json").read_text())["train"]) == 16
+    losses = step_losses(out, 3)
+    assert losses[0] == pytest.approx(0.693147, abs=1e-4) and losses[-1] < losses[0], losses
+    assert (out / "model.safetensors").exists()
 
 
 @pytest.mark.slow

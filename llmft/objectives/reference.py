@@ -5,8 +5,9 @@ step and kept in the run folder, so that a resumed run reads them back instead o
 values (pairs: [chosen, rejected] summed log-probabilities; KTO: [answer, KL sequence]). The fingerprint covers the
 rendered rows themselves (so the data files, tokenizer, chat template and length limit), the objective, the base
 model (its weights' fingerprint, llmft.saving.base_fingerprint, or its name where it has none) and the compute
-dtype: values computed for anything else are computed again. Rank 0 computes and writes (recorded as written by the run,
-llmft.run_folder.record_written); the other ranks wait for it and read the file.
+dtype: values computed for anything else are computed again. They are computed when training starts, through the
+model as training wraps it (DDP, DeepSpeed at any ZeRO stage, FSDP), before the first step; rank 0 writes them
+(recorded as written by the run, llmft.run_folder.record_written).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmft.distributed import runs_on_several_ranks
+from llmft.errors import DataError
 from llmft.objectives.forward import precompute_kto_reference, precompute_pair_reference
 from llmft.run_folder import record_written
 
@@ -56,26 +59,41 @@ def keep_reference_log_probs(
     plan: RunPlan,
     training_args: TrainingArguments,
     max_tokens: int,
+    resumed: bool = False,
 ) -> None:
     """Add the reference values to every row of `datasets` ({"train": ..., "eval": ...}): read from REFERENCE_FILE
     in --output_dir when its fingerprint matches, otherwise computed with `model` as it is before training (in eval
-    mode, on the training device, `max_tokens` tokens a forward) and written there by rank 0."""
+    mode, `max_tokens` tokens a forward) and written there by rank 0.
+
+    Every rank calls it, with the model as training wraps it (so that a model ZeRO-3 or FSDP shards runs its
+    forwards with every rank taking part): rank 0 reads the file and hands what it read to the others, and when
+    there is nothing to read every rank computes every row. A `resumed` run has trained weights, no reference: it
+    reads the values or stops (a DataError) rather than computing wrong ones."""
     keys = KEYS.get(plan.objective, PAIR_KEYS)
     path = os.path.join(training_args.output_dir, REFERENCE_FILE)
     fingerprint = reference_fingerprint(datasets, plan)
-    with training_args.main_process_first(desc="reference log-probabilities"):
-        stored = _read(path)
-        if stored is not None and stored.get("fingerprint") == fingerprint:
-            logger.warning("reference log-probabilities: read from %s", path)
-            values = stored
-        else:
-            values = {"fingerprint": fingerprint, **_compute(model, datasets, plan, training_args, max_tokens, keys)}
-            if training_args.process_index == 0:
-                record_written(training_args.output_dir, REFERENCE_FILE)
-                partial = f"{path}.{os.getpid()}.tmp"
-                with open(partial, "w", encoding="utf-8") as f:
-                    json.dump(values, f)
-                os.replace(partial, path)
+    stored = _read(path) if training_args.process_index == 0 else None
+    if runs_on_several_ranks(training_args):
+        shared = [stored]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        stored = shared[0]
+    if stored is not None and stored.get("fingerprint") == fingerprint:
+        logger.warning("reference log-probabilities: read from %s", path)
+        values = stored
+    elif resumed:
+        raise DataError(
+            f"{path}: the reference log-probabilities this run computed before its first step are missing or were "
+            "computed for other data or another base; a resumed run cannot compute them from trained weights: "
+            "start the run again (--overwrite_output_dir True)"
+        )
+    else:
+        values = {"fingerprint": fingerprint, **_compute(model, datasets, plan, max_tokens, keys)}
+        if training_args.process_index == 0:
+            record_written(training_args.output_dir, REFERENCE_FILE)
+            partial = f"{path}.{os.getpid()}.tmp"
+            with open(partial, "w", encoding="utf-8") as f:
+                json.dump(values, f)
+            os.replace(partial, path)
     for name, dataset in datasets.items():
         if dataset is not None:
             dataset.rows = [{**row, keys[0]: a, keys[1]: b} for row, (a, b) in zip(dataset.rows, values[name])]
@@ -85,15 +103,12 @@ def _compute(
     model: PreTrainedModel,
     datasets: dict[str, PreferenceDataset | None],
     plan: RunPlan,
-    training_args: TrainingArguments,
     max_tokens: int,
     keys: tuple[str, str],
 ) -> dict[str, list[list[float]]]:
     precompute = precompute_kto_reference if plan.objective == "kto" else precompute_pair_reference
-    was_training, device = model.training, training_args.device
+    was_training = model.training
     model.eval()  # no dropout: the reference is the model itself
-    if next(model.parameters()).device != device:
-        model.to(device)
     try:
         out = {}
         for name, dataset in datasets.items():
