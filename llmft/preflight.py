@@ -214,7 +214,7 @@ class MemorySetup:
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     lean_recompute: bool = False  # the recomputed layer's MLP runs a chunk of tokens at a time (llmft.recompute)
     fused_loss: bool = False  # Liger's fused linear cross-entropy
-    reference_forward: bool = False  # a no-grad forward of a reference at every step (preference objectives)
+    reference_forward: bool = False  # a no-grad forward at every step: the reference (adapters off), KTO's KL row
     attention: str = "flash_attention_2"  # eager stores the attention probabilities
     accumulation_steps: int = 1
 
@@ -488,7 +488,9 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
     if setup.attention == "eager":
         notes.append(f"eager attention keeps heads x {setup.row_tokens:,}^2 scores a layer: the longest row decides")
     if setup.reference_forward:
-        notes.append("logits include the reference's, from its no-grad forward at every step (preference objective)")
+        notes.append(
+            "logits include a no-grad forward's at every step (the reference with adapters off, or KTO's KL row)"
+        )
     return MemoryEstimate(
         setup=setup,
         parameters=shape.parameters(),

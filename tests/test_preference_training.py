@@ -267,6 +267,17 @@ def test_full_dpo_keeps_its_reference_and_a_resume_does_not_recompute_it(
     assert (out / "model.safetensors").exists()
 
 
+def test_full_kto_keeps_the_reference_of_its_answers_and_kl_sequences(tiny_chat_model, pair_files, tmp_path):
+    out = tmp_path / "out"
+    trainer = finetune(
+        *run_flags(tiny_chat_model, pair_files[0], out, "--objective kto --max_steps 2 --learning_rate 1e-4")
+    )
+    kept = json.loads((out / "reference_logps.json").read_text())["train"]
+    assert len(kept) == 32  # each pair unpaired into a desirable and an undesirable example
+    assert all(answer < 0 and kl < 0 for answer, kl in kept)
+    assert reward_entries(trainer)[0]["kl"] == 0  # policy = reference at the first step
+
+
 # --- packing: one row of many pairs is the pairs' own micro-batches, averaged ----------------------------------------
 
 
