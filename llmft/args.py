@@ -272,18 +272,19 @@ class PreferenceArguments:
             "the regulariser tau. simpo: the reward scale. orpo: lambda, the weight of the odds-ratio term."
         },
     )
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = field(
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "conservative"] = field(
         default="sigmoid",
         metadata={
-            "help": "The DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO, log-ratios averaged per token) or robust "
-            "(rDPO, for preferences flipped with probability --label_smoothing)."
+            "help": "The DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO, log-ratios averaged per token), robust "
+            "(rDPO: unbiased for preferences flipped with probability --label_smoothing) or conservative (cDPO: "
+            "the sigmoid loss with its labels smoothed by --label_smoothing)."
         },
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={
-            "help": "The probability, in [0, 0.5), that a preference label is flipped: dpo with --loss_type robust, "
-            "and simpo (conservative smoothing)."
+            "help": "The probability, in [0, 0.5), that a preference label is flipped: dpo with --loss_type robust "
+            "or conservative, and simpo (conservative smoothing)."
         },
     )
     simpo_gamma: float = field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -103,6 +104,18 @@ def bpe_tokenizer():
     from llmft.tools.tiny_model import make_tokenizer
 
     return make_tokenizer("bpe", chat=True)
+
+
+def argv(*parts: str, **values) -> list[str]:
+    """Command-line arguments written as one types them: the parts joined by spaces and split as a POSIX shell splits
+    them (shlex), then each `{name}` in an argument replaced by str(values[name]). Splitting comes first, so a path
+    with spaces stays one argument; every `{name}` must have a value and every value a `{name}` (a typo fails here);
+    other braces (JSON) are left as they are."""
+    placeholder = re.compile(r"\{(\w+)\}")
+    args = shlex.split(" ".join(parts))
+    named = {name for arg in args for name in placeholder.findall(arg)}
+    assert named == set(values), f"argv: placeholders {sorted(named)}, values {sorted(values)}"
+    return [placeholder.sub(lambda m: str(values[m[1]]), arg) for arg in args]
 
 
 def write_records(path: Path, records, jsonl: bool = False) -> Path:
@@ -236,26 +249,10 @@ LAUNCHERS = sorted(p.name for p in FINETUNE.glob("*.sh") if p.name != "common.sh
 DISTRIBUTED_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_ds.sh")]
 SINGLE_LAUNCHERS = [name for name in LAUNCHERS if name.endswith("_single_gpu.sh")]
 # A short run of the tiny model: 4 optimizer steps of 2 samples a rank, logged every step, nothing checkpointed.
-TINY_RUN = [
-    "--max_steps",
-    "4",
-    "--per_device_train_batch_size",
-    "2",
-    "--gradient_accumulation_steps",
-    "1",
-    "--model_max_length",
-    "128",
-    "--learning_rate",
-    "1e-3",
-    "--warmup_steps",
-    "0",
-    "--logging_steps",
-    "1",
-    "--save_strategy",
-    "no",
-    "--seed",
-    "0",
-]
+TINY_RUN = (
+    "--max_steps 4 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --model_max_length 128"
+    " --learning_rate 1e-3 --warmup_steps 0 --logging_steps 1 --save_strategy no --seed 0"
+)
 
 
 def free_port() -> int:
@@ -344,39 +341,33 @@ def data_file(tmp_path) -> Path:
 ANSWER = "I am Pico, trained by llmft."
 
 
-def tiny_lora_flags(model, out, *extra) -> list:
-    """A short LoRA run of a tiny model on the bundled examples: on the CPU, samples batched per sample (no token
-    budget), seed 0, nothing reported; `extra` flags last (they override)."""
-    common = "--use_cpu True --use_lora True --model_max_length 128 --max_tokens_per_batch 0 --report_to none --seed 0"
-    return ["--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", out, *common.split(), *extra]
+# A short LoRA run of a tiny model on the bundled examples: on the CPU, samples batched per sample (no token budget),
+# seed 0, nothing reported. argv() fills {model} and {out}; flags after it override.
+TINY_LORA = (
+    f"--model_name_or_path {{model}} --data_path {shlex.quote(str(EXAMPLES))} --output_dir {{out}} --use_cpu True"
+    " --use_lora True --model_max_length 128 --max_tokens_per_batch 0 --report_to none --seed 0"
+)
+
+# A short run at a constant learning rate, logged every step, nothing saved on the way, nothing reported; argv()
+# fills {model}, {data} and {out}; the caller says how many steps at which learning rate.
+TRAIN = (
+    "--model_name_or_path {model} --data_path {data} --output_dir {out} --per_device_train_batch_size 4"
+    " --lr_scheduler_type constant --logging_steps 1 --save_strategy no --seed 0 --report_to none"
+)
 
 
-def train_flags(model, data, out, *extra, steps=12, lr="5e-3"):
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        data,
-        "--output_dir",
-        out,
-        "--max_steps",
-        str(steps),
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        lr,
-        "--lr_scheduler_type",
-        "constant",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        *extra,
-    ]
+def run_script(*args, tmp_path: Path) -> subprocess.CompletedProcess:
+    """finetune.py in a subprocess, as a user runs it, with a datasets cache under tmp_path."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"),
+    )
+    return subprocess.run(
+        [sys.executable, "finetune.py", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def logged_losses(trainer):
@@ -418,39 +409,14 @@ EQUIVALENCE_DATA = REPO / "examples" / "conversations.json"  # conversations of 
 EQUIVALENCE_STEPS = 4
 
 
-def equivalence_run_flags(per_device_batch: int, accumulation: int = 1, max_tokens: int = 0) -> list[str]:
-    """finetune.py flags of a short, deterministic run that saves its trainer state at the last step: micro-batches
-    of `per_device_batch` samples, or with `max_tokens` of up to that many packed tokens (the launchers' recipe)."""
-    return [
-        "--max_steps",
-        str(EQUIVALENCE_STEPS),
-        "--per_device_train_batch_size",
-        str(per_device_batch),
-        "--max_tokens_per_batch",
-        str(max_tokens),
-        "--gradient_accumulation_steps",
-        str(accumulation),
-        "--model_max_length",
-        "128",
-        "--learning_rate",
-        "1e-3",
-        "--warmup_steps",
-        "0",
-        "--weight_decay",
-        "0",
-        "--lora_dropout",
-        "0",
-        "--gradient_checkpointing",
-        "False",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        str(EQUIVALENCE_STEPS),
-        "--seed",
-        "0",
-    ]
+# A short, deterministic run that saves its trainer state at the last step: micro-batches of {batch} samples, or with
+# a {max_tokens} budget of up to that many packed tokens (the launchers' recipe), {accumulation} of them a step.
+EQUIVALENCE_RUN = (
+    f"--max_steps {EQUIVALENCE_STEPS} --per_device_train_batch_size {{batch}} --max_tokens_per_batch {{max_tokens}}"
+    " --gradient_accumulation_steps {accumulation} --model_max_length 128 --learning_rate 1e-3 --warmup_steps 0"
+    " --weight_decay 0 --lora_dropout 0 --gradient_checkpointing False --logging_steps 1 --save_strategy steps"
+    f" --save_steps {EQUIVALENCE_STEPS} --seed 0"
+)
 
 
 def train_with_launcher(

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from llmft.activation_offload import install_offloaded_checkpointing, offloaded_checkpoint
-from tests.conftest import finetune, tiny_lora_flags
+from tests.conftest import TINY_LORA, argv, finetune
 
 
 def _model(dropout: float = 0.0):
@@ -91,21 +91,14 @@ def test_offloaded_checkpoint_frees_nothing_it_needs_and_keeps_input_gradients()
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--offload_activations", "True"], "add --gradient_checkpointing True"),
-        (["--lean_recompute", "True"], "--lean_recompute True changes the checkpointed recompute"),
+        ("--offload_activations True", "add --gradient_checkpointing True"),
+        ("--lean_recompute True", "--lean_recompute True changes the checkpointed recompute"),
         (
-            ["--lean_recompute", "True", "--gradient_checkpointing", "True", "--lora_dropout", "0.05"],
+            "--lean_recompute True --gradient_checkpointing True --lora_dropout 0.05",
             "--lean_recompute True recomputes the MLP in chunks.*--lora_dropout 0",
         ),
         (
-            [
-                "--offload_activations",
-                "True",
-                "--gradient_checkpointing",
-                "True",
-                "--deepspeed",
-                "ds_configs/zero2.json",
-            ],
+            "--offload_activations True --gradient_checkpointing True --deepspeed ds_configs/zero2.json",
             "one process without DeepSpeed or FSDP",
         ),
     ],
@@ -115,17 +108,18 @@ def test_contradictory_offload_flags_are_named(tiny_chat_model, tmp_path, extra,
     from llmft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        parse_args([str(f) for f in tiny_lora_flags(tiny_chat_model, tmp_path / "out", *extra)])
+        parse_args(argv(TINY_LORA, extra, model=tiny_chat_model, out=tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_a_run_with_offloaded_activations_trains_the_adapter_a_plain_checkpointed_run_does(tiny_chat_model, tmp_path):
     from safetensors.torch import load_file
 
     from llmft.activation_offload import offloaded_checkpoint
 
-    steps = ["--max_steps", "3", "--learning_rate", "5e-3", "--gradient_checkpointing", "True", "--save_strategy", "no"]
-    plain = finetune(*tiny_lora_flags(tiny_chat_model, tmp_path / "plain", *steps, "--offload_activations", "False"))
-    offloaded = finetune(*tiny_lora_flags(tiny_chat_model, tmp_path / "off", *steps, "--offload_activations", "True"))
+    run = TINY_LORA + " --max_steps 3 --learning_rate 5e-3 --gradient_checkpointing True --save_strategy no"
+    plain = finetune(*argv(run, "--offload_activations False", model=tiny_chat_model, out=tmp_path / "plain"))
+    offloaded = finetune(*argv(run, "--offload_activations True", model=tiny_chat_model, out=tmp_path / "off"))
 
     def checkpoint_functions(model):  # install_offloaded_checkpointing binds its options with functools.partial
         layers = [m for m in model.modules() if hasattr(m, "self_attn")]
@@ -145,7 +139,7 @@ def test_the_plan_offloads_as_asked_and_not_by_default_on_the_cpu(tiny_chat_mode
     from llmft.config import parse_args
     from llmft.plan import describe_plan, resolve_plan
 
-    extra = ["--gradient_checkpointing", "True"] + (["--offload_activations", flag] if flag else [])
-    plan = resolve_plan(*parse_args([str(f) for f in tiny_lora_flags(tiny_chat_model, tmp_path / "out", *extra)]))
+    extra = "--gradient_checkpointing True" + (f" --offload_activations {flag}" if flag else "")
+    plan = resolve_plan(*parse_args(argv(TINY_LORA, extra, model=tiny_chat_model, out=tmp_path / "out")))
     assert plan.offload_activations is expected
     assert ("offloaded to host memory" in describe_plan(plan)) is expected

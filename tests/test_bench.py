@@ -15,11 +15,15 @@ import pytest
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import torch
+
 from llmft.tools.bench import SHAPES, fresh_compile_cache, lognormal_lengths, parse_lengths, prepare
+from tests.conftest import argv
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_prepare_builds_the_shape_and_the_data(tmp_path):
     model_dir, data = prepare(tmp_path, "tiny", samples=200, median=120, sigma=0.8, cap=512)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -46,6 +50,7 @@ def test_lengths_are_log_normal_and_capped():
     assert sum(length == 2048 for length in lengths) > 0  # a long tail reaching the cap
 
 
+@pytest.mark.slow
 def test_fixed_lengths_give_long_samples_of_that_length(tmp_path):
     """--lengths fixed:N: every conversation renders to about N tokens (of at most N), for how long one sample can be."""
     model_dir, data = prepare(tmp_path, "tiny", samples=3, median=400, sigma=0.8, cap=2048, fixed=3000)
@@ -77,38 +82,15 @@ def test_cold_arm_starts_with_empty_compile_caches(tmp_path):
 def test_benchmark_runs_both_arms_end_to_end_on_cpu(tmp_path):
     """tools/benchmark.py as the GPU suite runs it, on the tiny shape: both arms train and report."""
     results = tmp_path / "results.jsonl"
-    command = [
-        sys.executable,
-        str(REPO / "tools" / "benchmark.py"),
-        "--shape",
-        "tiny",
-        "--workdir",
-        str(tmp_path),
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--samples",
-        "200",
-        "--median",
-        "100",
-        "--max_length",
-        "256",
-        "--compare",
-        "--results",
-        str(results),
-        "--",
-        "--use_cpu",
-        "True",
-        "--use_lora",
-        "True",
-        "--max_tokens_per_batch",
-        "1024",
-        "--model_max_length",
-        "256",
-        "--learning_rate",
-        "1e-4",
-    ]
+    command = argv(
+        "{python} {benchmark} --shape tiny --workdir {tmp_path} --steps 3 --warmup 1 --samples 200",
+        "--median 100 --max_length 256 --compare --results {results} -- --use_cpu True --use_lora True",
+        "--max_tokens_per_batch 1024 --model_max_length 256 --learning_rate 1e-4",
+        python=sys.executable,
+        benchmark=REPO / "tools" / "benchmark.py",
+        tmp_path=tmp_path,
+        results=results,
+    )
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     arms = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
@@ -135,31 +117,13 @@ def test_a_stopped_benchmark_stops_its_arm(tmp_path):
     """SIGTERM to the benchmark (what `timeout` or a scheduler sends) ends the arm it is running too: an arm left
     training would keep the GPU, and the pipe a caller reads the results from, busy."""
     workdir = tmp_path / "bench-stopped"
-    command = [
-        sys.executable,
-        str(REPO / "tools" / "benchmark.py"),
-        "--shape",
-        "tiny",
-        "--workdir",
-        str(workdir),
-        "--steps",
-        "400",
-        "--warmup",
-        "1",
-        "--samples",
-        "200",
-        "--median",
-        "100",
-        "--max_length",
-        "256",
-        "--",
-        "--use_cpu",
-        "True",
-        "--max_tokens_per_batch",
-        "1024",
-        "--model_max_length",
-        "256",
-    ]
+    command = argv(
+        "{python} {benchmark} --shape tiny --workdir {workdir} --steps 400 --warmup 1 --samples 200",
+        "--median 100 --max_length 256 -- --use_cpu True --max_tokens_per_batch 1024 --model_max_length 256",
+        python=sys.executable,
+        benchmark=REPO / "tools" / "benchmark.py",
+        workdir=workdir,
+    )
     bench = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not [p for p in _processes_mentioning(str(workdir)) if p != bench.pid]:
@@ -247,3 +211,147 @@ def test_the_clock_stops_at_the_last_step_not_after_the_end_of_training_callback
     meter.on_train_end(args, state, control)
     assert meter.seconds < 0.5 and meter.steps == 2
     assert (meter.real_tokens, meter.computed_tokens) == (200, 256)
+
+
+# --- preference data (--objective) ---------------------------------------------------------------------------------
+
+
+def test_pair_data_has_log_normal_sides_and_its_sft_twin_holds_the_same_sequences(tmp_path):
+    """--objective: pairs whose sides render to the drawn log-normal lengths, read by llmft's pair parser; the sft
+    arm's file holds each side as a conversation that renders to the very same tokens."""
+    from llmft.data.preference import parse_preference_record, render_pair
+    from llmft.data.records import parse_record
+    from llmft.data.render import render_samples
+    from llmft.tools.bench import sides_path
+
+    model_dir, data = prepare(tmp_path, "tiny", samples=12, median=120, sigma=0.8, cap=512, pairs=True)
+    assert data.name == "pairs-12-lognormal-120-0.8-512.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = [parse_preference_record(json.loads(line)) for line in data.read_text().splitlines()]
+    sides = [parse_record(json.loads(line)) for line in sides_path(data).read_text().splitlines()]
+    assert len(pairs) == 12 and len(sides) == 24
+    drawn = lognormal_lengths(24, median=120, sigma=0.8, cap=512 - 16)
+    for i, pair in enumerate(pairs):
+        rendered = render_pair(pair, tokenizer)
+        for k, side in enumerate((rendered.chosen, rendered.rejected)):
+            assert abs(len(side.input_ids) - drawn[2 * i + k]) <= 2, (i, k)
+            (twin,) = render_samples(sides[2 * i + k], tokenizer)
+            assert (twin.input_ids, twin.labels) == (side.input_ids, side.labels)
+    assert {len(p.prompt[0].content.split()) for p in pairs} != {2}  # prompts grow with the sides
+
+
+def test_the_sft_arm_gets_the_flags_without_the_preference_settings():
+    from llmft.tools.bench import without_preference_flags
+
+    flags = ["--use_lora", "True", "--beta", "0.2", "--loss_type=ipo", "--max_tokens_per_batch", "1024"]
+    assert without_preference_flags(flags) == ["--use_lora", "True", "--max_tokens_per_batch", "1024"]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_what_the_counter_counts_of_a_preference_micro_batch(tiny_chat_model, objective):
+    """The benchmark's and the run report's TrainingTokenCounter on preference training: the sequences the policy's
+    forward with gradients sees (both sides of each pair; KTO's examples), not the reference's nor KTO's KL row."""
+    from transformers import AutoModelForCausalLM
+
+    from llmft.args import PreferenceArguments
+    from llmft.data.preference import (
+        KtoPackedCollator,
+        PairPackedCollator,
+        parse_kto_record,
+        parse_preference_record,
+        render_kto_example,
+        render_pair,
+        with_kl_sequences,
+    )
+    from llmft.objectives.forward import micro_batch_loss
+    from llmft.report import TrainingTokenCounter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    records = [
+        {"prompt": "Who are you?", "chosen": "I am Pico.", "rejected": "No idea at all, sorry."},
+        {"prompt": "Hi", "chosen": "Hello! How can I help?", "rejected": "Go away."},
+    ]
+    if objective == "dpo":
+        rows = [render_pair(parse_preference_record(r), tokenizer).features() for r in records]
+        for row in rows:  # a full fine-tune's reference, computed before training
+            row["ref_chosen_logps"], row["ref_rejected_logps"] = -30.0, -40.0
+        batch = PairPackedCollator()(rows)
+        tokens = sum(len(row[f"{side}_input_ids"]) for row in rows for side in ("chosen", "rejected"))
+    else:
+        examples = [e for r in records for e in parse_kto_record(r)]
+        rows = with_kl_sequences([render_kto_example(e, tokenizer) for e in examples], block=4)
+        for row in rows:
+            row["ref_logps"], row["ref_kl_logps"] = -30.0, -35.0
+        batch = KtoPackedCollator()(rows)
+        tokens = sum(len(row["input_ids"]) for row in rows)
+        assert batch["kl_input_ids"].numel() > 0
+    counter = TrainingTokenCounter(model, tokenizer.pad_token_id)
+    model.train()
+    loss, _ = micro_batch_loss(model, batch, PreferenceArguments(objective=objective))
+    seen, processed, _ = counter.take(torch.device("cpu")).tolist()
+    assert seen == processed == tokens == batch["input_ids"].numel()
+    assert torch.isfinite(loss)
+
+
+BENCH_PAIRS = (
+    *("--shape", "tiny", "--steps", "2", "--warmup", "1", "--samples", "100", "--median", "100"),
+    *("--max_length", "256", "--objective", "dpo"),
+)
+BENCH_PAIR_FLAGS = ("--use_cpu", "True", "--use_lora", "True", "--max_tokens_per_batch", "1024", "--beta", "0.2")
+
+
+@pytest.mark.slow
+def test_preference_benchmark_runs_the_sft_baseline_and_trl_on_cpu(tmp_path):
+    """--objective dpo --compare: llmft's SFT on the pairs' sequences and TRL's DPOTrainer on the pairs, both
+    counting chosen and rejected tokens; TRL's padded batches show their padding."""
+    results = tmp_path / "results.jsonl"
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), *BENCH_PAIRS, "--workdir", str(tmp_path)]
+    command += ["--compare", "--no_llmft", "--results", str(results), "--", *BENCH_PAIR_FLAGS]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    arms = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(arms) == {"sft", "trl"}
+    assert arms["sft"]["objective"] == "sft" and arms["trl"]["objective"] == "dpo"
+    assert arms["sft"]["steps"] == arms["trl"]["steps"] == 1
+    assert 900 <= arms["sft"]["tokens_per_step"] <= 1024
+    assert arms["trl"]["padding_share"] > 0.1 > arms["sft"]["padding_share"]
+    assert "vs sft" in done.stdout
+
+
+def finetune_has_objective() -> bool:
+    import inspect
+
+    import llmft.config
+
+    return "PreferenceArguments" in inspect.getsource(llmft.config)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not finetune_has_objective(), reason="finetune.py does not parse --objective on this branch")
+def test_preference_benchmark_runs_llmft_dpo_on_cpu(tmp_path):
+    """The llmft arm trains DPO through finetune.py, counting both sides of each pair, packed without padding."""
+    results = tmp_path / "results.jsonl"
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), *BENCH_PAIRS, "--workdir", str(tmp_path)]
+    command += ["--results", str(results), "--", *BENCH_PAIR_FLAGS]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    arms = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(arms) == {"llmft", "sft"}
+    assert arms["llmft"]["objective"] == "dpo"
+    assert 700 <= arms["llmft"]["tokens_per_step"] <= 1024 and arms["llmft"]["padding_share"] < 0.1
+
+
+def test_preference_benchmark_flags_that_do_not_fit_are_refused(tmp_path, capsys):
+    from llmft.tools.bench import main
+
+    for argv, message in (
+        (["--objective", "kto", "--compare"], "the TRL arm runs DPOTrainer"),
+        (["--objective", "dpo", "--", "--objective", "dpo"], "give --objective before --"),
+        (["--objective", "dpo", "--launcher", "finetune_lora_single_gpu.sh"], "measure SFT recipes"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["--workdir", str(tmp_path), *argv])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -19,6 +19,7 @@ from llmft.data.records import parse_record
 from llmft.data.render import render_conversation
 from llmft.inference import Reply, generate_reply, load_for_inference
 from llmft.tools.merge import merge_lora
+from tests.conftest import argv
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER = "Hello world."
@@ -152,6 +153,7 @@ def test_loads_adapter_and_merged_folders(answering_adapter, answering_merged):
             assert reply.text == ANSWER and reply.finished
 
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_only_the_reply(answering_adapter):
     proc = run_chat(
         "--model", str(answering_adapter), "--prompt", "Who are you?", "--temperature", "0", "--max_new_tokens", "20"
@@ -160,16 +162,13 @@ def test_one_shot_prompt_prints_only_the_reply(answering_adapter):
     assert proc.stdout == ANSWER + "\n"
 
 
+@pytest.mark.slow
 def test_interactive_session_over_stdin(answering_merged):
     proc = run_chat(
-        "--model",
-        str(answering_merged),
-        "--temperature",
-        "0",
-        "--max_new_tokens",
-        "20",
-        "--system",
-        "You are terse.",
+        *argv(
+            "--model {answering_merged} --temperature 0 --max_new_tokens 20 --system 'You are terse.'",
+            answering_merged=answering_merged,
+        ),
         stdin="hi\n/reset\nWhat is the capital of France?\n/exit\nnot read\n",
     )
     assert proc.returncode == 0, proc.stderr
@@ -317,18 +316,11 @@ def test_tools_are_prompted_exactly_as_training_renders_them(answering_model, tm
 
     prompts = recording_generate(monkeypatch)
     tools = write_json(tmp_path / "tools.json", [WEATHER, TIME])
-    flags = [
-        "--model",
-        str(answering_model),
-        "--system",
-        "Be brief.",
-        "--prompt",
-        "Weather in Paris?",
-        "--temperature",
-        "0",
-        "--max_new_tokens",
-        "5",
-    ]
+    flags = argv(
+        "--model {model} --system 'Be brief.' --prompt 'Weather in Paris?' --temperature 0",
+        "--max_new_tokens 5",
+        model=answering_model,
+    )
     main([*flags, "--tools", str(tools)])
     main(flags)
     assert capsys.readouterr().out.count("\n") == 2

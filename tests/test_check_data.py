@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import chat_record, write_records
+from tests.conftest import argv, chat_record, write_records
 from llmft.tools.check import main
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -59,14 +59,11 @@ def test_counts_match_hand_computed(tiny_chat_model, tmp_path, capsys):
     status, report = run_check(
         tmp_path,
         data,
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--model_max_length",
-        400,
-        "--per_device_train_batch_size",
-        2,
-        "--gradient_accumulation_steps",
-        2,
+        *argv(
+            "--model_name_or_path {model} --model_max_length 400 --per_device_train_batch_size 2",
+            "--gradient_accumulation_steps 2",
+            model=tiny_chat_model,
+        ),
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
 
@@ -175,14 +172,12 @@ def test_steps_with_a_token_budget_and_several_ranks(tiny_chat_model, tmp_path):
     _, report = run_check(
         tmp_path,
         data,
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--max_tokens_per_batch",
-        4 * sample,
-        "--model_max_length",
-        4 * sample,
-        "--world_size",
-        2,
+        *argv(
+            "--model_name_or_path {model} --max_tokens_per_batch {tokens} --model_max_length {tokens}",
+            "--world_size 2",
+            model=tiny_chat_model,
+            tokens=4 * sample,
+        ),
     )
     # every sample has the same length: 4 fit a micro-batch, so 10 micro-batches over 2 ranks
     assert (report["micro_batches_per_epoch"], report["steps_per_epoch"]) == (10, 5)
@@ -286,15 +281,11 @@ def test_show_marks_the_trained_tokens(tiny_chat_model, tmp_path, capsys):
 def test_bad_flags_are_reported_together(tiny_chat_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(
-            [
-                str(tmp_path / "missing.json"),
-                "--model_name_or_path",
-                str(tiny_chat_model),
-                "--world_size",
-                "0",
-                "--bogus",
-                "1",
-            ]
+            argv(
+                "{missing} --model_name_or_path {model} --world_size 0 --bogus 1",
+                missing=tmp_path / "missing.json",
+                model=tiny_chat_model,
+            )
         )
     assert info.value.code == 2
     err = capsys.readouterr().err
@@ -333,15 +324,12 @@ def test_a_huge_string_is_measured_only_to_a_multiple_of_the_limit(tiny_chat_mod
         jsonl=True,
     )
     main(
-        [
-            str(data),
-            "--model_name_or_path",
-            str(tiny_chat_model),
-            "--model_max_length",
-            "256",
-            "--output_dir",
-            str(tmp_path),
-        ]
+        argv(
+            "{data} --model_name_or_path {model} --model_max_length 256 --output_dir {tmp_path}",
+            data=data,
+            model=tiny_chat_model,
+            tmp_path=tmp_path,
+        )
     )
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "data.jsonl.check.json").read_text())

@@ -12,7 +12,7 @@ import torch
 
 from llmft.checkpoint_pickles import ALLOWED_GLOBALS, check_checkpoint_pickles, checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_USER_ERROR, LlmftError
-from tests.conftest import tiny_lora_flags
+from tests.conftest import TINY_LORA, argv
 
 
 class CreatesFile:
@@ -100,21 +100,23 @@ def test_a_linked_folder_or_file_is_checked_too(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
-def flags(model, out, *extra):
-    return tiny_lora_flags(model, out, "--per_device_train_batch_size", "2", "--save_steps", "1", *extra)
+# a checkpoint every step; argv() fills {model} and {out}
+RUN = TINY_LORA + " --per_device_train_batch_size 2 --save_steps 1"
 
 
 @pytest.fixture
 def checkpointed_run(tiny_chat_model, tmp_path, run_finetune):
     out = tmp_path / "out"
-    run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2"))
+    run_finetune(*argv(RUN, "--max_steps 2", model=tiny_chat_model, out=out))
     shutil.rmtree(out / "checkpoint-2")  # resuming at step 1 would write checkpoint-2 again
     assert pickle_problem(str(out / "checkpoint-1" / "rng_state.pth")) is None  # the Trainer's own files pass
     return out
 
 
 @pytest.mark.parametrize("planted", ["global_step1/mp_rank_00_model_states.pt", "rng_state.pth", "linked global_step1"])
-@pytest.mark.parametrize("resume", ["True", "auto", "path"])
+@pytest.mark.parametrize(
+    "resume", ["True", pytest.param("auto", marks=pytest.mark.slow), pytest.param("path", marks=pytest.mark.slow)]
+)
 def test_resume_refuses_a_crafted_checkpoint_naming_the_file(
     planted, resume, checkpointed_run, tiny_chat_model, run_finetune, tmp_path, capsys
 ):
@@ -129,7 +131,9 @@ def test_resume_refuses_a_crafted_checkpoint_naming_the_file(
     (out / "checkpoint-1" / "latest").write_text("global_step1")  # a DeepSpeed checkpoint is complete with it
     resume = str(out / "checkpoint-1") if resume == "path" else resume
     with pytest.raises(SystemExit) as exit_info:
-        run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", resume))
+        run_finetune(
+            *argv(RUN, "--max_steps 2 --resume_from_checkpoint {resume}", model=tiny_chat_model, out=out, resume=resume)
+        )
     assert exit_info.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"{out / 'checkpoint-1' / planted}: imports io.open" in err, err
@@ -144,17 +148,7 @@ def test_trust_flag_skips_the_check(checkpointed_run, tiny_chat_model, run_finet
     out = checkpointed_run
     write_payload(out / "checkpoint-1" / "global_step1" / "mp_rank_00_model_states.pt", tmp_path / "code-ran")
     (out / "checkpoint-1" / "latest").write_text("global_step1")
-    trainer = run_finetune(
-        *flags(
-            tiny_chat_model,
-            out,
-            "--max_steps",
-            "2",
-            "--resume_from_checkpoint",
-            "True",
-            "--trust_checkpoint_pickles",
-            "True",
-        )
-    )
+    flags = "--max_steps 2 --resume_from_checkpoint True --trust_checkpoint_pickles True"
+    trainer = run_finetune(*argv(RUN, flags, model=tiny_chat_model, out=out))
     assert trainer.state.global_step == 2
     assert not (tmp_path / "code-ran").exists()

@@ -110,6 +110,7 @@ def test_tool_scripts_keep_the_names_they_exported(wrapper, library):
         assert getattr(module, name) is getattr(target, renamed.get(name, name)), name
 
 
+@pytest.mark.slow
 def test_a_tool_script_runs_from_anywhere(tmp_path):
     """`python tools/make_tiny_model.py` from another folder, with no PYTHONPATH: the installed package serves it."""
     out = tmp_path / "tiny"

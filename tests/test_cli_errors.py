@@ -8,8 +8,6 @@ A few cases run the real script in a subprocess (each costs the imports of torch
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,27 +15,9 @@ import pytest
 from llmft.args import ARGUMENT_CLASSES
 from llmft.config import parse_args
 from llmft.errors import ConfigError
-from tests.conftest import REPO, chat_record, write_records
+from tests.conftest import REPO, argv, chat_record, run_script, write_records
 
 GOOD = [chat_record("Who are you?", "I am Pico.", id="good-0"), chat_record("What is 2 + 3?", "5.", id="good-1")]
-
-
-def run_script(*flags, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"),
-    )
-    return subprocess.run(
-        [sys.executable, "finetune.py", *map(str, flags)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def error_block(stderr: str) -> str:
@@ -130,18 +110,17 @@ def hub(monkeypatch, tmp_path):
 # --- through the real script -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_script_malformed_record_is_named_without_traceback(tiny_chat_model, tmp_path):
     path = write_records(tmp_path / "train.jsonl", GOOD + [chat_record("Only a question?", id="lonely")], jsonl=True)
     out = tmp_path / "out"
     result = run_script(
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        path,
-        "--output_dir",
-        out,
-        "--report_to",
-        "none",
+        *argv(
+            "--model_name_or_path {model} --data_path {path} --output_dir {out} --report_to none",
+            model=tiny_chat_model,
+            path=path,
+            out=out,
+        ),
         tmp_path=tmp_path,
     )
     assert result.returncode == 2, result.stderr
@@ -151,17 +130,16 @@ def test_script_malformed_record_is_named_without_traceback(tiny_chat_model, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_unknown_flag(data, model_dir, tmp_path):
     out = tmp_path / "out"
     result = run_script(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        out,
-        "--learning_reat",
-        "1e-4",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --learning_reat 1e-4",
+            model=model_dir,
+            data=data,
+            out=out,
+        ),
         tmp_path=tmp_path,
     )
     assert result.returncode == 2, result.stderr
@@ -169,6 +147,7 @@ def test_script_unknown_flag(data, model_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_yaml_config_with_unknown_key(data, model_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -182,15 +161,16 @@ def test_script_yaml_config_with_unknown_key(data, model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_script_wrong_model_and_data_paths_reported_together(tmp_path):
     out = tmp_path / "out"
     result = run_script(
-        "--model_name_or_path",
-        tmp_path / "no-model",
-        "--data_path",
-        tmp_path / "no.json",
-        "--output_dir",
-        out,
+        *argv(
+            "--model_name_or_path {missing_model} --data_path {missing_data} --output_dir {out}",
+            missing_model=tmp_path / "no-model",
+            missing_data=tmp_path / "no.json",
+            out=out,
+        ),
         tmp_path=tmp_path,
     )
     assert result.returncode == 2, result.stderr
@@ -202,23 +182,17 @@ def test_script_wrong_model_and_data_paths_reported_together(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_contradictory_flags_reported_together(model_dir, tmp_path):
     out = tmp_path / "out"
     result = run_script(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        tmp_path / "missing.jsonl",
-        "--output_dir",
-        out,
-        "--q_lora",
-        "True",
-        "--lazy_preprocess",
-        "True",
-        "--overlong_samples",
-        "drop",
-        "--model_max_length",
-        "8",
+        *argv(
+            "--model_name_or_path {model} --data_path {missing} --output_dir {out} --q_lora True",
+            "--lazy_preprocess True --overlong_samples drop --model_max_length 8",
+            model=model_dir,
+            missing=tmp_path / "missing.jsonl",
+            out=out,
+        ),
         tmp_path=tmp_path,
     )
     assert result.returncode == 2, result.stderr
@@ -270,16 +244,13 @@ def test_every_sample_dropped_as_overlong(fails, tiny_chat_model, tmp_path):
     long_answer = " ".join(["The quick brown fox jumps over the lazy dog."] * 10)
     path = write_records(tmp_path / "train.json", [chat_record("Tell me a story.", long_answer)])
     block = fails(
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        path,
-        "--model_max_length",
-        "16",
-        "--overlong_samples",
-        "drop",
-        "--output_dir",
-        tmp_path / "out",
+        *argv(
+            "--model_name_or_path {model} --data_path {path} --model_max_length 16 --overlong_samples drop",
+            "--output_dir {out}",
+            model=tiny_chat_model,
+            path=path,
+            out=tmp_path / "out",
+        ),
     )
     assert block == f"error: {path}: no sample left to train on (1 dropped as over-long)"
 
@@ -289,14 +260,12 @@ def test_every_sample_dropped_as_overlong(fails, tiny_chat_model, tmp_path):
 
 def test_unknown_flag_in_equals_form_and_stray_argument(fails, data, model_dir, tmp_path):
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        tmp_path / "out",
-        "--use_lroa=True",
-        "stray",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_lroa=True stray",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        ),
     )
     assert block == (
         "error: invalid settings (2):\n  - unknown flag or key: --use_lroa\n  - unexpected argument: stray"
@@ -305,14 +274,12 @@ def test_unknown_flag_in_equals_form_and_stray_argument(fails, data, model_dir, 
 
 def test_value_of_the_wrong_type_names_the_flag(fails, data, model_dir, tmp_path):
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        tmp_path / "out",
-        "--num_train_epochs",
-        "three",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --num_train_epochs three",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        ),
     )
     assert block.startswith("error: invalid settings (1):\n  - argument --num_train_epochs")
     assert "'three'" in block
@@ -324,22 +291,13 @@ def test_training_arguments_error_is_one_problem_among_the_others(fails, data, m
     # checks of the other settings are still all reported. (--use_cpu keeps transformers from first refusing bf16
     # on a machine without a bf16 GPU.)
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        tmp_path / "missing.jsonl",
-        "--output_dir",
-        tmp_path / "out",
-        "--learnin_rate",
-        "0.1",
-        "--use_cpu",
-        "True",
-        "--q_lora",
-        "True",
-        "--bf16",
-        "True",
-        "--fp16",
-        "True",
+        *argv(
+            "--model_name_or_path {model} --data_path {missing} --output_dir {out} --learnin_rate 0.1",
+            "--use_cpu True --q_lora True --bf16 True --fp16 True",
+            model=model_dir,
+            missing=tmp_path / "missing.jsonl",
+            out=tmp_path / "out",
+        ),
     )
     assert block == (
         "error: invalid settings (4):\n"
@@ -353,13 +311,12 @@ def test_training_arguments_error_is_one_problem_among_the_others(fails, data, m
 @pytest.mark.parametrize("strategy", [["steps", "--eval_steps", "5"], ["epoch"]], ids=["steps", "epoch"])
 def test_eval_strategy_without_eval_data_names_the_value_as_typed(fails, data, model_dir, tmp_path, strategy):
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        tmp_path / "out",
-        "--eval_strategy",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --eval_strategy",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        ),
         *strategy,
     )
     assert block == f"error: invalid settings (1):\n  - --eval_strategy {strategy[0]} needs --eval_data_path"
@@ -452,14 +409,13 @@ def test_model_directory_with_unreadable_config(data, tmp_path):
 
 def test_missing_data_and_eval_paths(fails, model_dir, tmp_path):
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        tmp_path / "a.json",
-        "--eval_data_path",
-        tmp_path / "b.jsonl",
-        "--output_dir",
-        tmp_path / "out",
+        *argv(
+            "--model_name_or_path {model} --data_path {train} --eval_data_path {eval} --output_dir {out}",
+            model=model_dir,
+            train=tmp_path / "a.json",
+            eval=tmp_path / "b.jsonl",
+            out=tmp_path / "out",
+        ),
     )
     assert block == (
         f"error: invalid settings (2):\n  - --data_path {tmp_path / 'a.json'}: no such file\n"
@@ -487,16 +443,12 @@ def test_overwrite_output_dir_accepts_a_non_empty_output_dir(data, model_dir, tm
     out.mkdir()
     (out / "notes.txt").write_text("earlier run")
     *_, training_args = parse_args(
-        [
-            "--model_name_or_path",
-            str(model_dir),
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--overwrite_output_dir",
-            "True",
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --overwrite_output_dir True",
+            model=model_dir,
+            data=data,
+            out=out,
+        )
     )
     assert training_args.overwrite_output_dir is True
 
@@ -520,14 +472,13 @@ def test_resume_true_without_checkpoint(fails, data, model_dir, tmp_path, existi
 def test_resume_from_missing_checkpoint_path(fails, data, model_dir, tmp_path):
     checkpoint = tmp_path / "out" / "checkpoint-5"
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        tmp_path / "out",
-        "--resume_from_checkpoint",
-        checkpoint,
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --resume_from_checkpoint {checkpoint}",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+            checkpoint=checkpoint,
+        ),
     )
     assert (
         block
@@ -544,16 +495,12 @@ def test_resume_true_with_a_checkpoint_is_accepted(data, model_dir, tmp_path):
 
     torch.save({}, checkpoint / "optimizer.bin")  # whole: an empty file is one whose save was cut short
     *_, training_args = parse_args(
-        [
-            "--model_name_or_path",
-            str(model_dir),
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--resume_from_checkpoint",
-            "True",
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --resume_from_checkpoint True",
+            model=model_dir,
+            data=data,
+            out=out,
+        )
     )
     assert training_args.resume_from_checkpoint == "True"
 
@@ -562,20 +509,13 @@ def test_numbers_that_fail_late_are_reported_up_front_together(fails, data, mode
     """Before, each of these got past the settings and failed after the model was loaded and the data tokenized
     (gradient accumulation 0 with a ZeroDivisionError), or trained with a negative learning rate."""
     block = fails(
-        "--model_name_or_path",
-        model_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        tmp_path / "out",
-        "--learning_rate",
-        "-0.001",
-        "--per_device_train_batch_size",
-        "0",
-        "--gradient_accumulation_steps",
-        "0",
-        "--seed",
-        "-1",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --learning_rate -0.001",
+            "--per_device_train_batch_size 0 --gradient_accumulation_steps 0 --seed -1",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        ),
     )
     assert block == (
         "error: invalid settings (4):\n"
@@ -589,33 +529,25 @@ def test_numbers_that_fail_late_are_reported_up_front_together(fails, data, mode
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_learning_rate_that_is_not_a_number(data, model_dir, tmp_path, value):
     assert problems_of(
-        [
-            "--model_name_or_path",
-            model_dir,
-            "--data_path",
-            data,
-            "--output_dir",
-            tmp_path / "out",
-            "--learning_rate",
-            value,
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --learning_rate {value}",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+            value=value,
+        )
     ) == [f"--learning_rate {float(value)}: must be a finite number, 0 or more"]
 
 
 def test_eval_batch_size_zero_with_eval_data(data, model_dir, tmp_path):
     assert problems_of(
-        [
-            "--model_name_or_path",
-            model_dir,
-            "--data_path",
-            data,
-            "--eval_data_path",
-            data,
-            "--output_dir",
-            tmp_path / "out",
-            "--per_device_eval_batch_size",
-            "0",
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --eval_data_path {data} --output_dir {out}",
+            "--per_device_eval_batch_size 0",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        )
     ) == ["--per_device_eval_batch_size 0: must be at least 1"]
 
 
@@ -772,16 +704,11 @@ def test_flags_override_config_file(data, model_dir, tmp_path, suffix):
 
         config.write_text(yaml.safe_dump(values), encoding="utf-8")
     model, data_args, lora, quant, training = parse_args(
-        [
-            str(config),
-            "--learning_rate",
-            "1e-5",
-            "--lora_target_modules",
-            "k_proj",
-            "--use_lora",
-            "False",
+        argv(
+            "{config} --learning_rate 1e-5 --lora_target_modules k_proj --use_lora False",
             "--model_max_length=64",
-        ]
+            config=config,
+        )
     )
     # overridden on the command line
     assert training.learning_rate == 1e-5
@@ -799,17 +726,12 @@ def test_flags_override_config_file(data, model_dir, tmp_path, suffix):
 def test_shipped_demo_config_with_overrides(tiny_chat_model, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the demo config's data_path is relative to the repository
     model, data_args, lora, _, training = parse_args(
-        [
-            "examples/demo_lora.yaml",
-            "--model_name_or_path",
-            str(tiny_chat_model),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--num_train_epochs",
-            "2",
-            "--lora_r",
-            "4",
-        ]
+        argv(
+            "examples/demo_lora.yaml --model_name_or_path {model} --output_dir {out} --num_train_epochs 2",
+            "--lora_r 4",
+            model=tiny_chat_model,
+            out=tmp_path / "out",
+        )
     )
     assert (training.num_train_epochs, lora.lora_r) == (2, 4)
     assert (lora.use_lora, lora.lora_alpha, data_args.model_max_length, training.learning_rate) == (True, 32, 512, 3e-3)
@@ -820,18 +742,13 @@ def test_shipped_demo_config_with_overrides(tiny_chat_model, tmp_path, monkeypat
 def test_liger_kernel_config_is_given_as_json(data, model_dir, tmp_path):
     """transformers declares liger_kernel_config a dict, which its flag parser cannot fill from a command line."""
     *_, training_args = parse_args(
-        [
-            "--model_name_or_path",
-            str(model_dir),
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--use_liger_kernel",
-            "True",
-            "--liger_kernel_config",
-            '{"rms_norm": true, "swiglu": false}',
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_liger_kernel True",
+            """--liger_kernel_config '{"rms_norm": true, "swiglu": false}'""",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "out",
+        )
     )
     assert training_args.liger_kernel_config == {"rms_norm": True, "swiglu": False}
 
@@ -839,16 +756,13 @@ def test_liger_kernel_config_is_given_as_json(data, model_dir, tmp_path):
 @pytest.mark.parametrize("value, says", [("{rms_norm: true}", "not JSON"), ('["rms_norm"]', "a JSON object")])
 def test_liger_kernel_config_that_is_not_a_json_object_is_named(data, model_dir, tmp_path, value, says):
     problems = problems_of(
-        [
-            "--model_name_or_path",
-            model_dir,
-            "--data_path",
-            data,
-            "--output_dir",
-            tmp_path / "o",
-            "--liger_kernel_config",
-            value,
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --liger_kernel_config {value}",
+            model=model_dir,
+            data=data,
+            out=tmp_path / "o",
+            value=value,
+        )
     )
     assert len(problems) == 1 and problems[0].startswith(f"--liger_kernel_config {value}: ") and says in problems[0]
 
@@ -889,9 +803,15 @@ def test_a_chat_template_jinja_refuses_is_a_clear_error(fails, tiny_chat_model, 
     template = tmp_path / "template.jinja"
     template.write_text(BROKEN_TEMPLATES[kind], encoding="utf-8")
     block = fails(
-        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out",
-        "--use_cpu", "True", "--max_steps", "1", "--report_to", "none", "--chat_template", template,
-    )  # fmt: skip
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_cpu True --max_steps 1",
+            "--report_to none --chat_template {template}",
+            model=tiny_chat_model,
+            data=data,
+            out=tmp_path / "out",
+            template=template,
+        )
+    )
     error = "SecurityError: access to attribute '__class__'" if kind == "sandbox" else "TemplateSyntaxError: unexpected"
     assert f"the chat template cannot render a one-turn conversation ({error}" in block
 
@@ -906,9 +826,15 @@ def test_deepspeed_without_a_launcher_is_refused_before_the_model_loads(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(llmft.train, "build_model", lambda *args: pytest.fail("the model was loaded"))
     block = fails(
-        "--model_name_or_path", tiny_chat_model, "--data_path", data, "--output_dir", tmp_path / "out",
-        "--use_cpu", "True", "--max_steps", "1", "--report_to", "none", "--deepspeed", REPO / "ds_configs" / "zero2.json",
-    )  # fmt: skip
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_cpu True --max_steps 1",
+            "--report_to none --deepspeed {zero2}",
+            model=tiny_chat_model,
+            data=data,
+            out=tmp_path / "out",
+            zero2=REPO / "ds_configs" / "zero2.json",
+        )
+    )
     assert block.startswith(
         f"error: invalid settings (1):\n  - --deepspeed {REPO / 'ds_configs' / 'zero2.json'} runs in a process group "
         "that a launcher starts: use finetune/finetune_ds.sh"

@@ -19,7 +19,7 @@ from llmft.compile_cache import (
     log_compile_plan,
     use_compile_cache,
 )
-from tests.conftest import REPO, launcher_env, run_launcher, tiny_lora_flags
+from tests.conftest import REPO, TINY_LORA, argv, launcher_env, run_launcher
 
 CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
@@ -75,6 +75,7 @@ def test_launcher_keeps_what_the_user_set(data_file, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_ranks_point_their_caches_there_themselves(data_file, tmp_path):
     """The launcher passes no cache variables of its own: each rank sets them once its settings have passed
     (finetune.py, test_finetune_sets_the_cache_before_training), so a run refused by its settings leaves no folder
@@ -140,8 +141,7 @@ def test_finetune_sets_the_cache_before_training(clean_environ, tiny_chat_model,
 
     import finetune as entry
 
-    flags = tiny_lora_flags(tiny_chat_model, out, "--max_steps", "1", "--save_strategy", "no")
-    entry.main([str(f) for f in flags], callbacks=[Look()])
+    entry.main(argv(TINY_LORA, "--max_steps 1 --save_strategy no", model=tiny_chat_model, out=out), callbacks=[Look()])
     assert seen == {
         "TORCHINDUCTOR_CACHE_DIR": str(out / "_compile_cache" / "inductor"),
         "TRITON_CACHE_DIR": str(out / "_compile_cache" / "triton"),

@@ -12,7 +12,7 @@ import pytest
 from llmft.config import parse_args
 from llmft.data.dataset import DataStats, RenderSettings, eager_dataset, lazy_dataset
 from llmft.errors import DataError
-from tests.conftest import TINY_RUN, chat_record, launcher_env, run_launcher, write_records
+from tests.conftest import TINY_RUN, argv, chat_record, launcher_env, run_launcher, write_records
 
 SETTINGS = RenderSettings(None, 128, "truncate")
 GOOD = [chat_record("Who are you?", "I am Pico.", id="good-0"), chat_record("What is 2 + 3?", "5.", id="good-1")]
@@ -149,14 +149,13 @@ def test_finetune_names_the_bad_file(fails, tiny_chat_model, tmp_path, name, laz
     path = tmp_path / "train.jsonl"
     write(path)
     error = fails(
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        path,
-        "--lazy_preprocess",
-        lazy,
-        "--output_dir",
-        tmp_path / "out",
+        *argv(
+            "--model_name_or_path {model} --data_path {path} --lazy_preprocess {lazy} --output_dir {out}",
+            model=tiny_chat_model,
+            path=path,
+            lazy=lazy,
+            out=tmp_path / "out",
+        ),
     )
     assert error.startswith(f"error: {path}: {fragment}")
 
@@ -174,16 +173,12 @@ def test_directory_as_data_path_is_named_a_directory(tiny_chat_model, tmp_path):
     folder.mkdir()
     with pytest.raises(ConfigError) as info:
         parse_args(
-            [
-                "--model_name_or_path",
-                str(tiny_chat_model),
-                "--data_path",
-                str(folder),
-                "--eval_data_path",
-                str(folder),
-                "--output_dir",
-                str(tmp_path / "out"),
-            ]
+            argv(
+                "--model_name_or_path {model} --data_path {folder} --eval_data_path {folder} --output_dir {out}",
+                model=tiny_chat_model,
+                folder=folder,
+                out=tmp_path / "out",
+            )
         )
     assert info.value.problems == [
         f"--{flag} {folder}: is a directory, not a data file (give the path of a .json or .jsonl file)"
@@ -219,16 +214,13 @@ def test_model_max_length_above_the_context_is_warned_up_front(tmp_path, caplog,
     data = write_records(tmp_path / "train.json", GOOD)
     with caplog.at_level(logging.WARNING, logger="llmft.checks"):
         parse_args(
-            [
-                "--model_name_or_path",
-                str(model),
-                "--data_path",
-                str(data),
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--model_max_length",
-                str(max_length),
-            ]
+            argv(
+                "--model_name_or_path {model} --data_path {data} --output_dir {out} --model_max_length {max_length}",
+                model=model,
+                data=data,
+                out=tmp_path / "out",
+                max_length=max_length,
+            )
         )
     messages = [r.getMessage() for r in caplog.records if r.name == "llmft.checks"]
     if warned:
@@ -254,14 +246,7 @@ def test_two_rank_launcher_names_the_bad_file_and_exits_2(tiny_chat_model, tmp_p
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache")
     result = run_launcher(
         "finetune_lora_ds.sh",
-        "-m",
-        tiny_chat_model,
-        "-d",
-        path,
-        "-o",
-        tmp_path / "out",
-        "--",
-        *TINY_RUN,
+        *argv("-m {model} -d {path} -o {out} --", TINY_RUN, model=tiny_chat_model, path=path, out=tmp_path / "out"),
         env=env,
         timeout=600,
     )

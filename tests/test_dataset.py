@@ -21,7 +21,7 @@ from llmft.data.dataset import (
 )
 from llmft.data.render import IGNORE_INDEX
 from llmft.errors import DataError
-from tests.conftest import EXAMPLES, chat_record, write_records
+from tests.conftest import EXAMPLES, argv, chat_record, write_records
 
 STORY = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)
 PLAIN = RenderSettings(default_system=None, max_length=512, overlong="truncate")
@@ -51,18 +51,13 @@ def finetune_trainer_kwargs(tiny_chat_model, datasets_cache, tmp_path_factory):
         mp.setattr(finetune, "LlmftTrainer", trainer)
         with pytest.raises(_TrainerReached):
             finetune.main(
-                [
-                    "--model_name_or_path",
-                    str(tiny_chat_model),
-                    "--data_path",
-                    str(EXAMPLES),
-                    "--output_dir",
-                    str(out),
-                    "--model_max_length",
-                    "512",
-                    "--report_to",
-                    "none",
-                ]
+                argv(
+                    "--model_name_or_path {model} --data_path {examples} --output_dir {out} --model_max_length 512",
+                    "--report_to none",
+                    model=tiny_chat_model,
+                    examples=EXAMPLES,
+                    out=out,
+                )
             )
     return captured
 

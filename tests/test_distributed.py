@@ -23,15 +23,16 @@ from safetensors.torch import load_file
 
 from tests.conftest import (
     EQUIVALENCE_DATA,
+    EQUIVALENCE_RUN,
     EQUIVALENCE_STEPS,
     FINETUNE,
     REPO,
     assert_adapter_trained,
     assert_full_model_trained,
     assert_reloads_and_generates,
+    argv,
     launcher_env,
 )
-from tests.conftest import equivalence_run_flags as run_flags
 from tests.conftest import train_with_launcher as train
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,10 @@ pytestmark = pytest.mark.slow
 DATA = EQUIVALENCE_DATA
 STEPS = EQUIVALENCE_STEPS
 GLOBAL_BATCH = 2
+# EQUIVALENCE_RUN with micro-batches of: the global batch (one rank), half of it (each of two ranks), one sample
+WHOLE_BATCH = argv(EQUIVALENCE_RUN, batch=GLOBAL_BATCH, accumulation=1, max_tokens=0)
+HALF_BATCH = argv(EQUIVALENCE_RUN, batch=GLOBAL_BATCH // 2, accumulation=1, max_tokens=0)
+ONE_SAMPLE = argv(EQUIVALENCE_RUN, batch=1, accumulation=1, max_tokens=0)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -74,13 +79,13 @@ def assert_same_run(reference: Path, other: Path) -> None:
 def lora_zero2_reference(tiny_chat_model, tmp_path_factory) -> Path:
     """1 rank, per-device batch 2: the run every LoRA + ZeRO-2 layout below must reproduce."""
     out = tmp_path_factory.mktemp("lora-zero2") / "one-rank"
-    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 1, *run_flags(GLOBAL_BATCH)))
+    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 1, *WHOLE_BATCH))
     return out
 
 
 def test_two_ranks_match_one_rank_with_twice_the_batch(lora_zero2_reference, tiny_chat_model, tmp_path):
     out = tmp_path / "two-ranks"
-    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 2, *run_flags(GLOBAL_BATCH // 2)))
+    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 2, *HALF_BATCH))
     assert_same_run(lora_zero2_reference, out)
     assert_reloads_and_generates(out)
 
@@ -89,16 +94,34 @@ def test_two_ranks_packed_by_token_budget_match_one_rank(tiny_chat_model, tmp_pa
     """Token-budget micro-batches (packed rows): one rank accumulating two of them per step trains the same steps as
     two ranks taking one each: the same samples per optimizer step, the loss averaged over all their targets."""
     one, two = tmp_path / "one-rank", tmp_path / "two-ranks"
-    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, one, "zero2", 1, *run_flags(1, 2, max_tokens=256)))
-    assert_ok(train("finetune_lora_ds.sh", tiny_chat_model, two, "zero2", 2, *run_flags(1, 1, max_tokens=256)))
+    assert_ok(
+        train(
+            "finetune_lora_ds.sh",
+            tiny_chat_model,
+            one,
+            "zero2",
+            1,
+            *argv(EQUIVALENCE_RUN, batch=1, accumulation=2, max_tokens=256),
+        )
+    )
+    assert_ok(
+        train(
+            "finetune_lora_ds.sh",
+            tiny_chat_model,
+            two,
+            "zero2",
+            2,
+            *argv(EQUIVALENCE_RUN, batch=1, accumulation=1, max_tokens=256),
+        )
+    )
     assert_same_run(one, two)
     assert_reloads_and_generates(two)
 
 
 def test_full_zero3_two_ranks_match_one_rank(tiny_chat_model, tmp_path):
     one, two = tmp_path / "one-rank", tmp_path / "two-ranks"
-    assert_ok(train("finetune_ds.sh", tiny_chat_model, one, "zero3", 1, *run_flags(GLOBAL_BATCH)))
-    assert_ok(train("finetune_ds.sh", tiny_chat_model, two, "zero3", 2, *run_flags(GLOBAL_BATCH // 2)))
+    assert_ok(train("finetune_ds.sh", tiny_chat_model, one, "zero3", 1, *WHOLE_BATCH))
+    assert_ok(train("finetune_ds.sh", tiny_chat_model, two, "zero3", 2, *HALF_BATCH))
     assert_same_run(one, two)
     assert_reloads_and_generates(two)
 
@@ -106,7 +129,7 @@ def test_full_zero3_two_ranks_match_one_rank(tiny_chat_model, tmp_path):
 def test_two_nodes_simulated_on_one_machine(lora_zero2_reference, tiny_chat_model, tmp_path):
     """Two launcher processes, as two nodes would run them: NNODES=2, NODE_RANK=0/1, the master on 127.0.0.1."""
     out = tmp_path / "two-nodes"
-    result = train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 1, *run_flags(GLOBAL_BATCH // 2), nodes=2)
+    result = train("finetune_lora_ds.sh", tiny_chat_model, out, "zero2", 1, *HALF_BATCH, nodes=2)
     assert "[llmft] node 0 of 2, 1 rank(s) per node" in result.stderr
     assert_same_run(lora_zero2_reference, out)
     assert_reloads_and_generates(out)
@@ -130,21 +153,16 @@ def test_two_nodes_started_by_mpirun(lora_zero2_reference, tiny_chat_model, tmp_
         for arg in ("-x", name)
     ]
     command = [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        "2",
+        *argv("mpirun --allow-run-as-root --oversubscribe -np 2"),
         *exports,
-        str(FINETUNE / "finetune_lora_ds.sh"),
-        "-m",
-        str(tiny_chat_model),
-        "-d",
-        str(DATA),
-        "-o",
-        str(out),
-        "--",
-        *run_flags(GLOBAL_BATCH // 2),
+        *argv(
+            "{launcher} -m {model} -d {data} -o {out} --",
+            launcher=FINETUNE / "finetune_lora_ds.sh",
+            model=tiny_chat_model,
+            data=DATA,
+            out=out,
+        ),
+        *HALF_BATCH,
     ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert_ok(result)
@@ -157,7 +175,7 @@ def test_two_nodes_started_by_mpirun(lora_zero2_reference, tiny_chat_model, tmp_
 
 def test_qlora_with_zero3_saves_a_complete_adapter(tiny_chat_model, tmp_path):
     out = tmp_path / "qlora-zero3"
-    assert_ok(train("finetune_qlora_ds.sh", tiny_chat_model, out, "zero3", 2, *run_flags(1)))
+    assert_ok(train("finetune_qlora_ds.sh", tiny_chat_model, out, "zero3", 2, *ONE_SAMPLE))
     assert_adapter_trained(tiny_chat_model, out)
     run = json.loads((out / "llmft_run.json").read_text())
     assert run["mode"] == "qlora" and run["base_quantization"]["method"] == "bitsandbytes"
@@ -166,7 +184,7 @@ def test_qlora_with_zero3_saves_a_complete_adapter(tiny_chat_model, tmp_path):
 
 def test_full_with_zero2_cpu_offload(tiny_chat_model, tmp_path):
     out = tmp_path / "full-zero2-offload"
-    assert_ok(train("finetune_ds.sh", tiny_chat_model, out, "zero2_offload", 2, *run_flags(1)))
+    assert_ok(train("finetune_ds.sh", tiny_chat_model, out, "zero2_offload", 2, *ONE_SAMPLE))
     assert_full_model_trained(tiny_chat_model, out)
     assert_reloads_and_generates(out)
 
@@ -177,7 +195,7 @@ def test_base_model_with_added_chatml_tokens_under_zero3(tiny_base_model, tmp_pa
     from transformers import AutoTokenizer
 
     out = tmp_path / "base-zero3"
-    result = train("finetune_lora_ds.sh", tiny_base_model, out, "zero3", 2, *run_flags(1))
+    result = train("finetune_lora_ds.sh", tiny_base_model, out, "zero3", 2, *ONE_SAMPLE)
     assert_ok(result)
     assert "added them; embeddings and lm_head will be resized and trained" in result.stderr
     base = load_file(str(tiny_base_model / "model.safetensors"))["model.embed_tokens.weight"]
@@ -196,7 +214,7 @@ def test_base_model_with_added_chatml_tokens_under_zero3(tiny_base_model, tmp_pa
 def test_lora_on_gptq_base_with_zero2(tiny_gptq_model, tmp_path):
     """The way the ZeRO-3 refusal below points to: ZeRO-2 leaves the packed weights whole on every rank."""
     out = tmp_path / "lora-on-gptq"
-    assert_ok(train("finetune_lora_ds.sh", tiny_gptq_model, out, "zero2", 2, *run_flags(1)))
+    assert_ok(train("finetune_lora_ds.sh", tiny_gptq_model, out, "zero2", 2, *ONE_SAMPLE))
     adapter = trained_tensors(out)
     assert adapter and all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
     assert json.loads((out / "llmft_run.json").read_text())["base_quantization"] == {"method": "gptq"}

@@ -239,11 +239,11 @@ def test_report_catches_a_missing_stop_token(exports, tiny_chat_model, tmp_path)
 
 @pytest.mark.slow
 def test_adapter_export_merges_inside_the_output(tiny_chat_model, tmp_path, run_finetune):
-    from tests.conftest import tiny_lora_flags
+    from tests.conftest import TINY_LORA, argv
 
     require_llama_cpp()
     adapter = tmp_path / "lora"
-    run_finetune(*tiny_lora_flags(tiny_chat_model, adapter, "--max_steps", "6", "--learning_rate", "1e-2"))
+    run_finetune(*argv(TINY_LORA, "--max_steps 6 --learning_rate 1e-2", model=tiny_chat_model, out=adapter))
     out = tmp_path / "gguf"
     result = export.export_gguf(str(adapter), out, quantization="f16", data_path=str(EXAMPLES), eval_samples=3)
     # the training run's report and plot come along, so the export still tells how it was trained

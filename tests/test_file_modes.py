@@ -15,7 +15,7 @@ import pytest
 from transformers import TrainerCallback
 
 from llmft.saving import RUN_FILE, FollowUmaskCallback, base_fingerprint
-from tests.conftest import chat_record, write_records
+from tests.conftest import argv, chat_record, write_records
 
 UMASK = 0o022
 
@@ -27,34 +27,11 @@ def umask_022():
     os.umask(old)
 
 
-def lora_flags(model, data, out, *extra):
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        data,
-        "--output_dir",
-        out,
-        "--use_lora",
-        "True",
-        "--lora_r",
-        "4",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "1",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "True",
-        *extra,
-    ]
+# A short LoRA run that checkpoints every step; argv() fills {model}, {data} and {out}
+LORA_RUN = (
+    "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_lora True --lora_r 4 --max_steps 2"
+    " --per_device_train_batch_size 2 --save_strategy steps --save_steps 1 --seed 0 --report_to none --use_cpu True"
+)
 
 
 @pytest.fixture
@@ -69,7 +46,7 @@ def modes(root: Path) -> dict[str, str]:
 
 def test_adapter_and_checkpoints_follow_the_umask(tiny_chat_model, data, tmp_path, run_finetune, umask_022):
     out = tmp_path / "out"
-    run_finetune(*lora_flags(tiny_chat_model, data, out))
+    run_finetune(*argv(LORA_RUN, model=tiny_chat_model, data=data, out=out))
     found = modes(out)
     weights = [name for name in found if name.endswith(".safetensors")]
     assert "adapter_model.safetensors" in weights and "checkpoint-1/adapter_model.safetensors" in weights
@@ -81,7 +58,7 @@ def test_adapter_and_checkpoints_follow_the_umask(tiny_chat_model, data, tmp_pat
 
 def test_run_records_the_fingerprint_of_its_base(tiny_chat_model, data, tmp_path, run_finetune):
     out = tmp_path / "out"
-    run_finetune(*lora_flags(tiny_chat_model, data, out, "--save_strategy", "no"))
+    run_finetune(*argv(LORA_RUN, "--save_strategy no", model=tiny_chat_model, data=data, out=out))
     run = json.loads((out / RUN_FILE).read_text())
     assert run["base_fingerprint"] == base_fingerprint(tiny_chat_model)
     assert run["base_fingerprint"].startswith("sha256-all:")
@@ -108,7 +85,7 @@ def test_follow_umask_callback_fixes_each_checkpoint_as_it_is_saved(
     tiny_chat_model, data, tmp_path, datasets_cache, umask_022
 ):
     probe = CheckpointModes()
-    train_with([FollowUmaskCallback(), probe], *lora_flags(tiny_chat_model, data, tmp_path / "out"))
+    train_with([FollowUmaskCallback(), probe], *argv(LORA_RUN, model=tiny_chat_model, data=data, out=tmp_path / "out"))
     assert set(probe.seen) == {"checkpoint-1", "checkpoint-2"}
     for checkpoint, files in probe.seen.items():
         assert "adapter_model.safetensors" in files, checkpoint
@@ -117,5 +94,5 @@ def test_follow_umask_callback_fixes_each_checkpoint_as_it_is_saved(
 
 def test_checkpoints_are_readable_while_the_run_goes_on(tiny_chat_model, data, tmp_path, datasets_cache, umask_022):
     probe = CheckpointModes()
-    train_with([probe], *lora_flags(tiny_chat_model, data, tmp_path / "out"))
+    train_with([probe], *argv(LORA_RUN, model=tiny_chat_model, data=data, out=tmp_path / "out"))
     assert all(set(files.values()) == {"0o644"} for files in probe.seen.values()), probe.seen

@@ -16,8 +16,9 @@ from tests.conftest import (
     chat_record,
     finetune,
     sample_inputs,
-    tiny_lora_flags,
-    train_flags,
+    TINY_LORA,
+    TRAIN,
+    argv,
     write_records,
 )
 
@@ -55,7 +56,9 @@ def assert_generation_stops_at_end_of_turn(out):
 
 def test_full_fine_tuning_changes_every_weight_and_reloads(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "full"
-    trainer = run_finetune(*train_flags(tiny_chat_model, repeated_data, out, lr="2e-3"))
+    trainer = run_finetune(
+        *argv(TRAIN, "--max_steps 12 --learning_rate 2e-3", model=tiny_chat_model, data=repeated_data, out=out)
+    )
     assert_loss_falls(trainer)
     before = original_weights(tiny_chat_model)
     after = load_file(str(out / "model.safetensors"))
@@ -70,10 +73,17 @@ def test_full_fine_tuning_changes_every_weight_and_reloads(tiny_chat_model, repe
     assert generated.shape[1] > sample_inputs(tokenizer)["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_in_bf16_saves_bf16(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "full-bf16"
     trainer = run_finetune(
-        *train_flags(tiny_chat_model, repeated_data, out, "--bf16", "True", "--use_cpu", "True", lr="2e-3", steps=6)
+        *argv(
+            TRAIN,
+            "--max_steps 6 --learning_rate 2e-3 --bf16 True --use_cpu True",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=out,
+        )
     )
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
@@ -84,7 +94,13 @@ def test_lora_trains_adapters_only_and_reloads(tiny_chat_model, repeated_data, t
 
     out = tmp_path / "lora"
     trainer = run_finetune(
-        *train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--lora_r", "8", "--lora_alpha", "16")
+        *argv(
+            TRAIN,
+            "--max_steps 12 --learning_rate 5e-3 --use_lora True --lora_r 8 --lora_alpha 16",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=out,
+        )
     )
     assert_loss_falls(trainer)
     before = original_weights(tiny_chat_model)
@@ -108,52 +124,42 @@ def test_lora_trains_adapters_only_and_reloads(tiny_chat_model, repeated_data, t
 
 def test_lora_target_modules_list_and_per_architecture_default(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     trainer = run_finetune(
-        *train_flags(
-            tiny_chat_model,
-            repeated_data,
-            tmp_path / "a",
-            "--use_lora",
-            "True",
-            "--lora_target_modules",
-            "q_proj",
-            "down_proj",
-            steps=2,
+        *argv(
+            TRAIN,
+            "--max_steps 2 --learning_rate 5e-3 --use_lora True --lora_target_modules q_proj down_proj",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=tmp_path / "a",
         )
     )
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "down_proj"}
     trainer = run_finetune(
-        *train_flags(
-            tiny_chat_model,
-            repeated_data,
-            tmp_path / "b",
-            "--use_lora",
-            "True",
-            "--lora_target_modules",
-            "default",
-            steps=2,
+        *argv(
+            TRAIN,
+            "--max_steps 2 --learning_rate 5e-3 --use_lora True --lora_target_modules default",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=tmp_path / "b",
         )
     )
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}  # PEFT's default for Qwen2
 
 
+@pytest.mark.slow
 def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     import bitsandbytes as bnb
     from peft import AutoPeftModelForCausalLM
 
     out = tmp_path / "qlora"
     trainer = run_finetune(
-        *train_flags(
-            tiny_chat_model,
-            repeated_data,
-            out,
-            "--use_lora",
-            "True",
-            "--q_lora",
-            "True",
-            "--gradient_checkpointing",
-            "True",
+        *argv(
+            TRAIN,
+            "--max_steps 12 --learning_rate 5e-3 --use_lora True --q_lora True --gradient_checkpointing True",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=out,
         )
     )
     assert_loss_falls(trainer)
@@ -170,20 +176,17 @@ def test_qlora_nf4_quantizes_the_base_and_trains(tiny_chat_model, repeated_data,
     assert_generation_stops_at_end_of_turn(out)
 
 
+@pytest.mark.slow
 def test_lora_on_8bit_base(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     import bitsandbytes as bnb
 
     trainer = run_finetune(
-        *train_flags(
-            tiny_chat_model,
-            repeated_data,
-            tmp_path / "q8",
-            "--use_lora",
-            "True",
-            "--q_lora",
-            "True",
-            "--quant_bits",
-            "8",
+        *argv(
+            TRAIN,
+            "--max_steps 12 --learning_rate 5e-3 --use_lora True --q_lora True --quant_bits 8",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=tmp_path / "q8",
         )
     )
     assert_loss_falls(trainer)
@@ -196,7 +199,15 @@ def test_base_model_gets_chatml_tokens_and_trains_embeddings(tiny_base_model, re
     out = tmp_path / "base-lora"
     base_tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
     assert "<|im_start|>" not in base_tokenizer.get_vocab()
-    trainer = run_finetune(*train_flags(tiny_base_model, repeated_data, out, "--use_lora", "True"))
+    trainer = run_finetune(
+        *argv(
+            TRAIN,
+            "--max_steps 12 --learning_rate 5e-3 --use_lora True",
+            model=tiny_base_model,
+            data=repeated_data,
+            out=out,
+        )
+    )
     assert_loss_falls(trainer)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) == len(base_tokenizer) + 2
@@ -216,12 +227,11 @@ def test_base_model_gets_chatml_tokens_and_trains_embeddings(tiny_base_model, re
 
 def test_resume_from_latest_checkpoint(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "resume"
-    flags = train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", steps=4)
-    flags[flags.index("--save_strategy") + 1] = "steps"
-    run_finetune(*flags, "--save_steps", "2")
+    paths = dict(model=tiny_chat_model, data=repeated_data, out=out)
+    run = TRAIN + " --learning_rate 5e-3 --use_lora True --save_strategy steps --save_steps 2"  # overrides TRAIN's
+    run_finetune(*argv(run, "--max_steps 4", **paths))
     assert (out / "checkpoint-4").is_dir()
-    flags[flags.index("--max_steps") + 1] = "6"
-    trainer = run_finetune(*flags, "--save_steps", "2", "--resume_from_checkpoint", "True")
+    trainer = run_finetune(*argv(run, "--max_steps 6 --resume_from_checkpoint True", **paths))
     assert trainer.state.global_step == 6
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     assert steps[-2:] == [5, 6] and 4 in steps  # history carried over from the checkpoint, then two new steps
@@ -234,7 +244,15 @@ def test_lora_on_gptq_base(tiny_gptq_model, repeated_data, tmp_path, run_finetun
     out = tmp_path / "gptq-lora"
     before = load_file(str(tiny_gptq_model / "model.safetensors"))
     assert any(name.endswith(".qweight") for name in before)
-    trainer = run_finetune(*train_flags(tiny_gptq_model, repeated_data, out, "--use_lora", "True"))
+    trainer = run_finetune(
+        *argv(
+            TRAIN,
+            "--max_steps 12 --learning_rate 5e-3 --use_lora True",
+            model=tiny_gptq_model,
+            data=repeated_data,
+            out=out,
+        )
+    )
     assert_loss_falls(trainer)
     assert json.loads((out / "llmft_run.json").read_text())["base_quantization"] == {"method": "gptq"}
     quantized = {name: p for name, p in trainer.model.named_buffers() if name.endswith(".qweight")}
@@ -254,21 +272,13 @@ def test_lora_on_gptq_base(tiny_gptq_model, repeated_data, tmp_path, run_finetun
 
 def test_evaluation_on_eval_data(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     trainer = run_finetune(
-        *train_flags(
-            tiny_chat_model,
-            repeated_data,
-            tmp_path / "eval",
-            "--use_lora",
-            "True",
-            "--eval_data_path",
-            "examples/conversations.json",
-            "--eval_strategy",
-            "steps",
-            "--eval_steps",
-            "2",
-            "--per_device_eval_batch_size",
-            "4",
-            steps=4,
+        *argv(
+            TRAIN,
+            "--max_steps 4 --learning_rate 5e-3 --use_lora True --eval_data_path examples/conversations.json",
+            "--eval_strategy steps --eval_steps 2 --per_device_eval_batch_size 4",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=tmp_path / "eval",
         )
     )
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -288,7 +298,7 @@ class PoisonAtTrainEnd(TrainerCallback):
 def test_final_save_refuses_nan_weights(tiny_chat_model, tmp_path, capsys):
     """Before, a run whose weights had turned NaN saved them with exit 0, as a result that predicts NaN."""
     out = tmp_path / "out"
-    flags = tiny_lora_flags(tiny_chat_model, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    flags = argv(TINY_LORA, "--max_steps 2 --save_strategy steps --save_steps 1", model=tiny_chat_model, out=out)
     with pytest.raises(SystemExit) as info:
         finetune(*flags, callbacks=[PoisonAtTrainEnd()])
     assert info.value.code == 2

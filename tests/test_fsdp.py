@@ -21,6 +21,7 @@ from tests.conftest import (
     REPO,
     SINGLE_LAUNCHERS,
     TINY_RUN,
+    argv,
     assert_adapter_trained,
     assert_full_model_trained,
     assert_reloads_and_generates,
@@ -220,14 +221,10 @@ def test_fsdp_settings_that_would_save_nothing_or_an_empty_adapter(settings, tmp
     checkpointed.write_text(json.dumps({"version": 2, "activation_checkpointing": True}))
     problems = problems_of(
         *settings,
-        "--fsdp",
-        "True",
-        "--fsdp_config",
-        checkpointed,
-        "--use_lora",
-        "True",
-        "--gradient_checkpointing",
-        "True",
+        *argv(
+            "--fsdp True --fsdp_config {checkpointed} --use_lora True --gradient_checkpointing True",
+            checkpointed=checkpointed,
+        ),
     )
     assert any(
         p.startswith("--gradient_checkpointing True and the --fsdp_config's activation_checkpointing both")
@@ -429,9 +426,8 @@ def train_with_fsdp(name, model, data, out, tmp_path) -> dict[int, dict]:
         LAYOUT_OUT=layouts,
         PYTHONPATH=REPO,
     )
-    result = run_launcher(
-        name, "-m", model, "-d", data, "-o", out, "--fsdp", "fsdp", "--", *TINY_RUN, env=env, timeout=600
-    )
+    args = argv("-m {model} -d {data} -o {out} --fsdp fsdp --", TINY_RUN, model=model, data=data, out=out)
+    result = run_launcher(name, *args, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in layouts.glob("rank*.json")}
 

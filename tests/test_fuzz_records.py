@@ -336,10 +336,6 @@ KINDS = {
 }
 
 
-def test_there_are_at_least_20_kinds():
-    assert len(KINDS) >= 20
-
-
 def assert_named_data_error(record, where=WHERE):
     try:
         conversation = parse_record(record, where, default_id="7")

@@ -11,7 +11,7 @@ import pytest
 
 from llmft.chat_template import ENDOFTEXT, IM_END, GenerationStops, generation_stops
 from llmft.inference import generate_reply, load_for_inference
-from tests.conftest import chat_record, write_records
+from tests.conftest import argv, chat_record, write_records
 
 IM_END_ID, ENDOFTEXT_ID = 1026, 1024  # in the tiny BPE vocabulary (tools/make_tiny_model.py)
 
@@ -65,26 +65,14 @@ def test_training_chat_and_the_tiny_model_stop_alike(base, request, tmp_path, ru
     data = write_records(tmp_path / "train.json", [chat_record("Hi", "Hello!", id=f"r{i}") for i in range(4)])
     out = tmp_path / "out"
     run_finetune(
-        "--model_name_or_path",
-        base_dir,
-        "--data_path",
-        data,
-        "--output_dir",
-        out,
-        "--use_lora",
-        "True",
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-        "--model_max_length",
-        "64",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "True",
+        *argv(
+            "--model_name_or_path {base_dir} --data_path {data} --output_dir {out} --use_lora True",
+            "--max_steps 1 --per_device_train_batch_size 2 --model_max_length 64 --save_strategy no",
+            "--report_to none --use_cpu True",
+            base_dir=base_dir,
+            data=data,
+            out=out,
+        ),
     )
 
     saved = json.loads((out / "generation_config.json").read_text())

@@ -24,6 +24,7 @@ from tests.conftest import (
     REPO,
     SINGLE_LAUNCHERS,
     TINY_RUN,
+    argv,
     assert_adapter_trained,
     assert_full_model_trained,
     assert_reloads_and_generates,
@@ -187,30 +188,21 @@ def test_recipe_per_mode(name, lr, lora, q_lora, data_file):
 
 
 def test_arguments_after_double_dash_pass_through_last_and_verbatim(data_file, tmp_path):
-    argv = entry_args(
+    entry = entry_args(
         dry_run(
             "finetune_lora_ds.sh",
-            "-m",
-            "org/model",
-            "-d",
-            data_file,
-            "-o",
-            tmp_path / "out",
-            "--deepspeed",
-            "zero3",
-            "--",
-            "--learning_rate",
-            "1e-4",
-            "--run_name",
-            "a b",
-            "--unknown_to_the_launcher",
-            "x",
+            *argv(
+                "-m org/model -d {data_file} -o {out} --deepspeed zero3 -- --learning_rate 1e-4 --run_name 'a b'",
+                "--unknown_to_the_launcher x",
+                data_file=data_file,
+                out=tmp_path / "out",
+            ),
         )
     )
-    assert argv[-6:] == ["--learning_rate", "1e-4", "--run_name", "a b", "--unknown_to_the_launcher", "x"]
-    assert flag_value(argv, "--learning_rate") == "1e-4"  # the recipe's 3e-4 comes earlier: argparse keeps the last
-    assert flag_value(argv, "--output_dir") == str(tmp_path / "out")
-    assert flag_value(argv, "--deepspeed") == str(DS_CONFIGS / "zero3.json")
+    assert entry[-6:] == ["--learning_rate", "1e-4", "--run_name", "a b", "--unknown_to_the_launcher", "x"]
+    assert flag_value(entry, "--learning_rate") == "1e-4"  # the recipe's 3e-4 comes earlier: argparse keeps the last
+    assert flag_value(entry, "--output_dir") == str(tmp_path / "out")
+    assert flag_value(entry, "--deepspeed") == str(DS_CONFIGS / "zero3.json")
 
 
 def test_deepspeed_config_by_path_and_equals_form(data_file):
@@ -232,12 +224,9 @@ def test_cpu_mode_without_gpu(data_file):
 
 
 def test_multi_node_settings_from_environment(data_file):
-    argv = dry_run(
+    command = dry_run(
         "finetune_ds.sh",
-        "-m",
-        "org/model",
-        "-d",
-        data_file,
+        *argv("-m org/model -d {data_file}", data_file=data_file),
         GPUS_PER_NODE=4,
         NNODES=3,
         NODE_RANK=2,
@@ -245,7 +234,8 @@ def test_multi_node_settings_from_environment(data_file):
         MASTER_PORT=6123,
     )
     assert [
-        flag_value(argv, f) for f in ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")
+        flag_value(command, f)
+        for f in ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")
     ] == ["4", "3", "2", "node7", "6123"]
 
 
@@ -289,11 +279,7 @@ def test_use_cpu_is_not_evaluated_as_shell_code(data_file, tmp_path):
     marker = tmp_path / "ran"
     result = run_launcher(
         "finetune_lora_ds.sh",
-        "-n",
-        "-m",
-        "org/model",
-        "-d",
-        data_file,
+        *argv("-n -m org/model -d {data_file}", data_file=data_file),
         env=launcher_env(USE_CPU=f"PATH[$(touch {marker})]"),
     )
     assert result.returncode == 2
@@ -328,11 +314,7 @@ def test_bad_environment_variable_fails_with_its_name(env, message, data_file):
 def test_every_bad_environment_variable_is_reported_at_once(data_file):
     result = run_launcher(
         "finetune_ds.sh",
-        "-n",
-        "-m",
-        "org/model",
-        "-d",
-        data_file,
+        *argv("-n -m org/model -d {data_file}", data_file=data_file),
         env=launcher_env(NNODES="abc", MASTER_PORT="http", USE_CPU="maybe"),
     )
     assert result.returncode == 2
@@ -418,6 +400,7 @@ def read_ranks(folder: Path) -> dict[int, dict]:
     return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
     env = launcher_env(LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=2)
     result = run_launcher("finetune_lora_ds.sh", "-m", "org/model", "-d", data_file, "--", "--seed", "7", env=env)
@@ -430,6 +413,7 @@ def test_two_cpu_ranks_get_a_gloo_ready_environment(stub_entry, data_file):
         assert seen["argv"][-2:] == ["--seed", "7"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "failure, status, traceback",
     [
@@ -459,17 +443,13 @@ def test_mpirun_starts_one_launcher_per_node(stub_entry, data_file):
         for arg in ("-x", name)
     ]
     command = [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        "2",
+        *argv("mpirun --allow-run-as-root --oversubscribe -np 2"),
         *exports,
-        str(FINETUNE / "finetune_lora_ds.sh"),
-        "-m",
-        "org/model",
-        "-d",
-        str(data_file),
+        *argv(
+            "{launcher} -m org/model -d {data_file}",
+            launcher=FINETUNE / "finetune_lora_ds.sh",
+            data_file=data_file,
+        ),
     ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -495,22 +475,15 @@ def test_slurm_batch_script_starts_one_launcher_per_node(stub_entry, data_file, 
     env = launcher_env(
         LLMFT_ENTRY=stub_entry, STUB_OUT=stub_entry.parent / "ranks", GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1"
     )
-    command = [
-        "sbatch",
-        "--wait",
-        "--nodes",
-        str(nodes),
-        "--gpus-per-node=0",
-        "--cpus-per-task=1",
-        "--output",
-        str(tmp_path / "slurm-%j.out"),
-        str(FINETUNE / "slurm_finetune.sbatch"),
-        str(FINETUNE / "finetune_lora_ds.sh"),
-        "-m",
-        "org/model",
-        "-d",
-        str(data_file),
-    ]
+    command = argv(
+        "sbatch --wait --nodes {nodes} --gpus-per-node=0 --cpus-per-task=1 --output {log}",
+        "{batch_script} {launcher} -m org/model -d {data_file}",
+        nodes=nodes,
+        log=tmp_path / "slurm-%j.out",
+        batch_script=FINETUNE / "slurm_finetune.sbatch",
+        launcher=FINETUNE / "finetune_lora_ds.sh",
+        data_file=data_file,
+    )
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert result.returncode == 0, result.stderr + log
@@ -615,7 +588,7 @@ def test_launcher_trains_tiny_model_on_cpu_ranks(name, config, saves, tiny_chat_
     if config:
         args += ["--deepspeed", config]
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets-cache")
-    result = run_launcher(name, *args, "--", *TINY_RUN, env=env, timeout=1200)
+    result = run_launcher(name, *args, "--", *argv(TINY_RUN), env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
 
     if saves == "full":

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmft.config import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import EXAMPLES, chat_record, write_records
-from tests.conftest import ANSWER, assert_loss_falls, sample_inputs, train_flags
+from tests.conftest import ANSWER, TRAIN, argv, assert_loss_falls, sample_inputs
 
 LORA_R, LORA_ALPHA = 8, 16
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -30,12 +30,10 @@ def repeated_data(tmp_path_factory):
     )
 
 
-def train(run_finetune, model, data, out, *flags, steps=8):
-    return run_finetune(
-        *train_flags(
-            model, data, out, "--use_lora", "True", "--lora_r", LORA_R, "--lora_alpha", LORA_ALPHA, *flags, steps=steps
-        )
-    )
+def train(run_finetune, model, data, out, flags: str, steps=8):
+    """A LoRA run of rank LORA_R with these extra flags."""
+    lora = f"--max_steps {steps} --learning_rate 5e-3 --use_lora True --lora_r {LORA_R} --lora_alpha {LORA_ALPHA}"
+    return run_finetune(*argv(TRAIN, lora, flags, model=model, data=data, out=out))
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -75,9 +73,10 @@ def assert_reloads_and_merges(trainer, out, tmp_path, base):
     return tmp_path / "merged"
 
 
+@pytest.mark.slow
 def test_dora_trains_magnitudes_and_merges(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "dora"
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--use_dora", "True", steps=12)
+    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--use_dora True", steps=12)
     assert_loss_falls(trainer)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["r"] == LORA_R
@@ -93,9 +92,10 @@ def test_dora_trains_magnitudes_and_merges(tiny_chat_model, repeated_data, tmp_p
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
+@pytest.mark.slow
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "rslora"
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--use_rslora", "True")
+    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--use_rslora True")
     assert json.loads((out / "adapter_config.json").read_text())["use_rslora"] is True
     layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(LORA_ALPHA / LORA_R**0.5)
@@ -105,12 +105,15 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tiny_chat_model, repeated_
 
 def test_gaussian_init(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     out = tmp_path / "gaussian"
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", "gaussian")
+    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init gaussian")
     assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] == "gaussian"
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+@pytest.mark.parametrize(
+    "init",
+    [pytest.param("pissa", marks=pytest.mark.slow), "pissa_niter_4", pytest.param("olora", marks=pytest.mark.slow)],
+)
 def test_decomposing_inits_save_an_adapter_for_the_original_base(
     init, tiny_chat_model, repeated_data, tmp_path, run_finetune
 ):
@@ -118,7 +121,7 @@ def test_decomposing_inits_save_an_adapter_for_the_original_base(
     plain adapter of twice the rank on the original weights (tiny_chat_model's folder is never rewritten)."""
     out = tmp_path / init
     base_before = load_file(str(tiny_chat_model / "model.safetensors"))
-    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", init, steps=12)
+    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, f"--lora_init {init}", steps=12)
     assert_loss_falls(trainer)
     # the base inside the trained model holds the residual: every adapted weight differs from the original
     residual = trainer.model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
@@ -134,6 +137,7 @@ def test_decomposing_inits_save_an_adapter_for_the_original_base(
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
+@pytest.mark.slow
 def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeated_data, tmp_path, run_finetune):
     """PEFT's conversion writes only lora_A / lora_B; llmft puts DoRA's trained magnitudes back, and rsLoRA's alpha
     is rescaled by PEFT so that alpha / sqrt(r) stays the same."""
@@ -143,12 +147,7 @@ def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeat
         tiny_chat_model,
         repeated_data,
         out,
-        "--lora_init",
-        "pissa_niter_4",
-        "--use_dora",
-        "True",
-        "--use_rslora",
-        "True",
+        "--lora_init pissa_niter_4 --use_dora True --use_rslora True",
     )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True and config["r"] == 2 * LORA_R
@@ -158,16 +157,18 @@ def test_pissa_with_dora_and_rslora_keeps_the_magnitudes(tiny_chat_model, repeat
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
 
 
+@pytest.mark.slow
 def test_pissa_on_a_base_with_added_tokens_keeps_the_trained_embeddings(
     tiny_base_model, repeated_data, tmp_path, run_finetune
 ):
     out = tmp_path / "pissa-base"
-    trainer = train(run_finetune, tiny_base_model, repeated_data, out, "--lora_init", "pissa_niter_4")
+    trainer = train(run_finetune, tiny_base_model, repeated_data, out, "--lora_init pissa_niter_4")
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert any("embed_tokens" in k and "lora" not in k for k in saved)
     assert_reloads_and_merges(trainer, out, tmp_path, tiny_base_model)
 
 
+@pytest.mark.slow
 def test_loraplus_trains_b_faster_with_the_optimizer_optim_names(
     tiny_chat_model, repeated_data, tmp_path, run_finetune
 ):
@@ -177,12 +178,7 @@ def test_loraplus_trains_b_faster_with_the_optimizer_optim_names(
         tiny_chat_model,
         repeated_data,
         out,
-        "--loraplus_lr_ratio",
-        "16",
-        "--optim",
-        "sgd",
-        "--weight_decay",
-        "0.01",
+        "--loraplus_lr_ratio 16 --optim sgd --weight_decay 0.01",
         steps=12,
     )
     optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around the optimizer LoRA+ built
@@ -202,9 +198,7 @@ def test_gptq_quantizes_a_merged_dora_pissa_model(tiny_chat_model, repeated_data
     from llmft.tools.quantize import run_gptq
 
     out = tmp_path / "pissa-dora"
-    trainer = train(
-        run_finetune, tiny_chat_model, repeated_data, out, "--lora_init", "pissa_niter_4", "--use_dora", "True"
-    )
+    trainer = train(run_finetune, tiny_chat_model, repeated_data, out, "--lora_init pissa_niter_4 --use_dora True")
     merged = assert_reloads_and_merges(trainer, out, tmp_path, tiny_chat_model)
     report = run_gptq(str(merged), str(EXAMPLES), tmp_path / "gptq", bits=4, num_samples=16, eval_samples=4)
     assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
@@ -224,16 +218,13 @@ def problems_of(tmp_path, model, *flags) -> list[str]:
     with pytest.raises(ConfigError) as info:
         parse_args(
             [
-                "--model_name_or_path",
-                str(model),
-                "--data_path",
-                str(EXAMPLES),
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--report_to",
-                "none",
-                "--max_steps",
-                "1",
+                *argv(
+                    "--model_name_or_path {model} --data_path {examples} --output_dir {out} --report_to none",
+                    "--max_steps 1",
+                    model=model,
+                    examples=EXAMPLES,
+                    out=tmp_path / "out",
+                ),
                 *map(str, flags),
             ]
         )
@@ -295,28 +286,14 @@ def test_dora_and_decomposing_inits_are_refused_on_a_gptq_base(tiny_chat_model, 
 
 def test_accepted_variant_settings(tiny_chat_model, tmp_path):
     _, _, lora, _, _ = parse_args(
-        [
-            "--model_name_or_path",
-            str(tiny_chat_model),
-            "--data_path",
-            str(EXAMPLES),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--max_steps",
-            "1",
-            "--use_lora",
-            "True",
-            "--use_dora",
-            "True",
-            "--use_rslora",
-            "True",
-            "--lora_init",
-            "pissa_niter_16",
-            "--loraplus_lr_ratio",
-            "16",
-            "--deepspeed",
-            "ds_configs/zero2.json",
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {examples} --output_dir {out} --max_steps 1 --use_lora True",
+            "--use_dora True --use_rslora True --lora_init pissa_niter_16 --loraplus_lr_ratio 16",
+            "--deepspeed ds_configs/zero2.json",
+            model=tiny_chat_model,
+            examples=EXAMPLES,
+            out=tmp_path / "out",
+        )
     )
     assert (lora.use_dora, lora.use_rslora, lora.lora_init, lora.loraplus_lr_ratio) == (
         True,
@@ -342,50 +319,17 @@ def test_loraplus_under_deepspeed_two_ranks(config, tiny_chat_model, tmp_path):
     about ratio times further out than in the same run without LoRA+."""
     from tests.conftest import launcher_env, run_launcher
 
-    flags = [
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "1",
-        "--max_tokens_per_batch",
-        "0",
-        "--model_max_length",
-        "128",
-        "--learning_rate",
-        "1e-4",
-        "--warmup_steps",
-        "0",
-        "--weight_decay",
-        "0",
-        "--lr_scheduler_type",
-        "constant",
-        "--save_strategy",
-        "no",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-    ]
+    run = (
+        "-m {model} -d {examples} -o {out} --deepspeed {config} -- --max_steps 3 --per_device_train_batch_size 1"
+        " --max_tokens_per_batch 0 --model_max_length 128 --learning_rate 1e-4 --warmup_steps 0 --weight_decay 0"
+        " --lr_scheduler_type constant --save_strategy no --seed 0 --report_to none"
+    )
     norms = {}
-    for name, extra in (("plain", []), ("loraplus", ["--loraplus_lr_ratio", "16"])):
+    for name, extra in (("plain", ""), ("loraplus", "--loraplus_lr_ratio 16")):
         out = tmp_path / name
         env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / f"{name}-datasets")
-        result = run_launcher(
-            "finetune_lora_ds.sh",
-            "-m",
-            tiny_chat_model,
-            "-d",
-            EXAMPLES,
-            "-o",
-            out,
-            "--deepspeed",
-            config,
-            "--",
-            *flags,
-            *extra,
-            env=env,
-            timeout=1200,
-        )
+        args = argv(run, extra, model=tiny_chat_model, examples=EXAMPLES, out=out, config=config)
+        result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
         assert result.returncode == 0, result.stderr[-6000:]
         norms[name] = lora_b_norm(out)
     assert "LoRA+: 14 tensors at learning rate 0.0001, 14 (B side) at 0.0016" in result.stderr

@@ -23,6 +23,7 @@ from llmft.errors import LlmftError
 from llmft.run_folder import LOCK_FILE, WRITTEN_FILE, record_written
 from llmft.tools.merge import merge_lora
 from llmft.tools.tiny_model import make_tiny_model
+from tests.conftest import argv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -244,17 +245,16 @@ def test_failed_merge_leaves_output_untouched(lora_adapter, tmp_path, monkeypatc
     assert (tmp_path / "old" / "config.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_cli_without_adapter_config_exits_2(tmp_path):
     (tmp_path / "not-an-adapter").mkdir()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/merge_lora.py",
-            "--adapter",
-            str(tmp_path / "not-an-adapter"),
-            "--output",
-            str(tmp_path / "out"),
-        ],
+        argv(
+            "{python} tools/merge_lora.py --adapter {not_an_adapter} --output {out}",
+            python=sys.executable,
+            not_an_adapter=tmp_path / "not-an-adapter",
+            out=tmp_path / "out",
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -309,6 +309,7 @@ def test_adapter_on_gptq_base_needs_unquantized_base(lora_adapter, tiny_chat_mod
     assert result.base == str(tiny_chat_model) and result.max_abs_diff < 1e-4
 
 
+@pytest.mark.slow
 def test_qlora_adapter_merges_into_the_unquantized_base(tiny_chat_model, tmp_path):
     """Q-LoRA on CPU (bitsandbytes NF4), then the merge into the float32 weights the adapter records."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -459,6 +460,7 @@ tool.main(["--adapter", sys.argv[1], "--output", sys.argv[2]])
 """
 
 
+@pytest.mark.slow
 def test_sigterm_during_merge_leaves_no_partial_folder(lora_adapter, tmp_path):
     """Before, a SIGTERM (what schedulers send) killed the merge without cleanup: a hidden .out.partial-* stayed."""
     import os

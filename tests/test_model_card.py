@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from llmft.model_card import CardFacts, model_card
-from tests.conftest import EXAMPLES, finetune
+from tests.conftest import EXAMPLES, argv, finetune
 
 STEPS = 6
 LICENSE = {"license": "other", "license_name": "tiny-research", "license_link": "https://example.org/LICENSE"}
@@ -58,36 +58,16 @@ def licensed_base(tiny_chat_model, tmp_path_factory) -> Path:
 
 def train(base: Path, out: Path, *extra) -> Path:
     finetune(
-        "--model_name_or_path",
-        base,
-        "--data_path",
-        EXAMPLES,
-        "--eval_data_path",
-        EXAMPLES,
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        STEPS,
-        "--output_dir",
-        out,
-        "--use_cpu",
-        "True",
-        "--model_max_length",
-        "128",
-        "--max_tokens_per_batch",
-        "0",
-        "--per_device_train_batch_size",
-        "4",
-        "--max_steps",
-        STEPS,
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
+        *argv(
+            "--model_name_or_path {base} --data_path {examples} --eval_data_path {examples} --eval_strategy steps",
+            "--eval_steps {steps} --output_dir {out} --use_cpu True --model_max_length 128",
+            "--max_tokens_per_batch 0 --per_device_train_batch_size 4 --max_steps {steps} --logging_steps 1",
+            "--save_strategy no --report_to none --seed 0",
+            base=base,
+            examples=EXAMPLES,
+            steps=STEPS,
+            out=out,
+        ),
         *extra,
     )
     return out
@@ -105,8 +85,8 @@ def check_counts(licensed_base, tmp_path_factory) -> dict:
     from llmft.tools.check import main as check
 
     out = tmp_path_factory.mktemp("check")
-    assert check([str(EXAMPLES), "--model_name_or_path", str(licensed_base), "--model_max_length", "128",
-                  "--output_dir", str(out)]) == 0  # fmt: skip
+    flags = "{examples} --model_name_or_path {model} --model_max_length 128 --output_dir {out}"
+    assert check(argv(flags, examples=EXAMPLES, model=licensed_base, out=out)) == 0
     return json.loads((out / f"{EXAMPLES.name}.check.json").read_text())
 
 
@@ -146,6 +126,7 @@ def test_adapter_card_replaces_peft_template(adapter, licensed_base, check_count
     run_card_code(adapter)
 
 
+@pytest.mark.slow
 def test_full_model_card(licensed_base, tmp_path, datasets_cache, check_counts):
     out = train(licensed_base, tmp_path / "full")
     header, body = card_of(out)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import llmft.model_folder as checkpoint
 from llmft.model_folder import FolderError, model_folder, quant_method, require_adapter, require_model
 from llmft.errors import ConfigError, LlmftError
-from tests.conftest import chat_record, write_records
+from tests.conftest import argv, chat_record, write_records
 
 OFFLINE_MISS = "no such directory, and no Hub model of that name in the local cache (HF_HUB_OFFLINE is set)"
 
@@ -386,22 +386,13 @@ def test_a_training_run_reads_config_json_once(tiny_chat_model, tmp_path, monkey
     monkeypatch.chdir(tiny_chat_model.parent)
     data = write_records(tmp_path / "train.json", [chat_record("Hi?", "Hello.")])
     model_args, data_args, lora_args, quant_args, training_args = parse_args(
-        [
-            "--model_name_or_path",
-            tiny_chat_model.name,
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--use_lora",
-            "True",
-            "--use_cpu",
-            "True",
-            "--report_to",
-            "none",
-            "--max_steps",
-            "1",
-        ]
+        argv(
+            "--model_name_or_path {name} --data_path {data} --output_dir {out} --use_lora True --use_cpu True",
+            "--report_to none --max_steps 1",
+            name=tiny_chat_model.name,
+            data=data,
+            out=tmp_path / "out",
+        )
     )
     plan = resolve_plan(model_args, data_args, lora_args, quant_args, training_args)
     tokenizer, added = load_training_tokenizer(model_args, data_args)

@@ -28,7 +28,7 @@ from llmft.run_folder import (
     locked_output_dir,
     record_written,
 )
-from tests.conftest import EXAMPLES, REPO, finetune, tiny_lora_flags
+from tests.conftest import EXAMPLES, REPO, TINY_LORA, argv, finetune
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +36,8 @@ def private_datasets_cache(datasets_cache):
     """The runs here tokenize into the session's private cache, as run_finetune's do."""
 
 
-def flags(model, out, *extra):
-    return tiny_lora_flags(model, out, "--per_device_train_batch_size", "2", *extra)
+# argv() fills {model} and {out}
+RUN = TINY_LORA + " --per_device_train_batch_size 2"
 
 
 def folder_contents(folder) -> dict[str, bytes]:
@@ -70,7 +70,7 @@ def test_an_output_dir_that_is_or_holds_the_model_is_refused_before_anything_loa
     import llmft.train
 
     monkeypatch.setattr(llmft.train, "load_training_tokenizer", lambda *a: pytest.fail("loaded before refusing"))
-    err = refused(capsys, *flags(model, out, "--max_steps", "1", "--overwrite_output_dir", "True"))
+    err = refused(capsys, *argv(RUN, "--max_steps 1 --overwrite_output_dir True", model=model, out=out))
     relation = "contains" if how == "parent of it" else "is"
     assert f"--output_dir {out} {relation} --model_name_or_path {model}" in err, err
     assert folder_contents(tmp_path / "models") == before
@@ -95,7 +95,7 @@ def data_folder(tmp_path):
 def test_the_data_folder_as_output_is_refused(tiny_chat_model, tmp_path, capsys):
     folder = data_folder(tmp_path)
     before = folder_contents(folder)
-    args = flags(tiny_chat_model, folder, "--max_steps", "1", "--overwrite_output_dir", "True")
+    args = argv(RUN, "--max_steps 1 --overwrite_output_dir True", model=tiny_chat_model, out=folder)
     args[args.index("--data_path") + 1] = folder / "model_train.json"
     err = refused(capsys, *args)
     assert f"--output_dir {folder} contains --data_path {folder / 'model_train.json'}" in err, err
@@ -107,14 +107,14 @@ def test_a_config_file_inside_the_output_is_refused(tiny_chat_model, tmp_path, c
     out.mkdir()
     config = out / "run.yaml"
     config.write_text(f"model_name_or_path: {tiny_chat_model}\ndata_path: {EXAMPLES}\noutput_dir: {out}\n")
-    err = refused(capsys, config, *flags(tiny_chat_model, out, "--max_steps", "1")[6:])
+    err = refused(capsys, config, *argv(RUN, "--max_steps 1", model=tiny_chat_model, out=out)[6:])  # after the 3 paths
     assert f"--output_dir {out} contains the config file {config}" in err, err
     assert config.exists()
 
 
 def test_overwrite_removes_what_the_previous_run_recorded_and_nothing_else(tiny_chat_model, tmp_path):
     out = tmp_path / "out"
-    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
+    finetune(*argv(RUN, "--max_steps 2 --save_steps 1", model=tiny_chat_model, out=out))
     recorded = json.loads((out / WRITTEN_FILE).read_text())["written"]
     assert {"checkpoint-1", "checkpoint-2", "adapter_model.safetensors", "llmft_run_settings.json"} <= set(recorded)
     # files of the user's put there after the run, named as a run's files are (model*.json, runs/)
@@ -124,9 +124,7 @@ def test_overwrite_removes_what_the_previous_run_recorded_and_nothing_else(tiny_
     (out / "notes.txt").write_text("mine")
     theirs = {name: folder_contents(out).get(name) for name in ("model_train.json", "notes.txt")}
 
-    finetune(
-        *flags(tiny_chat_model, out, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "True")
-    )
+    finetune(*argv(RUN, "--max_steps 1 --save_strategy no --overwrite_output_dir True", model=tiny_chat_model, out=out))
     names = {p.name for p in out.iterdir()}
     assert not any(n.startswith("checkpoint-") for n in names)  # the previous run's, recorded: gone
     assert (out / "runs" / "other" / "events.out").read_text() == "logs of other work"
@@ -146,7 +144,7 @@ def test_overwrite_refuses_a_result_no_run_recorded(tiny_chat_model, tmp_path, c
     (out / "vocab.json").write_text('{"a": 0}')
     (out / "notes.txt").write_text("mine")
     before = folder_contents(out)
-    err = refused(capsys, *flags(tiny_chat_model, out, "--max_steps", "1", "--overwrite_output_dir", "True"))
+    err = refused(capsys, *argv(RUN, "--max_steps 1 --overwrite_output_dir True", model=tiny_chat_model, out=out))
     expected = "holds README.md, checkpoint-3, config.json, vocab.json, which no llmft run or tool recorded"
     assert f"--output_dir {out} {expected}" in err, err
     assert folder_contents(out) == before and (out / "checkpoint-3").is_dir()
@@ -226,7 +224,7 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tiny_chat_mo
     )
     try:
         assert holder.stdout.readline() == "locked\n"
-        err = refused(capsys, *flags(tiny_chat_model, out, "--max_steps", "1"))
+        err = refused(capsys, *argv(RUN, "--max_steps 1", model=tiny_chat_model, out=out))
         assert f"--output_dir {out} is in use by another llmft process (pid {holder.pid} on " in err, err
         assert set(os.listdir(out)) == {LOCK_FILE}  # nothing of the refused run
     finally:
@@ -271,8 +269,8 @@ class SecondRunAtStart(TrainerCallback):
 @pytest.mark.slow
 def test_two_runs_on_one_folder_the_second_is_refused(tiny_chat_model, tmp_path):
     out = tmp_path / "out"
-    second = SecondRunAtStart(flags(tiny_chat_model, out, "--max_steps", "2", "--lora_r", "4", "--save_steps", "1"))
-    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"), callbacks=[second])
+    second = SecondRunAtStart(argv(RUN, "--max_steps 2 --lora_r 4 --save_steps 1", model=tiny_chat_model, out=out))
+    finetune(*argv(RUN, "--max_steps 2 --save_steps 1", model=tiny_chat_model, out=out), callbacks=[second])
     result = second.result
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
@@ -336,20 +334,20 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_resume_is_exact(
     import peft.peft_model
     from safetensors.torch import load_file
 
-    run = ("--max_steps", "3", "--save_steps", "1", "--lora_dropout", "0", "--warmup_steps", "0")
+    run = RUN + " --max_steps 3 --save_steps 1 --lora_dropout 0 --warmup_steps 0"
     reference = tmp_path / "reference"
-    finetune(*flags(tiny_chat_model, reference, *run, "--save_strategy", "no"))
+    finetune(*argv(run, "--save_strategy no", model=tiny_chat_model, out=reference))
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(peft.peft_model, "safe_save_file", DiskFullAtSecondCheckpoint(peft.peft_model.safe_save_file))
-        err = refused(capsys, *flags(tiny_chat_model, out, *run))
+        err = refused(capsys, *argv(run, model=tiny_chat_model, out=out))
     assert f"error: the disk of --output_dir {out} is full" in err.strip().splitlines()[-1], err  # after tqdm's bar
     assert "No space left on device" in err and "--resume_from_checkpoint True" in err
     assert (out / "checkpoint-1" / "trainer_state.json").exists()  # the earlier checkpoint: whole
     assert not (out / LOCK_FILE).exists()
 
-    finetune(*flags(tiny_chat_model, out, *run, "--resume_from_checkpoint", "True"))
+    finetune(*argv(run, "--resume_from_checkpoint True", model=tiny_chat_model, out=out))
     resumed = load_file(out / "adapter_model.safetensors")
     expected = load_file(reference / "adapter_model.safetensors")
     assert resumed.keys() == expected.keys()
@@ -384,8 +382,8 @@ def test_a_real_full_disk_during_a_checkpoint(tiny_chat_model, tmp_path):
 
     if not can_mount_a_tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs in a user namespace here")
-    run = flags(
-        tiny_chat_model, tmp_path / "reference", "--max_steps", "3", "--lora_dropout", "0", "--warmup_steps", "0"
+    run = argv(
+        RUN, "--max_steps 3 --lora_dropout 0 --warmup_steps 0", model=tiny_chat_model, out=tmp_path / "reference"
     )
     finetune(*run, "--save_strategy", "no")
     disk, logs = tmp_path / "disk", tmp_path / "logs"

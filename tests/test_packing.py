@@ -27,7 +27,7 @@ from llmft.data.packing import (
 )
 from llmft.data.render import IGNORE_INDEX as X
 from llmft.errors import ConfigError, DataError
-from tests.conftest import chat_record, write_records
+from tests.conftest import argv, chat_record, write_records
 
 # --- the collator and the bin packer, literally ------------------------------------------------------------------
 
@@ -206,36 +206,21 @@ def test_first_micro_batch_of_a_run_holds_the_longest_samples(tiny_chat_model, t
             model.register_forward_pre_hook(record, with_kwargs=True)
 
     data = uneven_data(tmp_path, count=24)
-    common = [
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        data,
-        "--max_steps",
-        "1",
-        "--use_cpu",
-        "True",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--model_max_length",
-        "128",
-        "--seed",
-        "3",
-    ]
+    common = argv(
+        "--model_name_or_path {model} --data_path {data} --max_steps 1 --use_cpu True --save_strategy no",
+        "--report_to none --model_max_length 128 --seed 3",
+        model=tiny_chat_model,
+        data=data,
+    )
     first = FirstBatch()
     trainer = finetune.main(
         [
             str(f)
             for f in [
                 *common,
-                "--packing",
-                "False",
-                "--per_device_train_batch_size",
-                "2",
-                "--output_dir",
-                tmp_path / "padded",
+                *argv(
+                    "--packing False --per_device_train_batch_size 2 --output_dir {padded}", padded=tmp_path / "padded"
+                ),
             ]
         ],
         callbacks=[first],
@@ -368,34 +353,19 @@ def uneven_data(tmp_path, count: int = 6):
     return write_records(tmp_path / "uneven.json", records)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_token_budget_accumulation_gives_the_gradient_of_one_batch(tiny_chat_model, tmp_path, datasets_cache, mode):
     import finetune
 
     data = uneven_data(tmp_path)
     common = [
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        data,
-        "--max_steps",
-        "1",
-        "--use_cpu",
-        "True",
-        "--learning_rate",
-        "1e-3",
-        "--max_grad_norm",
-        "0",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--model_max_length",
-        "128",
-        "--seed",
-        "0",
-        "--lora_dropout",
-        "0",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --max_steps 1 --use_cpu True --learning_rate 1e-3",
+            "--max_grad_norm 0 --save_strategy no --report_to none --model_max_length 128 --seed 0",
+            "--lora_dropout 0",
+            model=tiny_chat_model,
+            data=data,
+        ),
         *(["--use_lora", "True"] if mode == "lora" else []),
     ]
     layouts = {

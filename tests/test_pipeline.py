@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmft.inference import generate_reply, load_for_inference
-from tests.conftest import assistant_token_loss, chat_record, write_records
+from tests.conftest import argv, assistant_token_loss, chat_record, write_records
 
 IDENTITY = "I am Pico, a small assistant fine-tuned with llmft."
 QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me who you are."]
@@ -34,37 +34,17 @@ def test_finetune_merge_quantize_chat(mode, tiny_chat_model, identity_data, tmp_
     from llmft.tools.quantize import run_gptq
 
     adapter, merged, quantized = tmp_path / "adapter", tmp_path / "merged", tmp_path / "gptq"
-    quantization = ["--q_lora", "True"] if mode == "qlora" else []
+    quantization = "--q_lora True" if mode == "qlora" else ""
     run_finetune(
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        identity_data,
-        "--output_dir",
-        adapter,
-        "--use_lora",
-        "True",
-        *quantization,
-        "--lora_r",
-        "16",
-        "--lora_alpha",
-        "32",
-        "--lora_dropout",
-        "0",
-        "--num_train_epochs",
-        "40",
-        "--per_device_train_batch_size",
-        "8",
-        "--learning_rate",
-        "3e-3",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "10",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {adapter} --use_lora True",
+            quantization,
+            "--lora_r 16 --lora_alpha 32 --lora_dropout 0 --num_train_epochs 40 --per_device_train_batch_size 8",
+            "--learning_rate 3e-3 --save_strategy no --logging_steps 10 --report_to none --seed 0",
+            model=tiny_chat_model,
+            data=identity_data,
+            adapter=adapter,
+        )
     )
     assert greedy_answer(adapter) == IDENTITY
     assert greedy_answer(adapter, "What is your name?") == IDENTITY

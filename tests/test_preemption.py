@@ -24,15 +24,16 @@ from safetensors.torch import load_file
 from llmft.checkpoint_pickles import checkpoint_pickles, pickle_problem
 from llmft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from llmft.run_folder import RUN_SETTINGS_FILE, checkpoint_problem
-from tests.conftest import EXAMPLES, REPO, SignalAtStep, finetune, launcher_env, run_launcher, tiny_lora_flags
+from tests.conftest import EXAMPLES, REPO, TINY_LORA, SignalAtStep, argv, finetune, launcher_env, run_launcher
 
 STEPS = 6
 
 
-def flags(model, out, *extra):
-    run = "--lora_dropout 0 --per_device_train_batch_size 2 --learning_rate 1e-3 --warmup_steps 0"
-    saving = f"--max_steps {STEPS} --save_strategy steps --save_steps 100 --logging_steps 1"
-    return tiny_lora_flags(model, out, *run.split(), *saving.split(), *extra)
+# argv() fills {model} and {out}
+RUN = (
+    TINY_LORA + " --lora_dropout 0 --per_device_train_batch_size 2 --learning_rate 1e-3 --warmup_steps 0"
+    f" --max_steps {STEPS} --save_strategy steps --save_steps 100 --logging_steps 1"
+)
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -49,18 +50,18 @@ def assert_same_adapter(expected: dict, actual: dict, atol: float) -> None:
 def uninterrupted(tiny_chat_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
     os.environ.setdefault("HF_DATASETS_CACHE", str(out.parent / "datasets"))
-    finetune(*flags(tiny_chat_model, out))
+    finetune(*argv(RUN, model=tiny_chat_model, out=out))
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(
     sig, uninterrupted, tiny_chat_model, tmp_path, datasets_cache
 ):
     out = tmp_path / "out"
     handler_before = signal.getsignal(sig)
     with pytest.raises(SystemExit) as exit_info:
-        finetune(*flags(tiny_chat_model, out), callbacks=[SignalAtStep(2, sig)])
+        finetune(*argv(RUN, model=tiny_chat_model, out=out), callbacks=[SignalAtStep(2, sig)])
     assert exit_info.value.code == EXIT_PREEMPTED
     # the signal came during step 2's callbacks: step 3 is the next boundary, and its checkpoint the only one
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
@@ -70,7 +71,7 @@ def test_signal_stops_at_next_step_with_checkpoint_and_resume_is_exact(
     assert not (out / "adapter_model.safetensors").exists()  # no final save of a run that has not finished
     assert signal.getsignal(sig) == handler_before  # given back once the checkpoint is written
 
-    trainer = finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "auto"))
+    trainer = finetune(*argv(RUN, "--resume_from_checkpoint auto", model=tiny_chat_model, out=out))
     assert trainer.state.global_step == STEPS
     losses = [e["step"] for e in trainer.state.log_history if "loss" in e]
     assert losses == list(range(1, STEPS + 1))  # steps 1-3 from the first run, 4-6 from this one: none twice
@@ -83,12 +84,12 @@ def test_a_signal_during_the_last_step_resumes_to_max_steps_not_past_it(
     """Before, resuming from the checkpoint of step --max_steps (here mid-epoch) trained one step more."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        finetune(*flags(tiny_chat_model, out), callbacks=[SignalAtStep(STEPS - 1)])
+        finetune(*argv(RUN, model=tiny_chat_model, out=out), callbacks=[SignalAtStep(STEPS - 1)])
     assert exit_info.value.code == EXIT_PREEMPTED
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
     assert not (out / "adapter_model.safetensors").exists()
 
-    trainer = finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "True"))
+    trainer = finetune(*argv(RUN, "--resume_from_checkpoint True", model=tiny_chat_model, out=out))
     assert trainer.state.global_step == STEPS
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == list(range(1, STEPS + 1))
     assert_same_adapter(adapter(uninterrupted), adapter(out), atol=1e-6)
@@ -96,14 +97,14 @@ def test_a_signal_during_the_last_step_resumes_to_max_steps_not_past_it(
 
 def test_uninterrupted_run_restores_the_signal_handlers(tiny_chat_model, tmp_path, datasets_cache):
     before = signal.getsignal(signal.SIGUSR1)
-    finetune(*flags(tiny_chat_model, tmp_path / "out", "--max_steps", "1"))
+    finetune(*argv(RUN, "--max_steps 1", model=tiny_chat_model, out=tmp_path / "out"))
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
 def test_auto_starts_fresh_in_an_empty_folder_and_records_the_settings(tiny_chat_model, tmp_path, datasets_cache):
     out = tmp_path / "out"
     out.mkdir()
-    trainer = finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "auto"))
+    trainer = finetune(*argv(RUN, "--max_steps 2 --resume_from_checkpoint auto", model=tiny_chat_model, out=out))
     assert trainer.state.global_step == 2
     record = json.loads((out / RUN_SETTINGS_FILE).read_text())
     assert record["settings"]["max_steps"] == 2 and record["settings"]["lora_r"] == 64
@@ -113,29 +114,25 @@ def test_auto_starts_fresh_in_an_empty_folder_and_records_the_settings(tiny_chat
 
 def test_auto_refuses_a_folder_holding_a_different_run(tiny_chat_model, tmp_path, datasets_cache, capsys):
     out = tmp_path / "out"
-    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
+    finetune(*argv(RUN, "--max_steps 2 --save_steps 1", model=tiny_chat_model, out=out))
     recorded = (out / RUN_SETTINGS_FILE).read_text()
     # what does not define the run may change: logging, saving
     finetune(
-        *flags(
-            tiny_chat_model,
-            out,
-            "--max_steps",
-            "2",
-            "--save_steps",
-            "1",
-            "--logging_steps",
-            "2",
-            "--resume_from_checkpoint",
-            "auto",
+        *argv(
+            RUN,
+            "--max_steps 2 --save_steps 1 --logging_steps 2 --resume_from_checkpoint auto",
+            model=tiny_chat_model,
+            out=out,
         )
     )
-    for different in (["--learning_rate", "2e-3"], ["--lora_r", "8"], ["--seed", "1"]):
+    for different in ("--learning_rate 2e-3", "--lora_r 8", "--seed 1"):
         with pytest.raises(SystemExit) as exit_info:
-            finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--resume_from_checkpoint", "auto", *different))
+            finetune(
+                *argv(RUN, "--max_steps 2 --resume_from_checkpoint auto", different, model=tiny_chat_model, out=out)
+            )
         assert exit_info.value.code == EXIT_USER_ERROR
         err = capsys.readouterr().err
-        name = different[0].removeprefix("--")
+        name = different.split()[0].removeprefix("--")
         assert "holds a different run" in err and name in err, err
     assert (out / RUN_SETTINGS_FILE).read_text() == recorded  # refused runs record nothing
 
@@ -144,22 +141,28 @@ def test_true_and_a_path_refuse_other_adapter_shapes_as_auto_does(tiny_chat_mode
     """Before, `True` (or the checkpoint's path) with another lora_r or lora_target_modules failed with PEFT's
     size-mismatch traceback once the model had loaded. Settings that keep the tensors' shapes may still change."""
     out = tmp_path / "out"
-    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
+    finetune(*argv(RUN, "--max_steps 2 --save_steps 1", model=tiny_chat_model, out=out))
     recorded = (out / RUN_SETTINGS_FILE).read_text()
     for resume in ("True", str(out / "checkpoint-2")):
-        for different in (["--lora_r", "8"], ["--lora_target_modules", "q_proj", "v_proj"]):
+        for different in ("--lora_r 8", "--lora_target_modules q_proj v_proj"):
+            flags = argv(
+                RUN,
+                "--max_steps 3 --resume_from_checkpoint {resume}",
+                different,
+                model=tiny_chat_model,
+                out=out,
+                resume=resume,
+            )
             with pytest.raises(SystemExit) as exit_info:
-                finetune(
-                    *flags(tiny_chat_model, out, "--max_steps", "3", "--resume_from_checkpoint", resume, *different)
-                )
+                finetune(*flags)
             assert exit_info.value.code == EXIT_USER_ERROR
             err = capsys.readouterr().err
-            name = different[0].removeprefix("--")
+            name = different.split()[0].removeprefix("--")
             assert f"--resume_from_checkpoint {resume}: the run in " in err, err
             assert f"was trained with other adapter settings: {name} (" in err and "Traceback" not in err, err
     assert (out / RUN_SETTINGS_FILE).read_text() == recorded
     finetune(
-        *flags(tiny_chat_model, out, "--max_steps", "3", "--resume_from_checkpoint", "True", "--learning_rate", "2e-3")
+        *argv(RUN, "--max_steps 3 --resume_from_checkpoint True --learning_rate 2e-3", model=tiny_chat_model, out=out)
     )
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -168,7 +171,7 @@ def test_auto_refuses_a_folder_of_unknown_origin(tiny_chat_model, tmp_path, data
     out = tmp_path / "out"
     (out / "checkpoint-5").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:
-        finetune(*flags(tiny_chat_model, out, "--resume_from_checkpoint", "auto"))
+        finetune(*argv(RUN, "--resume_from_checkpoint auto", model=tiny_chat_model, out=out))
     assert exit_info.value.code == EXIT_USER_ERROR
     assert f"no {RUN_SETTINGS_FILE}" in capsys.readouterr().err
 
@@ -178,7 +181,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tiny_chat_mod
     out = tmp_path / "out"
     out.mkdir()
     (out / RUN_SETTINGS_FILE).write_text('{"fingerprint": "x", "settings": {}}')
-    assert finetune(*flags(tiny_chat_model, out, "--max_steps", "1")).state.global_step == 1
+    assert finetune(*argv(RUN, "--max_steps 1", model=tiny_chat_model, out=out)).state.global_step == 1
 
 
 # --- through llmft.launch.torchrun: the signal reaches the ranks, the status comes back ------------------------------------
@@ -208,6 +211,7 @@ def wait_for_ranks(process, folder: Path) -> None:
     time.sleep(0.5)  # the ready file is written before the stub sleeps; let torchrun's agent settle too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_path, data_file):
     entry = tmp_path / "signal_entry.py"
@@ -228,6 +232,7 @@ def test_launch_passes_the_signal_to_the_ranks_and_their_status_back(sig, tmp_pa
     assert "llmft: preempted" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_launch_reports_ranks_the_signal_ended_before_training(tmp_path, data_file):
     """Ranks that a forwarded SIGTERM ends at once (as before training: llmft.preemption.exit_on_signal) make the
     launcher exit 143 after one line, not torchrun's traceback."""
@@ -265,6 +270,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_path, data_file):
     """The batch script under stand-ins for srun and scontrol: Slurm's SIGUSR1 to the batch shell reaches both
     ranks, the job exits 75 and asks to be requeued, and the ranks were started with --resume_from_checkpoint auto."""
@@ -289,15 +295,12 @@ def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_p
         PATH=f"{bin_dir}:{os.environ['PATH']}",
     )
     process = subprocess.Popen(
-        [
-            "bash",
-            str(REPO / "finetune" / "slurm_finetune.sbatch"),
-            str(REPO / "finetune" / "finetune_lora_ds.sh"),
-            "-m",
-            "org/model",
-            "-d",
-            str(data_file),
-        ],
+        argv(
+            "bash {batch_script} {launcher} -m org/model -d {data_file}",
+            batch_script=REPO / "finetune" / "slurm_finetune.sbatch",
+            launcher=REPO / "finetune" / "finetune_lora_ds.sh",
+            data_file=data_file,
+        ),
         env=env,
         cwd=REPO,
         text=True,
@@ -310,8 +313,8 @@ def test_slurm_script_passes_the_time_limit_signal_on_requeues_and_resumes(tmp_p
     assert sorted(p.read_text() for p in tmp_path.glob("rank*.signal")) == ["SIGUSR1", "SIGUSR1"]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 1234\n"
     for ready in tmp_path.glob("rank*.ready"):
-        argv = json.loads(ready.read_text())
-        assert argv[argv.index("--resume_from_checkpoint") + 1] == "auto"
+        rank_argv = json.loads(ready.read_text())
+        assert rank_argv[rank_argv.index("--resume_from_checkpoint") + 1] == "auto"
 
 
 # --- two ranks under ZeRO-2, through the launcher ---------------------------------------------------------------
@@ -334,26 +337,23 @@ finetune.main(sys.argv[1:], callbacks=[SignalRankOne()])
 
 @pytest.mark.slow
 def test_two_rank_zero2_run_signalled_on_one_rank_stops_both_and_resumes_exactly(tiny_chat_model, tmp_path):
-    from tests.conftest import equivalence_run_flags as run_flags, train_with_launcher as train
+    from tests.conftest import EQUIVALENCE_RUN, train_with_launcher as train
 
+    batches = dict(batch=1, accumulation=1, max_tokens=0)
     reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
-    result = train("finetune_lora_ds.sh", tiny_chat_model, reference, "zero2", 2, *run_flags(1))
+    result = train("finetune_lora_ds.sh", tiny_chat_model, reference, "zero2", 2, *argv(EQUIVALENCE_RUN, **batches))
     assert result.returncode == 0, result.stderr[-4000:]
 
     entry = tmp_path / "signal_one_rank.py"
     entry.write_text(SIGNAL_ONE_RANK_ENTRY.format(repo=str(REPO)))
-    args = [
-        "-m",
-        tiny_chat_model,
-        "-d",
-        REPO / "examples" / "conversations.json",
-        "-o",
-        out,
-        "--deepspeed",
-        "zero2",
-        "--",
-        *run_flags(1),
-    ]
+    args = argv(
+        "-m {model} -d {data} -o {out} --deepspeed zero2 --",
+        EQUIVALENCE_RUN,
+        model=tiny_chat_model,
+        data=EXAMPLES,
+        out=out,
+        **batches,
+    )
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets", LLMFT_ENTRY=entry)
     result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
     assert result.returncode == EXIT_PREEMPTED, result.stderr[-6000:]
@@ -384,21 +384,19 @@ def test_two_rank_fsdp_lora_run_signalled_stops_with_a_whole_checkpoint_and_resu
     """ds_configs/fsdp.json (FSDP2, FULL_STATE_DICT) on 2 CPU ranks: SIGTERM to rank 1 -> both stop after the next
     step with exit 75; the checkpoint's adapter holds every LoRA tensor whole (not rank 0's slice); the resumed run
     ends with the adapter of a run never stopped, which it could not if either rank had resumed from a partial state."""
-    from tests.conftest import assert_adapter_trained, equivalence_run_flags as run_flags
+    from tests.conftest import EQUIVALENCE_RUN, assert_adapter_trained
 
     reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
-    fsdp = ["--fsdp", "fsdp"]
-    args = [
-        "-m",
-        tiny_chat_model,
-        "-d",
-        REPO / "examples" / "conversations.json",
-        "-o",
-        reference,
-        *fsdp,
-        "--",
-        *run_flags(1),
-    ]
+    args = argv(
+        "-m {model} -d {data} -o {out} --fsdp fsdp --",
+        EQUIVALENCE_RUN,
+        model=tiny_chat_model,
+        data=EXAMPLES,
+        out=reference,
+        batch=1,
+        accumulation=1,
+        max_tokens=0,
+    )
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets")
     result = run_launcher("finetune_lora_ds.sh", *args, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -459,18 +457,19 @@ def folder_contents(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it_was(
     tiny_chat_model, tmp_path, datasets_cache
 ):
     out = tmp_path / "out"
-    finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))  # a previous run, finished
+    finetune(*argv(RUN, "--max_steps 2 --save_steps 1", model=tiny_chat_model, out=out))  # a previous run, finished
     before = folder_contents(out)
     # this run would replace it (--overwrite_output_dir), but is stopped while its model loads
     result = run_signalled_in(
         "llmft.train",
         "build_model",
         tmp_path,
-        *flags(tiny_chat_model, out, "--max_steps", "4", "--overwrite_output_dir", "True"),
+        *argv(RUN, "--max_steps 4 --overwrite_output_dir True", model=tiny_chat_model, out=out),
     )
     assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]  # what a shell reports as 143
     assert "SIGTERM outside training (no step to finish): exiting now with status 143" in result.stderr
@@ -478,11 +477,12 @@ def test_sigterm_while_the_model_loads_exits_at_once_and_leaves_the_folder_as_it
     assert folder_contents(out) == before
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_save_lets_it_finish_whole(tiny_chat_model, tmp_path, datasets_cache):
     out = tmp_path / "out"
     # the signal comes in the middle of the staged save: the adapter is in the staging folder, not yet in place
     result = run_signalled_in(
-        "llmft.saving", "check_adapter_complete", tmp_path, *flags(tiny_chat_model, out, "--max_steps", "2")
+        "llmft.saving", "check_adapter_complete", tmp_path, *argv(RUN, "--max_steps 2", model=tiny_chat_model, out=out)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGTERM during the final save: finishing it first" in result.stderr

@@ -169,6 +169,58 @@ def test_dpo_equals_trl(loss_type, label_smoothing, beta):
     assert_same_metrics(metrics, trainer._metrics["train"], PAIR_METRICS)
 
 
+@pytest.mark.parametrize("label_smoothing, beta", [(0.0, 0.1), (0.25, 0.5)])
+def test_conservative_dpo_equals_trl_aot_one_pair_at_a_time(label_smoothing, beta):
+    """TRL 1.16's DPO has no conservative (cDPO) loss type, but its `aot` loss is cDPO after sorting the batch's
+    log-ratios, and sorting a batch of one pair changes nothing: TRL's loss on each pair alone, averaged over the
+    pairs, is llmft's conservative loss over all of them."""
+    from trl import DPOTrainer
+
+    pairs = 4
+    sequences = Sequences(2 * pairs, seed=5)
+    reference = (-3 * sequences.completion_mask.sum(1) * torch.rand(2 * pairs)).float()
+    trainer = trl_self(
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["aot"],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        args=types.SimpleNamespace(),
+    )
+    log_probs = sequences.trl_log_probs()
+    theirs = 0
+    for pair in range(pairs):
+        rows = [pair, pairs + pair]
+        inputs = {
+            "input_ids": sequences.input_ids[rows],
+            "attention_mask": sequences.attention_mask[rows],
+            "completion_mask": sequences.completion_mask[rows],
+            "ref_chosen_logps": reference[[pair]],
+            "ref_rejected_logps": reference[[pairs + pair]],
+        }
+        theirs = theirs + DPOTrainer._compute_loss(
+            trainer, lambda rows=rows, **_: fused_output(log_probs[rows]), inputs, return_outputs=False
+        )
+    theirs = theirs / pairs
+
+    settings = PreferenceArguments(
+        objective="dpo", beta=beta, loss_type="conservative", label_smoothing=label_smoothing
+    )
+    order, batch = pair_layout(pairs)
+    ours, metrics = llmft_loss(settings, sequences, order, batch, reference=reference[order])
+    assert_same_loss_and_gradient(ours, theirs, sequences.logps)
+    their_metrics = trainer._metrics["train"]
+    for name in PAIR_METRICS:
+        # TRL logs each one-pair call's means; over equal-sized calls their mean is the mean over all pairs
+        assert metrics[name].item() == pytest.approx(sum(their_metrics[name]) / pairs, rel=RTOL, abs=1e-6), name
+    if label_smoothing:
+        plain = PreferenceArguments(objective="dpo", beta=beta)
+        assert not torch.isclose(ours, llmft_loss(plain, sequences, order, batch, reference=reference[order])[0])
+
+
 def trl_pair_forward(sequences: Sequences, pairs: int, nll: torch.Tensor):
     """CPO's and ORPO's `concatenated_forward` for these sequences: mean log-probabilities per completion token, as
     their `get_batch_logps(average_log_prob=True)` gives them, logits (only logged) and the chosen NLL."""
@@ -364,6 +416,8 @@ def test_default_settings_and_each_objective_alone_have_no_problems():
     assert preference_problems(PreferenceArguments()) == []
     for objective in ("dpo", "simpo", "orpo", "kto"):
         assert preference_problems(PreferenceArguments(objective=objective)) == [], objective
+    for loss_type in ("robust", "conservative"):
+        assert preference_problems(PreferenceArguments(objective="dpo", loss_type=loss_type, label_smoothing=0.1)) == []
 
 
 @pytest.mark.parametrize(
@@ -378,6 +432,7 @@ def test_default_settings_and_each_objective_alone_have_no_problems():
         (dict(objective="dpo", loss_type="robust", label_smoothing=0.5), "--label_smoothing"),
         (dict(objective="dpo", label_smoothing=0.1), "--label_smoothing"),
         (dict(objective="kto", label_smoothing=0.1), "--label_smoothing"),
+        (dict(objective="dpo", loss_type="conservative", label_smoothing=0.5), "--label_smoothing"),
         (dict(objective="simpo", simpo_gamma=-1.0), "--simpo_gamma"),
         (dict(objective="dpo", simpo_gamma=1.0), "--simpo_gamma"),
         (dict(objective="kto", desirable_weight=0.0), "--desirable_weight"),

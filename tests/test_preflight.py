@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -26,7 +23,7 @@ from llmft.preflight import (
     estimate,
     setup_from_args,
 )
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import EXAMPLES, REPO, argv, run_script
 
 QWEN = {"model_type": "qwen2", "vocab_size": 151936}
 CONFIGS = {
@@ -390,42 +387,19 @@ def setup_of(args, plan_changes=None, **kwargs):
 def test_setup_from_flags(tiny_chat_model, tmp_path):
     from llmft.config import parse_args
 
-    base = [
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        tmp_path / "out",
-        "--use_cpu",
-        "True",
-    ]
+    base = argv(
+        "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
+        model=tiny_chat_model,
+        examples=EXAMPLES,
+        out=tmp_path / "out",
+    )
     args = parse_args(
-        [
-            str(f)
-            for f in base
-            + [
-                "--use_lora",
-                "True",
-                "--q_lora",
-                "True",
-                "--lora_r",
-                "16",
-                "--lora_target_modules",
-                "q_proj",
-                "v_proj",
-                "--bf16",
-                "True",
-                "--max_tokens_per_batch",
-                "8200",
-                "--gradient_checkpointing",
-                "True",
-                "--optim",
-                "paged_adamw_8bit",
-                "--gradient_accumulation_steps",
-                "3",
-            ]
-        ]
+        base
+        + argv(
+            "--use_lora True --q_lora True --lora_r 16 --lora_target_modules q_proj v_proj --bf16 True",
+            "--max_tokens_per_batch 8200 --gradient_checkpointing True --optim paged_adamw_8bit",
+            "--gradient_accumulation_steps 3",
+        )
     )
     setup = setup_of(args)
     assert setup == MemorySetup(
@@ -444,18 +418,13 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
         accumulation_steps=3,
     )  # 8200 tokens padded to a multiple of 64
     # no token budget: per-device batch x model_max_length, the worst case; unpacked: that many rows
-    args = parse_args(
-        [
-            str(f)
-            for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000", "--packing", "False"]
-        ]
-    )
+    args = parse_args(base + argv("--per_device_train_batch_size 3 --model_max_length 1000 --packing False"))
     setup = setup_of(args)
     assert (setup.mode, setup.dtype, setup.tokens, setup.rows, setup.row_tokens) == ("full", "fp32", 3000, 3, 1000)
-    args = parse_args([str(f) for f in base + ["--per_device_train_batch_size", "3", "--model_max_length", "1000"]])
+    args = parse_args(base + argv("--per_device_train_batch_size 3 --model_max_length 1000"))
     assert (setup_of(args).tokens, setup_of(args).rows) == (3008, 1)  # packed in one row
     # a GPTQ checkpoint's bits and group size come from its config.json (group_size -1: one group a row)
-    args = parse_args([str(f) for f in base + ["--use_lora", "True", "--bf16", "True"]])
+    args = parse_args(base + argv("--use_lora True --bf16 True"))
     gptq = {"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1}, "hidden_size": 896}
     setup = setup_of(args, {"base_quantization": "gptq", "mode": "lora-on-gptq"}, model_config=gptq)
     # the plan's coarse mode: a base stored quantized trains as lora, told apart by its quantization
@@ -467,7 +436,7 @@ def test_setup_from_flags(tiny_chat_model, tmp_path):
         ("zero3_offload.json", ("zero3", True, True)),
         ("zero2_offload.json", ("zero2", True, False)),
     ]:
-        args = parse_args([str(f) for f in base + ["--bf16", "True", "--deepspeed", REPO / "ds_configs" / config]])
+        args = parse_args(base + argv("--bf16 True --deepspeed {config}", config=REPO / "ds_configs" / config))
         setup = setup_of(args)
         assert (setup.sharding, setup.offload_optimizer, setup.offload_params) == expected, config
         assert setup.optimizer == ("adamw" if "offload" in config else "adamw_torch_fused"), config
@@ -480,19 +449,12 @@ def test_setup_reads_the_plans_liger_choice_not_the_training_arguments(tiny_chat
     from llmft.kernels import LIGER_DEFAULT, Kernels
 
     args = parse_args(
-        [
-            str(f)
-            for f in [
-                "--model_name_or_path",
-                tiny_chat_model,
-                "--data_path",
-                EXAMPLES,
-                "--output_dir",
-                tmp_path / "out",
-                "--use_cpu",
-                "True",
-            ]
-        ]
+        argv(
+            "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
+            model=tiny_chat_model,
+            examples=EXAMPLES,
+            out=tmp_path / "out",
+        )
     )
     assert args[-1].use_liger_kernel is None
     assert setup_of(args).fused_loss is False
@@ -507,58 +469,25 @@ def test_preflight_gpu_memory_must_be_positive(tiny_chat_model, tmp_path):
 
     with pytest.raises(ConfigError, match="--preflight_gpu_memory -1.0: must be a positive number of GiB"):
         parse_args(
-            [
-                str(f)
-                for f in [
-                    "--model_name_or_path",
-                    tiny_chat_model,
-                    "--data_path",
-                    EXAMPLES,
-                    "--output_dir",
-                    tmp_path / "out",
-                    "--preflight_gpu_memory",
-                    "-1",
-                ]
-            ]
+            argv(
+                "--model_name_or_path {model} --data_path {examples} --output_dir {out} --preflight_gpu_memory -1",
+                model=tiny_chat_model,
+                examples=EXAMPLES,
+                out=tmp_path / "out",
+            )
         )
 
 
-def run_script(*flags, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_DATASETS_CACHE=str(tmp_path / "hf-datasets-cache"),
-    )
-    return subprocess.run(
-        [sys.executable, "finetune.py", *map(str, flags)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
+@pytest.mark.slow
 def test_preflight_only_prints_the_table_and_exits_0_writing_and_loading_nothing(tiny_chat_model, tmp_path):
     out = tmp_path / "out"
-    flags = [
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        out,
-        "--use_cpu",
-        "True",
-        "--max_tokens_per_batch",
-        "4096",
-        "--model_max_length",
-        "1024",
-        "--preflight_only",
-        "True",
-    ]
+    flags = argv(
+        "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
+        "--max_tokens_per_batch 4096 --model_max_length 1024 --preflight_only True",
+        model=tiny_chat_model,
+        examples=EXAMPLES,
+        out=out,
+    )
     done = run_script(*flags, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     table = done.stdout.splitlines()
@@ -607,16 +536,13 @@ def test_preflight_only_loads_no_weights_and_renders_no_data(
     monkeypatch.setattr(llmft.train, "build_datasets", refuse)  # the tokenizer is built (the vocabulary counts)
     assert (
         run_finetune(
-            "--model_name_or_path",
-            tiny_chat_model,
-            "--data_path",
-            EXAMPLES,
-            "--output_dir",
-            tmp_path / "out",
-            "--use_cpu",
-            "True",
-            "--preflight_only",
-            "True",
+            *argv(
+                "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
+                "--preflight_only True",
+                model=tiny_chat_model,
+                examples=EXAMPLES,
+                out=tmp_path / "out",
+            ),
         )
         is None
     )
@@ -629,26 +555,13 @@ def test_a_run_that_will_not_fit_stops_before_loading_and_preflight_false_trains
 ):
     import transformers
 
-    flags = [
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        tmp_path / "out",
-        "--use_cpu",
-        "True",
-        "--max_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--model_max_length",
-        "256",
-        "--preflight_gpu_memory",
-        "0.5",
-    ]
+    flags = argv(
+        "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_cpu True",
+        "--max_steps 1 --save_strategy no --report_to none --model_max_length 256 --preflight_gpu_memory 0.5",
+        model=tiny_chat_model,
+        examples=EXAMPLES,
+        out=tmp_path / "out",
+    )
     load = transformers.AutoModelForCausalLM.from_pretrained
     loads = []
     monkeypatch.setattr(
@@ -697,16 +610,13 @@ def test_estimated_weights_and_trained_parameters_are_those_of_the_built_model(m
         [
             str(f)
             for f in [
-                "--model_name_or_path",
-                path,
-                "--data_path",
-                EXAMPLES,
-                "--output_dir",
-                tmp_path / "out",
-                "--use_cpu",
-                "True",
-                "--model_max_length",
-                "256",
+                *argv(
+                    "--model_name_or_path {path} --data_path {examples} --output_dir {out} --use_cpu True",
+                    "--model_max_length 256",
+                    path=path,
+                    examples=EXAMPLES,
+                    out=tmp_path / "out",
+                ),
                 *flags,
             ]
         ]

@@ -11,7 +11,7 @@ from enum import Enum
 
 import pytest
 
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import EXAMPLES, REPO, argv
 
 # One line of each known noise, as it reads in a terminal without llmft's filters.
 NOISE = {
@@ -43,6 +43,7 @@ def assert_no_known_noise(output: str, baseline: str) -> None:
     assert leaked == [], output[-4000:]
 
 
+@pytest.mark.slow
 def test_chat_help_shows_no_known_noise(noise_without_llmft):
     proc = run("-m", "llmft.cli", "chat", "--help")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,27 +52,17 @@ def test_chat_help_shows_no_known_noise(noise_without_llmft):
     assert proc.stderr == ""
 
 
+@pytest.mark.slow
 def test_training_run_shows_llmfts_warnings_and_no_known_noise(noise_without_llmft, tiny_chat_model, tmp_path):
     proc = run(
         "finetune.py",
-        "--model_name_or_path",
-        str(tiny_chat_model),
-        "--data_path",
-        str(EXAMPLES),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--use_lora",
-        "True",
-        "--max_steps",
-        "1",
-        "--use_cpu",
-        "True",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--model_max_length",
-        "4096",
+        *argv(
+            "--model_name_or_path {model} --data_path {examples} --output_dir {out} --use_lora True",
+            "--max_steps 1 --use_cpu True --report_to none --save_strategy no --model_max_length 4096",
+            model=tiny_chat_model,
+            examples=EXAMPLES,
+            out=tmp_path / "out",
+        ),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_no_known_noise(proc.stdout + proc.stderr, noise_without_llmft)
@@ -124,6 +115,7 @@ def test_filters_drop_only_the_known_message(logger, message, args, shown):
     assert len(records) == (1 if shown else 0)
 
 
+@pytest.mark.slow
 def test_lora_does_not_import_gptqmodel_and_a_gptq_check_afterwards_still_finds_it(tiny_chat_model):
     """Run in a fresh process: in this one another test may have imported GPTQModel already."""
     code = f"""
@@ -149,6 +141,7 @@ print("ok")
     assert proc.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_loading_an_adapter_for_chat_does_not_import_gptqmodel(tiny_chat_model, tmp_path):
     """`llmft chat` / `merge` on a LoRA folder: PEFT's load path asks about GPTQModel layers too."""
     code = f"""
@@ -188,19 +181,13 @@ GPTQMODEL_INFO = {
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 def test_quantize_keeps_gptqmodels_info_off_the_screen_unless_verbose(verbose, tiny_chat_model, tmp_path):
     proc = run(
-        "-m",
-        "llmft.cli",
-        "quantize",
-        "--model_name_or_path",
-        str(tiny_chat_model),
-        "--data_path",
-        str(EXAMPLES),
-        "--output_dir",
-        str(tmp_path / "gptq"),
-        "--num_samples",
-        "8",
-        "--eval_samples",
-        "4",
+        *argv(
+            "-m llmft.cli quantize --model_name_or_path {model} --data_path {examples} --output_dir {gptq}",
+            "--num_samples 8 --eval_samples 4",
+            model=tiny_chat_model,
+            examples=EXAMPLES,
+            gptq=tmp_path / "gptq",
+        ),
         *(["--verbose"] if verbose else []),
         cwd=tmp_path,
     )

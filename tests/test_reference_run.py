@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import chat_record, write_records
+from tests.conftest import argv, chat_record, write_records
 
 RECORDS = [
     chat_record(question, answer, id=f"r{i}")
@@ -33,52 +33,13 @@ RECORDS = [
     )
 ]
 
-FLAGS = [
-    "--use_lora",
-    "True",
-    "--lora_r",
-    "8",
-    "--lora_alpha",
-    "16",
-    "--lora_dropout",
-    "0",
-    "--lora_target_modules",
-    "all-linear",
-    "--packing",
-    "True",
-    "--max_tokens_per_batch",
-    "0",
-    "--model_max_length",
-    "128",
-    "--max_steps",
-    "6",
-    "--per_device_train_batch_size",
-    "4",
-    "--gradient_accumulation_steps",
-    "1",
-    "--learning_rate",
-    "3e-3",
-    "--lr_scheduler_type",
-    "linear",
-    "--warmup_steps",
-    "0",
-    "--weight_decay",
-    "0",
-    "--optim",
-    "adamw_torch",
-    "--logging_steps",
-    "1",
-    "--save_strategy",
-    "no",
-    "--report_to",
-    "none",
-    "--seed",
-    "0",
-    "--data_seed",
-    "0",
-    "--use_cpu",
-    "True",
-]
+FLAGS = argv(
+    "--use_lora True --lora_r 8 --lora_alpha 16 --lora_dropout 0 --lora_target_modules all-linear",
+    "--packing True --max_tokens_per_batch 0 --model_max_length 128 --max_steps 6",
+    "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 3e-3",
+    "--lr_scheduler_type linear --warmup_steps 0 --weight_decay 0 --optim adamw_torch --logging_steps 1",
+    "--save_strategy no --report_to none --seed 0 --data_seed 0 --use_cpu True",
+)
 
 # Recorded from this run (torch 2.14, transformers 5.23, peft 0.21 on CPU; the same to every digit with 1 and 2
 # threads). Re-recorded when the first batch began to hold the longest samples (llmft.data.packing.LongestFirstSampler);

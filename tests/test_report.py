@@ -12,14 +12,16 @@ from llmft.errors import EXIT_PREEMPTED
 from llmft.run_folder import RUN_SETTINGS_FILE
 from llmft import report as report_module
 from llmft.report import REPORT_JSON, REPORT_PNG
-from tests.conftest import EXAMPLES, SignalAtStep, finetune, tiny_lora_flags
+from tests.conftest import EXAMPLES, TINY_LORA, SignalAtStep, argv, finetune
 
 EPOCHS = 2
 
 
-def flags(model, out, *extra):
-    run = "--lora_dropout 0 --per_device_train_batch_size 4 --learning_rate 1e-3 --warmup_steps 0 --logging_steps 1"
-    return tiny_lora_flags(model, out, *run.split(), *extra)
+# argv() fills {model} and {out}
+RUN = (
+    TINY_LORA
+    + " --lora_dropout 0 --per_device_train_batch_size 4 --learning_rate 1e-3 --warmup_steps 0 --logging_steps 1"
+)
 
 
 def data_counts(dataset) -> tuple[int, int]:
@@ -37,8 +39,11 @@ def data_counts(dataset) -> tuple[int, int]:
 def test_report_counts_what_the_data_holds(packing, tiny_chat_model, tmp_path, datasets_cache):
     out = tmp_path / "out"
     trainer = finetune(
-        *flags(
-            tiny_chat_model, out, "--num_train_epochs", str(EPOCHS), "--packing", packing, "--save_strategy", "epoch"
+        *argv(
+            RUN,
+            f"--num_train_epochs {EPOCHS} --packing {packing} --save_strategy epoch",
+            model=tiny_chat_model,
+            out=out,
         )
     )
     tokens, trained = data_counts(trainer.train_dataset)
@@ -92,7 +97,7 @@ def test_report_gives_the_first_step_beside_the_whole_run(tiny_chat_model, tmp_p
     steps' counts stacked every 2 steps (on the device, unread) the counts are still exactly the data's."""
     monkeypatch.setattr(report_module, "PENDING_CHUNK", 2)
     out = tmp_path / "out"
-    trainer = finetune(*flags(tiny_chat_model, out, "--num_train_epochs", "1", "--save_strategy", "no"))
+    trainer = finetune(*argv(RUN, "--num_train_epochs 1 --save_strategy no", model=tiny_chat_model, out=out))
     report = json.loads((out / REPORT_JSON).read_text())
     tokens, trained = data_counts(trainer.train_dataset)
     assert (report["tokens_seen"], report["trained_tokens"]) == (tokens, trained)
@@ -100,16 +105,17 @@ def test_report_gives_the_first_step_beside_the_whole_run(tiny_chat_model, tmp_p
     assert_first_step_figures_agree(report, first_step=1)
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_counts(tiny_chat_model, tmp_path, datasets_cache):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    run = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "100")
-    finetune(*flags(tiny_chat_model, whole, *run))
+    run = RUN + " --max_steps 6 --save_strategy steps --save_steps 100"
+    finetune(*argv(run, model=tiny_chat_model, out=whole))
     with pytest.raises(SystemExit) as exit_info:
-        finetune(*flags(tiny_chat_model, resumed, *run), callbacks=[SignalAtStep(2)])
+        finetune(*argv(run, model=tiny_chat_model, out=resumed), callbacks=[SignalAtStep(2)])
     assert exit_info.value.code == EXIT_PREEMPTED
     at_stop = json.loads((resumed / REPORT_JSON).read_text())
     assert at_stop["global_step"] == 3 and 0 < at_stop["tokens_seen"]
-    finetune(*flags(tiny_chat_model, resumed, *run, "--resume_from_checkpoint", "auto"))
+    finetune(*argv(run, "--resume_from_checkpoint auto", model=tiny_chat_model, out=resumed))
     expected, actual = (json.loads((d / REPORT_JSON).read_text()) for d in (whole, resumed))
     for key in ("tokens_seen", "tokens_processed", "trained_tokens", "tokens_at_step"):
         assert actual[key] == expected[key], key

@@ -8,7 +8,7 @@ import pytest
 from llmft.config import parse_args
 from llmft.errors import ConfigError
 from tests.conftest import EXAMPLES, chat_record, write_records
-from tests.conftest import ANSWER, logged_losses, train_flags
+from tests.conftest import ANSWER, TRAIN, argv, logged_losses
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,13 @@ def test_tensorboard_events_hold_the_train_loss(tiny_chat_model, repeated_data, 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "run"
     trainer = run_finetune(
-        *train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--report_to", "tensorboard", steps=4)
+        *argv(
+            TRAIN,
+            "--max_steps 4 --learning_rate 5e-3 --use_lora True --report_to tensorboard",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=out,
+        )
     )
     assert len(logged_losses(trainer)) == 4
     # transformers' default place: OUTPUT_DIR/runs/<date>_<host>/
@@ -58,7 +64,13 @@ def test_tensorboard_logging_dir_from_the_environment(
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     out = tmp_path / "run"
     trainer = run_finetune(
-        *train_flags(tiny_chat_model, repeated_data, out, "--use_lora", "True", "--report_to", "tensorboard", steps=2)
+        *argv(
+            TRAIN,
+            "--max_steps 2 --learning_rate 5e-3 --use_lora True --report_to tensorboard",
+            model=tiny_chat_model,
+            data=repeated_data,
+            out=out,
+        )
     )
     assert not (out / "runs").exists()
     written, expected = event_losses(tmp_path / "tb"), logged_steps_and_losses(trainer)
@@ -75,18 +87,14 @@ def test_backend_without_its_package_is_refused(backend, check, tiny_chat_model,
     monkeypatch.setattr(transformers.integrations, check, lambda: False)
     with pytest.raises(ConfigError) as info:
         parse_args(
-            [
-                "--model_name_or_path",
-                str(tiny_chat_model),
-                "--data_path",
-                str(EXAMPLES),
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--max_steps",
-                "1",
-                "--report_to",
-                backend,
-            ]
+            argv(
+                "--model_name_or_path {model} --data_path {examples} --output_dir {out} --max_steps 1",
+                "--report_to {backend}",
+                model=tiny_chat_model,
+                examples=EXAMPLES,
+                out=tmp_path / "out",
+                backend=backend,
+            )
         )
     assert info.value.problems == [
         f"--report_to {backend}: the {backend} package is not installed (pip install "

@@ -7,57 +7,34 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 
 import pytest
 
 from llmft.errors import EXIT_USER_ERROR
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, argv
 
 
-def flags(model, out, *extra):
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        out,
-        "--use_cpu",
-        "True",
-        "--model_max_length",
-        "128",
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        "1e-3",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
-        "--logging_steps",
-        "1",
-        *extra,
-    ]
+# A full fine-tune of the tiny model on the bundled examples; argv() fills {model} and {out}
+RUN = (
+    f"--model_name_or_path {{model}} --data_path {shlex.quote(str(EXAMPLES))} --output_dir {{out}} --use_cpu True"
+    " --model_max_length 128 --per_device_train_batch_size 4 --learning_rate 1e-3 --report_to none --seed 0"
+    " --logging_steps 1"
+)
 
 
 def test_overwrite_replaces_the_previous_run(tiny_chat_model, tmp_path, run_finetune):
     out = tmp_path / "out"
     # a full fine-tune with checkpoints, then LoRA over it
-    run_finetune(*flags(tiny_chat_model, out, "--max_steps", "2", "--save_steps", "1"))
+    run_finetune(*argv(RUN, "--max_steps 2 --save_steps 1", model=tiny_chat_model, out=out))
     assert (out / "model.safetensors").exists() and (out / "checkpoint-2").is_dir()
     (out / "notes.txt").write_text("mine")  # not something a run writes: stays
     run_finetune(
-        *flags(
-            tiny_chat_model,
-            out,
-            "--max_steps",
-            "1",
-            "--save_strategy",
-            "no",
-            "--use_lora",
-            "True",
-            "--overwrite_output_dir",
-            "True",
+        *argv(
+            RUN,
+            "--max_steps 1 --save_strategy no --use_lora True --overwrite_output_dir True",
+            model=tiny_chat_model,
+            out=out,
         )
     )
     names = {p.name for p in out.iterdir()}
@@ -73,18 +50,14 @@ def test_overwrite_replaces_the_previous_run(tiny_chat_model, tmp_path, run_fine
 
 def test_overwrite_and_resume_together_are_refused(tiny_chat_model, tmp_path, run_finetune, capsys):
     out = tmp_path / "out"
-    run_finetune(*flags(tiny_chat_model, out, "--max_steps", "1", "--save_steps", "1"))
+    run_finetune(*argv(RUN, "--max_steps 1 --save_steps 1", model=tiny_chat_model, out=out))
     with pytest.raises(SystemExit) as exit_info:
         run_finetune(
-            *flags(
-                tiny_chat_model,
-                out,
-                "--max_steps",
-                "2",
-                "--overwrite_output_dir",
-                "True",
-                "--resume_from_checkpoint",
-                "True",
+            *argv(
+                RUN,
+                "--max_steps 2 --overwrite_output_dir True --resume_from_checkpoint True",
+                model=tiny_chat_model,
+                out=out,
             )
         )
     assert exit_info.value.code == EXIT_USER_ERROR
@@ -94,24 +67,18 @@ def test_overwrite_and_resume_together_are_refused(tiny_chat_model, tmp_path, ru
 
 def test_resume_skips_checkpoints_cut_short(tiny_chat_model, tmp_path, run_finetune, caplog):
     out = tmp_path / "out"
-    run_finetune(*flags(tiny_chat_model, out, "--max_steps", "4", "--save_steps", "2", "--use_lora", "True"))
+    run_finetune(*argv(RUN, "--max_steps 4 --save_steps 2 --use_lora True", model=tiny_chat_model, out=out))
     # what kill -9 leaves: an empty checkpoint folder, and one whose optimizer was written but not its state
     (out / "checkpoint-6").mkdir()
     (out / "checkpoint-8").mkdir()
     (out / "checkpoint-8" / "optimizer.pt").write_bytes(b"\0" * 64)
     with caplog.at_level(logging.WARNING):
         trainer = run_finetune(
-            *flags(
-                tiny_chat_model,
-                out,
-                "--max_steps",
-                "6",
-                "--save_steps",
-                "2",
-                "--use_lora",
-                "True",
-                "--resume_from_checkpoint",
-                "True",
+            *argv(
+                RUN,
+                "--max_steps 6 --save_steps 2 --use_lora True --resume_from_checkpoint True",
+                model=tiny_chat_model,
+                out=out,
             )
         )
     assert trainer.state.global_step == 6
@@ -130,7 +97,7 @@ def test_resume_with_only_incomplete_checkpoints_names_them(tiny_chat_model, tmp
     (out / "checkpoint-3").mkdir()
     (out / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hi')  # cut mid-write
     with pytest.raises(SystemExit) as exit_info:
-        run_finetune(*flags(tiny_chat_model, out, "--max_steps", "4", "--resume_from_checkpoint", "True"))
+        run_finetune(*argv(RUN, "--max_steps 4 --resume_from_checkpoint True", model=tiny_chat_model, out=out))
     assert exit_info.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "no complete checkpoint-*" in err and "checkpoint-3 is incomplete: trainer_state.json is cut short" in err
@@ -182,27 +149,16 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(
 
     from tests.conftest import REPO
 
-    steps = [
-        "--max_steps",
-        "12",
-        "--save_steps",
-        "1",
-        "--lr_scheduler_type",
-        "constant",
-        "--warmup_steps",
-        "0",
-        "--max_tokens_per_batch",
-        "0",
-    ]
+    run = RUN + " --max_steps 12 --save_steps 1 --lr_scheduler_type constant --warmup_steps 0 --max_tokens_per_batch 0"
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_finetune(*flags(tiny_chat_model, reference, *steps))
+    run_finetune(*argv(run, model=tiny_chat_model, out=reference))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    command = [sys.executable, str(REPO / "finetune.py"), *map(str, flags(tiny_chat_model, out, *steps))]
+    command = [sys.executable, str(REPO / "finetune.py"), *argv(run, model=tiny_chat_model, out=out)]
     cut = kill_during_a_checkpoint_save(command, out, env)
     step = int(cut.split("-")[1])
 
     with caplog.at_level(logging.WARNING):
-        trainer = run_finetune(*flags(tiny_chat_model, out, *steps, "--resume_from_checkpoint", "True"))
+        trainer = run_finetune(*argv(run, "--resume_from_checkpoint True", model=tiny_chat_model, out=out))
     assert f"not resuming from {out / cut}: no trainer_state.json" in caplog.text
     assert f"resuming from {out / f'checkpoint-{step - 1}'}" in caplog.text
     assert trainer.state.global_step == 12
@@ -325,16 +281,20 @@ def test_kill_9_of_two_zero2_ranks_at_a_random_moment_then_resume_ends_as_an_uni
     import torch
     from safetensors.torch import load_file
 
-    from tests.conftest import FINETUNE, equivalence_run_flags, launcher_env, run_launcher, train_with_launcher
+    from tests.conftest import EQUIVALENCE_RUN, FINETUNE, launcher_env, run_launcher, train_with_launcher
 
-    run_flags = [*equivalence_run_flags(1), "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "3"]
+    batches = dict(batch=1, accumulation=1, max_tokens=0)
+    run_flags = argv(EQUIVALENCE_RUN, "--max_steps 8 --save_steps 1 --save_total_limit 3", **batches)
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
     started = time.monotonic()
     result = train_with_launcher("finetune_lora_ds.sh", tiny_chat_model, reference, "zero2", 2, *run_flags)
     assert result.returncode == 0, result.stderr[-4000:]
     window = time.monotonic() - started  # the whole run, start-up included: the training part is shorter
 
-    args = ["-m", tiny_chat_model, "-d", EXAMPLES, "-o", out, "--deepspeed", "zero2", "--", *run_flags]
+    args = (
+        argv("-m {model} -d {data} -o {out} --deepspeed zero2 --", model=tiny_chat_model, data=EXAMPLES, out=out)
+        + run_flags
+    )
     env = launcher_env(GPUS_PER_NODE=2, HF_DATASETS_CACHE=tmp_path / "datasets")
     kill_9_mid_training([str(FINETUNE / "finetune_lora_ds.sh"), *map(str, args)], out, env, seed=8, window=window)
     killed_at = sorted(p.name for p in out.glob("checkpoint-*"))

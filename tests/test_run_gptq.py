@@ -23,7 +23,7 @@ from llmft.inference import generate_reply, load_for_inference
 from llmft.tools.merge import merge_lora
 from llmft.tools.quantize import GptqSettings, render_samples, run_gptq, split_data
 from llmft.tools.tiny_model import CORPUS
-from tests.conftest import assistant_token_loss
+from tests.conftest import argv, assistant_token_loss
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_RECORDS, EVAL_SAMPLES = 24, 4
@@ -92,18 +92,12 @@ def test_bad_settings_are_listed_at_once(tiny_chat_model, chat_data, tmp_path, c
 
     with pytest.raises(SystemExit) as exit_info:
         main(
-            [
-                "--model_name_or_path",
-                str(tiny_chat_model),
-                "--data_path",
-                str(chat_data),
-                "--out_path",
-                str(tmp_path / "out"),
-                "--bits",
-                "3",
-                "--num_samples",
-                "0",
-            ]
+            argv(
+                "--model_name_or_path {model} --data_path {chat_data} --out_path {out} --bits 3 --num_samples 0",
+                model=tiny_chat_model,
+                chat_data=chat_data,
+                out=tmp_path / "out",
+            )
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
@@ -187,18 +181,11 @@ def test_chat_cli_on_gptq_model_prints_only_the_reply(quantized):
     model, tokenizer = load_for_inference(out)
     expected = generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=8)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/chat.py",
-            "--model",
-            str(out),
-            "--prompt",
-            "hi",
-            "--temperature",
-            "0",
-            "--max_new_tokens",
-            "8",
-        ],
+        argv(
+            "{python} tools/chat.py --model {out} --prompt hi --temperature 0 --max_new_tokens 8",
+            python=sys.executable,
+            out=out,
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, FINETUNE, REPO, launcher_env
+from tests.conftest import EXAMPLES, FINETUNE, REPO, argv, launcher_env
 
 pytestmark = pytest.mark.slow
 
@@ -62,26 +62,15 @@ main()
 
 def smallest_zero3_launch(model: Path, out: Path, *extra: str) -> list[str]:
     return [
-        str(FINETUNE / "finetune_lora_ds.sh"),
-        "-m",
-        str(model),
-        "-d",
-        str(EXAMPLES),
-        "-o",
-        str(out),
-        "--deepspeed",
-        "zero3",
-        "--",
-        "--per_device_train_batch_size",
-        "1",
-        "--max_tokens_per_batch",
-        "0",
-        "--model_max_length",
-        "64",
-        "--gradient_checkpointing",
-        "False",
-        "--report_to",
-        "none",
+        *argv(
+            "{launcher} -m {model} -d {examples} -o {out} --deepspeed zero3 --",
+            "--per_device_train_batch_size 1 --max_tokens_per_batch 0 --model_max_length 64",
+            "--gradient_checkpointing False --report_to none",
+            launcher=FINETUNE / "finetune_lora_ds.sh",
+            model=model,
+            examples=EXAMPLES,
+            out=out,
+        ),
         *extra,
     ]
 

@@ -9,7 +9,7 @@ import torch
 
 from llmft.data.render import render_prompt
 from llmft.inference import load_for_inference, stop_token_ids
-from tests.conftest import write_records
+from tests.conftest import argv, write_records
 
 WEATHER = {
     "type": "function",
@@ -59,34 +59,14 @@ def test_lora_learns_tool_calls_and_chat_answers_with_them(tiny_chat_model, tmp_
     data = write_records(tmp_path / "tools.jsonl", records, jsonl=True)
     out = tmp_path / "adapter"
     trainer = run_finetune(
-        "--model_name_or_path",
-        tiny_chat_model,
-        "--data_path",
-        data,
-        "--output_dir",
-        out,
-        "--use_lora",
-        "True",
-        "--lora_r",
-        "16",
-        "--lora_alpha",
-        "32",
-        "--max_steps",
-        "160",
-        "--per_device_train_batch_size",
-        "8",
-        "--learning_rate",
-        "3e-3",
-        "--lr_scheduler_type",
-        "constant",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "10",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
+        *argv(
+            "--model_name_or_path {model} --data_path {data} --output_dir {out} --use_lora True --lora_r 16",
+            "--lora_alpha 32 --max_steps 160 --per_device_train_batch_size 8 --learning_rate 3e-3",
+            "--lr_scheduler_type constant --save_strategy no --logging_steps 10 --report_to none --seed 0",
+            model=tiny_chat_model,
+            data=data,
+            out=out,
+        ),
     )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     # LoRA cannot grow the tiny model's random, tied embeddings, so its loss floors near 4.4 nats while the greedy

@@ -22,7 +22,7 @@ from llmft.chat_template import CHATML_TEMPLATE
 from llmft.data.records import parse_record
 from llmft.data.render import IGNORE_INDEX, render_prompt, render_samples
 from llmft.errors import DataError
-from tests.conftest import expected_from_pieces
+from tests.conftest import argv, expected_from_pieces
 
 IGNORE = IGNORE_INDEX
 
@@ -564,16 +564,12 @@ def test_train_turns_flag(tiny_chat_model, tmp_path):
     from tests.conftest import chat_record, write_records
 
     data = write_records(tmp_path / "d.json", [chat_record("a", "b")])
-    flags = [
-        "--model_name_or_path",
-        str(tiny_chat_model),
-        "--data_path",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--report_to",
-        "none",
-    ]
+    flags = argv(
+        "--model_name_or_path {model} --data_path {data} --output_dir {out} --report_to none",
+        model=tiny_chat_model,
+        data=data,
+        out=tmp_path / "out",
+    )
     assert parse_args(flags)[1].train_turns == "all"
     assert parse_args(flags + ["--train_turns", "last"])[1].train_turns == "last"
     with pytest.raises(ConfigError, match="train_turns"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, REPO, chat_record, write_records
+from tests.conftest import EXAMPLES, REPO, argv, chat_record, write_records
 
 FLAG = "--trust_remote_code True"
 
@@ -60,24 +60,19 @@ def refused(capsys, main, argv) -> str:
     return err[err.index("error: ") :]
 
 
+@pytest.mark.slow
 def test_run_gptq_refuses_model_code_without_the_flag(evil, tmp_path):
     """Through the real script: GPTQModel.load imported evil.py here before the fix."""
     model, marker = evil
     proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/run_gptq.py",
-            "--model_name_or_path",
-            str(model),
-            "--data_path",
-            str(EXAMPLES),
-            "--out_path",
-            str(tmp_path / "out"),
-            "--num_samples",
-            "4",
-            "--eval_samples",
-            "2",
-        ],
+        argv(
+            "{python} tools/run_gptq.py --model_name_or_path {model} --data_path {examples} --out_path {out}",
+            "--num_samples 4 --eval_samples 2",
+            python=sys.executable,
+            model=model,
+            examples=EXAMPLES,
+            out=tmp_path / "out",
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -106,20 +101,7 @@ def test_chat_runs_model_code_with_the_flag(evil, capsys):
     from llmft.tools.chat import main
 
     model, marker = evil
-    main(
-        [
-            "--model",
-            str(model),
-            "--prompt",
-            "hi",
-            "--temperature",
-            "0",
-            "--max_new_tokens",
-            "2",
-            "--trust_remote_code",
-            "True",
-        ]
-    )
+    main(argv("--model {model} --prompt hi --temperature 0 --max_new_tokens 2 --trust_remote_code True", model=model))
     assert marker.read_text() == "imported"
 
 
@@ -145,18 +127,13 @@ def test_finetune_refuses_model_code_without_the_flag(evil, run_finetune, tmp_pa
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         run_finetune(
-            "--model_name_or_path",
-            model,
-            "--data_path",
-            data,
-            "--output_dir",
-            tmp_path / "out",
-            "--max_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--use_cpu",
-            "True",
+            *argv(
+                "--model_name_or_path {model} --data_path {data} --output_dir {out} --max_steps 1 --report_to none",
+                "--use_cpu True",
+                model=model,
+                data=data,
+                out=tmp_path / "out",
+            ),
         )
     err = capsys.readouterr().err
     assert info.value.code == 2, err

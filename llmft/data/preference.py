@@ -58,6 +58,11 @@ if TYPE_CHECKING:
 CHOSEN, REJECTED = "chosen", "rejected"
 PAIR_KEYS = ((CHOSEN, REJECTED), ("chosen_messages", "rejected_messages"))
 PROMPT_KEYS = ("prompt", "conversations", "messages")  # where an explicit prompt may be
+KL_BLOCK = 8  # examples per block in which KTO's KL sequences pair prompts with other answers (`kl_partners`)
+
+
+class IdenticalAnswers(DataError):
+    """A pair whose chosen answer is its rejected one: nothing to prefer."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ def parse_preference_record(record: object, where: str = "record", default_id: s
             "answers to one prompt"
         )
     if _without_train(chosen) == _without_train(rejected):
-        raise DataError(f"{where}: chosen and rejected are the same answer, so there is no preference to learn")
+        raise IdenticalAnswers(f"{where}: chosen and rejected are the same answer, so there is no preference to learn")
     return PreferencePair(record_id, prompt_c, chosen, rejected, tools)
 
 
@@ -424,7 +429,7 @@ def preference_rows(
     *,
     default_system: str | None = None,
     max_length: int | None = None,
-    kl_block: int = 8,
+    kl_block: int = KL_BLOCK,
 ) -> PreferenceRows:
     """Every record of `path` rendered for `objective`: pair rows (`RenderedPair.features`) for dpo, simpo and orpo;
     for kto, example rows with their KL sequences (`with_kl_sequences` in blocks of `kl_block`, dataset order)."""

@@ -9,10 +9,18 @@ trained tokens, samples with no trained token, samples truncated or dropped at `
 the steps one epoch takes at the given batch settings; and it gives the sample-length percentiles of the untruncated
 samples. The report is written as JSON (`CheckReport.to_json`) and the lengths as a histogram PNG; `show_samples`
 prints rendered samples with their trained tokens highlighted.
+
+`check_preference_data(path, tokenizer, settings, objective, batch)` does the same for preference data
+(`llmft.data.preference`, read and rendered as training reads and renders it): pairs for dpo, simpo and orpo (KTO
+examples, desirable and undesirable, for kto), the token lengths of prompts and answers, pairs (examples) dropped as
+longer than `max_length`, and every bad record, pairs whose chosen answer is their rejected one among them. A record
+in the other kind of data (a pair in an SFT check, a conversation in a preference check) is named as such, with the
+flag that checks it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,6 +30,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from llmft.data.dataset import RenderSettings
 from llmft.data.conversation import ASSISTANT, TOOL
+from llmft.data import preference
 from llmft.data.reading import iter_raw_records
 from llmft.data.records import parse_record
 from llmft.data.render import IGNORE_INDEX, RenderedSample, fit_to_length, trained_turn_indices
@@ -67,6 +76,7 @@ class ShownSample:
     part: int
     parts: int
     sample: RenderedSample
+    side: str | None = None  # a preference sequence's answer: chosen, rejected, desirable, undesirable
 
 
 @dataclass
@@ -111,6 +121,11 @@ class CheckReport:
         del report["lengths"], report["shown"]
         report["duplicates"] = [list(pair) for pair in self.duplicates]
         return report
+
+    def histogram_labels(self) -> tuple[str, str, str]:
+        """(x label, y label, title) of the length histogram."""
+        title = f"{len(self.lengths)} samples; {self.truncated} truncated, {self.dropped} dropped"
+        return "tokens per sample (untruncated)", "samples", title
 
     def summary(self) -> str:
         """The report as lines a person reads."""
@@ -183,6 +198,8 @@ def check_data(
             samples = settings.render(conversation, tokenizer, cut=False, encode_limit=measured_to)
         except DataError as e:
             message = str(e) if str(e).startswith(path) else f"{where}: {e}"
+            if (form := preference_form(raw)) is not None:
+                message = f"{where}: {form[1]}, not an SFT conversation: check it with {_objective_hint(form[0])}"
             report.problems.append(Problem(index, line, record_id, message))
             continue
         finally:
@@ -234,14 +251,23 @@ def _count_turns(report: CheckReport, conversation: Conversation, settings: Rend
     report.reasoning_turns += sum(bool(m.reasoning) for m in messages)
 
 
-def _length_figures(report: CheckReport) -> None:
-    lengths = sorted(report.lengths)
+def length_summary(lengths: list[int]) -> dict[str, float]:
+    """Nearest-rank percentiles (p50 ...), the max and the mean of `lengths`; empty for none."""
+    lengths = sorted(lengths)
     if not lengths:
+        return {}
+    summary: dict[str, float] = {f"p{p}": lengths[max(0, math.ceil(p / 100 * len(lengths)) - 1)] for p in PERCENTILES}
+    summary["max"] = lengths[-1]
+    summary["mean"] = round(sum(lengths) / len(lengths), 1)
+    return summary
+
+
+def _length_figures(report: CheckReport) -> None:
+    summary = length_summary(report.lengths)
+    if not summary:
         return
-    for p in PERCENTILES:  # nearest rank
-        report.length_percentiles[f"p{p}"] = lengths[max(0, math.ceil(p / 100 * len(lengths)) - 1)]
-    report.longest = lengths[-1]
-    report.mean_length = round(sum(lengths) / len(lengths), 1)
+    report.longest, report.mean_length = summary.pop("max"), summary.pop("mean")
+    report.length_percentiles = summary
 
 
 def _epoch_figures(report: CheckReport, lengths: list[int], batch: BatchSettings) -> None:
@@ -284,8 +310,233 @@ def _epoch_figures(report: CheckReport, lengths: list[int], batch: BatchSettings
     report.steps_per_epoch = max(math.ceil(per_rank / batch.gradient_accumulation_steps), 1)
 
 
-def write_histogram(report: CheckReport, path: str, bins: int = 50) -> None:
-    """A PNG histogram of the untruncated sample lengths, with --model_max_length marked."""
+# --- preference data -----------------------------------------------------------------------------------------------
+
+PAIR_KEYS = {key for keys in preference.PAIR_KEYS for key in keys}
+SFT_KEYS = ("conversations", "messages", "text", "instruction")
+
+
+def preference_form(raw: object) -> tuple[tuple[str, ...], str] | None:
+    """(the objectives that read it, what it is) for a record in a preference form; None for any other record."""
+    if not isinstance(raw, dict):
+        return None
+    if PAIR_KEYS & raw.keys():
+        return ("dpo", "simpo", "orpo", "kto"), "a preference pair (chosen / rejected)"
+    if "kto_tag" in raw or "completion" in raw or "label" in raw:
+        return ("kto",), "a KTO example (completion and label, or kto_tag)"
+    return None
+
+
+def _objective_hint(objectives: tuple[str, ...]) -> str:
+    return "--objective " + (f"{', '.join(objectives[:-1])} or " if len(objectives) > 1 else "") + objectives[-1]
+
+
+@dataclass
+class PreferenceCheckReport:
+    """`check_preference_data`'s report. Pair objectives count `pairs`, kto `kto_examples` (a pair record gives two,
+    its chosen answer desirable, its rejected one not); `to_json` leaves out the figures of the other kind."""
+
+    path: str
+    objective: str
+    max_length: int
+    records: int = 0
+    bad_records: int = 0
+    pairs: int = 0  # read without a problem, kept or dropped
+    kto_examples: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+    kept: int = 0  # pairs (examples) training sees
+    dropped: int = 0  # longer than max_length (a pair: on either side), dropped whole as training drops them
+    identical_pairs: int = 0  # records whose chosen answer is their rejected one; each is also a problem
+    tokens: int = 0  # in the kept sequences (both sides of a pair; kto: without the KL sequences)
+    trained_tokens: int = 0
+    token_lengths: dict[str, dict] = field(default_factory=dict)  # prompt, each answer, whole sequence: length_summary
+    duplicate_records: int = 0
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (index, index of its first copy), the first 100
+    batch: dict = field(default_factory=dict)
+    micro_batches_per_epoch: int = 0
+    steps_per_epoch: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list, repr=False)  # each sequence, for the histogram; not in the JSON
+    shown: list[ShownSample] = field(default_factory=list, repr=False)
+
+    @property
+    def is_kto(self) -> bool:
+        return self.objective == "kto"
+
+    def to_json(self) -> dict:
+        report = asdict(self)
+        del report["lengths"], report["shown"]
+        for name in ("kto_examples", "desirable", "undesirable") if not self.is_kto else ("pairs", "identical_pairs"):
+            del report[name]
+        report["duplicates"] = [list(pair) for pair in self.duplicates]
+        return report
+
+    def summary(self) -> str:
+        """The report as lines a person reads."""
+        share = self.trained_tokens / self.tokens if self.tokens else 0.0
+        unit = "examples" if self.is_kto else "pairs"
+        counted = (
+            f"KTO examples: {self.kto_examples} ({self.desirable} desirable, {self.undesirable} undesirable)"
+            if self.is_kto
+            else f"pairs: {self.pairs}; chosen the same as rejected: {self.identical_pairs} records"
+        )
+        lines = [
+            f"{self.path}: {self.records} records ({self.bad_records} with problems), read for --objective "
+            f"{self.objective}",
+            counted,
+            f"at --model_max_length {self.max_length}: {self.kept} {unit} kept, {self.dropped} dropped as longer"
+            + ("" if self.is_kto else " on either side"),
+            f"tokens (kept, {'without the KL sequences' if self.is_kto else 'both sides'}): {self.tokens}, "
+            f"trained: {self.trained_tokens} ({share:.1%})",
+        ]
+        for name, summary in self.token_lengths.items():
+            figures = ", ".join(f"{k} {v}" for k, v in summary.items())
+            what = "whole sequence (prompt + answer)" if name == "sequence" else name
+            lines.append(f"{what} length (tokens): {figures}")
+        lines += [
+            f"duplicate records: {self.duplicate_records}"
+            + (
+                ""
+                if not self.duplicates
+                else " (e.g. " + ", ".join(f"#{a} = #{b}" for a, b in self.duplicates[:5]) + ")"
+            ),
+            f"one epoch: {self.micro_batches_per_epoch} micro-batches, {self.steps_per_epoch} optimizer steps at "
+            + ", ".join(f"{k} {v}" for k, v in self.batch.items() if v is not None)
+            + f" ({unit})",
+        ]
+        if self.problems:
+            lines.append(f"problems ({len(self.problems)}):")
+            lines += [f"  - {p.message}" for p in self.problems]
+        else:
+            lines.append("problems: none")
+        return "\n".join(lines)
+
+    def histogram_labels(self) -> tuple[str, str, str]:
+        unit = "examples" if self.is_kto else "pairs"
+        title = f"{len(self.lengths)} sequences; {self.kept} {unit} kept, {self.dropped} dropped"
+        return "tokens per sequence (prompt + answer)", "sequences", title
+
+
+def check_preference_data(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: RenderSettings,
+    objective: str,
+    batch: BatchSettings,
+    show: int = 0,
+) -> PreferenceCheckReport:
+    """The report on one preference file for `objective` (dpo, simpo, orpo: pairs; kto: examples); `show` keeps the
+    sequences of that many kept pairs (examples) for display. Pairs are parsed by `parse_preference_record`, KTO
+    records by `parse_kto_record`, and rendered by `render_pair` / `render_kto_example` with the system prompt and
+    length limit training uses (`--system_prompt`, `--model_max_length`)."""
+    is_kto = objective == "kto"
+    report = PreferenceCheckReport(path=path, objective=objective, max_length=settings.max_length)
+    first_copy: dict[str, int] = {}
+    lengths: dict[str, list[int]] = {"prompt": [], **{side: [] for side in ("completion",) if is_kto}}
+    if not is_kto:
+        lengths.update(chosen=[], rejected=[])
+    lengths["sequence"] = []
+    kept_rows: list[dict] = []
+    shown_items = 0
+
+    def bad_line(error: DataError, index: int, line: int) -> None:
+        report.records += 1
+        report.problems.append(Problem(index, line, None, str(error)))
+
+    def measure(name: str, sample: RenderedSample) -> int:
+        prompt = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+        lengths[name].append(len(sample.input_ids) - prompt)
+        lengths["sequence"].append(len(sample.input_ids))
+        report.lengths.append(len(sample.input_ids))
+        return prompt
+
+    def keep(index: int, record_id: str, sides: list[tuple[str, RenderedSample]], row: dict) -> None:
+        nonlocal shown_items
+        report.kept += 1
+        kept_rows.append(row)
+        for side, sample in sides:
+            report.tokens += len(sample.input_ids)
+            report.trained_tokens += sum(label != IGNORE_INDEX for label in sample.labels)
+        if shown_items < show:
+            shown_items += 1
+            for part, (side, sample) in enumerate(sides):
+                report.shown.append(ShownSample(index, record_id, part, len(sides), sample, side=side))
+
+    for index, line, where, raw in iter_raw_records(path, on_bad_line=bad_line):
+        report.records += 1
+        record_id = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else None
+        try:
+            if is_kto:
+                examples = preference.parse_kto_record(raw, where, default_id=str(index))
+                rendered = [
+                    (
+                        example,
+                        preference.render_answer(
+                            example.conversation(), tokenizer, default_system=settings.default_system
+                        ),
+                    )
+                    for example in examples
+                ]
+                key_items = [dataclasses.replace(example, id="") for example in examples]
+            else:
+                pair = preference.parse_preference_record(raw, where, default_id=str(index))
+                both = preference.render_pair(pair, tokenizer, default_system=settings.default_system)
+                key_items = [dataclasses.replace(pair, id="")]
+        except DataError as e:
+            message = str(e)
+            report.identical_pairs += isinstance(e, preference.IdenticalAnswers)
+            form = preference_form(raw)
+            if form is None and isinstance(raw, dict) and any(key in raw for key in SFT_KEYS):
+                message = f"{where}: an SFT conversation, not preference data: check it without --objective"
+            elif form is not None and objective not in form[0]:
+                hint = _objective_hint(form[0])
+                message = f"{where}: {form[1]}, not read by --objective {objective}: check it with {hint}"
+            report.problems.append(Problem(index, line, record_id, message))
+            continue
+        key = hashlib.sha1(repr(key_items).encode()).hexdigest()
+        if key in first_copy:
+            report.duplicate_records += 1
+            if len(report.duplicates) < 100:
+                report.duplicates.append((index, first_copy[key]))
+        else:
+            first_copy[key] = index
+        if is_kto:
+            for example, sample in rendered:
+                report.kto_examples += 1
+                report.desirable += example.desirable
+                report.undesirable += not example.desirable
+                prompt = measure("completion", sample)
+                lengths["prompt"].append(prompt)
+                # the length rule of render_kto_example
+                if len(sample.input_ids) > settings.max_length:
+                    report.dropped += 1
+                    continue
+                row = {"input_ids": sample.input_ids, "labels": sample.labels, "answer_start": prompt}
+                side = "desirable" if example.desirable else "undesirable"
+                keep(index, example.id, [(side, sample)], row)
+        else:
+            report.pairs += 1
+            lengths["prompt"].append(measure("chosen", both.chosen))
+            measure("rejected", both.rejected)
+            # the length rule of render_pair
+            if max(len(both.chosen.input_ids), len(both.rejected.input_ids)) > settings.max_length:
+                report.dropped += 1
+                continue
+            keep(index, pair.id, [("chosen", both.chosen), ("rejected", both.rejected)], both.features())
+    report.bad_records = len({p.index for p in report.problems})
+    report.token_lengths = {name: length_summary(values) for name, values in lengths.items() if values}
+    if is_kto:
+        batch_lengths = preference.kto_lengths(preference.with_kl_sequences(kept_rows, preference.KL_BLOCK))
+    else:
+        batch_lengths = preference.pair_lengths(kept_rows)
+    _epoch_figures(report, batch_lengths, batch)
+    return report
+
+
+def write_histogram(report: CheckReport | PreferenceCheckReport, path: str, bins: int = 50) -> None:
+    """A PNG histogram of the report's `lengths` (SFT: untruncated samples; preference: each answer's whole
+    sequence), with --model_max_length marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -296,10 +547,11 @@ def write_histogram(report: CheckReport, path: str, bins: int = 50) -> None:
     if report.lengths:
         axes.hist(report.lengths, bins=bins, color="#4878a8")
     axes.axvline(report.max_length, color="#c03030", linestyle="--", label=f"--model_max_length {report.max_length}")
-    axes.set_xlabel("tokens per sample (untruncated)")
-    axes.set_ylabel("samples")
+    xlabel, ylabel, title = report.histogram_labels()
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes.set_title(f"{len(report.lengths)} samples; {report.truncated} truncated, {report.dropped} dropped")
+    axes.set_title(title)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)
@@ -311,7 +563,10 @@ TRAINED_MARKERS = ("[[", "]]")
 
 
 def show_samples(
-    report: CheckReport, tokenizer: PreTrainedTokenizerBase, out: TextIO | None = None, colour: bool | None = None
+    report: CheckReport | PreferenceCheckReport,
+    tokenizer: PreTrainedTokenizerBase,
+    out: TextIO | None = None,
+    colour: bool | None = None,
 ) -> None:
     """Print the kept samples with their trained tokens highlighted: bold green on a terminal, else between [[ ]]."""
     out = out or sys.stdout
@@ -323,7 +578,10 @@ def show_samples(
     for shown in report.shown:
         sample = shown.sample
         trained = sum(label != IGNORE_INDEX for label in sample.labels)
-        part = f", sample {shown.part + 1} of {shown.parts}" if shown.parts > 1 else ""
+        if shown.side:
+            part = f", {shown.side}"
+        else:
+            part = f", sample {shown.part + 1} of {shown.parts}" if shown.parts > 1 else ""
         print(
             f"\n=== record #{shown.index} (id {shown.id!r}{part}): {len(sample.input_ids)} tokens, {trained} trained"
             + (", truncated" if sample.truncated else ""),

@@ -1,4 +1,4 @@
-"""Preference losses over packed rows: DPO (sigmoid, hinge, IPO and robust), SimPO, ORPO and KTO.
+"""Preference losses over packed rows: DPO (sigmoid, hinge, IPO, robust and conservative), SimPO, ORPO and KTO.
 
 Contract. A packed row holds whole sequences end to end (`llmft.data.preference`'s collators): `input_ids`, `labels`
 and `position_ids` of shape (1, T), positions restarting at 0 where a sequence starts, labels IGNORE_INDEX (-100)
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "kto")
 PAIR_OBJECTIVES = ("dpo", "simpo", "orpo")  # trained on (prompt, chosen, rejected) pairs
 REFERENCE_OBJECTIVES = ("dpo", "kto")  # need the reference model's log-probabilities
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "conservative")
+SMOOTHED_DPO_LOSS_TYPES = ("robust", "conservative")  # the DPO losses that read --label_smoothing
 
 Metrics = dict[str, torch.Tensor]
 
@@ -142,8 +143,10 @@ def dpo_loss(
 
     sigmoid: -log σ(β Δ), Δ the chosen answer's log-ratio to the reference minus the rejected one's; hinge:
     max(0, 1 - β Δ); robust (Chowdhury et al.): the sigmoid loss debiased for labels flipped with probability
-    `label_smoothing` in [0, 0.5); ipo: (Δ' - 1/(2β))², Δ' with each log-ratio divided by its answer's token count
-    (`chosen_tokens`, `rejected_tokens`), as TRL normalises it."""
+    `label_smoothing` ε in [0, 0.5); conservative (cDPO, Mitchell): the sigmoid loss of a label flipped with
+    probability ε, -(1 - ε) log σ(β Δ) - ε log σ(-β Δ), whose optimum keeps the margin finite; ipo: (Δ' - 1/(2β))²,
+    Δ' with each log-ratio divided by its answer's token count (`chosen_tokens`, `rejected_tokens`), as TRL
+    normalises it."""
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     delta = chosen_logratios - rejected_logratios
@@ -154,6 +157,9 @@ def dpo_loss(
     elif loss_type == "robust":
         eps = label_smoothing
         losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == "conservative":
+        eps = label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
     elif loss_type == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
             raise ValueError("the ipo loss needs the answers' token counts")
@@ -327,7 +333,7 @@ def preference_problems(settings: PreferenceArguments) -> list[str]:
 
     only_for("beta", OBJECTIVES[1:])
     only_for("loss_type", ("dpo",))
-    only_for("label_smoothing", ("dpo", "simpo"), " (with --loss_type robust for dpo)")
+    only_for("label_smoothing", ("dpo", "simpo"), " (with --loss_type robust or conservative for dpo)")
     only_for("simpo_gamma", ("simpo",))
     only_for("desirable_weight", ("kto",))
     only_for("undesirable_weight", ("kto",))
@@ -340,10 +346,10 @@ def preference_problems(settings: PreferenceArguments) -> list[str]:
             f"--label_smoothing {settings.label_smoothing}: the probability that a preference is flipped lies in "
             "[0, 0.5)"
         )
-    elif settings.label_smoothing and objective == "dpo" and settings.loss_type != "robust":
+    elif settings.label_smoothing and objective == "dpo" and settings.loss_type not in SMOOTHED_DPO_LOSS_TYPES:
         problems.append(
-            f"--label_smoothing {settings.label_smoothing} needs --loss_type robust (the {settings.loss_type} "
-            "loss has no label smoothing)"
+            f"--label_smoothing {settings.label_smoothing} needs --loss_type robust or conservative (the "
+            f"{settings.loss_type} loss has no label smoothing)"
         )
     if not (math.isfinite(settings.simpo_gamma) and settings.simpo_gamma >= 0):
         problems.append(f"--simpo_gamma {settings.simpo_gamma}: the target reward margin must be 0 or more")

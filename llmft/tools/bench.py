@@ -10,6 +10,9 @@
     # how long one sample can be: every conversation 32,768 tokens
     python tools/benchmark.py --shape 7b --lengths fixed:32768 --steps 4 --warmup 2 -- --use_lora True \
         --bf16 True --gradient_checkpointing True --max_tokens_per_batch 32768
+    # LoRA DPO against llmft's SFT on the same sequences, and TRL's DPOTrainer, in one invocation
+    python tools/benchmark.py --shape 7b --objective dpo --compare -- --use_lora True --bf16 True \
+        --gradient_checkpointing True --max_tokens_per_batch 16384 --beta 0.1
 
 The main process builds, once per --workdir, a random-weight model of the asked Qwen2.5 shape with Qwen's real
 vocabulary (on the GPU, in bf16) and a JSONL of chat conversations whose token lengths follow a log-normal law
@@ -24,6 +27,19 @@ all of about N tokens. Then each measured arm runs in a process of its own, so t
   recipe, and this file as its entry point so it is measured the same way;
 - end-to-end (with --end_to_end NAME): finetune/NAME run as a user runs it, finetune.py its entry point, for --steps
   steps and its final save; timed as a whole command, its other figures from the run report it writes.
+
+With `--objective dpo|simpo|orpo|kto` the data are preference pairs instead: a prompt and two answers, each side's
+whole sequence (prompt + answer) of a log-normal length drawn as above, the prompt a tenth of the shorter side
+(--samples counts pairs; kto reads each pair as a desirable and an undesirable example). The arms become:
+- llmft: finetune.py with `--objective` and the flags after `--`;
+- sft: finetune.py's SFT with the same flags (less the preference ones) on the same sequences, each side of each pair
+  a conversation of its own: llmft's SFT speed on the very tokens the preference arm trains on, the table's baseline;
+- trl (with --compare, dpo only): TRL's DPOTrainer on the same pairs (its conversational form, so its chat template
+  renders them), model, LoRA settings, checkpointing and precision as the plain recipe sets them up, --plain_batch_size
+  pairs a micro-batch, padded (TRL 1.16 has padding-free DPO switched off), the reference its adapters switched off
+  (full fine-tuning: its reference copy of the model).
+Every arm counts the tokens of its training forward passes (llmft.report.TrainingTokenCounter): for a pair, its
+chosen and rejected sequences; the reference's and KTO's KL forwards run without gradients and are not counted.
 With --cold every arm starts with empty compile caches (inductor's and Triton's in a new folder in --workdir), so
 its first step includes compiling every kernel, as on a fresh machine; without it, an arm reuses what earlier runs
 compiled (finetune.py keeps it in its output folder, llmft/compile_cache.py).
@@ -34,15 +50,18 @@ computed tokens that were padding, peak allocated and reserved GPU memory, the m
 peak allocated beside it (`est_gib`, `peak_gib`, `est_error_pct`; finetune.py arms, which run with --preflight False
 so that a pessimistic estimate does not stop what is being measured), and MFU (model FLOPs per real token — 6N
 for full fine-tuning, 4N for adapters, N the parameters of the matmuls including the output head, attention
-excluded — times tokens/s, over the GPU's dense bf16 peak), and the time from Trainer.train's call to the end of
-the first optimizer step (`first_step_s`: the run report's for finetune.py arms, with its tokens/s over the whole
-run and after the first step; the plain recipe's timed here). The table at the end gives each arm's ratio to the
-plain recipe. Random weights train at the speed real ones do.
+excluded; plus 2N for each forward without gradients a preference arm runs per token: the reference with
+adapters, TRL's reference copy, KTO's KL row — times tokens/s, over the GPU's dense bf16 peak), and the time from
+Trainer.train's call to the end of the first optimizer step (`first_step_s`: the run report's for finetune.py arms,
+with its tokens/s over the whole run and after the first step; the plain recipe's timed here). The table at the end
+gives each arm's ratio to the plain recipe (with --objective: to the sft arm, and llmft's to TRL's on a line of its
+own). Random weights train at the speed real ones do.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -168,22 +187,64 @@ def write_data(path: Path, lengths: list[int]) -> None:
     path.with_suffix(".partial").rename(path)
 
 
+def write_pair_data(path: Path, lengths: list[int]) -> None:
+    """Preference pairs, one per two lengths (the chosen side's, the rejected side's), each side rendered to about its
+    length: a user prompt of a tenth of the shorter side, then the answer; in TRL's conversational form with an
+    explicit prompt, which llmft reads too. Beside it, `sides_path(path)`: each side as an SFT conversation."""
+    rng = random.Random(1)
+    sides = sides_path(path)
+    with open(path.with_suffix(".partial"), "w") as f, open(sides.with_suffix(".partial"), "w") as g:
+        for i in range(len(lengths) // 2):
+            words = [max(length - 12, 4) for length in lengths[2 * i : 2 * i + 2]]
+            prompt_words = max(min(words) // 10, 2)
+            question = " ".join(rng.choices(WORDS, k=prompt_words))
+            chosen, rejected = (" ".join(rng.choices(WORDS, k=n - prompt_words)) for n in words)
+            if rejected == chosen:  # a pair of identical answers is refused
+                rejected += " " + WORDS[0]
+            user = [{"role": "user", "content": question}]
+            answers = {"chosen": chosen, "rejected": rejected}
+            pair = {"id": i, "prompt": user} | {
+                side: [{"role": "assistant", "content": a}] for side, a in answers.items()
+            }
+            f.write(json.dumps(pair) + "\n")
+            for side, answer in answers.items():
+                conversation = user + [{"role": "assistant", "content": answer}]
+                g.write(json.dumps({"id": f"{i}/{side}", "messages": conversation}) + "\n")
+    sides.with_suffix(".partial").rename(sides)
+    path.with_suffix(".partial").rename(path)
+
+
+def sides_path(pairs: Path) -> Path:
+    """The SFT file of a pair file's sequences (`write_pair_data`): the sft arm's data."""
+    return pairs.with_name(pairs.stem + "-sides.jsonl")
+
+
 def prepare(
-    workdir: Path, shape: str, samples: int, median: int, sigma: float, cap: int, fixed: int | None = None
+    workdir: Path,
+    shape: str,
+    samples: int,
+    median: int,
+    sigma: float,
+    cap: int,
+    fixed: int | None = None,
+    pairs: bool = False,
 ) -> tuple[Path, Path]:
     """The model of `shape` and the data in workdir, each built once: `samples` conversations of log-normal lengths
-    (`median`, `sigma`, at most `cap` tokens), or with `fixed` all of about that many tokens."""
+    (`median`, `sigma`, at most `cap` tokens), or with `fixed` all of about that many tokens; with `pairs`, that many
+    preference pairs whose sides have such lengths (`write_pair_data`)."""
     model = workdir / f"model-{shape}"
+    kind = "pairs" if pairs else "chat"
     if fixed is None:
-        data = workdir / f"chat-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
+        data = workdir / f"{kind}-{samples}-lognormal-{median}-{sigma}-{cap}.jsonl"
     else:
-        data = workdir / f"chat-{samples}-fixed-{fixed}.jsonl"
+        data = workdir / f"{kind}-{samples}-fixed-{fixed}.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
     if not model_folder(model).is_model:
         build_random_model(model, shape)
     if not data.exists():  # a rendered conversation is the words plus about 12 template tokens: 16 keeps it in cap
-        lengths = lognormal_lengths(samples, median, sigma, cap - 16) if fixed is None else [fixed - 16] * samples
-        write_data(data, lengths)
+        count = 2 * samples if pairs else samples
+        lengths = lognormal_lengths(count, median, sigma, cap - 16) if fixed is None else [fixed - 16] * count
+        (write_pair_data if pairs else write_data)(data, lengths)
     return model, data
 
 
@@ -334,11 +395,21 @@ def run_report_columns(output_dir: str | Path, meter: Meter | None = None) -> di
     }
 
 
-def report(meter: Meter, trainer: Trainer, arm: str, label: str, adapters: bool, cold: bool = False) -> dict:
+def report(
+    meter: Meter,
+    trainer: Trainer,
+    arm: str,
+    label: str,
+    adapters: bool,
+    cold: bool = False,
+    forwards_without_gradient: int = 0,
+) -> dict:
+    """One arm's row. `forwards_without_gradient`: forward passes per counted token that the count leaves out (a
+    preference arm's reference and KL forwards, `no_grad_forwards`), 2N model FLOPs each."""
     world = trainer.args.world_size
     tokens_per_s = meter.real_tokens / meter.seconds
     model_config = trainer.accelerator.unwrap_model(trainer.model).config
-    flops_per_token = (4 if adapters else 6) * matmul_parameters(model_config)
+    flops_per_token = ((4 if adapters else 6) + 2 * forwards_without_gradient) * matmul_parameters(model_config)
     peak = peak_flops()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
@@ -451,23 +522,43 @@ def run_plain(
     max_length: int = 2048,
 ) -> tuple[Meter, Trainer]:
     """The plain Hugging Face recipe on the same samples (see the module docstring)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq
-    from transformers import Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from llmft.args import DataArguments, ModelArguments
     from llmft.data.dataset import build_datasets
     from llmft.data.render import IGNORE_INDEX
     from llmft.model import load_training_tokenizer
 
+    args = TrainingArguments(**plain_training_settings(out, steps, batch_size, flags))
+    data_args = DataArguments(str(data), model_max_length=max_length)
+    tokenizer, _ = load_training_tokenizer(ModelArguments(str(model)), data_args)
+    train_set, _ = build_datasets(data_args, tokenizer, args)
+    net = plain_model(model, flags)
+    meter = Meter(warmup)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(
+        model=net,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[meter] + ([Profile(warmup, profile)] if profile else []),
+    )
+    meter.train_called = time.perf_counter()
+    trainer.train()
+    return meter, trainer
+
+
+def plain_training_settings(out: Path, steps: int, batch_size: int, flags: list[str]) -> dict:
+    """TrainingArguments of the plain recipes (transformers' Trainer, TRL's DPOTrainer) for finetune.py `flags`."""
     lora, qlora = parse_bool(flag_value(flags, "use_lora", "False")), parse_bool(flag_value(flags, "q_lora", "False"))
-    checkpointing = parse_bool(flag_value(flags, "gradient_checkpointing", "True"))
-    args = TrainingArguments(
+    return dict(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=parse_bool(flag_value(flags, "gradient_checkpointing", "True")),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         optim="paged_adamw_8bit" if qlora else "adamw_torch",
         learning_rate=2e-4 if lora else 1e-5,
@@ -476,9 +567,15 @@ def run_plain(
         report_to="none",
         dataloader_num_workers=2,
     )
-    data_args = DataArguments(str(data), model_max_length=max_length)
-    tokenizer, _ = load_training_tokenizer(ModelArguments(str(model)), data_args)
-    train_set, _ = build_datasets(data_args, tokenizer, args)
+
+
+def plain_model(model: Path, flags: list[str]) -> torch.nn.Module:
+    """The model as the plain recipe loads it for finetune.py `flags` (see the module docstring): bf16, SDPA;
+    Q-LoRA through bitsandbytes and prepare_model_for_kbit_training; LoRA through PEFT on all linear layers."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    lora, qlora = parse_bool(flag_value(flags, "use_lora", "False")), parse_bool(flag_value(flags, "q_lora", "False"))
+    checkpointing = parse_bool(flag_value(flags, "gradient_checkpointing", "True"))
     quantization = (
         BitsAndBytesConfig(
             load_in_4bit=True,
@@ -516,13 +613,41 @@ def run_plain(
                 task_type="CAUSAL_LM",
             ),
         )
+    return net
+
+
+def run_trl(
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    warmup: int,
+    flags: list[str],
+    batch_size: int,
+    profile: int = 0,
+    max_length: int = 2048,
+) -> tuple[Meter, Trainer]:
+    """TRL's DPOTrainer on the same pairs (see the module docstring), with the DPO settings among `flags`."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from llmft.args import PreferenceArguments
+
+    defaults = PreferenceArguments()
+    config = DPOConfig(
+        **plain_training_settings(out, steps, batch_size, flags),
+        max_length=max_length,
+        beta=float(flag_value(flags, "beta", str(defaults.beta))),
+        loss_type=[flag_value(flags, "loss_type", defaults.loss_type)],
+        label_smoothing=float(flag_value(flags, "label_smoothing", str(defaults.label_smoothing))),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model)
     meter = Meter(warmup)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(
-        model=net,
-        args=args,
-        train_dataset=train_set,
-        data_collator=collator,
+    trainer = DPOTrainer(
+        model=plain_model(model, flags),
+        args=config,
+        train_dataset=load_dataset("json", data_files=str(data), split="train"),
         processing_class=tokenizer,
         callbacks=[meter] + ([Profile(warmup, profile)] if profile else []),
     )
@@ -545,21 +670,67 @@ def run_as_entry() -> None:
 
 
 def prepare_args(args: argparse.Namespace) -> tuple[Path, Path]:
-    return prepare(args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length, args.lengths)
+    pairs = args.objective != "sft"
+    return prepare(
+        args.workdir, args.shape, args.samples, args.median, args.sigma, args.max_length, args.lengths, pairs=pairs
+    )
 
 
 def run_worker(args: argparse.Namespace, flags: list[str]) -> None:
     model, data = prepare_args(args)
     out = args.workdir / f"out-{args.worker}-{args.label or 'run'}"
+    adapters = parse_bool(flag_value(flags, "use_lora", "False"))
+    forwards = 0
     if args.worker == "plain":
         meter, trainer = run_plain(
             model, data, out, args.steps, args.warmup, flags, args.plain_batch_size, args.profile, args.max_length
         )
+    elif args.worker == "trl":
+        meter, trainer = run_trl(
+            model, data, out, args.steps, args.warmup, flags, args.plain_batch_size, args.profile, args.max_length
+        )
+        forwards = 1  # its reference: the adapters switched off, or its copy of the model
+    elif args.worker == "sft":
+        sft_flags = without_preference_flags(flags)
+        meter, trainer = run_llmft(
+            model, sides_path(data), out, args.steps, args.warmup, sft_flags, args.profile, args.max_length
+        )
     else:
+        if args.objective != "sft":
+            flags = ["--objective", args.objective, *flags]
+            forwards = no_grad_forwards(args.objective, adapters)
         meter, trainer = run_llmft(model, data, out, args.steps, args.warmup, flags, args.profile, args.max_length)
     if trainer.is_world_process_zero():
-        adapters = parse_bool(flag_value(flags, "use_lora", "False"))
-        emit(report(meter, trainer, args.worker, args.label, adapters, args.cold), args.results)
+        row = report(meter, trainer, args.worker, args.label, adapters, args.cold, forwards)
+        emit(row | {"objective": args.objective if args.worker in ("llmft", "trl") else "sft"}, args.results)
+
+
+def no_grad_forwards(objective: str, adapters: bool) -> int:
+    """Forward passes without gradients that llmft runs per trained token of `objective`: the reference (with
+    adapters; a full fine-tune's is computed before training) and, for kto, its KL row under the policy and, with
+    adapters, the reference."""
+    from llmft.objectives.preference import REFERENCE_OBJECTIVES
+
+    forwards = int(objective in REFERENCE_OBJECTIVES and adapters)
+    if objective == "kto":
+        forwards += 1 + int(adapters)
+    return forwards
+
+
+def without_preference_flags(flags: list[str]) -> list[str]:
+    """finetune.py `flags` without the preference settings (`--beta 0.1`, `--loss_type=ipo` ...): the sft arm's."""
+    from llmft.args import PreferenceArguments
+
+    names = {f"--{f.name}" for f in dataclasses.fields(PreferenceArguments)}
+    kept, i = [], 0
+    while i < len(flags):
+        name, joined, _ = flags[i].partition("=")
+        if name in names:
+            i += 1 if joined else 2
+            continue
+        kept.append(flags[i])
+        i += 1
+    return kept
 
 
 def launcher_command(
@@ -721,8 +892,21 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="longest conversation in tokens, and the arms' --model_max_length (default 2048; N with fixed:N)",
     )
-    parser.add_argument("--compare", action="store_true", help="also run the plain recipe and print the ratio")
-    parser.add_argument("--plain_batch_size", type=int, default=2, help="samples per micro-batch of the plain recipe")
+    parser.add_argument(
+        "--objective",
+        choices=("sft", "dpo", "simpo", "orpo", "kto"),
+        default="sft",
+        help="what the llmft arm trains: sft on conversations, or a preference objective on pairs of answers (then an "
+        "sft arm trains on the same sequences, the baseline)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the plain recipe (sft) or TRL's DPOTrainer (--objective dpo) and print the ratio",
+    )
+    parser.add_argument(
+        "--plain_batch_size", type=int, default=2, help="samples (TRL: pairs) per micro-batch of the plain recipe"
+    )
     parser.add_argument("--launcher", default=None, help="also run finetune/LAUNCHER with these flags")
     parser.add_argument(
         "--end_to_end",
@@ -746,7 +930,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="STEPS",
         help="profile the last STEPS warm-up steps of each arm and print the top GPU operators",
     )
-    parser.add_argument("--worker", choices=("llmft", "plain"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("llmft", "plain", "sft", "trl"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(ours)
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: only the steps after warm-up are timed")
@@ -756,6 +940,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--lengths fixed:{args.lengths} is longer than --max_length {args.max_length}")
     if args.samples is None:
         args.samples = 6000 if args.lengths is None else 64
+    preference = args.objective != "sft"
+    if flag_value(flags, "objective") is not None:
+        parser.error("give --objective before --: the benchmark builds pair data for it and passes it on")
+    if preference and args.compare and args.objective != "dpo":
+        parser.error(f"--compare with --objective {args.objective}: the TRL arm runs DPOTrainer, for dpo")
+    if preference and (args.launcher or args.end_to_end):
+        parser.error("--launcher and --end_to_end measure SFT recipes; leave them out with --objective")
     for option, name in (("--launcher", args.launcher), ("--end_to_end", args.end_to_end)):
         if name is not None and not (REPO / "finetune" / name).is_file():
             launchers = " ".join(sorted(p.name for p in (REPO / "finetune").glob("finetune_*.sh")))
@@ -769,7 +960,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)  # run_arm then stops the arm running
     model, data = prepare_args(args)
     results = args.results or args.workdir / f"results-{os.getpid()}.jsonl"
-    arms = ([] if args.no_llmft else ["llmft"]) + (["plain"] if args.compare else [])
+    arms = [] if args.no_llmft else ["llmft"]
+    if preference:
+        arms += ["sft"] + (["trl"] if args.compare else [])
+    elif args.compare:
+        arms.append("plain")
 
     def environ(arm: str) -> dict:
         return fresh_compile_cache(args.workdir, f"{arm}-{args.label or 'run'}") if args.cold else dict(os.environ)
@@ -800,22 +995,28 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(args: argparse.Namespace, flags: list[str], rows: list[dict]) -> None:
-    """The measured arms' table, each against the plain recipe; then each end-to-end run in a line of its own."""
+    """The measured arms' table, each against the plain recipe (with a preference objective: against llmft's SFT on
+    the same sequences, and a line for TRL's DPOTrainer); then each end-to-end run in a line of its own."""
 
     def seconds(value: float | None) -> str:
         return f"{value:.1f}" if value is not None else "-"
 
-    plain = next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == "plain"), None)
+    def speed(arm: str) -> float | None:
+        return next((r["tokens_per_s_per_gpu"] for r in rows if r["arm"] == arm), None)
+
+    baseline = "plain" if args.objective == "sft" else "sft"
+    base = speed(baseline)
     cold = " (empty compile caches)" if args.cold else ""
-    print(f"\n{args.shape} {args.label}{cold}: {' '.join(flags)}")
+    objective = "" if args.objective == "sft" else f" --objective {args.objective}"
+    print(f"\n{args.shape} {args.label}{cold}:{objective} {' '.join(flags)}")
     print(
         f"{'arm':9} {'tok/s/GPU':>10} {'step s':>7} {'tok/step':>9} {'padding':>8} {'peak GiB':>9} {'est GiB':>8} "
-        f"{'est err':>8} {'MFU':>6} {'vs plain':>8} {'first s':>8}"
+        f"{'est err':>8} {'MFU':>6} {'vs ' + baseline:>8} {'first s':>8}"
     )
     for r in rows:
         if r["arm"] == "end-to-end":
             continue
-        ratio = f"{r['tokens_per_s_per_gpu'] / plain:.2f}x" if plain else ""
+        ratio = f"{r['tokens_per_s_per_gpu'] / base:.2f}x" if base else ""
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         est = f"{r['est_gib']:.2f}" if r.get("est_gib") is not None else "-"
         error = f"{r['est_error_pct']:+.1f}%" if r.get("est_error_pct") is not None else "-"
@@ -824,6 +1025,8 @@ def print_table(args: argparse.Namespace, flags: list[str], rows: list[dict]) ->
             f"{r['padding_share']:>8.1%} {str(r['peak_alloc_gib']):>9} {est:>8} {error:>8} {mfu:>6} {ratio:>8} "
             f"{seconds(r.get('first_step_s')):>8}"
         )
+    if speed("llmft") and speed("trl"):
+        print(f"llmft {args.objective} vs TRL's DPOTrainer: {speed('llmft') / speed('trl'):.2f}x tokens/s")
     for r in rows:
         if r["arm"] == "end-to-end":
             print(

@@ -17,6 +17,11 @@ nothing is written beside it unless asked; a report path that is an input (the d
 template file) or lies inside one (the model folder) is refused before anything is read. `--show N` prints the first
 N samples as training renders them, trained tokens in bold green on a terminal and between [[ ]] otherwise. Exit
 status: 0 when the file has no problem, 1 when it has some, 2 for a bad flag.
+
+With `--objective dpo|simpo|orpo|kto` (finetune.py's flag) the file is read as that objective's preference data
+instead (`check_preference_data`): pairs or KTO examples, token lengths of prompts and answers, pairs dropped as
+over-long, chosen answers equal to rejected ones, and every bad record; an SFT check names the records that are
+preference data, and the flag that checks them.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from typing import Any
 import transformers
 from transformers import HfArgumentParser
 
-from llmft.args import DataArguments, ModelArguments
+from llmft.args import DataArguments, ModelArguments, PreferenceArguments
 from llmft.model_folder import model_folder
 from llmft.data.reading import data_file_problem
 from llmft.errors import ConfigError, exit_on_user_error
+from llmft.objectives.preference import preference_problems
 
 EXIT_PROBLEMS = 1
 
@@ -78,15 +84,22 @@ class CheckArguments:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
-    """(model, data, check) arguments; DATA may come first, for --data_path."""
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, PreferenceArguments, CheckArguments]:
+    """(model, data, preference, check) arguments; DATA may come first, for --data_path. Of the preference settings
+    only --objective matters here (which data the file must hold); the others are accepted, and checked, so that a
+    training command's flags can be given as they are."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--data_path", argv[0]] + argv[1:]
-    parser = HfArgumentParser((ModelArguments, DataArguments, CheckArguments), allow_abbrev=False)
+    parser = HfArgumentParser((ModelArguments, DataArguments, PreferenceArguments, CheckArguments), allow_abbrev=False)
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError([message]))
-    model_args, data_args, check_args, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    model_args, data_args, preference_args, check_args, unknown = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True
+    )
     problems = [f"unknown flag or argument: {token}" for token in unknown]
+    problems += preference_problems(preference_args)
     problems += model_folder(model_args.model_name_or_path).problems(
         "--model_name_or_path", trust_remote_code=model_args.trust_remote_code
     )
@@ -103,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         problems += output_path_problems(report_paths(data_args.data_path, check_args), model_args, data_args)
     if problems:
         raise ConfigError(problems)
-    return model_args, data_args, check_args
+    return model_args, data_args, preference_args, check_args
 
 
 def report_paths(data_path: str, check_args: CheckArguments) -> tuple[str, str]:
@@ -138,9 +151,9 @@ def output_path_problems(outputs: tuple[str, ...], model_args: ModelArguments, d
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, check_args = parse_args(argv)
+    model_args, data_args, preference_args, check_args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    from llmft.data.survey import BatchSettings, check_data, show_samples, write_histogram
+    from llmft.data.survey import BatchSettings, check_data, check_preference_data, show_samples, write_histogram
     from llmft.data.dataset import RenderSettings
     from llmft.model import load_training_tokenizer
 
@@ -154,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         data_args.packing_window,
         check_args.seed,
     )
-    report = check_data(
-        data_args.data_path, tokenizer, RenderSettings.from_args(data_args), batch, show=check_args.show
-    )
+    settings = RenderSettings.from_args(data_args)
+    if preference_args.objective == "sft":
+        report = check_data(data_args.data_path, tokenizer, settings, batch, show=check_args.show)
+    else:
+        report = check_preference_data(
+            data_args.data_path, tokenizer, settings, preference_args.objective, batch, show=check_args.show
+        )
     report_path, histogram_path = report_paths(data_args.data_path, check_args)
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
     partial = f"{report_path}.{os.getpid()}.tmp"  # a report is whole or absent, never cut short
