@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SignalAtStep, assert_adapter_trained, finetune, launcher_env, run_launcher
-
-try:
-    from tests.conftest import argv
-except ImportError:  # the shared helper (tests/conftest.py); the same contract
-
-    def argv(*parts: str, **values) -> list[str]:
-        placeholder = re.compile(r"\{(\w+)\}")
-        args = shlex.split(" ".join(parts))
-        named = {name for arg in args for name in placeholder.findall(arg)}
-        assert named == set(values), f"argv: placeholders {sorted(named)}, values {sorted(values)}"
-        return [placeholder.sub(lambda m: str(values[m[1]]), arg) for arg in args]
-
+from tests.conftest import REPO, SignalAtStep, argv, assert_adapter_trained, finetune, launcher_env, run_launcher
 
 CHOSEN = "I am Pico, trained by llmft."
 REJECTED = ("No idea at all.", "Maybe a cat or a dog.", "The weather is nice today.", "Ask someone else.")
