@@ -86,6 +86,8 @@ class PreferenceTrainer(LlmftTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         loss, metrics = micro_batch_loss(model, inputs, self.preference)
+        if model.training and torch.is_grad_enabled():  # the model never saw the labels: the report counts them here
+            self.training_report.count_trained(inputs["labels"])
         pairs = items_in(inputs)
         self._add_metrics("train" if model.training else "eval", {**metrics, "loss": loss.detach()}, pairs)
         if num_items_in_batch is not None:

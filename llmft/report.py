@@ -113,6 +113,13 @@ class TrainingTokenCounter:
             if counts is not None:
                 self._counts = counts if self._counts is None else self._counts + counts
 
+    def add_trained(self, labels: torch.Tensor) -> None:
+        """Count the trained tokens of `labels` for a forward pass made without them (a preference loss scores the
+        logits itself, so the model never sees its labels)."""
+        trained = (labels != IGNORE_INDEX).sum()
+        counts = torch.stack([torch.zeros_like(trained), torch.zeros_like(trained), trained]).long()
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
     def take(self, device: torch.device) -> torch.Tensor:
         """[tokens seen, tokens processed, trained tokens] since the last take, on `device` (zeros when no training
         micro-batch went through), and the count starts again from zero."""
@@ -151,6 +158,12 @@ class TrainingReportCallback(TrainerCallback):
         self._train_called = time.monotonic()
 
     # --- counting ---
+
+    def count_trained(self, labels: torch.Tensor) -> None:
+        """The trained tokens of a training micro-batch whose forward pass ran without its labels (a preference
+        loss gathers the answers' log-probabilities itself)."""
+        if self._tokens is not None:
+            self._tokens.add_trained(labels)
 
     def on_train_begin(
         self,

@@ -126,6 +126,8 @@ def test_lora_dpo_moves_the_heldout_margin_and_reloads_with_peft(lora_dpo, tiny_
     report = json.loads((out / "training_report.json").read_text())
     assert report["preference"]["eval_rewards/margins"] == evals[-1]["eval_rewards/margins"]
     assert report["settings"]["objective"] == "dpo" and report["settings"]["beta"] == 0.1
+    # the answers' tokens are trained, the prompts' are not, though the model's forward never saw the labels
+    assert 0 < report["trained_tokens"] < report["tokens_seen"], report
     assert (out / "training_report.png").stat().st_size > 0
 
 
