@@ -253,9 +253,6 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments)
-
-
 @dataclass
 class PreferenceArguments:
     """What the run optimises: supervised fine-tuning, or a preference objective over pairs (DPO, SimPO, ORPO) or
@@ -298,3 +295,13 @@ class PreferenceArguments:
     undesirable_weight: float = field(
         default=1.0, metadata={"help": "kto: the weight of the undesirable answers' losses."}
     )
+
+
+ARGUMENT_CLASSES = (
+    ModelArguments,
+    DataArguments,
+    LoraArguments,
+    QuantizationArguments,
+    TrainingArguments,
+    PreferenceArguments,
+)

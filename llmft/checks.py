@@ -18,10 +18,18 @@ from llmft.attention import VARLEN
 from llmft.data.reading import data_file_problem
 from llmft.kernels import kernel_problems
 from llmft.model_folder import model_folder
+from llmft.objectives.preference import preference_problems
 from llmft.plan import matches_module
 
 if TYPE_CHECKING:
-    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+    from llmft.args import (
+        DataArguments,
+        LoraArguments,
+        ModelArguments,
+        PreferenceArguments,
+        QuantizationArguments,
+        TrainingArguments,
+    )
     from llmft.plan import RunPlan
 
 
@@ -32,10 +40,11 @@ def validate(
     quant_args: QuantizationArguments,
     training_args: TrainingArguments | None,
     plan: RunPlan | None,
+    preference_args: PreferenceArguments | None = None,
 ) -> list[str]:
     """Every problem with these settings and their plan, as messages naming the flags; empty when the run can start.
     `training_args` and `plan` may be None (the training arguments failed their own checks, so there is no plan):
-    the other settings are still checked."""
+    the other settings are still checked. No `preference_args`: an SFT run."""
     model = model_folder(model_args.model_name_or_path)  # the plan's, read once (cached), named as it was given
     problems = model.problems("--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     for flag in ("data_path", "eval_data_path"):
@@ -104,6 +113,66 @@ def validate(
         problems += _training_problems(data_args, quant_args, training_args, plan)
         if training_args.fsdp:
             problems += _fsdp_problems(lora_args, quant_args, training_args)
+    if preference_args is not None:
+        problems += preference_problems(preference_args)
+        if preference_args.objective != "sft":
+            problems += _preference_training_problems(
+                preference_args.objective, data_args, lora_args, training_args, plan
+            )
+    return problems
+
+
+def _preference_training_problems(
+    objective: str,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: TrainingArguments | None,
+    plan: RunPlan | None,
+) -> list[str]:
+    """Settings of SFT training that a preference objective cannot serve (llmft.data.preference, its collators)."""
+    problems, flag = [], f"--objective {objective}"
+    if not data_args.packing:
+        problems.append(
+            f"{flag} packs each micro-batch's sequences into one row (there is no padded preference collator): "
+            "drop --packing False"
+        )
+    if data_args.lazy_preprocess:
+        problems.append(f"{flag} renders its preference data up front: drop --lazy_preprocess")
+    if data_args.train_turns != "all":
+        problems.append(
+            f"--train_turns {data_args.train_turns} is SFT's: with {flag} the answers' turns are trained and the "
+            "prompt's never are"
+        )
+    budget = data_args.max_tokens_per_batch
+    if budget and budget >= data_args.model_max_length and budget < 2 * data_args.model_max_length:
+        problems.append(
+            f"--max_tokens_per_batch {budget} is below twice --model_max_length {data_args.model_max_length}: a "
+            f"micro-batch of {flag} holds whole pairs (KTO: an answer and its KL sequence), two sequences of up to "
+            "--model_max_length tokens each; raise it or lower --model_max_length"
+        )
+    # the policy is compared with the reference (and with itself, in SimPO and ORPO): dropout would make that
+    # comparison noise, which is why TRL's preference trainers turn dropout off by default
+    if lora_args.use_lora and lora_args.lora_dropout > 0:
+        problems.append(
+            f"--lora_dropout {lora_args.lora_dropout}: {flag} compares log-probabilities of the policy and the "
+            "reference, which dropout would blur with noise (TRL turns it off for preference training): use "
+            "--lora_dropout 0"
+        )
+    if plan is not None and plan.reference == "adapters-off" and lora_args.changes_base_weights:
+        problems.append(
+            f"--lora_init {lora_args.lora_init} changes the base weights as training starts, so the base with its "
+            f"adapters off is no longer the reference model {flag} needs: use --lora_init default or gaussian"
+        )
+    if training_args is not None and training_args.neftune_noise_alpha:
+        problems.append(
+            f"--neftune_noise_alpha adds noise to the embeddings of every forward, the reference's included, which "
+            f"{flag} compares the policy with: drop it"
+        )
+    if training_args is not None and training_args.label_smoothing_factor:
+        problems.append(
+            f"--label_smoothing_factor smooths SFT's token loss, which {flag} does not compute: for flipped "
+            "preferences use --label_smoothing (with --loss_type robust for dpo)"
+        )
     return problems
 
 

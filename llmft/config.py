@@ -28,6 +28,7 @@ from llmft.args import (
     DataArguments,
     LoraArguments,
     ModelArguments,
+    PreferenceArguments,
     QuantizationArguments,
     TrainingArguments,
 )
@@ -82,11 +83,13 @@ def parse_args(
 
 def parse_run(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments, RunPlan]:
-    """(model, data, lora, quant, training arguments, plan) from a config file and flags: the arguments parsed, the
-    run's plan resolved from them (llmft/plan.py), then every check of both (llmft/checks.py) and of the output
-    folder (llmft/run_folder.py) collected into one ConfigError. A local --model_name_or_path is made absolute (it
-    is recorded in adapter_config.json, and must resolve from anywhere)."""
+) -> tuple[
+    ModelArguments, DataArguments, LoraArguments, QuantizationArguments, TrainingArguments, PreferenceArguments, RunPlan
+]:
+    """(model, data, lora, quant, training, preference arguments, plan) from a config file and flags: the arguments
+    parsed, the run's plan resolved from them (llmft/plan.py), then every check of both (llmft/checks.py) and of the
+    output folder (llmft/run_folder.py) collected into one ConfigError. A local --model_name_or_path is made absolute
+    (it is recorded in adapter_config.json, and must resolve from anywhere)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_file = None
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
@@ -109,21 +112,22 @@ def parse_run(
                 problems.append(str(e))
             parsed.append(None)
     problems += number_problems
-    model_args, data_args, lora_args, quant_args, training_args = parsed
+    model_args, data_args, lora_args, quant_args, training_args, preference_args = parsed
     model_path = model_args.model_name_or_path
     if os.path.isdir(model_path):
         model_path = os.path.abspath(model_path)
     plan = None
     if training_args is not None:
         planned = dataclasses.replace(model_args, model_name_or_path=model_path)
-        plan = resolve_plan(planned, data_args, lora_args, quant_args, training_args)
-    problems += validate(*parsed, plan)  # the messages name the model as it was given
+        plan = resolve_plan(planned, data_args, lora_args, quant_args, training_args, preference_args)
+    # the messages name the model as it was given
+    problems += validate(model_args, data_args, lora_args, quant_args, training_args, plan, preference_args)
     if training_args is not None:
         problems += output_dir_problems(model_args, data_args, training_args, config_file)
     if problems:
         raise ConfigError(problems)
     model_args.model_name_or_path = model_path
-    return model_args, data_args, lora_args, quant_args, training_args, plan
+    return model_args, data_args, lora_args, quant_args, training_args, preference_args, plan
 
 
 def _is_number(token: str) -> bool:

@@ -17,6 +17,11 @@ Modes (`RunPlan.mode`):
 - `lora-on-<method>` (`lora-on-gptq`, `lora-on-awq`, ...): adapters on a base stored quantized, as its config.json's
   quantization_config says (llmft.model_folder).
 What is written down for later readers uses the coarser words of `RunPlan.coarse_mode` (full, lora, qlora).
+
+Objectives (`RunPlan.objective`, --objective): sft, or a preference objective (llmft/objectives/preference.py), whose
+`reference` says where the reference model's log-probabilities come from: `adapters-off` (the same model with its
+adapters switched off: no second copy), `precomputed` (full fine-tuning: computed once before the first step and kept
+in the run folder), or None (SFT, SimPO and ORPO need none).
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ from llmft.kernels import Kernels, choose_kernels, padded
 from llmft.model_folder import ModelFolder, model_folder
 
 if TYPE_CHECKING:
-    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+    from llmft.args import (
+        DataArguments,
+        LoraArguments,
+        ModelArguments,
+        PreferenceArguments,
+        QuantizationArguments,
+        TrainingArguments,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +98,8 @@ class RunPlan:
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     lean_recompute: bool = False  # llmft's checkpoint function with the lean recompute (llmft.recompute)
     added_tokens: tuple[str, ...] = ()  # ChatML tokens the tokenizer lacked and got (`with_added_tokens`)
+    objective: str = "sft"  # --objective: sft, dpo, simpo, orpo, kto
+    reference: str | None = None  # adapters-off, precomputed, or None: no reference model (see the module docstring)
 
     @property
     def uses_lora(self) -> bool:
@@ -135,9 +149,10 @@ def resolve_plan(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
+    preference_args: PreferenceArguments | None = None,
 ) -> RunPlan:
-    """The plan of a run from its parsed arguments; reads them and changes none of them, and never raises (the
-    settings checks, llmft/checks.py, list what keeps it from serving the run)."""
+    """The plan of a run from its parsed arguments (no `preference_args`: SFT); reads them and changes none of them,
+    and never raises (the settings checks, llmft/checks.py, list what keeps it from serving the run)."""
     model = model_folder(model_args.model_name_or_path)
     base_quantization = model.quant_method
     dtype = compute_dtype(training_args)
@@ -161,7 +176,8 @@ def resolve_plan(
         mode = "lora"
     kwargs = training_args.gradient_checkpointing_kwargs or DEFAULT_CHECKPOINTING_KWARGS
     from_deepspeed = deepspeed_optimizer(training_args)
-    tokens, rows = _micro_batch(data_args, training_args)
+    objective = preference_args.objective if preference_args is not None else "sft"
+    tokens, rows = _micro_batch(data_args, training_args, objective)
     modules, linears = _architecture_modules(model, model_args.trust_remote_code)
     targets = _lora_targets(lora_args, model, linears) if mode != "full" else None
     return RunPlan(
@@ -185,7 +201,18 @@ def resolve_plan(
         lora_targets=targets,
         offload_activations=_offloads_activations(training_args, sharding, mode),
         lean_recompute=_recomputes_lean(training_args, sharding, mode, lora_args),
+        objective=objective,
+        reference=_reference(objective, mode),
     )
+
+
+def _reference(objective: str, mode: str) -> str | None:
+    """Where the objective's reference log-probabilities come from (see the module docstring)."""
+    from llmft.objectives.preference import REFERENCE_OBJECTIVES
+
+    if objective not in REFERENCE_OBJECTIVES:
+        return None
+    return "precomputed" if mode == "full" else "adapters-off"
 
 
 def _architecture_modules(
@@ -244,14 +271,17 @@ def matches_module(target: str, module: str) -> bool:
     return module == target or module.endswith("." + target)
 
 
-def _micro_batch(data_args: DataArguments, training_args: TrainingArguments) -> tuple[int, int]:
+def _micro_batch(data_args: DataArguments, training_args: TrainingArguments, objective: str) -> tuple[int, int]:
     """(tokens, rows) of a micro-batch at most: --max_tokens_per_batch when set, in one packed row; else
     --per_device_train_batch_size samples of up to --model_max_length tokens, in one packed row or one row each.
-    Packed rows are padded (llmft.kernels.padded)."""
+    Packed rows are padded (llmft.kernels.padded). A preference objective's sample is a pair of sequences (KTO: an
+    answer and its KL sequence), packed always, so twice the tokens."""
     if data_args.max_tokens_per_batch:
         return padded(data_args.max_tokens_per_batch), 1
     rows = training_args.per_device_train_batch_size
     tokens = rows * data_args.model_max_length
+    if objective != "sft":
+        return padded(2 * tokens), 1
     return (padded(tokens), 1) if data_args.packing else (tokens, rows)
 
 
@@ -298,6 +328,8 @@ def describe_plan(plan: RunPlan) -> str:
         if plan.train_embeddings and plan.uses_lora
         else "as the mode trains them"
     )
+    if plan.objective != "sft":
+        base += f", {plan.objective}" + (f" (reference: {plan.reference})" if plan.reference else "")
     return (
         f"plan: {base}, {dtype}; sharding {sharding}; activation checkpointing {checkpointing}; "
         f"{plan.kernels.describe(plan.packing)}; embeddings {embeddings}"

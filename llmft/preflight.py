@@ -24,6 +24,13 @@ stay in the compute dtype (fp32 outside bf16 runs: PEFT's prepare_model_for_kbit
 
 Activations: see `activation_bytes_per_token_layer`. Logits: see `logit_bytes`.
 
+Preference objectives (--objective, llmft/objectives/): a micro-batch holds pairs (the plan counts their tokens:
+twice the samples' length), scored from the model's whole logits, so Liger's fused loss saves nothing there. Where
+the reference model runs at every step (LoRA's adapters switched off, and KTO's KL row) its no-grad forward comes
+while the policy's activations are held: its own activations live one layer at a time, its logits in full, one more
+tokens x vocab x b bytes. Full fine-tuning's reference is computed before training, not at the peak: the estimate
+is SFT's for the same tokens.
+
 The peak: weights + optimizer states + the larger of two moments. At the end of the forward pass: activations +
 logits + the gradients still held from the previous micro-batch (when accumulating, and always under DeepSpeed and
 FSDP, whose gradient buffers live from the first step on). At the end of backward: all gradients + the first layer's
@@ -207,6 +214,7 @@ class MemorySetup:
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     lean_recompute: bool = False  # the recomputed layer's MLP runs a chunk of tokens at a time (llmft.recompute)
     fused_loss: bool = False  # Liger's fused linear cross-entropy
+    reference_forward: bool = False  # a no-grad forward at every step: the reference (adapters off), KTO's KL row
     attention: str = "flash_attention_2"  # eager stores the attention probabilities
     accumulation_steps: int = 1
 
@@ -366,10 +374,11 @@ def logit_bytes(shape: ModelShape, setup: MemorySetup) -> int:
     up to a power of two: at most twice that), fp32 logits and their gradient per chunk, and the gradient of the head's
     input: about tokens x hidden x (2 x 8 + b) bytes, the vocabulary-wide tensors never exist."""
     tokens, vocab, h, b = setup.tokens, shape.vocab_size, shape.hidden_size, setup.dtype_bytes
+    reference = tokens * vocab * b if setup.reference_forward else 0  # see the module docstring, Preference
     if setup.fused_loss:
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / h)))))
-        return chunk * vocab * 8 + tokens * h * b
-    return tokens * vocab * 12
+        return chunk * vocab * 8 + tokens * h * b + reference
+    return tokens * vocab * 12 + reference
 
 
 def activation_bytes(shape: ModelShape, setup: MemorySetup) -> int:
@@ -478,6 +487,10 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
     working = layer_activation_bytes(shape, setup) + attention_mask_bytes(setup) + embedding_gradient
     if setup.attention == "eager":
         notes.append(f"eager attention keeps heads x {setup.row_tokens:,}^2 scores a layer: the longest row decides")
+    if setup.reference_forward:
+        notes.append(
+            "logits include a no-grad forward's at every step (the reference with adapters off, or KTO's KL row)"
+        )
     return MemoryEstimate(
         setup=setup,
         parameters=shape.parameters(),
@@ -660,7 +673,8 @@ def setup_from_args(
         gradient_checkpointing=plan.gradient_checkpointing,
         offload_activations=plan.offload_activations,
         lean_recompute=plan.lean_recompute,
-        fused_loss=plan.kernels.liger,
+        fused_loss=plan.kernels.liger and plan.objective == "sft",  # preference losses read the whole logits
+        reference_forward=plan.reference == "adapters-off" or plan.objective == "kto",
         attention=plan.kernels.attention or "sdpa",
         accumulation_steps=training_args.gradient_accumulation_steps,
         **options,

@@ -20,7 +20,10 @@ The JSON holds (all counts over every rank, for the whole run, resumed parts inc
   and the versions of the libraries that trained it.
 - `data`: for the train and eval files, the records in the file and the samples, tokens and trained tokens training
   had from them (tokens None for --lazy_preprocess, whose samples are tokenized only as they are used).
-The PNG plots train and eval loss, learning rate and gradient norm against tokens seen.
+- `preference` (preference objectives only): the last logged value of each of the objective's metrics
+  (PREFERENCE_METRICS: rewards chosen / rejected, margins, accuracy, log-probabilities ...), train and eval.
+The PNG plots train and eval loss, learning rate and gradient norm against tokens seen, and for a preference objective
+the reward margins and accuracies.
 """
 
 from __future__ import annotations
@@ -50,6 +53,19 @@ REPORT_JSON = "training_report.json"
 REPORT_PNG = "training_report.png"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets", "llmft")
 COUNTS = ("tokens_seen", "tokens_processed", "trained_tokens")
+# what a preference objective logs beside its loss (llmft.objectives.preference names them), in a fixed order
+PREFERENCE_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+    "kl",
+)
 PENDING_CHUNK = 256  # steps' counts kept as separate tensors before they are stacked into one
 
 
@@ -97,6 +113,13 @@ class TrainingTokenCounter:
             if counts is not None:
                 self._counts = counts if self._counts is None else self._counts + counts
 
+    def add_trained(self, labels: torch.Tensor) -> None:
+        """Count the trained tokens of `labels` for a forward pass made without them (a preference loss scores the
+        logits itself, so the model never sees its labels)."""
+        trained = (labels != IGNORE_INDEX).sum()
+        counts = torch.stack([torch.zeros_like(trained), torch.zeros_like(trained), trained]).long()
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
     def take(self, device: torch.device) -> torch.Tensor:
         """[tokens seen, tokens processed, trained tokens] since the last take, on `device` (zeros when no training
         micro-batch went through), and the count starts again from zero."""
@@ -135,6 +158,12 @@ class TrainingReportCallback(TrainerCallback):
         self._train_called = time.monotonic()
 
     # --- counting ---
+
+    def count_trained(self, labels: torch.Tensor) -> None:
+        """The trained tokens of a training micro-batch whose forward pass ran without its labels (a preference
+        loss gathers the answers' log-probabilities itself)."""
+        if self._tokens is not None:
+            self._tokens.add_trained(labels)
 
     def on_train_begin(
         self,
@@ -246,6 +275,11 @@ class TrainingReportCallback(TrainerCallback):
         run_mean = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
         evals = [e["eval_loss"] for e in history if "eval_loss" in e]
         record = read_run_settings(args.output_dir) or {}
+        preference = {}
+        for name in (*PREFERENCE_METRICS, *(f"eval_{name}" for name in PREFERENCE_METRICS)):
+            value = next((e[name] for e in reversed(history) if name in e), None)
+            if value is not None:
+                preference[name] = value
         if self._data_summary is None:
             self._data_summary = data_summary(self.datasets, record.get("settings") or {})
         return {
@@ -262,6 +296,7 @@ class TrainingReportCallback(TrainerCallback):
             "world_size": args.world_size,
             "loss": {"final": train[-1] if train else None, "best": min(train) if train else None, "mean": run_mean},
             "eval_loss": {"final": evals[-1] if evals else None, "best": min(evals) if evals else None},
+            **({"preference": preference} if preference else {}),
             "settings": record.get("settings"),
             "settings_fingerprint": record.get("fingerprint"),
             "versions": library_versions(),
@@ -319,7 +354,9 @@ def plot_report(report: dict, log_history: list[dict], path: str) -> None:
 
     tokens = {int(k): v for k, v in report["tokens_at_step"].items()}
     panels = (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",))
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4), constrained_layout=True)
+    if any("rewards/margins" in e for e in log_history):
+        panels += (("rewards/margins", "eval_rewards/margins"), ("rewards/accuracies", "eval_rewards/accuracies"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
     for ax, keys in zip(axes, panels):
         for key in keys:
             points = [(tokens[e["step"]], e[key]) for e in log_history if key in e and e.get("step") in tokens]

@@ -61,7 +61,14 @@ from llmft.model_folder import model_folder, safetensors_header_problem
 from llmft.preemption import signals_deferred, signals_handled
 
 if TYPE_CHECKING:
-    from llmft.args import DataArguments, LoraArguments, ModelArguments, QuantizationArguments, TrainingArguments
+    from llmft.args import (
+        DataArguments,
+        LoraArguments,
+        ModelArguments,
+        PreferenceArguments,
+        QuantizationArguments,
+        TrainingArguments,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -448,10 +455,14 @@ def run_settings(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
+    preference_args: PreferenceArguments | None = None,
 ) -> dict:
     """The settings that define a run: model, data (each file's absolute path and size), LoRA, quantization, seed,
-    batch and schedule. Two runs with the same settings train the same weights in the same order."""
+    batch and schedule, and a preference objective's settings (an SFT run's record leaves them out: they are all
+    their defaults there). Two runs with the same settings train the same weights in the same order."""
     settings = {}
+    if preference_args is not None and preference_args.objective != "sft":
+        settings.update({f.name: _plain(getattr(preference_args, f.name)) for f in dataclasses.fields(preference_args)})
     for args in (model_args, data_args, lora_args, quant_args):
         for f in dataclasses.fields(args):
             if f.name not in IGNORED_SETTINGS:
@@ -484,11 +495,12 @@ def check_run_settings(
     lora_args: LoraArguments,
     quant_args: QuantizationArguments,
     training_args: TrainingArguments,
+    preference_args: PreferenceArguments | None = None,
 ) -> dict:
     """At the start of a run, before anything loads: this run's settings record; with `--resume_from_checkpoint
     auto`, a ConfigError naming the settings that differ when the output folder holds another run; with True or a
     checkpoint's path, one naming those of SHAPE_SETTINGS that differ from the run that wrote the checkpoints."""
-    settings = run_settings(model_args, data_args, lora_args, quant_args, training_args)
+    settings = run_settings(model_args, data_args, lora_args, quant_args, training_args, preference_args)
     record = {"fingerprint": settings_fingerprint(settings), "settings": settings}
     resume = resume_choice(training_args.resume_from_checkpoint)
     if resume.kind == "auto":

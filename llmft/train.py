@@ -1,10 +1,12 @@
-"""Fine-tune a chat LLM on conversations: full, LoRA or Q-LoRA.
+"""Fine-tune a chat LLM on conversations (or preference pairs): full, LoRA or Q-LoRA.
 
     # LoRA on one GPU
     python finetune.py --model_name_or_path /models/Qwen2.5-7B-Instruct --data_path data.json \
         --output_dir out --use_lora True --bf16 True --num_train_epochs 3 --learning_rate 3e-4
     # Q-LoRA (4-bit NF4 base)
     python finetune.py ... --use_lora True --q_lora True --gradient_checkpointing True --optim paged_adamw_8bit
+    # DPO with LoRA on preference pairs (--objective dpo|simpo|orpo|kto; sft is the default)
+    python finetune.py ... --data_path pairs.jsonl --use_lora True --objective dpo --beta 0.1 --learning_rate 5e-6
     # full fine-tuning, settings from a file, one flag overridden
     python finetune.py config.yaml --learning_rate 1e-5
     # full fine-tuning sharded with FSDP over 8 GPUs (finetune/finetune_ds.sh --fsdp fsdp does the same)
@@ -32,12 +34,14 @@ from llmft.config import parse_run
 from llmft.compile_cache import use_compile_cache
 from llmft.data.dataset import build_datasets
 from llmft.data.packing import Packing
+from llmft.data.preference_dataset import build_preference_datasets, preference_packing
 from llmft.data.padding import PaddingCollator
 from llmft.distributed import ranks_shut_down_when_done, require_launcher
 from llmft.errors import exit_on_user_error
 from llmft.model import build_model, load_training_tokenizer, lora_weights
 from llmft.plan import apply_plan_to_training_args, log_plan
 from llmft.preemption import exit_on_signal, signals_deferred
+from llmft.preference_trainer import PreferenceTrainer
 from llmft.preflight import preflight
 from llmft.run_folder import (
     check_run_settings,
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     """Train as the flags in argv (default: sys.argv) say; returns the Trainer (None with --preflight_only True).
     `callbacks` join the Trainer's."""
     # the settings, their plan (mode, sharding, optimizer, kernels) and every check of both
-    model_args, data_args, lora_args, quant_args, training_args, plan = parse_run(argv)
+    model_args, data_args, lora_args, quant_args, training_args, preference_args, plan = parse_run(argv)
     use_compile_cache(training_args.output_dir)  # before anything compiles: kernels kept with the run, not the node
     require_launcher(training_args)  # --deepspeed in a process of its own would fail only once the model has loaded
     logging.basicConfig(
@@ -67,7 +71,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     )
     with lock_run_output_dir(training_args):  # one run at a time in --output_dir; released however this ends
         set_seed(training_args.seed)
-        run_settings = check_run_settings(model_args, data_args, lora_args, quant_args, training_args)  # resume auto
+        run_settings = check_run_settings(  # resume auto: the same run's settings
+            model_args, data_args, lora_args, quant_args, training_args, preference_args
+        )
         resume_from = resume_checkpoint(training_args)  # before the model loads: a checkpoint refused costs no wait
 
         tokenizer, added_tokens = load_training_tokenizer(model_args, data_args)
@@ -77,7 +83,10 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         memory = preflight(model_args, data_args, lora_args, training_args, plan, tokenizer)
         if training_args.preflight_only:
             return None
-        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
+        if plan.objective == "sft":
+            train_dataset, eval_dataset = build_datasets(data_args, tokenizer, training_args)
+        else:
+            train_dataset, eval_dataset = build_preference_datasets(data_args, tokenizer, training_args, plan.objective)
 
         model = build_model(model_args, lora_args, training_args, tokenizer, plan)
         # PiSSA / OLoRA: the adapter as it starts, to convert the final save into one for the original base
@@ -85,16 +94,27 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         if training_args.should_log and hasattr(model, "print_trainable_parameters"):
             model.print_trainable_parameters()
 
-        # evaluation pads; training packs when --packing True (llmft/data/packing.py)
-        padding = PaddingCollator(tokenizer)
+        # SFT: evaluation pads, training packs when --packing True (llmft/data/packing.py); preference: both pack
         apply_plan_to_training_args(plan, training_args)  # Liger and checkpointing as planned, read by the Trainer
-        trainer = LlmftTrainer(
+        if plan.objective == "sft":
+            trainer_class, objective = LlmftTrainer, {}
+            collator, packing = PaddingCollator(tokenizer), Packing.from_args(data_args, tokenizer, plan.kernels)
+        else:
+            # a full fine-tune's reference: computed as training starts, kept in the run folder for a resume
+            reference_plan = plan if plan.reference == "precomputed" else None
+            trainer_class, objective = (
+                PreferenceTrainer,
+                {"preference": preference_args, "reference_plan": reference_plan},
+            )
+            collator, packing = preference_packing(data_args, plan.objective, plan.kernels)
+        trainer = trainer_class(
             model=model,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=padding,
-            packing=Packing.from_args(data_args, tokenizer, plan.kernels),
+            data_collator=collator,
+            packing=packing,
+            **objective,
             processing_class=tokenizer,
             callbacks=list(callbacks),
             loraplus_lr_ratio=lora_args.loraplus_lr_ratio,

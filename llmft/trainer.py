@@ -123,10 +123,14 @@ class LlmftTrainer(transformers.Trainer):
         seed = args.seed if args.data_seed is None else args.data_seed
         return LongestFirstSampler(sample_lengths(dataset), first_step, seed=seed)
 
+    def _sample_lengths(self, dataset: torch.utils.data.Dataset) -> list[int]:
+        """Tokens of each of `dataset`'s samples: what the token-budget sampler bins."""
+        return sample_lengths(dataset)
+
     def _token_budget_dataloader(self) -> torch.utils.data.DataLoader:
         # every epoch a whole number of optimizer steps, each of the same micro-batches however many ranks share them
         args, world = self.args, self.args.world_size
-        lengths = sample_lengths(self.train_dataset)
+        lengths = self._sample_lengths(self.train_dataset)
         batches_needed = None
         if args.max_steps > 0:
             batches_needed = args.max_steps * args.gradient_accumulation_steps * world

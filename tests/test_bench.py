@@ -345,13 +345,13 @@ def test_preference_benchmark_runs_llmft_dpo_on_cpu(tmp_path):
 def test_preference_benchmark_flags_that_do_not_fit_are_refused(tmp_path, capsys):
     from llmft.tools.bench import main
 
-    for argv, message in (
-        (["--objective", "kto", "--compare"], "the TRL arm runs DPOTrainer"),
-        (["--objective", "dpo", "--", "--objective", "dpo"], "give --objective before --"),
-        (["--objective", "dpo", "--launcher", "finetune_lora_single_gpu.sh"], "measure SFT recipes"),
+    for flags, message in (
+        ("--objective kto --compare", "the TRL arm runs DPOTrainer"),
+        ("--objective dpo -- --objective dpo", "give --objective before --"),
+        ("--objective dpo --launcher finetune_lora_single_gpu.sh", "measure SFT recipes"),
     ):
         with pytest.raises(SystemExit) as info:
-            main(["--workdir", str(tmp_path), *argv])
+            main(argv("--workdir {workdir}", flags, workdir=tmp_path))
         assert info.value.code == 2
         assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
