@@ -355,25 +355,19 @@ def _training_problems(
         problems.append(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data_path")
     if training_args.fsdp_config is not None and not training_args.fsdp:
         problems.append("--fsdp_config is read only with --fsdp True")
-    if training_args.offload_activations:
+    # both replace the checkpoint function inside one process's backward
+    for flag, effect in (
+        ("offload_activations", "offloads checkpointed inputs"),
+        ("lean_recompute", "changes the checkpointed recompute"),
+    ):
+        if not getattr(training_args, flag):
+            continue
         if not training_args.gradient_checkpointing:
-            problems.append(
-                "--offload_activations True offloads checkpointed inputs: add --gradient_checkpointing True"
-            )
+            problems.append(f"--{flag} True {effect}: add --gradient_checkpointing True")
         if training_args.deepspeed or training_args.fsdp or training_args.world_size > 1:
             problems.append(
-                "--offload_activations True runs in one process without DeepSpeed or FSDP (their gradient hooks "
-                "do not expect the backward pass it runs inside backward): drop it, or train on one GPU"
-            )
-    if training_args.lean_recompute:
-        if not training_args.gradient_checkpointing:
-            problems.append(
-                "--lean_recompute True changes the checkpointed recompute: add --gradient_checkpointing True"
-            )
-        if training_args.deepspeed or training_args.fsdp or training_args.world_size > 1:
-            problems.append(
-                "--lean_recompute True runs in one process without DeepSpeed or FSDP (their gradient hooks do not "
-                "expect the backward pass it runs inside backward): drop it, or train on one GPU"
+                f"--{flag} True runs in one process without DeepSpeed or FSDP (their gradient hooks do not expect "
+                "the backward pass it runs inside backward): drop it, or train on one GPU"
             )
     if plan.base_quantization == "gptq" and plan.shards_parameters:
         problems.append(

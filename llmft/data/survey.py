@@ -170,12 +170,14 @@ class CheckReport:
             f"one epoch: {self.micro_batches_per_epoch} micro-batches, {self.steps_per_epoch} optimizer steps at "
             + ", ".join(f"{k} {v}" for k, v in self.batch.items() if v is not None),
         ]
-        if self.problems:
-            lines.append(f"problems ({len(self.problems)}):")
-            lines += [f"  - {p.message}" for p in self.problems]
-        else:
-            lines.append("problems: none")
-        return "\n".join(lines)
+        return "\n".join(lines + problem_lines(self.problems))
+
+
+def problem_lines(problems: list) -> list[str]:
+    """The report's closing lines: every problem found, each on a line of its own, or that there were none."""
+    if not problems:
+        return ["problems: none"]
+    return [f"problems ({len(problems)}):", *(f"  - {p.message}" for p in problems)]
 
 
 def check_data(
@@ -405,12 +407,7 @@ class PreferenceCheckReport:
             + ", ".join(f"{k} {v}" for k, v in self.batch.items() if v is not None)
             + f" ({unit})",
         ]
-        if self.problems:
-            lines.append(f"problems ({len(self.problems)}):")
-            lines += [f"  - {p.message}" for p in self.problems]
-        else:
-            lines.append("problems: none")
-        return "\n".join(lines)
+        return "\n".join(lines + problem_lines(self.problems))
 
     def histogram_labels(self) -> tuple[str, str, str]:
         unit = "examples" if self.is_kto else "pairs"
