@@ -25,11 +25,11 @@ stay in the compute dtype (fp32 outside bf16 runs: PEFT's prepare_model_for_kbit
 Activations: see `activation_bytes_per_token_layer`. Logits: see `logit_bytes`.
 
 Preference objectives (--objective, llmft/objectives/): a micro-batch holds pairs (the plan counts their tokens:
-twice the samples' length), scored from the model's whole logits, so Liger's fused loss saves nothing there. Where
-the reference model runs at every step (LoRA's adapters switched off, and KTO's KL row) its no-grad forward comes
-while the policy's activations are held: its own activations live one layer at a time, its logits in full, one more
-tokens x vocab x b bytes. Full fine-tuning's reference is computed before training, not at the peak: the estimate
-is SFT's for the same tokens.
+twice the samples' length). The output head scores them a chunk of rows at a time (`chunked_head`, see
+`logit_bytes`). Where the reference model runs at every step (LoRA's adapters switched off, and KTO's KL row) its
+no-grad forward comes while the policy's activations are held: its own activations live one layer at a time, its
+logits one chunk at a time, less than the policy's chunk in backward. Full fine-tuning's reference is computed before
+training, not at the peak.
 
 The peak: weights + optimizer states + the larger of two moments. At the end of the forward pass: activations +
 logits + the gradients still held from the previous micro-batch (when accumulating, and always under DeepSpeed and
@@ -214,6 +214,7 @@ class MemorySetup:
     offload_activations: bool = False  # checkpointed layer inputs held in host memory (llmft.activation_offload)
     lean_recompute: bool = False  # the recomputed layer's MLP runs a chunk of tokens at a time (llmft.recompute)
     fused_loss: bool = False  # Liger's fused linear cross-entropy
+    chunked_head: bool = False  # preference objectives: the head scores a chunk of rows at a time (objectives.forward)
     reference_forward: bool = False  # a no-grad forward at every step: the reference (adapters off), KTO's KL row
     attention: str = "flash_attention_2"  # eager stores the attention probabilities
     accumulation_steps: int = 1
@@ -372,8 +373,15 @@ def logit_bytes(shape: ModelShape, setup: MemorySetup) -> int:
     tokens x vocab x 12 bytes (the forward's compute-dtype logits + fp32 copy + log-softmax, b + 8, is less).
     Liger's fused linear cross-entropy computes head and loss in chunks of about tokens x hidden / vocab rows (rounded
     up to a power of two: at most twice that), fp32 logits and their gradient per chunk, and the gradient of the head's
-    input: about tokens x hidden x (2 x 8 + b) bytes, the vocabulary-wide tensors never exist."""
+    input: about tokens x hidden x (2 x 8 + b) bytes, the vocabulary-wide tensors never exist.
+    The preference objectives' chunked head (llmft.objectives.forward.head_log_probs) holds, for the chunk being
+    remade in backward, its logits in the compute dtype and in fp32, their fp32 gradient and its cast back: chunk x
+    vocab x (2b + 8) bytes, with the scored rows' hidden states and their gradient, tokens x hidden x 2b."""
     tokens, vocab, h, b = setup.tokens, shape.vocab_size, shape.hidden_size, setup.dtype_bytes
+    if setup.chunked_head:
+        from llmft.objectives.forward import head_chunk_rows
+
+        return min(tokens, head_chunk_rows(vocab)) * vocab * (2 * b + 8) + tokens * h * 2 * b
     reference = tokens * vocab * b if setup.reference_forward else 0  # see the module docstring, Preference
     if setup.fused_loss:
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / h)))))
@@ -489,7 +497,8 @@ def estimate(shape: ModelShape, setup: MemorySetup, gpu_memory: int | None = Non
         notes.append(f"eager attention keeps heads x {setup.row_tokens:,}^2 scores a layer: the longest row decides")
     if setup.reference_forward:
         notes.append(
-            "logits include a no-grad forward's at every step (the reference with adapters off, or KTO's KL row)"
+            "a no-grad forward at every step (the reference with adapters off, or KTO's KL row), its logits a chunk "
+            "at a time"
         )
     return MemoryEstimate(
         setup=setup,
@@ -673,7 +682,8 @@ def setup_from_args(
         gradient_checkpointing=plan.gradient_checkpointing,
         offload_activations=plan.offload_activations,
         lean_recompute=plan.lean_recompute,
-        fused_loss=plan.kernels.liger and plan.objective == "sft",  # preference losses read the whole logits
+        fused_loss=plan.kernels.liger and plan.objective == "sft",
+        chunked_head=plan.objective != "sft" and sharding != "zero3",  # see objectives.forward.packed_log_probs
         reference_forward=plan.reference == "adapters-off" or plan.objective == "kto",
         attention=plan.kernels.attention or "sdpa",
         accumulation_steps=training_args.gradient_accumulation_steps,

@@ -733,3 +733,57 @@ def test_kto_through_the_model_equals_trl_on_the_same_examples(tiny_chat_model):
         scale = their_grads[name].abs().max()
         assert scale > 0, name
         torch.testing.assert_close(param.grad, their_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_chunked_head_scores_as_the_whole_logits_do(tiny_chat_model, lora, monkeypatch):
+    """`packed_log_probs` never makes a row's whole logits: the head scores the target rows a few at a time (here 3, so
+    chunks split sequences) and backward remakes each chunk. Log-probabilities and every trained parameter's gradient
+    equal those from the model's full logits; the model's own forward made one position's logits only."""
+    from tests.test_packing import tiny_model
+
+    from llmft.data.preference import PairPackedCollator
+    from llmft.objectives import forward
+
+    model = tiny_model(tiny_chat_model, "sdpa", lora)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(forward, "HEAD_CHUNK_BYTES", 3 * 4 * vocab)
+    assert forward.head_chunk_rows(vocab) == 3
+    batch = PairPackedCollator()(example_pair_rows(tiny_chat_model))
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    labels, positions = batch["labels"], batch["position_ids"]
+
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], position_ids=positions).logits
+    whole = sequence_log_probs(token_log_probs(logits, labels, positions), labels, positions)
+    weights = torch.linspace(-1.0, 2.0, whole.sums.numel())  # a loss that weighs every sequence differently
+    (whole.sums * weights).sum().backward()
+    expected = {name: p.grad.clone() for name, p in trained.items()}
+
+    model.zero_grad()
+    head_outputs = []
+    head = forward._causal_lm(model).get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, output: head_outputs.append(tuple(output.shape)))
+    chunked = forward.packed_log_probs(model, batch)
+    hook.remove()
+    torch.testing.assert_close(chunked.sums, whole.sums.detach(), rtol=1e-5, atol=1e-5)
+    assert chunked.counts.tolist() == whole.counts.tolist()
+    targets = int(whole.counts.sum())
+    assert head_outputs[0] == (1, 1, vocab)  # the model's own forward: the last position only
+    assert [shape[0] for shape in head_outputs[1:]] == [min(3, targets - start) for start in range(0, targets, 3)]
+    (chunked.sums * weights).sum().backward()
+    for name, param in trained.items():  # float32 sums in another order: within 1e-5 of the tensor's largest value
+        atol = 1e-5 * float(expected[name].abs().max())
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=atol, msg=name)
+
+
+def test_soft_capped_logits_are_scored_from_the_whole_logits():
+    """A head that does more than its linear layer is not chunked: its model's logits are used as they are."""
+    from types import SimpleNamespace
+
+    from llmft.objectives.forward import plain_head
+
+    assert plain_head(SimpleNamespace(final_logit_softcapping=None))
+    assert not plain_head(SimpleNamespace(final_logit_softcapping=30.0))
+    assert not plain_head(SimpleNamespace(logit_scale=0.0625))
+    assert not plain_head(SimpleNamespace(logits_scaling=8.0))

@@ -454,10 +454,11 @@ def test_lora_dpo_trains_and_saves_under_deepspeed_and_fsdp(sharding, tiny_chat_
 
 
 def test_preflight_counts_pairs_and_the_reference_forward(tiny_chat_model, pair_files, tmp_path):
-    """The memory estimate of a LoRA DPO run: micro-batches of pairs (twice the tokens of SFT's samples), the whole
-    logits (no fused loss), and the reference's logits beside the policy's; a full DPO run's reference is computed
-    before training and adds nothing."""
+    """The memory estimate of a LoRA DPO run: micro-batches of pairs (twice the tokens of SFT's samples), the head's
+    logits a chunk at a time (never the whole row's), and a reference forward at every step that adds no logits at the
+    peak; a full DPO run's reference is computed before training."""
     from llmft.config import parse_run
+    from llmft.objectives.forward import head_chunk_rows
     from llmft.preflight import ModelShape, estimate, setup_from_args
 
     shape = ModelShape.from_config(json.loads((tiny_chat_model / "config.json").read_text()))
@@ -470,7 +471,15 @@ def test_preflight_counts_pairs_and_the_reference_forward(tiny_chat_model, pair_
     dpo = setup("--use_lora True --max_steps 2 --objective dpo")
     full = setup("--max_steps 2 --objective dpo")
     assert dpo.tokens >= 2 * sft.tokens and dpo.reference_forward and not full.reference_forward
+    assert dpo.chunked_head and full.chunked_head and not sft.chunked_head
     same_tokens = estimate(shape, dataclasses.replace(dpo, reference_forward=False))
     with_reference = estimate(shape, dpo)
-    assert with_reference.logits - same_tokens.logits == dpo.tokens * shape.vocab_size * dpo.dtype_bytes
+    assert with_reference.logits == same_tokens.logits
+    # a 7B vocabulary at 16,384 tokens: chunks of the head, not the row's 16,384 x 152,064 logits
+    qwen7b = dataclasses.replace(shape, vocab_size=152_064, hidden_size=3_584)
+    long_row = dataclasses.replace(dpo, tokens=16_384, dtype="bf16")
+    chunked = estimate(qwen7b, long_row).logits
+    assert head_chunk_rows(152_064) < 16_384
+    assert chunked == head_chunk_rows(152_064) * 152_064 * 12 + 16_384 * 3_584 * 4
+    assert chunked < estimate(qwen7b, dataclasses.replace(long_row, chunked_head=False)).logits / 10
     assert any("reference" in note for note in with_reference.notes)

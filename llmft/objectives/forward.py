@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from llmft.data.preference import KtoPackedCollator, PairPackedCollator
 from llmft.objectives.preference import (
@@ -26,6 +27,7 @@ from llmft.objectives.preference import (
     SequenceLogProbs,
     compute_preference_loss,
     sequence_log_probs,
+    target_mask,
     token_log_probs,
 )
 
@@ -39,11 +41,89 @@ MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "ma
 
 def packed_log_probs(model: PreTrainedModel, batch: dict, prefix: str = "") -> SequenceLogProbs:
     """Per-sequence log-probabilities of the packed row `batch[prefix + ...]` under `model` (with gradient when
-    autograd is on)."""
+    autograd is on).
+
+    The vocabulary-wide logits of the whole row never exist: the model runs as training wraps it (DeepSpeed, FSDP,
+    PEFT), asked for the last position's logits only, its final hidden states are taken from its decoder, and the
+    output head scores the rows that predict a target, `HEAD_CHUNK_BYTES` of fp32 logits at a time
+    (`head_log_probs`). A model whose head does more than one linear layer (soft-capped or scaled logits), or whose
+    weights ZeRO-3 partitions (its head is gathered for the model's own forward only), is scored from its whole
+    logits instead."""
     inputs = {key: batch[prefix + key] for key in MODEL_KEYS if prefix + key in batch}
-    logits = model(**inputs, use_cache=False).logits
     labels, positions = batch[prefix + "labels"], batch[prefix + "position_ids"]
-    return sequence_log_probs(token_log_probs(logits, labels, positions), labels, positions)
+    causal_lm = _causal_lm(model)
+    if not plain_head(causal_lm.config) or _zero3_partitioned(causal_lm):
+        logits = model(**inputs, use_cache=False).logits
+        return sequence_log_probs(token_log_probs(logits, labels, positions), labels, positions)
+    captured: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = causal_lm.get_decoder().register_forward_hook(keep)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden = captured[-1].reshape(-1, captured[-1].shape[-1])
+    flat_labels = labels.reshape(-1)
+    predicting = target_mask(flat_labels, positions)[1:]  # hidden state t-1 predicts token t
+    picked = head_log_probs(causal_lm.get_output_embeddings(), hidden[:-1][predicting], flat_labels[1:][predicting])
+    token_logps = torch.zeros(flat_labels.numel(), dtype=picked.dtype, device=picked.device)
+    token_logps = token_logps.masked_scatter(torch.cat([predicting.new_zeros(1), predicting]), picked)
+    return sequence_log_probs(token_logps, labels, positions)
+
+
+HEAD_CHUNK_BYTES = 512 * 2**20  # fp32 logits of one chunk of `head_log_probs`
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Rows `head_log_probs` scores at a time: `HEAD_CHUNK_BYTES` of fp32 logits."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
+
+
+def head_log_probs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) under the output head `head`, float32, shape (N,), for hidden states (N, H).
+
+    The logits are made `head_chunk_rows` rows at a time, normalised in float32 and dropped; with autograd on, each
+    chunk is checkpointed, so backward makes its logits again rather than keeping them: one more head matmul per
+    scored token, for tokens x vocabulary fewer bytes held."""
+    rows = head_chunk_rows(head.weight.shape[0])
+    parts = []
+    for start in range(0, hidden.shape[0], rows):
+        chunk, chunk_targets = hidden[start : start + rows], targets[start : start + rows]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_log_probs, head, chunk, chunk_targets, use_reentrant=False))
+        else:
+            parts.append(_chunk_log_probs(head, chunk, chunk_targets))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_log_probs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def plain_head(config: object) -> bool:
+    """Whether the model's logits are its output head's linear layer alone: no soft-capping (Gemma 2) and no scale
+    (Cohere's logit_scale, Granite's logits_scaling), so `head_log_probs` scores as the model does."""
+    return (
+        getattr(config, "final_logit_softcapping", None) is None
+        and not hasattr(config, "logit_scale")
+        and not hasattr(config, "logits_scaling")
+    )
+
+
+def _zero3_partitioned(model: torch.nn.Module) -> bool:
+    return hasattr(model.get_output_embeddings().weight, "ds_id")
+
+
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside the training wrappers (DeepSpeed's engine, DDP, FSDP, PEFT)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 @contextlib.contextmanager
