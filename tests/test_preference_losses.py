@@ -777,8 +777,9 @@ def test_chunked_head_scores_as_the_whole_logits_do(tiny_chat_model, lora, monke
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=atol, msg=name)
 
 
-def test_soft_capped_logits_are_scored_from_the_whole_logits():
-    """A head that does more than its linear layer is not chunked: its model's logits are used as they are."""
+def test_only_a_plain_linear_head_is_chunked():
+    """`plain_head`, which decides the chunked path: a head that soft-caps or scales its logits is not plain (such a
+    model is scored from its own whole logits)."""
     from types import SimpleNamespace
 
     from llmft.objectives.forward import plain_head
